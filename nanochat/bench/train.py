@@ -1,0 +1,120 @@
+"""Training throughput benchmark:  python -m nanochat.bench.train RECIPE [key=value ...] [--compile both|on|off]
+
+Measures, on the current device, the real training step of the recipe's model — forward,
+backward and the optimizer step (Muon + AdamW) — on random tokens at the recipe's device batch
+and sequence length. Eager and compiled run side by side in one process (`--compile both`).
+
+Method: `--warmup` untimed steps (compilation happens there and is timed separately), then
+`--repeats` timed windows of `--steps` steps each, with a device sync at both ends of every
+window. Prints JSON: tokens/s (median, min, max over windows), FLOPs per token, MFU against a
+peak measured on this device with a large matmul, peak memory, and the software versions.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from nanochat.common import UserError, cli_main
+from nanochat.config import load_recipe, recipe_argparser
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.trainer import Runtime, measure_matmul_flops, setup_runtime
+
+
+def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
+                   repeats: int) -> dict:
+    if recipe.train.device_batch_size == "auto":
+        raise UserError("bench.train needs a fixed train.device_batch_size (e.g. train.device_batch_size=8)")
+    B, T = recipe.train.device_batch_size, recipe.model.sequence_len
+    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
+    config = GPTConfig.from_args(recipe.model, vocab)
+    torch.manual_seed(0)
+    model = GPT(config).to(rt.device)
+    model.init_weights()
+    opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd)
+    step_model = torch.compile(model, dynamic=False, mode=None if recipe.train.compile_mode == "default"
+                               else recipe.train.compile_mode) if compile_model else model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (B, T + 1), generator=gen).to(rt.device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+    def step():
+        with rt.autocast():
+            loss = step_model(inputs, targets)
+        loss.backward()
+        for o in opts:
+            o.step()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    rt.sync()
+    warmup_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        rt.sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rt.sync()
+        rates.append(B * T * steps / (time.perf_counter() - t0))
+    out = {"compile": compile_model, "warmup_s": round(warmup_s, 2),
+           "tok_per_s_median": round(statistics.median(rates), 1),
+           "tok_per_s_min": round(min(rates), 1), "tok_per_s_max": round(max(rates), 1),
+           "params": model.num_params()["total"], "flops_per_token": model.flops_per_token()}
+    if rt.device.type == "cuda":
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python -m nanochat.bench.train", __doc__.splitlines()[0])
+    ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    opts = ap.parse_intermixed_args(argv)
+    path, overrides = opts.recipe, opts.overrides
+    recipe = load_recipe(path, overrides)
+    rt = setup_runtime(recipe.train)
+    modes = {"both": [False, True], "on": [True], "off": [False]}[opts.compile]
+    results = [bench_training(recipe, rt, c, opts.warmup, opts.steps, opts.repeats) for c in modes]
+    peak = measure_matmul_flops(rt.device, rt.dtype, n=8192 if rt.device.type == "cuda" else 2048,
+                                seconds=2.0)
+    for r in results:
+        r["mfu_percent"] = round(100 * r["flops_per_token"] * r["tok_per_s_median"] / peak, 2)
+    if rt.device.type != "cuda":
+        # ru_maxrss is KiB on Linux: the process peak over all modes (compilation included).
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report = {
+        "benchmark": "train_step (forward + backward + optimizer step)",
+        "recipe": path, "overrides": overrides,
+        "shape": {"depth": recipe.model.depth, "batch": recipe.train.device_batch_size,
+                  "seq": recipe.model.sequence_len},
+        "method": {"warmup_steps": opts.warmup, "steps_per_window": opts.steps,
+                   "windows": opts.repeats, "sync": "device sync before/after each window",
+                   "data": "random tokens"},
+        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(rt.dtype).replace("torch.", ""),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "peak_flops_measured": round(peak, 1),
+        "results": results,
+    }
+    if rt.device.type != "cuda":
+        report["peak_rss_gb"] = round(peak_rss, 3)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,135 @@
+"""Checkpoints: one directory per step, committed atomically.
+
+    run_dir/checkpoints/step_000100/
+        model.pt            model state dict (rank 0)
+        optim_rank0.pt ...  optimizer state of each rank (Muon shards its work across ranks)
+        meta.json           step, loader states of all ranks, model config, recipe, git commit
+        rng_rank0.pt ...    RNG states of each rank
+
+All files are written into `step_000100.tmp-<pid>` and the directory is renamed when complete, so
+a crash mid-save leaves no checkpoint that looks finished. Tensors load with weights_only=True.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanochat.common import UserError, atomic_write_json
+
+CKPT_DIR = "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+            and "." not in p.name and (p / "meta.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    import ast
+    random.setstate(ast.literal_eval(state["python"]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers: list,
+                    meta: dict, rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
+    """Collective when world_size > 1: every rank writes its optimizer/RNG state, rank 0 the
+    model and meta.json, then rank 0 commits the directory with a rename."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(world_size)
+    torch.save([o.state_dict() for o in optimizers], tmp / f"optim_rank{rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier(world_size)
+    if rank == 0:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size})
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world_size)
+    return final
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _load(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path.parent} has no {path.name}: it is incomplete; delete it "
+                        "or resume from an earlier one")
+    except Exception as e:  # truncated zip, bad pickle, ...: all mean a damaged file
+        raise UserError(f"checkpoint file {path} is corrupt ({type(e).__name__}: {str(e)[:80]}); "
+                        f"delete {path.parent} to resume from an earlier checkpoint") from None
+
+
+def read_meta(ckpt: Path) -> dict:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {ckpt} does not exist or is not a directory; pass a "
+                        f"run directory or a {CKPT_DIR}/step_NNNNNN directory")
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{ckpt} is not a checkpoint (no meta.json); pass a run directory or a "
+                        f"{CKPT_DIR}/step_NNNNNN directory")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"checkpoint {ckpt}/meta.json is corrupt; delete {ckpt} to use an earlier one")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (→ its latest checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise UserError(f"no checkpoint found at {path}; pass a run directory that holds "
+                        f"{CKPT_DIR}/step_NNNNNN, or such a directory itself")
+    return latest
+
+
+def load_model_state(ckpt: Path) -> dict:
+    return _load(Path(ckpt) / "model.pt", "model")
+
+
+def load_training_state(ckpt: Path, rank: int) -> tuple[list, dict]:
+    """(optimizer state dicts, RNG state) of one rank."""
+    ckpt = Path(ckpt)
+    return _load(ckpt / f"optim_rank{rank}.pt", "optimizer"), _load(ckpt / f"rng_rank{rank}.pt", "rng")

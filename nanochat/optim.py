@@ -1,0 +1,329 @@
+"""Optimizers: Muon for the hidden matrices, AdamW for everything else.
+
+Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/) runs SGD with (Nesterov) momentum
+and replaces each 2-D update by an approximation of its polar factor U V^T (G = U S V^T), computed
+with a few odd-polynomial matrix iterations that run well in bf16. Embeddings, the lm_head and
+per-layer scalars are not "hidden matrices" (their inputs are one-hot or they have no fan-in), so
+they stay on AdamW, as in modded-nanogpt and nanochat.
+
+Two optional tweaks around the orthogonalization (nanochat PR #747; later merged upstream):
+- row equilibration (MuonEq, https://arxiv.org/abs/2603.28254) BEFORE it: every row of the
+  momentum update is rescaled to the RMS row norm, so one large row does not dominate the spectrum;
+- Muon+ (https://arxiv.org/abs/2602.21545) AFTER it: the result is rescaled to Frobenius norm
+  sqrt(min(m, n)) — that of an exact semi-orthogonal matrix — correcting the iteration's
+  under/over-convergence so the RMS singular value is exactly 1.
+
+Distributed training: the caller averages gradients with `allreduce_gradients` (so every rank
+holds the same gradients), then each rank orthogonalizes only its share of the Muon params and
+broadcasts them (see `Muon.step`). With one process no collective is ever called.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import UserError
+from nanochat.config import OptimArgs  # the recipe's optim section
+
+
+ORTHOGONALIZERS = ("polar_express", "newton_schulz")
+
+
+# --------------------------------------------------------------------------------------------
+# Orthogonalization: X ≈ U V^T for G = U S V^T, batched over leading dims.
+
+def _ortho_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on CUDA: the iterations are matmul-bound and stable in bf16 (Keller Jordan's Muon).
+    # Elsewhere fp32: CPU bf16 matmuls are much slower than fp32 ones.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Quintic Newton-Schulz (Keller Jordan's Muon, https://kellerjordan.github.io/posts/muon/).
+
+    The coefficients maximize the slope at zero rather than converge, so singular values end up
+    roughly in [0.5, 1.5] (~0.7–1.2 in practice) — which Jordan found does not hurt training.
+    """
+    assert G.ndim >= 2, f"need a (..., m, n) tensor, got shape {tuple(G.shape)}"
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.to(_ortho_dtype(G.device))
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide side so X @ X^T is the smaller Gram matrix
+        X = X.mT
+    # Frobenius norm >= spectral norm, so after this all singular values are <= 1 (the
+    # iteration's domain of convergence).
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+# Polar Express (Amsel, Persson, Musco, Gower 2025, https://arxiv.org/abs/2505.16932): a
+# different optimal odd quintic per iteration (computed for 5 iterations, l0 = 1e-3, safety
+# factor 2e-2, cushion 2), which converges much closer to U V^T than the fixed Newton-Schulz
+# quintic in the same number of matmuls. Values as used in KellerJordan/modded-nanogpt
+# (train_gpt.py) and karpathy/nanochat (nanochat/optim.py `polar_express_coeffs`).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def zeropower_polar_express(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Polar Express orthogonalization (see POLAR_EXPRESS_COEFFS); steps <= 5."""
+    assert G.ndim >= 2, f"need a (..., m, n) tensor, got shape {tuple(G.shape)}"
+    assert 1 <= steps <= len(POLAR_EXPRESS_COEFFS), f"polar express supports 1..5 steps, got {steps}"
+    X = G.to(_ortho_dtype(G.device))
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    # The 1.01 margin keeps the top singular value safely below 1 despite bf16 rounding (the
+    # paper's reference code and nanochat use the same).
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+ZEROPOWER = {"polar_express": zeropower_polar_express, "newton_schulz": zeropower_newton_schulz}
+
+
+def row_equilibrate(G: torch.Tensor) -> torch.Tensor:
+    """Rescale every row of (..., m, n) G to the RMS of its row norms, ‖G‖_F / sqrt(m).
+
+    The Frobenius norm is unchanged and all (non-zero) rows get equal norm (MuonEq,
+    https://arxiv.org/abs/2603.28254): a few large rows no longer dominate the spectrum that the
+    orthogonalization sees. A zero row has no direction and stays zero (no NaN).
+    """
+    G32 = G.float()
+    row_norm = G32.norm(dim=-1, keepdim=True)                                  # (..., m, 1)
+    target = G32.norm(dim=(-2, -1), keepdim=True) / G.size(-2) ** 0.5           # (..., 1, 1)
+    scale = torch.where(row_norm > 0, target / row_norm.clamp_min(torch.finfo(torch.float32).tiny),
+                        torch.zeros_like(row_norm))
+    return (G32 * scale).to(G.dtype)
+
+
+def muon_plus_normalize(X: torch.Tensor) -> torch.Tensor:
+    """Rescale (..., m, n) X so ‖X‖_F = sqrt(min(m, n)): RMS singular value exactly 1 (Muon+,
+    https://arxiv.org/abs/2602.21545), whatever the iteration's residual error. Zero stays zero."""
+    X32 = X.float()
+    target = min(X.size(-2), X.size(-1)) ** 0.5
+    norm = X32.norm(dim=(-2, -1), keepdim=True)
+    scale = torch.where(norm > 0, target / norm.clamp_min(torch.finfo(torch.float32).tiny),
+                        torch.zeros_like(norm))
+    return (X32 * scale).to(X.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Muon
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size), (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden matrices only.
+
+    Per param: buf ← lerp(buf, g, 1-μ); u = lerp(g, buf, μ) (Nesterov) or buf;
+    [row-equilibrate u]; X = orthogonalize(u); [Muon+ X]; p ← p - lr · sqrt(max(1, m/n)) · X.
+    The sqrt(max(1, m/n)) factor (Keller Jordan) gives tall matrices, whose orthogonal factor has
+    smaller entries, the same per-entry RMS update as wide ones.
+
+    Distributed (world_size > 1): gradients must already be averaged across ranks. Every rank
+    keeps the momentum buffers of all params (an elementwise update, cheap; it also makes rank 0's
+    state dict complete for checkpoints), but only rank i % world_size orthogonalizes and applies
+    param i's update; then each param is broadcast from its owner, so all ranks end bit-identical.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, orthogonalizer: str = "polar_express",
+                 row_equilibrate: bool = False, muon_plus: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        orthogonalizer=orthogonalizer, row_equilibrate=row_equilibrate,
+                        muon_plus=muon_plus)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            assert group["orthogonalizer"] in ZEROPOWER, group["orthogonalizer"]
+            for p in group["params"]:
+                assert p.ndim == 2, f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}"
+
+    @torch.no_grad()
+    def _apply(self, p: torch.Tensor, u: torch.Tensor, group: dict) -> None:
+        """Orthogonalize the momentum update u and apply it to p."""
+        if group["row_equilibrate"]:
+            u = row_equilibrate(u)
+        X = ZEROPOWER[group["orthogonalizer"]](u, group["ns_steps"])
+        if group["muon_plus"]:
+            X = muon_plus_normalize(X)
+        m, n = p.shape
+        p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, m / n) ** 0.5)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = _world()
+        # Momentum for every param on every rank (see class docstring).
+        work = []  # (p, group, momentum update or None when p has no grad)
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    work.append((p, group, None))
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                g = p.grad
+                buf.lerp_(g, 1 - mu)
+                work.append((p, group, g.lerp(buf, mu) if group["nesterov"] else buf))
+        handles = []
+        for i, (p, group, u) in enumerate(work):
+            owner = i % world
+            if u is not None and owner == rank:
+                self._apply(p, u, group)
+            if world > 1:
+                # Every rank issues the same broadcasts in the same order (grads are identical
+                # after allreduce, so "has a grad" agrees too); async so that communication of
+                # param i overlaps orthogonalization of param i+1.
+                handles.append(dist.broadcast(p.data, src=owner, async_op=True))
+        for h in handles:
+            h.wait()
+        return loss
+
+
+def muon_momentum(step: int, args: OptimArgs) -> float:
+    """Muon momentum at `step`: linear from muon_momentum_warmup_start to muon_momentum over
+    muon_momentum_warmup_steps (modded-nanogpt/nanochat warm it up 0.85 → 0.95 over 300 steps)."""
+    if args.muon_momentum_warmup_steps <= 0:
+        return args.muon_momentum
+    frac = min(max(step, 0) / args.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+
+
+# --------------------------------------------------------------------------------------------
+# Building the optimizers
+
+GROUP_NAMES = ("matrix", "embedding", "lm_head", "scalar")
+
+
+def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArgs,
+                     model_dim: int, all_params=None) -> list[torch.optim.Optimizer]:
+    """Muon for groups["matrix"]; one AdamW with a param group each for "embedding", "lm_head"
+    and "scalar". Empty groups are skipped. Every param group gets "initial_lr" (the schedule
+    sets lr = initial_lr * multiplier) and "name". Returns [AdamW, Muon] (whichever exist).
+
+    The embedding/lm_head AdamW LRs were tuned at width 768 and are scaled by
+    (model_dim / 768) ** -0.5 as in nanochat (AdamW's step per entry doesn't shrink with width,
+    but each output sums ~model_dim of them). scalar_lr is not scaled: a per-layer scalar has no
+    fan-in, so its effect does not grow with width. Weight decay goes only to the embedding and
+    lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small weights".
+
+    `all_params` (optional, e.g. model.parameters()) asserts that the groups cover them exactly.
+    """
+    unknown = set(groups) - set(GROUP_NAMES)
+    assert not unknown, f"unknown param groups {sorted(unknown)}; valid: {GROUP_NAMES}"
+    seen: dict[int, str] = {}
+    for name, params in groups.items():
+        for p in params:
+            assert id(p) not in seen, f"a parameter is in group {seen[id(p)]!r} and {name!r}"
+            seen[id(p)] = name
+    if all_params is not None:
+        all_ids = {id(p) for p in all_params}
+        assert all_ids == set(seen), (f"{len(all_ids - set(seen))} model params in no group, "
+                                      f"{len(set(seen) - all_ids)} group params not in the model")
+
+    width_scale = (model_dim / 768) ** -0.5
+    adam_specs = [
+        ("embedding", args.embedding_lr * width_scale, args.weight_decay),
+        ("lm_head", args.unembedding_lr * width_scale, args.weight_decay),
+        ("scalar", args.scalar_lr, 0.0),
+    ]
+    adam_groups = [dict(params=list(groups[name]), lr=lr, weight_decay=wd, name=name)
+                   for name, lr, wd in adam_specs if groups.get(name)]
+    opts: list[torch.optim.Optimizer] = []
+    if adam_groups:
+        adam_params = [p for g in adam_groups for p in g["params"]]
+        # fused AdamW is one kernel per step on CUDA; it requires every param on the GPU.
+        fused = all(p.is_cuda for p in adam_params) or None
+        opts.append(torch.optim.AdamW(adam_groups, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_eps, fused=fused))
+    if groups.get("matrix"):
+        opts.append(Muon([dict(params=list(groups["matrix"]), name="matrix")], lr=args.matrix_lr,
+                         momentum=muon_momentum(0, args), nesterov=args.muon_nesterov,
+                         ns_steps=args.ns_steps, orthogonalizer=args.orthogonalizer,
+                         row_equilibrate=args.row_equilibrate, muon_plus=args.muon_plus))
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    in_opts = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
+    assert len(in_opts) == len(set(in_opts)) == len(seen), "a parameter was lost or duplicated"
+    return opts
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient averaging and checkpoint helpers
+
+def allreduce_gradients(params, bucket_bytes: int = 256 * 2**20) -> None:
+    """Average `.grad` of `params` over all ranks (no-op in one process).
+
+    Grads are flattened into buckets of one (device, dtype) and at most ~bucket_bytes (fewer,
+    larger collectives are much faster than one per tensor), summed, then divided by the world
+    size (ReduceOp.AVG exists on NCCL only, not gloo). A param whose grad is None gets zeros, so
+    that every rank issues the same collectives with the same sizes.
+    """
+    _, world = _world()
+    if world == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: list[list[torch.Tensor]] = []
+    current: dict[tuple, list[torch.Tensor]] = {}
+    current_bytes: dict[tuple, int] = {}
+    for p in params:  # same order on every rank, so buckets match
+        key = (p.grad.device, p.grad.dtype)
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if key in current and current_bytes[key] + nbytes > bucket_bytes:
+            buckets.append(current.pop(key))
+            current_bytes[key] = 0
+        current.setdefault(key, []).append(p.grad)
+        current_bytes[key] = current_bytes.get(key, 0) + nbytes
+    buckets.extend(current.values())
+    pending = []
+    for grads in buckets:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        pending.append((grads, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+    for grads, flat, handle in pending:
+        handle.wait()
+        flat.div_(world)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def optimizer_state_dicts(opts: list[torch.optim.Optimizer]) -> list[dict]:
+    """State dicts of the optimizers from build_optimizers, in order (for a checkpoint)."""
+    return [opt.state_dict() for opt in opts]
+
+
+def load_optimizer_state_dicts(opts: list[torch.optim.Optimizer], states: list[dict]) -> None:
+    """Inverse of optimizer_state_dicts; the optimizers must be built the same way."""
+    if len(opts) != len(states):
+        raise UserError(f"checkpoint has {len(states)} optimizer states but the model has "
+                        f"{len(opts)} optimizers; was it saved with a different parameter grouping?")
+    for opt, state in zip(opts, states):
+        opt.load_state_dict(state)

@@ -1,0 +1,176 @@
+"""Base (pretraining) entry point:  python -m nanochat.train RECIPE [section.key=value ...]
+
+Single process:        python -m nanochat.train configs/tiny.yaml
+One node, 8 GPUs:      torchrun --standalone --nproc_per_node=8 -m nanochat.train configs/d20.yaml
+SLURM (srun/torchrun): see slurm/train.sbatch; ranks come from RANK/WORLD_SIZE (torchrun) or
+                       SLURM_PROCID/SLURM_NTASKS with MASTER_ADDR/MASTER_PORT exported.
+
+A run directory that already holds checkpoints is resumed from the newest one (that is how a
+requeued or preempted job continues); `--fresh` refuses to start if checkpoints exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from nanochat import checkpoint as ckpt
+from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
+from nanochat.config import Recipe, load_recipe, recipe_to_dict, recipe_argparser, save_resolved_recipe
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.prepare import prepare_shards, prepare_tokenizer, tokenizer_key
+from nanochat.tokenizer import Tokenizer
+from nanochat.trainer import (LoopSpec, Runtime, barrier, grad_accum_steps, maybe_compile,
+                              restore_training_state, setup_runtime, teardown_runtime, train_loop)
+
+
+# --------------------------------------------------------------------------------------------
+
+def build_model(config: GPTConfig, device: torch.device) -> GPT:
+    """Build on the meta device, then allocate on `device` and initialise (fast for big models)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
+    config = GPTConfig.from_args(recipe.model, tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}; set model.vocab_size: null to use the tokenizer's")
+    return config
+
+
+def num_iterations(recipe: Recipe, model: GPT) -> int:
+    tr = recipe.train
+    if tr.num_iterations > 0:
+        return tr.num_iterations
+    target_tokens = tr.target_param_data_ratio * model.num_params()["scaling"]
+    return max(1, int(target_tokens // tr.total_batch_size))
+
+
+def resolve_device_batch_size(recipe: Recipe, rt: Runtime, stage: str = "base") -> int:
+    section = recipe.sft if stage == "sft" else recipe.train
+    if section.device_batch_size != "auto":
+        return section.device_batch_size
+    try:
+        from nanochat.batch_size import discover_for_recipe  # the batch-size discovery module
+    except ImportError:
+        raise UserError(f"{stage if stage == 'sft' else 'train'}.device_batch_size is 'auto' but "
+                        "batch-size discovery (nanochat/batch_size.py) is not available; set an integer")
+    return discover_for_recipe(recipe, stage=stage, world_size=rt.dist.world_size).batch_size
+
+
+def make_bpb_evaluator(val_paths, tokenizer: Tokenizer, rt: Runtime, batch_size: int,
+                       seq_len: int, eval_tokens: int):
+    """Validation bits per byte: summed cross-entropy (nats) over the UTF-8 bytes of the target
+    tokens; special tokens (0 bytes) are excluded. Tokenizer-independent, unlike loss."""
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
+    steps = max(1, eval_tokens // (batch_size * seq_len * rt.dist.world_size))
+
+    def evaluate(model) -> dict:
+        loader = DataLoader(val_paths, tokenizer, batch_size, seq_len, rt.dist.rank,
+                            rt.dist.world_size, rt.device, loop=True)
+        nats = torch.zeros((), device=rt.device)
+        nbytes = torch.zeros((), device=rt.device)
+        for _ in range(steps):
+            x, y = next(loader)
+            loss = model(x, y, loss_reduction="none").view(-1)
+            b = token_bytes[y.reshape(-1)]
+            nats += (loss * (b > 0)).sum()
+            nbytes += b.sum()
+        if rt.dist.is_distributed:
+            torch.distributed.all_reduce(nats)
+            torch.distributed.all_reduce(nbytes)
+        return {"val_bpb": (nats / (torch.log(torch.tensor(2.0)) * nbytes)).item()}
+    return evaluate
+
+
+def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
+    rt = setup_runtime(recipe.train)
+    try:
+        return _train_base(recipe, rt, fresh, stop_requested)
+    finally:
+        teardown_runtime(rt)
+
+
+def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:
+    run_dir = recipe.out_dir
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and fresh:
+        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); drop --fresh to "
+                        "resume, or choose another run_dir (run_dir=...) / delete that directory")
+    train_paths, val_paths = prepare_shards(recipe, rt)
+    tokenizer = prepare_tokenizer(recipe, train_paths, rt)
+    config = model_config(recipe, tokenizer)
+    model = build_model(config, rt.device)
+    nparams = model.num_params()
+    flops = model.flops_per_token()
+    print0(f"model: {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads "
+           f"({config.n_kv_head} kv), vocab {config.vocab_size}, bigram factor {config.bigram_factor}; "
+           f"params {nparams['total']:,} (scaling {nparams['scaling']:,}, bigram {nparams['bigram']:,}); "
+           f"{flops:.3e} FLOPs/token")
+    optimizers = build_optimizers(model.param_groups(), recipe.optim, config.n_embd,
+                                  all_params=model.parameters())
+
+    device_batch = resolve_device_batch_size(recipe, rt)
+    seq = config.sequence_len
+    accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
+    steps = num_iterations(recipe, model)
+    meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
+            "git_commit": git_commit(), "tokenizer_key": tokenizer_key(recipe)}
+
+    start_step, loader_state = 0, None
+    if latest is not None:
+        start_step, loader_state = restore_training_state(
+            latest, rt, model, optimizers, {"model_config": meta["model_config"]})
+        print0(f"resuming from {latest} (step {start_step})")
+    if rt.dist.is_master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(recipe, run_dir / "recipe.yaml",
+                             {"device_batch_size": device_batch, "grad_accum": accum,
+                              "num_iterations": steps, "world_size": rt.dist.world_size})
+        tok_out = run_dir / "tokenizer"
+        if not (tok_out / "tokenizer.json").exists():
+            tokenizer.save(tok_out)
+        atomic_write_json(run_dir / "run.json", {
+            "stage": "base", "started": now_iso(), "git_commit": meta["git_commit"],
+            "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
+            "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
+            "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
+            "tokens_per_step": recipe.train.total_batch_size})
+    if start_step >= steps:
+        print0(f"{run_dir} is already trained to step {start_step}; nothing to do")
+        return {"step": start_step}
+
+    loader = DataLoader(train_paths, tokenizer, device_batch, seq, rt.dist.rank,
+                        rt.dist.world_size, rt.device, state=loader_state)
+    evaluate = make_bpb_evaluator(val_paths, tokenizer, rt, device_batch, seq,
+                                  recipe.train.eval_tokens)
+    step_model = maybe_compile(model, recipe.train)
+    spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.train.total_batch_size,
+                    flops_per_token=flops, train=recipe.train, optim=recipe.optim, stage="base",
+                    meta=meta)
+    return train_loop(rt, run_dir, model, step_model, optimizers, loader, evaluate, spec,
+                      start_step=start_step, stop_requested=stop_requested)
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python -m nanochat.train", "Base (pretraining) training.")
+    ap.add_argument("--fresh", action="store_true",
+                    help="refuse to start if the run directory already holds checkpoints")
+    args = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train_base(recipe, fresh=args.fresh)
+    print0(json.dumps({k: v for k, v in result.items() if k in ("step", "loss", "val_bpb")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,377 @@
+"""The one training loop, shared by base training and SFT, and the runtime it runs in.
+
+nanochat copies its loop, schedule and logging between scripts and the copies drift; here each
+stage builds a model, optimizers, a batch iterator and an evaluation function, and calls
+`train_loop`. The loop owns: gradient accumulation, the LR/momentum schedules, gradient
+averaging across ranks, logging (JSON lines + a progress bar on a terminal), periodic evaluation,
+atomic checkpoints and exact resume, torch.profiler traces, and stopping on request (preemption).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanochat import checkpoint as ckpt
+from nanochat.common import DistInfo, UserError, atomic_write_text, dist_info_from_env, pick_device, print0
+from nanochat.config import OptimArgs, TrainArgs
+from nanochat.optim import allreduce_gradients, muon_momentum
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime: device, dtype, process group.
+
+@dataclass
+class Runtime:
+    dist: DistInfo
+    device: torch.device
+    dtype: torch.dtype          # compute dtype (autocast on CUDA); parameters stay fp32
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def setup_runtime(args: TrainArgs) -> Runtime:
+    info = dist_info_from_env()
+    device_type = pick_device(args.device)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
+    device = torch.device(f"cuda:{info.local_rank}" if device_type == "cuda" else device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if info.is_distributed and not torch.distributed.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise UserError(f"{var} is not set for a {info.world_size}-process run; launch with "
+                                "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                             device_id=device if device.type == "cuda" else None)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    return Runtime(info, device, dtype)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.dist.is_distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.dist.is_distributed:
+        torch.distributed.barrier()
+
+
+def legal_device_batch_sizes(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
+    rows = total_batch_size // (seq_len * world_size)
+    if rows * seq_len * world_size != total_batch_size:
+        return []
+    return [d for d in range(1, rows + 1) if rows % d == 0]
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int,
+                     world_size: int, section: str = "train") -> int:
+    """total = device_batch × seq_len × world × accum, exactly; else one line with the fix."""
+    per_fwdbwd = device_batch_size * seq_len * world_size
+    if total_batch_size % per_fwdbwd == 0:
+        return total_batch_size // per_fwdbwd
+    legal = legal_device_batch_sizes(total_batch_size, seq_len, world_size)
+    if not legal:
+        raise UserError(f"{section}.total_batch_size {total_batch_size} is not a multiple of "
+                        f"sequence_len {seq_len} × world size {world_size}; use a multiple of "
+                        f"{seq_len * world_size}")
+    raise UserError(f"{section}.device_batch_size {device_batch_size} does not divide "
+                    f"{section}.total_batch_size {total_batch_size} = sequence_len {seq_len} × "
+                    f"world size {world_size} × accumulation steps; legal device batch sizes: "
+                    f"{', '.join(map(str, legal[:16]))}{' ...' if len(legal) > 16 else ''}")
+
+
+def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
+    """Linear warmup, constant, linear warmdown to final_lr_frac (nanochat's schedule)."""
+    warmup = round(args.warmup_ratio * num_steps)
+    warmdown = round(args.warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_steps - warmdown:
+        return 1.0
+    progress = (num_steps - step) / warmdown
+    return progress + (1 - progress) * args.final_lr_frac
+
+
+def maybe_compile(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
+    if not args.compile:
+        return model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+# Datasheet dense peaks (FLOP/s) used for MFU on known GPUs; anything else is measured.
+GPU_PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12,
+                  ("A100", torch.bfloat16): 312e12, ("H100", torch.float32): 67e12,
+                  ("A100", torch.float32): 19.5e12, ("L40S", torch.bfloat16): 362e12}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                         seconds: float = 0.5) -> float:
+    """Sustained FLOP/s of an n×n matmul on this device (the measured peak for MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - t0 > seconds:
+            break
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (key, dt), flops in GPU_PEAK_FLOPS.items():
+            if key in name and dt == dtype:
+                return flops, f"datasheet {key}"
+        return measure_matmul_flops(device, dtype, n=8192), "measured matmul"
+    return measure_matmul_flops(device, dtype), "measured matmul"
+
+
+# --------------------------------------------------------------------------------------------
+# Progress log: JSON lines in the run directory (rank 0).
+
+class ProgressLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def truncate_from(self, step: int) -> None:
+        """On resume from `step`, drop records of steps ≥ step so the curve continues cleanly."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", -1) < step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_progress(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclass
+class LoopSpec:
+    num_steps: int
+    grad_accum: int
+    tokens_per_step: int            # all ranks, all micro-steps
+    flops_per_token: float
+    train: TrainArgs                # schedule, logging, eval/save cadence, profiling
+    optim: OptimArgs
+    stage: str = "base"
+    meta: dict = field(default_factory=dict)  # stored in every checkpoint (recipe, model config)
+
+
+def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
+    if not rt.dist.is_master or args.progress_bar == "off":
+        return False
+    return args.progress_bar == "on" or sys.stderr.isatty()
+
+
+def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: torch.nn.Module,
+               optimizers: list, batches, evaluate: Callable[[torch.nn.Module], dict],
+               spec: LoopSpec, start_step: int = 0,
+               stop_requested: Callable[[], bool] = lambda: False) -> dict:
+    """Train from `start_step` to `spec.num_steps`. `batches` yields (inputs, targets) and has
+    state_dict(); `evaluate(model)` returns metrics (e.g. {"val_bpb": ...}). Returns the final
+    record. `model` is the plain module (saved, evaluated), `step_model` maybe compiled."""
+    args, run_dir = spec.train, Path(run_dir)
+    log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master)
+    log.truncate_from(start_step)
+    params = [p for p in model.parameters()]
+    peak, peak_src = peak_flops(rt.device, rt.dtype)
+    print0(f"[{spec.stage}] steps {start_step}→{spec.num_steps}, {spec.tokens_per_step:,} tokens/step, "
+           f"grad accum {spec.grad_accum}, {spec.flops_per_token:.3e} FLOPs/token, "
+           f"peak {peak:.3e} FLOP/s ({peak_src}, {rt.dtype})")
+
+    bar = None
+    if _want_bar(args, rt):
+        from tqdm import tqdm
+        bar = tqdm(total=spec.num_steps, initial=start_step, desc=spec.stage, unit="step",
+                   dynamic_ncols=True)
+    say = (bar.write if bar else print0)
+
+    def save(step: int, extra: dict):
+        meta = {**spec.meta, "stage": spec.stage, "loader": _gather_loader_states(rt, next_state),
+                "num_steps": spec.num_steps, **extra}
+        path = ckpt.save_checkpoint(run_dir, step, model, optimizers, meta, rt.dist.rank,
+                                    rt.dist.world_size, keep=args.keep_checkpoints)
+        say(f"[{spec.stage}] step {step}: checkpoint {path}")
+
+    next_state = batches.state_dict()  # loader state of the batch about to be fetched
+    x, y = next(batches)
+    profiler = None
+    last: dict = {}
+    window_t0, window_steps, window_tok_s = time.perf_counter(), 0, []
+    train_t0 = time.perf_counter()
+    for step in range(start_step, spec.num_steps + 1):
+        final = step == spec.num_steps
+        metrics = {}
+        if final or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad(), rt.autocast():
+                metrics = evaluate(model)
+            model.train()
+            log.write({"event": "eval", "step": step, **metrics,
+                       "eval_s": round(time.perf_counter() - t0, 3)})
+            say(f"[{spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            last.update(metrics)
+            window_t0, window_steps = time.perf_counter(), 0  # evaluation isn't training time
+        if step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0)):
+            save(step, metrics)
+        if final or stop_requested():
+            if not final:
+                save(step, metrics)
+                say(f"[{spec.stage}] stopped at step {step} on request; resume continues from here")
+            break
+
+        if args.profile_steps and step == args.profile_steps[0]:
+            profiler = _start_profiler(rt)
+        lrm = lr_multiplier(step, spec.num_steps, args)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group.get("name") == "matrix":
+                    group["momentum"] = muon_momentum(step, spec.optim)
+        loss_sum = torch.zeros((), device=rt.device)
+        for _ in range(spec.grad_accum):
+            with rt.autocast():
+                loss = step_model(x, y)
+            (loss / spec.grad_accum).backward()
+            loss_sum += loss.detach()
+            next_state = batches.state_dict()
+            x, y = next(batches)  # fetch the next batch while the GPU works
+        allreduce_gradients(params) if rt.dist.is_distributed else None
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if profiler is not None:
+            profiler.step()
+            if step + 1 == args.profile_steps[1]:
+                _stop_profiler(profiler, run_dir, rt, args.profile_steps)
+                profiler = None
+
+        window_steps += 1
+        if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
+            loss_avg = loss_sum / spec.grad_accum
+            if rt.dist.is_distributed:
+                torch.distributed.all_reduce(loss_avg)
+                loss_avg /= rt.dist.world_size
+            loss_val = loss_avg.item()  # the one host sync on logging steps
+            now = time.perf_counter()
+            rec = {"event": "train", "step": step, "loss": loss_val, "lr_mult": lrm}
+            if window_steps > 0:
+                tok_s = spec.tokens_per_step * window_steps / (now - window_t0)
+                window_tok_s.append(tok_s)
+                rate = sum(window_tok_s[-10:]) / len(window_tok_s[-10:])
+                rec.update(tok_per_s=round(tok_s, 1), mfu=round(100 * spec.flops_per_token * tok_s
+                                                                / (peak * rt.dist.world_size), 3),
+                           eta_s=round((spec.num_steps - step - 1) * spec.tokens_per_step / rate, 1))
+            rec["elapsed_s"] = round(now - train_t0, 2)
+            if rt.device.type == "cuda":
+                rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
+            log.write(rec)
+            last.update(rec)
+            if bar is not None:
+                bar.set_postfix({k: rec[k] for k in ("loss", "tok_per_s", "mfu") if k in rec})
+            else:
+                print0(f"[{spec.stage}] step {step + 1}/{spec.num_steps} loss {loss_val:.4f}"
+                       + (f" tok/s {rec['tok_per_s']:,.0f} mfu {rec['mfu']:.1f}% eta {rec['eta_s']:.0f}s"
+                          if "tok_per_s" in rec else ""))
+            window_t0, window_steps = now, 0
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if profiler is not None:
+        _stop_profiler(profiler, run_dir, rt, args.profile_steps)
+    last["step"] = step
+    return last
+
+
+def _gather_loader_states(rt: Runtime, state: dict) -> list[dict]:
+    """Every rank's loader position (all ranks need theirs on resume)."""
+    if not rt.dist.is_distributed:
+        return [state]
+    states: list = [None] * rt.dist.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _start_profiler(rt: Runtime):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+    prof = profile(activities=acts, record_shapes=True)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profiler(prof, run_dir: Path, rt: Runtime, steps: list[int]) -> None:
+    prof.__exit__(None, None, None)
+    out = Path(run_dir) / "profile" / f"trace_rank{rt.dist.rank}_steps{steps[0]}-{steps[1]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out))
+    print0(f"profiler trace: {out} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
+                           optimizers: list, meta_check: dict) -> tuple[int, dict]:
+    """Load model, optimizer and RNG state of this rank; returns (step, this rank's loader state).
+    `meta_check` holds values (e.g. the model config) that must match the checkpoint's."""
+    meta = ckpt.read_meta(ckpt_path)
+    for k, v in meta_check.items():
+        if meta.get(k) != v:
+            raise UserError(f"checkpoint {ckpt_path} has a different {k} than this recipe "
+                            f"({meta.get(k)} vs {v}); use another run_dir or delete the checkpoints")
+    if meta.get("world_size") != rt.dist.world_size:
+        raise UserError(f"checkpoint {ckpt_path} was written by {meta.get('world_size')} ranks, this "
+                        f"run has {rt.dist.world_size}; resume with the same number of GPUs")
+    model.load_state_dict(ckpt.load_model_state(ckpt_path))
+    opt_states, rng = ckpt.load_training_state(ckpt_path, rt.dist.rank)
+    from nanochat.optim import load_optimizer_state_dicts
+    load_optimizer_state_dicts(optimizers, opt_states)
+    ckpt.set_rng_state(rng)
+    return int(meta["step"]), meta["loader"][rt.dist.rank]
