@@ -33,7 +33,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and "." not in p.name and (p / "meta.json").exists()]
+            and p.name[5:].isdigit() and (p / "meta.json").exists()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -95,8 +95,9 @@ def _load(path: Path, what: str):
         raise UserError(f"checkpoint {path.parent} has no {path.name}: it is incomplete; delete it "
                         "or resume from an earlier one")
     except Exception as e:  # truncated zip, bad pickle, ...: all mean a damaged file
-        raise UserError(f"checkpoint file {path} is corrupt ({type(e).__name__}: {str(e)[:80]}); "
-                        f"delete {path.parent} to resume from an earlier checkpoint") from None
+        raise UserError(f"checkpoint file {path} is corrupt or not a torch checkpoint "
+                        f"({type(e).__name__}); delete {path.parent} to resume from an earlier "
+                        "checkpoint") from None
 
 
 def read_meta(ckpt: Path) -> dict:

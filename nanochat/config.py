@@ -108,7 +108,7 @@ class TrainArgs:
     save_every: int = -1            # checkpoint every N steps (always at the end); -1 = end only
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
     profile_steps: list[int] = field(default_factory=list)  # [start, stop): torch.profiler trace
-    progress_bar: str = "auto"      # auto (on a terminal) | on | off
+    progress_bar: bool | str = "auto"  # auto (when stderr is a terminal) | true (on) | false (off)
 
 
 @dataclass
@@ -279,8 +279,8 @@ def validate(r: Recipe) -> None:
     _check(not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0]
                                     < tr.profile_steps[1]), "train.profile_steps",
            f"must be [start, stop) with 0 ≤ start < stop, got {tr.profile_steps}")
-    _check(tr.progress_bar in ("auto", "on", "off"), "train.progress_bar",
-           f"must be one of auto, on, off; got {tr.progress_bar!r}")
+    _check(tr.progress_bar in ("auto", True, False), "train.progress_bar",
+           f"must be auto, true or false; got {tr.progress_bar!r}")
 
     s = r.sft
     _check(s.source in ("offline", "smoltalk"), "sft.source",
@@ -460,10 +460,17 @@ def _coerce(value, tp, key: str):
                f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-10 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # name: 2024
         _check(isinstance(value, str), key, f"must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp} for {key}")  # programmer error
@@ -482,6 +489,7 @@ def _build(cls, data: dict, prefix: str):
             raise _Invalid(key, f"unknown key '{key}'; {hint}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
+            v = {} if v is None else v  # an empty section (`model:` with nothing under it)
             _check(isinstance(v, dict), key, f"must be a mapping of {tp.__name__} fields, got {v!r}")
             kwargs[k] = _build(tp, v, key + ".")
         else:
@@ -492,11 +500,12 @@ def _build(cls, data: dict, prefix: str):
 def _where(key: str, prov: dict[str, str]) -> str:
     """The most specific provenance for a dotted key (list items inherit their list's line)."""
     k = key.split("[")[0]
+    children = [v for p, v in prov.items() if p.startswith(k + ".")]
     while k:
         if k in prov:
             return prov[k]
         k = k.rpartition(".")[0]
-    return "recipe"
+    return children[0] if children else "recipe"  # e.g. a misspelt section given as modle.depth=3
 
 
 def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:

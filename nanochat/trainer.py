@@ -202,9 +202,9 @@ class LoopSpec:
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
-    if not rt.dist.is_master or args.progress_bar == "off":
+    if not rt.dist.is_master or args.progress_bar is False:
         return False
-    return args.progress_bar == "on" or sys.stderr.isatty()
+    return args.progress_bar is True or sys.stderr.isatty()
 
 
 def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: torch.nn.Module,

@@ -38,4 +38,4 @@ def tiny_recipe(corpus, tmp_path):
             "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
             "train": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 20,
                       "eval_every": 5, "eval_tokens": 2048, "save_every": 10,
-                      "progress_bar": "off", "device": "cpu"}}
+                      "progress_bar": False, "device": "cpu"}}

@@ -98,7 +98,7 @@ def test_tokenizer_text_iterator(offline):
 
 def test_list_shards_errors(tmp_path):
     for d in (tmp_path / "missing", tmp_path):
-        with pytest.raises(UserError, match=f"no shards in {d}.*python -m nanochat.dataset"):
+        with pytest.raises(UserError, match=f"no shards in {d}.*python -m nanochat.prepare"):
             list_shards(d)
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "shard_00000.parquet")
     with pytest.raises(UserError, match="only 1 shard"):
@@ -195,6 +195,14 @@ def hub():
 def fineweb_args(tmp_path, endpoint, **kw):
     return DataArgs(source="fineweb", data_dir=str(tmp_path / "fw"), hub_repo="someone/fw",
                     hub_endpoint=endpoint, num_train_shards=2, val_shard=5, **kw)
+
+
+@pytest.fixture(autouse=True)
+def hub_online(request, monkeypatch):
+    """conftest sets HF_HUB_OFFLINE=1 for the session; the fineweb tests talk to their own local
+    server, so they run with it unset (the offline-flag test sets it again itself)."""
+    if request.node.name.startswith("test_fineweb"):
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def test_fineweb_download_and_reuse(tmp_path, hub, monkeypatch):
