@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.common import DistInfo, UserError, atomic_write_text, dist_info_from_env, pick_device, print0
+from nanochat.common import (DistInfo, UserError, atomic_write_text, dist_info_from_env, pick_device,
+                             print0, tune_cpu_allocator)
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.optim import allreduce_gradients, muon_momentum
 
@@ -45,12 +46,14 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def setup_runtime(args: TrainArgs) -> Runtime:
+def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
     info = dist_info_from_env()
     device_type = pick_device(args.device)
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
     device = torch.device(f"cuda:{info.local_rank}" if device_type == "cuda" else device_type)
+    if device.type == "cpu" and tune_allocator:
+        tune_cpu_allocator()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,5 +1,8 @@
 """Training throughput benchmark:  python -m nanochat.bench.train RECIPE [key=value ...] [--compile both|on|off]
 
+On CPU it also compares glibc's allocator defaults with the tuned settings training uses
+(`--malloc both`, see `nanochat.common.tune_cpu_allocator`).
+
 Measures, on the current device, the real training step of the recipe's model — forward,
 backward and the optimizer step (Muon + AdamW) — on random tokens at the recipe's device batch
 and sequence length. Eager and compiled run side by side in one process (`--compile both`).
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from nanochat.common import UserError, cli_main
+from nanochat.common import UserError, cli_main, tune_cpu_allocator
 from nanochat.config import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
@@ -79,15 +82,25 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.train", __doc__.splitlines()[0])
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--malloc", choices=["both", "tuned", "default"], default="both",
+                    help="CPU only: glibc allocator defaults vs tuned (see common.tune_cpu_allocator)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     opts = ap.parse_intermixed_args(argv)
     path, overrides = opts.recipe, opts.overrides
     recipe = load_recipe(path, overrides)
-    rt = setup_runtime(recipe.train)
-    modes = {"both": [False, True], "on": [True], "off": [False]}[opts.compile]
-    results = [bench_training(recipe, rt, c, opts.warmup, opts.steps, opts.repeats) for c in modes]
+    rt = setup_runtime(recipe.train, tune_allocator=False)
+    compiles = {"both": [False, True], "on": [True], "off": [False]}[opts.compile]
+    mallocs = [None] if rt.device.type != "cpu" else \
+        {"both": ["default", "tuned"], "tuned": ["tuned"], "default": ["default"]}[opts.malloc]
+    results = []
+    for malloc in mallocs:  # default first: glibc's settings can't be fully restored afterwards
+        if malloc is not None:
+            tune_cpu_allocator(malloc == "tuned")
+        for c in compiles:
+            r = bench_training(recipe, rt, c, opts.warmup, opts.steps, opts.repeats)
+            results.append({"malloc": malloc, **r} if malloc else r)
     peak = measure_matmul_flops(rt.device, rt.dtype, n=8192 if rt.device.type == "cuda" else 2048,
                                 seconds=2.0)
     for r in results:
