@@ -21,7 +21,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from nanochat.common import UserError, atomic_path, atomic_write_json, cli_main, print0
+from nanochat.common import UserError, atomic_path, atomic_write_json, print0
 from nanochat.config import DataArgs  # the recipe's data section
 
 SHARD_FORMAT = "shard_{:05d}.parquet"
@@ -181,7 +181,7 @@ def split_documents(text: str, doc_chars: int) -> list[str]:
         for line in para.split("\n"):
             pieces.append(("\n\n" if first else "\n", line))
             first = False
-    docs, cur, size = [], "", 0
+    docs, cur = [], ""
     for sep, piece in pieces:
         if cur and len(cur) + len(sep) + len(piece) > doc_chars:
             docs.append(cur)

@@ -16,7 +16,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from nanochat.common import cli_main
-from nanochat.config import Recipe, load_recipe, recipe_argparser
+from nanochat.config import Recipe
+from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.dataset import prepare_data, split_shards, tokenizer_text_iterator
 from nanochat.tokenizer import Tokenizer, train_tokenizer
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
-from nanochat.config import Recipe, load_recipe, recipe_to_dict, recipe_argparser, save_resolved_recipe
+from nanochat.config import Recipe
+from nanochat.recipe import load_recipe, recipe_to_dict, recipe_argparser, save_resolved_recipe
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 from nanochat.prepare import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import (LoopSpec, Runtime, barrier, grad_accum_steps, maybe_compile,
+from nanochat.trainer import (LoopSpec, Runtime, grad_accum_steps, maybe_compile,
                               restore_training_state, setup_runtime, teardown_runtime, train_loop)
 
 

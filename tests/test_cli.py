@@ -29,7 +29,7 @@ SMALL = ["model.depth=1", "model.n_embd=64", "model.n_head=1", "model.sequence_l
 def prepared(corpus):
     """Overrides that point a run at the session's shards and tokenizer (conftest `corpus`), so
     the commands find both ready and never build or download anything."""
-    from nanochat.config import load_recipe
+    from nanochat.recipe import load_recipe
     from nanochat.prepare import tokenizer_key
 
     overrides = SMALL + [f"{section}.{key}={value}"
@@ -192,7 +192,7 @@ def test_fineweb_unreachable_hub(tmp_path):
 
 
 def _fake_checkpoint(prepared, run_dir: Path, step: int = 5) -> Path:
-    from nanochat.config import load_recipe
+    from nanochat.recipe import load_recipe
     from nanochat.gpt import GPTConfig
 
     recipe = load_recipe(TINY, prepared["overrides"] + [f"run_dir={run_dir}"])

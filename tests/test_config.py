@@ -1,4 +1,4 @@
-"""The recipe format (nanochat/config.py): defaults, `base:` inheritance, command-line overrides,
+"""The recipe format (nanochat/config.py sections, nanochat/recipe.py loading): defaults, `base:` inheritance, command-line overrides,
 strict one-line errors that name file, line and key, the depth → width rule, and the resolved
 recipe written next to a run."""
 import dataclasses
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import UserError
-from nanochat.config import (ModelArgs, Recipe, load_recipe, model_dims, parse_overrides,
-                             recipe_from_dict, save_resolved_recipe)
+from nanochat.config import ModelArgs, Recipe, model_dims
+from nanochat.recipe import load_recipe, parse_overrides, recipe_from_dict, save_resolved_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

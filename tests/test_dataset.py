@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import UserError
-from nanochat.config import DataArgs, recipe_from_dict
+from nanochat.config import DataArgs
+from nanochat.recipe import recipe_from_dict
 from nanochat.dataset import (READY_FILE, iter_documents, list_shards, prepare_data,
                               split_documents, split_shards, tokenizer_text_iterator)
 

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from nanochat.config import recipe_reference
+from nanochat.recipe import recipe_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_recipe_reference_is_generated_from_the_code():
     assert recipe_reference() in README, \
-        "README is stale: paste `python -m nanochat.config --reference` into its Recipe reference"
+        "README is stale: paste `python -m nanochat.recipe --reference` into its Recipe reference"
 
 
 def test_ci_runs_the_readme_test_command():

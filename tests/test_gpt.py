@@ -102,7 +102,6 @@ def test_bigram_hash_reserves_last_row_for_position_zero():
 
 
 def test_bigram_hash_matches_int32_formula_for_large_ids():
-    prev, cur = torch.tensor([[65000, 123]]), torch.tensor([[123]])
     idx = torch.tensor([[65000, 123]])
     rows = bigram_rows(idx, 5 * 65536)
     # ((36313·cur) XOR (27191·prev)) in wrapping int32, then a non-negative mod (R − 1).

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.common import UserError
-from nanochat.config import recipe_from_dict
+from nanochat.recipe import recipe_from_dict
 from nanochat.optim import (
     POLAR_EXPRESS_COEFFS, Muon, OptimArgs, allreduce_gradients, build_optimizers,
     load_optimizer_state_dicts, muon_momentum, muon_plus_normalize, optimizer_state_dicts,

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.config import TrainArgs, load_recipe, recipe_from_dict
+from nanochat.config import TrainArgs
+from nanochat.recipe import load_recipe, recipe_from_dict
 from nanochat.train import train_base
 from nanochat.trainer import grad_accum_steps, lr_multiplier, read_progress
 

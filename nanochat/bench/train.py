@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanochat.common import UserError, cli_main, tune_cpu_allocator
-from nanochat.config import load_recipe, recipe_argparser
+from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 from nanochat.trainer import Runtime, measure_matmul_flops, setup_runtime

@@ -1,0 +1,306 @@
+"""Loading recipes: YAML → typed, validated `Recipe` (sections in `nanochat/config.py`).
+
+    base: tiny.yaml          # optional: inherit another recipe (path relative to this file)
+    name: my-run
+    model: {depth: 4}
+    train: {total_batch_size: 16384, device_batch_size: 8}
+
+Layering: dataclass defaults ← base recipe(s) ← this file ← `section.key=value` overrides from
+the command line. Strict: an unknown key, a wrong type or an impossible value is one `UserError`
+line naming the file, line, key and the closest valid key. Also: saving the resolved recipe, the
+shared command-line parser, and the generated recipe reference (`python -m nanochat.recipe`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
+from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, ModelArgs, OptimArgs, Recipe,
+                             SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, _check, _Invalid, validate)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML (with `base:`) → nested dict with a provenance per dotted key → typed Recipe.
+
+def _key_lines(path: Path, text: str) -> dict[str, int]:
+    """Map each dotted key in a YAML file to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass  # reported by the real load below
+    return lines
+
+
+def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
+    """Load a recipe file and its `base:` chain; returns (merged dict, {dotted key: 'file:line'})."""
+    path = Path(path)
+    if path.resolve() in chain:
+        raise UserError(f"{path}: `base:` inheritance loops back to itself ({' → '.join(map(str, chain))})")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        where = f" (from `base:` in {chain[-1]})" if chain else ""
+        raise UserError(f"recipe {path} not found{where}; pass the path of a YAML recipe, e.g. configs/tiny.yaml")
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read: {e.strerror}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{loc}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections (model:, train:, ...), "
+                        f"got {type(data).__name__}")
+    lines = _key_lines(path, text)
+    prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
+    base = data.pop("base", None)
+    if base is None:
+        return data, prov
+    if not isinstance(base, str):
+        raise UserError(f"{prov.get('base', path)}: `base` must be a file name, got {base!r}")
+    base_data, base_prov = _read_yaml(path.parent / base, chain + (path.resolve(),))
+    return _merge(base_data, data), {**base_prov, **prov}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """`section.key=value` strings → nested dict. Values are parsed as YAML scalars/lists
+    (`8`, `true`, `null`, `[1,2]`), never by a shell."""
+    data: dict = {}
+    prov: dict[str, str] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} is not of the form section.key=value "
+                            "(e.g. train.num_iterations=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+        prov[key] = f"command line ({item})"
+    return data, prov
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; returns the value (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except _Invalid as e:
+                errors.append(str(e))
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        raise _Invalid(key, f"must be {names}, got {value!r}")
+    if tp is type(None):
+        _check(value is None, key, f"must be null, got {value!r}")
+        return None
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        (arm,) = typing.get_args(tp)
+        return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        _, arm = typing.get_args(tp)
+        return {str(k): _coerce(v, arm, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-10 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # name: 2024
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")  # programmer error
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else \
+                f"valid keys: {', '.join(names)}"
+            raise _Invalid(key, f"unknown key '{key}'; {hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            v = {} if v is None else v  # an empty section (`model:` with nothing under it)
+            _check(isinstance(v, dict), key, f"must be a mapping of {tp.__name__} fields, got {v!r}")
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _where(key: str, prov: dict[str, str]) -> str:
+    """The most specific provenance for a dotted key (list items inherit their list's line)."""
+    k = key.split("[")[0]
+    children = [v for p, v in prov.items() if p.startswith(k + ".")]
+    while k:
+        if k in prov:
+            return prov[k]
+        k = k.rpartition(".")[0]
+    return children[0] if children else "recipe"  # e.g. a misspelt section given as modle.depth=3
+
+
+def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
+    prov = prov or {}
+    try:
+        r = _build(Recipe, data, "")
+        validate(r)
+        return r
+    except _Invalid as e:
+        msg = str(e)
+        if not msg.startswith("unknown key"):
+            msg = f"{e.key} {msg}"
+        raise UserError(f"{_where(e.key, prov)}: {msg}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge, override, type-check and validate a recipe. Raises UserError (one line)."""
+    data, prov = _read_yaml(Path(path))
+    if overrides:
+        odata, oprov = parse_overrides(overrides)
+        data = _merge(data, odata)
+        prov = {**prov, **oprov}
+    return recipe_from_dict(data, prov)
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(r), sort_keys=False, default_flow_style=None)
+
+
+def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None) -> None:
+    """Write the fully resolved recipe (loadable with load_recipe) with the git commit and date
+    in its header, atomically."""
+    header = [f"# resolved recipe, written {now_iso()}", f"# git_commit: {git_commit() or 'unknown'}"]
+    for k, v in (extra or {}).items():
+        header.append(f"# {k}: {v}")
+    atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))
+
+
+def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParser:
+    """`prog RECIPE [section.key=value ...] [--flags]`; callers add flags, then call
+    `parse_intermixed_args` so overrides and flags may come in any order."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("recipe", help="YAML recipe, e.g. configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="recipe overrides, e.g. train.num_iterations=100")
+    return ap
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe reference (README) is generated from the field comments above, so it cannot drift.
+
+SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
+            "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "discovery": DiscoveryArgs,
+            "sweep": SweepArgs, "cluster": ClusterArgs}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    import inspect
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            comments[m.group(1)] = (m.group(2) or "").strip()
+    return comments
+
+
+def recipe_reference() -> str:
+    """Markdown tables: every key, its default and what it means."""
+    out = []
+    for section, cls in SECTIONS.items():
+        comments = _field_comments(cls)
+        out.append(f"**{section or 'top level'}**" + ("  (plus `base: other.yaml`)" if not section else ""))
+        out.append("")
+        out.append("| key | default | meaning |")
+        out.append("|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            key = f"{section}.{f.name}" if section else f.name
+            out.append(f"| `{key}` | `{shown}` | {comments.get(f.name, '').replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanochat.recipe",
+                                 description="Print a resolved recipe, or the recipe reference.")
+    ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
+    args = ap.parse_intermixed_args(argv)
+    if args.reference:
+        print(recipe_reference(), end="")
+    elif args.recipe:
+        print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    else:
+        ap.error("give a recipe or --reference")
+    return 0
+
+
+if __name__ == "__main__":
+    from nanochat.common import cli_main
+    raise SystemExit(cli_main(main))
