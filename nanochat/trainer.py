@@ -24,6 +24,7 @@ from nanochat.common import (DistInfo, UserError, atomic_write_text, dist_info_f
                              print0, tune_cpu_allocator)
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.optim import allreduce_gradients, muon_momentum
+from nanochat.plots import plot_progress, read_jsonl
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,10 +183,7 @@ class ProgressLog:
 
 
 def read_progress(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return read_jsonl(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +255,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             log.write({"event": "eval", "step": step, **metrics,
                        "eval_s": round(time.perf_counter() - t0, 3)})
             say(f"[{spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
+                plot_progress(log.path, run_dir / "curves.png", f"{run_dir.name} ({spec.stage})")
             last.update(metrics)
             window_t0, window_steps = time.perf_counter(), 0  # evaluation isn't training time
         stop = not final and stop_requested()

@@ -69,6 +69,7 @@ def test_validation_bpb_falls_and_run_dir_is_a_record(tiny_recipe):
     assert any(line.startswith("# git_commit:") for line in header)
     assert load_recipe(run / "recipe.yaml") == recipe
     assert (run / "tokenizer" / "tokenizer.json").exists()
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((run / "run.json").read_text())
     assert info["grad_accum"] == 2 and info["num_iterations"] == 20
     # only the newest checkpoints are kept, each complete

@@ -1,0 +1,51 @@
+"""PNG plots people would rather look at than read: training curves from a run's progress log.
+
+matplotlib is imported lazily with the Agg backend (no display on cluster nodes) and every plot
+is written atomically, so a failed plot never leaves a truncated PNG.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanochat.common import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_progress(progress_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Training loss and validation bits per byte against step, side by side."""
+    records = read_jsonl(progress_path)
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval" and "val_bpb" in r]
+    if not train and not evals:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        ax1.plot([r["step"] + 1 for r in train], [r["loss"] for r in train], lw=1.2)
+    ax1.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
+    if evals:
+        ax2.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", color="C1", ms=3)
+    ax2.set(xlabel="step", ylabel="bits per byte", title="validation BPB")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out_png)
