@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanochat.common import UserError
+
 
 # --------------------------------------------------------------------------------------------
 # Sections. One comment per field: that comment is the recipe reference (README).
@@ -159,6 +161,8 @@ class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
     cache_dir: str = "cache"        # tokenizers and other reusable artifacts; shared storage on clusters
+    stages: list[str] = field(default_factory=lambda: ["discover", "train", "sweep", "report"])  # what jobs/launch.py runs, in this order
+    grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -190,9 +194,19 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise _Invalid(key, msg)
 
 
+STAGES = ("discover", "train", "sweep", "report")  # the launcher's plan, in dependency order
+
+
 def validate(r: Recipe) -> None:
     """Impossible values, checked in one place. Relations with runtime facts (world size, the
     tokenizer's vocabulary) are checked where those facts are known."""
+    _check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
+           f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
+    _check([s for s in STAGES if s in r.stages] == r.stages, "stages",
+           f"must be in dependency order ({', '.join(STAGES)}); got {r.stages}")
+    for key, values in r.grid.items():
+        _check("." in key and bool(values), f"grid.{key}",
+               "must be section.key: [value, ...] with at least one value")
     m = r.model
     _check(m.depth >= 1, "model.depth", f"must be ≥ 1, got {m.depth}")
     for k in ("aspect_ratio", "head_dim", "sequence_len"):
@@ -314,6 +328,30 @@ def validate(r: Recipe) -> None:
 def _check_batch(v, key: str) -> None:
     ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
     _check(ok, key, f"must be an integer ≥ 1 or 'auto', got {v!r}")
+
+
+def legal_device_batch_sizes(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
+    rows = total_batch_size // (seq_len * world_size)
+    if rows * seq_len * world_size != total_batch_size:
+        return []
+    return [d for d in range(1, rows + 1) if rows % d == 0]
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int,
+                     world_size: int, section: str = "train") -> int:
+    """total = device_batch × seq_len × world × accum, exactly; else one line with the fix."""
+    per_fwdbwd = device_batch_size * seq_len * world_size
+    if total_batch_size % per_fwdbwd == 0:
+        return total_batch_size // per_fwdbwd
+    legal = legal_device_batch_sizes(total_batch_size, seq_len, world_size)
+    if not legal:
+        raise UserError(f"{section}.total_batch_size {total_batch_size} is not a multiple of "
+                        f"sequence_len {seq_len} × world size {world_size}; use a multiple of "
+                        f"{seq_len * world_size}")
+    raise UserError(f"{section}.device_batch_size {device_batch_size} does not divide "
+                    f"{section}.total_batch_size {total_batch_size} = sequence_len {seq_len} × "
+                    f"world size {world_size} × accumulation steps; legal device batch sizes: "
+                    f"{', '.join(map(str, legal[:16]))}{' ...' if len(legal) > 16 else ''}")
 
 
 def model_dims(m: ModelArgs) -> dict:

@@ -147,7 +147,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, orthogonalizer: str = "polar_express",
-                 row_equilibrate: bool = False, muon_plus: bool = False):
+                 row_equilibrate: bool = False, muon_plus: bool = False, local: bool = False):
+        # local=True: step as one process even when torch.distributed is initialised (the
+        # batch-size probe runs on rank 0 alone; a broadcast there would wait for the others).
+        self.local = local
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         orthogonalizer=orthogonalizer, row_equilibrate=row_equilibrate,
                         muon_plus=muon_plus)
@@ -174,7 +177,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = _world()
+        rank, world = (0, 1) if self.local else _world()
         # Momentum for every param on every rank (see class docstring).
         work = []  # (p, group, momentum update or None when p has no grad)
         for group in self.param_groups:
@@ -221,7 +224,8 @@ GROUP_NAMES = ("matrix", "embedding", "lm_head", "scalar")
 
 
 def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArgs,
-                     model_dim: int, all_params=None) -> list[torch.optim.Optimizer]:
+                     model_dim: int, all_params=None,
+                     local: bool = False) -> list[torch.optim.Optimizer]:
     """Muon for groups["matrix"]; one AdamW with a param group each for "embedding", "lm_head"
     and "scalar". Empty groups are skipped. Every param group gets "initial_lr" (the schedule
     sets lr = initial_lr * multiplier) and "name". Returns [AdamW, Muon] (whichever exist).
@@ -233,6 +237,7 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
     lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small weights".
 
     `all_params` (optional, e.g. model.parameters()) asserts that the groups cover them exactly.
+    `local=True` makes Muon step without collectives (a probe on one rank of a distributed job).
     """
     unknown = set(groups) - set(GROUP_NAMES)
     assert not unknown, f"unknown param groups {sorted(unknown)}; valid: {GROUP_NAMES}"
@@ -265,7 +270,8 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
         opts.append(Muon([dict(params=list(groups["matrix"]), name="matrix")], lr=args.matrix_lr,
                          momentum=muon_momentum(0, args), nesterov=args.muon_nesterov,
                          ns_steps=args.ns_steps, orthogonalizer=args.orthogonalizer,
-                         row_equilibrate=args.row_equilibrate, muon_plus=args.muon_plus))
+                         row_equilibrate=args.row_equilibrate, muon_plus=args.muon_plus,
+                         local=local))
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -22,7 +22,7 @@ import torch
 from nanochat import checkpoint as ckpt
 from nanochat.common import (DistInfo, UserError, atomic_write_text, dist_info_from_env, pick_device,
                              print0, tune_cpu_allocator)
-from nanochat.config import OptimArgs, TrainArgs
+from nanochat.config import OptimArgs, TrainArgs, grad_accum_steps, legal_device_batch_sizes  # noqa: F401 (re-exported)
 from nanochat.optim import allreduce_gradients, muon_momentum
 from nanochat.plots import plot_progress, read_jsonl
 
@@ -82,30 +82,6 @@ def teardown_runtime(rt: Runtime) -> None:
 def barrier(rt: Runtime) -> None:
     if rt.dist.is_distributed:
         torch.distributed.barrier()
-
-
-def legal_device_batch_sizes(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
-    rows = total_batch_size // (seq_len * world_size)
-    if rows * seq_len * world_size != total_batch_size:
-        return []
-    return [d for d in range(1, rows + 1) if rows % d == 0]
-
-
-def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int,
-                     world_size: int, section: str = "train") -> int:
-    """total = device_batch × seq_len × world × accum, exactly; else one line with the fix."""
-    per_fwdbwd = device_batch_size * seq_len * world_size
-    if total_batch_size % per_fwdbwd == 0:
-        return total_batch_size // per_fwdbwd
-    legal = legal_device_batch_sizes(total_batch_size, seq_len, world_size)
-    if not legal:
-        raise UserError(f"{section}.total_batch_size {total_batch_size} is not a multiple of "
-                        f"sequence_len {seq_len} × world size {world_size}; use a multiple of "
-                        f"{seq_len * world_size}")
-    raise UserError(f"{section}.device_batch_size {device_batch_size} does not divide "
-                    f"{section}.total_batch_size {total_batch_size} = sequence_len {seq_len} × "
-                    f"world size {world_size} × accumulation steps; legal device batch sizes: "
-                    f"{', '.join(map(str, legal[:16]))}{' ...' if len(legal) > 16 else ''}")
 
 
 def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
@@ -259,7 +235,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
                 plot_progress(log.path, run_dir / "curves.png", f"{run_dir.name} ({spec.stage})")
             last.update(metrics)
             window_t0, window_steps = time.perf_counter(), 0  # evaluation isn't training time
-        stop = not final and stop_requested()
+        stop = not final and _agreed_stop(rt, step, args.train_log_every, stop_requested)
         if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
             save(step, metrics)
         if stop:
@@ -333,6 +309,19 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
         _stop_profiler(profiler, run_dir, rt, args.profile_steps)
     last["step"] = step
     return last
+
+
+def _agreed_stop(rt: Runtime, step: int, every: int, stop_requested) -> bool:
+    """Stop only when every rank stops at the same step. A signal (preemption, time limit)
+    reaches ranks at slightly different times, so ranks agree with an all-reduce — only on
+    logging steps, which sync with the host anyway (SLURM warns 90 s ahead; that is enough)."""
+    if not rt.dist.is_distributed:
+        return bool(stop_requested())
+    if step % every != 0:
+        return False
+    flag = torch.tensor([1.0 if stop_requested() else 0.0], device=rt.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
 
 
 def _gather_loader_states(rt: Runtime, state: dict) -> list[dict]:

@@ -1,0 +1,255 @@
+"""Launch a recipe as jobs:  python jobs/launch.py RECIPE [section.key=value ...] [flags]
+
+    --executor auto|slurm|local   auto: SLURM when a controller answers (`sinfo`), else local
+    --dry-run                     print every sbatch script the plan would submit; submit nothing
+    --watch                       stay and follow the run until it ends (jobs/status.py)
+    --resume                      on an existing run directory: skip finished tasks, rerun the rest
+    --force                       on an existing run directory: move it aside and start over
+    --output-root DIR             run directories must lie under it [runs]
+
+The run directory (output root / recipe name, or `run_dir`) is the record of the run, written
+before anything is submitted: the resolved recipe, `manifest.json` (git commit, every job id,
+array task → grid values, output paths, stage states) and the jobs' logs.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
+
+from jobs.plan import Plan, Stage, build_plan, resolve_run_dir, slurm_parameters  # noqa: E402
+from jobs.tasks import MANIFEST, read_manifest, run_task  # noqa: E402
+from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso  # noqa: E402
+from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
+
+DONE, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
+
+
+def slurm_available() -> bool:
+    """submitit's own auto choice picks SLURM whenever `srun` is on PATH, even with no
+    controller: ask the controller instead."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def check_partition(partition: str | None) -> None:
+    if partition is None:
+        return
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=10).stdout.split()
+    if partition not in out:
+        raise UserError(f"cluster.partition {partition!r} is not a partition of this cluster "
+                        f"(sinfo lists: {', '.join(out) or 'none'}); nothing was submitted")
+
+
+def discovery_cached(recipe) -> bool | None:
+    """Whether the batch-size cache already answers (None when no discovery module is present)."""
+    if recipe.train.device_batch_size != "auto":
+        return None
+    try:
+        from nanochat.batch_size import cached_result
+    except ImportError:
+        return None
+    c = recipe.cluster
+    return cached_result(recipe, stage="base", world_size=c.nodes * c.gpus_per_node) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+def new_manifest(plan: Plan, executor: str) -> dict:
+    return {"run_dir": str(plan.run_dir), "recipe": str(plan.run_dir / "recipe.yaml"),
+            "git_commit": git_commit(), "created": now_iso(), "executor": executor,
+            "skipped": plan.skipped,
+            "stages": {s.name: {"after": s.after, "dependency": s.dependency, "job_id": None,
+                                "tasks": [{"index": t.index, "overrides": t.overrides,
+                                           "run_dir": t.run_dir, "job_id": None, "state": "PLANNED"}
+                                          for t in s.tasks]}
+                       for s in plan.stages}}
+
+
+def save_manifest(run_dir: Path, manifest: dict) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run: the sbatch text submitit would write, dependencies shown symbolically.
+
+def render_sbatch(plan: Plan, stage: Stage) -> str:
+    from submitit.slurm.slurm import _make_sbatch_string  # private but stable; submitit's own text
+    params = slurm_parameters(plan.recipe, stage)
+    if stage.after:
+        params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes",
+                                           "dependency": f"{stage.dependency}:<{stage.after} job id>"}
+    if stage.is_array:
+        params["map_count"] = len(stage.tasks)
+    return _make_sbatch_string(command="python -u -m submitit.core._submit <folder>",
+                               folder=str(plan.run_dir / "slurm" / "%j"), **params)
+
+
+def dry_run(plan: Plan) -> None:
+    for name, why in plan.skipped.items():
+        print(f"# stage {name}: not submitted ({why})")
+    for stage in plan.stages:
+        tasks = ", ".join(f"[{t.index}] {' '.join(t.overrides) or '(recipe as is)'}" for t in stage.tasks)
+        print(f"# ===== stage {stage.name}: {len(stage.tasks)} task(s): {tasks}")
+        print(render_sbatch(plan, stage))
+    print(f"# dry run: nothing submitted; the run directory would be {plan.run_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# Executors
+
+def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
+    """Stages in dependency order; array tasks up to the throttle at once, each in its own
+    process (`python -m jobs.tasks`), logs under run_dir/logs. Returns whether all succeeded."""
+    logs = plan.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(key)  # a local run inside a SLURM allocation must not look like a SLURM job
+    ok = True
+    for stage in plan.stages:
+        entries = manifest["stages"][stage.name]["tasks"]
+        upstream = manifest["stages"][stage.after]["tasks"] if stage.after else None
+
+        def blocked(i: int) -> bool:
+            if upstream is None or stage.dependency == "afterany":
+                return False
+            if stage.dependency == "aftercorr":
+                return upstream[i]["state"] != DONE
+            return any(t["state"] != DONE for t in upstream)
+
+        def run_one(i: int) -> str:
+            entry = entries[i]
+            if resume and entry["state"] == DONE:
+                return DONE
+            if blocked(i):
+                return CANCELLED
+            entry["state"] = "RUNNING"
+            save_manifest(plan.run_dir, manifest)
+            t0 = time.time()
+            with open(logs / f"{stage.name}_{i}.out", "w") as out, open(logs / f"{stage.name}_{i}.err", "w") as err:
+                rc = subprocess.run([sys.executable, "-m", "jobs.tasks", str(plan.run_dir), stage.name, str(i)],
+                                    stdout=out, stderr=err, env=env, cwd=root).returncode
+            entry["elapsed_s"] = round(time.time() - t0, 1)
+            return DONE if rc == 0 else FAILED
+
+        workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for i, state in zip(range(len(entries)), pool.map(run_one, range(len(entries)))):
+                entries[i]["state"] = state
+                print(f"[{stage.name} {i}] {state}" + (f" — see {logs / f'{stage.name}_{i}.err'}"
+                                                        if state == FAILED else ""), flush=True)
+                ok &= state == DONE
+        save_manifest(plan.run_dir, manifest)
+    return ok
+
+
+def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
+    """Submit every stage through submitit, each depending on the previous one, then return."""
+    import submitit
+    check_partition(plan.recipe.cluster.partition)
+    job_ids: dict[str, str] = {}
+    with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
+        for stage in plan.stages:
+            entries = manifest["stages"][stage.name]["tasks"]
+            todo = [i for i, e in enumerate(entries) if not (resume and e["state"] == DONE)]
+            if not todo:
+                continue
+            executor = submitit.SlurmExecutor(folder=str(plan.run_dir / "slurm" / "%j"), max_num_timeout=3)
+            params = slurm_parameters(plan.recipe, stage)
+            additional = dict(params.pop("additional_parameters"))
+            if stage.after and stage.after in job_ids:
+                additional["dependency"] = f"{stage.dependency}:{job_ids[stage.after]}"
+                additional["kill-on-invalid-dep"] = "yes"
+            executor.update_parameters(additional_parameters=additional, **params)
+            try:
+                with executor.batch():
+                    jobs = [executor.submit(run_task, str(plan.run_dir), stage.name, i) for i in todo]
+            except submitit.core.utils.FailedJobError as e:
+                reason = str(e).strip().splitlines()[-1] if str(e).strip() else "sbatch failed"
+                raise UserError(f"sbatch refused stage {stage.name}: {reason}") from None
+            for i, job in zip(todo, jobs):
+                entries[i]["job_id"] = job.job_id
+                entries[i]["state"] = "PENDING"
+            job_ids[stage.name] = jobs[0].job_id.split("_")[0]
+            manifest["stages"][stage.name]["job_id"] = job_ids[stage.name]
+            save_manifest(plan.run_dir, manifest)
+            print(f"submitted {stage.name}: job {job_ids[stage.name]} ({len(jobs)} task(s))", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
+    """The previous manifest when resuming; refuses to reuse a run directory silently."""
+    if not (run_dir / MANIFEST).exists():
+        return None
+    if force:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"--force: moved the previous run to {aside}")
+        return None
+    if resume:
+        return read_manifest(run_dir)
+    raise UserError(f"{run_dir} already holds a run ({MANIFEST}); pass --resume to rerun its "
+                    "unfinished tasks, --force to start over, or choose another run_dir")
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python jobs/launch.py", "Launch a recipe as SLURM (or local) jobs.")
+    ap.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--watch", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--output-root", default="runs")
+    args = ap.parse_intermixed_args(argv)
+    if args.resume and args.force:
+        raise UserError("--resume and --force exclude each other")
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = resolve_run_dir(recipe, Path(args.output_root))
+    recipe.run_dir = str(run_dir)
+    plan = build_plan(recipe, run_dir, discovery_cached(recipe))
+    for stage in plan.stages:  # every task's recipe must load (grid keys and values are checked)
+        for task in stage.tasks:
+            load_recipe(args.recipe, args.overrides + task.overrides)
+    if args.dry_run:
+        dry_run(plan)
+        return 0
+    executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
+    if executor == "slurm" and not slurm_available():
+        raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
+                        "(sudo slurm/local-cluster.sh start) or use --executor local")
+    previous = prepare_run_dir(run_dir, args.resume, args.force)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_recipe(recipe, run_dir / "recipe.yaml", {"launched_with": " ".join([args.recipe] + args.overrides)})
+    manifest = previous if previous is not None else new_manifest(plan, executor)
+    manifest["executor"] = executor
+    save_manifest(run_dir, manifest)
+    print(f"run directory: {run_dir}", flush=True)
+    if executor == "local":
+        ok = run_local(plan, manifest, resume=previous is not None)
+        print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
+        return 0 if ok else 1
+    submit_slurm(plan, manifest, resume=previous is not None)
+    print(f"follow it: python jobs/status.py {run_dir}")
+    if args.watch:
+        from jobs.status import watch
+        return watch(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,140 @@
+"""Follow a launched run:  python jobs/status.py RUN_DIR [--cancel] [--watch]
+
+Per stage and task: the job state (squeue for live jobs, sacct where accounting exists, the
+manifest otherwise — the local executor records states there), elapsed time, the last training
+step / loss / tokens/s / ETA from the task's progress log, and the stderr tail of failed tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.tasks import read_manifest  # noqa: E402
+from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.plots import read_jsonl  # noqa: E402
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE"}
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return res.stdout if res.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """job id (array tasks as 123_4) → (state, elapsed, reason); squeue first, then sacct."""
+    if not job_ids:
+        return {}
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    states: dict[str, tuple[str, str, str]] = {}
+    for line in _run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Elapsed,Reason"]).splitlines():
+        parts = line.split("|")
+        if len(parts) >= 3:
+            states[parts[0]] = (parts[1].split()[0], parts[2], parts[3] if len(parts) > 3 else "")
+    for line in _run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%M|%r"]).splitlines():
+        parts = line.split("|")
+        if len(parts) == 4:
+            states[parts[0]] = (parts[1], parts[2], parts[3])
+    return states
+
+
+def _progress(task_dir: Path) -> str:
+    recs = [r for r in read_jsonl(task_dir / "progress.jsonl") if r.get("event") == "train"]
+    if not recs:
+        return ""
+    r = recs[-1]
+    s = f"step {r['step'] + 1} loss {r['loss']:.4f}"
+    if "tok_per_s" in r:
+        s += f" {r['tok_per_s']:,.0f} tok/s eta {r.get('eta_s', 0):.0f}s"
+    return s
+
+
+def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
+    candidates = [run_dir / "logs" / f"{stage}_{task['index']}.err"]
+    if task.get("job_id"):
+        jid = task["job_id"]
+        candidates += sorted((run_dir / "slurm").glob(f"{jid}/*_log.err"))
+    for path in candidates:
+        if path.exists() and path.stat().st_size:
+            return path.read_text(errors="replace").strip().splitlines()[-n:]
+    return []
+
+
+def collect(run_dir: Path) -> list[dict]:
+    manifest = read_manifest(run_dir)
+    ids = [t["job_id"] for s in manifest["stages"].values() for t in s["tasks"] if t.get("job_id")]
+    live = slurm_states(ids) if manifest.get("executor") == "slurm" else {}
+    rows = []
+    for stage, info in manifest["stages"].items():
+        for task in info["tasks"]:
+            state, elapsed, reason = live.get(task.get("job_id") or "", (task["state"], "", ""))
+            if state == "PENDING" and task.get("job_id") and task["job_id"] not in live:
+                state = "UNKNOWN"
+            elapsed = elapsed or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
+            rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
+                         "state": state, "elapsed": elapsed, "reason": reason,
+                         "progress": _progress(Path(task["run_dir"])) if stage == "train" else "",
+                         "stderr": _stderr_tail(run_dir, stage, task) if state in FINAL - {"COMPLETED"} else []})
+    return rows
+
+
+def show(run_dir: Path) -> list[dict]:
+    rows = collect(run_dir)
+    print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
+    for r in rows:
+        extra = r["progress"] or (r["reason"] if r["reason"] not in ("", "None") else "")
+        print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
+        for line in r["stderr"]:
+            print(f"{'':>15}| {line}")
+    return rows
+
+
+def watch(run_dir: Path, every_s: float = 10.0) -> int:
+    while True:
+        rows = show(run_dir)
+        if all(r["state"] in FINAL for r in rows):
+            return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+        time.sleep(every_s)
+        print()
+
+
+def cancel(run_dir: Path) -> None:
+    manifest = read_manifest(run_dir)
+    ids = sorted({t["job_id"].split("_")[0] for s in manifest["stages"].values()
+                  for t in s["tasks"] if t.get("job_id")})
+    if ids:
+        subprocess.run(["scancel", *ids], check=False, timeout=30)
+    print(f"cancelled jobs: {' '.join(ids) or 'none'}")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python jobs/status.py", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--cancel", action="store_true", help="cancel the run's jobs")
+    ap.add_argument("--watch", action="store_true", help="refresh until every job has ended")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; pass the run directory that jobs/launch.py printed")
+    if args.cancel:
+        cancel(run_dir)
+        return 0
+    if args.json:
+        print(json.dumps(collect(run_dir), indent=2))
+        return 0
+    return watch(run_dir) if args.watch else (show(run_dir) and 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

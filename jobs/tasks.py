@@ -1,0 +1,112 @@
+"""What runs inside each job: one function per stage, reading the run directory's resolved recipe
+(never the repository's, which may have changed since the launch).
+
+Used by both executors: submitit pickles `run_task` for SLURM; the local executor runs
+`python -m jobs.tasks RUN_DIR STAGE INDEX` in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.recipe import load_recipe
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no {MANIFEST}: not a run directory made by jobs/launch.py")
+
+
+def task_recipe(run_dir: Path, stage: str, index: int):
+    """The task's recipe: the run's resolved recipe + the task's grid values + its run_dir."""
+    manifest = read_manifest(run_dir)
+    task = manifest["stages"][stage]["tasks"][index]
+    train_task = manifest["stages"]["train"]["tasks"][index] if "train" in manifest["stages"] else None
+    overrides = list(task["overrides"])
+    # every stage of task i works on train task i's outputs (the sweep reads its checkpoint)
+    overrides.append(f"run_dir={train_task['run_dir'] if train_task and stage != 'report' else task['run_dir']}")
+    return load_recipe(Path(run_dir) / "recipe.yaml", overrides), task
+
+
+def _export_distributed() -> None:
+    """Under SLURM with several tasks, set torchrun's variables from SLURM's (MASTER_ADDR is the
+    job's first node). CUDA_VISIBLE_DEVICES is left alone: each rank picks cuda:LOCAL_RANK."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _requeue_self() -> None:
+    """Put this SLURM job back in the queue (rank 0 only); the rerun resumes from the checkpoint."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if job and int(os.environ.get("RANK", "0")) == 0:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+
+
+def run_train(run_dir: Path, index: int) -> dict:
+    from nanochat.train import train_base
+    recipe, _ = task_recipe(run_dir, "train", index)
+    _export_distributed()
+    # SLURM sends USR2 90 s before the time limit (and on preemption where the cluster sets
+    # preempt_send_user_signal). submitit's own handler would requeue at once, mid-step; ours only
+    # raises a flag that the loop checks at a step boundary, so it saves a checkpoint first.
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, lambda *_: stop.set())
+    result = train_base(recipe, stop_requested=stop.is_set)
+    if result.get("stopped"):
+        _requeue_self()
+        sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
+    return result
+
+
+def run_discover(run_dir: Path, index: int) -> dict:
+    from nanochat.batch_size import discover_for_recipe
+    recipe, task = task_recipe(run_dir, "discover", index)
+    c = recipe.cluster
+    result = discover_for_recipe(recipe, stage="base", world_size=c.nodes * c.gpus_per_node)
+    out = {"batch_size": result.batch_size}
+    atomic_write_json(Path(task["run_dir"]) / "discovery.json", out)
+    return out
+
+
+def run_sweep(run_dir: Path, index: int) -> dict:
+    from nanochat.bench.kv_sweep import sweep_for_recipe
+    recipe, task = task_recipe(run_dir, "sweep", index)
+    return sweep_for_recipe(recipe, out_dir=Path(task["run_dir"]))
+
+
+def run_report(run_dir: Path, index: int = 0) -> dict:
+    from jobs.report import write_report
+    return {"report": str(write_report(Path(run_dir)))}
+
+
+RUNNERS = {"discover": run_discover, "train": run_train, "sweep": run_sweep, "report": run_report}
+
+
+def run_task(run_dir: str, stage: str, index: int) -> dict:
+    """The one callable every job runs (picklable, for submitit)."""
+    return RUNNERS[stage](Path(run_dir), index)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in RUNNERS:
+        raise UserError(f"usage: python -m jobs.tasks RUN_DIR {{{'|'.join(RUNNERS)}}} INDEX")
+    print(json.dumps(run_task(argv[0], argv[1], int(argv[2])), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

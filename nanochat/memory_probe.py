@@ -1,0 +1,326 @@
+"""One memory probe: the real training step of a recipe at one device batch size.
+
+A probe builds the recipe's GPT (or reuses the caller's), its optimizers (Muon + AdamW, as
+`build_optimizers` makes them), compiles it the way training does, and runs `steps` full steps —
+forward, backward, optimizer step, zero_grad — then one evaluation forward, because the second
+step is the first one with optimizer state and gradients both resident, and the training loop
+evaluates with the plain (uncompiled) model at the same batch size. It reports the peak memory,
+the memory before the first step ("fixed": weights and, for a fresh model, nothing else yet) and
+the time of the last step's forward/backward and optimizer step.
+
+Devices:
+- CUDA (in-process): `torch.cuda.OutOfMemoryError` means "does not fit"; the peak is
+  `max_memory_reserved` (what the caching allocator holds, which is what runs out).
+- CPU (a child process per probe, `probe_in_child`): a CPU has no out-of-memory of its own, so
+  the child runs under `RLIMIT_AS` (address space) a margin above the budget — an allocation past it
+  raises torch's "DefaultCPUAllocator: can't allocate memory" — and reports its peak resident
+  memory above its own baseline (VmHWM after `clear_refs`). The child applies
+  `tune_cpu_allocator()` first, as every CPU training process does, because keeping freed
+  memory in the heap raises the resident peak the training run will really have.
+
+Any exception other than an out-of-memory is a bug and propagates (from a child: `ProbeError`
+with the child's traceback).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import DistInfo, tune_cpu_allocator
+from nanochat.config import OptimArgs, TrainArgs
+from nanochat.gpt import GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.train import build_model
+from nanochat.trainer import Runtime, maybe_compile
+
+CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Everything a probe needs; plain data so it pickles into a child process."""
+    model: dict                     # GPTConfig fields
+    optim: dict                     # OptimArgs fields
+    device: str                     # "cpu" | "cuda" | "cuda:N"
+    dtype: str                      # compute dtype: "float32" | "bfloat16"
+    compile: bool = False
+    compile_mode: str = "default"
+    grad_clip: float = 0.0
+    steps: int = 2
+    tune_allocator: bool = True     # CPU: probe with the allocator training uses
+
+
+class ProbeError(RuntimeError):
+    """A probe failed with something other than out-of-memory (the child's traceback inside)."""
+
+
+def is_oom(exc: BaseException | None) -> bool:
+    """True for a real out-of-memory: CUDA's OutOfMemoryError, torch's CPU allocator failing
+    (under RLIMIT_AS), or Python's MemoryError — also when wrapped (e.g. by the compiler) as
+    the cause of another exception. Everything else is not an OOM."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(exc, RuntimeError) and CPU_OOM_MESSAGE in str(exc):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Process memory on Linux (/proc), in bytes.
+
+def proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_ram_bytes() -> int:
+    """RAM this process may use: MemTotal, lowered by a cgroup (v2 or v1) limit (SLURM --mem).
+    Not MemAvailable: that changes from run to run and would change the cache key."""
+    with open("/proc/meminfo") as f:
+        total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                total = min(total, int(f.read().strip()))
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The probe itself (in-process; on CPU normally inside the child below).
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None) -> dict:
+    """Run the training step at `batch`; returns {"batch", "oom", "peak_bytes", "fixed_bytes",
+    "fwdbwd_s", "opt_s", "seconds"}. With `model`, probes that model and leaves it as it was
+    (weights restored bit for bit, no gradients); otherwise builds one from `spec.model`.
+    Memory: on CUDA the process's reserved bytes; on CPU bytes above the RSS at entry (plus the
+    caller's weights, which that baseline already holds)."""
+    device = torch.device(spec.device)
+    cuda = device.type == "cuda"
+    cfg = GPTConfig(**spec.model)
+    t_start = time.perf_counter()
+    rt = Runtime(DistInfo(), device, getattr(torch, spec.dtype))
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = proc_status("VmRSS")
+        reset_peak_rss()
+    out = {"batch": batch, "oom": False, "peak_bytes": None, "fixed_bytes": None,
+           "fwdbwd_s": None, "opt_s": None}
+    snapshot = None
+    extra = 0
+    # The probe's random init and inputs must not move the caller's RNG streams (a run with
+    # `auto` must train exactly like one given the same batch by hand).
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        try:
+            if model is None:
+                model = build_model(cfg, device)
+            else:
+                snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                extra = 0 if cuda else _param_bytes(model)
+            opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd,
+                                    all_params=model.parameters(), local=True)
+            step_model = maybe_compile(model, TrainArgs(compile=spec.compile,
+                                                        compile_mode=spec.compile_mode))
+            gen = torch.Generator(device=device).manual_seed(batch)
+            xy = torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), device=device,
+                               generator=gen)
+            x, y = xy[:, :-1], xy[:, 1:]
+            out["fixed_bytes"] = (torch.cuda.memory_reserved(device) if cuda
+                                  else proc_status("VmRSS") - base) + extra
+            model.train()
+            params = list(model.parameters())
+            for _ in range(spec.steps):
+                t0 = time.perf_counter()
+                with rt.autocast():
+                    loss = step_model(x, y)
+                loss.backward()
+                rt.sync()
+                t1 = time.perf_counter()
+                if spec.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                for opt in opts:
+                    opt.step()
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                rt.sync()
+                out["fwdbwd_s"], out["opt_s"] = t1 - t0, time.perf_counter() - t1
+                del loss
+            model.eval()  # the loop evaluates with the plain model at this batch size
+            with torch.no_grad(), rt.autocast():
+                model(x, y, loss_reduction="none")
+            model.train()
+            rt.sync()
+            out["peak_bytes"] = (torch.cuda.max_memory_reserved(device) if cuda
+                                 else proc_status("VmHWM") - base) + extra
+        except Exception as e:  # noqa: BLE001 — only OOM is swallowed, below
+            if not is_oom(e):
+                raise
+            out["oom"] = True
+            # fall through: the exception (and the frames holding tensors) is dropped on exit
+        finally:
+            opts = step_model = x = y = xy = loss = None  # noqa: F841 — release before restoring
+            if snapshot is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        v.copy_(snapshot[k])
+                for p in model.parameters():
+                    p.grad = None
+                model.train()
+    model = snapshot = None
+    if spec.compile:
+        torch._dynamo.reset()  # drop compiled graphs (and CUDA-graph pools) of this batch size
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    out["seconds"] = time.perf_counter() - t_start
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: each probe in a fresh child process, under an address-space limit.
+
+def _child_run(spec: ProbeSpec, batch: int, limit_bytes: int | None) -> tuple[str, object]:
+    """In the forked child: set up like a training process, then probe under the limit."""
+    try:
+        if spec.tune_allocator:
+            tune_cpu_allocator()
+        # Start the OpenMP pool (thread stacks, arenas) before the baseline is taken.
+        a = torch.randn(256, 256)
+        (a @ a).relu_().sum()
+        del a
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if limit_bytes is not None:
+            cap = proc_status("VmSize") + limit_bytes
+            if hard != resource.RLIM_INFINITY:
+                cap = min(cap, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        try:
+            return "ok", run_probe(spec, batch)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))  # room to report back
+    except BaseException as e:  # noqa: BLE001 — reported to the parent, which decides
+        return ("oom" if is_oom(e) else "error"), traceback.format_exc()
+
+
+def _serve(req_fd: int, resp_fd: int) -> None:
+    """The probe server: imports torch and the model once, then forks one child per request.
+
+    Forking a process that has imported torch but never run an op is safe, and takes
+    milliseconds where a fresh interpreter takes seconds. (multiprocessing's forkserver would do
+    the same but re-runs the caller's __main__ in every child, which breaks unguarded scripts.)"""
+    with os.fdopen(req_fd, "rb") as req, os.fdopen(resp_fd, "wb") as resp:
+        while True:
+            try:
+                spec, batch, limit = pickle.load(req)
+            except EOFError:
+                return
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: never returns into the server loop
+                os.close(r)
+                code = 1
+                try:
+                    with os.fdopen(w, "wb") as out:
+                        pickle.dump(_child_run(ProbeSpec(**spec), batch, limit), out)
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            _, status = os.waitpid(pid, 0)
+            pickle.dump((data, os.waitstatus_to_exitcode(status)), resp)
+            resp.flush()
+
+
+PROBES_STARTED = 0  # child probes started by this process (tests check that a cache hit runs none)
+
+
+class ProbeServer:
+    """Runs `run_probe` in fresh child processes (CPU), each under an address-space limit.
+
+        with ProbeServer() as server:
+            result = server.probe(spec, batch=8, limit_bytes=2 * 2**30)
+    """
+
+    def __init__(self):
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        code = f"from nanochat.memory_probe import _serve; _serve({req_r}, {resp_w})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(req_r, resp_w))
+        os.close(req_r)
+        os.close(resp_w)
+        self.req, self.resp = os.fdopen(req_w, "wb"), os.fdopen(resp_r, "rb")
+
+    def probe(self, spec: ProbeSpec, batch: int, limit_bytes: int | None) -> dict:
+        """`run_probe` in a child whose address space may grow by at most `limit_bytes` above
+        its baseline (None: no limit). A child killed by SIGKILL (the kernel's OOM killer) also
+        counts as out of memory; any other failure raises ProbeError."""
+        global PROBES_STARTED
+        PROBES_STARTED += 1
+        t0 = time.perf_counter()
+        try:
+            pickle.dump((dataclasses.asdict(spec), batch, limit_bytes), self.req)
+            self.req.flush()
+            data, exitcode = pickle.load(self.resp)
+        except (EOFError, BrokenPipeError) as e:
+            raise ProbeError(f"the batch-size probe server died (exit code {self.proc.poll()})") from e
+        status, payload = pickle.loads(data) if data else (None, None)
+        if status == "ok":
+            return payload
+        if status == "oom" or (status is None and exitcode == -signal.SIGKILL):
+            return {"batch": batch, "oom": True, "peak_bytes": None, "fixed_bytes": None,
+                    "fwdbwd_s": None, "opt_s": None, "seconds": time.perf_counter() - t0}
+        raise ProbeError(f"batch-size probe at batch {batch} failed (not out of memory; exit code "
+                         f"{exitcode}):\n{payload or ''}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.req.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.resp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

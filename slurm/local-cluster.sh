@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# local-cluster.sh start|stop|status — a real one-node SLURM on a Debian/Ubuntu machine, for
+# trying the kit without a cluster and for the tests. Runs as root, needs no systemd.
+#
+#   sudo slurm/local-cluster.sh start     # install (first time), configure, start, wait for idle
+#   slurm/local-cluster.sh status         # daemons and sinfo
+#   sudo slurm/local-cluster.sh stop      # cancel jobs, stop daemons
+#
+# What it stands up: munged; MariaDB (unix socket only) + slurmdbd, because submitit reads job
+# states with sacct (without accounting a killed job reads UNKNOWN and result() hangs);
+# slurmctld + slurmd for this host, with partitions `debug` (default) and `a100`, fake GPUs
+# (gres, no hardware) so --gpus-per-node is accepted, and more CPUs than cores so several small
+# jobs run at once. Nothing is enforced (no cgroups): requests are bookkeeping only.
+#
+# Settings (environment): LOCAL_SLURM_ROOT state/log dir [/var/tmp/nanochat-slurm],
+# LOCAL_SLURM_CPUS advertised CPUs [16], LOCAL_SLURM_GPUS fake GPUs per node [8],
+# LOCAL_SLURM_MEM_MB advertised memory [65536], LOCAL_SLURM_WAIT_S start timeout [120].
+set -euo pipefail
+
+ROOT="${LOCAL_SLURM_ROOT:-/var/tmp/nanochat-slurm}"
+NODE="$(hostname -s)"
+CPUS="${LOCAL_SLURM_CPUS:-16}"
+GPUS="${LOCAL_SLURM_GPUS:-8}"
+MEM_MB="${LOCAL_SLURM_MEM_MB:-65536}"
+WAIT_S="${LOCAL_SLURM_WAIT_S:-120}"
+CLUSTER=nanochat-local
+PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+
+say() { echo "[local-cluster] $*"; }
+die() { echo "[local-cluster] error: $*" >&2; exit 1; }
+# pid in FILE if that process is alive and named COMM (pid files may outlive their process)
+pid_of() { local p; p=$(cat "$1" 2>/dev/null || true); [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && echo "$p" || true; }
+need_root() { [ "$(id -u)" = 0 ] || die "run as root (sudo $0 $1)"; }
+
+install_packages() {
+  local missing=() p
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian/Ubuntu"
+  say "installing ${missing[*]}"
+  # Package scripts must not start daemons before our configuration exists.
+  local policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=1
+  fi
+  local ok=0 i
+  for i in 1 2 3 4 5; do  # another apt user may hold the lock; mirrors hiccup
+    if DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq update >"$ROOT/log/apt.log" 2>&1 &&
+       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq install -y \
+         --no-install-recommends "${missing[@]}" >>"$ROOT/log/apt.log" 2>&1; then ok=1; break; fi
+    say "apt-get failed (attempt $i), retrying"; sleep 3
+  done
+  [ $policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+  [ $ok = 1 ] || { tail -5 "$ROOT/log/apt.log" >&2; die "could not install ${missing[*]} (log: $ROOT/log/apt.log)"; }
+}
+
+start_munge() {
+  [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key --force
+  chown munge:munge /etc/munge/munge.key && chmod 0600 /etc/munge/munge.key
+  install -d -o munge -g munge -m 0755 /run/munge
+  install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
+  munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
+  runuser -u munge -- /usr/sbin/munged --force
+  for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "munged did not start (see /var/log/munge/munged.log)"
+}
+
+write_config() {
+  # Job ids from the clock: a fresh state dir would restart at 1, and a reused submitit folder
+  # would then return an earlier cluster's result for the same id.
+  [ -s "$ROOT/first_job_id" ] || echo $(( ($(date +%s) * 10) % 60000000 + 1000 )) > "$ROOT/first_job_id"
+  local gpu_files="$ROOT/fakegpu/nvidia[0-$((GPUS - 1))]" i
+  mkdir -p "$ROOT/fakegpu" /etc/slurm
+  for i in $(seq 0 $((GPUS - 1))); do  # gres needs a device file per GPU; alias /dev/null
+    [ -e "$ROOT/fakegpu/nvidia$i" ] || mknod "$ROOT/fakegpu/nvidia$i" c 1 3
+  done
+  cat > /etc/slurm/slurm.conf <<EOF
+# written by nanochat-slurm's slurm/local-cluster.sh
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStorageTRES=gres/gpu
+JobAcctGatherType=jobacct_gather/none
+GresTypes=gpu
+SlurmdParameters=config_overrides
+StateSaveLocation=$ROOT/state
+SlurmdSpoolDir=$ROOT/spool
+SlurmctldPidFile=$ROOT/run/slurmctld.pid
+SlurmdPidFile=$ROOT/run/slurmd.pid
+SlurmctldLogFile=$ROOT/log/slurmctld.log
+SlurmdLogFile=$ROOT/log/slurmd.log
+ReturnToService=2
+MinJobAge=3600
+KillWait=10
+InactiveLimit=0
+EnforcePartLimits=ALL
+MailProg=/bin/true
+FirstJobId=$(cat "$ROOT/first_job_id")
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=a100 Nodes=$NODE Default=NO MaxTime=INFINITE State=UP
+EOF
+  cat > /etc/slurm/gres.conf <<EOF
+AutoDetect=off
+NodeName=$NODE Name=gpu File=$gpu_files
+EOF
+  cat > /etc/slurm/slurmdbd.conf <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+SlurmUser=root
+LogFile=$ROOT/log/slurmdbd.log
+PidFile=$ROOT/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageLoc=slurm_acct_db
+StorageUser=root
+EOF
+  chmod 0600 /etc/slurm/slurmdbd.conf
+}
+
+start_db() {
+  install -d -o mysql -g mysql -m 0755 /run/mysqld
+  mysqladmin --protocol=socket ping >/dev/null 2>&1 && return 0
+  [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql >"$ROOT/log/mariadb-install.log" 2>&1
+  touch "$ROOT/log/mariadb.log" && chown mysql:mysql "$ROOT/log/mariadb.log"
+  # Unix socket only; root@localhost authenticates by socket, so slurmdbd needs no password.
+  setsid /usr/sbin/mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
+    --pid-file=/run/mysqld/mysqld.pid --skip-networking --innodb-buffer-pool-size=64M \
+    --log-error="$ROOT/log/mariadb.log" </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 300); do mysqladmin --protocol=socket ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  tail -5 "$ROOT/log/mariadb.log" >&2; die "MariaDB did not start (log: $ROOT/log/mariadb.log)"
+}
+
+start_slurm() {
+  if [ -z "$(pid_of "$ROOT/run/slurmdbd.pid" slurmdbd)" ]; then
+    /usr/sbin/slurmdbd
+    for _ in $(seq 300); do sacctmgr -n -P show cluster >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
+  sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ] || /usr/sbin/slurmctld -c -i
+  [ -n "$(pid_of "$ROOT/run/slurmd.pid" slurmd)" ] || /usr/sbin/slurmd -N "$NODE"
+  local deadline=$(( $(date +%s) + WAIT_S )) state="" resumed=0
+  while :; do
+    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true)
+    case "$state" in
+      idle|mixed|allocated|completing) break ;;
+      down*|drain*|fail*) [ $resumed = 1 ] || scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true; resumed=1 ;;
+    esac
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      tail -5 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd.log" >&2 || true
+      die "node $NODE is '$state' after ${WAIT_S}s (logs in $ROOT/log)"
+    fi
+    sleep 0.2
+  done
+}
+
+stop_pid() {  # stop_pid FILE COMM: TERM, wait up to 20 s, then KILL
+  local pid; pid=$(pid_of "$1" "$2"); [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || { say "stopped $2"; return 0; }; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true; say "killed $2"
+}
+
+case "${1:-}" in
+  start)
+    need_root start
+    t0=$(date +%s)
+    mkdir -p "$ROOT"/{log,run,state,spool}
+    install_packages
+    start_munge
+    write_config
+    start_db
+    start_slurm
+    say "ready in $(( $(date +%s) - t0 )) s: node $NODE, partitions debug (default) and a100, $GPUS fake GPUs"
+    sinfo
+    ;;
+  stop)
+    need_root stop
+    if command -v scancel >/dev/null && [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ]; then
+      scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
+    fi
+    stop_pid "$ROOT/run/slurmd.pid" slurmd
+    stop_pid "$ROOT/run/slurmctld.pid" slurmctld
+    stop_pid "$ROOT/run/slurmdbd.pid" slurmdbd
+    stop_pid /run/mysqld/mysqld.pid mariadbd
+    ;;
+  status)
+    for d in "slurmctld:$ROOT/run/slurmctld.pid" "slurmd:$ROOT/run/slurmd.pid" \
+             "slurmdbd:$ROOT/run/slurmdbd.pid" "mariadbd:/run/mysqld/mysqld.pid"; do
+      name=${d%%:*}; pid=$(pid_of "${d#*:}" "$name")
+      if [ -n "$pid" ]; then echo "$name: running (pid $pid)"; else echo "$name: stopped"; fi
+    done
+    sinfo 2>/dev/null || { echo "sinfo: no controller answers"; exit 1; }
+    ;;
+  *)
+    echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
