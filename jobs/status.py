@@ -92,7 +92,8 @@ def show(run_dir: Path) -> list[dict]:
     rows = collect(run_dir)
     print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
     for r in rows:
-        extra = r["progress"] or (r["reason"] if r["reason"] not in ("", "None") else "")
+        reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
+        extra = r["progress"] or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
             print(f"{'':>15}| {line}")

@@ -120,12 +120,13 @@ class SFTArgs:
 
 @dataclass
 class DiscoveryArgs:
+    min_batch_size: int = 1         # never choose a device batch smaller than this
     max_batch_size: int = 1024      # never try a device batch larger than this
-    headroom: float = 0.10          # fraction of device memory left free
-    memory_budget_gb: float | None = None  # CPU: memory budget; None = ram_fraction of free RAM
-    ram_fraction: float = 0.5       # CPU: fraction of available RAM used when no budget is set
-    candidates: str = "pow2"        # pow2 | divisors: which batch sizes are legal
-    choose: str = "largest"         # largest | fastest (measured tokens/s)
+    headroom: float = 0.10          # fraction of device memory (CPU: of the budget) left free
+    memory_budget_gb: float | None = None  # CPU: GB per process for model, optimizer and activations; None = ram_fraction
+    ram_fraction: float = 0.5       # CPU: fraction of RAM (MemTotal or the job's cgroup limit), split over local ranks
+    candidates: str = "pow2"        # pow2 | divisors (of the rows per step): which batch sizes are legal
+    choose: str = "largest"         # largest | fastest (measured training tokens/s)
     probe_steps: int = 2            # training steps per probe (≥ 2 so optimizer state counts)
     cache_dir: str = "cache/batch_size"  # one JSON per key; put it on shared storage
 
@@ -299,7 +300,9 @@ def validate(r: Recipe) -> None:
     _check(s.lr_frac > 0, "sft.lr_frac", f"must be > 0, got {s.lr_frac}")
 
     dc = r.discovery
-    _check(dc.max_batch_size >= 1, "discovery.max_batch_size", "must be ≥ 1")
+    _check(dc.min_batch_size >= 1, "discovery.min_batch_size", f"must be ≥ 1, got {dc.min_batch_size}")
+    _check(dc.max_batch_size >= dc.min_batch_size, "discovery.max_batch_size",
+           f"must be ≥ discovery.min_batch_size ({dc.min_batch_size}), got {dc.max_batch_size}")
     _check(0 <= dc.headroom < 1, "discovery.headroom", f"must be in [0, 1), got {dc.headroom}")
     _check(dc.memory_budget_gb is None or dc.memory_budget_gb > 0, "discovery.memory_budget_gb",
            "must be > 0 (or null)")

@@ -83,17 +83,31 @@ def bigram_rows(idx: torch.Tensor, n_rows: int, prev: torch.Tensor | None = None
 class KVCache:
     """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
 
-    `pos` counts positions already filled (the same for all rows); `prev_token` is the last token
-    fed to the model, which the bigram hash of the next single-token step needs.
+    Filled in one of two ways:
+    - together (`pos`, a host int): every row holds the same number of positions and
+      `forward` with T tokens writes positions pos..pos+T-1 (prefill, chunked prefill).
+      `prev_token` is the last token fed, which the bigram hash of the next step needs.
+    - per row (`start_rows`, then `GPT.decode_step`): each row has its own length (prompts of
+      different lengths in one batch). The lengths (`row_pos`) and last tokens (`row_prev`) are
+      device tensors updated in place, so a decode step reads no host value and always touches
+      the same memory: it can be compiled with static shapes or captured in a CUDA graph
+      (gpt-fast passes `input_pos` as a tensor for the same reason).
     """
 
     def __init__(self, batch_size: int, max_len: int, config: GPTConfig, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        self.batch_size, self.max_len = batch_size, max_len
         self.pos = 0
         self.prev_token: torch.Tensor | None = None
+        self.row_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.row_prev = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.key_pos = torch.arange(max_len, device=device)
+        # Set by decode_step for the duration of one step: the keys each row may see, and how
+        # many cache positions attention reads (a host bound in eager mode; max_len when static).
+        self.step_mask: torch.Tensor | None = None
+        self.step_len = max_len
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -103,9 +117,24 @@ class KVCache:
         self.v[layer, :, :, t0:t1] = v
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
+    def insert_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """One position per row (k, v: (B, H, 1, D)) written at each row's own `row_pos`."""
+        idx = self.row_pos.view(-1, 1, 1, 1).expand_as(k)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        return self.k[layer, :, :, :self.step_len], self.v[layer, :, :, :self.step_len]
+
+    def start_rows(self, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
+        """Switch to per-row decoding after a prefill: row b holds `lengths[b]` positions and its
+        last token is `last_tokens[b]` (copied in place: buffers a CUDA graph holds stay valid)."""
+        self.row_pos.copy_(lengths)
+        self.row_prev.copy_(last_tokens)
+
     def reset(self) -> None:
         self.pos = 0
         self.prev_token = None
+        self.row_pos.zero_()
+        self.step_mask = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -127,10 +156,14 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is not None and kv_cache.step_mask is not None:  # per-row decode step
+            k, v = kv_cache.insert_rows(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.step_mask, enable_gqa=gqa)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_head != self.n_kv_head
         if Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:  # one new token attends to everything in the cache
@@ -235,9 +268,12 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                logits_at: torch.Tensor | None = None):
         """idx (B, T) → logits (B, T, V) float32, or the loss when `targets` is given
-        (targets == -1 are ignored). With a KV cache, idx continues the cached positions."""
+        (targets == -1 are ignored). With a KV cache, idx continues the cached positions.
+        `logits_at` (B,): compute logits only at that position of each row → (B, 1, V); a
+        prefill needs just the last prompt token's, and (B, T, V) floats can be gigabytes."""
         B, T = idx.size()
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.rotary_len:
@@ -254,15 +290,54 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
             kv_cache.prev_token = idx[:, -1]
-        x = norm(x)
-        logits = self.lm_head(x).float()
-        if self.config.softcap > 0:
-            cap = self.config.softcap
-            logits = cap * torch.tanh(logits / cap)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.view(B, 1, 1).expand(B, 1, x.size(-1)))
+        logits = self._logits(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def _logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
+        x = norm(x)
+        # head_t: the lm_head weight stored (n_embd, vocab) — see decode_step.
+        logits = (self.lm_head(x) if head_t is None else x @ head_t).float()
+        if self.config.softcap > 0:
+            cap = self.config.softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None,
+                    head_t: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row, token (B, 1), each at its row's own position → logits (B, V).
+
+        Uses and advances the cache's per-row state in place (see KVCache.start_rows); reads no
+        host value and writes only preallocated memory, so it can be compiled with static shapes
+        or captured in a CUDA graph. `attend_len`: a host bound on every row's length after this
+        step; attention then reads only that prefix of the cache (eager decoding, less work);
+        None reads all max_len positions (static shapes). `head_t`: the lm_head weight laid out
+        (n_embd, vocab), which MKL multiplies ~2× faster than nn.Linear's (vocab, n_embd) at small
+        batches on CPU (measured, d4 shape: see nanochat/engine.py)."""
+        B = token.size(0)
+        pos = cache.row_pos
+        cache.step_len = cache.max_len if attend_len is None else attend_len
+        cache.step_mask = (cache.key_pos[:cache.step_len] <= pos.unsqueeze(1)).view(B, 1, 1, -1)
+        # rotary tables (1, T, 1, D/2) gathered at each row's position → (B, 1, 1, D/2)
+        cos_sin = (self.cos[0].index_select(0, pos).unsqueeze(1),
+                   self.sin[0].index_select(0, pos).unsqueeze(1))
+        x = norm(self.wte(token))
+        if self.bigram is not None:
+            big = self.bigram(bigram_rows(token, self.bigram_rows, cache.row_prev))
+        try:
+            for i, block in enumerate(self.blocks):
+                if self.bigram is not None:
+                    x = x + self.bigram_lambdas[i] * big
+                x = block(x, cos_sin, cache)
+        finally:
+            cache.step_mask = None
+        cache.row_pos.add_(1)
+        cache.row_prev.copy_(token[:, 0])
+        return self._logits(x, head_t)[:, 0]
 
     @torch.no_grad()
     def generate_naive(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -1,0 +1,496 @@
+"""Automatic device batch size:  python -m nanochat.batch_size RECIPE [key=value ...]
+
+`train.device_batch_size: auto` (or `sft.device_batch_size: auto`) calls `discover_for_recipe`,
+which finds the largest legal device batch whose real training step fits in memory with
+`discovery.headroom` to spare, and remembers it in a JSON file per key in `discovery.cache_dir`.
+
+Search (each probe is the real step, see `nanochat/memory_probe.py`):
+1. Legal candidates only: divisors of the rows per step per rank (so gradient accumulation is
+   exact), powers of two by default, within [min_batch_size, max_batch_size].
+2. The two smallest candidates are probed; their peaks give a memory model
+   peak(b) = fixed + b × per_sample, whose prediction is probed next.
+3. From the largest size known to fit, galloping growth (next candidate, then 2, 4, ... further)
+   until one does not fit; then binary refinement between the two.
+Fits = no out-of-memory and peak ≤ (1 − headroom) × capacity, where capacity is the GPU's total
+memory, or on CPU the budget (`memory_budget_gb`, else `ram_fraction` of RAM). Headroom is
+memory, not a cut of the batch: the answer is always a legal size that was measured to fit.
+
+Cache: the key holds everything that changes the answer (model shape, sequence length, dtype,
+compile and mode, optimizer settings, world size, stage, total batch, device name and memory,
+torch version, headroom, candidates, choose); the file holds the key in clear, the result, every
+probe's peak memory and tokens/s, time taken, host and date. Written atomically under a file
+lock, so concurrent discoverers of one key probe once; a corrupt file is reported in one line and
+recomputed; an unwritable cache dir is a warning and discovery still returns.
+
+Distributed: rank 0 discovers and broadcasts over a gloo side group whose timeout is long, so
+the other ranks wait out any search (the NCCL group's 10-minute timeout never runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from filelock import FileLock
+
+from nanochat import memory_probe
+from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, pick_device
+from nanochat.config import Recipe
+from nanochat.gpt import GPTConfig
+from nanochat.memory_probe import ProbeServer, ProbeSpec, host_ram_bytes, run_probe
+from nanochat.trainer import legal_device_batch_sizes
+
+VERSION = 1                 # bump when the search or the probe changes what they measure
+GB = 1e9
+LOCK_TIMEOUT_S = 3 * 3600   # a discoverer waiting on another's lock gives up (and probes) after this
+WAIT_TIMEOUT_S = 3 * 3600   # how long ranks ≠ 0 wait for rank 0's answer
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _log(msg: str) -> None:
+    print(f"[batch_size] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates and the search (pure: the probe is a function of the batch size).
+
+def legal_candidates(total_batch_size: int, seq_len: int, world_size: int, mode: str = "pow2",
+                     min_batch: int = 1, max_batch: int = 1024) -> list[int]:
+    """Device batch sizes that keep total = batch × seq × world × accum exact, ascending."""
+    legal = legal_device_batch_sizes(total_batch_size, seq_len, world_size)
+    if mode == "pow2":
+        legal = [b for b in legal if b & (b - 1) == 0]
+    return [b for b in legal if min_batch <= b <= max_batch]
+
+
+@dataclass
+class SearchResult:
+    largest: int | None             # None: the smallest candidate does not fit
+    probes: list[dict]              # in the order run; each has "batch" and "fits"
+    fixed_bytes: float | None       # memory model: peak ≈ fixed + batch × per_sample
+    per_sample_bytes: float | None
+    first_guess: int | None         # the candidate the memory model predicted
+
+
+def _line(p1: dict, p2: dict) -> tuple[float, float] | None:
+    if p1.get("peak_bytes") is None or p2.get("peak_bytes") is None or p1["batch"] == p2["batch"]:
+        return None
+    per = (p2["peak_bytes"] - p1["peak_bytes"]) / (p2["batch"] - p1["batch"])
+    return p1["peak_bytes"] - p1["batch"] * per, per
+
+
+def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -> SearchResult:
+    """Largest candidate whose probe fits (`probe(b)` returns a dict with "peak_bytes" and
+    "oom"; it fits when it did not run out of memory and peaked at ≤ usable). Memory is assumed
+    to grow with the batch size, so one that fits proves all smaller ones do."""
+    done: dict[int, dict] = {}
+    order: list[dict] = []
+
+    def fits(i: int) -> bool:
+        b = candidates[i]
+        if b not in done:
+            r = dict(probe(b))
+            r["fits"] = (not r.get("oom")) and r.get("peak_bytes") is not None \
+                and r["peak_bytes"] <= usable
+            done[b] = r
+            order.append(r)
+        return done[b]["fits"]
+
+    model = guess = None
+    if not fits(0):
+        return SearchResult(None, order, None, None, None)
+    lo, hi = 0, None                       # indices: largest known fit, smallest known misfit
+    if len(candidates) > 1:
+        if fits(1):
+            lo = 1
+            model = _line(done[candidates[0]], done[candidates[1]])
+            if model is None or model[1] <= 0:
+                gi = len(candidates) - 1   # memory does not grow measurably: try the largest
+            else:
+                gi = max(i for i, b in enumerate(candidates) if i <= 1 or model[0] + b * model[1] <= usable)
+            guess = candidates[gi]
+            if gi > lo:
+                if fits(gi):
+                    lo = gi
+                else:
+                    hi = gi
+        else:
+            hi = 1
+    step = 1
+    while hi is None and lo < len(candidates) - 1:   # galloping growth
+        nxt = min(lo + step, len(candidates) - 1)
+        if fits(nxt):
+            lo, step = nxt, step * 2
+        else:
+            hi = nxt
+    while hi is not None and hi - lo > 1:             # binary refinement
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    fixed, per = model if model else (None, None)
+    return SearchResult(candidates[lo], order, fixed, per, guess)
+
+
+# --------------------------------------------------------------------------------------------
+# What is probed, on what, and the cache key.
+
+@dataclass
+class Target:
+    device: torch.device
+    name: str                       # GPU name, or the CPU model
+    capacity_bytes: int             # GPU total memory, or the CPU budget
+    source: str                     # where the capacity comes from (for messages)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def resolve_target(recipe: Recipe) -> Target:
+    dc = recipe.discovery
+    kind = pick_device(recipe.train.device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
+        device = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(device)
+        return Target(device, props.name, props.total_memory, f"{props.name} memory")
+    if kind != "cpu":
+        raise UserError(f"device_batch_size 'auto' supports cuda and cpu, not {kind}; set an integer")
+    if dc.memory_budget_gb is not None:
+        return Target(torch.device("cpu"), _cpu_name(), int(dc.memory_budget_gb * GB),
+                      "discovery.memory_budget_gb")
+    ram = host_ram_bytes()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks sharing this host's RAM
+    return Target(torch.device("cpu"), _cpu_name(), int(ram * dc.ram_fraction / local),
+                  f"discovery.ram_fraction {dc.ram_fraction} of {ram / GB:.1f} GB RAM"
+                  + (f" / {local} local ranks" if local > 1 else ""))
+
+
+def _vocab_size(recipe: Recipe) -> int:
+    """The model's vocabulary: the recipe's, else the trained tokenizer's if it is on disk, else
+    the tokenizer's target size (an upper bound: training can stop short of it)."""
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    from nanochat.prepare import tokenizer_key
+    tok = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
+    if (tok / "tokenizer.json").exists():
+        with contextlib.suppress(Exception):
+            from nanochat.tokenizer import Tokenizer
+            return Tokenizer.load(tok).vocab_size
+    return recipe.tokenizer.vocab_size
+
+
+def probe_spec(recipe: Recipe, target: Target, vocab_size: int | None = None) -> ProbeSpec:
+    tr = recipe.train
+    cfg = GPTConfig.from_args(recipe.model, vocab_size or _vocab_size(recipe))
+    dtype = tr.dtype if tr.dtype != "auto" else ("bfloat16" if target.device.type == "cuda" else "float32")
+    return ProbeSpec(model=dataclasses.asdict(cfg), optim=dataclasses.asdict(recipe.optim),
+                     device=str(target.device), dtype=dtype, compile=tr.compile,
+                     compile_mode=tr.compile_mode, grad_clip=tr.grad_clip,
+                     steps=recipe.discovery.probe_steps, tune_allocator=True)
+
+
+def cache_key(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec) -> dict:
+    dc = recipe.discovery
+    section = recipe.sft if stage == "sft" else recipe.train
+    return {"version": VERSION, "stage": stage, "model": spec.model,
+            "sequence_len": spec.model["sequence_len"], "dtype": spec.dtype,
+            "compile": spec.compile, "compile_mode": spec.compile_mode if spec.compile else None,
+            "optim": spec.optim, "grad_clip": spec.grad_clip, "world_size": world_size,
+            "total_batch_size": section.total_batch_size, "device": target.name,
+            "device_memory_bytes": target.capacity_bytes, "torch": torch.__version__,
+            "headroom": dc.headroom, "candidates": dc.candidates, "min_batch_size": dc.min_batch_size,
+            "max_batch_size": dc.max_batch_size, "choose": dc.choose,
+            "cpu_allocator": "tuned" if target.device.type == "cpu" else None}
+
+
+def cache_path(recipe: Recipe, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    m = key["model"]
+    return Path(recipe.discovery.cache_dir) / (
+        f"{key['stage']}-d{m['n_layer']}-w{m['n_embd']}-T{m['sequence_len']}-ws{key['world_size']}-{digest}.json")
+
+
+def _read_cache(path: Path, key: dict, candidates: list[int]) -> dict | None:
+    """The cached record, or None (missing, or corrupt/stale: one warning line)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _warn(f"batch-size cache {path} cannot be read ({e.strerror}); discovering again")
+        return None
+    try:
+        rec = json.loads(text)
+        ok = rec["key"] == key and all(rec["result"][k] in candidates
+                                       for k in ("largest", "fastest", "batch_size"))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        _warn(f"batch-size cache {path} is corrupt or does not match its key; discovering again")
+        return None
+    return rec
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """Yields True while holding the key's lock; False (after a warning) when the cache dir
+    cannot hold a lock file — then discovery runs without the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except OSError as e:  # PermissionError, NotADirectoryError, read-only FS, filelock.Timeout
+        _warn(f"batch-size cache dir {path.parent} is not usable ({e}); discovering without the cache")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery.
+
+@dataclass
+class Discovery:
+    batch_size: int                 # the one to use (recipe's `choose`)
+    largest: int
+    fastest: int
+    from_cache: bool
+    cache_path: Path | None         # None when the cache dir was unusable
+    record: dict                    # what the cache file holds
+    seconds: float                  # wall time of this call
+    probes_run: int                 # probes this call ran (0 on a cache hit)
+
+
+def _train_tok_s(r: dict, rows_per_rank: int, seq_len: int) -> float | None:
+    """Tokens/s of one rank over a whole optimizer step at this batch: accum × forward/backward
+    plus one optimizer step (a per-micro-step rate would charge small batches the optimizer
+    step many times over)."""
+    if r.get("fwdbwd_s") is None or rows_per_rank % r["batch"]:
+        return None
+    accum = rows_per_rank // r["batch"]
+    return rows_per_rank * seq_len / (accum * r["fwdbwd_s"] + r["opt_s"])
+
+
+def _too_small_error(res: SearchResult, target: Target, usable: float, headroom: float,
+                     extra: dict | None) -> UserError:
+    first = res.probes[0]
+    fixed = first.get("fixed_bytes")
+    per = _line(first, extra) if extra else None
+    cost = (f"the model and optimizer take {fixed / GB:.3f} GB before any batch" if fixed is not None
+            else "the model alone does not fit")
+    if per is not None:
+        cost += f", and each sample adds {per[1] / GB:.3f} GB (fixed cost {per[0] / GB:.3f} GB)"
+    got = ("ran out of memory" if first.get("oom")
+           else f"peaked at {first['peak_bytes'] / GB:.3f} GB")
+    return UserError(f"batch-size discovery: batch {first['batch']} does not fit: it {got}; {cost}; "
+                     f"usable {usable / GB:.3f} GB = {target.capacity_bytes / GB:.3f} GB "
+                     f"({target.source}) minus {headroom:.0%} headroom. Raise the budget, lower "
+                     "discovery.headroom or shrink the model")
+
+
+def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec,
+                key: dict, candidates: list[int], model, isolate: bool) -> tuple[dict, int]:
+    dc = recipe.discovery
+    section = recipe.sft if stage == "sft" else recipe.train
+    seq = spec.model["sequence_len"]
+    rows = section.total_batch_size // (seq * world_size)
+    usable = target.capacity_bytes * (1 - dc.headroom)
+    # CPU probes run under an address-space cap a margin above the budget: a backstop that
+    # keeps a probe from taking the machine; the verdict comes from the measured peak.
+    limit = int(target.capacity_bytes * 1.5) + 512 * 2**20
+    t0 = time.perf_counter()
+    _log(f"{stage}: {target.name}, usable {usable / GB:.3f} GB of {target.capacity_bytes / GB:.3f} GB "
+         f"({target.source}); candidates {candidates}")
+    server = ProbeServer() if isolate else None
+    n = 0
+
+    def probe(b: int) -> dict:
+        nonlocal n
+        n += 1
+        r = server.probe(spec, b, limit) if server else run_probe(spec, b, model=model)
+        r["tok_per_s"] = _train_tok_s(r, rows, seq)
+        peak = "out of memory" if r["oom"] else f"peak {r['peak_bytes'] / GB:.3f} GB"
+        ok = "fits" if not r["oom"] and r["peak_bytes"] <= usable else "does not fit"
+        rate = f", {r['tok_per_s']:,.0f} tok/s" if r["tok_per_s"] else ""
+        _log(f"batch {b}: {peak} → {ok}{rate} ({r['seconds']:.1f} s)")
+        return r
+
+    try:
+        res = search(candidates, probe, usable)
+        if res.largest is None:
+            extra = None
+            if not res.probes[0].get("oom"):   # one more measurement, for the error's per-sample cost
+                extra = probe(2 * candidates[0])
+            raise _too_small_error(res, target, usable, dc.headroom, extra)
+        if dc.choose == "fastest":   # time every fitting candidate (known to fit: smaller ones)
+            probed = {p["batch"] for p in res.probes}
+            for b in candidates:
+                if b < res.largest and b not in probed:
+                    r = probe(b)
+                    r["fits"] = True
+                    res.probes.append(r)
+    finally:
+        if server:
+            server.close()
+    fitting = [p for p in res.probes if p["fits"] and p["batch"] in candidates]
+    timed = [p for p in fitting if p.get("tok_per_s")]
+    fastest = max(timed, key=lambda p: p["tok_per_s"])["batch"] if timed else res.largest
+    record = {
+        "key": key,
+        "result": {"batch_size": fastest if dc.choose == "fastest" else res.largest,
+                   "largest": res.largest, "fastest": fastest, "choose": dc.choose},
+        "memory": {"capacity_bytes": target.capacity_bytes, "source": target.source,
+                   "usable_bytes": int(usable), "fixed_bytes": res.fixed_bytes,
+                   "per_sample_bytes": res.per_sample_bytes, "first_guess": res.first_guess,
+                   "cpu_address_space_cap_bytes": limit if isolate else None},
+        "candidates": candidates,
+        "probes": [{k: p.get(k) for k in ("batch", "fits", "oom", "peak_bytes", "fixed_bytes",
+                                          "tok_per_s", "fwdbwd_s", "opt_s", "seconds")}
+                   for p in res.probes],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "host": socket.gethostname(), "date": now_iso(), "git_commit": git_commit(),
+    }
+    return record, n
+
+
+def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=None,
+             vocab_size: int | None = None, isolate: bool | None = None,
+             use_cache: bool = True) -> Discovery:
+    """Find (or read from the cache) the device batch size for `recipe` on this process's
+    device. `model`: probe this model instead of a fresh one (in-process probes only; it is
+    restored afterwards). `isolate`: probes in child processes (default: on CPU, where that is
+    how the memory budget is enforced). `use_cache=False` probes even on a hit (and rewrites)."""
+    assert stage in ("base", "sft"), stage
+    t0 = time.perf_counter()
+    dc = recipe.discovery
+    section = recipe.sft if stage == "sft" else recipe.train
+    target = resolve_target(recipe)
+    spec = probe_spec(recipe, target, vocab_size)
+    isolate = target.device.type == "cpu" if isolate is None else isolate
+    seq = spec.model["sequence_len"]
+    name = "sft" if stage == "sft" else "train"
+    candidates = legal_candidates(section.total_batch_size, seq, world_size, dc.candidates,
+                                  dc.min_batch_size, dc.max_batch_size)
+    if not candidates:
+        raise UserError(f"batch-size discovery: no legal device batch size: {name}.total_batch_size "
+                        f"{section.total_batch_size} / (sequence_len {seq} × world size {world_size}) "
+                        f"has no {'power-of-two ' if dc.candidates == 'pow2' else ''}divisor in "
+                        f"[{dc.min_batch_size}, {dc.max_batch_size}] (discovery.min/max_batch_size)")
+    key = cache_key(recipe, stage, world_size, target, spec)
+    path = cache_path(recipe, key)
+
+    def result(rec: dict, hit: bool, where: Path | None, n: int) -> Discovery:
+        r = rec["result"]
+        d = Discovery(r["batch_size"], r["largest"], r["fastest"], hit, where, rec,
+                      time.perf_counter() - t0, n)
+        _log(f"{stage}: device batch size {d.batch_size} ({'cache hit' if hit else f'{n} probes'}"
+             f"{f', {where}' if where else ''})")
+        return d
+
+    if use_cache and (rec := _read_cache(path, key, candidates)):
+        return result(rec, True, path, 0)
+    with _cache_lock(path) as usable_dir:
+        # Another process may have finished this key while we waited for the lock.
+        if usable_dir and use_cache and path.exists() and (rec := _read_cache(path, key, candidates)):
+            return result(rec, True, path, 0)
+        rec, n = _run_search(recipe, stage, world_size, target, spec, key, candidates, model, isolate)
+        if usable_dir:
+            try:
+                atomic_write_json(path, rec)
+            except OSError as e:
+                _warn(f"cannot write batch-size cache {path} ({e}); the result is not cached")
+                usable_dir = False
+    return result(rec, False, path if usable_dir else None, n)
+
+
+def discover_for_recipe(recipe: Recipe, stage: str = "base", world_size: int = 1, model=None,
+                        vocab_size: int | None = None, **kwargs) -> Discovery:
+    """`discover`, agreed across ranks: rank 0 discovers, every rank returns its answer."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return discover(recipe, stage, world_size, model=model, vocab_size=vocab_size, **kwargs)
+    # A gloo side group with a long timeout: the other ranks wait in it for as long as rank 0
+    # probes (compiling at every size can take minutes), which on the default group would
+    # trip its timeout (NCCL's is 10 minutes).
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_TIMEOUT_S))
+    try:
+        box: list = [None]
+        failure = None
+        if dist.get_rank() == 0:
+            try:
+                box[0] = ("ok", discover(recipe, stage, world_size, model=model,
+                                         vocab_size=vocab_size, **kwargs))
+            except UserError as e:
+                box[0], failure = ("user", str(e)), e
+            except BaseException as e:  # noqa: BLE001 — the others must hear of it, then re-raise
+                box[0], failure = ("error", f"{type(e).__name__}: {e}"), e
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    status, payload = box[0]
+    if status == "ok":
+        return payload
+    if status == "user":
+        raise UserError(payload)
+    raise RuntimeError(f"batch-size discovery failed on rank 0: {payload}")
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    from nanochat.recipe import load_recipe, recipe_argparser
+    ap = recipe_argparser("python -m nanochat.batch_size",
+                          "Find the device batch size for a recipe (or read it from the cache).")
+    ap.add_argument("--stage", choices=["base", "sft"], default="base")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="ranks of the run the answer is for (default: cluster.nodes × "
+                         "cluster.gpus_per_node; the legal sizes depend on it)")
+    ap.add_argument("--fresh", action="store_true", help="probe even if the cache has the answer")
+    args = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or recipe.cluster.nodes * recipe.cluster.gpus_per_node
+    if world < 1:
+        raise UserError(f"--world-size must be ≥ 1, got {world}")
+    d = discover(recipe, args.stage, world, use_cache=not args.fresh)
+    print(f"device_batch_size: {d.batch_size}")
+    print(f"largest: {d.largest}")
+    print(f"fastest: {d.fastest}")
+    print(f"choose: {recipe.discovery.choose}")
+    print(f"world_size: {world}")
+    print(f"from_cache: {'true' if d.from_cache else 'false'}")
+    print(f"probes: {d.probes_run}")
+    print(f"seconds: {d.seconds:.3f}")
+    print(f"cache_file: {d.cache_path.resolve() if d.cache_path else 'none (cache dir not usable)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,278 @@
+"""Inference engine: a static KV cache, one prefill, then one token per step.
+
+    engine = Engine(model)                       # model in its inference dtype, eval mode
+    for step in engine.generate([ids_a, ids_b], max_new_tokens=64, temperature=0.8, top_k=50,
+                                stop_tokens=[tok.encode_special("<|assistant_end|>")], seed=0):
+        ...                                      # step[r]: row r's new token, None once it stopped
+    rows = engine.generate_batch(ids, num_samples=16, temperature=1.0, seed=0)
+
+Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
+- The cache is allocated once for batch × (longest prompt + max_new_tokens) and reused while the
+  shapes fit. Prompts of different lengths share one batch: they are right-padded and prefilled
+  together (causal attention keeps the padding from touching real positions), then every row
+  decodes at its own position (`KVCache.start_rows`, `GPT.decode_step`); padding left in the
+  cache is overwritten or masked before any row can see it.
+- Several samples of one prompt: the prompt is prefilled once, its cache rows copied to every
+  sample, and each sample draws its own first token from the shared logits. (The seeds copied the
+  first sampled token to all samples — nanochat's "token broadcasting" bug, fixed upstream in
+  Dec 2025 — so at temperature > 0 every sample began with the same token.)
+- Sampling never waits for the host: the draw is the exponential race (argmax of p / Exp(1) noise,
+  gpt-fast's `multinomial_sample_one_no_sync`), on a seeded torch.Generator. The one host sync
+  per step is copying the sampled tokens out (streaming and stop tokens need them); on CUDA it is
+  a non-blocking copy read one step late, after the next step is queued, so the GPU never idles
+  while Python looks at tokens.
+- The decode step writes only preallocated memory and reads no host value, so on CUDA it can be
+  captured once in a CUDA graph (`cuda_graph=True`) and replayed: one launch per token instead of
+  ~100 kernel launches, which is what bounds small-batch decode (the seeds' 99 tok/s at batch 1).
+  `compile=True` also compiles it (static shapes).
+- CPU: the lm_head dominates the bytes a decode step reads (73% at the d4 shape). MKL's sgemm
+  runs x @ W with W stored (n_embd, vocab) ~2× faster than nn.Linear's (vocab, n_embd) layout at
+  batch 8–16 (2.5 vs 4.9 ms at d4, batch 8) and ~20% faster at batch 1, so the engine keeps a
+  transposed copy of that one matrix for batches up to HEAD_T_MAX_BATCH (measured crossover).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, KVCache
+
+HEAD_T_MAX_BATCH = 32  # above this nn.Linear's layout is as fast or faster (d4 shape, 2 cores)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0        # 0 = greedy (argmax)
+    top_k: int | None = None        # keep the k most likely tokens; None = all
+    top_p: float | None = None      # keep the smallest set whose probability reaches p; None = 1
+
+    def check(self) -> "Sampling":
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise UserError(f"temperature must be a number ≥ 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise UserError(f"top_k must be an integer ≥ 1 (or unset), got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float))
+                                           and 0 < self.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        return self
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) → next tokens (B, 1), each row drawn independently, with no host sync."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / s.temperature
+    if s.top_k is not None and s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1:
+        # nucleus (Holtzman et al. 2019): drop a token when the tokens ranked above it already
+        # hold p of the mass; the most likely token is always kept.
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        p = srt.softmax(dim=-1)
+        srt = srt.masked_fill(p.cumsum(dim=-1) - p >= s.top_p, float("-inf"))
+        logits = logits.scatter(-1, order, srt)
+    probs = logits.softmax(dim=-1)
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, like
+    # torch.multinomial but without its host round trip. Clamped so that a draw of exactly 0
+    # never divides a zero probability into NaN (argmax would pick NaN).
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
+    return (probs / e).argmax(dim=-1, keepdim=True)
+
+
+class Engine:
+    """Batched generation with a static KV cache for one model (see the module docstring).
+
+    The model must already be on its device, in its inference dtype (e.g. bf16 on CUDA), in eval
+    mode; the KV cache takes the dtype of the model's parameters. `cuda_graph` captures the
+    decode step once per cache shape (CUDA only); `compile` compiles it with static shapes.
+    `head_t`: "auto" (CPU, batch ≤ HEAD_T_MAX_BATCH), True or False — see the module docstring;
+    it snapshots the lm_head weight, so build a new Engine after changing the weights.
+    """
+
+    def __init__(self, model: GPT, *, cuda_graph: bool = False, compile: bool = False,
+                 head_t: bool | str = "auto"):
+        self.model = model.eval()
+        p = model.lm_head.weight
+        self.device, self.dtype, self.config = p.device, p.dtype, model.config
+        if cuda_graph and self.device.type != "cuda":
+            raise UserError(f"CUDA-graph capture needs a CUDA device; the model is on {self.device}")
+        self.cuda_graph, self.compiled = cuda_graph, compile
+        self.static = cuda_graph or compile  # attention reads all max_len positions: fixed shapes
+        self._step_fn = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
+        self._head_mode = head_t
+        self._head_t: torch.Tensor | None = None
+        self.cache: KVCache | None = None
+        self._graph = None
+
+    # ------------------------------------------------------------------ set-up
+    def _use_head_t(self, batch: int) -> bool:
+        if self._head_mode == "auto":
+            return self.device.type == "cpu" and batch <= HEAD_T_MAX_BATCH
+        return bool(self._head_mode)
+
+    def _ensure_cache(self, batch: int, max_len: int) -> KVCache:
+        """The preallocated cache: reused while it has the same rows and room for max_len."""
+        c = self.cache
+        if c is None or c.batch_size != batch or c.max_len < max_len:
+            self.cache = self._graph = None  # free the old one first (GPU memory)
+            self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
+        if self._use_head_t(batch) and self._head_t is None:
+            self._head_t = self.model.lm_head.weight.detach().t().contiguous()
+        return self.cache
+
+    def _check(self, prompts, num_samples: int, max_new_tokens: int) -> list[list[int]]:
+        if prompts and all(isinstance(t, int) for t in prompts):
+            prompts = [prompts]  # one prompt given as a list of ids
+        if not prompts or any(not isinstance(p, (list, tuple)) or not p for p in prompts):
+            raise UserError("give at least one prompt, each a non-empty list of token ids")
+        ctx, vocab = self.config.sequence_len, self.config.vocab_size
+        for i, p in enumerate(prompts):
+            if len(p) > ctx:
+                raise UserError(f"prompt {i} has {len(p)} tokens, longer than the model's context "
+                                f"of {ctx}; shorten it")
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+                raise UserError(f"prompt {i} holds token ids outside [0, {vocab})")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise UserError(f"num_samples (the batch per prompt) must be ≥ 1, got {num_samples!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be ≥ 0, got {max_new_tokens!r}")
+        longest = max(map(len, prompts)) + max_new_tokens
+        if longest > self.model.rotary_len:
+            raise UserError(f"prompt + max_new_tokens = {longest} tokens exceeds what the model "
+                            f"can position ({self.model.rotary_len}); lower max_new_tokens")
+        return [list(p) for p in prompts]
+
+    # ------------------------------------------------------------------ the steps
+    def _prefill(self, prompts: list[list[int]], n: int, cache: KVCache) -> torch.Tensor:
+        """Run the prompts once, fill the cache rows (prompt i → rows i·n .. i·n+n-1) and return
+        the logits after each row's last prompt token, (B, V)."""
+        P, T = len(prompts), max(map(len, prompts))
+        idx = torch.zeros(P, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, :len(p)] = torch.tensor(p)
+        lens = torch.tensor([len(p) for p in prompts])
+        last = idx[torch.arange(P), lens - 1]
+        idx, lens, last = (t.to(self.device, non_blocking=True) for t in (idx, lens, last))
+        cache.reset()
+        if n == 1:  # the prompts fill the cache's rows directly
+            logits = self.model(idx, kv_cache=cache, logits_at=lens - 1)[:, 0]
+        else:  # prefill each prompt once, then copy its rows to all its samples
+            tmp = KVCache(P, T, self.config, self.device, self.dtype)
+            logits = self.model(idx, kv_cache=tmp, logits_at=lens - 1)[:, 0]
+            rows = torch.arange(P * n, device=self.device) // n
+            cache.k[:, :, :, :T] = tmp.k[:, rows]
+            cache.v[:, :, :, :T] = tmp.v[:, rows]
+            logits, lens, last = logits[rows], lens[rows], last[rows]
+            del tmp
+        cache.start_rows(lens, last)
+        return logits
+
+    def _capture(self, cache: KVCache) -> None:
+        """Record the decode step in a CUDA graph (PyTorch docs, "CUDA Graphs": warm up on a side
+        stream, then capture). Warm-up steps really run, so the per-row state is saved and put
+        back; what they wrote into the cache lies at or after each row's position, where the real
+        step writes before any row can attend to it."""
+        B = cache.batch_size
+        self._static_tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        saved = cache.row_pos.clone(), cache.row_prev.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step_fn(self._static_tok, cache, None, self._head_t_for(B))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        cache.row_pos.copy_(saved[0])
+        cache.row_prev.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_logits = self._step_fn(self._static_tok, cache, None, self._head_t_for(B))
+        self._graph = graph
+
+    def _head_t_for(self, batch: int) -> torch.Tensor | None:
+        return self._head_t if self._use_head_t(batch) else None
+
+    def _decode(self, tok: torch.Tensor, cache: KVCache, attend_len: int) -> torch.Tensor:
+        if self.cuda_graph:
+            if self._graph is None:
+                self._capture(cache)
+            self._static_tok.copy_(tok)
+            self._graph.replay()
+            return self._static_logits
+        return self._step_fn(tok, cache, None if self.static else attend_len,
+                             self._head_t_for(cache.batch_size))
+
+    def _host(self, tok: torch.Tensor, slot: int):
+        """Start copying tokens to the host; on CUDA a non-blocking copy into pinned memory and an
+        event to wait on, so that the next step can be queued before the host reads them."""
+        if self.device.type != "cuda":
+            return tok.view(-1), None
+        buf = self._pinned[slot]
+        buf.copy_(tok.view(-1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, stop_tokens: Sequence[int] = (),
+                 seed: int | None = None, generator: torch.Generator | None = None
+                 ) -> Iterator[list[int | None]]:
+        """Stream tokens: yield once per step a list with one entry per row — prompt i's samples
+        are rows i·num_samples .. — holding the row's new token, or None once the row has ended
+        (a stop token ends a row and is not yielded). Ends after max_new_tokens steps or when
+        every row has stopped. `seed` makes sampling reproducible (or pass a `generator`)."""
+        prompts = self._check(prompts, num_samples, max_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p).check()
+        if generator is None and sampling.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(seed) if seed is not None else generator.seed()
+        if max_new_tokens == 0:
+            return
+        B, T = len(prompts) * num_samples, max(map(len, prompts))
+        cache = self._ensure_cache(B, T + max_new_tokens)
+        if self.device.type == "cuda" and getattr(self, "_pinned_rows", None) != B:
+            self._pinned = torch.empty(2, B, dtype=torch.long, pin_memory=True)
+            self._pinned_rows = B
+        stop = set(int(t) for t in stop_tokens)
+        live = [True] * B
+        logits = self._prefill(prompts, num_samples, cache)
+        tok = sample_next(logits, sampling, generator)  # every row draws its own first token
+        host, event = self._host(tok, 0)
+        for step in range(max_new_tokens):
+            nxt = None
+            if step + 1 < max_new_tokens:  # queue the next step before reading this one
+                nxt = sample_next(self._decode(tok, cache, T + step + 1), sampling, generator)
+            if event is not None:
+                event.synchronize()
+            out: list[int | None] = []
+            for r, t in enumerate(host.tolist()):
+                if live[r] and t in stop:
+                    live[r] = False
+                out.append(t if live[r] else None)
+            yield out
+            if nxt is None or not any(live):
+                return
+            tok = nxt
+            host, event = self._host(tok, (step + 1) % 2)
+
+    def generate_batch(self, prompts, num_samples: int = 1, **kwargs) -> list[list[int]]:
+        """All of generate's tokens, one list per row (stop tokens left out)."""
+        rows: list[list[int]] | None = None
+        for step in self.generate(prompts, num_samples=num_samples, **kwargs):
+            rows = rows or [[] for _ in step]
+            for r, t in enumerate(step):
+                if t is not None:
+                    rows[r].append(t)
+        if rows is None:  # max_new_tokens == 0
+            n = 1 if prompts and all(isinstance(t, int) for t in prompts) else len(prompts)
+            rows = [[] for _ in range(n * num_samples)]
+        return rows

@@ -1,0 +1,137 @@
+"""The launcher against a real SLURM (slurm/local-cluster.sh; `.ci/run` starts it). These tests
+fail — they do not skip — when no controller can be started: the reason is in the failure."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.plan import grid_overrides  # noqa: F401  (import check: jobs/ is importable)
+from jobs.status import collect
+from nanochat import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def sinfo_ok() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    if not sinfo_ok():
+        res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start"],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and sinfo_ok(), \
+            f"could not start the local SLURM cluster:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    return True
+
+
+@pytest.fixture
+def recipe_file(tiny_recipe, tmp_path):
+    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
+    data.update(name="s", stages=["train", "report"])
+    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
+    data["cluster"] = {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(*args, timeout=120):
+    res = subprocess.run([sys.executable, "jobs/launch.py", *map(str, args), "--executor", "slurm"],
+                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return res
+
+
+def wait_until_done(run_dir: Path, timeout_s: float = 400) -> list[dict]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        rows = collect(run_dir)
+        if rows and all(r["state"] in FINAL for r in rows):
+            return rows
+        time.sleep(2)
+    raise AssertionError(f"run did not finish in {timeout_s}s: {collect(run_dir)}")
+
+
+def scontrol_job(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+
+
+def test_plan_runs_on_slurm_with_dependencies(slurm, recipe_file, tmp_path):
+    t0 = time.time()
+    res = launch(recipe_file, "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "s"
+    manifest = json.loads((run / "manifest.json").read_text())
+    train_id = manifest["stages"]["train"]["job_id"]
+    report_id = manifest["stages"]["report"]["job_id"]
+    assert f"Dependency=afterany:{train_id}" in scontrol_job(report_id)
+    rows = wait_until_done(run)
+    assert [(r["stage"], r["state"]) for r in rows] == [("train", "COMPLETED"), ("report", "COMPLETED")]
+    assert ckpt.latest_checkpoint(run / "train" / "000").name == "step_000004"
+    assert "| 0 | - |" in (run / "report.md").read_text()
+    print(f"launch → done on the local SLURM: {time.time() - t0:.1f}s")
+
+
+def test_dry_run_submits_nothing(slurm, recipe_file, tmp_path):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "--dry-run",
+                          "--output-root", str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and "#SBATCH" in res.stdout
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_unknown_partition_is_one_line_and_submits_nothing(slurm, recipe_file, tmp_path):
+    res = launch(recipe_file, "cluster.partition=nosuchpart", "--output-root", tmp_path / "runs")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: cluster.partition 'nosuchpart' is not a partition")
+    assert not (tmp_path / "runs" / "s" / "manifest.json").exists() or \
+        json.loads((tmp_path / "runs" / "s" / "manifest.json").read_text())["stages"]["train"]["job_id"] is None
+
+
+def test_failed_training_cancels_its_sweep_and_status_says_why(slurm, recipe_file, tmp_path):
+    res = launch(recipe_file, "model.vocab_size=300", "stages=[train,sweep,report]",
+                 "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    rows = {r["stage"]: r for r in wait_until_done(tmp_path / "runs" / "s")}
+    assert rows["train"]["state"] == "FAILED"
+    assert rows["sweep"]["state"] == "CANCELLED"      # aftercorr never satisfied, killed
+    assert rows["report"]["state"] == "COMPLETED"     # afterany: reports the failure
+    assert any("smaller than the tokenizer's" in line for line in rows["train"]["stderr"])
+
+
+def test_training_checkpoints_on_the_warning_signal_and_resumes_after_requeue(slurm, recipe_file, tmp_path):
+    """USR2 (what SLURM sends 90 s before the limit) → checkpoint, requeue, resume: the loss
+    curve equals an uninterrupted run's."""
+    run = tmp_path / "runs" / "s"
+    common = ["train.num_iterations=40", "train.eval_every=20", "train.save_every=-1", "stages=[train]"]
+    res = launch(recipe_file, *common, "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    job = json.loads((run / "manifest.json").read_text())["stages"]["train"]["job_id"]
+    progress = run / "train" / "000" / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and progress.read_text().count('"train"') >= 5):
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", "--full", job], check=True)
+    rows = wait_until_done(run, 400)
+    assert rows[0]["state"] == "COMPLETED"
+    log = "".join(p.read_text() for p in (run / "slurm").glob("*/*_log.out"))
+    assert "stopped at step" in log and "resuming from" in log, log[-3000:]
+    interrupted = [r for r in map(json.loads, progress.read_text().splitlines()) if r["event"] == "train"]
+    # the same recipe without interruption, in-process
+    from nanochat.recipe import load_recipe
+    from nanochat.train import train_base
+    straight = load_recipe(run / "recipe.yaml", common[:3] + [f"run_dir={tmp_path / 'straight'}"])
+    train_base(straight)
+    reference = [r for r in map(json.loads, (tmp_path / "straight" / "progress.jsonl").read_text().splitlines())
+                 if r["event"] == "train"]
+    assert [(r["step"], r["loss"]) for r in interrupted] == [(r["step"], r["loss"]) for r in reference]
