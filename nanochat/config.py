@@ -140,6 +140,10 @@ class SweepArgs:
     warmup: int = 1                 # untimed runs before measuring
     repeats: int = 3                # timed runs (median, min, max reported)
     checkpoint: str | None = None   # None: the run's checkpoint, or a random-init model
+    max_batch_size: int = 1024      # the largest-that-fits batch is never above this
+    nocache_max_batch_size: int | None = None  # sweep the no-cache path (full recompute, slow) only up to this batch; None = every batch
+    cuda_graph: bool = True         # CUDA: capture the decode step in a CUDA graph
+    compile: bool = False           # torch.compile the decode step (static shapes)
 
 
 @dataclass
@@ -321,6 +325,9 @@ def validate(r: Recipe) -> None:
     _check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
     _check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
     _check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
+    _check(sw.max_batch_size >= 1, "sweep.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
+    _check(sw.nocache_max_batch_size is None or sw.nocache_max_batch_size >= 1,
+           "sweep.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
 
     c = r.cluster
     for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):

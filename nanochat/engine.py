@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.gpt import GPT, KVCache
+from nanochat.gpt import GPT, GPTConfig, KVCache
 
 HEAD_T_MAX_BATCH = 32  # above this nn.Linear's layout is as fast or faster (d4 shape, 2 cores)
 
@@ -234,7 +236,10 @@ class Engine:
         sampling = Sampling(temperature, top_k, top_p).check()
         if generator is None and sampling.temperature > 0:
             generator = torch.Generator(self.device)
-            generator.manual_seed(seed) if seed is not None else generator.seed()
+            if seed is not None:
+                generator.manual_seed(seed)
+            else:
+                generator.seed()
         if max_new_tokens == 0:
             return
         B, T = len(prompts) * num_samples, max(map(len, prompts))
@@ -276,3 +281,43 @@ class Engine:
             n = 1 if prompts and all(isinstance(t, int) for t in prompts) else len(prompts)
             rows = [[] for _ in range(n * num_samples)]
         return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Models for inference
+
+def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
+                          state: dict | None = None, seed: int = 0) -> GPT:
+    """The GPT on `device` in `dtype` (all weights cast: decode reads every weight each step, so
+    bf16 halves its bytes), eval mode; `state` from a checkpoint, else random-initialised."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    if state is None:
+        torch.manual_seed(seed)
+        model.init_weights()
+    else:
+        with torch.no_grad():  # the rotary tables are buffers that checkpoints don't store
+            cos, sin = GPT._rotary(model.rotary_len, config.head_dim, device=device)
+            model.cos.copy_(cos)
+            model.sin.copy_(sin)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise UserError(f"checkpoint weights don't match the model its meta.json describes: "
+                            f"{first[:200]}") from None
+    return model.to(dtype).eval()
+
+
+def load_model(path, device, dtype: torch.dtype) -> tuple[GPT, dict, Path]:
+    """A run directory (its latest checkpoint) or a checkpoint directory → (model, meta, the
+    checkpoint directory). One-line UserError for anything that is not a checkpoint."""
+    step_dir = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(step_dir)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{step_dir}/meta.json has no usable model_config ({type(e).__name__}: {e})")
+    model = build_inference_model(config, device, dtype, ckpt.load_model_state(step_dir))
+    return model, meta, step_dir

@@ -40,7 +40,7 @@ import torch
 
 from nanochat.common import DistInfo, tune_cpu_allocator
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 from nanochat.train import build_model
 from nanochat.trainer import Runtime, maybe_compile
@@ -243,6 +243,13 @@ def _serve(req_fd: int, resp_fd: int) -> None:
     Forking a process that has imported torch but never run an op is safe, and takes
     milliseconds where a fresh interpreter takes seconds. (multiprocessing's forkserver would do
     the same but re-runs the caller's __main__ in every child, which breaks unguarded scripts.)"""
+    # Pay the lazy imports once here, not in every child (torch._dynamo alone takes ~1 s; the
+    # model's init functions import it). Only meta-device work: no thread pool may start before
+    # a fork.
+    import torch._dynamo  # noqa: F401
+    with torch.device("meta"):
+        GPT(GPTConfig(sequence_len=8, vocab_size=256, n_layer=1, n_head=1, n_kv_head=1,
+                      n_embd=8)).init_weights()
     with os.fdopen(req_fd, "rb") as req, os.fdopen(resp_fd, "wb") as resp:
         while True:
             try:

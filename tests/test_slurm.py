@@ -135,3 +135,26 @@ def test_training_checkpoints_on_the_warning_signal_and_resumes_after_requeue(sl
     reference = [r for r in map(json.loads, (tmp_path / "straight" / "progress.jsonl").read_text().splitlines())
                  if r["event"] == "train"]
     assert [(r["step"], r["loss"]) for r in interrupted] == [(r["step"], r["loss"]) for r in reference]
+
+
+def test_train_sbatch_runs_torchrun_ranks_from_slurm(slurm, tiny_recipe, tmp_path):
+    """The plain-sbatch path: srun + torchrun, rendezvous on the job's first node."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe, "run_dir": str(tmp_path / "run")}))
+    out = tmp_path / "job.out"
+    jid = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=2", "--cpus-per-task=1",
+                          f"--output={out}", "slurm/train.sbatch", str(recipe), "train.num_iterations=2",
+                          "train.total_batch_size=1024"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    state = ""
+    while time.time() < deadline:
+        state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", jid, "-o", "State"],
+                               capture_output=True, text=True).stdout.strip()
+        if state in FINAL:
+            break
+        time.sleep(2)
+    assert state == "COMPLETED", out.read_text()[-3000:] if out.exists() else state
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["world_size"] == 2
+    assert "rendezvous" in out.read_text()
