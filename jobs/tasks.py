@@ -44,6 +44,22 @@ def _export_distributed() -> None:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # submitit puts the first node's *name* in MASTER_ADDR; a name need not resolve on every
+        # node (or may resolve to 127.0.0.1 locally), so use the address SLURM reaches it at.
+        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
+
+
+def node_address(node: str) -> str:
+    """NodeAddr of a SLURM node (falls back to the name)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return node
 
 
 def _requeue_self() -> None:

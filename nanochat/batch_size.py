@@ -43,7 +43,6 @@ from typing import Callable
 import torch
 from filelock import FileLock
 
-from nanochat import memory_probe
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, pick_device
 from nanochat.config import Recipe
 from nanochat.gpt import GPTConfig
@@ -109,18 +108,25 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
             order.append(r)
         return done[b]["fits"]
 
+    last = len(candidates) - 1
+
+    def predict(lo: int) -> tuple[int, tuple | None]:
+        """Index of the largest candidate the line through the two largest fitting probes
+        says fits (the line is refitted as probes come in: small batches can mislead)."""
+        fit = sorted((r for r in order if r["fits"]), key=lambda r: r["batch"])[-2:]
+        line = _line(*fit) if len(fit) == 2 else None
+        if line is None or line[1] <= 0:
+            return last, line               # memory does not grow measurably: try the largest
+        return max([lo] + [i for i, b in enumerate(candidates) if line[0] + b * line[1] <= usable]), line
+
     model = guess = None
     if not fits(0):
         return SearchResult(None, order, None, None, None)
-    lo, hi = 0, None                       # indices: largest known fit, smallest known misfit
-    if len(candidates) > 1:
+    lo, hi = 0, None                        # indices: largest known fit, smallest known misfit
+    if last >= 1:
         if fits(1):
             lo = 1
-            model = _line(done[candidates[0]], done[candidates[1]])
-            if model is None or model[1] <= 0:
-                gi = len(candidates) - 1   # memory does not grow measurably: try the largest
-            else:
-                gi = max(i for i, b in enumerate(candidates) if i <= 1 or model[0] + b * model[1] <= usable)
+            gi, model = predict(lo)
             guess = candidates[gi]
             if gi > lo:
                 if fits(gi):
@@ -130,8 +136,9 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
         else:
             hi = 1
     step = 1
-    while hi is None and lo < len(candidates) - 1:   # galloping growth
-        nxt = min(lo + step, len(candidates) - 1)
+    while hi is None and lo < last:         # growth: the refitted model's guess, at most 2× further
+        pred, _ = predict(lo)
+        nxt = min(max(lo + 1, min(pred, lo + step)), last)
         if fits(nxt):
             lo, step = nxt, step * 2
         else:
@@ -413,11 +420,20 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
              f"{f', {where}' if where else ''})")
         return d
 
+    def stamp():
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            return st.st_mtime_ns, st.st_size
+        return None
+
+    seen = stamp()
     if use_cache and (rec := _read_cache(path, key, candidates)):
         return result(rec, True, path, 0)
     with _cache_lock(path) as usable_dir:
-        # Another process may have finished this key while we waited for the lock.
-        if usable_dir and use_cache and path.exists() and (rec := _read_cache(path, key, candidates)):
+        # Another process may have written this key while we waited for the lock (re-read only
+        # a file that changed: a corrupt one was reported already).
+        if usable_dir and use_cache and stamp() not in (None, seen) \
+                and (rec := _read_cache(path, key, candidates)):
             return result(rec, True, path, 0)
         rec, n = _run_search(recipe, stage, world_size, target, spec, key, candidates, model, isolate)
         if usable_dir:

@@ -111,7 +111,7 @@ class Engine:
         self._head_mode = head_t
         self._head_t: torch.Tensor | None = None
         self.cache: KVCache | None = None
-        self._graph = None
+        self._graph = self._static_logits = None
 
     # ------------------------------------------------------------------ set-up
     def _use_head_t(self, batch: int) -> bool:
@@ -123,7 +123,7 @@ class Engine:
         """The preallocated cache: reused while it has the same rows and room for max_len."""
         c = self.cache
         if c is None or c.batch_size != batch or c.max_len < max_len:
-            self.cache = self._graph = None  # free the old one first (GPU memory)
+            self.cache = self._graph = self._static_logits = None  # free the old one first
             self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
         if self._use_head_t(batch) and self._head_t is None:
             self._head_t = self.model.lm_head.weight.detach().t().contiguous()

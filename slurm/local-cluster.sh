@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# local-cluster.sh start|stop|status — a real one-node SLURM on a Debian/Ubuntu machine, for
-# trying the kit without a cluster and for the tests. Runs as root, needs no systemd.
+# local-cluster.sh start [--nodes 1|2] | stop | status — a real SLURM on one Debian/Ubuntu
+# machine, for trying the kit without a cluster and for the tests. Runs as root, no systemd.
 #
-#   sudo slurm/local-cluster.sh start     # install (first time), configure, start, wait for idle
-#   slurm/local-cluster.sh status         # daemons and sinfo
-#   sudo slurm/local-cluster.sh stop      # cancel jobs, stop daemons
+#   sudo slurm/local-cluster.sh start             # install (first time), configure, start, wait
+#   sudo slurm/local-cluster.sh start --nodes 2   # a second node in its own network namespace
+#   slurm/local-cluster.sh status                 # daemons and sinfo
+#   sudo slurm/local-cluster.sh stop              # cancel jobs, stop daemons
 #
 # What it stands up: munged; MariaDB (unix socket only) + slurmdbd, because submitit reads job
 # states with sacct (without accounting a killed job reads UNKNOWN and result() hangs);
-# slurmctld + slurmd for this host, with partitions `debug` (default) and `a100`, fake GPUs
-# (gres, no hardware) so --gpus-per-node is accepted, and more CPUs than cores so several small
+# slurmctld + slurmd, partitions `debug` (default) and `a100`, fake GPUs (gres on /dev/null
+# aliases, no hardware) so --gpus-per-node is accepted, more CPUs than cores so several small
 # jobs run at once. Nothing is enforced (no cgroups): requests are bookkeeping only.
 #
+# Two nodes on one machine: the second slurmd runs in network namespace nanochat-n2, joined by
+# a veth pair named sl0 on both sides (host 10.200.0.1, node2 10.200.0.2), with its own host
+# name, so a 2-node job really talks across two addresses. Jobs resolve the first node's
+# address with `scontrol show node`; gloo needs GLOO_SOCKET_IFNAME=sl0.
+#
 # Settings (environment): LOCAL_SLURM_ROOT state/log dir [/var/tmp/nanochat-slurm],
-# LOCAL_SLURM_CPUS advertised CPUs [16], LOCAL_SLURM_GPUS fake GPUs per node [8],
+# LOCAL_SLURM_CPUS advertised CPUs per node [16], LOCAL_SLURM_GPUS fake GPUs per node [8],
 # LOCAL_SLURM_MEM_MB advertised memory [65536], LOCAL_SLURM_WAIT_S start timeout [120].
 set -euo pipefail
 
 ROOT="${LOCAL_SLURM_ROOT:-/var/tmp/nanochat-slurm}"
-NODE="$(hostname -s)"
+HOST="$(hostname -s)"
 CPUS="${LOCAL_SLURM_CPUS:-16}"
 GPUS="${LOCAL_SLURM_GPUS:-8}"
 MEM_MB="${LOCAL_SLURM_MEM_MB:-65536}"
 WAIT_S="${LOCAL_SLURM_WAIT_S:-120}"
 CLUSTER=nanochat-local
-PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+NS=nanochat-n2
+PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)
 
 say() { echo "[local-cluster] $*"; }
 die() { echo "[local-cluster] error: $*" >&2; exit 1; }
@@ -41,11 +48,10 @@ install_packages() {
   command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian/Ubuntu"
   say "installing ${missing[*]}"
   # Package scripts must not start daemons before our configuration exists.
-  local policy=0
+  local policy=0 ok=0 i
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=1
   fi
-  local ok=0 i
   for i in 1 2 3 4 5; do  # another apt user may hold the lock; mirrors hiccup
     if DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq update >"$ROOT/log/apt.log" 2>&1 &&
        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq install -y \
@@ -67,19 +73,42 @@ start_munge() {
   die "munged did not start (see /var/log/munge/munged.log)"
 }
 
+setup_netns() {  # the second "host": a network namespace joined to this one by a veth pair
+  ip netns list | grep -qw "$NS" || ip netns add "$NS"
+  if ! ip link show sl0 >/dev/null 2>&1; then
+    ip link add sl0 type veth peer name sl0p
+    ip link set sl0p netns "$NS"
+    ip netns exec "$NS" ip link set sl0p name sl0
+  fi
+  ip addr show sl0 | grep -q 10.200.0.1/24 || ip addr add 10.200.0.1/24 dev sl0
+  ip link set sl0 up
+  ip netns exec "$NS" sh -c 'ip addr show sl0 | grep -q 10.200.0.2/24 || ip addr add 10.200.0.2/24 dev sl0
+                             ip link set sl0 up; ip link set lo up'
+  # Real clusters resolve their node names (torchrun looks its own host name up): so must we.
+  grep -qE '^10\.200\.0\.2[[:space:]]+node2' /etc/hosts || echo "10.200.0.2 node2  # nanochat local-cluster" >> /etc/hosts
+}
+
+node_line() {  # node_line NAME ADDR
+  echo "NodeName=$1 NodeAddr=$2 NodeHostname=$1 CPUs=$CPUS Boards=1 SocketsPerBoard=1" \
+       "CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN"
+}
+
+# Writes the configuration; returns 0 when it differs from what the daemons run with.
 write_config() {
+  local addr=127.0.0.1 nodes="$HOST" f changed=1 i
+  [ "$NODES" = 2 ] && addr=10.200.0.1 && nodes="$HOST,node2"
   # Job ids from the clock: a fresh state dir would restart at 1, and a reused submitit folder
   # would then return an earlier cluster's result for the same id.
   [ -s "$ROOT/first_job_id" ] || echo $(( ($(date +%s) * 10) % 60000000 + 1000 )) > "$ROOT/first_job_id"
-  local gpu_files="$ROOT/fakegpu/nvidia[0-$((GPUS - 1))]" i
-  mkdir -p "$ROOT/fakegpu" /etc/slurm
-  for i in $(seq 0 $((GPUS - 1))); do  # gres needs a device file per GPU; alias /dev/null
+  mkdir -p "$ROOT/fakegpu" "$ROOT/spool/$HOST" "$ROOT/spool/node2" /etc/slurm
+  for i in $(seq 0 $((GPUS - 1))); do  # gres needs a device file per GPU
     [ -e "$ROOT/fakegpu/nvidia$i" ] || mknod "$ROOT/fakegpu/nvidia$i" c 1 3
   done
-  cat > /etc/slurm/slurm.conf <<EOF
-# written by nanochat-slurm's slurm/local-cluster.sh
-ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+  {
+    echo "# written by nanochat-slurm's slurm/local-cluster.sh ($NODES node(s))"
+    echo "ClusterName=$CLUSTER"
+    echo "SlurmctldHost=$HOST($addr)"
+    cat <<CONF
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -94,17 +123,17 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$addr
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 GresTypes=gpu
 SlurmdParameters=config_overrides
 StateSaveLocation=$ROOT/state
-SlurmdSpoolDir=$ROOT/spool
+SlurmdSpoolDir=$ROOT/spool/%n
 SlurmctldPidFile=$ROOT/run/slurmctld.pid
-SlurmdPidFile=$ROOT/run/slurmd.pid
+SlurmdPidFile=$ROOT/run/slurmd-%n.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd.log
+SlurmdLogFile=$ROOT/log/slurmd-%n.log
 ReturnToService=2
 MinJobAge=3600
 KillWait=10
@@ -112,18 +141,21 @@ InactiveLimit=0
 EnforcePartLimits=ALL
 MailProg=/bin/true
 FirstJobId=$(cat "$ROOT/first_job_id")
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=a100 Nodes=$NODE Default=NO MaxTime=INFINITE State=UP
-EOF
-  cat > /etc/slurm/gres.conf <<EOF
-AutoDetect=off
-NodeName=$NODE Name=gpu File=$gpu_files
-EOF
-  cat > /etc/slurm/slurmdbd.conf <<EOF
+CONF
+    node_line "$HOST" "$addr"
+    [ "$NODES" = 2 ] && node_line node2 10.200.0.2
+    echo "PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP"
+    echo "PartitionName=a100 Nodes=$nodes Default=NO MaxTime=INFINITE State=UP"
+  } > "$ROOT/slurm.conf.new"
+  {
+    echo "AutoDetect=off"
+    echo "NodeName=$HOST Name=gpu File=$ROOT/fakegpu/nvidia[0-$((GPUS - 1))]"
+    [ "$NODES" = 2 ] && echo "NodeName=node2 Name=gpu File=$ROOT/fakegpu/nvidia[0-$((GPUS - 1))]"
+  } > "$ROOT/gres.conf.new"
+  cat > "$ROOT/slurmdbd.conf.new" <<CONF
 AuthType=auth/munge
 DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr=$addr
 SlurmUser=root
 LogFile=$ROOT/log/slurmdbd.log
 PidFile=$ROOT/run/slurmdbd.pid
@@ -131,8 +163,14 @@ StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageLoc=slurm_acct_db
 StorageUser=root
-EOF
+CONF
+  changed=1
+  for f in slurm.conf gres.conf slurmdbd.conf; do
+    cmp -s "$ROOT/$f.new" "/etc/slurm/$f" || changed=0
+    mv -f "$ROOT/$f.new" "/etc/slurm/$f"
+  done
   chmod 0600 /etc/slurm/slurmdbd.conf
+  return $changed
 }
 
 start_db() {
@@ -148,6 +186,22 @@ start_db() {
   tail -5 "$ROOT/log/mariadb.log" >&2; die "MariaDB did not start (log: $ROOT/log/mariadb.log)"
 }
 
+wait_idle() {  # wait_idle NODE DEADLINE
+  local state resumed=0
+  while :; do
+    state=$(sinfo -h -n "$1" -o %T 2>/dev/null | head -1 || true)
+    case "$state" in
+      idle|mixed|allocated|completing) return 0 ;;
+      down*|drain*|fail*) [ $resumed = 1 ] || scontrol update nodename="$1" state=resume >/dev/null 2>&1 || true; resumed=1 ;;
+    esac
+    if [ "$(date +%s)" -ge "$2" ]; then
+      tail -5 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd-$1.log" >&2 || true
+      die "node $1 is '$state' after ${WAIT_S}s (logs in $ROOT/log)"
+    fi
+    sleep 0.2
+  done
+}
+
 start_slurm() {
   if [ -z "$(pid_of "$ROOT/run/slurmdbd.pid" slurmdbd)" ]; then
     /usr/sbin/slurmdbd
@@ -155,20 +209,15 @@ start_slurm() {
   fi
   sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ] || /usr/sbin/slurmctld -c -i
-  [ -n "$(pid_of "$ROOT/run/slurmd.pid" slurmd)" ] || /usr/sbin/slurmd -N "$NODE"
-  local deadline=$(( $(date +%s) + WAIT_S )) state="" resumed=0
-  while :; do
-    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true)
-    case "$state" in
-      idle|mixed|allocated|completing) break ;;
-      down*|drain*|fail*) [ $resumed = 1 ] || scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true; resumed=1 ;;
-    esac
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-      tail -5 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd.log" >&2 || true
-      die "node $NODE is '$state' after ${WAIT_S}s (logs in $ROOT/log)"
-    fi
-    sleep 0.2
-  done
+  [ -n "$(pid_of "$ROOT/run/slurmd-$HOST.pid" slurmd)" ] || /usr/sbin/slurmd -N "$HOST"
+  if [ "$NODES" = 2 ] && [ -z "$(pid_of "$ROOT/run/slurmd-node2.pid" slurmd)" ]; then
+    # `ip netns exec` hides /sys/fs/cgroup and slurmd exits: enter the namespace with nsenter
+    nsenter --net="/run/netns/$NS" unshare --uts sh -c 'hostname node2 && exec /usr/sbin/slurmd -N node2'
+  fi
+  local deadline=$(( $(date +%s) + WAIT_S ))
+  wait_idle "$HOST" "$deadline"
+  [ "$NODES" = 2 ] && wait_idle node2 "$deadline"
+  return 0
 }
 
 stop_pid() {  # stop_pid FILE COMM: TERM, wait up to 20 s, then KILL
@@ -178,6 +227,17 @@ stop_pid() {  # stop_pid FILE COMM: TERM, wait up to 20 s, then KILL
   kill -KILL "$pid" 2>/dev/null || true; say "killed $2"
 }
 
+stop_slurm() {
+  local f
+  for f in "$ROOT"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f" slurmd; done
+  stop_pid "$ROOT/run/slurmctld.pid" slurmctld
+  stop_pid "$ROOT/run/slurmdbd.pid" slurmdbd
+}
+
+NODES=1
+if [ "${2:-}" = "--nodes" ]; then NODES="${3:-}"; fi
+case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2" ;; esac
+
 case "${1:-}" in
   start)
     need_root start
@@ -185,30 +245,33 @@ case "${1:-}" in
     mkdir -p "$ROOT"/{log,run,state,spool}
     install_packages
     start_munge
-    write_config
+    [ "$NODES" = 2 ] && setup_netns
+    if write_config; then
+      say "configuration changed: restarting the slurm daemons"
+      stop_slurm
+    fi
     start_db
     start_slurm
-    say "ready in $(( $(date +%s) - t0 )) s: node $NODE, partitions debug (default) and a100, $GPUS fake GPUs"
+    say "ready in $(( $(date +%s) - t0 )) s: $NODES node(s), partitions debug (default) and a100, $GPUS fake GPUs per node"
     sinfo
     ;;
   stop)
     need_root stop
-    if command -v scancel >/dev/null && [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ]; then
+    if [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ]; then
       scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
     fi
-    stop_pid "$ROOT/run/slurmd.pid" slurmd
-    stop_pid "$ROOT/run/slurmctld.pid" slurmctld
-    stop_pid "$ROOT/run/slurmdbd.pid" slurmdbd
+    stop_slurm
     stop_pid /run/mysqld/mysqld.pid mariadbd
     ;;
   status)
-    for d in "slurmctld:$ROOT/run/slurmctld.pid" "slurmd:$ROOT/run/slurmd.pid" \
-             "slurmdbd:$ROOT/run/slurmdbd.pid" "mariadbd:/run/mysqld/mysqld.pid"; do
+    for d in "slurmctld:$ROOT/run/slurmctld.pid" "slurmd:$ROOT/run/slurmd-$HOST.pid" \
+             "slurmd:$ROOT/run/slurmd-node2.pid" "slurmdbd:$ROOT/run/slurmdbd.pid" \
+             "mariadbd:/run/mysqld/mysqld.pid"; do
       name=${d%%:*}; pid=$(pid_of "${d#*:}" "$name")
       if [ -n "$pid" ]; then echo "$name: running (pid $pid)"; else echo "$name: stopped"; fi
     done
     sinfo 2>/dev/null || { echo "sinfo: no controller answers"; exit 1; }
     ;;
   *)
-    echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    echo "usage: $0 start [--nodes 1|2] | stop | status" >&2; exit 2 ;;
 esac

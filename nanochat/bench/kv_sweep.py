@@ -190,16 +190,24 @@ def resolve_model(recipe: Recipe, rt: Runtime) -> tuple[GPT, str]:
     return build_inference_model(config, rt.device, rt.dtype, seed=0), "random init (seed 0)"
 
 
-def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
-          malloc: str | None = None) -> dict:
-    sw, c, device = recipe.sweep, model.config, rt.device
-    if sw.prompt_len > c.sequence_len:
+def check_lengths(recipe: Recipe, model: GPT) -> None:
+    sw = recipe.sweep
+    if sw.prompt_len > model.config.sequence_len:
         raise UserError(f"sweep.prompt_len {sw.prompt_len} is longer than the model's context "
-                        f"({c.sequence_len} tokens); lower it")
+                        f"({model.config.sequence_len} tokens); lower it")
     if sw.prompt_len + sw.max_new_tokens > model.rotary_len:
         raise UserError(f"sweep.prompt_len + sweep.max_new_tokens = "
                         f"{sw.prompt_len + sw.max_new_tokens} exceeds what the model can position "
                         f"({model.rotary_len}); lower sweep.max_new_tokens")
+
+
+def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
+          malloc: str | None = None, bandwidth: float | None = None,
+          flops: float | None = None) -> dict:
+    """Run every point, write the files to out_dir and return the report. `bandwidth` (bytes/s)
+    and `flops` (FLOP/s) are measured here unless given."""
+    sw, c, device = recipe.sweep, model.config, rt.device
+    check_lengths(recipe, model)
     cuda_graph = sw.cuda_graph and device.type == "cuda"
     engine = Engine(model, cuda_graph=cuda_graph, compile=sw.compile)
     batches = sorted(set(sw.batch_sizes))
@@ -207,8 +215,8 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
     if sw.include_largest:
         largest = largest_batch(model, sw.prompt_len, sw.max_new_tokens, sw.max_batch_size, device)
         batches = sorted(set(batches) | {largest})
-    bandwidth = measure_bandwidth(device)
-    flops = measure_matmul_flops(device, rt.dtype, n=8192 if device.type == "cuda" else 2048)
+    bandwidth = bandwidth or measure_bandwidth(device)
+    flops = flops or measure_matmul_flops(device, rt.dtype, n=8192 if device.type == "cuda" else 2048)
     # Eager decoding attends to the keys so far (on average prompt + half the new tokens);
     # a static (compiled / graphed) step reads the whole cache.
     context = sw.prompt_len + sw.max_new_tokens if engine.static else sw.prompt_len + sw.max_new_tokens / 2
@@ -347,12 +355,18 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 def sweep_for_recipe(recipe: Recipe, out_dir: Path | None = None, malloc: str = "tuned") -> dict:
     """Run the sweep the recipe describes; returns a short summary (the files hold the rest)."""
     rt = setup_runtime(recipe.train, tune_allocator=False)
+    model, source = resolve_model(recipe, rt)
+    check_lengths(recipe, model)
+    # Measured before the allocator is tuned: tuned glibc would keep the copy's 512 MB resident
+    # and every peak-memory figure after it would include them.
+    bandwidth = measure_bandwidth(rt.device)
+    flops = measure_matmul_flops(rt.device, rt.dtype, n=8192 if rt.device.type == "cuda" else 2048)
     if rt.device.type == "cpu":
         tune_cpu_allocator(malloc == "tuned")
-    model, source = resolve_model(recipe, rt)
     out_dir = Path(out_dir) if out_dir is not None else recipe.out_dir / "kv_sweep"
     report = sweep(recipe, model, source, rt, out_dir,
-                   malloc=malloc if rt.device.type == "cpu" else None)
+                   malloc=malloc if rt.device.type == "cpu" else None,
+                   bandwidth=bandwidth, flops=flops)
     best = max((r for r in report["results"] if r["mode"] == "cache" and "error" not in r),
                key=lambda r: r["tok_per_s_median"])
     return {"out_dir": str(out_dir), "best_batch": best["batch"],

@@ -1,0 +1,140 @@
+"""Batch-size discovery benchmark:  python -m nanochat.bench.batch_size RECIPE [key=value ...]
+
+In one run on the current device:
+1. discovery from scratch (a fresh temporary cache dir): wall time and number of probes;
+2. cache hits: `--hits` calls of the same discovery, each timed (median, min, max; no probe runs);
+3. training throughput of full optimizer steps (total batch of the recipe, gradient accumulation
+   included, forward + backward + optimizer) at the recipe's fixed device batch (or `--fixed`)
+   versus the discovered one: `--warmup` untimed steps, then `--repeats` timed steps each, with a
+   device sync around each step (median, min, max tokens/s).
+Prints JSON. Not a test: the figures depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from nanochat.batch_size import discover, probe_spec, resolve_target
+from nanochat.common import UserError, cli_main
+from nanochat.config import OptimArgs
+from nanochat.gpt import GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.recipe import load_recipe, recipe_argparser
+from nanochat.train import build_model
+from nanochat.trainer import grad_accum_steps, maybe_compile, setup_runtime
+
+
+def _stats(xs: list[float], nd: int = 1) -> dict:
+    return {"median": round(statistics.median(xs), nd), "min": round(min(xs), nd),
+            "max": round(max(xs), nd), "n": len(xs)}
+
+
+def training_tok_s(recipe, rt, batch: int, warmup: int, repeats: int) -> dict:
+    """Tokens/s of whole optimizer steps at device batch `batch` (one rank)."""
+    spec = probe_spec(recipe, resolve_target(recipe))
+    cfg = GPTConfig(**spec.model)
+    T = cfg.sequence_len
+    accum = grad_accum_steps(recipe.train.total_batch_size, batch, T, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg, rt.device)
+    opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd)
+    step_model = maybe_compile(model, recipe.train)
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(rt.device)
+    x, y = xy[:, :-1], xy[:, 1:]
+
+    def step():
+        for _ in range(accum):
+            with rt.autocast():
+                loss = step_model(x, y)
+            (loss / accum).backward()
+        for o in opts:
+            o.step()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    rt.sync()
+    warmup_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        rt.sync()
+        t0 = time.perf_counter()
+        step()
+        rt.sync()
+        rates.append(batch * T * accum / (time.perf_counter() - t0))
+    if recipe.train.compile:
+        torch._dynamo.reset()
+    return {"device_batch_size": batch, "grad_accum": accum, "warmup_s": round(warmup_s, 2),
+            "tok_per_s": _stats(rates)}
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python -m nanochat.bench.batch_size", __doc__.splitlines()[0])
+    ap.add_argument("--fixed", type=int, default=None,
+                    help="the hand-set batch to compare with (default: the recipe's)")
+    ap.add_argument("--hits", type=int, default=20, help="timed cache hits")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    fixed = args.fixed if args.fixed is not None else recipe.train.device_batch_size
+    if fixed == "auto":
+        raise UserError("the recipe's train.device_batch_size is auto; pass --fixed N to compare with")
+    rt = setup_runtime(recipe.train)  # the allocator and device training uses
+    with tempfile.TemporaryDirectory(prefix="bs_bench_") as tmp:
+        recipe = dataclasses.replace(recipe, discovery=dataclasses.replace(recipe.discovery,
+                                                                           cache_dir=tmp))
+        t0 = time.perf_counter()
+        found = discover(recipe)
+        discovery_s = time.perf_counter() - t0
+        hits = []
+        for _ in range(args.hits):
+            t0 = time.perf_counter()
+            d = discover(recipe)
+            hits.append((time.perf_counter() - t0) * 1e3)
+            assert d.from_cache and d.probes_run == 0
+    runs = {"fixed": training_tok_s(recipe, rt, fixed, args.warmup, args.repeats)}
+    runs["discovered"] = runs["fixed"] if found.batch_size == fixed else \
+        training_tok_s(recipe, rt, found.batch_size, args.warmup, args.repeats)
+    mem = found.record["memory"]
+    report = {
+        "benchmark": "batch-size discovery: search, cache hit, training tokens/s fixed vs discovered",
+        "recipe": args.recipe, "overrides": args.overrides,
+        "method": {"discovery": "fresh temporary cache dir, one call",
+                   "cache_hit": f"{args.hits} calls after it, each timed",
+                   "training": f"{args.warmup} untimed + {args.repeats} timed optimizer steps of "
+                               f"{recipe.train.total_batch_size} tokens, device sync around each",
+                   "data": "random tokens"},
+        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+        else f"cpu ({resolve_target(recipe).name}, {torch.get_num_threads()} threads)",
+        "dtype": str(rt.dtype).replace("torch.", ""),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "discovery": {"seconds": round(discovery_s, 2), "probes": found.probes_run,
+                      "batch_size": found.batch_size, "largest": found.largest,
+                      "fastest": found.fastest, "candidates": found.record["candidates"],
+                      "usable_gb": round(mem["usable_bytes"] / 1e9, 3), "source": mem["source"],
+                      "probes_detail": [{"batch": p["batch"], "fits": p["fits"],
+                                         "peak_gb": None if p["peak_bytes"] is None
+                                         else round(p["peak_bytes"] / 1e9, 3),
+                                         "seconds": round(p["seconds"], 2)}
+                                        for p in found.record["probes"]]},
+        "cache_hit_ms": _stats(hits, 2),
+        "training": runs,
+        "speedup_discovered_vs_fixed": round(runs["discovered"]["tok_per_s"]["median"]
+                                             / runs["fixed"]["tok_per_s"]["median"], 3),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,267 @@
+"""Batch-size discovery: the real training step probed in child processes under a CPU memory
+budget, the search, the cache (hits, corruption, concurrent discoverers, unwritable dirs), ranks
+agreeing, and the caller's model left untouched. Probes are real; only the search-order tests
+use a linear memory function, to cover many shapes in no time."""
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from nanochat import memory_probe
+from nanochat.batch_size import discover, discover_for_recipe, legal_candidates, probe_spec, \
+    resolve_target, search
+from nanochat.common import UserError
+from nanochat.memory_probe import ProbeError, ProbeServer, ProbeSpec, is_oom
+from nanochat.recipe import load_recipe, recipe_from_dict
+from nanochat.trainer import legal_device_batch_sizes
+
+
+def cheap(cache_dir, **discovery) -> dict:
+    """A model whose probes take a fraction of a second; 2 rows per step: candidates [1, 2]."""
+    return {"model": {"depth": 1, "n_embd": 32, "n_head": 1, "sequence_len": 32, "vocab_size": 512},
+            "train": {"total_batch_size": 64, "device": "cpu"},
+            "discovery": {"cache_dir": str(cache_dir), "memory_budget_gb": 2.0, **discovery}}
+
+
+def json_files(d):
+    return sorted(p for p in d.iterdir() if p.suffix == ".json")
+
+
+# ---------------------------------------------------------------- candidates and search order
+
+def test_candidates_are_legal_powers_of_two_within_bounds():
+    assert legal_candidates(8192, 256, 1) == [1, 2, 4, 8, 16, 32]
+    assert legal_candidates(3 * 8 * 256, 256, 1, "pow2") == [1, 2, 4, 8]
+    assert legal_candidates(3 * 8 * 256, 256, 1, "divisors") == [1, 2, 3, 4, 6, 8, 12, 24]
+    assert legal_candidates(3 * 8 * 256, 256, 2, "divisors", 2, 6) == [2, 3, 4, 6]
+    assert legal_candidates(1000, 256, 1) == []  # total not a multiple of the sequence
+
+
+@pytest.mark.parametrize("mode", ["pow2", "divisors"])
+def test_search_finds_the_largest_fitting_legal_size_for_any_budget(mode):
+    """Over many budgets and memory models: the answer is the largest legal candidate under
+    the budget, every probe is a legal candidate, and the memory model keeps probes few."""
+    cands = legal_candidates(2**20 * 3, 1024, 1, mode)
+    for fixed, per in [(5e8, 3e7), (2e9, 1e6), (1e8, 4e8)]:
+        for usable in [fixed + per * k + 1 for k in (1, 2, 3, 5, 7, 17, 100, 1000, 5000)]:
+            peak = lambda b: fixed + per * b * (1 + 0.02 * ((b - 1) % 3))  # not exactly linear
+            res = search(cands, lambda b: {"batch": b, "oom": False, "peak_bytes": peak(b)}, usable)
+            want = max(b for b in cands if peak(b) <= usable)
+            assert res.largest == want, (fixed, per, usable)
+            assert all(p["batch"] in cands for p in res.probes)
+            assert len(res.probes) <= 4 + (mode == "divisors") * 3, [p["batch"] for p in res.probes]
+
+
+def test_search_treats_out_of_memory_as_not_fitting_and_reports_too_small():
+    cands = [1, 2, 4, 8, 16]
+    oom_above = lambda b: {"batch": b, "oom": b > 4, "peak_bytes": None if b > 4 else 10.0 * b}
+    assert search(cands, oom_above, usable=1e9).largest == 4
+    assert search(cands, lambda b: {"batch": b, "oom": True, "peak_bytes": None}, 1e9).largest is None
+
+
+# ---------------------------------------------------------------- the real search under a CPU budget
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    """Measure the real step at N = 4 and 2N = 8, set the budget halfway, discover."""
+    cache = tmp_path_factory.mktemp("bs_cache")
+    # Logits (batch × 256 × 4096 floats, several copies) dominate: ~50 MB per sample.
+    recipe_dict = {"model": {"depth": 1, "n_embd": 32, "n_head": 1, "sequence_len": 256,
+                             "vocab_size": 4096},
+                   "train": {"total_batch_size": 16 * 256, "device": "cpu"},
+                   "discovery": {"cache_dir": str(cache), "memory_budget_gb": 8.0, "headroom": 0.0}}
+    recipe = recipe_from_dict(recipe_dict)
+    spec = probe_spec(recipe, resolve_target(recipe))
+    with ProbeServer() as server:
+        p4, p8 = (server.probe(spec, b, None)["peak_bytes"] for b in (4, 8))
+    assert p8 > p4 * 1.3, (p4, p8)  # the per-sample cost dominates: the test has a margin
+    recipe_dict["discovery"]["memory_budget_gb"] = (p4 + p8) / 2 / 1e9
+    recipe = recipe_from_dict(recipe_dict)
+    before = memory_probe.PROBES_STARTED
+    first = discover(recipe)
+    probes_first = memory_probe.PROBES_STARTED - before
+    return {"recipe": recipe, "first": first, "probes_first": probes_first, "cache": cache,
+            "p4": p4, "p8": p8}
+
+
+def test_budget_that_fits_n_but_not_2n_gives_n(budget_run):
+    d = budget_run["first"]
+    assert d.batch_size == 4 and not d.from_cache
+    probes = {p["batch"]: p for p in d.record["probes"]}
+    assert probes[4]["fits"] and not probes[8]["fits"], probes
+    assert d.probes_run == budget_run["probes_first"] >= 3
+    assert d.record["memory"]["per_sample_bytes"] > 0
+
+
+def test_only_legal_sizes_are_probed_and_returned(budget_run):
+    legal = legal_device_batch_sizes(16 * 256, 256, 1)
+    d = budget_run["first"]
+    assert {d.batch_size, d.largest, d.fastest} <= set(legal)
+    assert all(p["batch"] in legal and p["batch"] & (p["batch"] - 1) == 0 for p in d.record["probes"])
+
+
+def test_second_call_is_a_cache_hit_that_runs_no_probe(budget_run):
+    before = memory_probe.PROBES_STARTED
+    d = discover(budget_run["recipe"])
+    assert d.from_cache and d.probes_run == 0 and memory_probe.PROBES_STARTED == before
+    assert d.batch_size == budget_run["first"].batch_size
+    rec = json.loads(d.cache_path.read_text())  # the file says what was measured, in clear
+    assert rec["key"]["world_size"] == 1 and rec["key"]["dtype"] == "float32"
+    assert rec["key"]["torch"] == torch.__version__ and rec["key"]["stage"] == "base"
+    assert all("peak_bytes" in p and "tok_per_s" in p for p in rec["probes"])
+    assert rec["host"] and rec["date"] and rec["seconds"] > 0
+    assert json_files(budget_run["cache"]) == [d.cache_path]
+
+
+def test_cache_key_separates_stage_world_size_dtype_and_compile(budget_run):
+    r = budget_run["recipe"]
+    from nanochat.batch_size import cache_key, cache_path
+    t = resolve_target(r)
+    base = cache_path(r, cache_key(r, "base", 1, t, probe_spec(r, t)))
+    other = [cache_path(r, cache_key(r, "sft", 1, t, probe_spec(r, t))),
+             cache_path(r, cache_key(r, "base", 2, t, probe_spec(r, t)))]
+    for override in ("train.dtype=bfloat16", "train.compile=true", "optim.muon_plus=true",
+                     "discovery.headroom=0.2"):
+        key, _, value = override.partition("=")
+        section, field = key.split(".")
+        d = {"model": vars(r.model), "train": {**vars(r.train)}, "optim": {**vars(r.optim)},
+             "discovery": {**vars(r.discovery)}}
+        d[section][field] = yaml.safe_load(value)
+        r2 = recipe_from_dict(d)
+        other.append(cache_path(r2, cache_key(r2, "base", 1, t, probe_spec(r2, t))))
+    assert len({base, *other}) == len(other) + 1
+
+
+# ---------------------------------------------------------------- cache robustness
+
+def test_corrupt_cache_file_is_reported_and_recomputed(tmp_path, capfd):
+    from nanochat.batch_size import cache_key, cache_path
+    recipe = recipe_from_dict(cheap(tmp_path))
+    target = resolve_target(recipe)
+    path = cache_path(recipe, cache_key(recipe, "base", 1, target, probe_spec(recipe, target)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"key": {"truncated')  # what a torn write by another tool would leave
+    d = discover(recipe)
+    err = capfd.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "corrupt" in warnings[0] and str(path) in warnings[0]
+    assert not d.from_cache and d.probes_run > 0 and d.batch_size == 2 and d.cache_path == path
+    assert json.loads(path.read_text())["result"]["batch_size"] == 2
+
+
+def test_unwritable_cache_dir_is_a_warning_and_discovery_still_returns(tmp_path, capfd):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache dir should be")
+    d = discover(recipe_from_dict(cheap(blocker / "batch_size")))
+    assert d.batch_size == 2 and d.cache_path is None
+    assert "warning: batch-size cache dir" in capfd.readouterr().err
+
+
+def test_concurrent_discoverers_probe_once_and_agree(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(cheap(tmp_path / "cache")))
+    procs = [subprocess.Popen([sys.executable, "-m", "nanochat.batch_size", str(cfg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    parsed = [dict(ln.split(": ", 1) for ln in o[0].splitlines()) for o in outs]
+    assert len({p["device_batch_size"] for p in parsed}) == 1
+    assert len({p["cache_file"] for p in parsed}) == 1
+    assert sorted(p["from_cache"] for p in parsed) == ["false", "true", "true"]
+    files = json_files(tmp_path / "cache")
+    assert len(files) == 1 and json.loads(files[0].read_text())["result"]["batch_size"] == 2
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- bad input, errors, the caller's model
+
+def test_budget_too_small_for_batch_1_names_fixed_and_per_sample_cost(tmp_path):
+    with pytest.raises(UserError) as e:
+        discover(recipe_from_dict(cheap(tmp_path, memory_budget_gb=0.001)))
+    msg = str(e.value)
+    assert "\n" not in msg and "batch 1 does not fit" in msg
+    assert "before any batch" in msg and "each sample adds" in msg and "memory_budget_gb" in msg
+
+
+@pytest.mark.parametrize("override,key", [("discovery.headroom=-0.1", "discovery.headroom"),
+                                          ("discovery.max_batch_size=2", "discovery.max_batch_size"),
+                                          ("discovery.probe_steps=1", "discovery.probe_steps"),
+                                          ("discovery.choose=best", "discovery.choose")])
+def test_nonsense_settings_are_one_line_naming_the_key(override, key):
+    overrides = [override] + (["discovery.min_batch_size=4"] if "max_batch" in override else [])
+    with pytest.raises(UserError) as e:
+        load_recipe("configs/tiny.yaml", overrides)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cpu_out_of_memory_is_caught_and_other_errors_propagate():
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    recipe = recipe_from_dict(cheap("unused"))
+    spec = probe_spec(recipe, resolve_target(recipe))
+    with ProbeServer() as server:
+        # a real allocation failure: the step needs more address space than the cap allows
+        big = ProbeSpec(**{**vars(spec), "model": {**spec.model, "sequence_len": 256,
+                                                   "vocab_size": 4096}})  # ~50 MB per sample
+        assert server.probe(big, 4, limit_bytes=1)["oom"] is True
+        bad = ProbeSpec(**{**vars(spec), "model": {**spec.model, "n_head": 3}})  # 32 % 3 != 0
+        with pytest.raises(ProbeError, match="not out of memory"):
+            server.probe(bad, 1, limit_bytes=None)
+        assert server.probe(spec, 1, limit_bytes=None)["oom"] is False  # the server survives
+
+
+def test_probing_the_callers_model_leaves_it_untouched(tmp_path):
+    from nanochat.gpt import GPT, GPTConfig
+    recipe = recipe_from_dict(cheap(tmp_path))
+    spec = probe_spec(recipe, resolve_target(recipe))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**spec.model))
+    model.init_weights()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    d = discover(recipe, model=model, isolate=False, use_cache=False)
+    assert d.probes_run >= 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------- ranks agree; training calls it
+
+def _rank_worker(rank, port, recipe_dict, out_dir):
+    torch.set_num_threads(1)
+    # A default-group timeout far shorter than rank 0's discovery: rank 1 must not wait on it.
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=2, timeout=datetime.timedelta(seconds=2))
+    before = memory_probe.PROBES_STARTED
+    d = discover_for_recipe(recipe_from_dict(recipe_dict), world_size=2)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"batch_size": d.batch_size, "probes": memory_probe.PROBES_STARTED - before}, f)
+
+
+def test_two_ranks_agree_and_only_rank_0_probes(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_worker, args=(r, port, cheap(tmp_path / "cache"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["batch_size"] == r1["batch_size"] == 1  # 2 rows per step over 2 ranks
+    assert r0["probes"] >= 1 and r1["probes"] == 0
