@@ -90,10 +90,17 @@ def run_train(run_dir: Path, index: int) -> dict:
 
 def run_discover(run_dir: Path, index: int) -> dict:
     from nanochat.batch_size import discover_for_recipe
+    from nanochat.prepare import prepare_shards, prepare_tokenizer
     recipe, task = task_recipe(run_dir, "discover", index)
     c = recipe.cluster
-    result = discover_for_recipe(recipe, stage="base", world_size=c.nodes * c.gpus_per_node)
-    out = {"batch_size": result.batch_size}
+    # Data and tokenizer first (training needs them anyway): the cache key then holds the real
+    # vocabulary, exactly as the training job will compute it.
+    train_paths, _ = prepare_shards(recipe)
+    tokenizer = prepare_tokenizer(recipe, train_paths)
+    result = discover_for_recipe(recipe, stage="base", world_size=c.nodes * c.gpus_per_node,
+                                 vocab_size=tokenizer.vocab_size)
+    out = {"batch_size": result.batch_size, "from_cache": result.from_cache,
+           "cache_path": str(result.cache_path)}
     atomic_write_json(Path(task["run_dir"]) / "discovery.json", out)
     return out
 

@@ -110,13 +110,14 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
 
     last = len(candidates) - 1
 
-    def predict(lo: int) -> tuple[int, tuple | None]:
+    def predict(lo: int) -> tuple[int | None, tuple | None]:
         """Index of the largest candidate the line through the two largest fitting probes
-        says fits (the line is refitted as probes come in: small batches can mislead)."""
+        says fits (the line is refitted as probes come in: small batches can mislead); None
+        when memory did not grow measurably (then growth alone decides)."""
         fit = sorted((r for r in order if r["fits"]), key=lambda r: r["batch"])[-2:]
         line = _line(*fit) if len(fit) == 2 else None
         if line is None or line[1] <= 0:
-            return last, line               # memory does not grow measurably: try the largest
+            return None, line
         return max([lo] + [i for i, b in enumerate(candidates) if line[0] + b * line[1] <= usable]), line
 
     model = guess = None
@@ -127,8 +128,8 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
         if fits(1):
             lo = 1
             gi, model = predict(lo)
-            guess = candidates[gi]
-            if gi > lo:
+            guess = candidates[gi] if gi is not None else None
+            if gi is not None and gi > lo:
                 if fits(gi):
                     lo = gi
                 else:
@@ -138,7 +139,7 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
     step = 1
     while hi is None and lo < last:         # growth: the refitted model's guess, at most 2× further
         pred, _ = predict(lo)
-        nxt = min(max(lo + 1, min(pred, lo + step)), last)
+        nxt = min(lo + step if pred is None else max(lo + 1, min(pred, lo + step)), last)
         if fits(nxt):
             lo, step = nxt, step * 2
         else:
@@ -263,18 +264,24 @@ def _read_cache(path: Path, key: dict, candidates: list[int]) -> dict | None:
 
 @contextlib.contextmanager
 def _cache_lock(path: Path):
-    """Yields True while holding the key's lock; False (after a warning) when the cache dir
-    cannot hold a lock file — then discovery runs without the cache."""
+    """Yields "locked" while holding the key's lock; "unlocked" (after a warning) where the
+    file system refuses locks — then the first writer wins, each write being atomic; "unusable"
+    (after a warning) when the cache dir cannot be created."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
-        lock.acquire()
-    except OSError as e:  # PermissionError, NotADirectoryError, read-only FS, filelock.Timeout
+    except OSError as e:  # PermissionError, NotADirectoryError, read-only FS
         _warn(f"batch-size cache dir {path.parent} is not usable ({e}); discovering without the cache")
-        yield False
+        yield "unusable"
+        return
+    lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except OSError as e:  # no lock support on this file system, unwritable dir, filelock.Timeout
+        _warn(f"cannot lock {path}.lock ({e}); discovering without the lock")
+        yield "unlocked"
         return
     try:
-        yield True
+        yield "locked"
     finally:
         lock.release()
 
@@ -429,20 +436,37 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
     seen = stamp()
     if use_cache and (rec := _read_cache(path, key, candidates)):
         return result(rec, True, path, 0)
-    with _cache_lock(path) as usable_dir:
+    with _cache_lock(path) as state:
         # Another process may have written this key while we waited for the lock (re-read only
         # a file that changed: a corrupt one was reported already).
-        if usable_dir and use_cache and stamp() not in (None, seen) \
+        if state == "locked" and use_cache and stamp() not in (None, seen) \
                 and (rec := _read_cache(path, key, candidates)):
             return result(rec, True, path, 0)
         rec, n = _run_search(recipe, stage, world_size, target, spec, key, candidates, model, isolate)
-        if usable_dir:
+        written = False
+        if state != "unusable":
             try:
                 atomic_write_json(path, rec)
+                written = True
             except OSError as e:
                 _warn(f"cannot write batch-size cache {path} ({e}); the result is not cached")
-                usable_dir = False
-    return result(rec, False, path if usable_dir else None, n)
+    return result(rec, False, path if written else None, n)
+
+
+def cached_result(recipe: Recipe, stage: str = "base", world_size: int = 1,
+                  vocab_size: int | None = None) -> dict | None:
+    """The cached record for this recipe on this process's device, without probing (None on a
+    miss). The launcher asks this to skip the discovery job; the key includes the device, so a
+    login node without the cluster's GPU finds only what its own device would use."""
+    dc = recipe.discovery
+    section = recipe.sft if stage == "sft" else recipe.train
+    target = resolve_target(recipe)
+    spec = probe_spec(recipe, target, vocab_size)
+    candidates = legal_candidates(section.total_batch_size, spec.model["sequence_len"], world_size,
+                                  dc.candidates, dc.min_batch_size, dc.max_batch_size)
+    key = cache_key(recipe, stage, world_size, target, spec)
+    path = cache_path(recipe, key)
+    return _read_cache(path, key, candidates) if path.exists() else None
 
 
 def discover_for_recipe(recipe: Recipe, stage: str = "base", world_size: int = 1, model=None,

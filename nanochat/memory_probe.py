@@ -35,6 +35,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,6 +121,13 @@ def _param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _forward_backward(step_model, x, y, rt: Runtime) -> None:
+    # A function of its own so the loss and its graph die with the frame, even on an OOM.
+    with rt.autocast():
+        loss = step_model(x, y)
+    loss.backward()
+
+
 def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None) -> dict:
     """Run the training step at `batch`; returns {"batch", "oom", "peak_bytes", "fixed_bytes",
     "fwdbwd_s", "opt_s", "seconds"}. With `model`, probes that model and leaves it as it was
@@ -151,6 +159,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
                 model = build_model(cfg, device)
             else:
                 snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                was_training = model.training
                 extra = 0 if cuda else _param_bytes(model)
             opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd,
                                     all_params=model.parameters(), local=True)
@@ -166,9 +175,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
             params = list(model.parameters())
             for _ in range(spec.steps):
                 t0 = time.perf_counter()
-                with rt.autocast():
-                    loss = step_model(x, y)
-                loss.backward()
+                _forward_backward(step_model, x, y, rt)
                 rt.sync()
                 t1 = time.perf_counter()
                 if spec.grad_clip > 0:
@@ -179,7 +186,6 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
                     opt.zero_grad(set_to_none=True)
                 rt.sync()
                 out["fwdbwd_s"], out["opt_s"] = t1 - t0, time.perf_counter() - t1
-                del loss
             model.eval()  # the loop evaluates with the plain model at this batch size
             with torch.no_grad(), rt.autocast():
                 model(x, y, loss_reduction="none")
@@ -193,14 +199,14 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
             out["oom"] = True
             # fall through: the exception (and the frames holding tensors) is dropped on exit
         finally:
-            opts = step_model = x = y = xy = loss = None  # noqa: F841 — release before restoring
+            opts = step_model = x = y = xy = None  # release before restoring and emptying caches
             if snapshot is not None:
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
                         v.copy_(snapshot[k])
                 for p in model.parameters():
                     p.grad = None
-                model.train()
+                model.train(was_training)
     model = snapshot = None
     if spec.compile:
         torch._dynamo.reset()  # drop compiled graphs (and CUDA-graph pools) of this batch size
@@ -289,7 +295,11 @@ class ProbeServer:
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         code = f"from nanochat.memory_probe import _serve; _serve({req_r}, {resp_w})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(req_r, resp_w))
+        # The server must import this very package, wherever the caller found it.
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(req_r, resp_w), env=env)
         os.close(req_r)
         os.close(resp_w)
         self.req, self.resp = os.fdopen(req_w, "wb"), os.fdopen(resp_r, "rb")

@@ -55,7 +55,8 @@ def num_iterations(recipe: Recipe, model: GPT) -> int:
     return max(1, int(target_tokens // tr.total_batch_size))
 
 
-def resolve_device_batch_size(recipe: Recipe, rt: Runtime, stage: str = "base") -> int:
+def resolve_device_batch_size(recipe: Recipe, rt: Runtime, stage: str = "base", model=None,
+                              vocab_size: int | None = None) -> int:
     section = recipe.sft if stage == "sft" else recipe.train
     if section.device_batch_size != "auto":
         return section.device_batch_size
@@ -64,7 +65,10 @@ def resolve_device_batch_size(recipe: Recipe, rt: Runtime, stage: str = "base") 
     except ImportError:
         raise UserError(f"{stage if stage == 'sft' else 'train'}.device_batch_size is 'auto' but "
                         "batch-size discovery (nanochat/batch_size.py) is not available; set an integer")
-    return discover_for_recipe(recipe, stage=stage, world_size=rt.dist.world_size).batch_size
+    # the live model is probed in place (no second copy of the weights counted), with the
+    # tokenizer's real vocabulary
+    return discover_for_recipe(recipe, stage=stage, world_size=rt.dist.world_size, model=model,
+                               vocab_size=vocab_size).batch_size
 
 
 def make_bpb_evaluator(val_paths, tokenizer: Tokenizer, rt: Runtime, batch_size: int,
@@ -119,7 +123,7 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
     optimizers = build_optimizers(model.param_groups(), recipe.optim, config.n_embd,
                                   all_params=model.parameters())
 
-    device_batch = resolve_device_batch_size(recipe, rt)
+    device_batch = resolve_device_batch_size(recipe, rt, model=model, vocab_size=config.vocab_size)
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
     steps = num_iterations(recipe, model)

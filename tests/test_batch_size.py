@@ -58,6 +58,12 @@ def test_search_finds_the_largest_fitting_legal_size_for_any_budget(mode):
             assert len(res.probes) <= 4 + (mode == "divisors") * 3, [p["batch"] for p in res.probes]
 
 
+def test_search_with_flat_memory_gallops_to_the_largest_candidate():
+    cands = legal_candidates(2**20, 1024, 1)  # 1 .. 1024
+    res = search(cands, lambda b: {"batch": b, "oom": False, "peak_bytes": 1e9}, 2e9)
+    assert res.largest == 1024 and len(res.probes) <= 8 and res.first_guess is None
+
+
 def test_search_treats_out_of_memory_as_not_fitting_and_reports_too_small():
     cands = [1, 2, 4, 8, 16]
     oom_above = lambda b: {"batch": b, "oom": b > 4, "peak_bytes": None if b > 4 else 10.0 * b}
@@ -78,9 +84,10 @@ def budget_run(tmp_path_factory):
                    "discovery": {"cache_dir": str(cache), "memory_budget_gb": 8.0, "headroom": 0.0}}
     recipe = recipe_from_dict(recipe_dict)
     spec = probe_spec(recipe, resolve_target(recipe))
-    with ProbeServer() as server:
-        p4, p8 = (server.probe(spec, b, None)["peak_bytes"] for b in (4, 8))
-    assert p8 > p4 * 1.3, (p4, p8)  # the per-sample cost dominates: the test has a margin
+    with ProbeServer() as server:  # resident peaks vary by ~10% run to run: take the extremes
+        peaks = {b: [server.probe(spec, b, None)["peak_bytes"] for _ in range(2)] for b in (4, 8)}
+    p4, p8 = max(peaks[4]), min(peaks[8])
+    assert p8 > p4 * 1.3, peaks  # the per-sample cost dominates: the test has a margin
     recipe_dict["discovery"]["memory_budget_gb"] = (p4 + p8) / 2 / 1e9
     recipe = recipe_from_dict(recipe_dict)
     before = memory_probe.PROBES_STARTED
@@ -224,13 +231,14 @@ def test_probing_the_callers_model_leaves_it_untouched(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**spec.model))
     model.init_weights()
+    model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     d = discover(recipe, model=model, isolate=False, use_cache=False)
     assert d.probes_run >= 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert all(p.grad is None for p in model.parameters()) and not model.training
     assert torch.equal(rng, torch.get_rng_state())
 
 

@@ -129,3 +129,22 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
     status = subprocess.run([sys.executable, "jobs/status.py", str(root / "t")], cwd=REPO,
                             capture_output=True, text=True, timeout=60).stdout
     assert "FAILED" in status and "CANCELLED" in status and "smaller than the tokenizer's" in status
+
+
+def test_discovery_runs_first_and_a_cache_hit_skips_it(recipe_file, tmp_path):
+    """device_batch_size: auto → a discover stage (real CPU probes under a memory budget) whose
+    cached answer training uses; the next launch finds the cache and runs no discovery."""
+    root = tmp_path / "runs"
+    args = [str(recipe_file), "stages=[discover,train,report]", "train.device_batch_size=auto", "discovery.memory_budget_gb=1.0",
+            "discovery.max_batch_size=8", f"discovery.cache_dir={tmp_path / 'bs-cache'}",
+            "--executor", "local", "--output-root", str(root)]
+    assert launch.main(args) == 0
+    manifest = json.loads((root / "t" / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["discover", "train", "report"]
+    found = json.loads((root / "t" / "discover" / "discovery.json").read_text())
+    assert found["from_cache"] is False and found["batch_size"] in (1, 2, 4, 8)
+    run_info = json.loads((root / "t" / "train" / "000" / "run.json").read_text())
+    assert run_info["device_batch_size"] == found["batch_size"]
+    assert launch.main(args + ["--force"]) == 0
+    manifest = json.loads((root / "t" / "manifest.json").read_text())
+    assert "discover" not in manifest["stages"] and "cache" in manifest["skipped"]["discover"]
