@@ -20,14 +20,12 @@ import time
 
 import torch
 
-from nanochat.batch_size import discover, probe_spec, resolve_target
+from nanochat.batch_size import discover, resolve_target
+from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
-from nanochat.config import OptimArgs
-from nanochat.gpt import GPTConfig
-from nanochat.optim import build_optimizers
+from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.train import build_model
-from nanochat.trainer import grad_accum_steps, maybe_compile, setup_runtime
+from nanochat.trainer import setup_runtime
 
 
 def _stats(xs: list[float], nd: int = 1) -> dict:
@@ -36,45 +34,13 @@ def _stats(xs: list[float], nd: int = 1) -> dict:
 
 
 def training_tok_s(recipe, rt, batch: int, warmup: int, repeats: int) -> dict:
-    """Tokens/s of whole optimizer steps at device batch `batch` (one rank)."""
-    spec = probe_spec(recipe, resolve_target(recipe))
-    cfg = GPTConfig(**spec.model)
-    T = cfg.sequence_len
-    accum = grad_accum_steps(recipe.train.total_batch_size, batch, T, 1)
-    torch.manual_seed(0)
-    model = build_model(cfg, rt.device)
-    opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd)
-    step_model = maybe_compile(model, recipe.train)
-    gen = torch.Generator().manual_seed(0)
-    xy = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(rt.device)
-    x, y = xy[:, :-1], xy[:, 1:]
-
-    def step():
-        for _ in range(accum):
-            with rt.autocast():
-                loss = step_model(x, y)
-            (loss / accum).backward()
-        for o in opts:
-            o.step()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    rt.sync()
-    warmup_s = time.perf_counter() - t0
-    rates = []
-    for _ in range(repeats):
-        rt.sync()
-        t0 = time.perf_counter()
-        step()
-        rt.sync()
-        rates.append(batch * T * accum / (time.perf_counter() - t0))
-    if recipe.train.compile:
-        torch._dynamo.reset()
-    return {"device_batch_size": batch, "grad_accum": accum, "warmup_s": round(warmup_s, 2),
-            "tok_per_s": _stats(rates)}
+    """Tokens/s of whole optimizer steps (the recipe's total batch, accumulation included) at
+    device batch `batch` on one rank — bench.train's timed loop."""
+    accum = grad_accum_steps(recipe.train.total_batch_size, batch, recipe.model.sequence_len, 1)
+    r = bench_training(recipe, rt, recipe.train.compile, warmup, 1, repeats, batch=batch, accum=accum)
+    return {"device_batch_size": batch, "grad_accum": accum, "warmup_s": r["warmup_s"],
+            "tok_per_s": {"median": r["tok_per_s_median"], "min": r["tok_per_s_min"],
+                          "max": r["tok_per_s_max"], "n": repeats}}
 
 
 def main(argv: list[str]) -> int:

@@ -30,10 +30,13 @@ from nanochat.trainer import Runtime, measure_matmul_flops, setup_runtime
 
 
 def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
-                   repeats: int) -> dict:
-    if recipe.train.device_batch_size == "auto":
+                   repeats: int, batch: int | None = None, accum: int = 1) -> dict:
+    """Timed optimizer steps, each of `accum` forward/backward micro-batches of `batch` rows
+    (default: the recipe's device batch): tokens/s median, min, max over `repeats` windows."""
+    B = batch if batch is not None else recipe.train.device_batch_size
+    if B == "auto":
         raise UserError("bench.train needs a fixed train.device_batch_size (e.g. train.device_batch_size=8)")
-    B, T = recipe.train.device_batch_size, recipe.model.sequence_len
+    T = recipe.model.sequence_len
     vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
     config = GPTConfig.from_args(recipe.model, vocab)
     torch.manual_seed(0)
@@ -49,9 +52,10 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
         torch.cuda.reset_peak_memory_stats(rt.device)
 
     def step():
-        with rt.autocast():
-            loss = step_model(inputs, targets)
-        loss.backward()
+        for _ in range(accum):
+            with rt.autocast():
+                loss = step_model(inputs, targets)
+            (loss / accum).backward()
         for o in opts:
             o.step()
         for o in opts:
@@ -69,7 +73,7 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
         for _ in range(steps):
             step()
         rt.sync()
-        rates.append(B * T * steps / (time.perf_counter() - t0))
+        rates.append(B * T * accum * steps / (time.perf_counter() - t0))
     out = {"compile": compile_model, "warmup_s": round(warmup_s, 2),
            "tok_per_s_median": round(statistics.median(rates), 1),
            "tok_per_s_min": round(min(rates), 1), "tok_per_s_max": round(max(rates), 1),
