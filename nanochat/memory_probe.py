@@ -44,7 +44,7 @@ from nanochat.config import OptimArgs, TrainArgs
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 from nanochat.train import build_model
-from nanochat.trainer import Runtime, maybe_compile
+from nanochat.trainer import Runtime, maybe_compile, optimizer_step
 
 CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
 
@@ -178,12 +178,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
                 _forward_backward(step_model, x, y, rt)
                 rt.sync()
                 t1 = time.perf_counter()
-                if spec.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-                for opt in opts:
-                    opt.step()
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
+                optimizer_step(params, opts, spec.grad_clip)
                 rt.sync()
                 out["fwdbwd_s"], out["opt_s"] = t1 - t0, time.perf_counter() - t1
             model.eval()  # the loop evaluates with the plain model at this batch size

@@ -260,13 +260,9 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             loss_sum += loss.detach()
             next_state = batches.state_dict()
             x, y = next(batches)  # fetch the next batch while the GPU works
-        allreduce_gradients(params) if rt.dist.is_distributed else None
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        if rt.dist.is_distributed:
+            allreduce_gradients(params)
+        optimizer_step(params, optimizers, args.grad_clip)
         if profiler is not None:
             profiler.step()
             if step + 1 == args.profile_steps[1]:
@@ -309,6 +305,17 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
         _stop_profiler(profiler, run_dir, rt, args.profile_steps)
     last["step"] = step
     return last
+
+
+def optimizer_step(params, optimizers: list, grad_clip: float) -> None:
+    """Clip, step every optimizer, drop the gradients: the training step's update, shared with
+    batch-size discovery's probes so they measure exactly what training runs."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
 
 
 def _agreed_stop(rt: Runtime, step: int, every: int, stop_requested) -> bool:

@@ -10,18 +10,7 @@ from nanochat.common import UserError
 from nanochat.engine import Engine, Sampling, sample_next
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from test_cli import error_line, run_cli
-
-
-def make_model(seed=0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**{"sequence_len": 32, "vocab_size": 300, "n_layer": 2, "n_head": 4,
-                       "n_kv_head": 2, "n_embd": 64, **kw})
-    model = GPT(cfg)
-    model.init_weights()
-    with torch.no_grad():  # zero-initialised parts (projections, bigram table) would hide bugs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+from test_gpt import make_model
 
 
 RAGGED = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42] * 12, [7]]
