@@ -1,14 +1,13 @@
 """The inference engine against the naive oracle (GPT.generate_naive: full recompute per token),
 sampling, stop tokens, the static cache, and the chat command line (a really trained tiny model,
 its real tokenizer, real subprocesses)."""
-import math
 
 import pytest
 import torch
 
 from nanochat.common import UserError
 from nanochat.engine import Engine, Sampling, sample_next
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import KVCache
 from test_cli import error_line, run_cli
 from test_gpt import make_model
 
