@@ -108,14 +108,29 @@ class TrainArgs:
 
 @dataclass
 class SFTArgs:
-    source: str = "offline"         # offline (chatterbot-corpus + generated tasks) | smoltalk
+    source: str = "offline"         # offline (chatterbot-corpus + generated tasks) | smoltalk (HF hub)
+    conversation_files: list[str] = field(default_factory=list)  # JSONL files of {"messages": [{role, content}, ...]} added to the source's conversations
+    offline_package: str = "chatterbot-corpus==1.3.3"  # offline: PyPI wheel whose English YAML dialogues are read
+    task_examples: int = 2000       # offline: generated conversations per task kind (arithmetic, spelling, counting, copying, choice)
+    hub_dataset: str = "HuggingFaceTB/smol-smoltalk"  # smoltalk: dataset repo on the hub
+    val_fraction: float = 0.05      # conversations held out for the validation loss
     base_checkpoint: str | None = None  # run dir or checkpoint of the base model; None: this run's
     num_epochs: int = 1             # passes over the conversations; ignored if num_iterations > 0
     num_iterations: int = -1        # optimizer steps; -1: from num_epochs
     total_batch_size: int = 65_536  # tokens per optimizer step
     device_batch_size: int | str = 8  # rows per forward/backward per device, or "auto"
     lr_frac: float = 1.0            # LRs as a fraction of the base recipe's optim section
+    warmdown_ratio: float = 1.0     # fraction of steps at the end with linear LR decay to 0 (SFT decays throughout)
     eval_every: int = 100           # validation loss every N steps; -1 = only at the end
+
+
+@dataclass
+class EvalArgs:
+    problems_per_task: int = 100    # generated problems per offline task (held out from SFT data)
+    max_new_tokens: int = 32        # longest generated answer (exact-match tasks)
+    batch_size: int = 32            # prompts per generation batch
+    hub_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "gsm8k"])  # hub tasks run when the hub answers; [] = offline only
+    hub_problems: int = 200         # problems per hub task (first N of the test split)
 
 
 @dataclass
@@ -174,6 +189,7 @@ class Recipe:
     optim: OptimArgs = field(default_factory=OptimArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     sft: SFTArgs = field(default_factory=SFTArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
     discovery: DiscoveryArgs = field(default_factory=DiscoveryArgs)
     sweep: SweepArgs = field(default_factory=SweepArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
@@ -183,6 +199,7 @@ class Recipe:
         return Path(self.run_dir if self.run_dir else f"runs/{self.name}")
 
 
+HUB_TASKS = ("arc_easy", "arc_challenge", "gsm8k")  # eval tasks read from the HF hub
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -302,6 +319,19 @@ def validate(r: Recipe) -> None:
     _check(s.total_batch_size >= 1, "sft.total_batch_size", "must be ≥ 1")
     _check_batch(s.device_batch_size, "sft.device_batch_size")
     _check(s.lr_frac > 0, "sft.lr_frac", f"must be > 0, got {s.lr_frac}")
+    _check(0 <= s.warmdown_ratio <= 1, "sft.warmdown_ratio", f"must be in [0, 1], got {s.warmdown_ratio}")
+    _check(0 < s.val_fraction < 1, "sft.val_fraction", f"must be in (0, 1), got {s.val_fraction}")
+    _check(s.task_examples >= 0, "sft.task_examples", f"must be ≥ 0, got {s.task_examples}")
+    _check(s.eval_every == -1 or s.eval_every >= 1, "sft.eval_every", "must be ≥ 1 or -1")
+    _check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", s.offline_package) is not None,
+           "sft.offline_package", f"must be pinned as name==version, got {s.offline_package!r}")
+    _check("/" in s.hub_dataset, "sft.hub_dataset", f"must look like owner/name, got {s.hub_dataset!r}")
+
+    ev = r.eval
+    for k in ("problems_per_task", "max_new_tokens", "batch_size", "hub_problems"):
+        _check(getattr(ev, k) >= 1, f"eval.{k}", f"must be ≥ 1, got {getattr(ev, k)}")
+    _check(all(t in HUB_TASKS for t in ev.hub_tasks), "eval.hub_tasks",
+           f"must name tasks from {', '.join(HUB_TASKS)}; got {ev.hub_tasks}")
 
     dc = r.discovery
     _check(dc.min_batch_size >= 1, "discovery.min_batch_size", f"must be ≥ 1, got {dc.min_batch_size}")

@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
-from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, ModelArgs, OptimArgs, Recipe,
-                             SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, _check, _Invalid, validate)
+from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
+                             Recipe, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, _check, _Invalid, validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
 # The recipe reference (README) is generated from the field comments above, so it cannot drift.
 
 SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
-            "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "discovery": DiscoveryArgs,
-            "sweep": SweepArgs, "cluster": ClusterArgs}
+            "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "eval": EvalArgs,
+            "discovery": DiscoveryArgs, "sweep": SweepArgs, "cluster": ClusterArgs}
 
 
 def _field_comments(cls) -> dict[str, str]:
