@@ -22,15 +22,10 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat.checkpoint import run_dir_of  # noqa: F401 (eval and tests import it from here too)
 from nanochat.common import UserError, cli_main, pick_device
 from nanochat.engine import Engine, Sampling, load_model
 from nanochat.tokenizer import Tokenizer
-
-
-def run_dir_of(step_dir: Path) -> Path:
-    """RUN_DIR for RUN_DIR/checkpoints/step_NNNNNN."""
-    step_dir = Path(step_dir).resolve()
-    return step_dir.parent.parent if step_dir.parent.name == ckpt.CKPT_DIR else step_dir.parent
 
 
 class Chat:

@@ -126,6 +126,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def run_dir_of(step_dir: Path) -> Path:
+    """RUN_DIR for RUN_DIR/checkpoints/step_NNNNNN (where the run's tokenizer/ and logs live)."""
+    step_dir = Path(step_dir).resolve()
+    return step_dir.parent.parent if step_dir.parent.name == CKPT_DIR else step_dir.parent
+
+
 def load_model_state(ckpt: Path) -> dict:
     return _load(Path(ckpt) / "model.pt", "model")
 

@@ -103,6 +103,13 @@ def maybe_compile(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
     return torch.compile(model, mode=mode, dynamic=False)
 
 
+def compile_count() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a recompile (a new
+    shape under dynamic=False) or a graph break adds one. SFT logs it; tests assert on it."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 # Datasheet dense peaks (FLOP/s) used for MFU on known GPUs; anything else is measured.
 GPU_PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12,
                   ("A100", torch.bfloat16): 312e12, ("H100", torch.float32): 67e12,

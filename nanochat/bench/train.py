@@ -14,6 +14,7 @@ peak measured on this device with a large matmul, peak memory, and the software 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import resource
@@ -26,18 +27,21 @@ from nanochat.common import UserError, cli_main, tune_cpu_allocator
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
-from nanochat.trainer import Runtime, measure_matmul_flops, setup_runtime
+from nanochat.trainer import Runtime, compile_count, measure_matmul_flops, setup_runtime
 
 
 def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
-                   repeats: int, batch: int | None = None, accum: int = 1) -> dict:
+                   repeats: int, batch: int | None = None, accum: int = 1, batches=None,
+                   vocab: int | None = None) -> dict:
     """Timed optimizer steps, each of `accum` forward/backward micro-batches of `batch` rows
-    (default: the recipe's device batch): tokens/s median, min, max over `repeats` windows."""
+    (default: the recipe's device batch): tokens/s median, min, max over `repeats` windows.
+    Random tokens, or the (inputs, targets) of `batches` (then tokens are counted per batch:
+    shapes may vary)."""
     B = batch if batch is not None else recipe.train.device_batch_size
     if B == "auto":
         raise UserError("bench.train needs a fixed train.device_batch_size (e.g. train.device_batch_size=8)")
     T = recipe.model.sequence_len
-    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
+    vocab = vocab or recipe.model.vocab_size or recipe.tokenizer.vocab_size
     config = GPTConfig.from_args(recipe.model, vocab)
     torch.manual_seed(0)
     model = GPT(config).to(rt.device)
@@ -45,21 +49,27 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
     opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd)
     step_model = torch.compile(model, dynamic=False, mode=None if recipe.train.compile_mode == "default"
                                else recipe.train.compile_mode) if compile_model else model
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (B, T + 1), generator=gen).to(rt.device)
-    inputs, targets = x[:, :-1], x[:, 1:]
+    if batches is None:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, vocab, (B, T + 1), generator=gen).to(rt.device)
+        batches = itertools.repeat((x[:, :-1], x[:, 1:]))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
+    graphs0 = compile_count()
 
-    def step():
+    def step() -> int:
+        tokens = 0
         for _ in range(accum):
+            inputs, targets = next(batches)
             with rt.autocast():
                 loss = step_model(inputs, targets)
             (loss / accum).backward()
+            tokens += inputs.numel()
         for o in opts:
             o.step()
         for o in opts:
             o.zero_grad(set_to_none=True)
+        return tokens
 
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -70,11 +80,11 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
     for _ in range(repeats):
         rt.sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
+        tokens = sum(step() for _ in range(steps))
         rt.sync()
-        rates.append(B * T * accum * steps / (time.perf_counter() - t0))
+        rates.append(tokens / (time.perf_counter() - t0))
     out = {"compile": compile_model, "warmup_s": round(warmup_s, 2),
+           "compilations": compile_count() - graphs0,
            "tok_per_s_median": round(statistics.median(rates), 1),
            "tok_per_s_min": round(min(rates), 1), "tok_per_s_max": round(max(rates), 1),
            "params": model.num_params()["total"], "flops_per_token": model.flops_per_token()}

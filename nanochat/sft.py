@@ -1,0 +1,231 @@
+"""Supervised fine-tuning:  python -m nanochat.sft RECIPE [section.key=value ...] [--fresh]
+
+Starts from a base checkpoint (`sft.base_checkpoint`, default: this run's base training) and
+writes a chat model to RUN_DIR/sft (checkpoints, progress.jsonl, curves.png, tokenizer/), which
+`python -m nanochat.chat RUN_DIR/sft` talks to and `python -m nanochat.eval RUN_DIR/sft` scores.
+
+The step is base training's (`trainer.train_loop`: accumulation, schedule, logging, checkpoints,
+exact resume, preemption); what differs is the data — whole conversations packed best-fit into
+fixed (B, T) rows, loss only on assistant tokens (nanochat/sft_loader.py) — and the optimizer's
+LRs (× sft.lr_frac, decayed over sft.warmdown_ratio of the steps). Fixed shapes let
+torch.compile(dynamic=False) compile once for the whole run; the count is logged.
+
+The model, tokenizer and their settings come from the base checkpoint; the recipe must describe
+the same model and tokenizer (checked, one line each when not).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from nanochat import checkpoint as ckpt
+from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
+from nanochat.config import Recipe
+from nanochat.gpt import GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
+from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
+from nanochat.tokenizer import Tokenizer
+from nanochat.train import build_model, model_config, resolve_device_batch_size
+from nanochat.trainer import (LoopSpec, Runtime, compile_count, grad_accum_steps, maybe_compile,
+                              restore_training_state, setup_runtime, teardown_runtime, train_loop)
+
+
+def sft_dir(recipe: Recipe) -> Path:
+    return recipe.out_dir / "sft"
+
+
+def load_base(recipe: Recipe) -> tuple[Path, dict, Tokenizer, GPTConfig]:
+    """The base checkpoint, its meta, its run's tokenizer and model config — checked against
+    the recipe (one line for each mismatch)."""
+    where = recipe.sft.base_checkpoint or recipe.out_dir
+    try:
+        step_dir = ckpt.resolve_checkpoint(where)
+    except UserError as e:
+        hint = "" if recipe.sft.base_checkpoint else " (run base training first, or set sft.base_checkpoint)"
+        raise UserError(f"sft.base_checkpoint: {e}{hint}") from None
+    meta = ckpt.read_meta(step_dir)
+    tok_dir = ckpt.run_dir_of(step_dir) / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        raise UserError(f"base checkpoint {step_dir} has no tokenizer at {tok_dir}; point "
+                        "sft.base_checkpoint at a run directory written by nanochat.train")
+    base_tok = (meta.get("recipe") or {}).get("tokenizer", {})
+    ours = dataclasses.asdict(recipe.tokenizer)
+    diff = {k: (base_tok.get(k), v) for k, v in ours.items() if k in base_tok and base_tok[k] != v}
+    if diff:
+        k, (theirs, mine) = next(iter(diff.items()))
+        raise UserError(f"base checkpoint {step_dir} was trained with another vocabulary "
+                        f"(tokenizer.{k} {theirs}, this recipe has {mine}); point "
+                        f"sft.base_checkpoint at a base run of this recipe or set tokenizer.{k}={theirs}")
+    tokenizer = Tokenizer.load(tok_dir)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{step_dir}/meta.json has no usable model_config ({type(e).__name__})")
+    wanted = model_config(recipe, tokenizer)
+    if wanted != config:
+        k = next(f.name for f in dataclasses.fields(GPTConfig)
+                 if getattr(wanted, f.name) != getattr(config, f.name))
+        raise UserError(f"base checkpoint {step_dir} holds another model than this recipe "
+                        f"({k} {getattr(config, k)} vs {getattr(wanted, k)}); point "
+                        "sft.base_checkpoint at a base run of this recipe")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens, more than "
+                        f"the base model's vocabulary {config.vocab_size}")
+    return step_dir, meta, tokenizer, config
+
+
+def sft_optim_args(recipe: Recipe):
+    f = recipe.sft.lr_frac
+    o = recipe.optim
+    return dataclasses.replace(o, matrix_lr=o.matrix_lr * f, embedding_lr=o.embedding_lr * f,
+                               unembedding_lr=o.unembedding_lr * f, scalar_lr=o.scalar_lr * f)
+
+
+def sft_train_args(recipe: Recipe, device_batch: int, steps: int):
+    """The train section as SFT runs it: its device, dtype, compile, logging and checkpoint
+    cadence; the SFT batch, steps, schedule and eval cadence."""
+    s = recipe.sft
+    return dataclasses.replace(recipe.train, total_batch_size=s.total_batch_size,
+                               device_batch_size=device_batch, num_iterations=steps,
+                               warmup_ratio=0.0, warmdown_ratio=s.warmdown_ratio,
+                               final_lr_frac=0.0, eval_every=s.eval_every)
+
+
+def make_loss_evaluator(items, tokenizer: Tokenizer, rt: Runtime, batch_size: int, seq_len: int,
+                        max_tokens: int):
+    """Validation loss: mean cross-entropy (nats) per assistant token of held-out conversations,
+    packed exactly as training packs them (up to `max_tokens` row tokens per rank)."""
+    steps = max(1, max_tokens // (batch_size * seq_len))
+
+    def evaluate(model) -> dict:
+        loader = SFTLoader(items, batch_size, seq_len, tokenizer.bos_token_id, rt.dist.rank,
+                           rt.dist.world_size, rt.device, loop=False)
+        nats = torch.zeros((), device=rt.device)
+        count = torch.zeros((), device=rt.device)
+        for _, (x, y) in zip(range(steps), loader):
+            loss = model(x, y, loss_reduction="none").view(-1)
+            keep = (y.reshape(-1) >= 0)
+            nats += (loss * keep).sum()
+            count += keep.sum()
+        if rt.dist.is_distributed:
+            torch.distributed.all_reduce(nats)
+            torch.distributed.all_reduce(count)
+        return {"val_loss": (nats / count.clamp(min=1)).item()}
+    return evaluate
+
+
+def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
+    rt = setup_runtime(recipe.train)
+    try:
+        return _train_sft(recipe, rt, fresh, stop_requested)
+    finally:
+        teardown_runtime(rt)
+
+
+def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:
+    from nanochat.chat_data import load_sft_conversations
+    out = sft_dir(recipe)
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None and fresh:
+        raise UserError(f"{out} already holds checkpoints ({latest.name}); drop --fresh to resume, "
+                        "or delete that directory")
+    base_step, base_meta, tokenizer, config = load_base(recipe)
+    model = build_model(config, rt.device)
+    model.load_state_dict(ckpt.load_model_state(base_step))
+    seq = config.sequence_len
+
+    train_set = load_sft_conversations(recipe, "train")
+    val_set = load_sft_conversations(recipe, "val")
+    train = render_conversations(tokenizer, train_set.conversations, seq + 1)
+    val = render_conversations(tokenizer, val_set.conversations, seq + 1)
+    if not train.items:
+        raise UserError("no SFT conversation has an assistant token to learn from; check "
+                        "sft.source and sft.conversation_files")
+    packing = packing_stats(train.items, seq, seed=recipe.train.seed)
+    print0(f"sft data: {len(train.items):,} train / {len(val.items):,} val conversations "
+           f"({', '.join(f'{k} {v:,}' for k, v in train_set.sources.items())}); "
+           f"skipped {train_set.skipped + val_set.skipped:,} malformed, truncated "
+           f"{train.truncated + val.truncated:,} longer than {seq + 1} tokens, dropped "
+           f"{train.no_target + val.no_target:,} without an assistant reply; one epoch = "
+           f"{packing['rows']:,} rows of {seq + 1}, {100 * packing['real_token_fraction']:.1f}% real tokens")
+
+    optimizers = build_optimizers(model.param_groups(), sft_optim_args(recipe), config.n_embd,
+                                  all_params=model.parameters())
+    device_batch = resolve_device_batch_size(recipe, rt, stage="sft", model=model,
+                                             vocab_size=config.vocab_size)
+    accum = grad_accum_steps(recipe.sft.total_batch_size, device_batch, seq, rt.dist.world_size,
+                             section="sft")
+    rows_per_step = device_batch * accum * rt.dist.world_size
+    if recipe.sft.num_iterations > 0:
+        steps = recipe.sft.num_iterations
+    else:
+        steps = max(1, recipe.sft.num_epochs * packing["rows"] // rows_per_step)
+    meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
+            "git_commit": git_commit(), "tokenizer_key": base_meta.get("tokenizer_key"),
+            "base_checkpoint": str(base_step)}
+    start_step, loader_state = 0, None
+    if latest is not None:
+        start_step, loader_state = restore_training_state(
+            latest, rt, model, optimizers, {"model_config": meta["model_config"]})
+        print0(f"resuming from {latest} (step {start_step})")
+    data_stats = {"train_conversations": len(train.items), "val_conversations": len(val.items),
+                  "skipped": train_set.skipped + val_set.skipped, "sources": train_set.sources,
+                  "truncated": train.truncated + val.truncated,
+                  "no_target": train.no_target + val.no_target,
+                  "rows_per_epoch": packing["rows"],
+                  "real_token_fraction": round(packing["real_token_fraction"], 4)}
+    if rt.dist.is_master:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(recipe, out / "recipe.yaml",
+                             {"device_batch_size": device_batch, "grad_accum": accum,
+                              "num_iterations": steps, "world_size": rt.dist.world_size,
+                              "base_checkpoint": str(base_step)})
+        if not (out / "tokenizer" / "tokenizer.json").exists():
+            tokenizer.save(out / "tokenizer")
+        atomic_write_json(out / "run.json", {
+            "stage": "sft", "started": now_iso(), "git_commit": meta["git_commit"],
+            "base_checkpoint": str(base_step), "device": str(rt.device), "dtype": str(rt.dtype),
+            "world_size": rt.dist.world_size, "torch": torch.__version__,
+            "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
+            "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats})
+    if start_step >= steps:
+        print0(f"{out} is already fine-tuned to step {start_step}; nothing to do")
+        return {"step": start_step}
+
+    loader = SFTLoader(train.items, device_batch, seq, tokenizer.bos_token_id, rt.dist.rank,
+                       rt.dist.world_size, rt.device, seed=recipe.train.seed, state=loader_state)
+    evaluate = make_loss_evaluator(val.items or train.items[:256], tokenizer, rt, device_batch, seq,
+                                   recipe.train.eval_tokens)
+    train_args = sft_train_args(recipe, device_batch, steps)
+    step_model = maybe_compile(model, train_args)
+    spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.sft.total_batch_size,
+                    flops_per_token=model.flops_per_token(), train=train_args,
+                    optim=sft_optim_args(recipe), stage="sft", meta=meta)
+    graphs0 = compile_count()
+    result = train_loop(rt, out, model, step_model, optimizers, loader, evaluate, spec,
+                        start_step=start_step, stop_requested=stop_requested)
+    result["compilations"] = compile_count() - graphs0
+    result["real_token_fraction"] = round(loader.real_tokens / max(1, loader.total_tokens), 4)
+    if recipe.train.compile:
+        print0(f"[sft] torch.compile compiled {result['compilations']} graph(s) in this run")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python -m nanochat.sft", "Supervised fine-tuning of a base checkpoint.")
+    ap.add_argument("--fresh", action="store_true",
+                    help="refuse to start if RUN_DIR/sft already holds checkpoints")
+    args = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train_sft(recipe, fresh=args.fresh)
+    print0(json.dumps({k: v for k, v in result.items()
+                       if k in ("step", "loss", "val_loss", "compilations", "real_token_fraction")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,205 @@
+"""SFT batches of fixed shape: whole conversations packed best-fit into (B, T) rows.
+
+Every conversation is rendered with the chat template into (ids, mask), mask = 1 on the tokens
+the model learns to produce (assistant content and <|assistant_end|>). Rows hold T + 1 tokens:
+the first T are the inputs, the last T the targets, and a target is -1 (ignored by the loss)
+wherever the predicted token is not an assistant token or is padding.
+
+Why packing, and why best-fit. Compiling with `dynamic=False` needs one shape for the whole run.
+The seed reports got it by padding every row to 2047 tokens — paying for padding instead of
+recompiles. Upstream nanochat packs whole conversations best-fit into fixed rows; so do we:
+within a block of conversations, best-fit decreasing (open a row with the longest remaining
+conversation, fill it with the longest that still fits, repeat; pad only what no conversation
+fits). A conversation is never split across rows; one longer than T + 1 is truncated to a row of
+its own and counted. Rows start with BOS because every conversation does. Attention is not
+masked between conversations of a row (as in nanochat's packed training); each conversation
+starts with BOS, which the model learns to treat as a boundary.
+
+Like the pretraining loader, packing is a pure function of (epoch, block), so the state is
+(epoch, block, row) and a resumed run continues at the exact next batch. Blocks are dealt
+round-robin to ranks; the conversation order is reshuffled each epoch with a fixed seed.
+
+`mode` exists for the benchmark (nanochat.bench.sft): "bestfit" (the above), "pad_longest" (one
+conversation per row, each batch padded to its longest row: few pads, but a new shape per
+batch), "pad_T" (one conversation per row padded to T + 1: the seeds' fixed shape).
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("bestfit", "pad_longest", "pad_T")
+
+
+@dataclass
+class Rendered:
+    """Conversations as (ids, mask) pairs, each at most `row_len` tokens."""
+    items: list[tuple[list[int], list[int]]]
+    truncated: int          # conversations longer than a row, cut to one row
+    no_target: int          # conversations without an assistant token (inside a row): dropped
+
+
+def render_conversations(tokenizer, conversations: list[dict], row_len: int) -> Rendered:
+    items, truncated, no_target = [], 0, 0
+    for conv in conversations:
+        ids, mask = tokenizer.render_conversation(conv)
+        if len(ids) > row_len:
+            ids, mask = ids[:row_len], mask[:row_len]
+            truncated += 1
+        if not any(mask[1:]):  # nothing to learn (the first token is never a target)
+            no_target += 1
+            continue
+        items.append((ids, mask))
+    return Rendered(items, truncated, no_target)
+
+
+def pack_bestfit(lengths: list[int], row_len: int) -> list[list[int]]:
+    """Indices of the items in each row, best-fit decreasing. Every item lands in exactly one
+    row; a row's lengths sum to at most `row_len` (items are ≤ row_len)."""
+    remaining = sorted((n, i) for i, n in enumerate(lengths))  # ascending by length, then index
+    rows = []
+    while remaining:
+        n, i = remaining.pop()              # the longest remaining opens a row
+        row, space = [i], row_len - n
+        while space > 0 and remaining:
+            k = bisect.bisect_right(remaining, (space, len(lengths))) - 1
+            if k < 0:
+                break                       # nothing fits: pad the rest
+            n, i = remaining.pop(k)         # the longest that fits
+            row.append(i)
+            space -= n
+        rows.append(row)
+    return rows
+
+
+def build_rows(items, row_len: int, mode: str, pad_id: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Rows as lists of items (pad_T/pad_longest: one item per row)."""
+    if mode == "bestfit":
+        return [[items[i] for i in row] for row in pack_bestfit([len(ids) for ids, _ in items], row_len)]
+    return [[item] for item in items]
+
+
+def rows_to_tensors(rows, row_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, row_len) token ids and 0/1 target masks, padded with pad_id / 0."""
+    ids = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), row_len), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        pos = 0
+        for tok, m in row:
+            ids[r, pos:pos + len(tok)] = torch.tensor(tok)
+            mask[r, pos:pos + len(m)] = torch.tensor(m, dtype=torch.bool)
+            pos += len(tok)
+    return ids, mask
+
+
+def to_batch(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = ids[:, :-1]
+    y = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return x, y
+
+
+class SFTLoader:
+    """Yields (inputs, targets) of shape (B, T) for this rank (pad_longest: (B, ≤T)).
+
+    `loop=True` wraps around epochs forever (training); `loop=False` stops after one pass and
+    yields a short last batch (evaluation). `state_dict()` describes the next batch."""
+
+    def __init__(self, items, batch_size: int, seq_len: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0,
+                 block_size: int = 1024, mode: str = "bestfit", loop: bool = True,
+                 state: dict | None = None):
+        assert mode in MODES, mode
+        self.items = items
+        self.B, self.T, self.pad_id = batch_size, seq_len, pad_id
+        self.rank, self.world = rank, world_size
+        self.device = torch.device(device)
+        self.seed, self.block_size, self.mode, self.loop = seed, block_size, mode, loop
+        n_blocks = -(-len(items) // block_size)
+        self.my_blocks = list(range(rank, n_blocks, world_size))
+        if not self.my_blocks:
+            raise ValueError(f"rank {rank} of {world_size} has no conversations ({len(items)} in "
+                             f"{n_blocks} blocks of {block_size}); use fewer ranks")
+        self.epoch, self.block_idx, self.row_idx = 0, 0, 0
+        self._rows = None
+        self.real_tokens = 0      # non-pad tokens yielded so far
+        self.total_tokens = 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "block": self.block_idx, "row": self.row_idx}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.block_idx, self.row_idx = state["epoch"], state["block"], state["row"]
+        self._rows = None
+
+    def block_rows(self, epoch: int, block: int):
+        """The rows of one block in one epoch: a pure function (resume re-derives it)."""
+        order = list(range(len(self.items)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        chosen = [self.items[i] for i in order[block * self.block_size:(block + 1) * self.block_size]]
+        rows = build_rows(chosen, self.T + 1, self.mode, self.pad_id)
+        # best-fit decreasing leaves rows sorted by their longest conversation: shuffle them so
+        # batches don't run from long to short conversations within a block
+        random.Random(self.seed * 1_000_003 + epoch * 7919 + block).shuffle(rows)
+        return rows
+
+    def _next_row(self):
+        while True:
+            if self.block_idx >= len(self.my_blocks):  # a finished single pass (loop=False)
+                return None
+            if self._rows is None:
+                self._rows = self.block_rows(self.epoch, self.my_blocks[self.block_idx])
+            if self.row_idx < len(self._rows):
+                self.row_idx += 1
+                return self._rows[self.row_idx - 1]
+            self.block_idx, self.row_idx, self._rows = self.block_idx + 1, 0, None
+            if self.block_idx == len(self.my_blocks):
+                if not self.loop:
+                    return None
+                self.epoch, self.block_idx = self.epoch + 1, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = []
+        for _ in range(self.B):
+            row = self._next_row()
+            if row is None:
+                break
+            rows.append(row)
+        if not rows:
+            raise StopIteration
+        width = self.T + 1
+        if self.mode == "pad_longest":
+            width = max(sum(len(t) for t, _ in row) for row in rows)
+        ids, mask = rows_to_tensors(rows, width, self.pad_id)
+        real = sum(len(t) for row in rows for t, _ in row)
+        self.real_tokens += real          # counted over rows of T + 1, as packing_stats does
+        self.total_tokens += ids.numel()
+        x, y = to_batch(ids, mask)
+        if self.device.type == "cuda":
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.to(self.device), y.to(self.device)
+
+
+def packing_stats(items, seq_len: int, mode: str = "bestfit", batch_size: int = 1,
+                  block_size: int = 1024, seed: int = 0) -> dict:
+    """Rows and the fraction of real (non-pad) tokens in one epoch (epoch 0, one rank) for
+    `mode`; pad_longest pads each batch of `batch_size` rows to its longest row."""
+    loader = SFTLoader(items, batch_size, seq_len, pad_id=0, seed=seed, block_size=block_size,
+                       mode=mode, loop=False)
+    rows = [row for b in range(-(-len(items) // block_size)) for row in loader.block_rows(0, b)]
+    lengths = [sum(len(t) for t, _ in row) for row in rows]
+    total = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = lengths[i:i + batch_size]
+        width = max(chunk) if mode == "pad_longest" else seq_len + 1
+        total += width * len(chunk)
+    return {"rows": len(rows), "tokens": total, "real_tokens": sum(lengths),
+            "real_token_fraction": sum(lengths) / max(1, total)}
