@@ -4,6 +4,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,7 +156,8 @@ def test_compiled_sft_compiles_once_across_20_steps_and_chat_loads_it(base_run):
     assert run_json["data"]["real_token_fraction"] > 0.5
     # the chat CLI talks to the result (one shot)
     res = subprocess.run([sys.executable, "-m", "nanochat.chat", str(out), "-p", "What is 2 + 3?",
-                          "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
     assert res.returncode == 0, res.stderr
 
 
@@ -183,9 +185,12 @@ def test_sft_resume_matches_an_uninterrupted_run(base_run, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, no traceback.
 
-def run_cli(args, cwd):
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args, tmp_path):
     return subprocess.run([sys.executable, "-m", "nanochat.sft", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+                          text=True, timeout=300, cwd=REPO)
 
 
 def write_recipe(tmp_path, d):
