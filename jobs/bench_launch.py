@@ -4,8 +4,8 @@
 
 Runs the recipe twice with `train.device_batch_size=auto` and a fresh batch-size cache: first a
 miss (a discovery job runs before training), then `--force` with the cache filled (no discovery
-job). Each time measures from the launch command's start to the first `train` record in task 0's
-progress log (train_log_every=1), and prints both as JSON. Benchmarks are commands, not tests.
+job). Each time measures from the launch command's start to the first `train` record in base task
+0's progress log (train_log_every=1), and prints both as JSON. Benchmarks are commands, not tests.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def time_to_first_step(recipe: str, overrides: list[str], out_root: Path, extra:
                    capture_output=True, text=True)
     submitted = time.perf_counter() - t0
     run = out_root / load_recipe(recipe, overrides).name
-    progress = run / "train" / "000" / "progress.jsonl"
+    progress = run / "base" / "000" / "progress.jsonl"
     while time.perf_counter() - t0 < timeout_s:
         if progress.exists() and '"event": "train"' in progress.read_text():
             break
@@ -38,7 +38,7 @@ def time_to_first_step(recipe: str, overrides: list[str], out_root: Path, extra:
     else:
         raise SystemExit(f"no training step within {timeout_s}s; see python jobs/status.py {run}")
     stages = list(json.loads((run / "manifest.json").read_text())["stages"])
-    subprocess.run(["scancel", "--name", f"{run.name}-train"], check=False)
+    subprocess.run(["scancel", "--name", f"{run.name}-base"], check=False)
     return {"stages": stages, "launch_s": round(submitted, 2),
             "launch_to_first_step_s": round(time.perf_counter() - t0, 2)}
 
@@ -47,7 +47,7 @@ def main() -> int:
     recipe, overrides = sys.argv[1], sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         ov = overrides + ["train.device_batch_size=auto", "train.train_log_every=1",
-                          "stages=[discover,train]", f"discovery.cache_dir={tmp}/bs-cache"]
+                          "stages=[discover,base]", f"discovery.cache_dir={tmp}/bs-cache"]
         miss = time_to_first_step(recipe, ov, Path(tmp) / "runs", [])
         hit = time_to_first_step(recipe, ov, Path(tmp) / "runs", ["--force"])
     print(json.dumps({"recipe": recipe, "overrides": overrides, "cache_miss": miss, "cache_hit": hit,

@@ -13,7 +13,6 @@ array task → grid values, output paths, stage states) and the jobs' logs.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
-from jobs.plan import Plan, Stage, build_plan, resolve_run_dir, slurm_parameters  # noqa: E402
+from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir, slurm_parameters  # noqa: E402
 from jobs.tasks import MANIFEST, read_manifest, run_task  # noqa: E402
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso  # noqa: E402
 from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
@@ -53,15 +52,18 @@ def check_partition(partition: str | None) -> None:
 
 
 def discovery_cached(recipe) -> bool | None:
-    """Whether the batch-size cache already answers (None when no discovery module is present)."""
-    if recipe.train.device_batch_size != "auto":
+    """Whether the batch-size cache already answers for every stage that asks for `auto` (base
+    and/or sft); None when none asks or no discovery module is present."""
+    keys = discovery_stages(recipe)
+    if not keys:
         return None
     try:
         from nanochat.batch_size import cached_result
     except ImportError:
         return None
     c = recipe.cluster
-    return cached_result(recipe, stage="base", world_size=c.nodes * c.gpus_per_node) is not None
+    return all(cached_result(recipe, stage=k, world_size=c.nodes * c.gpus_per_node) is not None
+               for k in keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +75,8 @@ def new_manifest(plan: Plan, executor: str) -> dict:
             "skipped": plan.skipped,
             "stages": {s.name: {"after": s.after, "dependency": s.dependency, "job_id": None,
                                 "tasks": [{"index": t.index, "overrides": t.overrides,
-                                           "run_dir": t.run_dir, "job_id": None, "state": "PLANNED"}
+                                           "run_dir": t.run_dir, "recipe_run_dir": t.recipe_run_dir or t.run_dir,
+                                           "job_id": None, "state": "PLANNED"}
                                           for t in s.tasks]}
                        for s in plan.stages}}
 
@@ -85,12 +88,20 @@ def save_manifest(run_dir: Path, manifest: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Dry run: the sbatch text submitit would write, dependencies shown symbolically.
 
+def dependency_option(stage: Stage, job_ids: dict[str, str]) -> str | None:
+    """`--dependency` for a stage: `type:ID1:ID2...` over the stages it waits for that were
+    submitted (SLURM requires all of them). None when it waits for none."""
+    ids = [job_ids[a] for a in stage.after if a in job_ids]
+    return f"{stage.dependency}:{':'.join(ids)}" if ids else None
+
+
 def render_sbatch(plan: Plan, stage: Stage) -> str:
     from submitit.slurm.slurm import _make_sbatch_string  # private but stable; submitit's own text
     params = slurm_parameters(plan.recipe, stage)
-    if stage.after:
+    dependency = dependency_option(stage, {a: f"<{a} job id>" for a in stage.after})
+    if dependency:
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes",
-                                           "dependency": f"{stage.dependency}:<{stage.after} job id>"}
+                                           "dependency": dependency}
     if stage.is_array:
         params["map_count"] = len(stage.tasks)
     return _make_sbatch_string(command="python -u -m submitit.core._submit <folder>",
@@ -122,14 +133,14 @@ def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
     ok = True
     for stage in plan.stages:
         entries = manifest["stages"][stage.name]["tasks"]
-        upstream = manifest["stages"][stage.after]["tasks"] if stage.after else None
+        upstream = [manifest["stages"][a]["tasks"] for a in stage.after]
 
         def blocked(i: int) -> bool:
-            if upstream is None or stage.dependency == "afterany":
+            if stage.dependency == "afterany":  # stages run in order: the upstream ones ended
                 return False
             if stage.dependency == "aftercorr":
-                return upstream[i]["state"] != DONE
-            return any(t["state"] != DONE for t in upstream)
+                return any(tasks[i]["state"] != DONE for tasks in upstream)
+            return any(t["state"] != DONE for tasks in upstream for t in tasks)
 
         def run_one(i: int) -> str:
             entry = entries[i]
@@ -158,7 +169,7 @@ def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
 
 
 def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
-    """Submit every stage through submitit, each depending on the previous one, then return."""
+    """Submit every stage through submitit, each depending on the stages it waits for, then return."""
     import submitit
     check_partition(plan.recipe.cluster.partition)
     job_ids: dict[str, str] = {}
@@ -171,8 +182,9 @@ def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
             executor = submitit.SlurmExecutor(folder=str(plan.run_dir / "slurm" / "%j"), max_num_timeout=3)
             params = slurm_parameters(plan.recipe, stage)
             additional = dict(params.pop("additional_parameters"))
-            if stage.after and stage.after in job_ids:
-                additional["dependency"] = f"{stage.dependency}:{job_ids[stage.after]}"
+            dependency = dependency_option(stage, job_ids)
+            if dependency:
+                additional["dependency"] = dependency
                 additional["kill-on-invalid-dep"] = "yes"
             executor.update_parameters(additional_parameters=additional, **params)
             try:

@@ -1,13 +1,28 @@
 """The launch plan: a recipe → stages of jobs with resources and dependencies. Pure data.
 
-    discover ──afterok──▶ train[0..n) ──aftercorr──▶ sweep[0..n) ──afterany──▶ report
+    discover ─afterok─▶ base[0..n) ─aftercorr─▶ sft[0..n) ─aftercorr─▶ eval[0..n) ──┐
+                            │                                                        ├─afterany─▶ report
+                            └──────────aftercorr─────────▶ sweep[0..n) ─────────────┘
 
-- discover: one short job on one GPU; skipped when the device batch size is fixed or when the
-  batch-size cache already answers (nothing then depends on it).
-- train: a job array over the recipe's `grid` (one task per combination; one task if no grid),
-  each task `cluster.nodes` × `cluster.gpus_per_node` processes.
-- sweep: the KV-cache sweep of train task i, after train task i succeeded (aftercorr).
-- report: one small CPU job after everything else ended (afterany: it reports failures too).
+The recipe's `stages` list decides which of these run (order fixed, as drawn).
+
+- discover: one short job on one GPU that finds the device batch size of every stage that asks
+  for `auto` (base: `train.device_batch_size`, sft: `sft.device_batch_size`); skipped when none
+  does or when the batch-size cache already answers for each (nothing then depends on it).
+- base: pretraining, a job array over the recipe's `grid` (one task per combination; one task if
+  no grid), each task `cluster.nodes` × `cluster.gpus_per_node` processes, checkpointable.
+- sft: task i fine-tunes base task i's checkpoint into `<base task i dir>/sft`; same resources,
+  checkpointable. `aftercorr`: task i starts when base task i succeeded (for a one-task array
+  that is plain `afterok`). Without base in the plan it needs `sft.base_checkpoint`.
+- eval: task i evaluates sft task i's output (or base task i's, without sft), on one GPU, and
+  writes `eval.json` there; `aftercorr` on sft (or base).
+- sweep: the KV-cache sweep of base task i's checkpoint, `aftercorr` on base.
+- report: one small CPU job after every other stage ended (`afterany` on all of them: the graph
+  fans out, and it reports failures too).
+
+Every task has an index (its grid combination) and two directories: `run_dir`, where its
+outputs go, and `recipe_run_dir`, the `run_dir` its recipe is given (task i's base directory
+for base, sft, eval and sweep, so they find base task i's checkpoint).
 
 This module knows nothing of tensors or of submitit; `jobs/launch.py` executes a plan.
 """
@@ -33,14 +48,18 @@ class Task:
     index: int
     overrides: list[str]            # section.key=value applied to the run's recipe
     run_dir: str                    # this task's outputs
+    recipe_run_dir: str = ""        # the run_dir its recipe gets ("" = run_dir)
+
+
+ARRAYS = ("base", "sft", "eval", "sweep")  # one task per grid combination
 
 
 @dataclass
 class Stage:
     name: str
     tasks: list[Task]
-    after: str | None = None        # stage this one depends on
-    dependency: str = "afterok"     # afterok | aftercorr | afterany
+    after: list[str] = field(default_factory=list)  # stages this one depends on
+    dependency: str = "afterok"     # afterok | aftercorr | afterany, on every stage in `after`
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0
@@ -50,7 +69,7 @@ class Stage:
 
     @property
     def is_array(self) -> bool:
-        return self.name in ("train", "sweep")
+        return self.name in ARRAYS
 
 
 @dataclass
@@ -101,44 +120,78 @@ def resolve_run_dir(recipe: Recipe, output_root: Path) -> Path:
     return run_dir
 
 
+def discovery_stages(recipe: Recipe) -> list[str]:
+    """The training stages in the plan whose device batch size is `auto`: the keys the discover
+    job finds (batch-size discovery names them "base" and "sft")."""
+    return [stage for stage, section in (("base", recipe.train), ("sft", recipe.sft))
+            if stage in recipe.stages and section.device_batch_size == "auto"]
+
+
 def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = None) -> Plan:
-    """`discovery_cached`: whether the batch-size cache already answers for this recipe (None
-    when unknown, e.g. no discovery module): then the discover stage is skipped."""
+    """`discovery_cached`: whether the batch-size cache already answers for every key of
+    `discovery_stages(recipe)` (None when unknown, e.g. no discovery module): then the discover
+    stage is skipped."""
     check_safe(recipe)
     c = recipe.cluster
     world = c.nodes * c.gpus_per_node
-    if recipe.train.device_batch_size != "auto":  # fail before submitting anything
+    wanted = recipe.stages
+    if "base" in wanted and recipe.train.device_batch_size != "auto":  # fail before submitting anything
         grad_accum_steps(recipe.train.total_batch_size, recipe.train.device_batch_size,
                          recipe.model.sequence_len, world)
+    if "sft" in wanted and recipe.sft.device_batch_size != "auto":  # SFT rows are sequence_len too
+        grad_accum_steps(recipe.sft.total_batch_size, recipe.sft.device_batch_size,
+                         recipe.model.sequence_len, world, section="sft")
+    if "sft" in wanted and "base" not in wanted and not recipe.sft.base_checkpoint:
+        raise UserError("stages: sft without base needs sft.base_checkpoint (the run dir or "
+                        "checkpoint to fine-tune); set it or add base to stages")
+    if "eval" in wanted and not {"base", "sft"} & set(wanted):
+        raise UserError("stages: eval needs base or sft in stages (it evaluates their checkpoints)")
+    if "sweep" in wanted and "base" not in wanted:
+        raise UserError("stages: sweep needs base (it sweeps the base checkpoints)")
     plan = Plan(run_dir=run_dir, recipe=recipe)
     grid = grid_overrides(recipe)
-    tasks = [Task(i, ov, str(run_dir / "train" / f"{i:03d}")) for i, ov in enumerate(grid)]
-    wanted = recipe.stages
+    # task i's directory: base writes its checkpoint there; sft, eval and sweep of task i read it
+    task_dirs = [str(run_dir / ("base" if "base" in wanted else "sft") / f"{i:03d}") for i in range(len(grid))]
+
+    def array(sub) -> list[Task]:
+        return [Task(i, ov, sub(i), task_dirs[i]) for i, ov in enumerate(grid)]
+
+    train_like = dict(nodes=c.nodes, tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
+                      cpus_per_task=c.cpus_per_task, time_min=c.time_min, checkpointable=True)
+    one_gpu = dict(gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task)
     if "discover" in wanted:
-        if recipe.train.device_batch_size != "auto":
-            plan.skipped["discover"] = "train.device_batch_size is fixed"
+        keys = discovery_stages(recipe)
+        if not keys:
+            fixed = [f"{sec}.device_batch_size" for st, sec in (("base", "train"), ("sft", "sft")) if st in wanted]
+            plan.skipped["discover"] = (f"{' and '.join(fixed)} {'are' if len(fixed) > 1 else 'is'} fixed"
+                                        if fixed else "no base or sft stage to discover for")
         elif discovery_cached:
-            plan.skipped["discover"] = "the batch-size cache already holds this recipe's key"
+            plan.skipped["discover"] = f"the batch-size cache already holds the {' and '.join(keys)} key(s)"
         else:
-            plan.stages.append(Stage("discover", [Task(0, [], str(run_dir / "discover"))],
-                                     gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task,
-                                     time_min=min(30, c.time_min)))
-    prev = plan.stages[-1].name if plan.stages else None
-    if "train" in wanted:
-        plan.stages.append(Stage("train", tasks, after=prev, dependency="afterok", nodes=c.nodes,
-                                 tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
-                                 cpus_per_task=c.cpus_per_task, time_min=c.time_min,
-                                 checkpointable=True))
+            d = str(run_dir / "discover")
+            plan.stages.append(Stage("discover", [Task(0, [], d, d)], **one_gpu, time_min=min(30, c.time_min)))
+    discover = ["discover"] if plan.stage("discover") else []
+    if "base" in wanted:
+        plan.stages.append(Stage("base", array(lambda i: task_dirs[i]), after=discover,
+                                 dependency="afterok", **train_like))
+    if "sft" in wanted:
+        # sft task i fine-tunes base task i: task-wise afterok (without base: after discovery)
+        after, dep = (["base"], "aftercorr") if "base" in wanted else (discover, "afterok")
+        plan.stages.append(Stage("sft", array(lambda i: str(Path(task_dirs[i]) / "sft")), after=after,
+                                 dependency=dep, **train_like))
+    if "eval" in wanted:
+        src = "sft" if "sft" in wanted else "base"
+        plan.stages.append(Stage("eval", [Task(t.index, t.overrides, t.run_dir, t.recipe_run_dir)
+                                          for t in plan.stage(src).tasks], after=[src],
+                                 dependency="aftercorr", **one_gpu, time_min=min(60, c.time_min)))
     if "sweep" in wanted:
-        if "train" not in wanted:
-            raise UserError("stages: sweep needs train (it sweeps the trained checkpoints)")
-        plan.stages.append(Stage("sweep", [Task(t.index, t.overrides, str(run_dir / "sweep" / f"{t.index:03d}"))
-                                           for t in tasks], after="train", dependency="aftercorr",
-                                 gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task,
+        plan.stages.append(Stage("sweep", array(lambda i: str(run_dir / "sweep" / f"{i:03d}")),
+                                 after=["base"], dependency="aftercorr", **one_gpu,
                                  time_min=min(60, c.time_min)))
     if "report" in wanted and plan.stages:
-        plan.stages.append(Stage("report", [Task(0, [], str(run_dir))], after=plan.stages[-1].name,
-                                 dependency="afterany", cpus_per_task=1, time_min=10))
+        plan.stages.append(Stage("report", [Task(0, [], str(run_dir), str(run_dir))],
+                                 after=[s.name for s in plan.stages], dependency="afterany",
+                                 cpus_per_task=1, time_min=10))
     return plan
 
 

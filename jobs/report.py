@@ -1,7 +1,9 @@
 """The run's report: every task's results in `report.md`, `results.csv` and PNG plots.
 
-Reads only files the stages wrote (manifest.json, each task's run.json / progress.jsonl and the
-sweep's results.json), so it also reports partial runs: a failed task is a row that says so.
+Reads only files the stages wrote (manifest.json; per task the base run's run.json /
+progress.jsonl, the SFT run's `sft/progress.jsonl`, the evaluated directory's `eval.json` and the
+sweep's results.json), so it also reports partial runs: a failed or missing stage of a task is
+its state and empty cells.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from pathlib import Path
 from nanochat.common import atomic_path, atomic_write_text
 from nanochat.plots import read_jsonl
 
-
 def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -20,47 +21,116 @@ def _load_json(path: Path) -> dict | None:
         return None
 
 
+def _median(xs: list[float]) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+def _r(x, nd: int = 4):
+    return None if x is None else round(x, nd)
+
+
+def _base_cells(tdir: Path) -> dict:
+    progress = read_jsonl(tdir / "progress.jsonl")
+    train = [r for r in progress if r.get("event") == "train"]
+    evals = [r for r in progress if r.get("event") == "eval" and "val_bpb" in r]
+    return {"steps": train[-1]["step"] + 1 if train else 0,
+            "final_loss": _r(train[-1]["loss"]) if train else None,
+            "val_bpb": _r(evals[-1]["val_bpb"]) if evals else None,
+            "tok_per_s": _r(_median([r["tok_per_s"] for r in train if "tok_per_s" in r]), 1)}
+
+
+def _sft_cells(sft_dir: Path) -> dict:
+    progress = read_jsonl(sft_dir / "progress.jsonl")
+    train = [r for r in progress if r.get("event") == "train"]
+    evals = [r for r in progress if r.get("event") == "eval" and "val_loss" in r]
+    return {"sft_steps": train[-1]["step"] + 1 if train else 0,
+            "sft_loss": _r(train[-1]["loss"]) if train else None,
+            "sft_val_loss": _r(evals[-1]["val_loss"]) if evals else None}
+
+
+def _eval_cells(result: dict | None) -> dict:
+    if not result:
+        return {}
+    cells = {"eval_val_bpb": _r(result.get("val_bpb"))}
+    for kind, t in (result.get("tasks") or {}).items():
+        cells[f"eval_{kind}"] = _r(t.get("accuracy"))
+    return cells
+
+
 def collect(run_dir: Path) -> list[dict]:
+    """One row per task index (grid combination), with the cells of every stage it has."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    rows = []
-    for task in manifest["stages"].get("train", {}).get("tasks", []):
-        tdir = Path(task["run_dir"])
-        progress = read_jsonl(tdir / "progress.jsonl")
-        train = [r for r in progress if r.get("event") == "train"]
-        evals = [r for r in progress if r.get("event") == "eval"]
-        rates = [r["tok_per_s"] for r in train if "tok_per_s" in r]
-        row = {"task": task["index"], "grid": " ".join(task["overrides"]) or "-",
-               "state": task.get("state", "?"), "steps": train[-1]["step"] + 1 if train else 0,
-               "final_loss": round(train[-1]["loss"], 4) if train else None,
-               "val_bpb": round(evals[-1]["val_bpb"], 4) if evals else None,
-               "tok_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None,
-               "run_dir": str(tdir)}
-        sweep = _load_json(run_dir / "sweep" / f"{task['index']:03d}" / "results.json")
-        if sweep:
-            row["sweep"] = str(run_dir / "sweep" / f"{task['index']:03d}")
-        rows.append(row)
-    return rows
+    stages = manifest["stages"]
+    rows: dict[int, dict] = {}
+    for name in ("base", "sft", "eval", "sweep"):
+        for task in stages.get(name, {}).get("tasks", []):
+            row = rows.setdefault(task["index"], {
+                "task": task["index"], "grid": " ".join(task["overrides"]) or "-",
+                "run_dir": task.get("recipe_run_dir", task["run_dir"])})
+            row["state" if name == "base" else f"{name}_state"] = task.get("state", "?")
+            tdir = Path(task["run_dir"])
+            if name == "base":
+                row.update(_base_cells(tdir))
+            elif name == "sft":
+                row.update(_sft_cells(tdir), sft_dir=str(tdir))
+            elif name == "eval":
+                result = _load_json(tdir / "eval.json")
+                row.update(_eval_cells(result))
+                if result and result.get("skipped"):
+                    row["eval_skipped"] = result["skipped"]
+            elif _load_json(tdir / "results.json"):
+                row["sweep"] = str(tdir)
+    return [rows[i] for i in sorted(rows)]
+
+
+def columns(manifest_stages: dict, rows: list[dict]) -> list[str]:
+    cols = ["task", "grid"]
+    if "base" in manifest_stages:
+        cols += ["state", "steps", "final_loss", "val_bpb", "tok_per_s"]
+    if "sft" in manifest_stages:
+        cols += ["sft_state", "sft_steps", "sft_loss", "sft_val_loss"]
+    if "eval" in manifest_stages:
+        kinds = sorted({k for r in rows for k in r if k.startswith("eval_")} -
+                       {"eval_state", "eval_val_bpb", "eval_skipped"})
+        cols += ["eval_state", "eval_val_bpb"] + kinds
+    return cols
 
 
 def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    sft = {r["task"]: read_jsonl(Path(r["sft_dir"]) / "progress.jsonl") for r in rows if "sft_dir" in r}
+    sft = {k: v for k, v in sft.items() if v}
+    fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(15 if sft else 10, 3.8))
+    a1, a2 = axes[0], axes[1]
     for row in rows:
         progress = read_jsonl(Path(row["run_dir"]) / "progress.jsonl")
         tr = [r for r in progress if r.get("event") == "train"]
-        ev = [r for r in progress if r.get("event") == "eval"]
+        ev = [r for r in progress if r.get("event") == "eval" and "val_bpb" in r]
         label = f"{row['task']}: {row['grid']}"
         if tr:
             a1.plot([r["step"] + 1 for r in tr], [r["loss"] for r in tr], lw=1, label=label)
         if ev:
             a2.plot([r["step"] for r in ev], [r["val_bpb"] for r in ev], "o-", ms=3, label=label)
-    a1.set(xlabel="step", ylabel="loss", title="training loss")
-    a2.set(xlabel="step", ylabel="bits per byte", title="validation BPB")
-    for a in (a1, a2):
+    a1.set(xlabel="step", ylabel="loss", title="base training loss")
+    a2.set(xlabel="step", ylabel="bits per byte", title="base validation BPB")
+    if sft:
+        a3 = axes[2]
+        for row in rows:
+            progress = sft.get(row["task"], [])
+            tr = [r for r in progress if r.get("event") == "train"]
+            ev = [r for r in progress if r.get("event") == "eval" and "val_loss" in r]
+            label = f"{row['task']}: {row['grid']}"
+            if tr:
+                line, = a3.plot([r["step"] + 1 for r in tr], [r["loss"] for r in tr], lw=1, label=label)
+            if ev:
+                a3.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o--", ms=3,
+                        color=line.get_color() if tr else None, label=f"{label} (val)")
+        a3.set(xlabel="step", ylabel="loss", title="SFT loss (train, o-- validation)")
+    for a in axes:
         a.grid(alpha=0.3)
-    if len(rows) > 1:
+    if len(rows) > 1 and a2.get_legend_handles_labels()[0]:
         a2.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out, suffix=".png") as tmp:
@@ -71,7 +141,7 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = collect(run_dir)
-    cols = ["task", "grid", "state", "steps", "final_loss", "val_bpb", "tok_per_s"]
+    cols = columns(json.loads((run_dir / "manifest.json").read_text())["stages"], rows)
     with atomic_path(run_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["run_dir"], extrasaction="ignore")
         w.writeheader()
@@ -83,6 +153,10 @@ def write_report(run_dir: Path) -> Path:
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     lines += ["", "![training curves](curves.png)" if rows else "(no training tasks)"]
+    for r in rows:
+        if r.get("eval_skipped"):
+            lines += ["", f"Evaluation of task {r['task']} skipped: " +
+                      "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
     for r in rows:
         if "sweep" in r:
             table = Path(r["sweep"]) / "results.md"

@@ -2,7 +2,8 @@
 
 Per stage and task: the job state (squeue for live jobs, sacct where accounting exists, the
 manifest otherwise — the local executor records states there), elapsed time, the last training
-step / loss / tokens/s / ETA from the task's progress log, and the stderr tail of failed tasks.
+step / loss / tokens/s / ETA from the progress log of base and sft tasks, an eval task's scores
+from its eval.json, and the stderr tail of failed tasks.
 """
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ def _progress(task_dir: Path) -> str:
     return s
 
 
+def _eval_summary(task_dir: Path) -> str:
+    try:
+        res = json.loads((task_dir / "eval.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    parts = [f"val_bpb {res['val_bpb']:.4f}"] if isinstance(res.get("val_bpb"), (int, float)) else []
+    parts += [f"{k} {t['accuracy']:.3f}" for k, t in (res.get("tasks") or {}).items()
+              if isinstance(t.get("accuracy"), (int, float))]
+    return " ".join(parts)
+
+
+def _detail(stage: str, task_dir: Path) -> str:
+    if stage in ("base", "sft"):
+        return _progress(task_dir)
+    return _eval_summary(task_dir) if stage == "eval" else ""
+
+
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
     candidates = [run_dir / "logs" / f"{stage}_{task['index']}.err"]
     if task.get("job_id"):
@@ -83,7 +101,7 @@ def collect(run_dir: Path) -> list[dict]:
             elapsed = elapsed or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
                          "state": state, "elapsed": elapsed, "reason": reason,
-                         "progress": _progress(Path(task["run_dir"])) if stage == "train" else "",
+                         "progress": _detail(stage, Path(task["run_dir"])),
                          "stderr": _stderr_tail(run_dir, stage, task) if state in FINAL - {"COMPLETED"} else []})
     return rows
 

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from jobs.plan import discovery_stages
 from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.recipe import load_recipe
 
@@ -28,13 +29,11 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def task_recipe(run_dir: Path, stage: str, index: int):
-    """The task's recipe: the run's resolved recipe + the task's grid values + its run_dir."""
+    """The task's recipe: the run's resolved recipe + the task's grid values + the run_dir the
+    plan gave it (base task i's directory for base, sft, eval and sweep task i)."""
     manifest = read_manifest(run_dir)
     task = manifest["stages"][stage]["tasks"][index]
-    train_task = manifest["stages"]["train"]["tasks"][index] if "train" in manifest["stages"] else None
-    overrides = list(task["overrides"])
-    # every stage of task i works on train task i's outputs (the sweep reads its checkpoint)
-    overrides.append(f"run_dir={train_task['run_dir'] if train_task and stage != 'report' else task['run_dir']}")
+    overrides = list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"]
     return load_recipe(Path(run_dir) / "recipe.yaml", overrides), task
 
 
@@ -71,24 +70,46 @@ def _requeue_self() -> None:
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
 
 
-def run_train(run_dir: Path, index: int) -> dict:
-    from nanochat.train import train_base
-    recipe, _ = task_recipe(run_dir, "train", index)
+def _train_checkpointable(train, recipe) -> dict:
+    """Run a training function (`train(recipe, stop_requested=...)` → dict) so that SLURM's
+    warning signal ends in a checkpoint and a requeue. SLURM sends USR2 90 s before the time
+    limit (and on preemption where the cluster sets preempt_send_user_signal). submitit's own
+    handler would requeue at once, mid-step; ours only raises a flag that the loop checks at a
+    step boundary, so it saves a checkpoint first and returns {"stopped": True, ...}."""
     _export_distributed()
-    # SLURM sends USR2 90 s before the time limit (and on preemption where the cluster sets
-    # preempt_send_user_signal). submitit's own handler would requeue at once, mid-step; ours only
-    # raises a flag that the loop checks at a step boundary, so it saves a checkpoint first.
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
-    result = train_base(recipe, stop_requested=stop.is_set)
+    result = train(recipe, stop_requested=stop.is_set)
     if result.get("stopped"):
         _requeue_self()
         sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
     return result
 
 
+def run_base(run_dir: Path, index: int) -> dict:
+    from nanochat.train import train_base
+    recipe, _ = task_recipe(run_dir, "base", index)
+    return _train_checkpointable(train_base, recipe)
+
+
+def run_sft(run_dir: Path, index: int) -> dict:
+    """Fine-tune base task i's checkpoint (or sft.base_checkpoint); writes <run_dir>/sft."""
+    from nanochat.sft import train_sft
+    recipe, _ = task_recipe(run_dir, "sft", index)
+    return _train_checkpointable(train_sft, recipe)
+
+
+def run_eval(run_dir: Path, index: int) -> dict:
+    """Evaluate the task's directory (sft task i's output, or base task i's); writes eval.json there."""
+    from nanochat.eval import evaluate_checkpoint
+    recipe, task = task_recipe(run_dir, "eval", index)
+    return evaluate_checkpoint(task["run_dir"], recipe)
+
+
 def run_discover(run_dir: Path, index: int) -> dict:
+    """Device batch sizes for every stage that asks for `auto`, into the cache and discovery.json
+    ({stage: {batch_size, from_cache, cache_path}})."""
     from nanochat.batch_size import discover_for_recipe
     from nanochat.prepare import prepare_shards, prepare_tokenizer
     recipe, task = task_recipe(run_dir, "discover", index)
@@ -97,10 +118,12 @@ def run_discover(run_dir: Path, index: int) -> dict:
     # vocabulary, exactly as the training job will compute it.
     train_paths, _ = prepare_shards(recipe)
     tokenizer = prepare_tokenizer(recipe, train_paths)
-    result = discover_for_recipe(recipe, stage="base", world_size=c.nodes * c.gpus_per_node,
-                                 vocab_size=tokenizer.vocab_size)
-    out = {"batch_size": result.batch_size, "from_cache": result.from_cache,
-           "cache_path": str(result.cache_path)}
+    out = {}
+    for stage in discovery_stages(recipe):
+        result = discover_for_recipe(recipe, stage=stage, world_size=c.nodes * c.gpus_per_node,
+                                     vocab_size=tokenizer.vocab_size)
+        out[stage] = {"batch_size": result.batch_size, "from_cache": result.from_cache,
+                      "cache_path": str(result.cache_path)}
     atomic_write_json(Path(task["run_dir"]) / "discovery.json", out)
     return out
 
@@ -116,7 +139,8 @@ def run_report(run_dir: Path, index: int = 0) -> dict:
     return {"report": str(write_report(Path(run_dir)))}
 
 
-RUNNERS = {"discover": run_discover, "train": run_train, "sweep": run_sweep, "report": run_report}
+RUNNERS = {"discover": run_discover, "base": run_base, "sft": run_sft, "eval": run_eval,
+           "sweep": run_sweep, "report": run_report}
 
 
 def run_task(run_dir: str, stage: str, index: int) -> dict:

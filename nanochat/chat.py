@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from nanochat import checkpoint as ckpt
 from nanochat.checkpoint import run_dir_of  # noqa: F401 (eval and tests import it from here too)
 from nanochat.common import UserError, cli_main, pick_device
 from nanochat.engine import Engine, Sampling, load_model

@@ -181,7 +181,7 @@ class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
     cache_dir: str = "cache"        # tokenizers and other reusable artifacts; shared storage on clusters
-    stages: list[str] = field(default_factory=lambda: ["discover", "train", "sweep", "report"])  # what jobs/launch.py runs, in this order
+    stages: list[str] = field(default_factory=lambda: ["discover", "base", "sweep", "report"])  # what jobs/launch.py runs, in the order discover, base, sft, eval, sweep, report
     grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
@@ -216,12 +216,15 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise _Invalid(key, msg)
 
 
-STAGES = ("discover", "train", "sweep", "report")  # the launcher's plan, in dependency order
+STAGES = ("discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
 
 
 def validate(r: Recipe) -> None:
     """Impossible values, checked in one place. Relations with runtime facts (world size, the
     tokenizer's vocabulary) are checked where those facts are known."""
+    _check("train" not in r.stages, "stages",
+           f"lists 'train', which is now called 'base' (the pretraining stage): write base "
+           f"instead; valid stages: {', '.join(STAGES)}")
     _check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
            f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
     _check([s for s in STAGES if s in r.stages] == r.stages, "stages",

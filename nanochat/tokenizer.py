@@ -64,6 +64,36 @@ def capped_texts(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator
         yield text
 
 
+def check_conversation(conversation) -> list[dict]:
+    """The messages with a leading system message merged into the first user message (the
+    template has no system role); UserError for anything out of shape. The one rule for what a
+    conversation is: rendering uses it, and so does loading SFT data (nanochat/chat_data.py)."""
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise UserError('a conversation must be {"messages": [{"role": ..., "content": ...}, '
+                        f'...]}}; got {str(conversation)[:80]!r}')
+    messages = conversation["messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise UserError(f"message {i} of conversation must have role system|user|assistant"
+                            f" and string content; got {str(m)[:80]!r}")
+    if messages and messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise UserError("a system message must be followed by a user message (message 1)")
+        messages = copy.deepcopy(messages)
+        messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+        messages = messages[1:]
+    if not messages:
+        raise UserError("conversation has no messages")
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise UserError(f"conversation roles must alternate user/assistant starting with "
+                            f"user; message {i} (after merging any system message) is "
+                            f"{m['role']!r}, expected {expected!r}")
+    return messages
+
+
 class Tokenizer:
     """A tiktoken Encoding with nanochat's special tokens and chat template."""
 
@@ -184,32 +214,7 @@ class Tokenizer:
     # Chat template
 
     def _checked_messages(self, conversation) -> list[dict]:
-        """The messages with a leading system message merged into the first user message (the
-        template has no system role); UserError for anything out of shape."""
-        if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-            raise UserError('a conversation must be {"messages": [{"role": ..., "content": ...}, '
-                            f'...]}}; got {str(conversation)[:80]!r}')
-        messages = conversation["messages"]
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise UserError(f"message {i} of conversation must have role system|user|assistant"
-                                f" and string content; got {str(m)[:80]!r}")
-        if messages and messages[0]["role"] == "system":
-            if len(messages) < 2 or messages[1]["role"] != "user":
-                raise UserError("a system message must be followed by a user message (message 1)")
-            messages = copy.deepcopy(messages)
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
-        if not messages:
-            raise UserError("conversation has no messages")
-        for i, m in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                raise UserError(f"conversation roles must alternate user/assistant starting with "
-                                f"user; message {i} (after merging any system message) is "
-                                f"{m['role']!r}, expected {expected!r}")
-        return messages
+        return check_conversation(conversation)
 
     def render_conversation(self, conversation, max_tokens: int | None = None):
         """→ (ids, mask): mask is 1 on the tokens the model learns to produce (assistant content

@@ -335,6 +335,15 @@ def test_impossible_value_in_file_has_line(tmp_path):
     assert "r.yaml:4:" in msg and "model.depth" in msg
 
 
+def test_stage_train_is_now_base_one_line_error(tmp_path):
+    """The launcher's pretraining stage is `base` (no alias): the old name says what to write."""
+    f = write(tmp_path / "r.yaml", "name: x\nstages: [discover, train, sweep, report]\n")
+    msg = user_error(f)
+    assert "r.yaml:2:" in msg and "'train'" in msg and "write base" in msg
+    assert load_recipe(f, ["stages=[discover,base,sft,eval,sweep,report]"]).stages[1:3] == ["base", "sft"]
+    assert "dependency order" in user_error(f, ["stages=[eval,sft]"])
+
+
 def test_invalid_yaml_names_file_and_line(tmp_path):
     f = write(tmp_path / "bad.yaml", "name: x\nmodel:\n  depth: 4\n   sequence_len: 3\n")
     msg = user_error(f)

@@ -10,6 +10,7 @@ import yaml
 
 from jobs import launch
 from jobs.plan import build_plan, grid_overrides, resolve_run_dir
+from jobs.report import write_report
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe, recipe_from_dict
 
@@ -22,7 +23,7 @@ def recipe_file(tiny_recipe, tmp_path):
     data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
     data["name"] = "t"
     data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
-    data["stages"] = ["train", "report"]
+    data["stages"] = ["base", "report"]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -38,8 +39,8 @@ def test_grid_is_one_training_task_per_combination():
     combos = grid_overrides(r)
     assert len(combos) == 6 and combos[0] == ["train.seed=1", "model.bigram_factor=0"]
     plan = build_plan(r, Path("/tmp/x"))
-    train = plan.stage("train")
-    assert [t.index for t in train.tasks] == list(range(6))
+    base = plan.stage("base")
+    assert [t.index for t in base.tasks] == list(range(6))
     assert plan.stage("sweep").dependency == "aftercorr" and plan.stage("report").dependency == "afterany"
     assert plan.skipped == {"discover": "train.device_batch_size is fixed"}
 
@@ -48,20 +49,101 @@ def test_discover_stage_only_when_auto_and_not_cached():
     r = recipe_from_dict({"train": {"device_batch_size": "auto"}})
     assert build_plan(r, Path("/tmp/x"), discovery_cached=False).stages[0].name == "discover"
     cached = build_plan(r, Path("/tmp/x"), discovery_cached=True)
-    assert cached.stages[0].name == "train" and cached.stages[0].after is None
+    assert cached.stages[0].name == "base" and cached.stages[0].after == []
     assert "cache" in cached.skipped["discover"]
+
+
+def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
+    r = recipe_from_dict({"stages": ["base", "sft", "eval", "sweep", "report"],
+                          "grid": {"train.seed": [1, 2]}})
+    plan = build_plan(r, Path("/tmp/x"))
+    deps = {s.name: (s.dependency, s.after) for s in plan.stages}
+    assert deps == {"base": ("afterok", []), "sft": ("aftercorr", ["base"]),
+                    "eval": ("aftercorr", ["sft"]), "sweep": ("aftercorr", ["base"]),
+                    "report": ("afterany", ["base", "sft", "eval", "sweep"])}
+    base, sft, ev = plan.stage("base"), plan.stage("sft"), plan.stage("eval")
+    # sft task i fine-tunes base task i, in its directory; eval evaluates sft task i's output
+    assert [t.run_dir for t in sft.tasks] == [f"{t.run_dir}/sft" for t in base.tasks]
+    assert [t.recipe_run_dir for t in sft.tasks] == [t.run_dir for t in base.tasks]
+    assert [t.run_dir for t in ev.tasks] == [t.run_dir for t in sft.tasks]
+    assert sft.checkpointable and (sft.nodes, sft.gpus_per_node) == (base.nodes, base.gpus_per_node)
+    assert ev.gpus_per_node == 1 and not ev.checkpointable
+    # without sft, eval evaluates the base checkpoints
+    r = recipe_from_dict({"stages": ["base", "eval", "report"]})
+    ev = build_plan(r, Path("/tmp/x")).stage("eval")
+    assert (ev.after, ev.tasks[0].run_dir) == (["base"], "/tmp/x/base/000")
+
+
+def test_discover_is_skipped_only_when_every_auto_key_is_cached(tiny_recipe, tmp_path):
+    """Base and SFT both `auto`: one cached key is not enough; the discover job finds both
+    (real CPU probes), records both, and the next plan skips it."""
+    from nanochat.batch_size import discover_for_recipe
+    recipe = recipe_from_dict({**tiny_recipe, "run_dir": str(tmp_path / "run"),
+                               "stages": ["discover", "base", "sft", "eval", "report"],
+                               "train": {**tiny_recipe["train"], "device_batch_size": "auto"},
+                               "sft": {"device_batch_size": "auto", "total_batch_size": 512},
+                               "cluster": {"gpus_per_node": 1},
+                               "discovery": {"memory_budget_gb": 1.0, "max_batch_size": 8,
+                                             "cache_dir": str(tmp_path / "bs-cache")}})
+    run = tmp_path / "run"
+    assert launch.discovery_cached(recipe) is False
+    discover_for_recipe(recipe, stage="base", world_size=1)
+    assert launch.discovery_cached(recipe) is False, "the sft key is still missing"
+    plan = build_plan(recipe, run, launch.discovery_cached(recipe))
+    assert plan.stage("discover") and plan.stage("base").after == ["discover"]
+    fixed_sft = recipe_from_dict({**tiny_recipe, "stages": recipe.stages, "sft": {"device_batch_size": 8},
+                                  "train": {**tiny_recipe["train"], "device_batch_size": "auto"},
+                                  "discovery": vars(recipe.discovery), "cluster": {"gpus_per_node": 1}})
+    assert launch.discovery_cached(fixed_sft) is True, "only the base key is needed"
+    # the discover task itself, from a run directory as the launcher writes it
+    run.mkdir()
+    from nanochat.recipe import save_resolved_recipe
+    save_resolved_recipe(recipe, run / "recipe.yaml")
+    launch.save_manifest(run, launch.new_manifest(plan, "local"))
+    found = run_task_json(run, "discover", 0)
+    assert set(found) == {"base", "sft"} and found["base"]["from_cache"] is True
+    assert found["sft"]["from_cache"] is False and found["sft"]["batch_size"] >= 1
+    assert json.loads((run / "discover" / "discovery.json").read_text()) == found
+    assert launch.discovery_cached(recipe) is True
+    plan = build_plan(recipe, run, launch.discovery_cached(recipe))
+    assert plan.stage("discover") is None and "base and sft" in plan.skipped["discover"]
+    assert plan.stage("base").after == []
+
+
+def run_task_json(run_dir, stage, index) -> dict:
+    res = subprocess.run([sys.executable, "-m", "jobs.tasks", str(run_dir), stage, str(index)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs",
-                     "stages=[train,sweep,report]", "grid={train.seed: [1, 2]}")
+                     "stages=[base,sweep,report]", "grid={train.seed: [1, 2]}")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.count("#!/bin/bash") == 3
     assert "#SBATCH --array=0-1%" in out and "--signal=USR2@90" in out
-    assert "aftercorr:<train job id>" in out and "afterany:<sweep job id>" in out
+    assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<sweep job id>" in out
     assert "[1] train.seed=2" in out
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
+    res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs", "train.device_batch_size=auto",
+                     f"discovery.cache_dir={tmp_path / 'empty-cache'}",
+                     "stages=[discover,base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}")
+    assert res.returncode == 0, res.stderr
+    scripts = dict(part.split("\n", 1) for part in res.stdout.split("# ===== stage ")[1:])
+    deps = {head.split(":")[0]: next((ln.split("=", 1)[1].strip("'") for ln in body.splitlines()
+                                      if ln.startswith("#SBATCH --dependency=")), None)
+            for head, body in scripts.items()}
+    assert deps == {"discover": None, "base": "afterok:<discover job id>",
+                    "sft": "aftercorr:<base job id>", "eval": "aftercorr:<sft job id>",
+                    "sweep": "aftercorr:<base job id>",
+                    "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<sweep job id>"}
+    assert "--signal=USR2@90" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
+    assert "#SBATCH --array=0-1%" in scripts["eval: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
 
 
 @pytest.mark.parametrize("override, expect", [
@@ -71,6 +153,10 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp
     ("run_dir=../../elsewhere", "outside the output root"),
     ("cluster.gpus_per_node=4", "legal device batch sizes: 1, 2"),
     ("grid={model.depht: [1, 2]}", "did you mean 'model.depth'"),
+    ("stages=[train,report]", "write base instead"),
+    ("stages=[sft,eval,report]", "sft without base needs sft.base_checkpoint"),
+    ("stages=[eval,report]", "eval needs base or sft"),
+    ("stages=[sweep]", "sweep needs base"),
 ])
 def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, override, expect):
     Path("/tmp/pwned").unlink(missing_ok=True)
@@ -98,12 +184,12 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["executor"] == "local" and manifest["git_commit"]
     states = {s: [t["state"] for t in v["tasks"]] for s, v in manifest["stages"].items()}
-    assert states == {"train": ["COMPLETED", "COMPLETED"], "report": ["COMPLETED"]}
+    assert states == {"base": ["COMPLETED", "COMPLETED"], "report": ["COMPLETED"]}
     # each task trained with its own grid values, in its own directory, from the run's recipe
     for i, seed in enumerate([1, 2]):
-        task_recipe = load_recipe(run / "train" / f"{i:03d}" / "recipe.yaml")
+        task_recipe = load_recipe(run / "base" / f"{i:03d}" / "recipe.yaml")
         assert task_recipe.train.seed == seed
-        assert (run / "train" / f"{i:03d}" / "checkpoints" / "step_000004").is_dir()
+        assert (run / "base" / f"{i:03d}" / "checkpoints" / "step_000004").is_dir()
     report = (run / "report.md").read_text()
     assert "train.seed=1" in report and "train.seed=2" in report and (run / "curves.png").exists()
     assert (run / "results.csv").read_text().count("\n") == 3
@@ -117,14 +203,17 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
 def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job
-    args = [str(recipe_file), "model.vocab_size=300", "stages=[train,sweep,report]",
+    args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
             "--executor", "local", "--output-root", str(root)]
     assert launch.main(args) == 1
     manifest = json.loads((root / "t" / "manifest.json").read_text())
-    assert manifest["stages"]["train"]["tasks"][0]["state"] == "FAILED"
-    assert manifest["stages"]["sweep"]["tasks"][0]["state"] == "CANCELLED"
-    assert manifest["stages"]["report"]["tasks"][0]["state"] == "COMPLETED"
-    err = (root / "t" / "logs" / "train_0.err").read_text()
+    states = {s: v["tasks"][0]["state"] for s, v in manifest["stages"].items()}
+    # sft and sweep wait for base task 0, eval for sft task 0; the report runs after all ended
+    assert states == {"base": "FAILED", "sft": "CANCELLED", "eval": "CANCELLED",
+                      "sweep": "CANCELLED", "report": "COMPLETED"}
+    report = (root / "t" / "report.md").read_text()
+    assert "| 0 | - | FAILED | 0 |" in report and "| CANCELLED |" in report
+    err = (root / "t" / "logs" / "base_0.err").read_text()
     assert "model.vocab_size 300 is smaller than the tokenizer's" in err
     status = subprocess.run([sys.executable, "jobs/status.py", str(root / "t")], cwd=REPO,
                             capture_output=True, text=True, timeout=60).stdout
@@ -135,16 +224,68 @@ def test_discovery_runs_first_and_a_cache_hit_skips_it(recipe_file, tmp_path):
     """device_batch_size: auto → a discover stage (real CPU probes under a memory budget) whose
     cached answer training uses; the next launch finds the cache and runs no discovery."""
     root = tmp_path / "runs"
-    args = [str(recipe_file), "stages=[discover,train,report]", "train.device_batch_size=auto", "discovery.memory_budget_gb=1.0",
+    args = [str(recipe_file), "stages=[discover,base,report]", "train.device_batch_size=auto", "discovery.memory_budget_gb=1.0",
             "discovery.max_batch_size=8", f"discovery.cache_dir={tmp_path / 'bs-cache'}",
             "--executor", "local", "--output-root", str(root)]
     assert launch.main(args) == 0
     manifest = json.loads((root / "t" / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["discover", "train", "report"]
-    found = json.loads((root / "t" / "discover" / "discovery.json").read_text())
+    assert list(manifest["stages"]) == ["discover", "base", "report"]
+    found = json.loads((root / "t" / "discover" / "discovery.json").read_text())["base"]
     assert found["from_cache"] is False and found["batch_size"] in (1, 2, 4, 8)
-    run_info = json.loads((root / "t" / "train" / "000" / "run.json").read_text())
+    run_info = json.loads((root / "t" / "base" / "000" / "run.json").read_text())
     assert run_info["device_batch_size"] == found["batch_size"]
     assert launch.main(args + ["--force"]) == 0
     manifest = json.loads((root / "t" / "manifest.json").read_text())
     assert "discover" not in manifest["stages"] and "cache" in manifest["skipped"]["discover"]
+
+
+def _jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing(tmp_path):
+    """Task 0 has base, SFT and eval outputs (in the formats nanochat.train / nanochat.sft /
+    nanochat.eval write); task 1 only base progress: its SFT and eval cells are empty."""
+    r = recipe_from_dict({"stages": ["base", "sft", "eval", "report"], "grid": {"train.seed": [1, 2]}})
+    run = tmp_path / "run"
+    plan = build_plan(r, run)
+    manifest = launch.new_manifest(plan, "local")
+    run.mkdir()
+    launch.save_manifest(run, manifest)
+    for i in (0, 1):
+        _jsonl(run / "base" / f"{i:03d}" / "progress.jsonl",
+               [{"event": "train", "step": s, "loss": 4.0 - s - i, "tok_per_s": 100.0} for s in range(3)]
+               + [{"event": "eval", "step": 3, "val_bpb": 2.5 + i}])
+    sft = run / "base" / "000" / "sft"
+    _jsonl(sft / "progress.jsonl", [{"event": "train", "step": 0, "loss": 1.5},
+                                    {"event": "eval", "step": 1, "val_loss": 1.4},
+                                    {"event": "train", "step": 1, "loss": 1.25},
+                                    {"event": "eval", "step": 2, "val_loss": 1.3}])
+    (sft / "eval.json").write_text(json.dumps({
+        "checkpoint": str(sft / "checkpoints" / "step_000002"), "stage": "sft", "step": 2,
+        "device": "cpu", "elapsed_s": 1.0, "val_bpb": 2.25,
+        "tasks": {"arithmetic": {"metric": "exact", "accuracy": 0.5, "correct": 5, "total": 10, "source": "offline"},
+                  "spelling": {"metric": "exact", "accuracy": 0.25, "correct": 1, "total": 4, "source": "offline"}},
+        "skipped": {"gsm8k": "the hub does not answer"}}))
+    write_report(run)
+    import csv
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:11] == ["task", "grid", "state", "steps", "final_loss", "val_bpb", "tok_per_s",
+                                  "sft_state", "sft_steps", "sft_loss", "sft_val_loss"]
+    assert {k: rows[0][k] for k in ("final_loss", "val_bpb", "sft_loss", "sft_val_loss", "eval_val_bpb",
+                                    "eval_arithmetic", "eval_spelling")} == \
+        {"final_loss": "2.0", "val_bpb": "2.5", "sft_loss": "1.25", "sft_val_loss": "1.3",
+         "eval_val_bpb": "2.25", "eval_arithmetic": "0.5", "eval_spelling": "0.25"}
+    assert rows[1]["val_bpb"] == "3.5" and rows[1]["sft_loss"] == rows[1]["eval_arithmetic"] == ""
+    assert rows[1]["sft_state"] == "PLANNED"
+    report = (run / "report.md").read_text()
+    assert "eval_arithmetic" in report and "gsm8k (the hub does not answer)" in report
+    assert (run / "curves.png").stat().st_size > 0
+    # nothing written yet at all: still a report, every result cell empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    launch.save_manifest(empty, launch.new_manifest(build_plan(r, empty), "local"))
+    write_report(empty)
+    assert (empty / "results.csv").read_text().splitlines()[1].startswith("0,train.seed=1,PLANNED,0,,,,PLANNED,0,,,")

@@ -2,6 +2,7 @@
 fail — they do not skip — when no controller can be started: the reason is in the failure."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ def slurm():
 @pytest.fixture
 def recipe_file(tiny_recipe, tmp_path):
     data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data.update(name="s", stages=["train", "report"])
+    data.update(name="s", stages=["base", "report"])
     data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
     data["cluster"] = {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}
     path = tmp_path / "recipe.yaml"
@@ -75,12 +76,12 @@ def test_plan_runs_on_slurm_with_dependencies(slurm, recipe_file, tmp_path):
     assert res.returncode == 0, res.stderr
     run = tmp_path / "runs" / "s"
     manifest = json.loads((run / "manifest.json").read_text())
-    train_id = manifest["stages"]["train"]["job_id"]
+    base_id = manifest["stages"]["base"]["job_id"]
     report_id = manifest["stages"]["report"]["job_id"]
-    assert f"Dependency=afterany:{train_id}" in scontrol_job(report_id)
+    assert f"Dependency=afterany:{base_id}" in scontrol_job(report_id)
     rows = wait_until_done(run)
-    assert [(r["stage"], r["state"]) for r in rows] == [("train", "COMPLETED"), ("report", "COMPLETED")]
-    assert ckpt.latest_checkpoint(run / "train" / "000").name == "step_000004"
+    assert [(r["stage"], r["state"]) for r in rows] == [("base", "COMPLETED"), ("report", "COMPLETED")]
+    assert ckpt.latest_checkpoint(run / "base" / "000").name == "step_000004"
     assert "| 0 | - |" in (run / "report.md").read_text()
     print(f"launch → done on the local SLURM: {time.time() - t0:.1f}s")
 
@@ -98,29 +99,57 @@ def test_unknown_partition_is_one_line_and_submits_nothing(slurm, recipe_file, t
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error: cluster.partition 'nosuchpart' is not a partition")
     assert not (tmp_path / "runs" / "s" / "manifest.json").exists() or \
-        json.loads((tmp_path / "runs" / "s" / "manifest.json").read_text())["stages"]["train"]["job_id"] is None
+        json.loads((tmp_path / "runs" / "s" / "manifest.json").read_text())["stages"]["base"]["job_id"] is None
 
 
-def test_failed_training_cancels_its_sweep_and_status_says_why(slurm, recipe_file, tmp_path):
-    res = launch(recipe_file, "model.vocab_size=300", "stages=[train,sweep,report]",
+def dependencies(job_id: str) -> list[tuple[str, str]]:
+    """(type, job id) terms of a job's Dependency= as scontrol shows it (array jobs as ID_*)."""
+    dep = re.search(r"Dependency=(\S+)", scontrol_job(job_id))
+    assert dep, scontrol_job(job_id)
+    return re.findall(r"(after\w*):(\d+)", dep.group(1))
+
+
+def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
+    """Every stage: sft and sweep wait task-wise for base, eval for sft, and the report for every
+    other stage's job (held with a far --begin so nothing runs while we look)."""
+    res = launch(recipe_file, "stages=[base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}",
+                 "cluster.additional={begin: now+3600}", "--output-root", tmp_path / "runs")
+    run = tmp_path / "runs" / "s"
+    try:
+        assert res.returncode == 0, res.stderr
+        ids = {s: v["job_id"] for s, v in json.loads((run / "manifest.json").read_text())["stages"].items()}
+        assert dependencies(ids["base"]) == []
+        assert dependencies(ids["sft"]) == [("aftercorr", ids["base"])]
+        assert dependencies(ids["eval"]) == [("aftercorr", ids["sft"])]
+        assert dependencies(ids["sweep"]) == [("aftercorr", ids["base"])]
+        assert sorted(dependencies(ids["report"])) == sorted(
+            ("afterany", ids[s]) for s in ("base", "sft", "eval", "sweep"))
+    finally:
+        subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO, timeout=60)
+
+
+def test_failed_training_cancels_its_dependents_and_status_says_why(slurm, recipe_file, tmp_path):
+    res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
                  "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
     rows = {r["stage"]: r for r in wait_until_done(tmp_path / "runs" / "s")}
-    assert rows["train"]["state"] == "FAILED"
-    assert rows["sweep"]["state"] == "CANCELLED"      # aftercorr never satisfied, killed
-    assert rows["report"]["state"] == "COMPLETED"     # afterany: reports the failure
-    assert any("smaller than the tokenizer's" in line for line in rows["train"]["stderr"])
+    assert rows["base"]["state"] == "FAILED"
+    assert rows["sft"]["state"] == "CANCELLED"        # aftercorr never satisfied, killed
+    assert rows["eval"]["state"] == "CANCELLED"       # waits for the cancelled sft
+    assert rows["sweep"]["state"] == "CANCELLED"
+    assert rows["report"]["state"] == "COMPLETED"     # afterany on all of them: reports the failure
+    assert any("smaller than the tokenizer's" in line for line in rows["base"]["stderr"])
 
 
 def test_training_checkpoints_on_the_warning_signal_and_resumes_after_requeue(slurm, recipe_file, tmp_path):
     """USR2 (what SLURM sends 90 s before the limit) → checkpoint, requeue, resume: the loss
     curve equals an uninterrupted run's."""
     run = tmp_path / "runs" / "s"
-    common = ["train.num_iterations=40", "train.eval_every=20", "train.save_every=-1", "stages=[train]"]
+    common = ["train.num_iterations=40", "train.eval_every=20", "train.save_every=-1", "stages=[base]"]
     res = launch(recipe_file, *common, "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
-    job = json.loads((run / "manifest.json").read_text())["stages"]["train"]["job_id"]
-    progress = run / "train" / "000" / "progress.jsonl"
+    job = json.loads((run / "manifest.json").read_text())["stages"]["base"]["job_id"]
+    progress = run / "base" / "000" / "progress.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (progress.exists() and progress.read_text().count('"train"') >= 5):
         time.sleep(0.5)
@@ -167,7 +196,7 @@ def test_two_node_training_task_does_ddp_across_hosts(slurm, recipe_file, tmp_pa
     """One training task on 2 nodes (two hosts: the second in its own network namespace); its
     two ranks all-reduce over gloo, MASTER_ADDR found from SLURM, not hard-coded."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "sl0"}  # the veth both local nodes share
-    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "stages=[train]",
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "stages=[base]",
                           "cluster.nodes=2", "train.total_batch_size=1024", "--executor", "slurm",
                           "--output-root", str(tmp_path / "runs")],
                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
@@ -176,9 +205,9 @@ def test_two_node_training_task_does_ddp_across_hosts(slurm, recipe_file, tmp_pa
     rows = wait_until_done(run)
     logs = "".join(p.read_text() for p in (run / "slurm").glob("*/*_log.*"))
     assert rows[0]["state"] == "COMPLETED", logs[-3000:]
-    info = json.loads((run / "train" / "000" / "run.json").read_text())
+    info = json.loads((run / "base" / "000" / "run.json").read_text())
     assert info["world_size"] == 2
-    job = json.loads((run / "manifest.json").read_text())["stages"]["train"]["job_id"]
+    job = json.loads((run / "manifest.json").read_text())["stages"]["base"]["job_id"]
     nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NodeList"],
                            capture_output=True, text=True).stdout.strip()
     assert "node2" in nodes and "," in nodes or "[" in nodes, nodes
