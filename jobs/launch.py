@@ -88,11 +88,21 @@ def save_manifest(run_dir: Path, manifest: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Dry run: the sbatch text submitit would write, dependencies shown symbolically.
 
-def dependency_option(stage: Stage, job_ids: dict[str, str]) -> str | None:
+def dependency_option(stage: Stage, job_ids: dict[str, str],
+                      submitted: dict[str, list[int]] | None = None,
+                      todo: list[int] | None = None) -> str | None:
     """`--dependency` for a stage: `type:ID1:ID2...` over the stages it waits for that were
-    submitted (SLURM requires all of them). None when it waits for none."""
+    submitted (SLURM requires all of them). None when it waits for none.
+
+    aftercorr pairs array task k with upstream array task k. On --resume only unfinished tasks
+    are submitted, renumbered 0..k-1 per array; where this stage's tasks and an upstream's differ,
+    the pairing would be wrong, so the stage waits for the whole upstream array (afterok)."""
     ids = [job_ids[a] for a in stage.after if a in job_ids]
-    return f"{stage.dependency}:{':'.join(ids)}" if ids else None
+    kind = stage.dependency
+    if kind == "aftercorr" and submitted is not None and \
+            any(submitted[a] != todo for a in stage.after if a in submitted):
+        kind = "afterok"
+    return f"{kind}:{':'.join(ids)}" if ids else None
 
 
 def render_sbatch(plan: Plan, stage: Stage) -> str:
@@ -173,6 +183,7 @@ def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
     import submitit
     check_partition(plan.recipe.cluster.partition)
     job_ids: dict[str, str] = {}
+    submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
     with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
         for stage in plan.stages:
             entries = manifest["stages"][stage.name]["tasks"]
@@ -182,7 +193,7 @@ def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
             executor = submitit.SlurmExecutor(folder=str(plan.run_dir / "slurm" / "%j"), max_num_timeout=3)
             params = slurm_parameters(plan.recipe, stage)
             additional = dict(params.pop("additional_parameters"))
-            dependency = dependency_option(stage, job_ids)
+            dependency = dependency_option(stage, job_ids, submitted, todo)
             if dependency:
                 additional["dependency"] = dependency
                 additional["kill-on-invalid-dep"] = "yes"
@@ -197,6 +208,7 @@ def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
                 entries[i]["job_id"] = job.job_id
                 entries[i]["state"] = "PENDING"
             job_ids[stage.name] = jobs[0].job_id.split("_")[0]
+            submitted[stage.name] = todo
             manifest["stages"][stage.name]["job_id"] = job_ids[stage.name]
             save_manifest(plan.run_dir, manifest)
             print(f"submitted {stage.name}: job {job_ids[stage.name]} ({len(jobs)} task(s))", flush=True)

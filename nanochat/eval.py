@@ -256,7 +256,6 @@ def run_task(name: str, problems: Sequence[Problem], engine, tokenizer, ev: Eval
 def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: str = "auto",
                         out: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluate the checkpoint at `path` (see the module docstring); write and return the result."""
-    from nanochat.chat import run_dir_of
     from nanochat.engine import Engine, load_model
     from nanochat.tokenizer import Tokenizer
 
@@ -270,7 +269,7 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     meta = ckpt.read_meta(step_dir)
     recipe = _checkpoint_recipe(meta, step_dir, recipe, overrides)
     model, meta, step_dir = load_model(step_dir, dev, dtype)
-    run_dir = run_dir_of(step_dir)
+    run_dir = ckpt.run_dir_of(step_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer in {run_dir}/tokenizer has {tokenizer.vocab_size} tokens, "

@@ -289,3 +289,15 @@ def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing
     launch.save_manifest(empty, launch.new_manifest(build_plan(r, empty), "local"))
     write_report(empty)
     assert (empty / "results.csv").read_text().splitlines()[1].startswith("0,train.seed=1,PLANNED,0,,,,PLANNED,0,,,")
+
+
+def test_a_partial_resume_waits_for_the_whole_upstream_array_instead_of_mispairing():
+    """aftercorr pairs array index k with upstream index k; a resume renumbers the unfinished
+    tasks, so unless both arrays hold the same tasks the stage must wait for all (afterok)."""
+    from jobs.plan import Stage, Task
+    sft = Stage("sft", [Task(i, [], f"r/{i}") for i in range(3)], after=["base"],
+                dependency="aftercorr")
+    assert launch.dependency_option(sft, {"base": "7"}) == "aftercorr:7"
+    assert launch.dependency_option(sft, {"base": "7"}, {"base": [0, 2]}, [0, 2]) == "aftercorr:7"
+    assert launch.dependency_option(sft, {"base": "7"}, {"base": [2]}, [0, 1, 2]) == "afterok:7"
+    assert launch.dependency_option(sft, {}, {}, [0]) is None  # upstream all done: no wait

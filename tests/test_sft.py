@@ -239,3 +239,17 @@ def test_conversation_file_with_roles_out_of_order_is_one_line(base_run, tmp_pat
                  "base_checkpoint": base_run["run_dir"]}}
     line = one_line_error(run_cli([write_recipe(tmp_path, d)], tmp_path))
     assert "bad.jsonl:1" in line and "user" in line
+
+
+def test_auto_device_batch_size_is_discovered_under_the_sft_key(base_run, tmp_path):
+    from nanochat.sft import sft_dir, train_sft
+    d = with_sft(base_run, device_batch_size="auto", num_iterations=2, eval_every=-1,
+                 base_checkpoint=base_run["run_dir"])
+    d = {**d, "run_dir": str(tmp_path / "auto"),
+         "discovery": {"cache_dir": str(tmp_path / "bs"), "max_batch_size": 8, "memory_budget_gb": 4}}
+    recipe = recipe_from_dict(d)
+    assert train_sft(recipe)["step"] == 2
+    chosen = json.loads((sft_dir(recipe) / "run.json").read_text())["device_batch_size"]
+    assert chosen in (1, 2, 4, 8) and 512 % (chosen * 64) == 0
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "bs").glob("*.json")]
+    assert [e["stage"] for e in entries] == ["sft"] and entries[0]["result"]["batch_size"] == chosen
