@@ -198,6 +198,9 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
 
     loader = SFTLoader(train.items, device_batch, seq, tokenizer.bos_token_id, rt.dist.rank,
                        rt.dist.world_size, rt.device, seed=recipe.train.seed, state=loader_state)
+    if not val.items:
+        print0("sft data: no validation conversations (raise sft.val_fraction or add data); "
+               "val_loss is measured on the first 256 training conversations")
     evaluate = make_loss_evaluator(val.items or train.items[:256], tokenizer, rt, device_batch, seq,
                                    recipe.train.eval_tokens)
     train_args = sft_train_args(recipe, device_batch, steps)

@@ -47,6 +47,10 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
     model = GPT(config).to(rt.device)
     model.init_weights()
     opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd)
+    if compile_model:
+        # a fresh compiler state per measurement: an earlier one's compiled graphs (or its hitting
+        # the recompile limit, after which dynamo silently runs eager) must not carry over
+        torch._dynamo.reset()
     step_model = torch.compile(model, dynamic=False, mode=None if recipe.train.compile_mode == "default"
                                else recipe.train.compile_mode) if compile_model else model
     if batches is None:
