@@ -204,6 +204,10 @@ def hub_online(request, monkeypatch):
     server, so they run with it unset (the offline-flag test sets it again itself)."""
     if request.node.name.startswith("test_fineweb"):
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # huggingface_hub reads the variable once, at import: when an earlier test imported it
+        # (datasets does), its frozen flag must be lifted too
+        from huggingface_hub import constants
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def test_fineweb_download_and_reuse(tmp_path, hub, monkeypatch):
