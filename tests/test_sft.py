@@ -252,4 +252,4 @@ def test_auto_device_batch_size_is_discovered_under_the_sft_key(base_run, tmp_pa
     chosen = json.loads((sft_dir(recipe) / "run.json").read_text())["device_batch_size"]
     assert chosen in (1, 2, 4, 8) and 512 % (chosen * 64) == 0
     entries = [json.loads(p.read_text()) for p in (tmp_path / "bs").glob("*.json")]
-    assert [e["stage"] for e in entries] == ["sft"] and entries[0]["result"]["batch_size"] == chosen
+    assert [e["key"]["stage"] for e in entries] == ["sft"] and entries[0]["result"]["batch_size"] == chosen
