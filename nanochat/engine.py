@@ -42,7 +42,7 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, DecodeWeights, GPTConfig, KVCache
 
 HEAD_T_MAX_BATCH = 32  # above this nn.Linear's layout is as fast or faster (d4 shape, 2 cores)
 
@@ -95,7 +95,8 @@ class Engine:
     mode; the KV cache takes the dtype of the model's parameters. `cuda_graph` captures the
     decode step once per cache shape (CUDA only); `compile` compiles it with static shapes.
     `head_t`: "auto" (CPU, batch ≤ HEAD_T_MAX_BATCH), True or False — see the module docstring;
-    it snapshots the lm_head weight, so build a new Engine after changing the weights.
+    the decode step's weight layouts (fused q/k/v, that lm_head copy) are snapshots, so build a
+    new Engine after changing the weights.
     """
 
     def __init__(self, model: GPT, *, cuda_graph: bool = False, compile: bool = False,
@@ -109,7 +110,7 @@ class Engine:
         self.static = cuda_graph or compile  # attention reads all max_len positions: fixed shapes
         self._step_fn = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
         self._head_mode = head_t
-        self._head_t: torch.Tensor | None = None
+        self._weights: dict[bool, DecodeWeights] = {}  # by "lm_head transposed": fused layouts
         self.cache: KVCache | None = None
         self._graph = self._static_logits = None
 
@@ -125,8 +126,7 @@ class Engine:
         if c is None or c.batch_size != batch or c.max_len < max_len:
             self.cache = self._graph = self._static_logits = None  # free the old one first
             self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
-        if self._use_head_t(batch) and self._head_t is None:
-            self._head_t = self.model.lm_head.weight.detach().t().contiguous()
+        self.decode_weights(batch)
         return self.cache
 
     def _check(self, prompts, num_samples: int, max_new_tokens: int) -> list[list[int]]:
@@ -188,17 +188,21 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step_fn(self._static_tok, cache, None, self._head_t_for(B))
+                self._step_fn(self._static_tok, cache, None, self.decode_weights(B))
         torch.cuda.current_stream(self.device).wait_stream(side)
         cache.row_pos.copy_(saved[0])
         cache.row_prev.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_logits = self._step_fn(self._static_tok, cache, None, self._head_t_for(B))
+            self._static_logits = self._step_fn(self._static_tok, cache, None, self.decode_weights(B))
         self._graph = graph
 
-    def _head_t_for(self, batch: int) -> torch.Tensor | None:
-        return self._head_t if self._use_head_t(batch) else None
+    def decode_weights(self, batch: int) -> DecodeWeights:
+        """The decode step's weight layouts for this batch size, built once (a snapshot)."""
+        use = self._use_head_t(batch)
+        if use not in self._weights:
+            self._weights[use] = self.model.decode_weights(head_t=use)
+        return self._weights[use]
 
     def _decode(self, tok: torch.Tensor, cache: KVCache, attend_len: int) -> torch.Tensor:
         if self.cuda_graph:
@@ -208,7 +212,7 @@ class Engine:
             self._graph.replay()
             return self._static_logits
         return self._step_fn(tok, cache, None if self.static else attend_len,
-                             self._head_t_for(cache.batch_size))
+                             self.decode_weights(cache.batch_size))
 
     def _host(self, tok: torch.Tensor, slot: int):
         """Start copying tokens to the host; on CUDA a non-blocking copy into pinned memory and an

@@ -104,10 +104,6 @@ class KVCache:
         self.row_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_prev = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.key_pos = torch.arange(max_len, device=device)
-        # Set by decode_step for the duration of one step: the keys each row may see, and how
-        # many cache positions attention reads (a host bound in eager mode; max_len when static).
-        self.step_mask: torch.Tensor | None = None
-        self.step_len = max_len
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -117,12 +113,13 @@ class KVCache:
         self.v[layer, :, :, t0:t1] = v
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
-    def insert_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """One position per row (k, v: (B, H, 1, D)) written at each row's own `row_pos`."""
+    def insert_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, length: int):
+        """One position per row (k, v: (B, H, 1, D)) written at each row's own `row_pos`;
+        returns the first `length` positions of the layer's keys and values."""
         idx = self.row_pos.view(-1, 1, 1, 1).expand_as(k)
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
-        return self.k[layer, :, :, :self.step_len], self.v[layer, :, :, :self.step_len]
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
     def start_rows(self, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
         """Switch to per-row decoding after a prefill: row b holds `lengths[b]` positions and its
@@ -134,7 +131,21 @@ class KVCache:
         self.pos = 0
         self.prev_token = None
         self.row_pos.zero_()
-        self.step_mask = None
+
+
+@dataclass
+class DecodeWeights:
+    """The decode step's layouts of a model's weights — a snapshot: build it again after the
+    weights change (`GPT.decode_weights`). Per layer, q, k and v are fused into one matrix: one
+    matmul instead of three, and rotary + QK-norm run on q and k together (each small op costs
+    microseconds of dispatch on a CPU, which at the d4 shape is as much as its matmuls). The
+    rotary tables are in rotate-half form, x·C + swap_halves(x)·S, with C = [cos, cos] and
+    S = [sin, −sin]: the same products and sums as `apply_rotary_emb`, bit for bit. Costs one copy
+    of the q/k/v weights."""
+    qkv: list[torch.Tensor]             # per layer (n_head + 2·n_kv_head)·head_dim × n_embd
+    cos: torch.Tensor                   # (rotary_len, 1, head_dim)
+    sin: torch.Tensor
+    head_t: torch.Tensor | None = None  # lm_head weight stored (n_embd, vocab): see engine.py
 
 
 class CausalSelfAttention(nn.Module):
@@ -157,10 +168,6 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is not None and kv_cache.step_mask is not None:  # per-row decode step
-            k, v = kv_cache.insert_rows(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.step_mask, enable_gqa=gqa)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
@@ -310,37 +317,52 @@ class GPT(nn.Module):
                 logits = logits.div_(cap).tanh_().mul_(cap)
         return logits
 
+    @torch.no_grad()
+    def decode_weights(self, head_t: bool = False) -> DecodeWeights:
+        cos, sin = self.cos[0], self.sin[0]  # (T, 1, D/2)
+        return DecodeWeights(
+            qkv=[torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous()
+                 for b in self.blocks],
+            cos=torch.cat([cos, cos], -1).contiguous(), sin=torch.cat([sin, -sin], -1).contiguous(),
+            head_t=self.lm_head.weight.t().contiguous() if head_t else None)
+
     def decode_step(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None,
-                    head_t: torch.Tensor | None = None) -> torch.Tensor:
+                    weights: DecodeWeights | None = None) -> torch.Tensor:
         """One new token per row, token (B, 1), each at its row's own position → logits (B, V).
 
-        Uses and advances the cache's per-row state in place (see KVCache.start_rows); reads no
-        host value and writes only preallocated memory, so it can be compiled with static shapes
-        or captured in a CUDA graph. `attend_len`: a host bound on every row's length after this
-        step; attention then reads only that prefix of the cache (eager decoding, less work);
-        None reads all max_len positions (static shapes). `head_t`: the lm_head weight laid out
-        (n_embd, vocab), which MKL multiplies ~2× faster than nn.Linear's (vocab, n_embd) at small
-        batches on CPU (measured, d4 shape: see nanochat/engine.py)."""
-        B = token.size(0)
+        The blocks' computation for a single position, written out with the fused layouts of
+        `weights` (default: built now; pass them in to decode many steps). Uses and advances the
+        cache's per-row state in place (see KVCache.start_rows); reads no host value and writes
+        only preallocated memory, so it can be compiled with static shapes or captured in a CUDA
+        graph. `attend_len`: a host bound on every row's length after this step; attention then
+        reads only that prefix of the cache (eager decoding, less work); None reads all max_len
+        positions (static shapes). Checked against the full forward by tests/test_engine.py."""
+        w = weights if weights is not None else self.decode_weights()
+        c = self.config
+        B, H, Hkv, D = token.size(0), c.n_head, c.n_kv_head, c.head_dim
+        length = cache.max_len if attend_len is None else attend_len
         pos = cache.row_pos
-        cache.step_len = cache.max_len if attend_len is None else attend_len
-        cache.step_mask = (cache.key_pos[:cache.step_len] <= pos.unsqueeze(1)).view(B, 1, 1, -1)
-        # rotary tables (1, T, 1, D/2) gathered at each row's position → (B, 1, 1, D/2)
-        cos_sin = (self.cos[0].index_select(0, pos).unsqueeze(1),
-                   self.sin[0].index_select(0, pos).unsqueeze(1))
+        mask = (cache.key_pos[:length] <= pos.unsqueeze(1)).view(B, 1, 1, length)
+        C = w.cos.index_select(0, pos).unsqueeze(1)  # (B, 1, 1, D)
+        S = w.sin.index_select(0, pos).unsqueeze(1)
         x = norm(self.wte(token))
         if self.bigram is not None:
             big = self.bigram(bigram_rows(token, self.bigram_rows, cache.row_prev))
-        try:
-            for i, block in enumerate(self.blocks):
-                if self.bigram is not None:
-                    x = x + self.bigram_lambdas[i] * big
-                x = block(x, cos_sin, cache)
-        finally:
-            cache.step_mask = None
+        for i, block in enumerate(self.blocks):
+            if self.bigram is not None:
+                x = x + self.bigram_lambdas[i] * big
+            qkv = F.linear(norm(x), w.qkv[i]).view(B, 1, H + 2 * Hkv, D)
+            qk = qkv[:, :, :H + Hkv]
+            qk = norm((qk * C + torch.cat([qk[..., D // 2:], qk[..., :D // 2]], -1) * S).to(qk.dtype))
+            k, v = cache.insert_rows(i, qk[:, :, H:].transpose(1, 2),
+                                     qkv[:, :, H + Hkv:].transpose(1, 2), length)
+            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask,
+                                               enable_gqa=H != Hkv)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
+            x = x + block.mlp(norm(x))
         cache.row_pos.add_(1)
         cache.row_prev.copy_(token[:, 0])
-        return self._logits(x, head_t)[:, 0]
+        return self._logits(x, w.head_t)[:, 0]
 
     @torch.no_grad()
     def generate_naive(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,

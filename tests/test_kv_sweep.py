@@ -36,6 +36,8 @@ def test_sweep_writes_results_json_csv_markdown_and_plot(tmp_path):
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] and r["ttft_ms_median"] > 0
         assert r["peak_mem_gb"] > 0 and 0 < r["roofline_fraction"]
     assert all("speedup_vs_nocache" in r for r in report["results"] if r["mode"] == "cache")
+    assert all(r["matmul_floor_tok_per_s"] > 0 and r["matmul_floor_fraction"] > 0
+               for r in report["results"] if r["mode"] == "cache"), "every cache point has its floor"
     assert report["memory_bandwidth_gb_s"] > 0 and report["versions"]["torch"] == torch.__version__
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 6 and {"mode", "batch", "tok_per_s_median", "roofline_fraction"} <= set(rows[0])

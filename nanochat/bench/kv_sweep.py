@@ -22,6 +22,12 @@ decode steps per second. Reported: tokens/s at that bound and the fraction the m
 rate (batch / median per-token latency) reaches. At large batches compute, not bandwidth, bounds
 a step; results.json also has the compute bound (a large matmul's measured FLOP/s).
 
+Matmul floor: the decode step's matrix multiplies alone — the same weights, shapes, layouts and
+order as the engine's step, back to back, nothing else — timed on this device. Where a BLAS can't
+stream weights at the copy bandwidth (small batches on CPU: the lm_head's gemm at batch 8 runs
+far below both bounds), this floor, not the roofline, is what removing every other cost of the
+step could reach; the table gives it and the fraction of it reached.
+
 Writes results.json, results.csv, results.md (the table) and tokens_per_s.png to --out (default:
 RUN_DIR/kv_sweep). `python -m jobs.tasks RUN_DIR sweep I` calls `sweep_for_recipe` the same way.
 """
@@ -122,6 +128,41 @@ def largest_batch(model: GPT, prompt_len: int, new_tokens: int, cap: int, device
 
 # --------------------------------------------------------------------------------------------
 # One run: a stream of steps, timestamped on arrival
+
+def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
+                   steps: int = 20, repeats: int = 5) -> float:
+    """Seconds per decode step spent in its matmuls alone (see the module docstring): median of
+    `repeats` windows of `steps` steps, synced at both ends."""
+    import torch.nn.functional as F
+    c = model.config
+    dtype = model.lm_head.weight.dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, c.n_embd, device=device, dtype=dtype, generator=gen)
+    h = torch.randn(batch, 4 * c.n_embd, device=device, dtype=dtype, generator=gen)
+    w = engine.decode_weights(batch)
+    mats = []
+    for blk, qkv in zip(model.blocks, w.qkv):
+        mats += [(x, qkv), (x, blk.attn.c_proj.weight), (x, blk.mlp.c_fc.weight), (h, blk.mlp.c_proj.weight)]
+    head_t = w.head_t
+
+    def step():
+        for inp, w in mats:
+            F.linear(inp, w)
+        return x @ head_t if head_t is not None else F.linear(x, model.lm_head.weight)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
 
 def nocache_stream(model: GPT, idx: torch.Tensor, new_tokens: int):
     """Greedy decoding without a cache: every step runs the whole sequence again (logits only at
@@ -248,6 +289,9 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
                 r["roofline_tok_per_s"] = batch * bandwidth / step_bytes
                 r["roofline_fraction"] = r["decode_tok_per_s"] / r["roofline_tok_per_s"]
                 r["compute_bound_tok_per_s"] = batch * flops / decode_flops_per_step(model, batch, context)
+                if mode == "cache":
+                    r["matmul_floor_tok_per_s"] = batch / matmul_floor_s(model, engine, batch, device)
+                    r["matmul_floor_fraction"] = r["decode_tok_per_s"] / r["matmul_floor_tok_per_s"]
                 print0(f"{r['tok_per_s_median']:.1f} tok/s")
             results.append(r)
     nocache = {r["batch"]: r["tok_per_s_median"] for r in results if r["mode"] == "nocache" and "error" not in r}
@@ -283,7 +327,8 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
 COLUMNS = ["mode", "batch", "tok_per_s_median", "tok_per_s_min", "tok_per_s_max",
            "speedup_vs_nocache", "ttft_ms_median", "latency_ms_p50", "latency_ms_p90",
            "decode_tok_per_s", "peak_mem_gb", "bytes_per_step", "roofline_tok_per_s",
-           "roofline_fraction", "compute_bound_tok_per_s", "warmup_s", "error"]
+           "roofline_fraction", "compute_bound_tok_per_s", "matmul_floor_tok_per_s",
+           "matmul_floor_fraction", "warmup_s", "error"]
 
 
 def _fmt(v, digits=1) -> str:
@@ -300,20 +345,22 @@ def markdown_table(report: dict) -> str:
             f"{report['memory_bandwidth_gb_s']:.1f} GB/s (copy)")
     lines = [head, "",
              "| mode | batch | tok/s median (min–max) | × no cache | TTFT ms | ms/token p50 / p90 "
-             "| peak mem GB | decode roofline tok/s | % of roofline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak mem GB | decode roofline tok/s | % of roofline | matmul floor tok/s | % of floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         name = "cache" if r["mode"] == "cache" else "no cache"
         if "error" in r:
-            lines.append(f"| {name} | {r['batch']} | {r['error']} | | | | | | |")
+            lines.append(f"| {name} | {r['batch']} | {r['error']} | | | | | | | | |")
             continue
         roof = f"{r['roofline_tok_per_s']:,.0f}" if r["mode"] == "cache" else ""
         frac = f"{100 * r['roofline_fraction']:.0f}%" if r["mode"] == "cache" else ""
+        floor = f"{r['matmul_floor_tok_per_s']:,.0f}" if "matmul_floor_tok_per_s" in r else ""
+        ffrac = f"{100 * r['matmul_floor_fraction']:.0f}%" if "matmul_floor_fraction" in r else ""
         lines.append(
             f"| {name} | {r['batch']} | {_fmt(r['tok_per_s_median'])} ({_fmt(r['tok_per_s_min'])}"
             f"–{_fmt(r['tok_per_s_max'])}) | {_fmt(r.get('speedup_vs_nocache'), 2)} | "
             f"{_fmt(r['ttft_ms_median'])} | {_fmt(r['latency_ms_p50'], 2)} / "
-            f"{_fmt(r['latency_ms_p90'], 2)} | {_fmt(r['peak_mem_gb'], 2)} | {roof} | {frac} |")
+            f"{_fmt(r['latency_ms_p90'], 2)} | {_fmt(r['peak_mem_gb'], 2)} | {roof} | {frac} | {floor} | {ffrac} |")
     return "\n".join(lines) + "\n"
 
 
