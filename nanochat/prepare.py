@@ -69,7 +69,7 @@ def _barrier(rt) -> None:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.prepare", "Download/build shards, train the tokenizer.")
+    ap = recipe_argparser("python -m nanochat.prepare", "Download/build shards, train the tokenizer, fetch the SFT data.")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.perf_counter()
@@ -79,6 +79,13 @@ def main(argv: list[str]) -> int:
     print(f"tokenizer: vocab {tok.vocab_size} in "
           f"{Path(recipe.cache_dir) / 'tokenizer' / tokenizer_key(recipe)} "
           f"({time.perf_counter() - t0:.1f} s)")
+    if "sft" in recipe.stages or "eval" in recipe.stages:
+        # compute nodes often have no internet: fetch the chat data (the chatterbot wheel, or
+        # SmolTalk into the datasets cache) and the task word list here, on the login node
+        from nanochat.chat_data import load_sft_conversations
+        for split in ("train", "val"):
+            n = len(load_sft_conversations(recipe, split).conversations)
+            print(f"sft data: {n:,} {split} conversations ({recipe.sft.source})")
     return 0
 
 
