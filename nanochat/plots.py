@@ -25,11 +25,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+# validation metrics a stage logs (base: bits per byte; SFT: loss per assistant token)
+VAL_METRICS = {"val_bpb": ("bits per byte", "validation BPB"),
+               "val_loss": ("loss per assistant token (nats)", "validation loss")}
+
+
 def plot_progress(progress_path: Path, out_png: Path, title: str = "") -> Path | None:
-    """Training loss and validation bits per byte against step, side by side."""
+    """Training loss and the validation metric (val_bpb, or SFT's val_loss) against step."""
     records = read_jsonl(progress_path)
     train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval" and "val_bpb" in r]
+    metric = next((m for m in VAL_METRICS if any(m in r for r in records)), "val_bpb")
+    evals = [r for r in records if r.get("event") == "eval" and metric in r]
     if not train and not evals:
         return None
     plt = _pyplot()
@@ -38,8 +44,9 @@ def plot_progress(progress_path: Path, out_png: Path, title: str = "") -> Path |
         ax1.plot([r["step"] + 1 for r in train], [r["loss"] for r in train], lw=1.2)
     ax1.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
     if evals:
-        ax2.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", color="C1", ms=3)
-    ax2.set(xlabel="step", ylabel="bits per byte", title="validation BPB")
+        ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C1", ms=3)
+    ylabel, name = VAL_METRICS[metric]
+    ax2.set(xlabel="step", ylabel=ylabel, title=name)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     if title:

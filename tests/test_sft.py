@@ -152,6 +152,7 @@ def test_compiled_sft_compiles_once_across_20_steps_and_chat_loads_it(base_run):
     progress = [json.loads(ln) for ln in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in progress if r["event"] == "eval"] == [0, 10, 20]
     assert all(r["val_loss"] > 0 for r in progress if r["event"] == "eval")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["data"]["real_token_fraction"] > 0.5
     # the chat CLI talks to the result (one shot)
