@@ -116,6 +116,8 @@ class SFTLoader:
         self.B, self.T, self.pad_id = batch_size, seq_len, pad_id
         self.rank, self.world = rank, world_size
         self.device = torch.device(device)
+        # small sets (a validation split) get smaller blocks, so that every rank has one
+        block_size = max(1, min(block_size, len(items) // world_size))
         self.seed, self.block_size, self.mode, self.loop = seed, block_size, mode, loop
         n_blocks = -(-len(items) // block_size)
         self.my_blocks = list(range(rank, n_blocks, world_size))

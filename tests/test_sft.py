@@ -254,3 +254,39 @@ def test_auto_device_batch_size_is_discovered_under_the_sft_key(base_run, tmp_pa
     assert chosen in (1, 2, 4, 8) and 512 % (chosen * 64) == 0
     entries = [json.loads(p.read_text()) for p in (tmp_path / "bs").glob("*.json")]
     assert [e["key"]["stage"] for e in entries] == ["sft"] and entries[0]["result"]["batch_size"] == chosen
+
+
+def _sft_worker(rank, world, port, recipe_dict):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from nanochat.sft import train_sft
+    train_sft(recipe_from_dict(recipe_dict))
+
+
+def test_two_rank_sft_splits_even_a_small_validation_set(base_run, tmp_path):
+    """Two gloo ranks: each packs its own blocks of conversations — the ~30 held-out ones too
+    (a block per rank, not one block that leaves a rank empty) — and checkpoints both loaders."""
+    import socket
+    import torch.multiprocessing as mp
+    from nanochat.sft import sft_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = {**with_sft(base_run, num_iterations=4, eval_every=2, base_checkpoint=base_run["run_dir"]),
+         "run_dir": str(tmp_path / "ddp")}
+    d["train"] = {**d["train"], "total_batch_size": 512}
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_sft_worker, args=(r, 2, port, d)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    out = sft_dir(recipe_from_dict(d))
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(out))
+    assert meta["world_size"] == 2 and len(meta["loader"]) == 2 and meta["step"] == 4
+    evals = [json.loads(ln) for ln in (out / "progress.jsonl").read_text().splitlines()
+             if '"eval"' in ln]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["val_loss"] > 0 for r in evals)
