@@ -25,10 +25,12 @@ Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
   captured once in a CUDA graph (`cuda_graph=True`) and replayed: one launch per token instead of
   ~100 kernel launches, which is what bounds small-batch decode (the seeds' 99 tok/s at batch 1).
   `compile=True` also compiles it (static shapes).
-- CPU: the lm_head dominates the bytes a decode step reads (73% at the d4 shape). MKL's sgemm
-  runs x @ W with W stored (n_embd, vocab) ~2× faster than nn.Linear's (vocab, n_embd) layout at
-  batch 8–16 (2.5 vs 4.9 ms at d4, batch 8) and ~20% faster at batch 1, so the engine keeps a
-  transposed copy of that one matrix for batches up to HEAD_T_MAX_BATCH (measured crossover).
+- CPU: the lm_head dominates a decode step's matmuls (33.5 of 46 MB of weights at the d4
+  shape), and MKL's plain sgemm at decode's small batches runs far below the copy bandwidth. Its
+  packed sgemm (the weight pre-packed for the batch size: the op inductor's CPU freezing uses) or,
+  without MKL, x @ W with W stored (n_embd, vocab) are faster; `head="auto"` picks packed where
+  available (`python -m nanochat.bench.lm_head RECIPE` times the layouts side by side). Every
+  layout computes the same products.
 """
 from __future__ import annotations
 
@@ -42,9 +44,9 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.gpt import GPT, DecodeWeights, GPTConfig, KVCache
+from nanochat.gpt import GPT, HEAD_LAYOUTS, DecodeWeights, GPTConfig, KVCache, mkl_packed_available
 
-HEAD_T_MAX_BATCH = 32  # above this nn.Linear's layout is as fast or faster (d4 shape, 2 cores)
+HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,13 @@ class Engine:
     The model must already be on its device, in its inference dtype (e.g. bf16 on CUDA), in eval
     mode; the KV cache takes the dtype of the model's parameters. `cuda_graph` captures the
     decode step once per cache shape (CUDA only); `compile` compiles it with static shapes.
-    `head_t`: "auto" (CPU, batch ≤ HEAD_T_MAX_BATCH), True or False — see the module docstring;
-    the decode step's weight layouts (fused q/k/v, that lm_head copy) are snapshots, so build a
-    new Engine after changing the weights.
+    `head`: the lm_head layout of the decode step, "auto" or one of gpt.HEAD_LAYOUTS (see the
+    module docstring). The decode step's weight layouts (fused q/k/v, the lm_head's) are
+    snapshots, so build a new Engine after changing the weights.
     """
 
     def __init__(self, model: GPT, *, cuda_graph: bool = False, compile: bool = False,
-                 head_t: bool | str = "auto"):
+                 head: str = "auto"):
         self.model = model.eval()
         p = model.lm_head.weight
         self.device, self.dtype, self.config = p.device, p.dtype, model.config
@@ -109,16 +111,22 @@ class Engine:
         self.cuda_graph, self.compiled = cuda_graph, compile
         self.static = cuda_graph or compile  # attention reads all max_len positions: fixed shapes
         self._step_fn = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
-        self._head_mode = head_t
-        self._weights: dict[bool, DecodeWeights] = {}  # by "lm_head transposed": fused layouts
+        if head != "auto" and head not in HEAD_LAYOUTS:
+            raise UserError(f"head must be auto or one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
+        self._head_mode = head
+        self._weights: tuple[tuple[str, int], DecodeWeights] | None = None  # the latest only
         self.cache: KVCache | None = None
         self._graph = self._static_logits = None
 
     # ------------------------------------------------------------------ set-up
-    def _use_head_t(self, batch: int) -> bool:
-        if self._head_mode == "auto":
-            return self.device.type == "cpu" and batch <= HEAD_T_MAX_BATCH
-        return bool(self._head_mode)
+    def head_layout(self, batch: int) -> str:
+        if self._head_mode != "auto":
+            return self._head_mode
+        if self.device.type != "cpu":
+            return "linear"
+        if mkl_packed_available() and self.dtype == torch.float32:
+            return "packed"
+        return "transposed" if batch <= HEAD_T_MAX_BATCH else "linear"
 
     def _ensure_cache(self, batch: int, max_len: int) -> KVCache:
         """The preallocated cache: reused while it has the same rows and room for max_len."""
@@ -198,11 +206,14 @@ class Engine:
         self._graph = graph
 
     def decode_weights(self, batch: int) -> DecodeWeights:
-        """The decode step's weight layouts for this batch size, built once (a snapshot)."""
-        use = self._use_head_t(batch)
-        if use not in self._weights:
-            self._weights[use] = self.model.decode_weights(head_t=use)
-        return self._weights[use]
+        """The decode step's weight layouts for this batch size, built once (a snapshot; only
+        the latest is kept: a packed lm_head is as large as the lm_head)."""
+        layout = self.head_layout(batch)
+        key = (layout, batch if layout == "packed" else 0)
+        if self._weights is None or self._weights[0] != key:
+            self._weights = None
+            self._weights = (key, self.model.decode_weights(head=layout, batch=batch))
+        return self._weights[1]
 
     def _decode(self, tok: torch.Tensor, cache: KVCache, attend_len: int) -> torch.Tensor:
         if self.cuda_graph:

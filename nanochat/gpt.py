@@ -145,7 +145,19 @@ class DecodeWeights:
     qkv: list[torch.Tensor]             # per layer (n_head + 2·n_kv_head)·head_dim × n_embd
     cos: torch.Tensor                   # (rotary_len, 1, head_dim)
     sin: torch.Tensor
-    head_t: torch.Tensor | None = None  # lm_head weight stored (n_embd, vocab): see engine.py
+    head: str = "linear"                # lm_head layout: linear | transposed | packed (engine.py)
+    head_t: torch.Tensor | None = None  # transposed: the weight stored (n_embd, vocab)
+    head_packed: torch.Tensor | None = None  # packed: MKL's packed form for `batch` rows (CPU)
+    batch: int = 0
+
+
+HEAD_LAYOUTS = ("linear", "transposed", "packed")
+
+
+def mkl_packed_available() -> bool:
+    """MKL's packed sgemm (the op inductor's CPU freezing uses) is in this torch build."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear") \
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
 
 class CausalSelfAttention(nn.Module):
@@ -305,10 +317,21 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
-    def _logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
+    def head_matmul(self, x: torch.Tensor, w: DecodeWeights | None = None) -> torch.Tensor:
+        """x (..., n_embd) → (..., vocab) through the lm_head, in `w`'s layout when given (the
+        same products either way; MKL's kernels for the other layouts are faster at decode's
+        small batches on CPU — see nanochat/engine.py)."""
+        if w is not None and w.head_packed is not None and x.numel() == w.batch * x.size(-1):
+            flat = torch.ops.mkl._mkl_linear(x.reshape(w.batch, -1), w.head_packed,
+                                             self.lm_head.weight, None, w.batch)
+            return flat.view(*x.shape[:-1], -1)
+        if w is not None and w.head_t is not None:
+            return x @ w.head_t
+        return self.lm_head(x)
+
+    def _logits(self, x: torch.Tensor, w: DecodeWeights | None = None) -> torch.Tensor:
         x = norm(x)
-        # head_t: the lm_head weight stored (n_embd, vocab) — see decode_step.
-        logits = (self.lm_head(x) if head_t is None else x @ head_t).float()
+        logits = self.head_matmul(x, w).float()
         if self.config.softcap > 0:
             cap = self.config.softcap
             if torch.is_grad_enabled():
@@ -318,13 +341,24 @@ class GPT(nn.Module):
         return logits
 
     @torch.no_grad()
-    def decode_weights(self, head_t: bool = False) -> DecodeWeights:
+    def decode_weights(self, head: str = "linear", batch: int = 0) -> DecodeWeights:
+        """Decode layouts of the current weights; `head` picks the lm_head's (packed needs the
+        decode batch size and MKL)."""
+        if head not in HEAD_LAYOUTS:
+            raise ValueError(f"head must be one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
+        if head == "packed" and not (mkl_packed_available() and batch >= 1
+                                     and self.lm_head.weight.device.type == "cpu"
+                                     and self.lm_head.weight.dtype == torch.float32):
+            raise ValueError("the packed lm_head needs a CPU fp32 model, MKL and a batch size")
         cos, sin = self.cos[0], self.sin[0]  # (T, 1, D/2)
+        wt = self.lm_head.weight
         return DecodeWeights(
             qkv=[torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous()
                  for b in self.blocks],
             cos=torch.cat([cos, cos], -1).contiguous(), sin=torch.cat([sin, -sin], -1).contiguous(),
-            head_t=self.lm_head.weight.t().contiguous() if head_t else None)
+            head=head, batch=batch,
+            head_t=wt.t().contiguous() if head == "transposed" else None,
+            head_packed=torch.ops.mkl._mkl_reorder_linear_weight(wt, batch) if head == "packed" else None)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None,
                     weights: DecodeWeights | None = None) -> torch.Tensor:
@@ -362,7 +396,7 @@ class GPT(nn.Module):
             x = x + block.mlp(norm(x))
         cache.row_pos.add_(1)
         cache.row_prev.copy_(token[:, 0])
-        return self._logits(x, w.head_t)[:, 0]
+        return self._logits(x, w)[:, 0]
 
     @torch.no_grad()
     def generate_naive(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,

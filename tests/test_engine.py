@@ -26,11 +26,11 @@ def test_greedy_batch_1_equals_naive(bigram_factor):
 
 
 @pytest.mark.parametrize("bigram_factor", [0, 5])
-@pytest.mark.parametrize("head_t", [False, True])
-def test_greedy_ragged_batch_equals_naive(bigram_factor, head_t):
+@pytest.mark.parametrize("head", ["linear", "transposed", "packed"])
+def test_greedy_ragged_batch_equals_naive(bigram_factor, head):
     """Prompts of 1..12 tokens in one batch: each row decodes as if it were alone."""
     model = make_model(bigram_factor=bigram_factor)
-    rows = Engine(model, head_t=head_t).generate_batch(RAGGED, max_new_tokens=16, temperature=0)
+    rows = Engine(model, head=head).generate_batch(RAGGED, max_new_tokens=16, temperature=0)
     for prompt, row in zip(RAGGED, rows):
         assert row == list(model.generate_naive(prompt, 16)), f"prompt of {len(prompt)} tokens"
 

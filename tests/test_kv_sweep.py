@@ -86,3 +86,14 @@ def test_sweep_bad_input_is_one_line(override, message, tmp_path):
                   override, "--out", tmp_path)
     assert message in error_line(res)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_lm_head_layouts_compute_the_same_logits_and_are_all_timed():
+    res = run_cli("nanochat.bench.lm_head", "configs/tiny.yaml", "sweep.batch_sizes=[1,3]",
+                  "--warmup", "1", "--calls", "2", "--repeats", "2")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout[res.stdout.index("{"):])
+    layouts = {"linear", "transposed"} | ({"packed"} if torch.backends.mkl.is_available() else set())
+    assert {(r["batch"], r["layout"]) for r in report["results"]} >= {(b, h) for b in (1, 3) for h in layouts}
+    assert all(r["agrees_with_linear"] and r["us_min"] <= r["us_median"] <= r["us_max"]
+               for r in report["results"])

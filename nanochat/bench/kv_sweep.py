@@ -143,12 +143,11 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
     mats = []
     for blk, qkv in zip(model.blocks, w.qkv):
         mats += [(x, qkv), (x, blk.attn.c_proj.weight), (x, blk.mlp.c_fc.weight), (h, blk.mlp.c_proj.weight)]
-    head_t = w.head_t
 
     def step():
-        for inp, w in mats:
-            F.linear(inp, w)
-        return x @ head_t if head_t is not None else F.linear(x, model.lm_head.weight)
+        for inp, m in mats:
+            F.linear(inp, m)
+        return model.head_matmul(x, w)
 
     with torch.inference_mode():
         for _ in range(3):
