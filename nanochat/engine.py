@@ -113,6 +113,9 @@ class Engine:
         self._step_fn = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
         if head != "auto" and head not in HEAD_LAYOUTS:
             raise UserError(f"head must be auto or one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
+        if head == "packed" and compile:
+            raise UserError("the packed lm_head can't be compiled (inductor doesn't lower MKL's "
+                            "packed op); use head='transposed' with compile")
         self._head_mode = head
         self._weights: tuple[tuple[str, int], DecodeWeights] | None = None  # the latest only
         self.cache: KVCache | None = None
@@ -124,7 +127,8 @@ class Engine:
             return self._head_mode
         if self.device.type != "cpu":
             return "linear"
-        if mkl_packed_available() and self.dtype == torch.float32:
+        # inductor can't lower the packed op (torch 2.13): compiled steps use the transposed layout
+        if mkl_packed_available() and self.dtype == torch.float32 and not self.compiled:
             return "packed"
         return "transposed" if batch <= HEAD_T_MAX_BATCH else "linear"
 

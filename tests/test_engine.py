@@ -225,3 +225,10 @@ def test_chat_bad_input_is_one_line(trained_run, tmp_path):
     ]
     for args, message in cases:
         assert message in error_line(run_cli("nanochat.chat", *args)), args
+
+
+def test_a_compiled_engine_refuses_the_packed_lm_head_and_auto_avoids_it():
+    model = make_model()
+    with pytest.raises(UserError, match="packed lm_head can't be compiled"):
+        Engine(model, compile=True, head="packed")
+    assert Engine(model, compile=True).head_layout(8) != "packed"
