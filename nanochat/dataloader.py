@@ -80,7 +80,61 @@ def pack_rows(docs: list[list[int]], row_len: int, bos: int) -> list[list[int]]:
     return rows
 
 
-class DataLoader:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch → device (pinned and non-blocking on CUDA: the copy overlaps the step)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class BlockCursor:
+    """The position (epoch, block, row) over this rank's blocks, shared by the pretraining and
+    SFT loaders. Packing a block is a pure function of (epoch, block), so this triple is the whole
+    loader state: a resumed run re-packs one block and continues at the exact next row.
+    A loader calls `_start(n_blocks, loop, state)` and implements `rows_of(epoch, block_idx)`."""
+
+    def _start(self, n_blocks: int, loop: bool, state: dict | None) -> None:
+        self.n_blocks, self.loop = n_blocks, loop
+        self.epoch, self.block_idx, self.row_idx = 0, 0, 0
+        self._rows = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def rows_of(self, epoch: int, block_idx: int) -> list:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "block": self.block_idx, "row": self.row_idx}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.block_idx, self.row_idx = state["epoch"], state["block"], state["row"]
+        self._rows = None
+
+    def _next_row(self):
+        """The next row, wrapping to a new epoch when `loop`; None after a single pass."""
+        while True:
+            if self.block_idx >= self.n_blocks:  # a finished single pass (loop=False)
+                return None
+            if self._rows is None:
+                self._rows = self.rows_of(self.epoch, self.block_idx)
+            if self.row_idx < len(self._rows):
+                self.row_idx += 1
+                return self._rows[self.row_idx - 1]
+            self.block_idx, self.row_idx, self._rows = self.block_idx + 1, 0, None
+            if self.block_idx == self.n_blocks and self.loop:
+                self.epoch, self.block_idx = self.epoch + 1, 0
+
+    def _take_rows(self, n: int) -> list:
+        rows = []
+        while len(rows) < n and (row := self._next_row()) is not None:
+            rows.append(row)
+        return rows
+
+    def __iter__(self):
+        return self
+
+
+class DataLoader(BlockCursor):
     """Yields (inputs, targets) of shape (B, T) for this rank, forever (epochs wrap around).
 
     `state_dict()` describes the next batch; `load_state_dict()` continues exactly there.
@@ -93,59 +147,22 @@ class DataLoader:
         self.tokenizer = tokenizer
         self.B, self.T = batch_size, seq_len
         self.device = torch.device(device)
-        self.loop = loop
         blocks = list_blocks(self.paths, block_docs)
         self.blocks = blocks[rank::world_size]
         if not self.blocks:
             raise ValueError(f"rank {rank} of {world_size} has no data: {len(blocks)} blocks in "
                              f"{len(self.paths)} shards; use fewer ranks or smaller blocks")
-        self.epoch, self.block_idx, self.row_idx = 0, 0, 0
-        self._rows: list[list[int]] | None = None
-        if state is not None:
-            self.load_state_dict(state)
+        self._start(len(self.blocks), loop, state)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "block": self.block_idx, "row": self.row_idx}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.block_idx, self.row_idx = state["epoch"], state["block"], state["row"]
-        self._rows = None
-
-    def _block_rows(self) -> list[list[int]]:
-        if self._rows is None:
-            block = self.blocks[self.block_idx]
-            texts = read_block(self.paths[block.shard], block)
-            docs = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id)
-            self._rows = pack_rows(docs, self.T + 1, self.tokenizer.bos_token_id)
-        return self._rows
-
-    def _next_row(self) -> list[int] | None:
-        while True:
-            rows = self._block_rows()
-            if self.row_idx < len(rows):
-                self.row_idx += 1
-                return rows[self.row_idx - 1]
-            self.block_idx, self.row_idx, self._rows = self.block_idx + 1, 0, None
-            if self.block_idx == len(self.blocks):
-                if not self.loop:
-                    return None
-                self.epoch, self.block_idx = self.epoch + 1, 0
-
-    def __iter__(self):
-        return self
+    def rows_of(self, epoch: int, block_idx: int) -> list[list[int]]:
+        block = self.blocks[block_idx]  # the same rows every epoch: blocks are fixed
+        texts = read_block(self.paths[block.shard], block)
+        docs = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id)
+        return pack_rows(docs, self.T + 1, self.tokenizer.bos_token_id)
 
     def __next__(self):
-        rows = []
-        for _ in range(self.B):
-            row = self._next_row()
-            if row is None:
-                break
-            rows.append(row)
+        rows = self._take_rows(self.B)
         if not rows or (len(rows) < self.B and self.loop):
             raise StopIteration
-        t = torch.tensor(rows, dtype=torch.long)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        else:
-            t = t.to(self.device)
+        t = to_device(torch.tensor(rows, dtype=torch.long), self.device)
         return t[:, :-1], t[:, 1:]

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanochat.dataloader import BlockCursor, to_device
+
 MODES = ("bestfit", "pad_longest", "pad_T")
 
 
@@ -101,7 +103,7 @@ def to_batch(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return x, y
 
 
-class SFTLoader:
+class SFTLoader(BlockCursor):
     """Yields (inputs, targets) of shape (B, T) for this rank (pad_longest: (B, ≤T)).
 
     `loop=True` wraps around epochs forever (training); `loop=False` stops after one pass and
@@ -114,29 +116,21 @@ class SFTLoader:
         assert mode in MODES, mode
         self.items = items
         self.B, self.T, self.pad_id = batch_size, seq_len, pad_id
-        self.rank, self.world = rank, world_size
         self.device = torch.device(device)
         # small sets (a validation split) get smaller blocks, so that every rank has one
         block_size = max(1, min(block_size, len(items) // world_size))
-        self.seed, self.block_size, self.mode, self.loop = seed, block_size, mode, loop
+        self.seed, self.block_size, self.mode = seed, block_size, mode
         n_blocks = -(-len(items) // block_size)
         self.my_blocks = list(range(rank, n_blocks, world_size))
         if not self.my_blocks:
             raise ValueError(f"rank {rank} of {world_size} has no conversations ({len(items)} in "
                              f"{n_blocks} blocks of {block_size}); use fewer ranks")
-        self.epoch, self.block_idx, self.row_idx = 0, 0, 0
-        self._rows = None
         self.real_tokens = 0      # non-pad tokens yielded so far
         self.total_tokens = 0
-        if state is not None:
-            self.load_state_dict(state)
+        self._start(len(self.my_blocks), loop, state)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "block": self.block_idx, "row": self.row_idx}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.block_idx, self.row_idx = state["epoch"], state["block"], state["row"]
-        self._rows = None
+    def rows_of(self, epoch: int, block_idx: int):
+        return self.block_rows(epoch, self.my_blocks[block_idx])
 
     def block_rows(self, epoch: int, block: int):
         """The rows of one block in one epoch: a pure function (resume re-derives it)."""
@@ -149,31 +143,8 @@ class SFTLoader:
         random.Random(self.seed * 1_000_003 + epoch * 7919 + block).shuffle(rows)
         return rows
 
-    def _next_row(self):
-        while True:
-            if self.block_idx >= len(self.my_blocks):  # a finished single pass (loop=False)
-                return None
-            if self._rows is None:
-                self._rows = self.block_rows(self.epoch, self.my_blocks[self.block_idx])
-            if self.row_idx < len(self._rows):
-                self.row_idx += 1
-                return self._rows[self.row_idx - 1]
-            self.block_idx, self.row_idx, self._rows = self.block_idx + 1, 0, None
-            if self.block_idx == len(self.my_blocks):
-                if not self.loop:
-                    return None
-                self.epoch, self.block_idx = self.epoch + 1, 0
-
-    def __iter__(self):
-        return self
-
     def __next__(self):
-        rows = []
-        for _ in range(self.B):
-            row = self._next_row()
-            if row is None:
-                break
-            rows.append(row)
+        rows = self._take_rows(self.B)
         if not rows:
             raise StopIteration
         width = self.T + 1
@@ -184,10 +155,7 @@ class SFTLoader:
         self.real_tokens += real          # counted over rows of T + 1, as packing_stats does
         self.total_tokens += ids.numel()
         x, y = to_batch(ids, mask)
-        if self.device.type == "cuda":
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
-        return x.to(self.device), y.to(self.device)
+        return to_device(x, self.device), to_device(y, self.device)
 
 
 def packing_stats(items, seq_len: int, mode: str = "bestfit", batch_size: int = 1,

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import statistics
 import tempfile
 import time
 
-import torch
-
+from nanochat.bench import environment
 from nanochat.batch_size import discover, resolve_target
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
@@ -80,10 +78,7 @@ def main(argv: list[str]) -> int:
                    "training": f"{args.warmup} untimed + {args.repeats} timed optimizer steps of "
                                f"{recipe.train.total_batch_size} tokens, device sync around each",
                    "data": "random tokens"},
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
-        else f"cpu ({resolve_target(recipe).name}, {torch.get_num_threads()} threads)",
-        "dtype": str(rt.dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **environment(rt.device, rt.dtype, cpu_name=resolve_target(recipe).name),
         "discovery": {"seconds": round(discovery_s, 2), "probes": found.probes_run,
                       "batch_size": found.batch_size, "largest": found.largest,
                       "fastest": found.fastest, "candidates": found.record["candidates"],

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanochat.bench import environment
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, \
     print0, tune_cpu_allocator
@@ -309,10 +309,7 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
                               "attention": "whole cache (static)" if engine.static else "keys so far"},
                    "cpu_allocator": malloc, "largest_batch_estimate": largest,
                    "context_for_roofline": context},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(rt.dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **environment(device, rt.dtype),
         "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_tflop_s": flops / 1e12,
         "results": results,
     }

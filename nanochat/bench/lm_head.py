@@ -14,12 +14,12 @@ per call ÷ the median time (GB/s), to compare with the copy bandwidth of nanoch
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 
 import torch
 
+from nanochat.bench import environment
 from nanochat.common import cli_main
 from nanochat.engine import build_inference_model
 from nanochat.gpt import HEAD_LAYOUTS, GPTConfig, mkl_packed_available
@@ -75,10 +75,7 @@ def main(argv: list[str]) -> int:
         "shape": {"n_embd": config.n_embd, "vocab": config.vocab_size, "weight_mb": weight_bytes / 1e6},
         "method": {"warmup_calls": opts.warmup, "calls_per_window": opts.calls,
                    "windows": opts.repeats, "sync": "device sync before/after each window"},
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(rt.dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **environment(rt.device, rt.dtype),
         "results": results}, indent=2))
     return 0
 

@@ -21,10 +21,9 @@ Weights are random-initialised: speed does not depend on them.
 from __future__ import annotations
 
 import json
-import platform
 
-import torch
 
+from nanochat.bench import environment
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.prepare import prepare_shards, prepare_tokenizer
@@ -90,10 +89,7 @@ def main(argv: list[str]) -> int:
         "method": {"warmup_steps": opts.warmup, "steps_per_window": opts.steps,
                    "windows": opts.repeats, "sync": "device sync before/after each window",
                    "real_tok_per_s": "tok/s median × the packing's real-token fraction over one epoch"},
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(rt.dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **environment(rt.device, rt.dtype),
         "results": results,
     }
     print(json.dumps(report, indent=2))

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import platform
 import resource
 import statistics
 import time
 
 import torch
 
+from nanochat.bench import environment
 from nanochat.common import UserError, cli_main, tune_cpu_allocator
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
@@ -134,10 +134,7 @@ def main(argv: list[str]) -> int:
         "method": {"warmup_steps": opts.warmup, "steps_per_window": opts.steps,
                    "windows": opts.repeats, "sync": "device sync before/after each window",
                    "data": "random tokens"},
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(rt.dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **environment(rt.device, rt.dtype),
         "peak_flops_measured": round(peak, 1),
         "results": results,
     }
