@@ -31,7 +31,7 @@ from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train import build_model, model_config, resolve_device_batch_size
 from nanochat.trainer import (LoopSpec, Runtime, compile_count, grad_accum_steps, maybe_compile,
-                              restore_training_state, setup_runtime, teardown_runtime, train_loop)
+                              restore_training_state, runtime, train_loop)
 
 
 def sft_dir(recipe: Recipe) -> Path:
@@ -119,11 +119,8 @@ def make_loss_evaluator(items, tokenizer: Tokenizer, rt: Runtime, batch_size: in
 
 
 def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    rt = setup_runtime(recipe.train)
-    try:
+    with runtime(recipe.train) as rt:
         return _train_sft(recipe, rt, fresh, stop_requested)
-    finally:
-        teardown_runtime(rt)
 
 
 def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:

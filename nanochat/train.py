@@ -25,7 +25,7 @@ from nanochat.optim import build_optimizers
 from nanochat.prepare import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import (LoopSpec, Runtime, grad_accum_steps, maybe_compile,
-                              restore_training_state, setup_runtime, teardown_runtime, train_loop)
+                              restore_training_state, runtime, train_loop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,11 +97,8 @@ def make_bpb_evaluator(val_paths, tokenizer: Tokenizer, rt: Runtime, batch_size:
 
 
 def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    rt = setup_runtime(recipe.train)
-    try:
+    with runtime(recipe.train) as rt:
         return _train_base(recipe, rt, fresh, stop_requested)
-    finally:
-        teardown_runtime(rt)
 
 
 def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:

@@ -79,6 +79,16 @@ def teardown_runtime(rt: Runtime) -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def runtime(args: TrainArgs):
+    """setup_runtime … teardown_runtime around a stage (the process group always destroyed)."""
+    rt = setup_runtime(args)
+    try:
+        yield rt
+    finally:
+        teardown_runtime(rt)
+
+
 def barrier(rt: Runtime) -> None:
     if rt.dist.is_distributed:
         torch.distributed.barrier()
