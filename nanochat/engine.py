@@ -10,7 +10,7 @@ Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
 - The cache is allocated once for batch × (longest prompt + max_new_tokens) and reused while the
   shapes fit. Prompts of different lengths share one batch: they are right-padded and prefilled
   together (causal attention keeps the padding from touching real positions), then every row
-  decodes at its own position (`KVCache.start_rows`, `GPT.decode_step`); padding left in the
+  decodes at its own position (`KVCache.start_rows`, `decode.DecodeStep`); padding left in the
   cache is overwritten or masked before any row can see it.
 - Several samples of one prompt: the prompt is prefilled once, its cache rows copied to every
   sample, and each sample draws its own first token from the shared logits. (The seeds copied the
@@ -26,25 +26,26 @@ Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
   ~100 kernel launches, which is what bounds small-batch decode (the seeds' 99 tok/s at batch 1).
   `compile=True` also compiles it (static shapes).
 - CPU: the lm_head dominates a decode step's matmuls (33.5 of 46 MB of weights at the d4
-  shape), and MKL's plain sgemm at decode's small batches runs far below the copy bandwidth. Its
-  packed sgemm (the weight pre-packed for the batch size: the op inductor's CPU freezing uses) or,
-  without MKL, x @ W with W stored (n_embd, vocab) are faster; `head="auto"` picks packed where
-  available (`python -m nanochat.bench.lm_head RECIPE` times the layouts side by side). Every
-  layout computes the same products.
+  shape), and MKL's plain sgemm at decode's small batches runs far below the memory bandwidth.
+  `head="auto"` picks MKL's packed sgemm where available (decode.py, HEAD_LAYOUTS); `compile=True`
+  on CPU compiles with inductor's freezing, which packs every linear, the lm_head included.
+- Greedy decoding takes the argmax in two passes (`argmax_first`): torch's argmax over a row of
+  32k logits is a scalar loop on CPU (~250 µs at batch 8, d4), its max is vectorised (~20 µs).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.gpt import GPT, HEAD_LAYOUTS, DecodeWeights, GPTConfig, KVCache, mkl_packed_available
+from nanochat.decode import HEAD_LAYOUTS, DecodeStep, compile_step, mkl_packed_available
+from nanochat.gpt import GPT, GPTConfig, KVCache
 
 HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
 
@@ -67,10 +68,27 @@ class Sampling:
         return self
 
 
+ARGMAX_BLOCK = 128
+
+
+def argmax_first(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) → (B, 1): the index of each row's first maximum, exactly `x.argmax(-1)`, in two
+    passes: the max of each block of 128 (a vectorised reduction), the first block holding the
+    row's max, then the first maximum inside that block. NaN counts as the maximum, as in
+    torch.argmax (amax propagates it)."""
+    B, V = x.shape
+    if V % ARGMAX_BLOCK or V < 4 * ARGMAX_BLOCK:
+        return x.argmax(dim=-1, keepdim=True)
+    blocks = x.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # (B, 1)
+    inside = blocks.gather(1, first.unsqueeze(-1).expand(B, 1, ARGMAX_BLOCK))[:, 0]
+    return first * ARGMAX_BLOCK + inside.argmax(dim=-1, keepdim=True)
+
+
 def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) → next tokens (B, 1), each row drawn independently, with no host sync."""
     if s.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return argmax_first(logits)
     logits = logits.float() / s.temperature
     if s.top_k is not None and s.top_k < logits.size(-1):
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
@@ -110,14 +128,13 @@ class Engine:
             raise UserError(f"CUDA-graph capture needs a CUDA device; the model is on {self.device}")
         self.cuda_graph, self.compiled = cuda_graph, compile
         self.static = cuda_graph or compile  # attention reads all max_len positions: fixed shapes
-        self._step_fn = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
         if head != "auto" and head not in HEAD_LAYOUTS:
             raise UserError(f"head must be auto or one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
         if head == "packed" and compile:
             raise UserError("the packed lm_head can't be compiled (inductor doesn't lower MKL's "
-                            "packed op); use head='transposed' with compile")
+                            "packed op); use head='linear': on CPU compile's freezing packs it")
         self._head_mode = head
-        self._weights: tuple[tuple[str, int], DecodeWeights] | None = None  # the latest only
+        self._step: tuple[tuple[str, int], DecodeStep, Callable] | None = None  # the latest only
         self.cache: KVCache | None = None
         self._graph = self._static_logits = None
 
@@ -127,8 +144,9 @@ class Engine:
             return self._head_mode
         if self.device.type != "cpu":
             return "linear"
-        # inductor can't lower the packed op (torch 2.13): compiled steps use the transposed layout
-        if mkl_packed_available() and self.dtype == torch.float32 and not self.compiled:
+        if self.compiled:  # inductor can't lower the packed op; its freezing packs nn.Linear's
+            return "linear"
+        if mkl_packed_available() and self.dtype == torch.float32:
             return "packed"
         return "transposed" if batch <= HEAD_T_MAX_BATCH else "linear"
 
@@ -138,7 +156,7 @@ class Engine:
         if c is None or c.batch_size != batch or c.max_len < max_len:
             self.cache = self._graph = self._static_logits = None  # free the old one first
             self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
-        self.decode_weights(batch)
+        self.step(batch)
         return self.cache
 
     def _check(self, prompts, num_samples: int, max_new_tokens: int) -> list[list[int]]:
@@ -200,24 +218,32 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step_fn(self._static_tok, cache, None, self.decode_weights(B))
+                self._step_call(B)(self._static_tok, cache, None)
         torch.cuda.current_stream(self.device).wait_stream(side)
         cache.row_pos.copy_(saved[0])
         cache.row_prev.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_logits = self._step_fn(self._static_tok, cache, None, self.decode_weights(B))
+            self._static_logits = self._step_call(B)(self._static_tok, cache, None)
         self._graph = graph
 
-    def decode_weights(self, batch: int) -> DecodeWeights:
-        """The decode step's weight layouts for this batch size, built once (a snapshot; only
-        the latest is kept: a packed lm_head is as large as the lm_head)."""
+    def step(self, batch: int) -> DecodeStep:
+        """The decode step (its weight layouts) for this batch size, built once: a snapshot of
+        the weights; only the latest is kept (a packed lm_head is as large as the lm_head)."""
+        return self._build_step(batch)[1]
+
+    def _step_call(self, batch: int) -> Callable:
+        """What runs a step: the DecodeStep, or it compiled."""
+        return self._build_step(batch)[2]
+
+    def _build_step(self, batch: int):
         layout = self.head_layout(batch)
         key = (layout, batch if layout == "packed" else 0)
-        if self._weights is None or self._weights[0] != key:
-            self._weights = None
-            self._weights = (key, self.model.decode_weights(head=layout, batch=batch))
-        return self._weights[1]
+        if self._step is None or self._step[0] != key:
+            self._step = None
+            step = DecodeStep(self.model, head=layout, batch=batch)
+            self._step = (key, step, compile_step(step) if self.compiled else step)
+        return self._step
 
     def _decode(self, tok: torch.Tensor, cache: KVCache, attend_len: int) -> torch.Tensor:
         if self.cuda_graph:
@@ -226,8 +252,7 @@ class Engine:
             self._static_tok.copy_(tok)
             self._graph.replay()
             return self._static_logits
-        return self._step_fn(tok, cache, None if self.static else attend_len,
-                             self.decode_weights(cache.batch_size))
+        return self._step_call(cache.batch_size)(tok, cache, None if self.static else attend_len)
 
     def _host(self, tok: torch.Tensor, slot: int):
         """Start copying tokens to the host; on CUDA a non-blocking copy into pinned memory and an

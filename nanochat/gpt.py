@@ -87,7 +87,7 @@ class KVCache:
     - together (`pos`, a host int): every row holds the same number of positions and
       `forward` with T tokens writes positions pos..pos+T-1 (prefill, chunked prefill).
       `prev_token` is the last token fed, which the bigram hash of the next step needs.
-    - per row (`start_rows`, then `GPT.decode_step`): each row has its own length (prompts of
+    - per row (`start_rows`, then `decode.DecodeStep`): each row has its own length (prompts of
       different lengths in one batch). The lengths (`row_pos`) and last tokens (`row_prev`) are
       device tensors updated in place, so a decode step reads no host value and always touches
       the same memory: it can be compiled with static shapes or captured in a CUDA graph
@@ -104,6 +104,7 @@ class KVCache:
         self.row_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_prev = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.key_pos = torch.arange(max_len, device=device)
+        self._rows = None  # index tensors of insert_rows, made on first use
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -114,11 +115,18 @@ class KVCache:
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
     def insert_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, length: int):
-        """One position per row (k, v: (B, H, 1, D)) written at each row's own `row_pos`;
-        returns the first `length` positions of the layer's keys and values."""
-        idx = self.row_pos.view(-1, 1, 1, 1).expand_as(k)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+        """One position per row (k, v: (B, n_kv_head, head_dim)) written at each row's own
+        `row_pos`; returns the first `length` positions of the layer's keys and values. One
+        index_put_ into the whole cache tensor (see nanochat/decode.py for why not a view)."""
+        if self._rows is None:
+            dev = self.k.device
+            self._rows = (torch.arange(self.batch_size, device=dev).view(-1, 1),
+                          torch.arange(self.k.size(2), device=dev).view(1, -1),
+                          [torch.tensor(i, device=dev) for i in range(self.k.size(0))])
+        b, h, layers = self._rows
+        idx = (layers[layer], b, h, self.row_pos.view(-1, 1))
+        self.k.index_put_(idx, k)
+        self.v.index_put_(idx, v)
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
     def start_rows(self, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
@@ -131,33 +139,6 @@ class KVCache:
         self.pos = 0
         self.prev_token = None
         self.row_pos.zero_()
-
-
-@dataclass
-class DecodeWeights:
-    """The decode step's layouts of a model's weights — a snapshot: build it again after the
-    weights change (`GPT.decode_weights`). Per layer, q, k and v are fused into one matrix: one
-    matmul instead of three, and rotary + QK-norm run on q and k together (each small op costs
-    microseconds of dispatch on a CPU, which at the d4 shape is as much as its matmuls). The
-    rotary tables are in rotate-half form, x·C + swap_halves(x)·S, with C = [cos, cos] and
-    S = [sin, −sin]: the same products and sums as `apply_rotary_emb`, bit for bit. Costs one copy
-    of the q/k/v weights."""
-    qkv: list[torch.Tensor]             # per layer (n_head + 2·n_kv_head)·head_dim × n_embd
-    cos: torch.Tensor                   # (rotary_len, 1, head_dim)
-    sin: torch.Tensor
-    head: str = "linear"                # lm_head layout: linear | transposed | packed (engine.py)
-    head_t: torch.Tensor | None = None  # transposed: the weight stored (n_embd, vocab)
-    head_packed: torch.Tensor | None = None  # packed: MKL's packed form for `batch` rows (CPU)
-    batch: int = 0
-
-
-HEAD_LAYOUTS = ("linear", "transposed", "packed")
-
-
-def mkl_packed_available() -> bool:
-    """MKL's packed sgemm (the op inductor's CPU freezing uses) is in this torch build."""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear") \
-        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
 
 class CausalSelfAttention(nn.Module):
@@ -311,92 +292,21 @@ class GPT(nn.Module):
             kv_cache.prev_token = idx[:, -1]
         if logits_at is not None:
             x = x.gather(1, logits_at.view(B, 1, 1).expand(B, 1, x.size(-1)))
-        logits = self._logits(x)
+        logits = self.softcap(self.lm_head(norm(x)).float())
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
-    def head_matmul(self, x: torch.Tensor, w: DecodeWeights | None = None) -> torch.Tensor:
-        """x (..., n_embd) → (..., vocab) through the lm_head, in `w`'s layout when given (the
-        same products either way; MKL's kernels for the other layouts are faster at decode's
-        small batches on CPU — see nanochat/engine.py)."""
-        if w is not None and w.head_packed is not None and x.numel() == w.batch * x.size(-1):
-            flat = torch.ops.mkl._mkl_linear(x.reshape(w.batch, -1), w.head_packed,
-                                             self.lm_head.weight, None, w.batch)
-            return flat.view(*x.shape[:-1], -1)
-        if w is not None and w.head_t is not None:
-            return x @ w.head_t
-        return self.lm_head(x)
-
-    def _logits(self, x: torch.Tensor, w: DecodeWeights | None = None) -> torch.Tensor:
-        x = norm(x)
-        logits = self.head_matmul(x, w).float()
-        if self.config.softcap > 0:
-            cap = self.config.softcap
-            if torch.is_grad_enabled():
-                logits = cap * torch.tanh(logits / cap)
-            else:  # same ops in place: no new vocab-sized buffers (−0.4 ms/step at d4, batch 8, CPU)
-                logits = logits.div_(cap).tanh_().mul_(cap)
-        return logits
-
-    @torch.no_grad()
-    def decode_weights(self, head: str = "linear", batch: int = 0) -> DecodeWeights:
-        """Decode layouts of the current weights; `head` picks the lm_head's (packed needs the
-        decode batch size and MKL)."""
-        if head not in HEAD_LAYOUTS:
-            raise ValueError(f"head must be one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
-        if head == "packed" and not (mkl_packed_available() and batch >= 1
-                                     and self.lm_head.weight.device.type == "cpu"
-                                     and self.lm_head.weight.dtype == torch.float32):
-            raise ValueError("the packed lm_head needs a CPU fp32 model, MKL and a batch size")
-        cos, sin = self.cos[0], self.sin[0]  # (T, 1, D/2)
-        wt = self.lm_head.weight
-        return DecodeWeights(
-            qkv=[torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous()
-                 for b in self.blocks],
-            cos=torch.cat([cos, cos], -1).contiguous(), sin=torch.cat([sin, -sin], -1).contiguous(),
-            head=head, batch=batch,
-            head_t=wt.t().contiguous() if head == "transposed" else None,
-            head_packed=torch.ops.mkl._mkl_reorder_linear_weight(wt, batch) if head == "packed" else None)
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None,
-                    weights: DecodeWeights | None = None) -> torch.Tensor:
-        """One new token per row, token (B, 1), each at its row's own position → logits (B, V).
-
-        The blocks' computation for a single position, written out with the fused layouts of
-        `weights` (default: built now; pass them in to decode many steps). Uses and advances the
-        cache's per-row state in place (see KVCache.start_rows); reads no host value and writes
-        only preallocated memory, so it can be compiled with static shapes or captured in a CUDA
-        graph. `attend_len`: a host bound on every row's length after this step; attention then
-        reads only that prefix of the cache (eager decoding, less work); None reads all max_len
-        positions (static shapes). Checked against the full forward by tests/test_engine.py."""
-        w = weights if weights is not None else self.decode_weights()
-        c = self.config
-        B, H, Hkv, D = token.size(0), c.n_head, c.n_kv_head, c.head_dim
-        length = cache.max_len if attend_len is None else attend_len
-        pos = cache.row_pos
-        mask = (cache.key_pos[:length] <= pos.unsqueeze(1)).view(B, 1, 1, length)
-        C = w.cos.index_select(0, pos).unsqueeze(1)  # (B, 1, 1, D)
-        S = w.sin.index_select(0, pos).unsqueeze(1)
-        x = norm(self.wte(token))
-        if self.bigram is not None:
-            big = self.bigram(bigram_rows(token, self.bigram_rows, cache.row_prev))
-        for i, block in enumerate(self.blocks):
-            if self.bigram is not None:
-                x = x + self.bigram_lambdas[i] * big
-            qkv = F.linear(norm(x), w.qkv[i]).view(B, 1, H + 2 * Hkv, D)
-            qk = qkv[:, :, :H + Hkv]
-            qk = norm((qk * C + torch.cat([qk[..., D // 2:], qk[..., :D // 2]], -1) * S).to(qk.dtype))
-            k, v = cache.insert_rows(i, qk[:, :, H:].transpose(1, 2),
-                                     qkv[:, :, H + Hkv:].transpose(1, 2), length)
-            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask,
-                                               enable_gqa=H != Hkv)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.mlp(norm(x))
-        cache.row_pos.add_(1)
-        cache.row_prev.copy_(token[:, 0])
-        return self._logits(x, w)[:, 0]
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """softcap · tanh(logits / softcap): bounds the logits (Gemma 2; modded-nanogpt)."""
+        cap = self.config.softcap
+        if cap <= 0:
+            return logits
+        if torch.is_grad_enabled():
+            return cap * torch.tanh(logits / cap)
+        # the same ops in place: no new vocab-sized buffers (−0.4 ms/step at d4, batch 8, CPU)
+        return logits.div_(cap).tanh_().mul_(cap)
 
     @torch.no_grad()
     def generate_naive(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.engine import Engine, Sampling, sample_next
+from nanochat.engine import Engine, Sampling, argmax_first, sample_next
+from nanochat.decode import DecodeStep, mkl_packed_available
 from nanochat.gpt import KVCache
 from test_cli import error_line, run_cli
 from test_gpt import make_model
@@ -57,7 +58,8 @@ def test_decode_step_logits_match_full_forward_for_ragged_rows(bigram_factor):
     with torch.no_grad():
         first = model(idx, kv_cache=cache, logits_at=lens - 1)[:, 0]
         cache.start_rows(lens, idx[torch.arange(3), lens - 1])
-        steps = [model.decode_step(cont[:, t:t + 1], cache, attend_len=None) for t in range(5)]
+        step = DecodeStep(model)
+        steps = [step(cont[:, t:t + 1], cache) for t in range(5)]
         for i, p in enumerate(prompts):
             full = model(torch.cat([torch.tensor([p]), cont[i:i + 1]], dim=1))[0]
             torch.testing.assert_close(first[i], full[len(p) - 1], atol=1e-5, rtol=1e-5)
@@ -232,3 +234,40 @@ def test_a_compiled_engine_refuses_the_packed_lm_head_and_auto_avoids_it():
     with pytest.raises(UserError, match="packed lm_head can't be compiled"):
         Engine(model, compile=True, head="packed")
     assert Engine(model, compile=True).head_layout(8) != "packed"
+
+
+def test_a_compiled_engine_decodes_like_the_naive_oracle_per_model():
+    """Compiled (on CPU with inductor's freezing: weights become constants), two models in one
+    process — each must decode with its own weights — and the bigram model: greedy rows equal
+    the naive full recompute."""
+    for model in (make_model(seed=1), make_model(seed=2), make_model(seed=3, bigram_factor=5)):
+        rows = Engine(model, compile=True).generate_batch(RAGGED, max_new_tokens=10, temperature=0)
+        for prompt, row in zip(RAGGED, rows):
+            assert row == list(model.generate_naive(prompt, 10)), f"prompt of {len(prompt)} tokens"
+
+
+@pytest.mark.skipif(not mkl_packed_available(), reason="needs MKL's packed sgemm")
+def test_compiled_cpu_step_runs_every_linear_through_mkl_packed_sgemm():
+    """Freezing is on when dynamo traces (it is read there, not only by inductor): every matmul
+    of the step — 4 per layer and the lm_head — runs as MKL's packed sgemm."""
+    model = make_model(seed=4)
+    engine = Engine(model, compile=True)
+    engine.generate_batch([[1, 2, 3]], max_new_tokens=3, temperature=0)  # compiles
+    with torch.profiler.profile() as prof:
+        engine.generate_batch([[1, 2, 3]], max_new_tokens=3, temperature=0)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    steps = 2  # the first token comes from the prefill, the last needs no further step
+    assert calls.get("mkl::_mkl_linear", 0) == steps * (4 * model.config.n_layer + 1)
+
+
+def test_argmax_first_is_torch_argmax_with_ties_infinities_and_nan():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32768)
+    x[1, 5000] = x[1, 30000] = 99.0           # a tie in different blocks: the first wins
+    x[2, 130] = x[2, 129] = 99.0              # a tie inside one block
+    x[3] = float("-inf")                      # all −inf: index 0, as torch.argmax
+    x[4, 777] = float("inf")
+    x[5, 12345] = float("nan")                # NaN counts as the maximum
+    assert torch.equal(argmax_first(x), x.argmax(dim=-1, keepdim=True))
+    odd = torch.randn(3, 300)                 # not a multiple of the block: plain argmax
+    assert torch.equal(argmax_first(odd), odd.argmax(dim=-1, keepdim=True))

@@ -2,7 +2,7 @@
 
 The lm_head is most of a small model's decode step (at the d4 shape 33.5 of its 46 MB of
 weights). This times its matmul — normed hidden states (B, n_embd) → logits (B, vocab) — in every
-layout the decode step can use (gpt.HEAD_LAYOUTS: nn.Linear's weight, the weight transposed,
+layout the decode step can use (decode.HEAD_LAYOUTS: nn.Linear's weight, the weight transposed,
 MKL's packed sgemm), side by side in one process, at each of `sweep.batch_sizes`, on a
 random-initialised model of the recipe's shape in its inference dtype. All layouts compute the
 same products; the bench also checks their outputs agree.
@@ -22,7 +22,8 @@ import torch
 from nanochat.bench import environment
 from nanochat.common import cli_main
 from nanochat.engine import build_inference_model
-from nanochat.gpt import HEAD_LAYOUTS, GPTConfig, mkl_packed_available
+from nanochat.decode import HEAD_LAYOUTS, DecodeStep, mkl_packed_available
+from nanochat.gpt import GPTConfig
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.trainer import setup_runtime
 
@@ -47,18 +48,18 @@ def main(argv: list[str]) -> int:
             x = torch.randn(batch, 1, config.n_embd, device=rt.device, dtype=rt.dtype, generator=gen)
             reference = None
             for layout in layouts:
-                w = model.decode_weights(head=layout, batch=batch)
-                out = model.head_matmul(x, w)
+                step = DecodeStep(model, head=layout, batch=batch)
+                out = step.head_matmul(x)
                 reference = out if reference is None else reference
                 agree = torch.allclose(out.float(), reference.float(), rtol=1e-4, atol=1e-4)
                 for _ in range(opts.warmup):
-                    model.head_matmul(x, w)
+                    step.head_matmul(x)
                 times = []
                 for _ in range(opts.repeats):
                     rt.sync()
                     t0 = time.perf_counter()
                     for _ in range(opts.calls):
-                        model.head_matmul(x, w)
+                        step.head_matmul(x)
                     rt.sync()
                     times.append((time.perf_counter() - t0) / opts.calls * 1e6)
                 med = statistics.median(times)
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
                                 "agrees_with_linear": bool(agree)})
                 print(f"batch {batch:>4} {layout:<10} {med:>9.1f} µs ({min(times):.1f}–{max(times):.1f})"
                       f"  {weight_bytes / med / 1e3:6.1f} GB/s", flush=True)
-                del w
+                del step
     print(json.dumps({
         "benchmark": "lm_head matmul per decode layout",
         "recipe": opts.recipe, "overrides": opts.overrides,

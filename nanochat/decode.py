@@ -1,0 +1,119 @@
+"""The decode step: one new token per row through the GPT, each row at its own position.
+
+`DecodeStep(model, head, batch)` holds the model's weights in the layouts decoding wants — a
+snapshot: build it again after the weights change — and its forward is the blocks' computation for
+a single position, written out (checked against the full forward by tests/test_engine.py):
+
+- Per layer, q, k and v are fused into one matmul, and rotary + QK-norm run on q and k together:
+  each small op costs microseconds of dispatch on a CPU, which at the d4 shape is as much as its
+  matmuls. Rotary is in rotate-half form, x·C + swap_halves(x)·S with C = [cos, cos] and
+  S = [sin, −sin]: the same products and sums as `gpt.apply_rotary_emb`, bit for bit.
+- The lm_head in one of HEAD_LAYOUTS (all compute the same products): nn.Linear's weight; the
+  weight stored transposed (n_embd, vocab), which MKL's sgemm runs ~2× faster at decode's small
+  batches; or MKL's packed sgemm, the weight pre-packed for the batch size (the op inductor's CPU
+  freezing emits). `python -m nanochat.bench.lm_head RECIPE` times them side by side.
+- Each row decodes at its own position (`KVCache.start_rows`). The step reads no host value and
+  writes only preallocated memory, so it can be compiled with static shapes or captured in a CUDA
+  graph. Its cache write is one `index_put_` into the whole cache tensor, not a scatter into one
+  layer's view: compiled, a write into a view of a graph input made inductor copy the whole cache
+  back every step (d4, batch 8, CPU: 16.3 ms a step against 5.7 ms).
+- `compile_step` compiles it with static shapes. On CPU it also turns on inductor's freezing: the
+  weights become constants, so inductor pre-packs every linear for MKL (what the packed lm_head
+  does by hand, for the layers' matmuls too) and fuses the elementwise glue into C++ loops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, KVCache, bigram_rows, norm
+
+HEAD_LAYOUTS = ("linear", "transposed", "packed")
+
+
+def mkl_packed_available() -> bool:
+    """MKL's packed sgemm (the op inductor's CPU freezing uses) is in this torch build."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear") \
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+class DecodeStep(nn.Module):
+    """`step(token, cache, attend_len=None)`: token (B, 1), each row at its cache row's position →
+    logits (B, V), float32, soft-capped like the full forward's. Advances the cache's per-row
+    state in place. `attend_len`: a host bound on every row's length after this step; attention
+    then reads only that prefix of the cache (eager decoding, less work); None reads all max_len
+    positions (static shapes, for compile and CUDA graphs). Costs one copy of the q/k/v weights,
+    and of the lm_head for the transposed and packed layouts."""
+
+    def __init__(self, model: GPT, head: str = "linear", batch: int = 0):
+        super().__init__()
+        if head not in HEAD_LAYOUTS:
+            raise ValueError(f"head must be one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
+        wt = model.lm_head.weight
+        if head == "packed" and not (mkl_packed_available() and batch >= 1
+                                     and wt.device.type == "cpu" and wt.dtype == torch.float32):
+            raise ValueError("the packed lm_head needs a CPU fp32 model, MKL and a batch size")
+        self.model, self.head, self.batch = model, head, batch
+        with torch.no_grad():
+            # buffers, not plain attributes: compiled with freezing they become constants
+            self.qkv = nn.ParameterList(
+                nn.Parameter(torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]),
+                             requires_grad=False) for b in model.blocks)
+            cos, sin = model.cos[0], model.sin[0]  # (T, 1, D/2)
+            self.register_buffer("cos", torch.cat([cos, cos], -1).contiguous(), persistent=False)
+            self.register_buffer("sin", torch.cat([sin, -sin], -1).contiguous(), persistent=False)
+            self.head_t = wt.t().contiguous() if head == "transposed" else None
+            self.head_packed = (torch.ops.mkl._mkl_reorder_linear_weight(wt, batch)
+                                if head == "packed" else None)
+
+    def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., n_embd) → raw logits (..., vocab) through the lm_head in this step's layout."""
+        wt = self.model.lm_head.weight
+        if self.head_packed is not None and x.numel() == self.batch * x.size(-1):
+            flat = torch.ops.mkl._mkl_linear(x.reshape(self.batch, -1), self.head_packed, wt,
+                                             None, self.batch)
+            return flat.view(*x.shape[:-1], -1)
+        if self.head_t is not None:
+            return x @ self.head_t
+        return F.linear(x, wt)
+
+    def forward(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None
+                ) -> torch.Tensor:
+        m, c = self.model, self.model.config
+        B, H, Hkv, D = token.size(0), c.n_head, c.n_kv_head, c.head_dim
+        length = cache.max_len if attend_len is None else attend_len
+        pos = cache.row_pos
+        mask = (cache.key_pos[:length] <= pos.unsqueeze(1)).view(B, 1, 1, length)
+        C = self.cos.index_select(0, pos).unsqueeze(1)  # (B, 1, 1, D)
+        S = self.sin.index_select(0, pos).unsqueeze(1)
+        x = norm(m.wte(token))
+        if m.bigram is not None:
+            big = m.bigram(bigram_rows(token, m.bigram_rows, cache.row_prev))
+        for i, block in enumerate(m.blocks):
+            if m.bigram is not None:
+                x = x + m.bigram_lambdas[i] * big
+            qkv = F.linear(norm(x), self.qkv[i]).view(B, 1, H + 2 * Hkv, D)
+            qk = qkv[:, :, :H + Hkv]
+            qk = norm((qk * C + torch.cat([qk[..., D // 2:], qk[..., :D // 2]], -1) * S).to(qk.dtype))
+            k, v = cache.insert_rows(i, qk[:, 0, H:], qkv[:, 0, H + Hkv:], length)
+            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask,
+                                               enable_gqa=H != Hkv)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
+            x = x + block.mlp(norm(x))
+        cache.row_pos.add_(1)
+        cache.row_prev.copy_(token[:, 0])
+        return m.softcap(self.head_matmul(norm(x)).float())[:, 0]
+
+
+def compile_step(step: DecodeStep):
+    """The step compiled with static shapes (see the module docstring); on CPU with freezing,
+    which inductor reads when dynamo traces, so every call that may compile runs inside it."""
+    fn = torch.compile(step, dynamic=False)
+    if step.model.lm_head.weight.device.type != "cpu":
+        return fn
+
+    def call(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return fn(*args)
+    return call
