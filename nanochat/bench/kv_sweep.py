@@ -23,7 +23,8 @@ rate (batch / median per-token latency) reaches. At large batches compute, not b
 a step; results.json also has the compute bound (a large matmul's measured FLOP/s).
 
 Matmul floor: the decode step's matrix multiplies alone — the same weights, shapes, layouts and
-order as the engine's step, back to back, nothing else — timed on this device. Where a BLAS can't
+order as the engine's step (compiled on CPU: every one MKL's packed sgemm, as inductor's freezing
+emits them), back to back, nothing else — timed on this device. Where a BLAS can't
 stream weights at the copy bandwidth (small batches on CPU: the lm_head's gemm at batch 8 runs
 far below both bounds), this floor, not the roofline, is what removing every other cost of the
 step could reach; the table gives it and the fraction of it reached.
@@ -47,6 +48,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, \
     print0, tune_cpu_allocator
 from nanochat.config import Recipe
+from nanochat.decode import mkl_packed_available
 from nanochat.engine import Engine, build_inference_model, load_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory_probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
@@ -143,11 +145,22 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
     mats = []
     for blk, qkv in zip(model.blocks, w.qkv):
         mats += [(x, qkv), (x, blk.attn.c_proj.weight), (x, blk.mlp.c_fc.weight), (h, blk.mlp.c_proj.weight)]
+    # compiled on CPU, inductor's freezing runs every linear, the lm_head's too, as MKL's packed
+    # sgemm (tests/test_engine.py checks it): the floor does the same
+    packed = engine.compiled and device.type == "cpu" and dtype == torch.float32 \
+        and mkl_packed_available()
+    if packed:
+        mats.append((x, model.lm_head.weight))
+        mats = [(inp, m, torch.ops.mkl._mkl_reorder_linear_weight(m, batch)) for inp, m in mats]
 
     def step():
+        if packed:
+            for inp, m, p in mats:
+                torch.ops.mkl._mkl_linear(inp, p, m, None, batch)
+            return
         for inp, m in mats:
             F.linear(inp, m)
-        return w.head_matmul(x)
+        w.head_matmul(x)
 
     with torch.inference_mode():
         for _ in range(3):
