@@ -97,3 +97,18 @@ def test_lm_head_layouts_compute_the_same_logits_and_are_all_timed():
     assert {(r["batch"], r["layout"]) for r in report["results"]} >= {(b, h) for b in (1, 3) for h in layouts}
     assert all(r["agrees_with_linear"] and r["us_min"] <= r["us_median"] <= r["us_max"]
                for r in report["results"])
+
+
+def test_decode_modes_bench_times_eager_and_compiled_side_by_side(tmp_path):
+    res = run_cli("nanochat.bench.decode", "configs/tiny.yaml", *FAST, f"run_dir={tmp_path / 'run'}",
+                  "--rounds", "2")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout[res.stdout.index("{"):])
+    rows = {(r["batch"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("eager", "compiled")}
+    for (batch, mode), r in rows.items():
+        assert r["tok_per_s_min"] <= r["tok_per_s_median"] <= r["tok_per_s_max"]
+        assert r["warmup_s"] > 0
+        if mode == "eager":
+            assert r["vs_eager"] == 1.0 and r["tokens_equal_to_eager"] == 1.0
+    assert report["method"]["rounds"] == 2 and report["versions"]["torch"] == torch.__version__
