@@ -17,9 +17,10 @@ a single position, written out (checked against the full forward by tests/test_e
   graph. Its cache write is one `index_put_` into the whole cache tensor, not a scatter into one
   layer's view: compiled, a write into a view of a graph input made inductor copy the whole cache
   back every step (d4, batch 8, CPU: 16.3 ms a step against 5.7 ms).
-- `compile_step` compiles it with static shapes. On CPU it also turns on inductor's freezing: the
-  weights become constants, so inductor pre-packs every linear for MKL (what the packed lm_head
-  does by hand, for the layers' matmuls too) and fuses the elementwise glue into C++ loops.
+- `compile_step` compiles it with static shapes but for the attended length. On CPU it also
+  turns on inductor's freezing: the weights become constants, so inductor pre-packs every linear
+  for MKL (what the packed lm_head does by hand, for the layers' matmuls too) and fuses the
+  elementwise glue into C++ loops.
 """
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ def mkl_packed_available() -> bool:
 
 
 class DecodeStep(nn.Module):
-    """`step(token, cache, attend_len=None)`: token (B, 1), each row at its cache row's position →
+    """`step(token, cache, key_pos=None)`: token (B, 1), each row at its cache row's position →
     logits (B, V), float32, soft-capped like the full forward's. Advances the cache's per-row
-    state in place. `attend_len`: a host bound on every row's length after this step; attention
-    then reads only that prefix of the cache (eager decoding, less work); None reads all max_len
-    positions (static shapes, for compile and CUDA graphs). Costs one copy of the q/k/v weights,
-    and of the lm_head for the transposed and packed layouts."""
+    state in place. `key_pos`: the cache positions attention reads, a prefix of `cache.key_pos`
+    that holds every row's length after this step (the engine passes the prefix filled so far:
+    less work); None reads all max_len positions (static shapes, for CUDA graphs). Costs one copy
+    of the q/k/v weights, and of the lm_head for the transposed and packed layouts."""
 
     def __init__(self, model: GPT, head: str = "linear", batch: int = 0):
         super().__init__()
@@ -78,13 +79,14 @@ class DecodeStep(nn.Module):
             return x @ self.head_t
         return F.linear(x, wt)
 
-    def forward(self, token: torch.Tensor, cache: KVCache, attend_len: int | None = None
+    def forward(self, token: torch.Tensor, cache: KVCache, key_pos: torch.Tensor | None = None
                 ) -> torch.Tensor:
         m, c = self.model, self.model.config
         B, H, Hkv, D = token.size(0), c.n_head, c.n_kv_head, c.head_dim
-        length = cache.max_len if attend_len is None else attend_len
+        key_pos = cache.key_pos if key_pos is None else key_pos
+        length = key_pos.size(0)
         pos = cache.row_pos
-        mask = (cache.key_pos[:length] <= pos.unsqueeze(1)).view(B, 1, 1, length)
+        mask = (key_pos <= pos.unsqueeze(1)).view(B, 1, 1, length)
         C = self.cos.index_select(0, pos).unsqueeze(1)  # (B, 1, 1, D)
         S = self.sin.index_select(0, pos).unsqueeze(1)
         x = norm(m.wte(token))
@@ -107,13 +109,19 @@ class DecodeStep(nn.Module):
 
 
 def compile_step(step: DecodeStep):
-    """The step compiled with static shapes (see the module docstring); on CPU with freezing,
-    which inductor reads when dynamo traces, so every call that may compile runs inside it."""
+    """The step compiled: static shapes, except the number of cache positions attention reads
+    (`key_pos`), which is marked dynamic, so one graph serves every length instead of one graph
+    per step or attention over all max_len positions (on CPU that costs ~16% at batch 64, d4).
+    On CPU with inductor's freezing, which inductor reads when dynamo traces, so every call that
+    may compile runs inside it."""
     fn = torch.compile(step, dynamic=False)
-    if step.model.lm_head.weight.device.type != "cpu":
-        return fn
+    cpu = step.model.lm_head.weight.device.type == "cpu"
 
-    def call(*args):
+    def call(token, cache, key_pos=None):
+        if key_pos is not None:
+            torch._dynamo.maybe_mark_dynamic(key_pos, 0)
+        if not cpu:
+            return fn(token, cache, key_pos)
         with torch._inductor.config.patch(freezing=True):
-            return fn(*args)
+            return fn(token, cache, key_pos)
     return call

@@ -24,7 +24,7 @@ Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
 - The decode step writes only preallocated memory and reads no host value, so on CUDA it can be
   captured once in a CUDA graph (`cuda_graph=True`) and replayed: one launch per token instead of
   ~100 kernel launches, which is what bounds small-batch decode (the seeds' 99 tok/s at batch 1).
-  `compile=True` also compiles it (static shapes).
+  `compile=True` also compiles it (static shapes but for the attended length; decode.py).
 - CPU: the lm_head dominates a decode step's matmuls (33.5 of 46 MB of weights at the d4
   shape), and MKL's plain sgemm at decode's small batches runs far below the memory bandwidth.
   `head="auto"` picks MKL's packed sgemm where available (decode.py, HEAD_LAYOUTS); `compile=True`
@@ -113,8 +113,8 @@ class Engine:
 
     The model must already be on its device, in its inference dtype (e.g. bf16 on CUDA), in eval
     mode; the KV cache takes the dtype of the model's parameters. `cuda_graph` captures the
-    decode step once per cache shape (CUDA only); `compile` compiles it with static shapes.
-    `head`: the lm_head layout of the decode step, "auto" or one of gpt.HEAD_LAYOUTS (see the
+    decode step once per cache shape (CUDA only); `compile` compiles it (see decode.compile_step).
+    `head`: the lm_head layout of the decode step, "auto" or one of decode.HEAD_LAYOUTS (see the
     module docstring). The decode step's weight layouts (fused q/k/v, the lm_head's) are
     snapshots, so build a new Engine after changing the weights.
     """
@@ -127,7 +127,6 @@ class Engine:
         if cuda_graph and self.device.type != "cuda":
             raise UserError(f"CUDA-graph capture needs a CUDA device; the model is on {self.device}")
         self.cuda_graph, self.compiled = cuda_graph, compile
-        self.static = cuda_graph or compile  # attention reads all max_len positions: fixed shapes
         if head != "auto" and head not in HEAD_LAYOUTS:
             raise UserError(f"head must be auto or one of {', '.join(HEAD_LAYOUTS)}, got {head!r}")
         if head == "packed" and compile:
@@ -252,7 +251,7 @@ class Engine:
             self._static_tok.copy_(tok)
             self._graph.replay()
             return self._static_logits
-        return self._step_call(cache.batch_size)(tok, cache, None if self.static else attend_len)
+        return self._step_call(cache.batch_size)(tok, cache, cache.key_pos[:attend_len])
 
     def _host(self, tok: torch.Tensor, slot: int):
         """Start copying tokens to the host; on CUDA a non-blocking copy into pinned memory and an

@@ -9,6 +9,7 @@ from nanochat.common import UserError
 from nanochat.engine import Engine, Sampling, argmax_first, sample_next
 from nanochat.decode import DecodeStep, mkl_packed_available
 from nanochat.gpt import KVCache
+from nanochat.trainer import compile_count
 from test_cli import error_line, run_cli
 from test_gpt import make_model
 
@@ -239,11 +240,16 @@ def test_a_compiled_engine_refuses_the_packed_lm_head_and_auto_avoids_it():
 def test_a_compiled_engine_decodes_like_the_naive_oracle_per_model():
     """Compiled (on CPU with inductor's freezing: weights become constants), two models in one
     process — each must decode with its own weights — and the bigram model: greedy rows equal
-    the naive full recompute."""
+    the naive full recompute. The attended length grows every step, yet the step compiles at
+    most twice per model (the first length, then one graph for every length)."""
     for model in (make_model(seed=1), make_model(seed=2), make_model(seed=3, bigram_factor=5)):
-        rows = Engine(model, compile=True).generate_batch(RAGGED, max_new_tokens=10, temperature=0)
+        before = compile_count()
+        engine = Engine(model, compile=True)
+        rows = engine.generate_batch(RAGGED, max_new_tokens=10, temperature=0)
         for prompt, row in zip(RAGGED, rows):
             assert row == list(model.generate_naive(prompt, 10)), f"prompt of {len(prompt)} tokens"
+        engine.generate_batch([p[:2] for p in RAGGED], max_new_tokens=6, temperature=0)
+        assert compile_count() - before <= 2
 
 
 @pytest.mark.skipif(not mkl_packed_available(), reason="needs MKL's packed sgemm")
