@@ -108,7 +108,8 @@ def test_decode_modes_bench_times_eager_and_compiled_side_by_side(tmp_path):
     assert set(rows) == {(b, m) for b in (1, 2) for m in ("eager", "compiled")}
     for (batch, mode), r in rows.items():
         assert r["tok_per_s_min"] <= r["tok_per_s_median"] <= r["tok_per_s_max"]
-        assert r["warmup_s"] > 0
         if mode == "eager":
             assert r["vs_eager"] == 1.0 and r["tokens_equal_to_eager"] == 1.0
+    for batch in (1, 2):  # compilation happens in the warmup, not in the timed rounds
+        assert rows[(batch, "compiled")]["warmup_s"] > rows[(batch, "eager")]["warmup_s"]
     assert report["method"]["rounds"] == 2 and report["versions"]["torch"] == torch.__version__

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
                             "tok_per_s_max": round(max(rates[name]), 1),
                             "vs_eager": round(med / eager_med, 3),
                             "tokens_equal_to_eager": round(same, 4),
-                            "warmup_s": round(warmup_s[name], 2)})
+                            "warmup_s": round(warmup_s[name], 3)})
             print(f"batch {batch:>4} {name:<22} {med:>9.1f} tok/s ({min(rates[name]):.1f}–"
                   f"{max(rates[name]):.1f})  ×{med / eager_med:.2f} eager  tokens = eager: "
                   f"{100 * same:.1f}%  warmup {warmup_s[name]:.1f} s", flush=True)

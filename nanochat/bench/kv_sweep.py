@@ -270,9 +270,9 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
         batches = sorted(set(batches) | {largest})
     bandwidth = bandwidth or measure_bandwidth(device)
     flops = flops or measure_matmul_flops(device, rt.dtype, n=8192 if device.type == "cuda" else 2048)
-    # Eager decoding attends to the keys so far (on average prompt + half the new tokens);
-    # a static (compiled / graphed) step reads the whole cache.
-    context = sw.prompt_len + sw.max_new_tokens if engine.static else sw.prompt_len + sw.max_new_tokens / 2
+    # Eager and compiled decoding attend to the keys so far (on average prompt + half the new
+    # tokens); a CUDA-graphed step reads the whole cache.
+    context = sw.prompt_len + sw.max_new_tokens if engine.cuda_graph else sw.prompt_len + sw.max_new_tokens / 2
     results = []
     for batch in batches:
         for mode in ("nocache", "cache"):
@@ -319,7 +319,7 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
                    "prompts": "random token ids (seed 0)", "stop_tokens": "none",
                    "sync": "device sync before each run; tokens reach the host every step",
                    "engine": {"cuda_graph": cuda_graph, "compile": sw.compile,
-                              "attention": "whole cache (static)" if engine.static else "keys so far"},
+                              "attention": "whole cache (static)" if engine.cuda_graph else "keys so far"},
                    "cpu_allocator": malloc, "largest_batch_estimate": largest,
                    "context_for_roofline": context},
         **environment(device, rt.dtype),
