@@ -108,20 +108,26 @@ class DecodeStep(nn.Module):
         return m.softcap(self.head_matmul(norm(x)).float())[:, 0]
 
 
+RECOMPILE_LIMIT = 64  # graphs of the step per process (torch's default, 8, is per function)
+
+
 def compile_step(step: DecodeStep):
-    """The step compiled: static shapes, except the number of cache positions attention reads
-    (`key_pos`), which is marked dynamic, so one graph serves every length instead of one graph
-    per step or attention over all max_len positions (on CPU that costs ~16% at batch 64, d4).
-    On CPU with inductor's freezing, which inductor reads when dynamo traces, so every call that
-    may compile runs inside it."""
+    """The step compiled: one graph per batch size. The cache's length and the number of
+    positions attention reads (`key_pos`) are dynamic, so a graph serves every length, instead
+    of one graph per step or per cache size, or attention over all max_len positions (on CPU
+    that costs ~16% at batch 64, d4). The recompile limit is raised while the step runs: every
+    engine's step is the same function to dynamo, and past the limit it silently runs eager.
+    On CPU with inductor's freezing, which inductor reads when dynamo traces, so every call
+    that may compile runs inside it."""
     fn = torch.compile(step, dynamic=False)
-    cpu = step.model.lm_head.weight.device.type == "cpu"
+    freezing = step.model.lm_head.weight.device.type == "cpu"
 
     def call(token, cache, key_pos=None):
+        for t, dim in ((cache.k, 3), (cache.v, 3), (cache.key_pos, 0)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
         if key_pos is not None:
             torch._dynamo.maybe_mark_dynamic(key_pos, 0)
-        if not cpu:
-            return fn(token, cache, key_pos)
-        with torch._inductor.config.patch(freezing=True):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                torch._inductor.config.patch(freezing=freezing):
             return fn(token, cache, key_pos)
     return call

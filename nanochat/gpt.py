@@ -104,7 +104,10 @@ class KVCache:
         self.row_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_prev = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.key_pos = torch.arange(max_len, device=device)
-        self._rows = None  # index tensors of insert_rows, made on first use
+        # index tensors of insert_rows (made here: a compiled step must not see them change)
+        self._rows = (torch.arange(batch_size, device=device).view(-1, 1),
+                      torch.arange(config.n_kv_head, device=device).view(1, -1),
+                      [torch.tensor(i, device=device) for i in range(config.n_layer)])
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -118,11 +121,6 @@ class KVCache:
         """One position per row (k, v: (B, n_kv_head, head_dim)) written at each row's own
         `row_pos`; returns the first `length` positions of the layer's keys and values. One
         index_put_ into the whole cache tensor (see nanochat/decode.py for why not a view)."""
-        if self._rows is None:
-            dev = self.k.device
-            self._rows = (torch.arange(self.batch_size, device=dev).view(-1, 1),
-                          torch.arange(self.k.size(2), device=dev).view(1, -1),
-                          [torch.tensor(i, device=dev) for i in range(self.k.size(0))])
         b, h, layers = self._rows
         idx = (layers[layer], b, h, self.row_pos.view(-1, 1))
         self.k.index_put_(idx, k)
