@@ -44,7 +44,8 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
-from nanochat.decode import HEAD_LAYOUTS, DecodeStep, compile_step, mkl_packed_available
+from nanochat.decode import CACHE_STEP, HEAD_LAYOUTS, DecodeStep, compile_step, \
+    mkl_packed_available
 from nanochat.gpt import GPT, GPTConfig, KVCache
 
 HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
@@ -152,6 +153,8 @@ class Engine:
     def _ensure_cache(self, batch: int, max_len: int) -> KVCache:
         """The preallocated cache: reused while it has the same rows and room for max_len."""
         c = self.cache
+        if self.compiled and not self.cuda_graph:  # each cache size is a graph: round it up
+            max_len = min(-(-max_len // CACHE_STEP) * CACHE_STEP, self.model.rotary_len)
         if c is None or c.batch_size != batch or c.max_len < max_len:
             self.cache = self._graph = self._static_logits = None  # free the old one first
             self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)

@@ -240,8 +240,8 @@ def test_a_compiled_engine_refuses_the_packed_lm_head_and_auto_avoids_it():
 def test_a_compiled_engine_decodes_like_the_naive_oracle_per_model():
     """Compiled (on CPU with inductor's freezing: weights become constants), two models in one
     process — each must decode with its own weights — and the bigram model: greedy rows equal
-    the naive full recompute. The attended length grows every step and the cache is reallocated
-    longer, yet the step compiles once per model and batch size."""
+    the naive full recompute. The attended length grows every step, yet the step compiles once
+    per model and batch size."""
     for model in (make_model(seed=1), make_model(seed=2), make_model(seed=3, bigram_factor=5)):
         before = compile_count()
         engine = Engine(model, compile=True)
@@ -250,7 +250,6 @@ def test_a_compiled_engine_decodes_like_the_naive_oracle_per_model():
             assert row == list(model.generate_naive(prompt, 10)), f"prompt of {len(prompt)} tokens"
         engine.generate_batch([p[:2] for p in RAGGED], max_new_tokens=6, temperature=0)
         longer = engine.generate_batch([p * 2 for p in RAGGED], max_new_tokens=8, temperature=0)
-        assert engine.cache.max_len == 24 + 8  # a new, longer cache
         assert longer[2] == list(model.generate_naive(RAGGED[2] * 2, 8))
         assert compile_count() - before == 1
 
