@@ -158,7 +158,7 @@ class SweepArgs:
     max_batch_size: int = 1024      # the largest-that-fits batch is never above this
     nocache_max_batch_size: int | None = None  # sweep the no-cache path (full recompute, slow) only up to this batch; None = every batch
     cuda_graph: bool = True         # CUDA: capture the decode step in a CUDA graph
-    compile: bool = False           # torch.compile the decode step (static shapes)
+    compile: bool = False           # torch.compile the decode step (one graph per batch size; CPU: with inductor freezing)
 
 
 @dataclass
