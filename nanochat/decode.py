@@ -57,7 +57,8 @@ class DecodeStep(nn.Module):
             raise ValueError("the packed lm_head needs a CPU fp32 model, MKL and a batch size")
         self.model, self.head, self.batch = model, head, batch
         with torch.no_grad():
-            # buffers, not plain attributes: compiled with freezing they become constants
+            # module parameters and buffers: compiled with freezing they become constants (the
+            # fused q/k/v matrices are then packed for MKL like the model's own linears)
             self.qkv = nn.ParameterList(
                 nn.Parameter(torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]),
                              requires_grad=False) for b in model.blocks)
