@@ -42,7 +42,7 @@ need_root() { [ "$(id -u)" = 0 ] || die "run as root (sudo $0 $1)"; }
 install_packages() {
   local missing=() p
   for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian/Ubuntu"
@@ -74,13 +74,15 @@ start_munge() {
 }
 
 setup_netns() {  # the second "host": a network namespace joined to this one by a veth pair
-  ip netns list | grep -qw "$NS" || ip netns add "$NS"
+  # grep reads its whole input, never -q: under pipefail a writer killed by SIGPIPE when grep -q
+  # quits early fails the test, and the "missing" thing would be added a second time
+  ip netns list | grep -w "$NS" >/dev/null || ip netns add "$NS"
   if ! ip link show sl0 >/dev/null 2>&1; then
     ip link add sl0 type veth peer name sl0p
     ip link set sl0p netns "$NS"
     ip netns exec "$NS" ip link set sl0p name sl0
   fi
-  ip addr show sl0 | grep -q 10.200.0.1/24 || ip addr add 10.200.0.1/24 dev sl0
+  ip addr show sl0 | grep 10.200.0.1/24 >/dev/null || ip addr add 10.200.0.1/24 dev sl0
   ip link set sl0 up
   ip netns exec "$NS" sh -c 'ip addr show sl0 | grep -q 10.200.0.2/24 || ip addr add 10.200.0.2/24 dev sl0
                              ip link set sl0 up; ip link set lo up'
@@ -207,7 +209,7 @@ start_slurm() {
     /usr/sbin/slurmdbd
     for _ in $(seq 300); do sacctmgr -n -P show cluster >/dev/null 2>&1 && break; sleep 0.1; done
   fi
-  sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -x "$CLUSTER" >/dev/null || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ] || /usr/sbin/slurmctld -c -i
   [ -n "$(pid_of "$ROOT/run/slurmd-$HOST.pid" slurmd)" ] || /usr/sbin/slurmd -N "$HOST"
   if [ "$NODES" = 2 ] && [ -z "$(pid_of "$ROOT/run/slurmd-node2.pid" slurmd)" ]; then
