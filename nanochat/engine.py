@@ -29,8 +29,9 @@ Design (gpt-fast's pattern, see /work/shared/notes/style.md §7):
   shape), and MKL's plain sgemm at decode's small batches runs far below the memory bandwidth.
   `head="auto"` picks MKL's packed sgemm where available (decode.py, HEAD_LAYOUTS); `compile=True`
   on CPU compiles with inductor's freezing, which packs every linear, the lm_head included.
-- Greedy decoding takes the argmax in two passes (`argmax_first`): torch's argmax over a row of
-  32k logits is a scalar loop on CPU (~250 µs at batch 8, d4), its max is vectorised (~20 µs).
+- Greedy and sampled decoding take their argmax in two passes (`argmax_first`): torch's argmax
+  over a row of 32k logits is a scalar loop on CPU (~250 µs at batch 8, d4), its max is
+  vectorised (~20 µs).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
     # torch.multinomial but without its host round trip. Clamped so that a draw of exactly 0
     # never divides a zero probability into NaN (argmax would pick NaN).
     e = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
-    return (probs / e).argmax(dim=-1, keepdim=True)
+    return argmax_first(probs / e)
 
 
 class Engine:

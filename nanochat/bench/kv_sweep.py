@@ -49,7 +49,7 @@ from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_wr
     print0, tune_cpu_allocator
 from nanochat.config import Recipe
 from nanochat.decode import mkl_packed_available
-from nanochat.engine import Engine, build_inference_model, load_model
+from nanochat.engine import Engine, argmax_first, build_inference_model, load_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory_probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
 from nanochat.plots import _pyplot
@@ -178,11 +178,11 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
 
 def nocache_stream(model: GPT, idx: torch.Tensor, new_tokens: int):
     """Greedy decoding without a cache: every step runs the whole sequence again (logits only at
-    the last position) and brings the tokens to the host, as the engine does."""
+    the last position), takes the argmax as the engine does and brings the tokens to the host."""
     B = idx.size(0)
     for _ in range(new_tokens):
         last = torch.full((B,), idx.size(1) - 1, device=idx.device)
-        tok = model(idx, logits_at=last)[:, 0].argmax(dim=-1, keepdim=True)
+        tok = argmax_first(model(idx, logits_at=last)[:, 0])
         yield tok.view(-1).tolist()
         idx = torch.cat([idx, tok], dim=1)
 
