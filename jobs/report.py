@@ -29,23 +29,25 @@ def _r(x, nd: int = 4):
     return None if x is None else round(x, nd)
 
 
-def _base_cells(tdir: Path) -> dict:
-    progress = read_jsonl(tdir / "progress.jsonl")
+def _progress_cells(run: Path, metric: str) -> tuple[list[dict], dict]:
+    """A run's train records and its steps, final loss and last `metric` from progress.jsonl."""
+    progress = read_jsonl(run / "progress.jsonl")
     train = [r for r in progress if r.get("event") == "train"]
-    evals = [r for r in progress if r.get("event") == "eval" and "val_bpb" in r]
-    return {"steps": train[-1]["step"] + 1 if train else 0,
-            "final_loss": _r(train[-1]["loss"]) if train else None,
-            "val_bpb": _r(evals[-1]["val_bpb"]) if evals else None,
+    evals = [r for r in progress if r.get("event") == "eval" and metric in r]
+    return train, {"steps": train[-1]["step"] + 1 if train else 0,
+                   "loss": _r(train[-1]["loss"]) if train else None,
+                   metric: _r(evals[-1][metric]) if evals else None}
+
+
+def _base_cells(tdir: Path) -> dict:
+    train, c = _progress_cells(tdir, "val_bpb")
+    return {"steps": c["steps"], "final_loss": c["loss"], "val_bpb": c["val_bpb"],
             "tok_per_s": _r(_median([r["tok_per_s"] for r in train if "tok_per_s" in r]), 1)}
 
 
 def _sft_cells(sft_dir: Path) -> dict:
-    progress = read_jsonl(sft_dir / "progress.jsonl")
-    train = [r for r in progress if r.get("event") == "train"]
-    evals = [r for r in progress if r.get("event") == "eval" and "val_loss" in r]
-    return {"sft_steps": train[-1]["step"] + 1 if train else 0,
-            "sft_loss": _r(train[-1]["loss"]) if train else None,
-            "sft_val_loss": _r(evals[-1]["val_loss"]) if evals else None}
+    _, c = _progress_cells(sft_dir, "val_loss")
+    return {"sft_steps": c["steps"], "sft_loss": c["loss"], "sft_val_loss": c["val_loss"]}
 
 
 def _eval_cells(result: dict | None) -> dict:
