@@ -14,9 +14,9 @@ Devices:
 - CPU (a child process per probe, `probe_in_child`): a CPU has no out-of-memory of its own, so
   the child runs under `RLIMIT_AS` (address space) a margin above the budget — an allocation past it
   raises torch's "DefaultCPUAllocator: can't allocate memory" — and reports its peak resident
-  memory above its own baseline (VmHWM after `clear_refs`). The child applies
-  `tune_cpu_allocator()` first, as every CPU training process does, because keeping freed
-  memory in the heap raises the resident peak the training run will really have.
+  memory above its own baseline (`cpu_peak`). The child applies `tune_cpu_allocator()` first,
+  as every CPU training process does, because keeping freed memory in the heap raises the
+  resident peak the training run will really have.
 
 Any exception other than an out-of-memory is a bug and propagates (from a child: `ProbeError`
 with the child's traceback).
@@ -102,6 +102,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_peak(base_rss: int, base_anon: int) -> int:
+    """Peak resident bytes above a baseline taken at (`base_rss`, `base_anon`).
+
+    Two readings, the larger wins:
+    - anonymous memory now (RssAnon): the tuned allocator (`tune_cpu_allocator`) never gives
+      heap memory back, so what is resident now is the peak. File pages (libtorch's code, ~10²
+      MB mapped from the parent) are left out: the kernel may evict them while the probe runs
+      on a busy host, which would lower a total-RSS difference by as much.
+    - the kernel's high-water mark (VmHWM) since `reset_peak_rss`: covers an allocator that
+      unmaps freed blocks, although this kernel updates it only on some unmaps."""
+    return max(proc_status("RssAnon") - base_anon, proc_status("VmHWM") - base_rss)
+
+
 def host_ram_bytes() -> int:
     """RAM this process may use: MemTotal, lowered by a cgroup (v2 or v1) limit (SLURM --mem).
     Not MemAvailable: that changes from run to run and would change the cache key."""
@@ -145,7 +158,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        base = proc_status("VmRSS")
+        base, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
         reset_peak_rss()
     out = {"batch": batch, "oom": False, "peak_bytes": None, "fixed_bytes": None,
            "fwdbwd_s": None, "opt_s": None}
@@ -187,7 +200,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
             model.train()
             rt.sync()
             out["peak_bytes"] = (torch.cuda.max_memory_reserved(device) if cuda
-                                 else proc_status("VmHWM") - base) + extra
+                                 else cpu_peak(base, base_anon)) + extra
         except Exception as e:  # noqa: BLE001 — only OOM is swallowed, below
             if not is_oom(e):
                 raise

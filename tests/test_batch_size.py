@@ -84,10 +84,12 @@ def budget_run(tmp_path_factory):
                    "discovery": {"cache_dir": str(cache), "memory_budget_gb": 8.0, "headroom": 0.0}}
     recipe = recipe_from_dict(recipe_dict)
     spec = probe_spec(recipe, resolve_target(recipe))
-    with ProbeServer() as server:  # resident peaks vary by ~10% run to run: take the extremes
-        peaks = {b: [server.probe(spec, b, None)["peak_bytes"] for _ in range(2)] for b in (4, 8)}
+    # Resident peaks vary by up to ~20% from probe to probe: where freed logits land in the heap
+    # decides how many (one = 1/10 of the peak) are resident at once. Take the extremes of 3.
+    with ProbeServer() as server:
+        peaks = {b: [server.probe(spec, b, None)["peak_bytes"] for _ in range(3)] for b in (4, 8)}
     p4, p8 = max(peaks[4]), min(peaks[8])
-    assert p8 > p4 * 1.3, peaks  # the per-sample cost dominates: the test has a margin
+    assert p8 > p4 * 1.15, peaks  # the per-sample cost dominates: the test has a margin
     recipe_dict["discovery"]["memory_budget_gb"] = (p4 + p8) / 2 / 1e9
     recipe = recipe_from_dict(recipe_dict)
     before = memory_probe.PROBES_STARTED
