@@ -110,8 +110,8 @@ def cpu_peak(base_rss: int, base_anon: int) -> int:
       heap memory back, so what is resident now is the peak. File pages (libtorch's code, ~10²
       MB mapped from the parent) are left out: the kernel may evict them while the probe runs
       on a busy host, which would lower a total-RSS difference by as much.
-    - the kernel's high-water mark (VmHWM) since `reset_peak_rss`: covers an allocator that
-      unmaps freed blocks, although this kernel updates it only on some unmaps."""
+    - the kernel's high-water mark of all resident memory (VmHWM) since `reset_peak_rss`: the
+      peak under an allocator that unmaps freed blocks (glibc's defaults)."""
     return max(proc_status("RssAnon") - base_anon, proc_status("VmHWM") - base_rss)
 
 

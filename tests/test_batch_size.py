@@ -226,6 +226,27 @@ def test_cpu_out_of_memory_is_caught_and_other_errors_propagate():
         assert server.probe(spec, 1, limit_bytes=None)["oom"] is False  # the server survives
 
 
+@pytest.mark.parametrize("tuned", [True, False])
+def test_cpu_peak_sees_memory_that_was_freed_before_the_reading(tuned):
+    """200 MB touched and freed: the tuned allocator keeps it in the heap (anonymous memory),
+    glibc's defaults unmap it (only the high-water mark saw it); the peak counts it either way."""
+    code = f"""
+import torch
+from nanochat.common import tune_cpu_allocator
+from nanochat.memory_probe import cpu_peak, proc_status, reset_peak_rss
+tune_cpu_allocator({tuned})
+base = proc_status("VmRSS"), proc_status("RssAnon")
+assert reset_peak_rss()
+x = torch.ones(50_000_000)
+del x
+print(cpu_peak(*base), proc_status("RssAnon") - base[1])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, anon_now = map(int, out.stdout.split())
+    assert 195e6 < peak < 260e6, out.stdout
+    assert (anon_now > 195e6) == tuned, out.stdout  # where the peak was read from differs
+
+
 def test_probing_the_callers_model_leaves_it_untouched(tmp_path):
     from nanochat.gpt import GPT, GPTConfig
     recipe = recipe_from_dict(cheap(tmp_path))
