@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import platform
+import time
+from typing import Callable
 
 import torch
 
@@ -15,3 +17,20 @@ def environment(device: torch.device, dtype: torch.dtype, cpu_name: str | None =
                f"{torch.get_num_threads()} threads)"
     return {"device": name, "dtype": str(dtype).replace("torch.", ""),
             "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+
+
+def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], warmup: int, windows: int,
+                     calls: int) -> list[float]:
+    """`warmup` untimed calls of `fn`, then `windows` windows of `calls` back-to-back calls, each
+    window between two device syncs: seconds per call, one figure per window."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(windows):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / calls)
+    return times

@@ -24,7 +24,7 @@ import torch
 
 from nanochat.bench import environment
 from nanochat.bench.kv_sweep import resolve_model, timed_run
-from nanochat.common import cli_main, tune_cpu_allocator
+from nanochat.common import cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.trainer import setup_runtime
@@ -43,9 +43,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed runs of every mode, interleaved")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
-    rt = setup_runtime(recipe.train)
-    if rt.device.type == "cpu":
-        tune_cpu_allocator(True)
+    rt = setup_runtime(recipe.train)  # on CPU with the tuned allocator, as training
     sw = recipe.sweep
     model, source = resolve_model(recipe, rt)
     modes = modes_for(rt.device)
@@ -90,7 +88,7 @@ def main(argv: list[str]) -> int:
             print(f"batch {batch:>4} {name:<22} {med:>9.1f} tok/s ({min(rates[name]):.1f}–"
                   f"{max(rates[name]):.1f})  ×{med / eager_med:.2f} eager  tokens = eager: "
                   f"{100 * same:.1f}%  warmup {warmup_s[name]:.1f} s", flush=True)
-        del engines
+        engines.clear()  # free this batch size's caches and compiled steps before the next
     print(json.dumps({
         "benchmark": "KV-cache decode modes side by side",
         "recipe": opts.recipe, "overrides": opts.overrides, "model": source,

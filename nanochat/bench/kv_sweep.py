@@ -42,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from nanochat.bench import environment
+from nanochat.bench import environment, seconds_per_call
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, \
     print0, tune_cpu_allocator
@@ -135,7 +136,6 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
                    steps: int = 20, repeats: int = 5) -> float:
     """Seconds per decode step spent in its matmuls alone (see the module docstring): median of
     `repeats` windows of `steps` steps, synced at both ends."""
-    import torch.nn.functional as F
     c = model.config
     dtype = model.lm_head.weight.dtype
     gen = torch.Generator(device=device).manual_seed(0)
@@ -163,17 +163,7 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
         w.head_matmul(x)
 
     with torch.inference_mode():
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            _sync(device)
-            times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+        return statistics.median(seconds_per_call(step, lambda: _sync(device), 3, repeats, steps))
 
 
 def nocache_stream(model: GPT, idx: torch.Tensor, new_tokens: int):

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
+from functools import partial
 
 import torch
 
-from nanochat.bench import environment
+from nanochat.bench import environment, seconds_per_call
 from nanochat.common import cli_main
 from nanochat.engine import build_inference_model
 from nanochat.decode import HEAD_LAYOUTS, DecodeStep, mkl_packed_available
@@ -52,16 +52,8 @@ def main(argv: list[str]) -> int:
                 out = step.head_matmul(x)
                 reference = out if reference is None else reference
                 agree = torch.allclose(out.float(), reference.float(), rtol=1e-4, atol=1e-4)
-                for _ in range(opts.warmup):
-                    step.head_matmul(x)
-                times = []
-                for _ in range(opts.repeats):
-                    rt.sync()
-                    t0 = time.perf_counter()
-                    for _ in range(opts.calls):
-                        step.head_matmul(x)
-                    rt.sync()
-                    times.append((time.perf_counter() - t0) / opts.calls * 1e6)
+                times = [s * 1e6 for s in seconds_per_call(partial(step.head_matmul, x), rt.sync,
+                                                           opts.warmup, opts.repeats, opts.calls)]
                 med = statistics.median(times)
                 results.append({"batch": batch, "layout": layout, "us_median": round(med, 1),
                                 "us_min": round(min(times), 1), "us_max": round(max(times), 1),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 
-
 from nanochat.bench import environment
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
