@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir, slurm_parameters  # noqa: E402
-from jobs.tasks import MANIFEST, read_manifest, run_task  # noqa: E402
-from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso  # noqa: E402
+from jobs.manifest import (CANCELLED, DONE, FAILED, MANIFEST, has_manifest, new_manifest,  # noqa: E402
+                           read_manifest, save_manifest)
+from jobs.tasks import run_task  # noqa: E402
+from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.config import OUTPUT_ROOT  # noqa: E402
 from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
-
-DONE, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
-
 
 def slurm_available() -> bool:
     """submitit's own auto choice picks SLURM whenever `srun` is on PATH, even with no
@@ -53,36 +53,13 @@ def check_partition(partition: str | None) -> None:
 
 def discovery_cached(recipe) -> bool | None:
     """Whether the batch-size cache already answers for every stage that asks for `auto` (base
-    and/or sft); None when none asks or no discovery module is present."""
+    and/or sft); None when none asks."""
     keys = discovery_stages(recipe)
     if not keys:
         return None
-    try:
-        from nanochat.batch_size import cached_result
-    except ImportError:
-        return None
-    c = recipe.cluster
-    return all(cached_result(recipe, stage=k, world_size=c.nodes * c.gpus_per_node) is not None
+    from nanochat.batch_size import cached_result  # imports torch: only when a stage asks
+    return all(cached_result(recipe, stage=k, world_size=recipe.cluster.world_size) is not None
                for k in keys)
-
-
-# --------------------------------------------------------------------------------------------
-# Manifest
-
-def new_manifest(plan: Plan, executor: str) -> dict:
-    return {"run_dir": str(plan.run_dir), "recipe": str(plan.run_dir / "recipe.yaml"),
-            "git_commit": git_commit(), "created": now_iso(), "executor": executor,
-            "skipped": plan.skipped,
-            "stages": {s.name: {"after": s.after, "dependency": s.dependency, "job_id": None,
-                                "tasks": [{"index": t.index, "overrides": t.overrides,
-                                           "run_dir": t.run_dir, "recipe_run_dir": t.recipe_run_dir or t.run_dir,
-                                           "job_id": None, "state": "PLANNED"}
-                                          for t in s.tasks]}
-                       for s in plan.stages}}
-
-
-def save_manifest(run_dir: Path, manifest: dict) -> None:
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +195,7 @@ def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
     """The previous manifest when resuming; refuses to reuse a run directory silently."""
-    if not (run_dir / MANIFEST).exists():
+    if not has_manifest(run_dir):
         return None
     if force:
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -238,7 +215,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--watch", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--output-root", default="runs")
+    ap.add_argument("--output-root", default=OUTPUT_ROOT)
     args = ap.parse_intermixed_args(argv)
     if args.resume and args.force:
         raise UserError("--resume and --force exclude each other")

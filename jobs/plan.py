@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError
-from nanochat.config import Recipe, grad_accum_steps
+from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
 
 # What may appear in an sbatch header line: no shell or line-breaking characters, ever.
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=@%/+-]+")
@@ -123,8 +123,8 @@ def resolve_run_dir(recipe: Recipe, output_root: Path) -> Path:
 def discovery_stages(recipe: Recipe) -> list[str]:
     """The training stages in the plan whose device batch size is `auto`: the keys the discover
     job finds (batch-size discovery names them "base" and "sft")."""
-    return [stage for stage, section in (("base", recipe.train), ("sft", recipe.sft))
-            if stage in recipe.stages and section.device_batch_size == "auto"]
+    return [stage for stage in TRAINING_SECTIONS
+            if stage in recipe.stages and recipe.training_section(stage).device_batch_size == "auto"]
 
 
 def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = None) -> Plan:
@@ -133,14 +133,13 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
     stage is skipped."""
     check_safe(recipe)
     c = recipe.cluster
-    world = c.nodes * c.gpus_per_node
+    world = c.world_size
     wanted = recipe.stages
-    if "base" in wanted and recipe.train.device_batch_size != "auto":  # fail before submitting anything
-        grad_accum_steps(recipe.train.total_batch_size, recipe.train.device_batch_size,
-                         recipe.model.sequence_len, world)
-    if "sft" in wanted and recipe.sft.device_batch_size != "auto":  # SFT rows are sequence_len too
-        grad_accum_steps(recipe.sft.total_batch_size, recipe.sft.device_batch_size,
-                         recipe.model.sequence_len, world, section="sft")
+    for stage, name in TRAINING_SECTIONS.items():  # fail before submitting anything
+        section = recipe.training_section(stage)  # (SFT rows are sequence_len long too)
+        if stage in wanted and section.device_batch_size != "auto":
+            grad_accum_steps(section.total_batch_size, section.device_batch_size,
+                             recipe.model.sequence_len, world, section=name)
     if "sft" in wanted and "base" not in wanted and not recipe.sft.base_checkpoint:
         raise UserError("stages: sft without base needs sft.base_checkpoint (the run dir or "
                         "checkpoint to fine-tune); set it or add base to stages")
@@ -162,7 +161,7 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
     if "discover" in wanted:
         keys = discovery_stages(recipe)
         if not keys:
-            fixed = [f"{sec}.device_batch_size" for st, sec in (("base", "train"), ("sft", "sft")) if st in wanted]
+            fixed = [f"{sec}.device_batch_size" for st, sec in TRAINING_SECTIONS.items() if st in wanted]
             plan.skipped["discover"] = (f"{' and '.join(fixed)} {'are' if len(fixed) > 1 else 'is'} fixed"
                                         if fixed else "no base or sft stage to discover for")
         elif discovery_cached:

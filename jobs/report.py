@@ -11,8 +11,9 @@ import csv
 import json
 from pathlib import Path
 
+from jobs.manifest import read_manifest
 from nanochat.common import atomic_path, atomic_write_text
-from nanochat.plots import read_jsonl
+from nanochat.plots import pyplot, read_jsonl
 
 def _load_json(path: Path) -> dict | None:
     try:
@@ -61,8 +62,7 @@ def _eval_cells(result: dict | None) -> dict:
 
 def collect(run_dir: Path) -> list[dict]:
     """One row per task index (grid combination), with the cells of every stage it has."""
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    stages = manifest["stages"]
+    stages = read_manifest(run_dir)["stages"]
     rows: dict[int, dict] = {}
     for name in ("base", "sft", "eval", "sweep"):
         for task in stages.get(name, {}).get("tasks", []):
@@ -99,9 +99,7 @@ def columns(manifest_stages: dict, rows: list[dict]) -> list[str]:
 
 
 def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     sft = {r["task"]: read_jsonl(Path(r["sft_dir"]) / "progress.jsonl") for r in rows if "sft_dir" in r}
     sft = {k: v for k, v in sft.items() if v}
     fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(15 if sft else 10, 3.8))
@@ -143,7 +141,7 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = collect(run_dir)
-    cols = columns(json.loads((run_dir / "manifest.json").read_text())["stages"], rows)
+    cols = columns(read_manifest(run_dir)["stages"], rows)
     with atomic_path(run_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["run_dir"], extrasaction="ignore")
         w.writeheader()

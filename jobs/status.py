@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.tasks import read_manifest  # noqa: E402
+from jobs.manifest import read_manifest  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
 from nanochat.plots import read_jsonl  # noqa: E402
 

@@ -14,19 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
+from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.recipe import load_recipe
-
-MANIFEST = "manifest.json"
-
-
-def read_manifest(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} has no {MANIFEST}: not a run directory made by jobs/launch.py")
-
 
 def task_recipe(run_dir: Path, stage: str, index: int):
     """The task's recipe: the run's resolved recipe + the task's grid values + the run_dir the
@@ -111,16 +102,15 @@ def run_discover(run_dir: Path, index: int) -> dict:
     """Device batch sizes for every stage that asks for `auto`, into the cache and discovery.json
     ({stage: {batch_size, from_cache, cache_path}})."""
     from nanochat.batch_size import discover_for_recipe
-    from nanochat.prepare import prepare_shards, prepare_tokenizer
+    from nanochat.dataset import prepare_shards, prepare_tokenizer
     recipe, task = task_recipe(run_dir, "discover", index)
-    c = recipe.cluster
     # Data and tokenizer first (training needs them anyway): the cache key then holds the real
     # vocabulary, exactly as the training job will compute it.
     train_paths, _ = prepare_shards(recipe)
     tokenizer = prepare_tokenizer(recipe, train_paths)
     out = {}
     for stage in discovery_stages(recipe):
-        result = discover_for_recipe(recipe, stage=stage, world_size=c.nodes * c.gpus_per_node,
+        result = discover_for_recipe(recipe, stage=stage, world_size=recipe.cluster.world_size,
                                      vocab_size=tokenizer.vocab_size)
         out[stage] = {"batch_size": result.batch_size, "from_cache": result.from_cache,
                       "cache_path": str(result.cache_path)}

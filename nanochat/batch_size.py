@@ -43,11 +43,13 @@ from typing import Callable
 import torch
 from filelock import FileLock
 
-from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, pick_device
-from nanochat.config import Recipe
+from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso
+from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
+from nanochat.dataset import tokenizer_key
 from nanochat.gpt import GPTConfig
 from nanochat.memory_probe import ProbeServer, ProbeSpec, host_ram_bytes, run_probe
-from nanochat.trainer import legal_device_batch_sizes
+from nanochat.runtime import compute_dtype, pick_device
+from nanochat.tokenizer import Tokenizer
 
 VERSION = 1                 # bump when the search or the probe changes what they measure
 GB = 1e9
@@ -201,11 +203,9 @@ def _vocab_size(recipe: Recipe) -> int:
     the tokenizer's target size (an upper bound: training can stop short of it)."""
     if recipe.model.vocab_size:
         return recipe.model.vocab_size
-    from nanochat.prepare import tokenizer_key
     tok = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
     if (tok / "tokenizer.json").exists():
         with contextlib.suppress(Exception):
-            from nanochat.tokenizer import Tokenizer
             return Tokenizer.load(tok).vocab_size
     return recipe.tokenizer.vocab_size
 
@@ -213,7 +213,7 @@ def _vocab_size(recipe: Recipe) -> int:
 def probe_spec(recipe: Recipe, target: Target, vocab_size: int | None = None) -> ProbeSpec:
     tr = recipe.train
     cfg = GPTConfig.from_args(recipe.model, vocab_size or _vocab_size(recipe))
-    dtype = tr.dtype if tr.dtype != "auto" else ("bfloat16" if target.device.type == "cuda" else "float32")
+    dtype = str(compute_dtype(target.device, tr.dtype)).removeprefix("torch.")
     return ProbeSpec(model=dataclasses.asdict(cfg), optim=dataclasses.asdict(recipe.optim),
                      device=str(target.device), dtype=dtype, compile=tr.compile,
                      compile_mode=tr.compile_mode, grad_clip=tr.grad_clip,
@@ -222,7 +222,7 @@ def probe_spec(recipe: Recipe, target: Target, vocab_size: int | None = None) ->
 
 def cache_key(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec) -> dict:
     dc = recipe.discovery
-    section = recipe.sft if stage == "sft" else recipe.train
+    section = recipe.training_section(stage)
     return {"version": VERSION, "stage": stage, "model": spec.model,
             "sequence_len": spec.model["sequence_len"], "dtype": spec.dtype,
             "compile": spec.compile, "compile_mode": spec.compile_mode if spec.compile else None,
@@ -331,7 +331,7 @@ def _too_small_error(res: SearchResult, target: Target, usable: float, headroom:
 def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec,
                 key: dict, candidates: list[int], model, isolate: bool) -> tuple[dict, int]:
     dc = recipe.discovery
-    section = recipe.sft if stage == "sft" else recipe.train
+    section = recipe.training_section(stage)
     seq = spec.model["sequence_len"]
     rows = section.total_batch_size // (seq * world_size)
     usable = target.capacity_bytes * (1 - dc.headroom)
@@ -400,15 +400,15 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
     device. `model`: probe this model instead of a fresh one (in-process probes only; it is
     restored afterwards). `isolate`: probes in child processes (default: on CPU, where that is
     how the memory budget is enforced). `use_cache=False` probes even on a hit (and rewrites)."""
-    assert stage in ("base", "sft"), stage
+    assert stage in TRAINING_SECTIONS, stage
     t0 = time.perf_counter()
     dc = recipe.discovery
-    section = recipe.sft if stage == "sft" else recipe.train
+    section = recipe.training_section(stage)
     target = resolve_target(recipe)
     spec = probe_spec(recipe, target, vocab_size)
     isolate = target.device.type == "cpu" if isolate is None else isolate
     seq = spec.model["sequence_len"]
-    name = "sft" if stage == "sft" else "train"
+    name = TRAINING_SECTIONS[stage]
     candidates = legal_candidates(section.total_batch_size, seq, world_size, dc.candidates,
                                   dc.min_batch_size, dc.max_batch_size)
     if not candidates:
@@ -459,7 +459,7 @@ def cached_result(recipe: Recipe, stage: str = "base", world_size: int = 1,
     miss). The launcher asks this to skip the discovery job; the key includes the device, so a
     login node without the cluster's GPU finds only what its own device would use."""
     dc = recipe.discovery
-    section = recipe.sft if stage == "sft" else recipe.train
+    section = recipe.training_section(stage)
     target = resolve_target(recipe)
     spec = probe_spec(recipe, target, vocab_size)
     candidates = legal_candidates(section.total_batch_size, spec.model["sequence_len"], world_size,
@@ -503,20 +503,32 @@ def discover_for_recipe(recipe: Recipe, stage: str = "base", world_size: int = 1
     raise RuntimeError(f"batch-size discovery failed on rank 0: {payload}")
 
 
+def resolve_device_batch_size(recipe: Recipe, stage: str, world_size: int, model=None,
+                              vocab_size: int | None = None) -> int:
+    """The stage's device batch size: the recipe's integer, or discovery's answer for "auto".
+    A training stage passes its live `model`, probed in place (no second copy of the weights
+    counted), and the tokenizer's real vocabulary."""
+    section = recipe.training_section(stage)
+    if section.device_batch_size != "auto":
+        return section.device_batch_size
+    return discover_for_recipe(recipe, stage=stage, world_size=world_size, model=model,
+                               vocab_size=vocab_size).batch_size
+
+
 # --------------------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
     from nanochat.recipe import load_recipe, recipe_argparser
     ap = recipe_argparser("python -m nanochat.batch_size",
                           "Find the device batch size for a recipe (or read it from the cache).")
-    ap.add_argument("--stage", choices=["base", "sft"], default="base")
+    ap.add_argument("--stage", choices=list(TRAINING_SECTIONS), default="base")
     ap.add_argument("--world-size", type=int, default=None,
                     help="ranks of the run the answer is for (default: cluster.nodes × "
                          "cluster.gpus_per_node; the legal sizes depend on it)")
     ap.add_argument("--fresh", action="store_true", help="probe even if the cache has the answer")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    world = args.world_size or recipe.cluster.nodes * recipe.cluster.gpus_per_node
+    world = args.world_size or recipe.cluster.world_size
     if world < 1:
         raise UserError(f"--world-size must be ≥ 1, got {world}")
     d = discover(recipe, args.stage, world, use_cache=not args.fresh)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import run_dir_of  # noqa: F401 (eval and tests import it from here too)
-from nanochat.common import UserError, cli_main, pick_device
+from nanochat.checkpoint import run_dir_of
+from nanochat.common import UserError, cli_main
 from nanochat.engine import Engine, Sampling, load_model
+from nanochat.runtime import pick_device
 from nanochat.tokenizer import Tokenizer
 
 
@@ -34,8 +35,7 @@ class Chat:
                  sampling: Sampling = Sampling(0.6, 50), max_new_tokens: int = 256,
                  seed: int | None = None):
         self.device = torch.device(pick_device(device))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.meta, self.step_dir = load_model(path, self.device, dtype)
+        self.model, self.meta, self.step_dir = load_model(path, self.device)  # the run's dtype rule
         self.tokenizer = Tokenizer.load(run_dir_of(self.step_dir) / "tokenizer")
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise UserError(f"the tokenizer in {run_dir_of(self.step_dir)}/tokenizer has "

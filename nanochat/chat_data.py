@@ -17,24 +17,19 @@ never overlap and a conversation keeps its split when files are added.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import random
-import zipfile
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
-import yaml
 
 from nanochat.common import UserError, cli_main, print0
-from nanochat.dataset import fetch_package
+from nanochat.offline_data import chatterbot_dialogues
 from nanochat.config import Recipe
 from nanochat.tokenizer import check_conversation
 from nanochat import tasks
 
-CHATTERBOT_GLOB = "chatterbot_corpus/data/english/*.yml"
 SHUFFLE_SEED = 0        # the conversations' order (the SFT loader may shuffle again per epoch)
 SPLITS = ("train", "val")
 WARN_FIRST = 5          # malformed lines reported one by one per file; the rest are counted
@@ -71,35 +66,6 @@ def is_val(conversation: dict, val_fraction: float) -> bool:
     """Stable split by content: the same conversation is in the same split on every machine."""
     h = hashlib.sha1(conversation_key(conversation).encode("utf-8")).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
-
-
-# --------------------------------------------------------------------------------------------
-# The offline wheel
-
-@functools.lru_cache(maxsize=4)
-def _read_dialogues(wheel: Path) -> tuple[tuple, ...]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser, where built: ~10× faster
-    dialogues = []
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            names = sorted(n for n in z.namelist() if fnmatch(n, CHATTERBOT_GLOB))
-            for name in names:
-                data = yaml.load(z.read(name), Loader=loader)
-                convs = data.get("conversations") if isinstance(data, dict) else None
-                for conv in convs if isinstance(convs, list) else []:
-                    dialogues.append(tuple(conv) if isinstance(conv, list) else (conv,))
-    except (zipfile.BadZipFile, OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read {wheel} ({type(e).__name__}: {e}); delete it so that it is "
-                        f"downloaded again") from None
-    if not dialogues:
-        raise UserError(f"{wheel} holds no dialogues under {CHATTERBOT_GLOB}; "
-                        f"sft.offline_package supports chatterbot-corpus==1.3.3")
-    return tuple(dialogues)
-
-
-def chatterbot_dialogues(offline_cache: str | Path, package: str) -> list[tuple]:
-    """Each English dialogue of the wheel as a tuple of turns (alternating speakers, user first)."""
-    return list(_read_dialogues(fetch_package(package, Path(offline_cache), "wheel", fix="sft.source=smoltalk")))
 
 
 def dialogue_conversation(turns) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from nanochat.common import UserError, atomic_write_json
+from nanochat.runtime import barrier
 
 CKPT_DIR = "checkpoints"
 
@@ -67,10 +68,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier(world_size)
+    barrier(world_size)
     torch.save([o.state_dict() for o in optimizers], tmp / f"optim_rank{rank}.pt")
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    _barrier(world_size)
+    barrier(world_size)
     if rank == 0:
         torch.save(model.state_dict(), tmp / "model.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size})
@@ -79,13 +80,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world_size)
+    barrier(world_size)
     return final
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        torch.distributed.barrier()
 
 
 def _load(path: Path, what: str):

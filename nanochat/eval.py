@@ -34,8 +34,14 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat import tasks
-from nanochat.common import DistInfo, UserError, atomic_write_json, cli_main, pick_device, print0
+from nanochat.common import UserError, atomic_write_json, cli_main, print0
 from nanochat.config import EvalArgs, Recipe
+from nanochat.dataset import list_shards, split_shards
+from nanochat.engine import Engine, load_model
+from nanochat.loss_eval import make_bpb_evaluator
+from nanochat.recipe import load_recipe, override_recipe
+from nanochat.runtime import DistInfo, Runtime, compute_dtype, pick_device
+from nanochat.tokenizer import Tokenizer
 from nanochat.tasks import Problem
 
 EVAL_FILE = "eval.json"
@@ -200,9 +206,6 @@ def _first_line(e: BaseException) -> str:
 
 def _bpb(model, tokenizer, recipe: Recipe, run_dir: Path, device, dtype) -> tuple[float | None, str | None]:
     """(val_bpb, None), or (None, why not) when the validation shard isn't there."""
-    from nanochat.dataset import list_shards, split_shards
-    from nanochat.train import make_bpb_evaluator
-    from nanochat.trainer import Runtime
     try:
         _, val = split_shards(list_shards(recipe.data.data_dir))
     except UserError as e:
@@ -224,7 +227,6 @@ def _bpb(model, tokenizer, recipe: Recipe, run_dir: Path, device, dtype) -> tupl
 
 def _checkpoint_recipe(meta: dict, step_dir: Path, recipe: Recipe | None,
                        overrides: Sequence[str] = ()) -> Recipe:
-    from nanochat.recipe import _merge, parse_overrides, recipe_from_dict
     if recipe is not None and not overrides:
         return recipe
     if recipe is not None:
@@ -233,9 +235,8 @@ def _checkpoint_recipe(meta: dict, step_dir: Path, recipe: Recipe | None,
         base = meta["recipe"]
     else:
         raise UserError(f"{step_dir}/meta.json holds no recipe; pass --recipe RECIPE")
-    data, prov = parse_overrides(list(overrides))
     try:
-        return recipe_from_dict(_merge(base, data), prov)
+        return override_recipe(base, list(overrides))
     except UserError as e:
         if recipe is not None or overrides:
             raise
@@ -256,18 +257,15 @@ def run_task(name: str, problems: Sequence[Problem], engine, tokenizer, ev: Eval
 def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: str = "auto",
                         out: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluate the checkpoint at `path` (see the module docstring); write and return the result."""
-    from nanochat.engine import Engine, load_model
-    from nanochat.tokenizer import Tokenizer
-
     t0 = time.perf_counter()
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device auto")
     dev = torch.device(pick_device(device))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     step_dir = ckpt.resolve_checkpoint(path)
     # the recipe first: a bad override fails before the weights are read
     meta = ckpt.read_meta(step_dir)
     recipe = _checkpoint_recipe(meta, step_dir, recipe, overrides)
+    dtype = compute_dtype(dev, recipe.train.dtype)
     model, meta, step_dir = load_model(step_dir, dev, dtype)
     run_dir = ckpt.run_dir_of(step_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
@@ -341,7 +339,6 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     recipe = None
     if args.recipe is not None:
-        from nanochat.recipe import load_recipe
         recipe = load_recipe(args.recipe, args.overrides)
     result = evaluate_checkpoint(args.checkpoint, recipe, args.device, args.out,
                                  overrides=() if recipe is not None else args.overrides)

@@ -17,24 +17,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
 
 
 @dataclass
 class GPTConfig:
-    """Concrete shape of a model (what a checkpoint stores); derived from the recipe's ModelArgs."""
-    sequence_len: int = 1024
-    vocab_size: int = 32768
-    n_layer: int = 4
-    n_head: int = 2
-    n_kv_head: int = 2
-    n_embd: int = 256
-    softcap: float = 15.0
-    bigram_factor: int = 0
-    bigram_lambda_init: float = 0.05
+    """Concrete shape of a model (what a checkpoint stores), derived from the recipe's
+    ModelArgs by `from_args`. The shape has no defaults (a checkpoint names all of it); a
+    feature's field defaults to the recipe's default, off, so older checkpoints still load."""
+    sequence_len: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    softcap: float = ModelArgs.softcap
+    bigram_factor: int = ModelArgs.bigram_factor
+    bigram_lambda_init: float = ModelArgs.bigram_lambda_init
 
     @classmethod
     def from_args(cls, m: ModelArgs, vocab_size: int) -> "GPTConfig":
+        """The model a recipe describes, for a tokenizer of `vocab_size` tokens."""
+        if m.vocab_size is not None and m.vocab_size < vocab_size:
+            raise UserError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer's "
+                            f"{vocab_size}; set model.vocab_size: null to use the tokenizer's")
         dims = model_dims(m)
         return cls(sequence_len=m.sequence_len, vocab_size=m.vocab_size or vocab_size,
                    softcap=m.softcap, bigram_factor=m.bigram_factor,
@@ -322,3 +329,12 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)
             seq = torch.cat([seq, nxt], dim=1)
             yield int(nxt.item())
+
+
+def build_model(config: GPTConfig, device) -> GPT:
+    """Build on the meta device, then allocate on `device` and initialise (fast for big models)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import DistInfo, tune_cpu_allocator
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import build_optimizers
-from nanochat.train import build_model
-from nanochat.trainer import Runtime, maybe_compile, optimizer_step
+from nanochat.runtime import DistInfo, Runtime, maybe_compile, tune_cpu_allocator
+from nanochat.trainer import optimizer_step
 
 CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from nanochat.common import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (cluster nodes have no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,7 +39,7 @@ def plot_progress(progress_path: Path, out_png: Path, title: str = "") -> Path |
     evals = [r for r in records if r.get("event") == "eval" and metric in r]
     if not train and not evals:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     if train:
         ax1.plot([r["step"] + 1 for r in train], [r["loss"] for r in train], lw=1.2)

@@ -24,7 +24,7 @@ import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
-                             Recipe, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, _check, _Invalid, validate)
+                             Recipe, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,27 +126,27 @@ def _coerce(value, tp, key: str):
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, key)
-            except _Invalid as e:
+            except Invalid as e:
                 errors.append(str(e))
         names = " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-        raise _Invalid(key, f"must be {names}, got {value!r}")
+        raise Invalid(key, f"must be {names}, got {value!r}")
     if tp is type(None):
-        _check(value is None, key, f"must be null, got {value!r}")
+        check(value is None, key, f"must be null, got {value!r}")
         return None
     if origin is list:
-        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        check(isinstance(value, list), key, f"must be a list, got {value!r}")
         (arm,) = typing.get_args(tp)
         return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
         _, arm = typing.get_args(tp)
         return {str(k): _coerce(v, arm, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
-        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key,
-               f"must be an integer, got {value!r}")
+        check(isinstance(value, int) and not isinstance(value, bool), key,
+              f"must be an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-10 (no dot) as a string
@@ -154,13 +154,13 @@ def _coerce(value, tp, key: str):
                 return float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"must be a number, got {value!r}")
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+              f"must be a number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # name: 2024
-        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        check(isinstance(value, str), key, f"must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp} for {key}")  # programmer error
 
@@ -175,11 +175,11 @@ def _build(cls, data: dict, prefix: str):
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else \
                 f"valid keys: {', '.join(names)}"
-            raise _Invalid(key, f"unknown key '{key}'; {hint}")
+            raise Invalid(key, f"unknown key '{key}'; {hint}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             v = {} if v is None else v  # an empty section (`model:` with nothing under it)
-            _check(isinstance(v, dict), key, f"must be a mapping of {tp.__name__} fields, got {v!r}")
+            check(isinstance(v, dict), key, f"must be a mapping of {tp.__name__} fields, got {v!r}")
             kwargs[k] = _build(tp, v, key + ".")
         else:
             kwargs[k] = _coerce(v, tp, key)
@@ -203,11 +203,18 @@ def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
         r = _build(Recipe, data, "")
         validate(r)
         return r
-    except _Invalid as e:
+    except Invalid as e:
         msg = str(e)
         if not msg.startswith("unknown key"):
             msg = f"{e.key} {msg}"
         raise UserError(f"{_where(e.key, prov)}: {msg}") from None
+
+
+def override_recipe(base: dict, overrides: list[str]) -> Recipe:
+    """A recipe from a resolved recipe dict (e.g. a checkpoint's) with `section.key=value`
+    overrides on top, validated like a recipe file."""
+    data, prov = parse_overrides(list(overrides))
+    return recipe_from_dict(_merge(base, data), prov)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -22,16 +22,18 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat.batch_size import resolve_device_batch_size
+from nanochat.chat_data import load_sft_conversations
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
-from nanochat.config import Recipe
-from nanochat.gpt import GPTConfig
+from nanochat.config import Recipe, grad_accum_steps
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.loss_eval import make_loss_evaluator
 from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
+from nanochat.runtime import Runtime, compile_count, maybe_compile, runtime
 from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.train import build_model, model_config, resolve_device_batch_size
-from nanochat.trainer import (LoopSpec, Runtime, compile_count, grad_accum_steps, maybe_compile,
-                              restore_training_state, runtime, train_loop)
+from nanochat.trainer import LoopSpec, restore_training_state, train_loop
 
 
 def sft_dir(recipe: Recipe) -> Path:
@@ -65,7 +67,7 @@ def load_base(recipe: Recipe) -> tuple[Path, dict, Tokenizer, GPTConfig]:
         config = GPTConfig(**meta["model_config"])
     except (KeyError, TypeError) as e:
         raise UserError(f"{step_dir}/meta.json has no usable model_config ({type(e).__name__})")
-    wanted = model_config(recipe, tokenizer)
+    wanted = GPTConfig.from_args(recipe.model, tokenizer.vocab_size)
     if wanted != config:
         k = next(f.name for f in dataclasses.fields(GPTConfig)
                  if getattr(wanted, f.name) != getattr(config, f.name))
@@ -95,36 +97,12 @@ def sft_train_args(recipe: Recipe, device_batch: int, steps: int):
                                final_lr_frac=0.0, eval_every=s.eval_every)
 
 
-def make_loss_evaluator(items, tokenizer: Tokenizer, rt: Runtime, batch_size: int, seq_len: int,
-                        max_tokens: int):
-    """Validation loss: mean cross-entropy (nats) per assistant token of held-out conversations,
-    packed exactly as training packs them (up to `max_tokens` row tokens per rank)."""
-    steps = max(1, max_tokens // (batch_size * seq_len))
-
-    def evaluate(model) -> dict:
-        loader = SFTLoader(items, batch_size, seq_len, tokenizer.bos_token_id, rt.dist.rank,
-                           rt.dist.world_size, rt.device, loop=False)
-        nats = torch.zeros((), device=rt.device)
-        count = torch.zeros((), device=rt.device)
-        for _, (x, y) in zip(range(steps), loader):
-            loss = model(x, y, loss_reduction="none").view(-1)
-            keep = (y.reshape(-1) >= 0)
-            nats += (loss * keep).sum()
-            count += keep.sum()
-        if rt.dist.is_distributed:
-            torch.distributed.all_reduce(nats)
-            torch.distributed.all_reduce(count)
-        return {"val_loss": (nats / count.clamp(min=1)).item()}
-    return evaluate
-
-
 def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
     with runtime(recipe.train) as rt:
         return _train_sft(recipe, rt, fresh, stop_requested)
 
 
 def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:
-    from nanochat.chat_data import load_sft_conversations
     out = sft_dir(recipe)
     latest = ckpt.latest_checkpoint(out)
     if latest is not None and fresh:
@@ -152,7 +130,7 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
 
     optimizers = build_optimizers(model.param_groups(), sft_optim_args(recipe), config.n_embd,
                                   all_params=model.parameters())
-    device_batch = resolve_device_batch_size(recipe, rt, stage="sft", model=model,
+    device_batch = resolve_device_batch_size(recipe, "sft", rt.dist.world_size, model=model,
                                              vocab_size=config.vocab_size)
     accum = grad_accum_steps(recipe.sft.total_batch_size, device_batch, seq, rt.dist.world_size,
                              section="sft")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nanochat.common import UserError, print0
+from nanochat.offline_data import chatterbot_dialogues
 
 KINDS = ("arithmetic", "spelling", "counting", "copying", "choice")
 CHOICE_KINDS = ("choice",)          # scored by the letter with the highest logit, not generation
@@ -180,7 +181,6 @@ def _load_words(dict_paths: tuple[str, ...], offline_cache: str, package: str) -
             print0(f"tasks: {len(words):,} words from {p}")
             if words:
                 return tuple(words)
-    from nanochat.chat_data import chatterbot_dialogues  # lazy: chat_data imports this module
     texts = [s for dialogue in chatterbot_dialogues(offline_cache, package) for s in dialogue]
     words = words_from_text(texts)
     print0(f"tasks: {len(words):,} words from the {package} dialogues (no word list at "

@@ -16,35 +16,17 @@ import json
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat.batch_size import resolve_device_batch_size
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
-from nanochat.config import Recipe
-from nanochat.recipe import load_recipe, recipe_to_dict, recipe_argparser, save_resolved_recipe
+from nanochat.config import Recipe, grad_accum_steps
 from nanochat.dataloader import DataLoader
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.optim import build_optimizers
-from nanochat.prepare import prepare_shards, prepare_tokenizer, tokenizer_key
-from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import (LoopSpec, Runtime, grad_accum_steps, maybe_compile,
-                              restore_training_state, runtime, train_loop)
-
-
-# --------------------------------------------------------------------------------------------
-
-def build_model(config: GPTConfig, device: torch.device) -> GPT:
-    """Build on the meta device, then allocate on `device` and initialise (fast for big models)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
-
-
-def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
-    config = GPTConfig.from_args(recipe.model, tokenizer.vocab_size)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size {config.vocab_size} is smaller than the tokenizer's "
-                        f"{tokenizer.vocab_size}; set model.vocab_size: null to use the tokenizer's")
-    return config
+from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
+from nanochat.runtime import Runtime, maybe_compile, runtime
+from nanochat.trainer import LoopSpec, restore_training_state, train_loop
 
 
 def num_iterations(recipe: Recipe, model: GPT) -> int:
@@ -53,47 +35,6 @@ def num_iterations(recipe: Recipe, model: GPT) -> int:
         return tr.num_iterations
     target_tokens = tr.target_param_data_ratio * model.num_params()["scaling"]
     return max(1, int(target_tokens // tr.total_batch_size))
-
-
-def resolve_device_batch_size(recipe: Recipe, rt: Runtime, stage: str = "base", model=None,
-                              vocab_size: int | None = None) -> int:
-    section = recipe.sft if stage == "sft" else recipe.train
-    if section.device_batch_size != "auto":
-        return section.device_batch_size
-    try:
-        from nanochat.batch_size import discover_for_recipe  # the batch-size discovery module
-    except ImportError:
-        raise UserError(f"{stage if stage == 'sft' else 'train'}.device_batch_size is 'auto' but "
-                        "batch-size discovery (nanochat/batch_size.py) is not available; set an integer")
-    # the live model is probed in place (no second copy of the weights counted), with the
-    # tokenizer's real vocabulary
-    return discover_for_recipe(recipe, stage=stage, world_size=rt.dist.world_size, model=model,
-                               vocab_size=vocab_size).batch_size
-
-
-def make_bpb_evaluator(val_paths, tokenizer: Tokenizer, rt: Runtime, batch_size: int,
-                       seq_len: int, eval_tokens: int):
-    """Validation bits per byte: summed cross-entropy (nats) over the UTF-8 bytes of the target
-    tokens; special tokens (0 bytes) are excluded. Tokenizer-independent, unlike loss."""
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
-    steps = max(1, eval_tokens // (batch_size * seq_len * rt.dist.world_size))
-
-    def evaluate(model) -> dict:
-        loader = DataLoader(val_paths, tokenizer, batch_size, seq_len, rt.dist.rank,
-                            rt.dist.world_size, rt.device, loop=True)
-        nats = torch.zeros((), device=rt.device)
-        nbytes = torch.zeros((), device=rt.device)
-        for _ in range(steps):
-            x, y = next(loader)
-            loss = model(x, y, loss_reduction="none").view(-1)
-            b = token_bytes[y.reshape(-1)]
-            nats += (loss * (b > 0)).sum()
-            nbytes += b.sum()
-        if rt.dist.is_distributed:
-            torch.distributed.all_reduce(nats)
-            torch.distributed.all_reduce(nbytes)
-        return {"val_bpb": (nats / (torch.log(torch.tensor(2.0)) * nbytes)).item()}
-    return evaluate
 
 
 def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
@@ -109,7 +50,7 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
                         "resume, or choose another run_dir (run_dir=...) / delete that directory")
     train_paths, val_paths = prepare_shards(recipe, rt)
     tokenizer = prepare_tokenizer(recipe, train_paths, rt)
-    config = model_config(recipe, tokenizer)
+    config = GPTConfig.from_args(recipe.model, tokenizer.vocab_size)
     model = build_model(config, rt.device)
     nparams = model.num_params()
     flops = model.flops_per_token()
@@ -120,7 +61,8 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
     optimizers = build_optimizers(model.param_groups(), recipe.optim, config.n_embd,
                                   all_params=model.parameters())
 
-    device_batch = resolve_device_batch_size(recipe, rt, model=model, vocab_size=config.vocab_size)
+    device_batch = resolve_device_batch_size(recipe, "base", rt.dist.world_size, model=model,
+                                             vocab_size=config.vocab_size)
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
     steps = num_iterations(recipe, model)

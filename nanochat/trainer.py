@@ -8,9 +8,7 @@ atomic checkpoints and exact resume, torch.profiler traces, and stopping on requ
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,78 +18,11 @@ from typing import Callable
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.common import (DistInfo, UserError, atomic_write_text, dist_info_from_env, pick_device,
-                             print0, tune_cpu_allocator)
-from nanochat.config import OptimArgs, TrainArgs, grad_accum_steps, legal_device_batch_sizes  # noqa: F401 (re-exported)
-from nanochat.optim import allreduce_gradients, muon_momentum
+from nanochat.common import UserError, atomic_write_text, print0
+from nanochat.config import OptimArgs, TrainArgs
+from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum
 from nanochat.plots import plot_progress, read_jsonl
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime: device, dtype, process group.
-
-@dataclass
-class Runtime:
-    dist: DistInfo
-    device: torch.device
-    dtype: torch.dtype          # compute dtype (autocast on CUDA); parameters stay fp32
-
-    def autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
-    info = dist_info_from_env()
-    device_type = pick_device(args.device)
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
-    device = torch.device(f"cuda:{info.local_rank}" if device_type == "cuda" else device_type)
-    if device.type == "cpu" and tune_allocator:
-        tune_cpu_allocator()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if info.is_distributed and not torch.distributed.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise UserError(f"{var} is not set for a {info.world_size}-process run; launch with "
-                                "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                             device_id=device if device.type == "cuda" else None)
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-    return Runtime(info, device, dtype)
-
-
-def teardown_runtime(rt: Runtime) -> None:
-    if rt.dist.is_distributed and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-@contextlib.contextmanager
-def runtime(args: TrainArgs):
-    """setup_runtime … teardown_runtime around a stage (the process group always destroyed)."""
-    rt = setup_runtime(args)
-    try:
-        yield rt
-    finally:
-        teardown_runtime(rt)
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.dist.is_distributed:
-        torch.distributed.barrier()
+from nanochat.runtime import Runtime, peak_flops
 
 
 def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
@@ -104,54 +35,6 @@ def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
         return 1.0
     progress = (num_steps - step) / warmdown
     return progress + (1 - progress) * args.final_lr_frac
-
-
-def maybe_compile(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
-    if not args.compile:
-        return model
-    mode = None if args.compile_mode == "default" else args.compile_mode
-    return torch.compile(model, mode=mode, dynamic=False)
-
-
-def compile_count() -> int:
-    """Graphs torch.compile (dynamo) has compiled in this process so far: a recompile (a new
-    shape under dynamic=False) or a graph break adds one. SFT logs it; tests assert on it."""
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
-
-
-# Datasheet dense peaks (FLOP/s) used for MFU on known GPUs; anything else is measured.
-GPU_PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12,
-                  ("A100", torch.bfloat16): 312e12, ("H100", torch.float32): 67e12,
-                  ("A100", torch.float32): 19.5e12, ("L40S", torch.bfloat16): 362e12}
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
-                         seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of an n×n matmul on this device (the measured peak for MFU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if time.perf_counter() - t0 > seconds:
-            break
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for (key, dt), flops in GPU_PEAK_FLOPS.items():
-            if key in name and dt == dtype:
-                return flops, f"datasheet {key}"
-        return measure_matmul_flops(device, dtype, n=8192), "measured matmul"
-    return measure_matmul_flops(device, dtype), "measured matmul"
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +270,6 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
                         f"run has {rt.dist.world_size}; resume with the same number of GPUs")
     model.load_state_dict(ckpt.load_model_state(ckpt_path))
     opt_states, rng = ckpt.load_training_state(ckpt_path, rt.dist.rank)
-    from nanochat.optim import load_optimizer_state_dicts
     load_optimizer_state_dicts(optimizers, opt_states)
     ckpt.set_rng_state(rng)
     return int(meta["step"]), meta["loader"][rt.dist.rank]

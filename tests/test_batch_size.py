@@ -19,7 +19,7 @@ from nanochat.batch_size import discover, discover_for_recipe, legal_candidates,
 from nanochat.common import UserError
 from nanochat.memory_probe import ProbeError, ProbeServer, ProbeSpec, is_oom
 from nanochat.recipe import load_recipe, recipe_from_dict
-from nanochat.trainer import legal_device_batch_sizes
+from nanochat.config import legal_device_batch_sizes
 
 
 def cheap(cache_dir, **discovery) -> dict:
@@ -232,7 +232,7 @@ def test_cpu_peak_sees_memory_that_was_freed_before_the_reading(tuned):
     glibc's defaults unmap it (only the high-water mark saw it); the peak counts it either way."""
     code = f"""
 import torch
-from nanochat.common import tune_cpu_allocator
+from nanochat.runtime import tune_cpu_allocator
 from nanochat.memory_probe import cpu_peak, proc_status, reset_peak_rss
 tune_cpu_allocator({tuned})
 base = proc_status("VmRSS"), proc_status("RssAnon")

@@ -30,7 +30,7 @@ def prepared(corpus):
     """Overrides that point a run at the session's shards and tokenizer (conftest `corpus`), so
     the commands find both ready and never build or download anything."""
     from nanochat.recipe import load_recipe
-    from nanochat.prepare import tokenizer_key
+    from nanochat.dataset import tokenizer_key
 
     overrides = SMALL + [f"{section}.{key}={value}"
                          for section, values in corpus["sections"].items()

@@ -9,7 +9,7 @@ from nanochat.common import UserError
 from nanochat.engine import Engine, Sampling, argmax_first, sample_next
 from nanochat.decode import DecodeStep, mkl_packed_available
 from nanochat.gpt import KVCache
-from nanochat.trainer import compile_count
+from nanochat.runtime import compile_count
 from test_cli import error_line, run_cli
 from test_gpt import make_model
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from jobs import launch
+from jobs import manifest as run_manifest
 from jobs.plan import build_plan, grid_overrides, resolve_run_dir
 from jobs.report import write_report
 from nanochat.common import UserError
@@ -99,7 +100,7 @@ def test_discover_is_skipped_only_when_every_auto_key_is_cached(tiny_recipe, tmp
     run.mkdir()
     from nanochat.recipe import save_resolved_recipe
     save_resolved_recipe(recipe, run / "recipe.yaml")
-    launch.save_manifest(run, launch.new_manifest(plan, "local"))
+    run_manifest.save_manifest(run, run_manifest.new_manifest(plan, "local"))
     found = run_task_json(run, "discover", 0)
     assert set(found) == {"base", "sft"} and found["base"]["from_cache"] is True
     assert found["sft"]["from_cache"] is False and found["sft"]["batch_size"] >= 1
@@ -250,9 +251,9 @@ def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing
     r = recipe_from_dict({"stages": ["base", "sft", "eval", "report"], "grid": {"train.seed": [1, 2]}})
     run = tmp_path / "run"
     plan = build_plan(r, run)
-    manifest = launch.new_manifest(plan, "local")
+    manifest = run_manifest.new_manifest(plan, "local")
     run.mkdir()
-    launch.save_manifest(run, manifest)
+    run_manifest.save_manifest(run, manifest)
     for i in (0, 1):
         _jsonl(run / "base" / f"{i:03d}" / "progress.jsonl",
                [{"event": "train", "step": s, "loss": 4.0 - s - i, "tok_per_s": 100.0} for s in range(3)]
@@ -286,7 +287,7 @@ def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing
     # nothing written yet at all: still a report, every result cell empty
     empty = tmp_path / "empty"
     empty.mkdir()
-    launch.save_manifest(empty, launch.new_manifest(build_plan(r, empty), "local"))
+    run_manifest.save_manifest(empty, run_manifest.new_manifest(build_plan(r, empty), "local"))
     write_report(empty)
     assert (empty / "results.csv").read_text().splitlines()[1].startswith("0,train.seed=1,PLANNED,0,,,,PLANNED,0,,,")
 

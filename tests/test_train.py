@@ -12,7 +12,8 @@ from nanochat.common import UserError
 from nanochat.config import TrainArgs
 from nanochat.recipe import load_recipe, recipe_from_dict
 from nanochat.train import train_base
-from nanochat.trainer import grad_accum_steps, lr_multiplier, read_progress
+from nanochat.config import grad_accum_steps
+from nanochat.trainer import lr_multiplier, read_progress
 
 
 def stop_after(n_steps):

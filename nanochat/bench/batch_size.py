@@ -23,7 +23,7 @@ from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.trainer import setup_runtime
+from nanochat.runtime import setup_runtime
 
 
 def _stats(xs: list[float], nd: int = 1) -> dict:

@@ -27,7 +27,7 @@ from nanochat.bench.kv_sweep import resolve_model, timed_run
 from nanochat.common import cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.trainer import setup_runtime
+from nanochat.runtime import setup_runtime
 
 
 def modes_for(device: torch.device) -> dict[str, dict]:

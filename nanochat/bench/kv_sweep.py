@@ -46,16 +46,15 @@ import torch.nn.functional as F
 
 from nanochat.bench import environment, seconds_per_call
 from nanochat import checkpoint as ckpt
-from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, \
-    print0, tune_cpu_allocator
+from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, print0
 from nanochat.config import Recipe
 from nanochat.decode import mkl_packed_available
 from nanochat.engine import Engine, argmax_first, build_inference_model, load_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory_probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
-from nanochat.plots import _pyplot
+from nanochat.plots import pyplot
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.trainer import Runtime, measure_matmul_flops, setup_runtime
+from nanochat.runtime import Runtime, measure_matmul_flops, setup_runtime, tune_cpu_allocator
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +363,7 @@ def markdown_table(report: dict) -> str:
 
 
 def plot(report: dict, out_png: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for mode, label, style in (("cache", "KV cache", "o-"), ("nocache", "no cache", "s-")):
         rows = [r for r in report["results"] if r["mode"] == mode and "error" not in r]
@@ -423,7 +422,7 @@ def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.kv_sweep", __doc__.splitlines()[0])
     ap.add_argument("--out", help="output directory (default: RUN_DIR/kv_sweep)")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="CPU: glibc allocator settings (see nanochat.common.tune_cpu_allocator)")
+                    help="CPU: glibc allocator settings (see nanochat.runtime.tune_cpu_allocator)")
     args = ap.parse_intermixed_args(argv)
     # `checkpoint=PATH` is short for sweep.checkpoint=PATH
     overrides = [f"sweep.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]

@@ -25,7 +25,7 @@ from nanochat.engine import build_inference_model
 from nanochat.decode import HEAD_LAYOUTS, DecodeStep, mkl_packed_available
 from nanochat.gpt import GPTConfig
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.trainer import setup_runtime
+from nanochat.runtime import setup_runtime
 
 
 def main(argv: list[str]) -> int:

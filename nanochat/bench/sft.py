@@ -25,10 +25,10 @@ import json
 from nanochat.bench import environment
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
-from nanochat.prepare import prepare_shards, prepare_tokenizer
+from nanochat.dataset import prepare_shards, prepare_tokenizer
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.sft_loader import MODES, SFTLoader, packing_stats, render_conversations
-from nanochat.trainer import setup_runtime
+from nanochat.runtime import setup_runtime
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """Training throughput benchmark:  python -m nanochat.bench.train RECIPE [key=value ...] [--compile both|on|off]
 
 On CPU it also compares glibc's allocator defaults with the tuned settings training uses
-(`--malloc both`, see `nanochat.common.tune_cpu_allocator`).
+(`--malloc both`, see `nanochat.runtime.tune_cpu_allocator`).
 
 Measures, on the current device, the real training step of the recipe's model — forward,
 backward and the optimizer step (Muon + AdamW) — on random tokens at the recipe's device batch
@@ -23,11 +23,11 @@ import time
 import torch
 
 from nanochat.bench import environment
-from nanochat.common import UserError, cli_main, tune_cpu_allocator
+from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
-from nanochat.trainer import Runtime, compile_count, measure_matmul_flops, setup_runtime
+from nanochat.runtime import Runtime, compile_count, measure_matmul_flops, setup_runtime, tune_cpu_allocator
 
 
 def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.train", __doc__.splitlines()[0])
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
     ap.add_argument("--malloc", choices=["both", "tuned", "default"], default="both",
-                    help="CPU only: glibc allocator defaults vs tuned (see common.tune_cpu_allocator)")
+                    help="CPU only: glibc allocator defaults vs tuned (see runtime.tune_cpu_allocator)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)

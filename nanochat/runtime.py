@@ -1,0 +1,210 @@
+"""The runtime a stage runs in: which device, which compute dtype, which process group.
+
+Training, SFT, batch-size discovery, evaluation, chat and the benchmarks all ask here, so the
+rules are decided once:
+- ranks come from torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or from SLURM under srun;
+- the device is `train.device` ("auto": CUDA, else MPS, else CPU), cuda:LOCAL_RANK per rank;
+- the compute dtype is `train.dtype` ("auto": bf16 autocast on CUDA, fp32 elsewhere; parameters
+  stay fp32 in training); TF32 matmuls on CUDA;
+- the process group is NCCL on CUDA, gloo on CPU, created once and always destroyed;
+- CPU training keeps freed memory in the heap (`tune_cpu_allocator`);
+- MFU is measured against a datasheet peak on known GPUs, else a measured matmul.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import UserError
+from nanochat.config import TrainArgs
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(env=None) -> DistInfo:
+    """Rank/world size from torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or, failing that, from SLURM
+    (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) when the job runs one task per GPU under srun."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                        int(env["SLURM_NTASKS"]))
+    return DistInfo()
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' → cuda if available, else mps, else cpu."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_cpu_allocator(tuned: bool = True) -> bool:
+    """Keep freed tensor memory in the process on glibc (CPU training).
+
+    By default glibc serves blocks ≥ 128 KiB–32 MiB with mmap and unmaps them on free, so every
+    training step's activations and logits (hundreds of MB) are mapped again and page-faulted
+    in: ~1M faults/s and ~15% of CPU time in the kernel. Serving blocks up to 1 GiB from the heap
+    and never trimming it took the d4 training step from ~1,000 to ~1,700 tokens/s on 2 cores,
+    at the cost of a higher resident peak (`python -m nanochat.bench.train configs/d4.yaml`
+    measures both side by side). `tuned=False` restores glibc's defaults. Returns whether
+    mallopt was applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mmap_max, trim = (2**30, 2**31 - 1) if tuned else (128 * 1024, 128 * 1024)
+    ok = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_max))
+    ok &= mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim))
+    ok &= mallopt(_M_TOP_PAD, ctypes.c_int(64 * 2**20 if tuned else 0))
+    return bool(ok)
+
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The dtype a stage computes in: `requested` (train.dtype), where "auto" is bf16 on CUDA
+    (autocast in training; inference models are cast) and fp32 elsewhere (CPU bf16 matmuls
+    are slower than fp32 ones)."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    dist: DistInfo
+    device: torch.device
+    dtype: torch.dtype          # compute dtype (autocast on CUDA); parameters stay fp32
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
+    info = dist_info_from_env()
+    device_type = pick_device(args.device)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
+    device = torch.device(f"cuda:{info.local_rank}" if device_type == "cuda" else device_type)
+    if device.type == "cpu" and tune_allocator:
+        tune_cpu_allocator()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if info.is_distributed and not torch.distributed.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise UserError(f"{var} is not set for a {info.world_size}-process run; launch with "
+                                "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                             device_id=device if device.type == "cuda" else None)
+    torch.manual_seed(args.seed)
+    return Runtime(info, device, compute_dtype(device, args.dtype))
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.dist.is_distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def runtime(args: TrainArgs):
+    """setup_runtime … teardown_runtime around a stage (the process group always destroyed)."""
+    rt = setup_runtime(args)
+    try:
+        yield rt
+    finally:
+        teardown_runtime(rt)
+
+
+def barrier(world_size: int) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def maybe_compile(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
+    if not args.compile:
+        return model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def compile_count() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a recompile (a new
+    shape under dynamic=False) or a graph break adds one. SFT logs it; tests assert on it."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+# Datasheet dense peaks (FLOP/s) used for MFU on known GPUs; anything else is measured.
+GPU_PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12,
+                  ("A100", torch.bfloat16): 312e12, ("H100", torch.float32): 67e12,
+                  ("A100", torch.float32): 19.5e12, ("L40S", torch.bfloat16): 362e12}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                         seconds: float = 0.5) -> float:
+    """Sustained FLOP/s of an n×n matmul on this device (the measured peak for MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - t0 > seconds:
+            break
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (key, dt), flops in GPU_PEAK_FLOPS.items():
+            if key in name and dt == dtype:
+                return flops, f"datasheet {key}"
+        return measure_matmul_flops(device, dtype, n=8192), "measured matmul"
+    return measure_matmul_flops(device, dtype), "measured matmul"
