@@ -14,6 +14,7 @@ from pathlib import Path
 from jobs.manifest import read_manifest
 from nanochat.common import atomic_path, atomic_write_text
 from nanochat.plots import pyplot, read_jsonl
+from nanochat.tracking import run_info
 
 def _load_json(path: Path) -> dict | None:
     try:
@@ -71,6 +72,8 @@ def collect(run_dir: Path) -> list[dict]:
                 "run_dir": task.get("recipe_run_dir", task["run_dir"])})
             row["state" if name == "base" else f"{name}_state"] = task.get("state", "?")
             tdir = Path(task["run_dir"])
+            if name in ("base", "sft") and (info := run_info(tdir)):
+                row.setdefault("wandb", {})[name] = info
             if name == "base":
                 row.update(_base_cells(tdir))
             elif name == "sft":
@@ -138,6 +141,18 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _tracking_lines(rows: list[dict]) -> list[str]:
+    """Links to the wandb runs (train.wandb_project); offline runs by directory, with the
+    command that uploads them."""
+    out = []
+    for r in rows:
+        for stage, info in (r.get("wandb") or {}).items():
+            where = (f"[{info['name']}]({info['url']})" if info.get("url") else
+                     f"{info['name']}: offline run `{info['dir']}` (upload: `wandb sync {info['dir']}`)")
+            out.append(f"- task {r['task']} {stage}: {where}")
+    return ["", "## Experiment tracking (wandb)", ""] + out if out else []
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = collect(run_dir)
@@ -157,6 +172,7 @@ def write_report(run_dir: Path) -> Path:
         if r.get("eval_skipped"):
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
+    lines += _tracking_lines(rows)
     for r in rows:
         if "sweep" in r:
             table = Path(r["sweep"]) / "results.md"

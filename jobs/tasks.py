@@ -25,7 +25,11 @@ def task_recipe(run_dir: Path, stage: str, index: int):
     manifest = read_manifest(run_dir)
     task = manifest["stages"][stage]["tasks"][index]
     overrides = list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"]
-    return load_recipe(Path(run_dir) / "recipe.yaml", overrides), task
+    recipe = load_recipe(Path(run_dir) / "recipe.yaml", overrides)
+    if recipe.train.wandb_project and not recipe.train.wandb_name:
+        # a grid's runs are told apart by their values (set here, not parsed as an override)
+        recipe.train.wandb_name = " ".join([recipe.name] + list(task["overrides"]))
+    return recipe, task
 
 
 def _export_distributed() -> None:

@@ -104,6 +104,9 @@ class TrainArgs:
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
     profile_steps: list[int] = field(default_factory=list)  # [start, stop): torch.profiler trace
     progress_bar: bool | str = "auto"  # auto (when stderr is a terminal) | true (on) | false (off)
+    wandb_project: str | None = None  # Weights & Biases project: log what progress.jsonl logs (rank 0); None = off
+    wandb_entity: str | None = None  # W&B team or user; None = your default entity
+    wandb_name: str | None = None   # W&B run name; None = the recipe name (+ the task's grid values under the launcher)
 
 
 @dataclass

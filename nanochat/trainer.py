@@ -23,6 +23,7 @@ from nanochat.config import OptimArgs, TrainArgs
 from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum
 from nanochat.plots import plot_progress, read_jsonl
 from nanochat.runtime import Runtime, peak_flops
+from nanochat.tracking import start_tracking
 
 
 def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
@@ -83,6 +84,107 @@ def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
     return args.progress_bar is True or sys.stderr.isatty()
 
 
+class StepLogger:
+    """What the loop reports, on rank 0: progress.jsonl (the record status, the report and the
+    launcher's live view read), the terminal (a tqdm bar, else a line per logged step),
+    curves.png at every evaluation, and the experiment tracker (wandb) when the recipe names a
+    project. Tokens/s and MFU are measured over the training time between logged steps."""
+
+    def __init__(self, rt: Runtime, run_dir: Path, spec: "LoopSpec", start_step: int):
+        self.rt, self.spec, self.run_dir = rt, spec, run_dir
+        self.log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master)
+        self.log.truncate_from(start_step)
+        self.peak, self.peak_src = peak_flops(rt.device, rt.dtype)
+        self.bar = None
+        if _want_bar(spec.train, rt):
+            from tqdm import tqdm
+            self.bar = tqdm(total=spec.num_steps, initial=start_step, desc=spec.stage, unit="step",
+                            dynamic_ncols=True)
+        self.say = self.bar.write if self.bar else print0
+        self.tracker = (start_tracking(spec.train, run_dir, spec.stage, spec.meta)
+                        if rt.dist.is_master else None)
+        self.train_t0 = time.perf_counter()
+        self.window_t0, self.window_steps, self.window_tok_s = self.train_t0, 0, []
+
+    def write(self, record: dict) -> None:
+        self.log.write(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def evaluation(self, step: int, metrics: dict, seconds: float) -> None:
+        self.write({"event": "eval", "step": step, **metrics, "eval_s": round(seconds, 3)})
+        self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
+            plot_progress(self.log.path, self.run_dir / "curves.png", f"{self.run_dir.name} ({self.spec.stage})")
+        self.window_t0, self.window_steps = time.perf_counter(), 0  # evaluation isn't training time
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+
+    def train_record(self, step: int, loss: float, lr_mult: float) -> dict:
+        """The logged step's record: loss, LR multiplier, tokens/s, MFU, ETA, peak memory."""
+        spec, now = self.spec, time.perf_counter()
+        rec = {"event": "train", "step": step, "loss": loss, "lr_mult": lr_mult}
+        if self.window_steps > 0:
+            tok_s = spec.tokens_per_step * self.window_steps / (now - self.window_t0)
+            self.window_tok_s.append(tok_s)
+            rate = sum(self.window_tok_s[-10:]) / len(self.window_tok_s[-10:])
+            rec.update(tok_per_s=round(tok_s, 1),
+                       mfu=round(100 * spec.flops_per_token * tok_s / (self.peak * self.rt.dist.world_size), 3),
+                       eta_s=round((spec.num_steps - step - 1) * spec.tokens_per_step / rate, 1))
+        rec["elapsed_s"] = round(now - self.train_t0, 2)
+        if self.rt.device.type == "cuda":
+            rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2**30, 3)
+        self.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix({k: rec[k] for k in ("loss", "tok_per_s", "mfu") if k in rec})
+        else:
+            print0(f"[{spec.stage}] step {step + 1}/{spec.num_steps} loss {loss:.4f}"
+                   + (f" tok/s {rec['tok_per_s']:,.0f} mfu {rec['mfu']:.1f}% eta {rec['eta_s']:.0f}s"
+                      if "tok_per_s" in rec else ""))
+        self.window_t0, self.window_steps = now, 0
+        return rec
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self, ok: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            self.tracker.finish(ok)
+
+
+def apply_schedule(optimizers: list, step: int, spec: "LoopSpec") -> float:
+    """Set every group's LR (× the schedule's multiplier) and Muon's momentum for `step`."""
+    lrm = lr_multiplier(step, spec.num_steps, spec.train)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group.get("name") == "matrix":
+                group["momentum"] = muon_momentum(step, spec.optim)
+    return lrm
+
+
+def _evaluate(model: torch.nn.Module, evaluate: Callable, rt: Runtime) -> tuple[dict, float]:
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad(), rt.autocast():
+        metrics = evaluate(model)
+    model.train()
+    return metrics, time.perf_counter() - t0
+
+
+def _mean_loss(loss_sum: torch.Tensor, grad_accum: int, rt: Runtime) -> float:
+    """The step's loss averaged over micro-steps and ranks: the one host sync of a logged step."""
+    loss_avg = loss_sum / grad_accum
+    if rt.dist.is_distributed:
+        torch.distributed.all_reduce(loss_avg)
+        loss_avg /= rt.dist.world_size
+    return loss_avg.item()
+
+
 def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: torch.nn.Module,
                optimizers: list, batches, evaluate: Callable[[torch.nn.Module], dict],
                spec: LoopSpec, start_step: int = 0,
@@ -91,116 +193,68 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     state_dict(); `evaluate(model)` returns metrics (e.g. {"val_bpb": ...}). Returns the final
     record. `model` is the plain module (saved, evaluated), `step_model` maybe compiled."""
     args, run_dir = spec.train, Path(run_dir)
-    log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master)
-    log.truncate_from(start_step)
-    params = [p for p in model.parameters()]
-    peak, peak_src = peak_flops(rt.device, rt.dtype)
+    logger = StepLogger(rt, run_dir, spec, start_step)
     print0(f"[{spec.stage}] steps {start_step}→{spec.num_steps}, {spec.tokens_per_step:,} tokens/step, "
            f"grad accum {spec.grad_accum}, {spec.flops_per_token:.3e} FLOPs/token, "
-           f"peak {peak:.3e} FLOP/s ({peak_src}, {rt.dtype})")
-
-    bar = None
-    if _want_bar(args, rt):
-        from tqdm import tqdm
-        bar = tqdm(total=spec.num_steps, initial=start_step, desc=spec.stage, unit="step",
-                   dynamic_ncols=True)
-    say = (bar.write if bar else print0)
+           f"peak {logger.peak:.3e} FLOP/s ({logger.peak_src}, {rt.dtype})")
+    params = list(model.parameters())
 
     def save(step: int, extra: dict):
         meta = {**spec.meta, "stage": spec.stage, "loader": _gather_loader_states(rt, next_state),
                 "num_steps": spec.num_steps, **extra}
         path = ckpt.save_checkpoint(run_dir, step, model, optimizers, meta, rt.dist.rank,
                                     rt.dist.world_size, keep=args.keep_checkpoints)
-        say(f"[{spec.stage}] step {step}: checkpoint {path}")
+        logger.say(f"[{spec.stage}] step {step}: checkpoint {path}")
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
     profiler = None
     last: dict = {}
-    window_t0, window_steps, window_tok_s = time.perf_counter(), 0, []
-    train_t0 = time.perf_counter()
-    for step in range(start_step, spec.num_steps + 1):
-        final = step == spec.num_steps
-        metrics = {}
-        if final or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
-            t0 = time.perf_counter()
-            with torch.no_grad(), rt.autocast():
-                metrics = evaluate(model)
-            model.train()
-            log.write({"event": "eval", "step": step, **metrics,
-                       "eval_s": round(time.perf_counter() - t0, 3)})
-            say(f"[{spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
-                plot_progress(log.path, run_dir / "curves.png", f"{run_dir.name} ({spec.stage})")
-            last.update(metrics)
-            window_t0, window_steps = time.perf_counter(), 0  # evaluation isn't training time
-        stop = not final and _agreed_stop(rt, step, args.train_log_every, stop_requested)
-        if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
-            save(step, metrics)
-        if stop:
-            say(f"[{spec.stage}] stopped at step {step} on request; a rerun resumes from here")
-            last["stopped"] = True
-        if final or stop:
-            break
+    ok = False
+    try:
+        for step in range(start_step, spec.num_steps + 1):
+            final = step == spec.num_steps
+            metrics = {}
+            if final or (args.eval_every > 0 and step % args.eval_every == 0):
+                metrics, seconds = _evaluate(model, evaluate, rt)
+                logger.evaluation(step, metrics, seconds)
+                last.update(metrics)
+            stop = not final and _agreed_stop(rt, step, args.train_log_every, stop_requested)
+            if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
+                save(step, metrics)
+            if stop:
+                logger.say(f"[{spec.stage}] stopped at step {step} on request; a rerun resumes from here")
+                last["stopped"] = True
+            if final or stop:
+                break
 
-        if args.profile_steps and step == args.profile_steps[0]:
-            profiler = _start_profiler(rt)
-        lrm = lr_multiplier(step, spec.num_steps, args)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group.get("name") == "matrix":
-                    group["momentum"] = muon_momentum(step, spec.optim)
-        loss_sum = torch.zeros((), device=rt.device)
-        for _ in range(spec.grad_accum):
-            with rt.autocast():
-                loss = step_model(x, y)
-            (loss / spec.grad_accum).backward()
-            loss_sum += loss.detach()
-            next_state = batches.state_dict()
-            x, y = next(batches)  # fetch the next batch while the GPU works
-        if rt.dist.is_distributed:
-            allreduce_gradients(params)
-        optimizer_step(params, optimizers, args.grad_clip)
-        if profiler is not None:
-            profiler.step()
-            if step + 1 == args.profile_steps[1]:
-                _stop_profiler(profiler, run_dir, rt, args.profile_steps)
-                profiler = None
-
-        window_steps += 1
-        if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
-            loss_avg = loss_sum / spec.grad_accum
+            if args.profile_steps and step == args.profile_steps[0]:
+                profiler = _start_profiler(rt)
+            lrm = apply_schedule(optimizers, step, spec)
+            loss_sum = torch.zeros((), device=rt.device)
+            for _ in range(spec.grad_accum):
+                with rt.autocast():
+                    loss = step_model(x, y)
+                (loss / spec.grad_accum).backward()
+                loss_sum += loss.detach()
+                next_state = batches.state_dict()
+                x, y = next(batches)  # fetch the next batch while the GPU works
             if rt.dist.is_distributed:
-                torch.distributed.all_reduce(loss_avg)
-                loss_avg /= rt.dist.world_size
-            loss_val = loss_avg.item()  # the one host sync on logging steps
-            now = time.perf_counter()
-            rec = {"event": "train", "step": step, "loss": loss_val, "lr_mult": lrm}
-            if window_steps > 0:
-                tok_s = spec.tokens_per_step * window_steps / (now - window_t0)
-                window_tok_s.append(tok_s)
-                rate = sum(window_tok_s[-10:]) / len(window_tok_s[-10:])
-                rec.update(tok_per_s=round(tok_s, 1), mfu=round(100 * spec.flops_per_token * tok_s
-                                                                / (peak * rt.dist.world_size), 3),
-                           eta_s=round((spec.num_steps - step - 1) * spec.tokens_per_step / rate, 1))
-            rec["elapsed_s"] = round(now - train_t0, 2)
-            if rt.device.type == "cuda":
-                rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
-            log.write(rec)
-            last.update(rec)
-            if bar is not None:
-                bar.set_postfix({k: rec[k] for k in ("loss", "tok_per_s", "mfu") if k in rec})
-            else:
-                print0(f"[{spec.stage}] step {step + 1}/{spec.num_steps} loss {loss_val:.4f}"
-                       + (f" tok/s {rec['tok_per_s']:,.0f} mfu {rec['mfu']:.1f}% eta {rec['eta_s']:.0f}s"
-                          if "tok_per_s" in rec else ""))
-            window_t0, window_steps = now, 0
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+                allreduce_gradients(params)
+            optimizer_step(params, optimizers, args.grad_clip)
+            if profiler is not None:
+                profiler.step()
+                if step + 1 == args.profile_steps[1]:
+                    _stop_profiler(profiler, run_dir, rt, args.profile_steps)
+                    profiler = None
+
+            logger.step_done()
+            if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
+                last.update(logger.train_record(step, _mean_loss(loss_sum, spec.grad_accum, rt), lrm))
+            logger.advance()
+        ok = True
+    finally:
+        logger.close(ok)
     if profiler is not None:
         _stop_profiler(profiler, run_dir, rt, args.profile_steps)
     last["step"] = step
