@@ -97,6 +97,32 @@ def sft_train_args(recipe: Recipe, device_batch: int, steps: int):
                                final_lr_frac=0.0, eval_every=s.eval_every)
 
 
+def sft_data(recipe: Recipe, tokenizer: Tokenizer, seq: int) -> tuple:
+    """The SFT conversations rendered into token rows of seq + 1 (train, val), the packing of
+    one epoch, and the data's statistics (run.json), with one line saying what they hold."""
+    train_set = load_sft_conversations(recipe, "train")
+    val_set = load_sft_conversations(recipe, "val")
+    train = render_conversations(tokenizer, train_set.conversations, seq + 1)
+    val = render_conversations(tokenizer, val_set.conversations, seq + 1)
+    if not train.items:
+        raise UserError("no SFT conversation has an assistant token to learn from; check "
+                        "sft.source and sft.conversation_files")
+    packing = packing_stats(train.items, seq, seed=recipe.train.seed)
+    print0(f"sft data: {len(train.items):,} train / {len(val.items):,} val conversations "
+           f"({', '.join(f'{k} {v:,}' for k, v in train_set.sources.items())}); "
+           f"skipped {train_set.skipped + val_set.skipped:,} malformed, truncated "
+           f"{train.truncated + val.truncated:,} longer than {seq + 1} tokens, dropped "
+           f"{train.no_target + val.no_target:,} without an assistant reply; one epoch = "
+           f"{packing['rows']:,} rows of {seq + 1}, {100 * packing['real_token_fraction']:.1f}% real tokens")
+    stats = {"train_conversations": len(train.items), "val_conversations": len(val.items),
+             "skipped": train_set.skipped + val_set.skipped, "sources": train_set.sources,
+             "truncated": train.truncated + val.truncated,
+             "no_target": train.no_target + val.no_target,
+             "rows_per_epoch": packing["rows"],
+             "real_token_fraction": round(packing["real_token_fraction"], 4)}
+    return train, val, packing, stats
+
+
 def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
     with runtime(recipe.train) as rt:
         return _train_sft(recipe, rt, fresh, stop_requested)
@@ -113,20 +139,7 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
     model.load_state_dict(ckpt.load_model_state(base_step))
     seq = config.sequence_len
 
-    train_set = load_sft_conversations(recipe, "train")
-    val_set = load_sft_conversations(recipe, "val")
-    train = render_conversations(tokenizer, train_set.conversations, seq + 1)
-    val = render_conversations(tokenizer, val_set.conversations, seq + 1)
-    if not train.items:
-        raise UserError("no SFT conversation has an assistant token to learn from; check "
-                        "sft.source and sft.conversation_files")
-    packing = packing_stats(train.items, seq, seed=recipe.train.seed)
-    print0(f"sft data: {len(train.items):,} train / {len(val.items):,} val conversations "
-           f"({', '.join(f'{k} {v:,}' for k, v in train_set.sources.items())}); "
-           f"skipped {train_set.skipped + val_set.skipped:,} malformed, truncated "
-           f"{train.truncated + val.truncated:,} longer than {seq + 1} tokens, dropped "
-           f"{train.no_target + val.no_target:,} without an assistant reply; one epoch = "
-           f"{packing['rows']:,} rows of {seq + 1}, {100 * packing['real_token_fraction']:.1f}% real tokens")
+    train, val, packing, data_stats = sft_data(recipe, tokenizer, seq)
 
     optimizers = build_optimizers(model.param_groups(), sft_optim_args(recipe), config.n_embd,
                                   all_params=model.parameters())
@@ -147,12 +160,6 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
         start_step, loader_state = restore_training_state(
             latest, rt, model, optimizers, {"model_config": meta["model_config"]})
         print0(f"resuming from {latest} (step {start_step})")
-    data_stats = {"train_conversations": len(train.items), "val_conversations": len(val.items),
-                  "skipped": train_set.skipped + val_set.skipped, "sources": train_set.sources,
-                  "truncated": train.truncated + val.truncated,
-                  "no_target": train.no_target + val.no_target,
-                  "rows_per_epoch": packing["rows"],
-                  "real_token_fraction": round(packing["real_token_fraction"], 4)}
     if rt.dist.is_master:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, out / "recipe.yaml",
