@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,8 +92,10 @@ def render_sbatch(plan: Plan, stage: Stage) -> str:
                                            "dependency": dependency}
     if stage.is_array:
         params["map_count"] = len(stage.tasks)
-    return _make_sbatch_string(command="python -u -m submitit.core._submit <folder>",
-                               folder=str(plan.run_dir / "slurm" / "%j"), **params)
+    folder = str(plan.run_dir / "slurm" / "%j")
+    # the command submitit's SlurmExecutor submits (its `_submitit_command_str`)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
+    return _make_sbatch_string(command=command, folder=folder, **params)
 
 
 def dry_run(plan: Plan) -> None:

@@ -1,6 +1,9 @@
 """The launcher: plan, dry run, bad input, and the local executor running the plan for real.
 (Against a real SLURM: tests/test_slurm.py.)"""
+import difflib
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +148,56 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
                     "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<sweep job id>"}
     assert "--signal=USR2@90" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
     assert "#SBATCH --array=0-1%" in scripts["eval: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# every stage, a 2×2 grid, and each sbatch option a recipe can set
+GOLDEN_RECIPE = {
+    "name": "golden", "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+    "grid": {"train.seed": [1, 2], "model.depth": [2, 4]},
+    "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
+    "train": {"total_batch_size": 512, "device_batch_size": "auto", "num_iterations": 20},
+    "cluster": {"partition": "a100", "account": "myproj", "qos": "high", "constraint": "h100",
+                "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 64, "time_min": 120,
+                "array_parallelism": 2, "additional": {"mail-type": "END", "exclusive": "user"}}}
+
+
+def _normalise(text: str, replacements: dict[str, str]) -> str:
+    for real, placeholder in replacements.items():
+        text = text.replace(real, placeholder)
+    return text
+
+
+def test_dry_run_text_matches_the_golden_file(tmp_path, capsys):
+    """The exact text `python jobs/launch.py RECIPE --dry-run` prints for a fixed recipe: every
+    stage's sbatch script (as submitit writes it), host paths replaced by placeholders, equals
+    tests/golden/dry_run_every_stage.txt line for line. A change to any line — ours or a new
+    submitit's — fails here; when it is meant, regenerate the file and review its diff:
+
+        UPDATE_GOLDEN=1 python -m pytest -q tests/test_launch.py -k golden
+    """
+    recipe = tmp_path / "golden.yaml"
+    # an empty batch-size cache: the discover stage is planned
+    recipe.write_text(yaml.safe_dump({**GOLDEN_RECIPE, "discovery": {"cache_dir": str(tmp_path / "bs-cache")}},
+                                     sort_keys=False))
+    assert launch.main([str(recipe), "--dry-run", "--output-root", str(tmp_path / "runs")]) == 0
+    text = _normalise(capsys.readouterr().out, {
+        shlex.quote(sys.executable): "<PYTHON>", str((tmp_path / "runs" / "golden").resolve()): "<RUN_DIR>",
+        str(tmp_path.resolve()): "<TMP>", str(REPO): "<REPO>"})
+    golden = GOLDEN / "dry_run_every_stage.txt"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"{golden} is missing: run with UPDATE_GOLDEN=1 to write it"
+    expected = golden.read_text()
+    diff = "\n".join(difflib.unified_diff(expected.splitlines(), text.splitlines(), str(golden),
+                                          "dry run now", lineterm="", n=1))
+    assert text == expected, f"the dry run's text changed (UPDATE_GOLDEN=1 to accept):\n{diff}"
+    # the fixed recipe reaches every stage and every option it sets
+    assert text.count("#!/bin/bash") == 6 and "#SBATCH --array=0-3%2" in text
+    assert all(opt in text for opt in ("--partition=a100", "--account=myproj", "--qos=high",
+                                       "--constraint=h100", "--mail-type=END", "--exclusive=user"))
+    assert str(tmp_path) not in text and sys.executable not in text
 
 
 @pytest.mark.parametrize("override, expect", [
