@@ -7,7 +7,8 @@ In one run on the current device:
    included, forward + backward + optimizer) at the recipe's fixed device batch (or `--fixed`)
    versus the discovered one: `--warmup` untimed steps, then `--repeats` timed steps each, with a
    device sync around each step (median, min, max tokens/s).
-Prints JSON. Not a test: the figures depend on the machine and its load.
+Prints JSON (`--json PATH` also writes it there). Not a test: the figures depend on the machine
+and its load.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 from nanochat.bench import environment
 from nanochat.batch_size import discover, resolve_target
 from nanochat.bench.train import bench_training
-from nanochat.common import UserError, cli_main
+from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import setup_runtime
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--hits", type=int, default=20, help="timed cache hits")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the report to this file")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     fixed = args.fixed if args.fixed is not None else recipe.train.device_batch_size
@@ -94,6 +96,8 @@ def main(argv: list[str]) -> int:
                                              / runs["fixed"]["tok_per_s"]["median"], 3),
     }
     print(json.dumps(report, indent=2))
+    if args.json:
+        atomic_write_json(args.json, report)
     return 0
 
 

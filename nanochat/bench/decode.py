@@ -13,7 +13,8 @@ rotating order, so that drift in the machine's speed reaches every mode alike. A
 ends with a device sync; every step's tokens reach the host. Reported per mode: tokens/s median
 (min–max) over the rounds, the median's ratio to eager, and the fraction of generated tokens equal
 to eager's (every mode computes the same products in another order or kernel, so a near-tie
-between two logits may resolve differently).
+between two logits may resolve differently). `--modes` picks some of the modes (eager always
+runs: the reference); `--json PATH` also writes the report there.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from nanochat.bench import environment
 from nanochat.bench.kv_sweep import resolve_model, timed_run
-from nanochat.common import cli_main
+from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import setup_runtime
@@ -41,12 +42,22 @@ def modes_for(device: torch.device) -> dict[str, dict]:
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.decode", __doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="timed runs of every mode, interleaved")
+    ap.add_argument("--modes", help="comma-separated modes to run (default: every mode this device "
+                                    "has: eager, compiled; CUDA: cuda graph, compiled + cuda graph)")
+    ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     rt = setup_runtime(recipe.train)  # on CPU with the tuned allocator, as training
     sw = recipe.sweep
-    model, source = resolve_model(recipe, rt)
     modes = modes_for(rt.device)
+    if opts.modes:
+        wanted = [m.strip() for m in opts.modes.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in modes]
+        if unknown:
+            raise UserError(f"--modes: {', '.join(unknown)} not a decode mode on {rt.device.type}; "
+                            f"choose from {', '.join(modes)}")
+        modes = {m: kw for m, kw in modes.items() if m == "eager" or m in wanted}
+    model, source = resolve_model(recipe, rt)
     results = []
     for batch in sorted(set(sw.batch_sizes)):
         gen = torch.Generator().manual_seed(0)
@@ -89,14 +100,17 @@ def main(argv: list[str]) -> int:
                   f"{max(rates[name]):.1f})  ×{med / eager_med:.2f} eager  tokens = eager: "
                   f"{100 * same:.1f}%  warmup {warmup_s[name]:.1f} s", flush=True)
         engines.clear()  # free this batch size's caches and compiled steps before the next
-    print(json.dumps({
+    report = {
         "benchmark": "KV-cache decode modes side by side",
         "recipe": opts.recipe, "overrides": opts.overrides, "model": source,
         "prompt_len": sw.prompt_len, "new_tokens": sw.max_new_tokens, "sampling": "greedy",
         "method": {"warmup_runs": max(1, sw.warmup), "rounds": opts.rounds,
                    "order": "every mode once per round, rotating", "sync": "device sync per run"},
         **environment(rt.device, rt.dtype),
-        "results": results}, indent=2))
+        "results": results}
+    print(json.dumps(report, indent=2))
+    if opts.json:
+        atomic_write_json(opts.json, report)
     return 0
 
 

@@ -9,8 +9,10 @@ and sequence length. Eager and compiled run side by side in one process (`--comp
 
 Method: `--warmup` untimed steps (compilation happens there and is timed separately), then
 `--repeats` timed windows of `--steps` steps each, with a device sync at both ends of every
-window. Prints JSON: tokens/s (median, min, max over windows), FLOPs per token, MFU against a
-peak measured on this device with a large matmul, peak memory, and the software versions.
+window. Prints JSON (`--json PATH` also writes it there): tokens/s (median, min, max over
+windows), FLOPs per token, MFU against a peak measured on this device with a large matmul
+(`mfu_percent`) and, on a GPU the datasheet table knows, against its datasheet peak
+(`mfu_datasheet_percent`), peak memory, and the software versions.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import time
 import torch
 
 from nanochat.bench import environment
-from nanochat.common import UserError, cli_main
+from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
-from nanochat.runtime import Runtime, compile_count, measure_matmul_flops, setup_runtime, tune_cpu_allocator
+from nanochat.runtime import (Runtime, compile_count, measure_matmul_flops, peak_flops, setup_runtime,
+                              tune_cpu_allocator)
 
 
 def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
@@ -105,6 +108,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     path, overrides = opts.recipe, opts.overrides
     recipe = load_recipe(path, overrides)
@@ -123,6 +127,14 @@ def main(argv: list[str]) -> int:
                                 seconds=2.0)
     for r in results:
         r["mfu_percent"] = round(100 * r["flops_per_token"] * r["tok_per_s_median"] / peak, 2)
+    # and against the datasheet peak where this GPU is in the table (peak_flops measures otherwise)
+    sheet = peak_flops(rt.device, rt.dtype) if rt.device.type == "cuda" else None
+    if sheet is not None and not sheet[1].startswith("datasheet"):
+        sheet = None
+    if sheet is not None:
+        for r in results:
+            r["mfu_datasheet_percent"] = round(100 * r["flops_per_token"] * r["tok_per_s_median"]
+                                               / sheet[0], 2)
     if rt.device.type != "cuda":
         # ru_maxrss is KiB on Linux: the process peak over all modes (compilation included).
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -136,11 +148,14 @@ def main(argv: list[str]) -> int:
                    "data": "random tokens"},
         **environment(rt.device, rt.dtype),
         "peak_flops_measured": round(peak, 1),
+        **({"peak_flops_datasheet": sheet[0], "peak_datasheet": sheet[1]} if sheet else {}),
         "results": results,
     }
     if rt.device.type != "cuda":
         report["peak_rss_gb"] = round(peak_rss, 3)
     print(json.dumps(report, indent=2))
+    if opts.json:
+        atomic_write_json(opts.json, report)
     return 0
 
 
