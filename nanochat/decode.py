@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, KVCache, bigram_rows, norm
+from nanochat.gpt import GPT, KVCache, attention, bigram_rows, norm
 
 HEAD_LAYOUTS = ("linear", "transposed", "packed")
 
@@ -100,8 +100,7 @@ class DecodeStep(nn.Module):
             qk = qkv[:, :, :H + Hkv]
             qk = norm((qk * C + torch.cat([qk[..., D // 2:], qk[..., :D // 2]], -1) * S).to(qk.dtype))
             k, v = cache.insert_rows(i, qk[:, 0, H:], qkv[:, 0, H + Hkv:], length)
-            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask,
-                                               enable_gqa=H != Hkv)
+            y = attention(qk[:, :, :H].transpose(1, 2), k, v, mask)
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(norm(x))
         cache.row_pos.add_(1)
@@ -110,7 +109,20 @@ class DecodeStep(nn.Module):
 
 
 RECOMPILE_LIMIT = 64  # graphs of the step per process (torch's default, 8, is per function)
-CACHE_STEP = 128      # a compiled step's cache grows in steps of this many positions
+CACHE_STEP = 128      # a compiled or captured step's cache grows in steps of this many positions
+
+
+def recompile_limit_patch(limit: int = RECOMPILE_LIMIT):
+    """dynamo's per-function graph limit raised, under the name this torch has: it is
+    `recompile_limit` from torch 2.7 and `cache_size_limit` before (patching a name that does
+    not exist raises AttributeError, which crashed every compiled decode on torch 2.5/2.6)."""
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    return cfg.patch(**{recompile_limit_name(cfg): limit})
+
+
+def recompile_limit_name(cfg) -> str:
+    return "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
 
 
 def compile_step(step: DecodeStep):
@@ -128,7 +140,6 @@ def compile_step(step: DecodeStep):
     def call(token, cache, key_pos=None):
         if key_pos is not None:
             torch._dynamo.maybe_mark_dynamic(key_pos, 0)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
-                torch._inductor.config.patch(freezing=freezing):
+        with recompile_limit_patch(), torch._inductor.config.patch(freezing=freezing):
             return fn(token, cache, key_pos)
     return call

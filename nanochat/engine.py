@@ -78,9 +78,10 @@ def argmax_first(x: torch.Tensor) -> torch.Tensor:
     """x (B, V) → (B, 1): the index of each row's first maximum, exactly `x.argmax(-1)`, in two
     passes: the max of each block of 128 (a vectorised reduction), the first block holding the
     row's max, then the first maximum inside that block. NaN counts as the maximum, as in
-    torch.argmax (amax propagates it)."""
+    torch.argmax (amax propagates it). Only on CPU, where torch's argmax over a vocabulary is a
+    scalar loop; a GPU's argmax is already one parallel reduction, so there it is plain argmax."""
     B, V = x.shape
-    if V % ARGMAX_BLOCK or V < 4 * ARGMAX_BLOCK:
+    if x.device.type != "cpu" or V % ARGMAX_BLOCK or V < 4 * ARGMAX_BLOCK:
         return x.argmax(dim=-1, keepdim=True)
     blocks = x.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
     first = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -109,6 +110,13 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
     # never divides a zero probability into NaN (argmax would pick NaN).
     e = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
     return argmax_first(probs / e)
+
+
+def graph_cache_len(needed: int, limit: int) -> int:
+    """The cache length a compiled or captured step gets: each cache size is a graph (a compile,
+    or a capture — which synchronises, collects garbage and empties the allocator's cache), so
+    round up to CACHE_STEP positions and a chat that grows turn by turn reuses one cache."""
+    return min(-(-needed // CACHE_STEP) * CACHE_STEP, limit)
 
 
 class Engine:
@@ -155,8 +163,8 @@ class Engine:
     def _ensure_cache(self, batch: int, max_len: int) -> KVCache:
         """The preallocated cache: reused while it has the same rows and room for max_len."""
         c = self.cache
-        if self.compiled and not self.cuda_graph:  # each cache size is a graph: round it up
-            max_len = min(-(-max_len // CACHE_STEP) * CACHE_STEP, self.model.rotary_len)
+        if self.compiled or self.cuda_graph:
+            max_len = graph_cache_len(max_len, self.model.rotary_len)
         if c is None or c.batch_size != batch or c.max_len < max_len:
             self.cache = self._graph = self._static_logits = None  # free the old one first
             self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
@@ -218,17 +226,20 @@ class Engine:
         B = cache.batch_size
         self._static_tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         saved = cache.row_pos.clone(), cache.row_prev.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step_call(B)(self._static_tok, cache, None)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        cache.row_pos.copy_(saved[0])
-        cache.row_prev.copy_(saved[1])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._static_logits = self._step_call(B)(self._static_tok, cache, None)
+        # torch.cuda.graph() captures on the *current* device's stream: the model's device
+        # must be current (a model on cuda:1 captured from cuda:0 reads stale tokens)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step_call(B)(self._static_tok, cache, None)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            cache.row_pos.copy_(saved[0])
+            cache.row_prev.copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static_logits = self._step_call(B)(self._static_tok, cache, None)
         self._graph = graph
 
     def step(self, batch: int) -> DecodeStep:
@@ -264,9 +275,11 @@ class Engine:
         if self.device.type != "cuda":
             return tok.view(-1), None
         buf = self._pinned[slot]
-        buf.copy_(tok.view(-1), non_blocking=True)
+        stream = torch.cuda.current_stream(self.device)  # the model's device, not the current one
+        with torch.cuda.stream(stream):
+            buf.copy_(tok.view(-1), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
         return buf, event
 
     # ------------------------------------------------------------------ public API
@@ -355,7 +368,12 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise UserError(f"checkpoint weights don't match the model its meta.json describes: "
                             f"{first[:200]}") from None
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    # The rotary tables stay fp32, as in training (where only autocast's matmuls are bf16):
+    # cast to bf16 they would move generation's and eval's logits away from training's.
+    cos, sin = GPT._rotary(model.rotary_len, config.head_dim, device=device)
+    model.cos, model.sin = cos, sin
+    return model
 
 
 def load_model(path, device, dtype: torch.dtype | None = None) -> tuple[GPT, dict, Path]:

@@ -87,6 +87,30 @@ def bigram_rows(idx: torch.Tensor, n_rows: int, prev: torch.Tensor | None = None
     return h
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k and v
+    (B, Hkv, L, D), H a multiple of Hkv; `mask` (boolean, broadcastable to (B, 1, T, L)).
+
+    SDPA's own `enable_gqa=True` runs with a mask only in its math kernel, which copies K and V
+    up to H heads in every layer at every step. With a mask, each group of G = H / Hkv query
+    heads is folded into the query length instead — q (B, Hkv, G·T, D), the mask repeated per
+    group — which is the same attention (query head h reads kv head h // G, as enable_gqa
+    does) in a shape the fused kernels take."""
+    H, Hkv = q.size(1), k.size(1)
+    if H == Hkv or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=H != Hkv)
+    assert not is_causal, "pass causality in the mask"
+    B, _, T, D = q.shape
+    G, L = H // Hkv, k.size(2)
+    m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = m.expand(m.size(0), 1, T, L).unsqueeze(2).expand(m.size(0), 1, G, T, L)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v,
+                                       attn_mask=m.reshape(m.size(0), 1, G * T, L))
+    return y.view(B, H, T, D)
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
 
@@ -165,17 +189,16 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        gqa = self.n_head != self.n_kv_head
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         if Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attention(q, k, v, is_causal=True)
         elif Tq == 1:  # one new token attends to everything in the cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+            y = attention(q, k, v)
         else:  # a chunk after a prefix: full view of the prefix, causal within the chunk
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attention(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 

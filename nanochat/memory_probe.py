@@ -66,17 +66,34 @@ class ProbeError(RuntimeError):
     """A probe failed with something other than out-of-memory (the child's traceback inside)."""
 
 
+def _is_oom_itself(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    # torch's CPU allocator under RLIMIT_AS; Triton loading a kernel on a full GPU raises a
+    # plain RuntimeError ("Triton Error [CUDA]: out of memory")
+    return CPU_OOM_MESSAGE in text or ("out of memory" in text.lower() and
+                                       ("triton" in text.lower() or "cuda" in text.lower()))
+
+
 def is_oom(exc: BaseException | None) -> bool:
     """True for a real out-of-memory: CUDA's OutOfMemoryError, torch's CPU allocator failing
-    (under RLIMIT_AS), or Python's MemoryError — also when wrapped (e.g. by the compiler) as
-    the cause of another exception. Everything else is not an OOM."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    (under RLIMIT_AS), Triton's kernel load on a full GPU, or Python's MemoryError — also when
+    wrapped by another exception. Dynamo wraps an OOM raised while compiling (max-autotune
+    benchmarks real kernels on real tensors) as `BackendCompilerFailed(...) from None`, which
+    hides it from `__cause__`: the chain is followed through `__cause__`, `__context__` and
+    `inner_exception` alike. Everything else is not an OOM (a bug: the search stops)."""
+    todo, seen = [exc], set()
+    while todo and len(seen) < 32:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if _is_oom_itself(e):
             return True
-        if isinstance(exc, RuntimeError) and CPU_OOM_MESSAGE in str(exc):
-            return True
-        exc, seen = exc.__cause__, seen + 1
+        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
     return False
 
 

@@ -176,10 +176,34 @@ def compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-# Datasheet dense peaks (FLOP/s) used for MFU on known GPUs; anything else is measured.
-GPU_PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12,
-                  ("A100", torch.bfloat16): 312e12, ("H100", torch.float32): 67e12,
-                  ("A100", torch.float32): 19.5e12, ("L40S", torch.bfloat16): 362e12}
+# Datasheet dense (no sparsity) tensor-core peaks, FLOP/s, by GPU name as torch reports it
+# ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...). Checked in this
+# order: the PCIe and NVL parts of a family are slower than its SXM part, and their names also
+# contain the family's. fp32 means TF32: setup_runtime turns TF32 matmuls on, so an fp32 run is
+# measured against the TF32 peak (the non-tensor-core fp32 peak would read ~7-8x too high).
+GPU_PEAK_FLOPS = (
+    ("H100 NVL", {torch.bfloat16: 835e12, torch.float32: 417.5e12}),
+    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float32: 378e12}),
+    ("H200 NVL", {torch.bfloat16: 835e12, torch.float32: 417.5e12}),
+    ("H100", {torch.bfloat16: 989e12, torch.float32: 494.5e12}),     # SXM
+    ("H200", {torch.bfloat16: 989e12, torch.float32: 494.5e12}),     # SXM
+    ("A100", {torch.bfloat16: 312e12, torch.float32: 156e12}),
+    ("L40S", {torch.bfloat16: 362e12, torch.float32: 183e12}),
+)
+
+
+def datasheet_peak(name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """(FLOP/s, "datasheet <part>") for a GPU of this name computing in `dtype`, or None."""
+    for key, peaks in GPU_PEAK_FLOPS:
+        if key in name and dtype in peaks:
+            part = key + (" (TF32)" if dtype == torch.float32 else "")
+            return peaks[dtype], f"datasheet {part}"
+    return None
+
+
+def mfu_percent(flops_per_token: float, tokens_per_s: float, peak: float, world_size: int = 1) -> float:
+    """Model FLOPs utilisation: the model's FLOPs per second over the peak of all ranks."""
+    return 100 * flops_per_token * tokens_per_s / (peak * world_size)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
@@ -201,10 +225,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The peak MFU is measured against: a known GPU's datasheet, else a measured matmul."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for (key, dt), flops in GPU_PEAK_FLOPS.items():
-            if key in name and dt == dtype:
-                return flops, f"datasheet {key}"
+        known = datasheet_peak(torch.cuda.get_device_name(device), dtype)
+        if known is not None:
+            return known
         return measure_matmul_flops(device, dtype, n=8192), "measured matmul"
     return measure_matmul_flops(device, dtype), "measured matmul"

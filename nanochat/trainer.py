@@ -22,7 +22,7 @@ from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum
 from nanochat.plots import plot_progress, read_jsonl
-from nanochat.runtime import Runtime, peak_flops
+from nanochat.runtime import Runtime, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
 
 
@@ -130,7 +130,7 @@ class StepLogger:
             self.window_tok_s.append(tok_s)
             rate = sum(self.window_tok_s[-10:]) / len(self.window_tok_s[-10:])
             rec.update(tok_per_s=round(tok_s, 1),
-                       mfu=round(100 * spec.flops_per_token * tok_s / (self.peak * self.rt.dist.world_size), 3),
+                       mfu=round(mfu_percent(spec.flops_per_token, tok_s, self.peak, self.rt.dist.world_size), 3),
                        eta_s=round((spec.num_steps - step - 1) * spec.tokens_per_step / rate, 1))
         rec["elapsed_s"] = round(now - self.train_t0, 2)
         if self.rt.device.type == "cuda":

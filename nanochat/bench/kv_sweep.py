@@ -122,6 +122,9 @@ def largest_batch(model: GPT, prompt_len: int, new_tokens: int, cap: int, device
     per_row = (2 * c.n_layer * c.n_kv_head * c.head_dim * (prompt_len + new_tokens) * elt
                + 16 * prompt_len * c.n_embd * elt + 8 * c.vocab_size * 4)
     if device.type == "cuda":
+        # the caching allocator still holds freed blocks (the bandwidth probe's 2 GiB):
+        # mem_get_info counts them as used until they are given back
+        torch.cuda.empty_cache()
         budget = 0.9 * torch.cuda.mem_get_info(device)[0]
     else:
         budget = 0.5 * host_ram_bytes() - proc_status("VmRSS")

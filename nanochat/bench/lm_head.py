@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
     weight_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     gen = torch.Generator(device=rt.device).manual_seed(0)
     results = []
+    # the layouts sum the same products in different orders: bf16 rounds each partial sum to 8
+    # mantissa bits (~4e-3 relative), fp32 to 24
+    tol = 1e-4 if rt.dtype == torch.float32 else 2e-2
     with torch.inference_mode():
         for batch in sorted(set(recipe.sweep.batch_sizes)):
             x = torch.randn(batch, 1, config.n_embd, device=rt.device, dtype=rt.dtype, generator=gen)
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> int:
                 step = DecodeStep(model, head=layout, batch=batch)
                 out = step.head_matmul(x)
                 reference = out if reference is None else reference
-                agree = torch.allclose(out.float(), reference.float(), rtol=1e-4, atol=1e-4)
+                agree = torch.allclose(out.float(), reference.float(), rtol=tol, atol=tol)
                 times = [s * 1e6 for s in seconds_per_call(partial(step.head_matmul, x), rt.sync,
                                                            opts.warmup, opts.repeats, opts.calls)]
                 med = statistics.median(times)

@@ -1,0 +1,157 @@
+"""The parts of the GPU paths that a CPU can check: grouped-query attention in a shape the fused
+kernels take, out-of-memory seen through compiler wrappers, the datasheet peak table and MFU,
+the recompile-limit name across torch versions, the graph cache's rounding, fp32 rotary tables
+in bf16 inference models. The GPU itself is tests/test_cuda.py's."""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.decode import CACHE_STEP, recompile_limit_name, recompile_limit_patch
+from nanochat.engine import Engine, build_inference_model, graph_cache_len
+from nanochat.gpt import attention
+from nanochat.memory_probe import is_oom
+from nanochat.runtime import datasheet_peak, mfu_percent
+from test_gpt import make_model
+
+
+# ---------------------------------------------------------------- attention
+
+def reference_gqa(q, k, v, mask):
+    G = q.size(1) // k.size(1)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                          attn_mask=mask)
+
+
+@pytest.mark.parametrize("T,mask_shape", [(1, "decode"), (5, "chunk")])
+def test_folded_gqa_attention_equals_repeated_kv_heads(T, mask_shape):
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 3, 8, 2, 11, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    if mask_shape == "decode":  # per-row lengths, one query position: (B, 1, 1, L)
+        lengths = torch.tensor([3, 11, 7])
+        mask = (torch.arange(L) < lengths.view(B, 1)).view(B, 1, 1, L)
+    else:  # a chunk of T after a prefix: (T, L)
+        mask = torch.ones(T, L, dtype=torch.bool).tril(diagonal=L - T)
+    got = attention(q, k, v, mask)
+    assert got.shape == (B, H, T, D)
+    torch.testing.assert_close(got, reference_gqa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_unmasked_attention_keeps_sdpa_causal_path():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                              is_causal=True)
+    torch.testing.assert_close(attention(q, k, v, is_causal=True), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- out of memory, wrapped
+
+class BackendCompilerFailed(Exception):
+    """Stands in for torch._dynamo.exc.BackendCompilerFailed: how dynamo re-raises."""
+
+    def __init__(self, inner):
+        super().__init__(f"backend='inductor' raised: {inner}")
+        self.inner_exception = inner
+
+
+def raise_like_dynamo(inner: BaseException):
+    try:
+        raise inner
+    except BaseException as e:
+        raise BackendCompilerFailed(e) from None  # hides it from __cause__
+
+
+@pytest.mark.parametrize("inner", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("Triton Error [CUDA]: out of memory"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+])
+def test_oom_raised_while_compiling_is_still_an_oom(inner):
+    assert is_oom(inner)
+    with pytest.raises(BackendCompilerFailed) as caught:
+        raise_like_dynamo(inner)
+    assert caught.value.__cause__ is None
+    assert is_oom(caught.value), "an OOM behind `from None` must still count"
+    bare = BackendCompilerFailed(inner)  # only inner_exception links them
+    assert is_oom(bare)
+
+
+def test_errors_that_are_not_oom_stay_errors():
+    for e in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("out of memory"),
+              RuntimeError("CUDA error: an illegal memory access was encountered")):
+        assert not is_oom(e)
+    with pytest.raises(BackendCompilerFailed) as caught:
+        raise_like_dynamo(RuntimeError("shape mismatch"))
+    assert not is_oom(caught.value)
+
+
+def test_a_cycle_of_exceptions_terminates():
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a
+    assert not is_oom(a)
+
+
+# ---------------------------------------------------------------- peaks and MFU
+
+@pytest.mark.parametrize("name,dtype,flops,part", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12, "H100"),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12, "H100 PCIe"),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835e12, "H100 NVL"),
+    ("NVIDIA H200", torch.bfloat16, 989e12, "H200"),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12, "A100"),
+    ("NVIDIA A100-PCIE-40GB", torch.float32, 156e12, "A100 (TF32)"),
+    ("NVIDIA H100 80GB HBM3", torch.float32, 494.5e12, "H100 (TF32)"),
+    ("NVIDIA L40S", torch.bfloat16, 362e12, "L40S"),
+])
+def test_datasheet_peaks_match_the_specific_part_first(name, dtype, flops, part):
+    assert datasheet_peak(name, dtype) == (flops, f"datasheet {part}")
+
+
+def test_unknown_gpus_have_no_datasheet_peak():
+    assert datasheet_peak("NVIDIA GeForce RTX 3090", torch.bfloat16) is None
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", torch.float16) is None
+
+
+def test_mfu_is_model_flops_over_the_peak_of_all_ranks():
+    # d12-like: 6 × 110M params ≈ 6.6e8 FLOPs/token at 400k tok/s on 8 H100s
+    assert mfu_percent(6.6e8, 4.0e5 * 8, 989e12, 8) == pytest.approx(100 * 6.6e8 * 4.0e5 / 989e12)
+    assert mfu_percent(1e9, 1e5, 1e15) == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- compile and capture bookkeeping
+
+def test_recompile_limit_has_the_name_this_torch_knows():
+    assert recompile_limit_name(types.SimpleNamespace(recompile_limit=8, cache_size_limit=8)) == "recompile_limit"
+    assert recompile_limit_name(types.SimpleNamespace(cache_size_limit=8)) == "cache_size_limit"  # torch < 2.7
+    import torch._dynamo
+    name = recompile_limit_name(torch._dynamo.config)
+    before = getattr(torch._dynamo.config, name)
+    with recompile_limit_patch(99):
+        assert getattr(torch._dynamo.config, name) == 99
+    assert getattr(torch._dynamo.config, name) == before
+
+
+def test_graph_cache_grows_in_steps_and_a_compiled_engine_reuses_it():
+    assert graph_cache_len(1, 10_000) == CACHE_STEP
+    assert graph_cache_len(CACHE_STEP + 1, 10_000) == 2 * CACHE_STEP
+    assert graph_cache_len(300, 200) == 200, "never past the rotary table"
+    engine = Engine(make_model(), compile=True)  # no compile happens before a step runs
+    first = engine._ensure_cache(2, 37)
+    assert first.max_len == CACHE_STEP
+    assert engine._ensure_cache(2, 100) is first, "a longer request within the step reuses the cache"
+    assert engine._ensure_cache(2, CACHE_STEP + 1).max_len == 2 * CACHE_STEP
+
+
+def test_bf16_inference_model_keeps_fp32_rotary_tables():
+    model = make_model()
+    bf16 = build_inference_model(model.config, "cpu", torch.bfloat16, model.state_dict())
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.cos.dtype == torch.float32 and bf16.sin.dtype == torch.float32
+    torch.testing.assert_close(bf16.cos, model.cos)
+    rows = Engine(bf16).generate_batch([[1, 2, 3]], max_new_tokens=4, temperature=0)
+    assert len(rows[0]) == 4
