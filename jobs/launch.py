@@ -13,22 +13,25 @@ array task → grid values, output paths, stage states) and the jobs' logs.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import getpass
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir, slurm_parameters  # noqa: E402
-from jobs.manifest import (CANCELLED, DONE, FAILED, MANIFEST, has_manifest, new_manifest,  # noqa: E402
-                           read_manifest, save_manifest)
+from jobs.manifest import (CANCELLED, DONE, FAILED, MANIFEST, cancel_reason, has_manifest,  # noqa: E402
+                           launcher_record, new_manifest, read_manifest, save_manifest, upstream_tasks)
+from jobs.progress import LiveDisplay, LiveTask, duration  # noqa: E402
 from jobs.tasks import run_task  # noqa: E402
-from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.common import UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import OUTPUT_ROOT  # noqa: E402
 from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
 
@@ -111,51 +114,125 @@ def dry_run(plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------
 # Executors
 
+class Cancelled(Exception):
+    """SIGTERM (`jobs/status.py --cancel` on a local run) or Ctrl-C reached the local executor."""
+
+
+def _on_sigterm(*_):
+    raise Cancelled("SIGTERM")
+
+
 def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
     """Stages in dependency order; array tasks up to the throttle at once, each in its own
-    process (`python -m jobs.tasks`), logs under run_dir/logs. Returns whether all succeeded."""
-    logs = plan.run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    process (`python -m jobs.tasks`), logs under run_dir/logs, the running tasks' progress on
+    stdout (jobs/progress.py). Returns whether all succeeded. A SIGTERM or Ctrl-C stops the
+    running tasks and marks every unfinished one CANCELLED, the cancel recorded in the manifest."""
+    (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for key in [k for k in env if k.startswith("SLURM_")]:
         env.pop(key)  # a local run inside a SLURM allocation must not look like a SLURM job
+    display = LiveDisplay()
+    running: dict[tuple[str, int], tuple[subprocess.Popen, LiveTask]] = {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     ok = True
-    for stage in plan.stages:
-        entries = manifest["stages"][stage.name]["tasks"]
-        upstream = [manifest["stages"][a]["tasks"] for a in stage.after]
+    try:
+        for stage in plan.stages:
+            ok &= _run_stage_local(plan, manifest, stage, resume, running, display,
+                                   lambda i, name=stage.name: _start_task(plan, name, i, env, root))
+    except (Cancelled, KeyboardInterrupt) as e:
+        _cancel_local(plan, manifest, running, display, "interrupted (Ctrl-C)"
+                      if isinstance(e, KeyboardInterrupt) else "SIGTERM")
+        return False
+    finally:
+        display.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return ok
 
-        def blocked(i: int) -> bool:
-            if stage.dependency == "afterany":  # stages run in order: the upstream ones ended
-                return False
-            if stage.dependency == "aftercorr":
-                return any(tasks[i]["state"] != DONE for tasks in upstream)
-            return any(t["state"] != DONE for tasks in upstream for t in tasks)
 
-        def run_one(i: int) -> str:
+def _start_task(plan: Plan, stage: str, i: int, env: dict, root: str) -> subprocess.Popen:
+    logs = plan.run_dir / "logs"
+    with open(logs / f"{stage}_{i}.out", "w") as out, open(logs / f"{stage}_{i}.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "jobs.tasks", str(plan.run_dir), stage, str(i)],
+                                stdout=out, stderr=err, env=env, cwd=root)
+
+
+def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, running: dict,
+                     display: LiveDisplay, start) -> bool:
+    """One stage's tasks, `array_parallelism` at once, polled twice a second: the display
+    refreshes between polls, so it is never silent for long while work runs."""
+    entries = manifest["stages"][stage.name]["tasks"]
+    state_of = lambda st, j: manifest["stages"][st]["tasks"][j]["state"]  # noqa: E731
+    todo = list(range(len(entries)))
+    workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
+    ok = True
+    while todo or running:
+        while todo and len(running) < workers:
+            i = todo.pop(0)
             entry = entries[i]
             if resume and entry["state"] == DONE:
-                return DONE
-            if blocked(i):
-                return CANCELLED
+                display.log(f"[{stage.name} {i}] {DONE} (in an earlier launch)")
+                continue
+            # stages run in order, so the tasks this one waits for have ended; afterany never blocks
+            if any(state_of(st, j) != DONE for st, j in upstream_tasks(manifest, stage.name, i)):
+                entry["state"] = CANCELLED
+                display.log(f"[{stage.name} {i}] {CANCELLED}: "
+                            + cancel_reason(manifest, stage.name, i, state_of).removeprefix("cancelled: "))
+                ok = False
+                continue
             entry["state"] = "RUNNING"
             save_manifest(plan.run_dir, manifest)
-            t0 = time.time()
-            with open(logs / f"{stage.name}_{i}.out", "w") as out, open(logs / f"{stage.name}_{i}.err", "w") as err:
-                rc = subprocess.run([sys.executable, "-m", "jobs.tasks", str(plan.run_dir), stage.name, str(i)],
-                                    stdout=out, stderr=err, env=env, cwd=root).returncode
-            entry["elapsed_s"] = round(time.time() - t0, 1)
-            return DONE if rc == 0 else FAILED
-
-        workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for i, state in zip(range(len(entries)), pool.map(run_one, range(len(entries)))):
-                entries[i]["state"] = state
-                print(f"[{stage.name} {i}] {state}" + (f" — see {logs / f'{stage.name}_{i}.err'}"
-                                                        if state == FAILED else ""), flush=True)
-                ok &= state == DONE
-        save_manifest(plan.run_dir, manifest)
+            log = str(plan.run_dir / "logs" / f"{stage.name}_{i}.out")
+            running[(stage.name, i)] = (start(i), LiveTask(stage.name, i, entry["run_dir"], time.monotonic(), log))
+        for (name, i), (proc, live) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[(name, i)]
+            entry = entries[i]
+            entry["elapsed_s"] = round(time.monotonic() - live.started, 1)
+            entry["state"] = DONE if proc.returncode == 0 else FAILED
+            save_manifest(plan.run_dir, manifest)
+            err = plan.run_dir / "logs" / f"{name}_{i}.err"
+            display.finish(live, f"[{name} {i}] {entry['state']} in {duration(entry['elapsed_s'])}"
+                           + (f" — see {err}" if entry["state"] == FAILED else ""))
+            ok &= entry["state"] == DONE
+        if running:
+            display.update([live for _, live in running.values()])
+            time.sleep(0.5)
+    save_manifest(plan.run_dir, manifest)
     return ok
+
+
+def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDisplay, how: str) -> None:
+    """Stop the running tasks (SIGTERM, then SIGKILL after 10 s) and mark every unfinished task
+    CANCELLED, recording who cancelled and when, as `jobs/status.py --cancel` does on SLURM."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    # a second Ctrl-C must not cut the clean-up short
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for (name, i), (_, live) in running.items():
+            manifest["stages"][name]["tasks"][i]["elapsed_s"] = round(time.monotonic() - live.started, 1)
+        for name, info in manifest["stages"].items():
+            for task in info["tasks"]:
+                if task["state"] not in (DONE, FAILED, CANCELLED):
+                    task["state"] = CANCELLED
+                    if (name, task["index"]) in running:
+                        display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
+        manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": how}
+        save_manifest(plan.run_dir, manifest)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
@@ -241,11 +318,20 @@ def main(argv: list[str]) -> int:
     save_resolved_recipe(recipe, run_dir / "recipe.yaml", {"launched_with": " ".join([args.recipe] + args.overrides)})
     manifest = previous if previous is not None else new_manifest(plan, executor)
     manifest["executor"] = executor
+    manifest.pop("cancelled", None)  # a resumed run is no longer cancelled
+    if executor == "local":  # so that `jobs/status.py --cancel` can stop it
+        manifest["launcher"] = launcher_record()
     save_manifest(run_dir, manifest)
     print(f"run directory: {run_dir}", flush=True)
+    for name, why in plan.skipped.items():
+        print(f"stage {name}: skipped ({why})", flush=True)
     if executor == "local":
         ok = run_local(plan, manifest, resume=previous is not None)
-        print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
+        if manifest.get("cancelled"):
+            print(f"cancelled; to finish it: python jobs/launch.py {' '.join([args.recipe] + args.overrides)} "
+                  f"--resume", flush=True)
+        else:
+            print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
         return 0 if ok else 1
     submit_slurm(plan, manifest, resume=previous is not None)
     print(f"follow it: python jobs/status.py {run_dir}")

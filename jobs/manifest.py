@@ -6,6 +6,8 @@ submitted and after every change; the jobs, `jobs/status.py` and the report read
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from jobs.plan import Plan
@@ -43,3 +45,90 @@ def read_manifest(run_dir: Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{Path(run_dir) / MANIFEST} is not valid JSON (line {e.lineno}); it was "
                         "edited or damaged: relaunch with --force") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Why a task was cancelled: the user (`jobs/status.py --cancel` records it here), or a task it
+# waited for that ended badly (SLURM kills a job whose dependency can no longer be satisfied,
+# `--kill-on-invalid-dep=yes`; the local executor never starts it).
+
+ENDED_BADLY = {FAILED: "failed", "TIMEOUT": "timed out", "OUT_OF_MEMORY": "ran out of memory",
+               "NODE_FAIL": "lost its node", "PREEMPTED": "was preempted", "BOOT_FAIL": "failed to boot",
+               "DEADLINE": "missed its deadline"}
+
+
+def record_cancel(run_dir: Path, by: str, jobs: list[str]) -> dict:
+    """Note in the manifest who cancelled the run and when, before the jobs are cancelled (so
+    that a cancelled job is never seen without its reason)."""
+    manifest = read_manifest(run_dir)
+    manifest["cancelled"] = {"by": by, "at": now_iso(), "jobs": jobs}
+    save_manifest(run_dir, manifest)
+    return manifest
+
+
+def upstream_tasks(manifest: dict, stage: str, index: int) -> list[tuple[str, int]]:
+    """The tasks whose failure cancels task `index` of `stage`: aftercorr pairs it with task
+    `index` of each stage it waits for, afterok with every task of them; afterany runs whatever
+    they did, so none."""
+    info = manifest["stages"][stage]
+    if info["dependency"] == "afterany":
+        return []
+    out = []
+    for up in info["after"]:
+        tasks = manifest["stages"][up]["tasks"]
+        if info["dependency"] == "aftercorr":
+            out += [(up, t["index"]) for t in tasks if t["index"] == index]
+        else:
+            out += [(up, t["index"]) for t in tasks]
+    return out
+
+
+def failed_dependency(manifest: dict, stage: str, index: int, state_of) -> str | None:
+    """"base task 0 failed" when a task this one waits for ended badly — following cancelled
+    upstream tasks back to the one that failed (eval waits for sft, which waited for base).
+    `state_of(stage, index)` is a task's current state."""
+    ups = upstream_tasks(manifest, stage, index)
+    for up, j in ups:
+        state = state_of(up, j)
+        if state in ENDED_BADLY:
+            return f"{up} task {j} {ENDED_BADLY[state]}"
+    for up, j in ups:
+        if state_of(up, j) == CANCELLED and (why := failed_dependency(manifest, up, j, state_of)):
+            return why
+    return None
+
+
+def cancel_reason(manifest: dict, stage: str, index: int, state_of, cancelled_by: str = "") -> str:
+    """Why a CANCELLED task ended, in words. `cancelled_by`: the uid SLURM names for a job
+    someone cancelled ("CANCELLED by 1000"), if any."""
+    if why := failed_dependency(manifest, stage, index, state_of):
+        return f"cancelled: {why}"
+    if rec := manifest.get("cancelled"):
+        return f"cancelled by the user ({rec['by']}, {rec['at']})"
+    if cancelled_by:
+        return f"cancelled by uid {cancelled_by} (not through jobs/status.py --cancel)"
+    return "cancelled (neither through jobs/status.py --cancel nor by a failed dependency)"
+
+
+# --------------------------------------------------------------------------------------------
+# The local executor's process: `jobs/status.py --cancel` stops a local run by signalling it.
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, it
+    names one process, where a pid alone may have been reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def launcher_record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+
+
+def launcher_alive(record: dict | None) -> bool:
+    """Whether the launcher process a manifest names still runs (on this host)."""
+    if not record or record.get("host") != socket.gethostname():
+        return False
+    start = _start_time(record["pid"])
+    return start is not None and start == record.get("start")

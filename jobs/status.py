@@ -2,13 +2,17 @@
 
 Per stage and task: the job state (squeue for live jobs, sacct where accounting exists, the
 manifest otherwise — the local executor records states there), elapsed time, the last training
-step / loss / tokens/s / ETA from the progress log of base and sft tasks, an eval task's scores
-from its eval.json, and the stderr tail of failed tasks.
+step / loss / tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py), an
+eval task's scores from its eval.json, why a cancelled task was cancelled (by the user, or
+because a task it waited for failed), and the stderr tail of failed tasks.
 """
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.manifest import read_manifest  # noqa: E402
+from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
+                           record_cancel, save_manifest)
+from jobs.progress import progress_text  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
-from nanochat.plots import read_jsonl  # noqa: E402
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE"}
@@ -32,32 +37,24 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
-    """job id (array tasks as 123_4) → (state, elapsed, reason); squeue first, then sacct."""
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
+    """job id (array tasks as 123_4) → (state, elapsed, reason, cancelled by uid); squeue first,
+    then sacct (which says "CANCELLED by 1000" for a job someone cancelled)."""
     if not job_ids:
         return {}
     ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
-    states: dict[str, tuple[str, str, str]] = {}
+    states: dict[str, tuple[str, str, str, str]] = {}
     for line in _run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Elapsed,Reason"]).splitlines():
         parts = line.split("|")
         if len(parts) >= 3:
-            states[parts[0]] = (parts[1].split()[0], parts[2], parts[3] if len(parts) > 3 else "")
+            words = parts[1].split()
+            by = words[2] if len(words) == 3 and words[1] == "by" else ""
+            states[parts[0]] = (words[0], parts[2], parts[3] if len(parts) > 3 else "", by)
     for line in _run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%M|%r"]).splitlines():
         parts = line.split("|")
         if len(parts) == 4:
-            states[parts[0]] = (parts[1], parts[2], parts[3])
+            states[parts[0]] = (parts[1], parts[2], parts[3], "")
     return states
-
-
-def _progress(task_dir: Path) -> str:
-    recs = [r for r in read_jsonl(task_dir / "progress.jsonl") if r.get("event") == "train"]
-    if not recs:
-        return ""
-    r = recs[-1]
-    s = f"step {r['step'] + 1} loss {r['loss']:.4f}"
-    if "tok_per_s" in r:
-        s += f" {r['tok_per_s']:,.0f} tok/s eta {r.get('eta_s', 0):.0f}s"
-    return s
 
 
 def _eval_summary(task_dir: Path) -> str:
@@ -71,10 +68,10 @@ def _eval_summary(task_dir: Path) -> str:
     return " ".join(parts)
 
 
-def _detail(stage: str, task_dir: Path) -> str:
-    if stage in ("base", "sft"):
-        return _progress(task_dir)
-    return _eval_summary(task_dir) if stage == "eval" else ""
+def _detail(stage: str, task_dir: Path, running: bool) -> str:
+    if stage == "eval":
+        return _eval_summary(task_dir)
+    return progress_text(stage, task_dir, now=time.time() if running else None)
 
 
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
@@ -95,15 +92,26 @@ def collect(run_dir: Path) -> list[dict]:
     rows = []
     for stage, info in manifest["stages"].items():
         for task in info["tasks"]:
-            state, elapsed, reason = live.get(task.get("job_id") or "", (task["state"], "", ""))
+            state, elapsed, reason, by = live.get(task.get("job_id") or "", (task["state"], "", "", ""))
             if state == "PENDING" and task.get("job_id") and task["job_id"] not in live:
                 state = "UNKNOWN"
             elapsed = elapsed or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
-                         "state": state, "elapsed": elapsed, "reason": reason,
-                         "progress": _detail(stage, Path(task["run_dir"])),
-                         "stderr": _stderr_tail(run_dir, stage, task) if state in FINAL - {"COMPLETED"} else []})
+                         "state": state, "elapsed": elapsed, "reason": reason, "cancelled_by": by,
+                         "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING")})
+    states = {(r["stage"], r["task"]): r["state"] for r in rows}
+    for r in rows:
+        # why it ended: a cancelled job's stderr holds only the traceback of the SIGTERM that
+        # stopped it, so say who or what cancelled it instead; a failed job keeps its tail
+        r["why"] = cancel_reason(manifest, r["stage"], r["task"], lambda st, i: states.get((st, i)),
+                                 r["cancelled_by"]) if r["state"] == CANCELLED else ""
+        ended_badly = r["state"] in FINAL - {DONE, CANCELLED}
+        r["stderr"] = _stderr_tail(run_dir, r["stage"], _task(manifest, r)) if ended_badly else []
     return rows
+
+
+def _task(manifest: dict, row: dict) -> dict:
+    return next(t for t in manifest["stages"][row["stage"]]["tasks"] if t["index"] == row["task"])
 
 
 def show(run_dir: Path) -> list[dict]:
@@ -111,7 +119,7 @@ def show(run_dir: Path) -> list[dict]:
     print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
     for r in rows:
         reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
-        extra = r["progress"] or reason
+        extra = "; ".join(filter(None, [r["why"], r["progress"]])) or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
             print(f"{'':>15}| {line}")
@@ -128,9 +136,32 @@ def watch(run_dir: Path, every_s: float = 10.0) -> int:
 
 
 def cancel(run_dir: Path) -> None:
+    """Cancel the run's jobs, recording in the manifest first who did it and when (status then
+    says "cancelled by the user" instead of showing the SIGTERM's traceback). A local run is
+    stopped by signalling its launcher, which stops its tasks and records the cancel itself
+    (it rewrites the manifest as tasks end, so a record written here could be lost)."""
     manifest = read_manifest(run_dir)
+    if manifest.get("executor") == "local":
+        launcher = manifest.get("launcher")
+        if launcher_alive(launcher):
+            os.kill(launcher["pid"], signal.SIGTERM)
+            deadline = time.time() + 60  # it gives its tasks 10 s to stop, then kills them
+            while launcher_alive(launcher) and time.time() < deadline:
+                time.sleep(0.2)
+            print(f"cancelled the local run (launcher pid {launcher['pid']})")
+            return
+        # no launcher: tasks it left RUNNING (it was killed) will never end on their own
+        stale = [t for s in manifest["stages"].values() for t in s["tasks"] if t["state"] not in FINAL]
+        for t in stale:
+            t["state"] = CANCELLED
+        save_manifest(run_dir, manifest)
+        if stale:
+            record_cancel(run_dir, getpass.getuser(), [])
+        print(f"no launcher runs for {run_dir}; {len(stale)} unfinished task(s) marked cancelled")
+        return
     ids = sorted({t["job_id"].split("_")[0] for s in manifest["stages"].values()
                   for t in s["tasks"] if t.get("job_id")})
+    record_cancel(run_dir, getpass.getuser(), ids)
     if ids:
         subprocess.run(["scancel", *ids], check=False, timeout=30)
     print(f"cancelled jobs: {' '.join(ids) or 'none'}")

@@ -254,12 +254,16 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
     assert list(root.glob("t.old-*")), "--force keeps the previous run, moved aside"
 
 
-def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path):
+def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path, capsys):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job
     args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
             "--executor", "local", "--output-root", str(root)]
     assert launch.main(args) == 1
+    out = capsys.readouterr().out
+    # eval waited for sft, which waited for base: the reason named is the task that failed
+    for stage in ("sft", "eval", "sweep"):
+        assert f"[{stage} 0] CANCELLED: base task 0 failed" in out, out
     manifest = json.loads((root / "t" / "manifest.json").read_text())
     states = {s: v["tasks"][0]["state"] for s, v in manifest["stages"].items()}
     # sft and sweep wait for base task 0, eval for sft task 0; the report runs after all ended
@@ -272,6 +276,10 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
     status = subprocess.run([sys.executable, "jobs/status.py", str(root / "t")], cwd=REPO,
                             capture_output=True, text=True, timeout=60).stdout
     assert "FAILED" in status and "CANCELLED" in status and "smaller than the tokenizer's" in status
+    rows = {ln.split()[0]: ln for ln in status.splitlines() if ln.split() and ln.split()[0] in
+            ("base", "sft", "eval", "sweep")}
+    assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "sweep")), status
+    assert "cancelled" not in rows["base"], status
 
 
 def test_discovery_runs_first_and_a_cache_hit_skips_it(recipe_file, tmp_path):

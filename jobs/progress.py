@@ -1,0 +1,246 @@
+"""How far a task has got, read from its run directory, and the live display of running tasks.
+
+The training loop (nanochat/trainer.py) appends JSON lines to `<task run_dir>/progress.jsonl`
+({"event": "train", "step", "loss", "tok_per_s", "eta_s", "elapsed_s", ...} and
+{"event": "eval", "step", "val_bpb" | "val_loss"}) and writes `<task run_dir>/run.json` with
+the total ("num_iterations") when it starts. `read_progress` is the one reader of those files
+for `jobs/status.py` and the local executor's `LiveDisplay`; only the training stages (base,
+sft) write them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from nanochat.config import TRAINING_SECTIONS
+
+PROGRESS_STAGES = tuple(TRAINING_SECTIONS)  # the stages that write progress.jsonl
+VAL_KEYS = ("val_bpb", "val_loss")          # base logs bits per byte, SFT loss per token
+TAIL_BYTES = 64 * 1024                      # a few hundred records: the newest train and eval
+
+
+@dataclass
+class TaskProgress:
+    step: int                   # steps done (the newest train record's step + 1)
+    total: int | None           # run.json's num_iterations; None before it is written
+    loss: float
+    tok_per_s: float | None     # absent on a record right after an evaluation window
+    eta_s: float | None
+    val: tuple[str, float, int] | None  # newest evaluation: (metric, value, step)
+    updated: float              # when progress.jsonl last changed (time.time() clock)
+
+    def eta_now(self, now: float | None = None) -> float | None:
+        """The ETA counted down since the record was written: records come every
+        train_log_every steps, and a display that refreshes in between should not stand still."""
+        if self.eta_s is None:
+            return None
+        return self.eta_s if now is None else max(0.0, self.eta_s - max(0.0, now - self.updated))
+
+
+def _tail_records(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict]:
+    """The JSON records of the file's last `max_bytes` (all of them when max_bytes is None).
+    Reading only the tail keeps a refresh cheap on a long run's log. The loop appends while we
+    read: a line without its newline is still being written and is skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = 0 if max_bytes is None else max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")[:-1]   # the last piece has no newline: empty or half-written
+    if start > 0:
+        lines = lines[1:]            # the first piece starts mid-line
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _total_steps(task_dir: Path) -> int | None:
+    try:
+        total = json.loads((task_dir / "run.json").read_text()).get("num_iterations")
+    except (FileNotFoundError, ValueError):
+        return None
+    return total if isinstance(total, int) else None
+
+
+def read_progress(task_dir: str | Path) -> TaskProgress | None:
+    """The newest training record of a base or sft task directory; None before the first."""
+    task_dir = Path(task_dir)
+    path = task_dir / "progress.jsonl"
+    records = _tail_records(path)
+    if not any(r.get("event") == "train" for r in records):
+        records = _tail_records(path, None)  # a tail of evaluations only: read it all
+    train = [r for r in records if r.get("event") == "train" and "step" in r and "loss" in r]
+    if not train:
+        return None
+    r = train[-1]
+    evals = [(k, e[k], e["step"]) for e in records if e.get("event") == "eval" and "step" in e
+             for k in VAL_KEYS if isinstance(e.get(k), (int, float))]
+    try:
+        updated = path.stat().st_mtime
+    except FileNotFoundError:  # moved aside (--force) between the read and now
+        updated = time.time()
+    return TaskProgress(step=r["step"] + 1, total=_total_steps(task_dir), loss=r["loss"],
+                        tok_per_s=r.get("tok_per_s"), eta_s=r.get("eta_s"),
+                        val=evals[-1] if evals else None, updated=updated)
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def describe(p: TaskProgress, now: float | None = None) -> str:
+    """step 30/400  loss 4.1234  val_bpb 2.4100  8,123 tok/s  ETA 1m05s — `now` (time.time())
+    counts the ETA down for a task that still runs."""
+    parts = [f"step {p.step}/{p.total}" if p.total else f"step {p.step}", f"loss {p.loss:.4f}"]
+    if p.val:
+        parts.append(f"{p.val[0]} {p.val[1]:.4f}")
+    if p.tok_per_s is not None:
+        parts.append(f"{p.tok_per_s:,.0f} tok/s")
+    eta = p.eta_now(now)
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
+    return "  ".join(parts)
+
+
+def progress_text(stage: str, task_dir: str | Path, now: float | None = None) -> str:
+    """What a task's progress log says, for the stages that keep one; "" otherwise."""
+    if stage not in PROGRESS_STAGES:
+        return ""
+    p = read_progress(task_dir)
+    return describe(p, now) if p else ""
+
+
+def last_log_line(path: str | Path, max_bytes: int = 4096) -> str:
+    """The newest line a task printed (its stdout log), skipping the JSON result a task prints
+    last; of a line redrawn with carriage returns, its newest state."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    for line in reversed(data.splitlines()):
+        line = line.rsplit("\r", 1)[-1].strip()
+        if line and not line.startswith("{"):
+            return line
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# The live display of the local executor.
+
+@dataclass
+class LiveTask:
+    stage: str
+    index: int
+    task_dir: str
+    started: float              # time.monotonic() when its process started
+    log: str | None = None      # its stdout: what a task without a progress log is doing
+
+    @property
+    def label(self) -> str:
+        return f"[{self.stage} {self.index}]"
+
+
+class LiveDisplay:
+    """One line per running task: stage, elapsed time, and for training stages step/total, loss,
+    tok/s and ETA (before their first step, and for the other stages, the newest line of the
+    task's log). On a terminal the lines are redrawn in place at every `update`; otherwise
+    (CI logs, pipes) a task gets a new line when its progress changes — at most one per
+    `min_interval_s` — and, when nothing was printed for `heartbeat_s`, every running task's
+    line is printed again, so a log is never silent while work runs. `log` prints a permanent
+    line (a task's end) above the live ones."""
+
+    def __init__(self, out: TextIO | None = None, tty: bool | None = None,
+                 heartbeat_s: float = 10.0, min_interval_s: float = 5.0):
+        self.out = out or sys.stdout
+        if tty is None:
+            tty = self.out.isatty() and os.environ.get("TERM") != "dumb"
+        self.tty, self.heartbeat_s, self.min_interval_s = tty, heartbeat_s, min_interval_s
+        self.drawn: list[str] = []      # terminal: the live lines on screen now
+        self.shown: dict[tuple[str, int], tuple[object, float]] = {}  # task → (what, when) last printed
+        self.last_print = time.monotonic()
+
+    def _line(self, task: LiveTask, now: float) -> tuple[str, object]:
+        """The task's line and what it reports apart from the clock (a change prints a line)."""
+        head = f"{task.label} {duration(now - task.started):>6}"
+        p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
+        if p is not None:
+            return f"{head}  {describe(p, time.time())}", ("training", p.step, p.val)
+        said = last_log_line(task.log) if task.log else ""
+        what = "starting" if task.stage in PROGRESS_STAGES else "running"
+        return f"{head}  {what}" + (f" · {said[:100]}" if said else ""), (what, said)
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.last_print = time.monotonic()
+
+    def _erase_codes(self) -> str:
+        """Up to the first live line, then clear to the end of the screen."""
+        codes = f"\x1b[{len(self.drawn)}F\x1b[J" if self.tty and self.drawn else ""
+        self.drawn = []
+        return codes
+
+    def log(self, text: str) -> None:
+        # the live lines are drawn again at the next update, without the task that just ended
+        self._write(self._erase_codes() + text + "\n")
+
+    def update(self, tasks: list[LiveTask]) -> None:
+        now = time.monotonic()
+        lines = [self._line(t, now) for t in tasks]
+        if self.tty:  # one write: erasing and drawing apart would flicker
+            size = shutil.get_terminal_size()
+            texts = [text for text, _ in lines]
+            if len(texts) > size.lines - 2:  # lines scrolled off the screen can't be redrawn
+                texts = texts[:max(1, size.lines - 3)] + [f"… and {len(texts) - max(1, size.lines - 3)} more"]
+            erase = self._erase_codes()
+            self.drawn = [text[:size.columns - 1] for text in texts]  # a wrapped line breaks the redraw
+            self._write(erase + "".join(ln + "\n" for ln in self.drawn))
+            return
+        quiet = now - self.last_print >= self.heartbeat_s
+        for task, (text, what) in zip(tasks, lines):
+            before = self.shown.get((task.stage, task.index))
+            # a new kind of news (the first training step) at once, more of the same in a while
+            changed = before is None or before[0][0] != what[0] or \
+                (before[0] != what and now - before[1] >= self.min_interval_s)
+            if changed or quiet:
+                self._print(task, text, what, now)
+
+    def _print(self, task: LiveTask, text: str, what: tuple, now: float) -> None:
+        self._write(text + "\n")
+        self.shown[(task.stage, task.index)] = (what, now)
+
+    def finish(self, task: LiveTask, text: str) -> None:
+        """The task ended: `text` (its end) as a permanent line; in a log, first its newest
+        progress if not printed yet, so a log always holds a training task's last step."""
+        if not self.tty:
+            line, what = self._line(task, time.monotonic())
+            before = self.shown.pop((task.stage, task.index), None)
+            if what[0] == "training" and (before is None or before[0] != what):
+                self._write(line + "\n")
+        self.log(text)
+
+    def close(self) -> None:
+        self._write(self._erase_codes())
