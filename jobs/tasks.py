@@ -17,6 +17,7 @@ from pathlib import Path
 from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.config import DEVICE_NAME_ENV
 from nanochat.recipe import load_recipe
 
 def task_recipe(run_dir: Path, stage: str, index: int):
@@ -107,6 +108,7 @@ def run_discover(run_dir: Path, index: int) -> dict:
     ({stage: {batch_size, from_cache, cache_path}})."""
     from nanochat.batch_size import discover_for_recipe
     from nanochat.dataset import prepare_shards, prepare_tokenizer
+    from nanochat.targets import record_device
     recipe, task = task_recipe(run_dir, "discover", index)
     # Data and tokenizer first (training needs them anyway): the cache key then holds the real
     # vocabulary, exactly as the training job will compute it.
@@ -117,7 +119,11 @@ def run_discover(run_dir: Path, index: int) -> dict:
         result = discover_for_recipe(recipe, stage=stage, world_size=recipe.cluster.world_size,
                                      vocab_size=tokenizer.vocab_size)
         out[stage] = {"batch_size": result.batch_size, "from_cache": result.from_cache,
-                      "cache_path": str(result.cache_path)}
+                      "cache_path": str(result.cache_path), "probes": result.probes_run,
+                      "seconds": round(result.seconds, 2)}
+    # what this partition gave: a relaunch from a login node finds the answer without the GPU
+    record = record_device(recipe)
+    out["device_record"] = str(record) if record else None
     atomic_write_json(Path(task["run_dir"]) / "discovery.json", out)
     return out
 
@@ -139,6 +145,8 @@ RUNNERS = {"discover": run_discover, "base": run_base, "sft": run_sft, "eval": r
 
 def run_task(run_dir: str, stage: str, index: int) -> dict:
     """The one callable every job runs (picklable, for submitit)."""
+    # A job reports the device it has, never the launching process's (see nanochat.targets).
+    os.environ.pop(DEVICE_NAME_ENV, None)
     return RUNNERS[stage](Path(run_dir), index)
 
 

@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import socket
 import sys
 import time
@@ -40,15 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from filelock import FileLock
 
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso
 from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
 from nanochat.dataset import tokenizer_key
 from nanochat.gpt import GPTConfig
-from nanochat.memory_probe import ProbeServer, ProbeSpec, host_ram_bytes, run_probe
-from nanochat.runtime import compute_dtype, pick_device
+from nanochat.memory_probe import ProbeServer, ProbeSpec, run_probe
+from nanochat.runtime import compute_dtype
+from nanochat.targets import Target, resolve_target
 from nanochat.tokenizer import Tokenizer
 
 VERSION = 1                 # bump when the search or the probe changes what they measure
@@ -159,45 +158,6 @@ def search(candidates: list[int], probe: Callable[[int], dict], usable: float) -
 # --------------------------------------------------------------------------------------------
 # What is probed, on what, and the cache key.
 
-@dataclass
-class Target:
-    device: torch.device
-    name: str                       # GPU name, or the CPU model
-    capacity_bytes: int             # GPU total memory, or the CPU budget
-    source: str                     # where the capacity comes from (for messages)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    import platform
-    return platform.processor() or platform.machine()
-
-
-def resolve_target(recipe: Recipe) -> Target:
-    dc = recipe.discovery
-    kind = pick_device(recipe.train.device)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no CUDA device is visible; set train.device=auto")
-        device = torch.device("cuda", torch.cuda.current_device())
-        props = torch.cuda.get_device_properties(device)
-        return Target(device, props.name, props.total_memory, f"{props.name} memory")
-    if kind != "cpu":
-        raise UserError(f"device_batch_size 'auto' supports cuda and cpu, not {kind}; set an integer")
-    if dc.memory_budget_gb is not None:
-        return Target(torch.device("cpu"), _cpu_name(), int(dc.memory_budget_gb * GB),
-                      "discovery.memory_budget_gb")
-    ram = host_ram_bytes()
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks sharing this host's RAM
-    return Target(torch.device("cpu"), _cpu_name(), int(ram * dc.ram_fraction / local),
-                  f"discovery.ram_fraction {dc.ram_fraction} of {ram / GB:.1f} GB RAM"
-                  + (f" / {local} local ranks" if local > 1 else ""))
-
-
 def _vocab_size(recipe: Recipe) -> int:
     """The model's vocabulary: the recipe's, else the trained tokenizer's if it is on disk, else
     the tokenizer's target size (an upper bound: training can stop short of it)."""
@@ -228,7 +188,7 @@ def cache_key(recipe: Recipe, stage: str, world_size: int, target: Target, spec:
             "compile": spec.compile, "compile_mode": spec.compile_mode if spec.compile else None,
             "optim": spec.optim, "grad_clip": spec.grad_clip, "world_size": world_size,
             "total_batch_size": section.total_batch_size, "device": target.name,
-            "device_memory_bytes": target.capacity_bytes, "torch": torch.__version__,
+            "device_memory_bytes": target.capacity_bytes, "torch": target.torch_version,
             "headroom": dc.headroom, "candidates": dc.candidates, "min_batch_size": dc.min_batch_size,
             "max_batch_size": dc.max_batch_size, "choose": dc.choose,
             "cpu_allocator": "tuned" if target.device.type == "cpu" else None}
@@ -404,7 +364,7 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
     t0 = time.perf_counter()
     dc = recipe.discovery
     section = recipe.training_section(stage)
-    target = resolve_target(recipe)
+    target = resolve_target(recipe, stage)
     spec = probe_spec(recipe, target, vocab_size)
     isolate = target.device.type == "cpu" if isolate is None else isolate
     seq = spec.model["sequence_len"]
@@ -454,13 +414,13 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
 
 
 def cached_result(recipe: Recipe, stage: str = "base", world_size: int = 1,
-                  vocab_size: int | None = None) -> dict | None:
-    """The cached record for this recipe on this process's device, without probing (None on a
-    miss). The launcher asks this to skip the discovery job; the key includes the device, so a
-    login node without the cluster's GPU finds only what its own device would use."""
+                  vocab_size: int | None = None, target: Target | None = None) -> dict | None:
+    """The cached record for this recipe without probing (None on a miss), on `target` — the
+    device the jobs will get (`targets.partition_target`) — or this process's own device. The
+    launcher asks this to skip the discovery job."""
     dc = recipe.discovery
     section = recipe.training_section(stage)
-    target = resolve_target(recipe)
+    target = target or resolve_target(recipe, stage)
     spec = probe_spec(recipe, target, vocab_size)
     candidates = legal_candidates(section.total_batch_size, spec.model["sequence_len"], world_size,
                                   dc.candidates, dc.min_batch_size, dc.max_batch_size)

@@ -215,6 +215,9 @@ OUTPUT_ROOT = "runs"        # where run directories go unless `run_dir` says oth
 # The training stages and the recipe section of each: "base" (pretraining) is configured by
 # `train:`, "sft" by `sft:`. Stages are what the launcher, discovery and the report call them.
 TRAINING_SECTIONS = {"base": "train", "sft": "sft"}
+# Overrides the name a process reports for its own device in batch-size discovery: the tests
+# make the launching process another machine than its jobs with it; jobs drop it.
+DEVICE_NAME_ENV = "NANOCHAT_DEVICE_NAME"
 
 
 HUB_TASKS = ("arc_easy", "arc_challenge", "gsm8k")  # eval tasks read from the HF hub
