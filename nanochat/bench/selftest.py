@@ -60,6 +60,7 @@ TOTAL_BUDGET_S = {("cuda", False): 480, ("cuda", True): 180, ("cpu", False): 150
 # The CPU stand-in for d12: a tiny shape whose compiles take seconds, not minutes.
 CPU_SHAPE = ["model.depth=1", "model.n_embd=32", "model.n_head=1", "model.sequence_len=32",
              "model.vocab_size=256", "train.device=cpu"]
+CPU_SHAPE_NAME = "configs/tiny.yaml at depth 1, width 32, sequence 32"
 TAIL_LINES, TAIL_CHARS = 40, 4000
 
 # What the environment probe prints: where the parts run (a child, so that this process never
@@ -74,7 +75,7 @@ if cuda:
     p = torch.cuda.get_device_properties(0)
     env |= {"device": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
             "capability": "%d.%d" % (p.major, p.minor), "gpu_memory_gb": round(p.total_memory / 2**30, 1),
-            "cudnn": torch.backends.cudnn.version(), "driver_cuda": torch._C._cuda_getDriverVersion()}
+            "cudnn": torch.backends.cudnn.version(), "sm_count": p.multi_processor_count}
 else:
     env["device"] = "cpu (%s, %d cores)" % (platform.processor() or platform.machine(), os.cpu_count())
 print(json.dumps(env))
@@ -150,7 +151,7 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
              budgets["batch_size"], 0, out / "batch_size" / "report.json"),
     ]
     for p in parts:  # room for a slow machine, but a hung part can't eat the whole run
-        p.timeout_s = max(60, 3 * p.budget_s) if cuda else max(90, 4 * p.budget_s)
+        p.timeout_s = max(60, 2 * p.budget_s) if cuda else max(90, 4 * p.budget_s)
     return parts
 
 
@@ -275,7 +276,7 @@ def read_kv_sweep(part: Part, cuda: bool) -> tuple[str, str | None, dict, str]:
         else:
             p |= {"tok_per_s_median": round(x["tok_per_s_median"], 1),
                   "ttft_ms_median": round(x["ttft_ms_median"], 2),
-                  "roofline_percent": round(100 * x["roofline_fraction"], 1)}
+                  "roofline_percent": round(100 * x["roofline_fraction"], 3)}
             if "speedup_vs_nocache" in x:
                 p["speedup_vs_nocache"] = round(x["speedup_vs_nocache"], 2)
         points.append(p)
@@ -298,8 +299,11 @@ def read_decode(part: Part, cuda: bool) -> tuple[str, str | None, dict, str]:
     keys = ("batch", "mode", "tok_per_s_median", "vs_eager", "tokens_equal_to_eager", "warmup_s")
     points = [{k: x[k] for k in keys} for x in r["results"]]
     by_batch: dict[int, list[str]] = {}
-    for p in points:
-        by_batch.setdefault(p["batch"], []).append(f"{p['mode']} {p['tok_per_s_median']:,.0f}")
+    for p in points:  # a mode whose tokens differ from eager's says so
+        same = p["tokens_equal_to_eager"]
+        by_batch.setdefault(p["batch"], []).append(
+            f"{p['mode']} {p['tok_per_s_median']:,.0f}" + (f" ({100 * same:.1f}% tokens = eager)"
+                                                           if same < 1 else ""))
     summary = "; ".join(f"b{b}: " + ", ".join(v) + " tok/s" for b, v in by_batch.items())
     return "ok", None, {"new_tokens": r["new_tokens"], "points": points}, summary
 
@@ -464,25 +468,45 @@ def main(argv: list[str]) -> int:
         "out_dir": str(out), "environment": environment,
         "gpu_parts": "run on " + environment["device"] if cuda else
         "GPU parts not run: no CUDA device on this machine. The CUDA tests were skipped and the "
-        "benches ran at a small CPU shape (configs/tiny.yaml, depth 1) to check the commands and "
-        "their reports; no GPU figure was measured and no GPU target checked. On a GPU node: "
+        f"benches ran at a small CPU shape ({CPU_SHAPE_NAME}) to check the commands "
+        "and their reports; no GPU figure was measured and no GPU target checked. On a GPU node: "
         "python -m nanochat.bench.selftest (or sbatch slurm/selftest.sbatch).",
         "budget_s": TOTAL_BUDGET_S[("cuda" if cuda else "cpu", args.quick)],
         "total_s": None, "complete": False,
-        "parts": [{"name": p.name, "title": p.title, "command": shlex.join(["python", "-m", *p.args]),
-                   "budget_s": p.budget_s, "timeout_s": p.timeout_s, "elapsed_s": None,
-                   "status": "pending"} for p in parts],
+        "parts": [{"name": p.name, "title": p.title, "variant": "pytest -m cuda" if p.name == "cuda_tests"
+                   else "d12" if cuda else f"CPU shape: {CPU_SHAPE_NAME}",
+                   "command": shlex.join(["python", "-m", *p.args]), "budget_s": p.budget_s,
+                   "timeout_s": p.timeout_s, "elapsed_s": None, "status": "pending"} for p in parts],
         "targets": [],
     }
     print(f"selftest: {environment['device']}, torch {environment['torch']}"
           + (f", CUDA {environment['cuda_build']}" if cuda else " — no CUDA: GPU parts not run, "
              "CPU shape") + f"; writing {out}", flush=True)
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    atomic_write_json(out / "selftest.json", report)
     t_all = time.perf_counter()
-    by_name: dict[str, dict] = {}
+    terminated = run_parts(parts, report, selected, cuda, out, env)
+    report["total_s"] = round(time.perf_counter() - t_all, 1)
+    report["complete"] = not terminated
+    report["targets"] = targets({e["name"]: e for e in report["parts"]}, cuda)
+    failed = [e["name"] for e in report["parts"] if e["status"] == "failed"]
+    report["ok"] = not failed
+    atomic_write_json(out / "selftest.json", report)
+    table = markdown(report)
+    atomic_write_text(out / "selftest.md", table)
+    print(table, end="")
+    print(f"selftest: wrote {out / 'selftest.json'} and {out / 'selftest.md'}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 143 if terminated else 1 if failed else 0
+
+
+def run_parts(parts: list[Part], report: dict, selected, cuda: bool, out: Path, env: dict) -> bool:
+    """Run the selected parts in order, filling their report entries and rewriting selftest.json
+    after each. True when SIGTERM stopped the run (the running part is failed, the rest not run)."""
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    by_name = {e["name"]: e for e in report["parts"]}
     try:
-        for i, (p, entry) in enumerate(zip(parts, report["parts"]), 1):
-            by_name[p.name] = entry
+        for i, p in enumerate(parts, 1):
+            entry = by_name[p.name]
             if p.name not in selected:
                 entry |= {"status": "not run", "reason": "not selected (--parts)"}
                 continue
@@ -491,6 +515,7 @@ def main(argv: list[str]) -> int:
                           "reason": f"{CUDA_TESTS.relative_to(REPO)} not found"}
                 continue
             print(f"selftest: [{i}/{len(parts)}] {p.name}: {entry['command']}", flush=True)
+            entry["status"] = "running"
             rc, elapsed, log = run_part(p, out, env)
             entry |= {"elapsed_s": round(elapsed, 1), "returncode": rc,
                       "log": str(log.relative_to(out))}
@@ -501,26 +526,26 @@ def main(argv: list[str]) -> int:
                   + (f" — {entry['summary']}" if entry.get("summary") else ""), flush=True)
             report["targets"] = targets(by_name, cuda)
             atomic_write_json(out / "selftest.json", report)
+    except Terminated:
+        for entry in report["parts"]:
+            if entry["status"] == "running":
+                entry |= {"status": "failed", "reason": "terminated (SIGTERM) while running"}
+            elif entry["status"] == "pending":
+                entry |= {"status": "not run", "reason": "terminated (SIGTERM) before it started"}
+        print("selftest: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        return True
     finally:
         signal.signal(signal.SIGTERM, old)
-    report["total_s"] = round(time.perf_counter() - t_all, 1)
-    report["complete"] = True
-    report["targets"] = targets(by_name, cuda)
-    failed = [e["name"] for e in report["parts"] if e["status"] == "failed"]
-    report["ok"] = not failed
-    atomic_write_json(out / "selftest.json", report)
-    table = markdown(report)
-    atomic_write_text(out / "selftest.md", table)
-    print(table, end="")
-    print(f"selftest: wrote {out / 'selftest.json'} and {out / 'selftest.md'}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return False
 
 
 def judge(part: Part, rc: int | None, cuda: bool, log: Path) -> dict:
     """status ok / failed / not run, the reason, figures and summary, the error tail if failed."""
     if rc is None:
         return {"status": "failed", "reason": f"timed out after {part.timeout_s} s",
+                "error_tail": log_tail(log)}
+    if rc != 0 and "No module named pytest" in log.read_text(errors="replace"):
+        return {"status": "failed", "reason": "pytest is not installed (pip install -e '.[test]')",
                 "error_tail": log_tail(log)}
     try:
         if part.name == "cuda_tests":
