@@ -226,8 +226,7 @@ def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDispla
             for task in info["tasks"]:
                 if task["state"] not in (DONE, FAILED, CANCELLED):
                     task["state"] = CANCELLED
-                    if (name, task["index"]) in running:
-                        display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
+                    display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
         manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": how}
         save_manifest(plan.run_dir, manifest)
     finally:

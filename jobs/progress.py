@@ -109,26 +109,27 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def describe(p: TaskProgress, now: float | None = None) -> str:
+def describe(p: TaskProgress, now: float | None = None, eta: bool = True) -> str:
     """step 30/400  loss 4.1234  val_bpb 2.4100  8,123 tok/s  ETA 1m05s — `now` (time.time())
-    counts the ETA down for a task that still runs."""
+    counts the ETA down for a task that still runs; `eta=False` for one that ended."""
     parts = [f"step {p.step}/{p.total}" if p.total else f"step {p.step}", f"loss {p.loss:.4f}"]
     if p.val:
         parts.append(f"{p.val[0]} {p.val[1]:.4f}")
     if p.tok_per_s is not None:
         parts.append(f"{p.tok_per_s:,.0f} tok/s")
-    eta = p.eta_now(now)
-    if eta is not None:
-        parts.append(f"ETA {duration(eta)}")
+    left = p.eta_now(now) if eta else None
+    if left is not None:
+        parts.append(f"ETA {duration(left)}")
     return "  ".join(parts)
 
 
-def progress_text(stage: str, task_dir: str | Path, now: float | None = None) -> str:
-    """What a task's progress log says, for the stages that keep one; "" otherwise."""
+def progress_text(stage: str, task_dir: str | Path, running: bool) -> str:
+    """What a task's progress log says, for the stages that keep one; "" otherwise. The ETA
+    only while it runs, counted down from the newest record."""
     if stage not in PROGRESS_STAGES:
         return ""
     p = read_progress(task_dir)
-    return describe(p, now) if p else ""
+    return describe(p, time.time(), eta=running) if p else ""
 
 
 def last_log_line(path: str | Path, max_bytes: int = 4096) -> str:

@@ -71,7 +71,7 @@ def _eval_summary(task_dir: Path) -> str:
 def _detail(stage: str, task_dir: Path, running: bool) -> str:
     if stage == "eval":
         return _eval_summary(task_dir)
-    return progress_text(stage, task_dir, now=time.time() if running else None)
+    return progress_text(stage, task_dir, running)
 
 
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:

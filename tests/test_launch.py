@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,38 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
             ("base", "sft", "eval", "sweep")}
     assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "sweep")), status
     assert "cancelled" not in rows["base"], status
+
+
+def test_cancelling_a_local_run_stops_its_tasks_and_status_says_by_the_user(recipe_file, tmp_path):
+    """`status.py --cancel` on a local run signals its launcher, which stops the running task,
+    marks the rest cancelled and records who cancelled; --resume would finish it."""
+    run = tmp_path / "runs" / "t"
+    launcher = subprocess.Popen([sys.executable, "jobs/launch.py", str(recipe_file), "train.num_iterations=5000",
+                                 "train.eval_every=-1", "--executor", "local", "--output-root", str(tmp_path / "runs")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        progress = run / "base" / "000" / "progress.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and launcher.poll() is None and \
+                not (progress.exists() and '"train"' in progress.read_text()):
+            time.sleep(0.5)
+        assert launcher.poll() is None, "the launcher ended before training ran:\n" + launcher.communicate()[0]
+        cancel = subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO,
+                                capture_output=True, text=True, timeout=90)
+        assert cancel.returncode == 0 and "cancelled the local run" in cancel.stdout, cancel.stdout + cancel.stderr
+        out = launcher.communicate(timeout=60)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1, out
+    assert "[base 0] CANCELLED by the user" in out and "[report 0] CANCELLED by the user" in out, out
+    assert "--resume" in out.splitlines()[-1], out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {s: v["tasks"][0]["state"] for s, v in manifest["stages"].items()} == \
+        {"base": "CANCELLED", "report": "CANCELLED"}
+    assert manifest["cancelled"]["by"] and manifest["cancelled"]["how"] == "SIGTERM"
+    status = subprocess.run([sys.executable, "jobs/status.py", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert status.count("cancelled by the user") == 2 and "Traceback" not in status, status
 
 
 def test_discovery_runs_first_and_a_cache_hit_skips_it(recipe_file, tmp_path):

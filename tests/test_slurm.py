@@ -139,6 +139,46 @@ def test_failed_training_cancels_its_dependents_and_status_says_why(slurm, recip
     assert rows["sweep"]["state"] == "CANCELLED"
     assert rows["report"]["state"] == "COMPLETED"     # afterany on all of them: reports the failure
     assert any("smaller than the tokenizer's" in line for line in rows["base"]["stderr"])
+    # why each ended: eval waited for sft, which waited for base; the named task is the one that failed
+    assert {s: rows[s]["why"] for s in ("sft", "eval", "sweep")} == \
+        dict.fromkeys(("sft", "eval", "sweep"), "cancelled: base task 0 failed")
+    assert all(rows[s]["stderr"] == [] for s in ("sft", "eval", "sweep"))
+    out = status_cli(tmp_path / "runs" / "s")
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split()}
+    assert all("cancelled: base task 0 failed" in lines[s] for s in ("sft", "eval", "sweep")), out
+    assert "smaller than the tokenizer's" in out, "a failed job keeps its stderr tail"
+
+
+def status_cli(run_dir: Path, *args) -> str:
+    res = subprocess.run([sys.executable, "jobs/status.py", str(run_dir), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode in (0, 1), res.stderr
+    return res.stdout
+
+
+def test_a_run_cancelled_by_the_user_says_so_instead_of_the_sigterm_traceback(slurm, recipe_file, tmp_path):
+    """`status.py --cancel` while base trains: the manifest records who and when, and status
+    shows "cancelled by the user" for the running task and the waiting report, no traceback."""
+    run = tmp_path / "runs" / "s"
+    res = launch(recipe_file, "train.num_iterations=5000", "train.eval_every=-1", "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    progress = run / "base" / "000" / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and '"train"' in progress.read_text()):
+        time.sleep(0.5)
+    assert progress.exists(), collect(run)
+    assert "cancelled jobs:" in status_cli(run, "--cancel")
+    record = json.loads((run / "manifest.json").read_text())["cancelled"]
+    assert record["by"] and record["at"] and len(record["jobs"]) == 2
+    rows = {r["stage"]: r for r in wait_until_done(run, 120)}
+    assert {s: r["state"] for s, r in rows.items()} == {"base": "CANCELLED", "report": "CANCELLED"}
+    assert all(r["why"].startswith(f"cancelled by the user ({record['by']}, ") for r in rows.values()), rows
+    assert rows["base"]["stderr"] == []
+    err = "".join(p.read_text() for p in (run / "slurm").glob("*/*_log.err"))
+    assert "CANCELLED AT" in err, "what status no longer shows: the job's end as its stderr tells it"
+    out = status_cli(run)
+    assert out.count("cancelled by the user") == 2 and "Traceback" not in out, out
+    assert re.search(r"step \d+/5000", out), "where it was stopped: " + out
 
 
 def test_training_checkpoints_on_the_warning_signal_and_resumes_after_requeue(slurm, recipe_file, tmp_path):
