@@ -4,12 +4,14 @@ Every GPU path checked and the GPU figures measured by one command, in one proce
 part is a child process (`python -m ...`) with its own timeout, timed.
 
 1. cuda_tests: `pytest -m cuda tests/test_cuda.py` — passed / failed / skipped from pytest's junit
-   XML; tests that all skip (no CUDA) mean "not run", never a pass;
+   XML; tests that all skip (no CUDA) mean "not run", never a pass (`--quick` leaves out tests
+   also marked `slow`);
 2. train: `bench.train configs/d12.yaml`, eager vs compiled — tokens/s, MFU against the datasheet
    peak and against a measured matmul;
 3. kv_sweep: `bench.kv_sweep configs/d12.yaml` at batch 1, (8,) 64 — KV cache (CUDA graph on) vs no
    cache: tokens/s, time to first token, % of the memory roofline;
-4. decode: `bench.decode configs/d12.yaml` at batch 1 — eager vs compiled vs CUDA graph;
+4. decode: `bench.decode configs/d12.yaml` at batch 1 — eager vs compiled vs CUDA graph
+   (`--quick`: eager vs CUDA graph; the CUDA tests check compiled decode);
 5. batch_size: `bench.batch_size configs/d12.yaml model.sequence_len=2048` — discovery time,
    probes, the chosen device batch.
 
@@ -28,7 +30,7 @@ seconds, status ok / failed / not run and why, key figures, the error tail of a 
 targets) — rewritten after every part, so a killed run keeps what finished — and DIR/selftest.md,
 the table, also printed. Each part's output is in DIR/<part>/log.txt. Exit code 1 when a part
 that ran failed (the other parts still run), 2 for bad input (an unwritable --out, checked before
-anything runs).
+anything runs), 143 on SIGTERM (the running part and its children stopped, the report written).
 
 For tests and debugging: `--parts train,decode` runs only those parts (the others: not run, not
 selected); `--set PART:ARG` appends ARG — a recipe override `section.key=value` or a flag — to
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_json, atomic_write_text, cli_main, git_commit, now_iso
@@ -89,8 +91,7 @@ class Part:
     args: list[str]                 # after `python -m`
     budget_s: int                   # planned elapsed time on the target machine
     timeout_s: int                  # killed (with its children) past this
-    report: Path | None = None      # the JSON the part writes
-    result: dict = field(default_factory=dict)
+    report: Path                    # what the part writes: its JSON report, pytest's junit XML
 
 
 def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
@@ -127,32 +128,32 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
                     "--hits", "3", "--warmup", "2", "--repeats", "2"]
         budgets = q({"cuda_tests": 8, "train": 45, "kv_sweep": 20, "decode": 35, "batch_size": 30},
                     {"cuda_tests": 6, "train": 22, "kv_sweep": 10, "decode": 12, "batch_size": 10})
+    def part(name: str, title: str, args: list[str], report: Path) -> Part:
+        # timeouts: room for a slow machine, but a hung part can't eat the whole run
+        budget = budgets[name]
+        return Part(name, title, args, budget, max(60, 2 * budget) if cuda else max(90, 4 * budget),
+                    report)
+
     mark = "cuda and not slow" if quick else "cuda"  # quick: tests marked `slow` stay out
-    parts = [
-        Part("cuda_tests", "CUDA tests", ["pytest", "-m", mark, "-q", "-rfEs", "-p", "no:cacheprovider",
-                                          str(CUDA_TESTS.relative_to(REPO)),
-                                          f"--junitxml={out / 'cuda_tests' / 'junit.xml'}"],
-             budgets["cuda_tests"], 0, out / "cuda_tests" / "junit.xml"),
-        Part("train", "training step, eager vs compiled",
+    return [
+        part("cuda_tests", "CUDA tests",
+             ["pytest", "-m", mark, "-q", "-rfEs", "-p", "no:cacheprovider",
+              str(CUDA_TESTS.relative_to(REPO)), f"--junitxml={out / 'cuda_tests' / 'junit.xml'}"],
+             out / "cuda_tests" / "junit.xml"),
+        part("train", "training step, eager vs compiled",
              ["nanochat.bench.train", recipe, *shape, *train, "--compile", "both",
-              "--json", str(out / "train" / "report.json")],
-             budgets["train"], 0, out / "train" / "report.json"),
-        Part("kv_sweep", "KV-cache sweep, cache vs no cache",
+              "--json", str(out / "train" / "report.json")], out / "train" / "report.json"),
+        part("kv_sweep", "KV-cache sweep, cache vs no cache",
              ["nanochat.bench.kv_sweep", recipe, *shape, *sweep, f"run_dir={out / 'kv_sweep' / 'run'}",
-              "--out", str(out / "kv_sweep")],
-             budgets["kv_sweep"], 0, out / "kv_sweep" / "results.json"),
-        Part("decode", "decode modes" + (", eager vs compiled vs CUDA graph" if cuda else
-                                         ", eager vs compiled"),
+              "--out", str(out / "kv_sweep")], out / "kv_sweep" / "results.json"),
+        part("decode", "decode modes, eager vs " + ("CUDA graph" if cuda and quick else
+                                                    "compiled vs CUDA graph" if cuda else "compiled"),
              ["nanochat.bench.decode", recipe, *shape, *decode, f"run_dir={out / 'decode' / 'run'}",
-              "--json", str(out / "decode" / "report.json")],
-             budgets["decode"], 0, out / "decode" / "report.json"),
-        Part("batch_size", "batch-size discovery",
+              "--json", str(out / "decode" / "report.json")], out / "decode" / "report.json"),
+        part("batch_size", "batch-size discovery",
              ["nanochat.bench.batch_size", *discover, "--json", str(out / "batch_size" / "report.json")],
-             budgets["batch_size"], 0, out / "batch_size" / "report.json"),
+             out / "batch_size" / "report.json"),
     ]
-    for p in parts:  # room for a slow machine, but a hung part can't eat the whole run
-        p.timeout_s = max(60, 2 * p.budget_s) if cuda else max(90, 4 * p.budget_s)
-    return parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def run_part(part: Part, out: Path, env: dict) -> tuple[int | None, float, Path]
     None when it timed out, elapsed seconds, log path)."""
     part_dir = out / part.name
     part_dir.mkdir(parents=True, exist_ok=True)
-    if part.report is not None and part.report.exists():
+    if part.report.exists():
         part.report.unlink()  # a report left by an earlier run must not pass for this one's
     log = part_dir / "log.txt"
     cmd = [sys.executable, "-m", *part.args]
@@ -287,7 +288,8 @@ def read_kv_sweep(part: Part, cuda: bool) -> tuple[str, str | None, dict, str]:
         if p["mode"] == "cache" and "error" not in p:
             bits.append(f"b{p['batch']} {p['tok_per_s_median']:,.0f} tok/s, TTFT "
                         f"{p['ttft_ms_median']:.1f} ms, {p['roofline_percent']:.0f}% roofline"
-                        + (f", ×{p['speedup_vs_nocache']:.1f} no cache" if "speedup_vs_nocache" in p else ""))
+                        + (f", ×{p['speedup_vs_nocache']:.1f} no cache"
+                           if "speedup_vs_nocache" in p else ""))
     errors = [f"{p['mode']} b{p['batch']}: {p['error']}" for p in points if "error" in p]
     summary = ("cache" + (" (CUDA graph)" if figures["cuda_graph"] else "") + ": " + "; ".join(bits)
                + ("; " + "; ".join(errors) if errors else ""))
@@ -464,7 +466,8 @@ def main(argv: list[str]) -> int:
         p.args += extra.get(p.name, [])
     report = {
         "selftest": "nanochat GPU self-test (issue 15)", "quick": args.quick, "started": started,
-        "git_commit": git_commit(REPO), "command": shlex.join(["python", "-m", "nanochat.bench.selftest", *argv]),
+        "git_commit": git_commit(REPO),
+        "command": shlex.join(["python", "-m", "nanochat.bench.selftest", *argv]),
         "out_dir": str(out), "environment": environment,
         "gpu_parts": "run on " + environment["device"] if cuda else
         "GPU parts not run: no CUDA device on this machine. The CUDA tests were skipped and the "
