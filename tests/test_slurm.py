@@ -128,6 +128,32 @@ def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
         subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO, timeout=60)
 
 
+def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, tmp_path):
+    """Each stage's dry-run text is the sbatch script submitit then writes and submits, line for
+    line, once the symbolic dependencies are the real job ids (held with a far --begin)."""
+    args = ["stages=[base,sweep,report]", "grid={train.seed: [1, 2]}", "cluster.additional={begin: now+3600}",
+            "--output-root", tmp_path / "runs"]
+    dry = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), *map(str, args), "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    res = launch(recipe_file, *args)
+    run = tmp_path / "runs" / "s"
+    try:
+        assert res.returncode == 0, res.stderr
+        ids = {s: v["job_id"] for s, v in json.loads((run / "manifest.json").read_text())["stages"].items()}
+        scripts = dict(part.split("\n", 1) for part in dry.stdout.split("# ===== stage ")[1:])
+        for head, text in scripts.items():
+            stage = head.split(":")[0]
+            text = text.split("\n# dry run:")[0].rstrip("\n") + "\n"
+            for up, job in ids.items():
+                text = text.replace(f"<{up} job id>", job)
+            text = re.sub(r"--dependency='([^']*)'", r"--dependency=\1", text)  # quoted only for the <>
+            submitted = (run / "slurm" / ids[stage] / f"{ids[stage]}_submission.sh").read_text()
+            assert text == submitted, (stage, text, submitted)
+    finally:
+        subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO, timeout=60)
+
+
 def test_failed_training_cancels_its_dependents_and_status_says_why(slurm, recipe_file, tmp_path):
     res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
                  "--output-root", tmp_path / "runs")
