@@ -550,6 +550,8 @@ def judge(part: Part, rc: int | None, cuda: bool, log: Path) -> dict:
     if rc != 0 and "No module named pytest" in log.read_text(errors="replace"):
         return {"status": "failed", "reason": "pytest is not installed (pip install -e '.[test]')",
                 "error_tail": log_tail(log)}
+    if part.name == "cuda_tests" and rc not in (0, 1, 5):  # 2-4: interrupted, internal, usage
+        return {"status": "failed", "reason": f"pytest exit code {rc}", "error_tail": log_tail(log)}
     try:
         if part.name == "cuda_tests":
             status, reason, figures, summary = read_cuda_tests(part, rc, cuda)
