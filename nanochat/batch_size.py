@@ -42,11 +42,12 @@ from typing import Callable
 from filelock import FileLock
 
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso
-from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
+from nanochat.batch_check import BatchCheck, run_json_updater
+from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps, legal_device_batch_sizes
 from nanochat.dataset import tokenizer_key
 from nanochat.gpt import GPTConfig
 from nanochat.memory_probe import ProbeServer, ProbeSpec, run_probe
-from nanochat.runtime import compute_dtype
+from nanochat.runtime import Runtime, compute_dtype
 from nanochat.targets import Target, resolve_target
 from nanochat.tokenizer import Tokenizer
 
@@ -464,15 +465,85 @@ def discover_for_recipe(recipe: Recipe, stage: str = "base", world_size: int = 1
 
 
 def resolve_device_batch_size(recipe: Recipe, stage: str, world_size: int, model=None,
-                              vocab_size: int | None = None) -> int:
-    """The stage's device batch size: the recipe's integer, or discovery's answer for "auto".
-    A training stage passes its live `model`, probed in place (no second copy of the weights
-    counted), and the tokenizer's real vocabulary."""
+                              vocab_size: int | None = None) -> tuple[int, Discovery | None]:
+    """The stage's device batch size: the recipe's integer (and None), or discovery's answer
+    for "auto" (and the Discovery). A training stage passes its live `model`, probed in place
+    (no second copy of the weights counted), and the tokenizer's real vocabulary."""
     section = recipe.training_section(stage)
     if section.device_batch_size != "auto":
-        return section.device_batch_size
-    return discover_for_recipe(recipe, stage=stage, world_size=world_size, model=model,
-                               vocab_size=vocab_size).batch_size
+        return section.device_batch_size, None
+    found = discover_for_recipe(recipe, stage=stage, world_size=world_size, model=model,
+                                vocab_size=vocab_size)
+    return found.batch_size, found
+
+
+def discovery_summary(found: Discovery | None) -> dict | None:
+    """What run.json says of where the device batch came from (None: the recipe fixed it)."""
+    if found is None:
+        return None
+    return {"batch_size": found.batch_size, "from_cache": found.from_cache,
+            "cache_path": str(found.cache_path) if found.cache_path else None,
+            "probes": found.probes_run, "seconds": round(found.seconds, 3),
+            "method": found.record.get("method", "probes")}
+
+
+def correct_cache(found: Discovery, batch: int, why: str) -> Path | None:
+    """Rewrite discovery's cache entry with a smaller answer the run itself measured (marked
+    as corrected, with why and when). None when the entry is not on disk or can't be written."""
+    if found.cache_path is None:
+        return None
+    rec = dict(found.record)
+    res = rec["result"]
+    rec["result"] = {**res, "batch_size": batch, "largest": min(res["largest"], batch),
+                     "fastest": min(res["fastest"], batch)}
+    rec["corrected"] = list(rec.get("corrected", [])) + [
+        {"from": res["batch_size"], "to": batch, "why": why, "date": now_iso(),
+         "host": socket.gethostname()}]
+    with _cache_lock(found.cache_path) as state:
+        if state == "unusable":
+            return None
+        try:
+            atomic_write_json(found.cache_path, rec)
+        except OSError as e:
+            _warn(f"cannot correct batch-size cache {found.cache_path} ({e})")
+            return None
+    found.record = rec
+    return found.cache_path
+
+
+def batch_check(recipe: Recipe, stage: str, found: Discovery | None, rt: Runtime, seq_len: int,
+                rebuild, run_json: Path | None = None) -> BatchCheck | None:
+    """The watch over the first steps of a run sized by `found` (nanochat/batch_check.py); None
+    when the recipe fixed the batch. `rebuild(batch, loader_state)` makes the loader at another
+    device batch; a correction is also written into `run_json` (by rank 0)."""
+    if found is None:
+        return None
+    world_size = rt.dist.world_size
+    on_correct = run_json_updater(run_json) if run_json is not None and rt.dist.is_master else None
+    dc = recipe.discovery
+    section, name = recipe.training_section(stage), TRAINING_SECTIONS[stage]
+    candidates = legal_candidates(section.total_batch_size, seq_len, world_size, dc.candidates,
+                                  dc.min_batch_size, dc.max_batch_size)
+
+    probes = found.record.get("probes", [])
+
+    def accum_for(b: int) -> int:
+        return grad_accum_steps(section.total_batch_size, b, seq_len, world_size, section=name)
+
+    def correct(old: int, new: int, why: str) -> str | None:
+        path = correct_cache(found, new, why)
+        if on_correct is not None:
+            on_correct(new, accum_for(new))
+        return str(path) if path else None
+
+    return BatchCheck(batch=found.batch_size, accum=accum_for(found.batch_size),
+                      smaller=sorted((b for b in candidates if b < found.batch_size), reverse=True),
+                      accum_for=accum_for, rebuild=rebuild, correct=correct,
+                      usable_bytes=found.record["memory"]["usable_bytes"],
+                      capacity_bytes=found.record["memory"]["capacity_bytes"],
+                      predicted_bytes={p["batch"]: p["peak_bytes"] for p in probes if p.get("peak_bytes")},
+                      fixed_bytes={p["batch"]: p["fixed_bytes"] for p in probes if p.get("fixed_bytes")},
+                      stage=stage)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,9 +41,8 @@ import torch
 
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.optim import build_optimizers
+from nanochat.optim import build_optimizers, optimizer_step
 from nanochat.runtime import DistInfo, Runtime, maybe_compile, tune_cpu_allocator
-from nanochat.trainer import optimizer_step
 
 CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
 
@@ -129,6 +128,25 @@ def cpu_peak(base_rss: int, base_anon: int) -> int:
     - the kernel's high-water mark of all resident memory (VmHWM) since `reset_peak_rss`: the
       peak under an allocator that unmaps freed blocks (glibc's defaults)."""
     return max(proc_status("RssAnon") - base_anon, proc_status("VmHWM") - base_rss)
+
+
+def memory_baseline() -> tuple[int, int]:
+    """(VmRSS, RssAnon) now, with the kernel's peak reset to now: `cpu_peak(*baseline)` later
+    is the process's peak above this point, measured as a probe measures it."""
+    reset_peak_rss()
+    return proc_status("VmRSS"), proc_status("RssAnon")
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free memory back to the kernel (glibc malloc_trim), so that the next
+    peak reading sees what the next step uses, not what an earlier, larger one left in a heap
+    the tuned allocator never trims. False off glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def host_ram_bytes() -> int:

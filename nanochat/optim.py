@@ -333,3 +333,14 @@ def load_optimizer_state_dicts(opts: list[torch.optim.Optimizer], states: list[d
                         f"{len(opts)} optimizers; was it saved with a different parameter grouping?")
     for opt, state in zip(opts, states):
         opt.load_state_dict(state)
+
+
+def optimizer_step(params, optimizers: list, grad_clip: float) -> None:
+    """Clip, step every optimizer, drop the gradients: the training step's update, shared with
+    batch-size discovery's probes so they measure exactly what training runs."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.batch_size import resolve_device_batch_size
+from nanochat.batch_check import at_device_batch
+from nanochat.batch_size import batch_check, discovery_summary, resolve_device_batch_size
 from nanochat.chat_data import load_sft_conversations
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
 from nanochat.config import Recipe, grad_accum_steps
@@ -143,8 +144,8 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
 
     optimizers = build_optimizers(model.param_groups(), sft_optim_args(recipe), config.n_embd,
                                   all_params=model.parameters())
-    device_batch = resolve_device_batch_size(recipe, "sft", rt.dist.world_size, model=model,
-                                             vocab_size=config.vocab_size)
+    device_batch, found = resolve_device_batch_size(recipe, "sft", rt.dist.world_size, model=model,
+                                                    vocab_size=config.vocab_size)
     accum = grad_accum_steps(recipe.sft.total_batch_size, device_batch, seq, rt.dist.world_size,
                              section="sft")
     rows_per_step = device_batch * accum * rt.dist.world_size
@@ -173,28 +174,38 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
             "base_checkpoint": str(base_step), "device": str(rt.device), "dtype": str(rt.dtype),
             "world_size": rt.dist.world_size, "torch": torch.__version__,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
-            "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats})
+            "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats,
+            "discovery": discovery_summary(found)})
     if start_step >= steps:
         print0(f"{out} is already fine-tuned to step {start_step}; nothing to do")
         return {"step": start_step}
 
-    loader = SFTLoader(train.items, device_batch, seq, tokenizer.bos_token_id, rt.dist.rank,
-                       rt.dist.world_size, rt.device, seed=recipe.train.seed, state=loader_state)
+    loaders: list[SFTLoader] = []
+
+    def loader_at(batch: int, state: dict | None) -> SFTLoader:
+        loaders.append(SFTLoader(train.items, batch, seq, tokenizer.bos_token_id, rt.dist.rank,
+                                 rt.dist.world_size, rt.device, seed=recipe.train.seed, state=state))
+        return loaders[-1]
+
     if not val.items:
         print0("sft data: no validation conversations (raise sft.val_fraction or add data); "
                "val_loss is measured on the first 256 training conversations")
-    evaluate = make_loss_evaluator(val.items or train.items[:256], tokenizer, rt, device_batch, seq,
-                                   recipe.train.eval_tokens)
+    check = batch_check(recipe, "sft", found, rt, seq, rebuild=loader_at,
+                        run_json=out / "run.json")
+    evaluate = at_device_batch(check, device_batch, lambda b: make_loss_evaluator(
+        val.items or train.items[:256], tokenizer, rt, b, seq, recipe.train.eval_tokens))
+
     train_args = sft_train_args(recipe, device_batch, steps)
     step_model = maybe_compile(model, train_args)
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.sft.total_batch_size,
                     flops_per_token=model.flops_per_token(), train=train_args,
-                    optim=sft_optim_args(recipe), stage="sft", meta=meta)
+                    optim=sft_optim_args(recipe), stage="sft", meta=meta, batch_check=check)
     graphs0 = compile_count()
-    result = train_loop(rt, out, model, step_model, optimizers, loader, evaluate, spec,
-                        start_step=start_step, stop_requested=stop_requested)
+    result = train_loop(rt, out, model, step_model, optimizers, loader_at(device_batch, loader_state),
+                        evaluate, spec, start_step=start_step, stop_requested=stop_requested)
     result["compilations"] = compile_count() - graphs0
-    result["real_token_fraction"] = round(loader.real_tokens / max(1, loader.total_tokens), 4)
+    result["real_token_fraction"] = round(sum(ld.real_tokens for ld in loaders)
+                                          / max(1, sum(ld.total_tokens for ld in loaders)), 4)
     if recipe.train.compile:
         print0(f"[sft] torch.compile compiled {result['compilations']} graph(s) in this run")
     return result

@@ -16,7 +16,8 @@ import json
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.batch_size import resolve_device_batch_size
+from nanochat.batch_check import at_device_batch
+from nanochat.batch_size import batch_check, discovery_summary, resolve_device_batch_size
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.dataloader import DataLoader
@@ -61,8 +62,8 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
     optimizers = build_optimizers(model.param_groups(), recipe.optim, config.n_embd,
                                   all_params=model.parameters())
 
-    device_batch = resolve_device_batch_size(recipe, "base", rt.dist.world_size, model=model,
-                                             vocab_size=config.vocab_size)
+    device_batch, found = resolve_device_batch_size(recipe, "base", rt.dist.world_size, model=model,
+                                                    vocab_size=config.vocab_size)
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
     steps = num_iterations(recipe, model)
@@ -87,19 +88,25 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
             "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
             "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
-            "tokens_per_step": recipe.train.total_batch_size})
+            "tokens_per_step": recipe.train.total_batch_size, "discovery": discovery_summary(found)})
     if start_step >= steps:
         print0(f"{run_dir} is already trained to step {start_step}; nothing to do")
         return {"step": start_step}
 
-    loader = DataLoader(train_paths, tokenizer, device_batch, seq, rt.dist.rank,
-                        rt.dist.world_size, rt.device, state=loader_state)
-    evaluate = make_bpb_evaluator(val_paths, tokenizer, rt, device_batch, seq,
-                                  recipe.train.eval_tokens)
+    def loader_at(batch: int, state: dict | None) -> DataLoader:
+        return DataLoader(train_paths, tokenizer, batch, seq, rt.dist.rank, rt.dist.world_size,
+                          rt.device, state=state)
+
+    check = batch_check(recipe, "base", found, rt, seq, rebuild=loader_at,
+                        run_json=run_dir / "run.json")
+    evaluate = at_device_batch(check, device_batch, lambda b: make_bpb_evaluator(
+        val_paths, tokenizer, rt, b, seq, recipe.train.eval_tokens))
+
     step_model = maybe_compile(model, recipe.train)
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.train.total_batch_size,
                     flops_per_token=flops, train=recipe.train, optim=recipe.optim, stage="base",
-                    meta=meta)
+                    meta=meta, batch_check=check)
+    loader = loader_at(device_batch, loader_state)
     return train_loop(rt, run_dir, model, step_model, optimizers, loader, evaluate, spec,
                       start_step=start_step, stop_requested=stop_requested)
 

@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
 from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum
+from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum, optimizer_step
 from nanochat.plots import plot_progress, read_jsonl
 from nanochat.runtime import Runtime, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
@@ -76,6 +77,7 @@ class LoopSpec:
     optim: OptimArgs
     stage: str = "base"
     meta: dict = field(default_factory=dict)  # stored in every checkpoint (recipe, model config)
+    batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batch_check.py)
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
@@ -176,6 +178,20 @@ def _evaluate(model: torch.nn.Module, evaluate: Callable, rt: Runtime) -> tuple[
     return metrics, time.perf_counter() - t0
 
 
+def _micro_steps(step_model: torch.nn.Module, batches, x, y, accum: int, rt: Runtime):
+    """Forward and backward over one step's micro-batches, fetching the next batch while the
+    device works. Returns (loss sum, the next x, y, the loader state before that batch)."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        with rt.autocast():
+            loss = step_model(x, y)
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+        next_state = batches.state_dict()
+        x, y = next(batches)
+    return loss_sum, x, y, next_state
+
+
 def _mean_loss(loss_sum: torch.Tensor, grad_accum: int, rt: Runtime) -> float:
     """The step's loss averaged over micro-steps and ranks: the one host sync of a logged step."""
     loss_avg = loss_sum / grad_accum
@@ -208,6 +224,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
+    accum, check = spec.grad_accum, spec.batch_check
     profiler = None
     last: dict = {}
     ok = False
@@ -231,17 +248,23 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             if args.profile_steps and step == args.profile_steps[0]:
                 profiler = _start_profiler(rt)
             lrm = apply_schedule(optimizers, step, spec)
-            loss_sum = torch.zeros((), device=rt.device)
-            for _ in range(spec.grad_accum):
-                with rt.autocast():
-                    loss = step_model(x, y)
-                (loss / spec.grad_accum).backward()
-                loss_sum += loss.detach()
-                next_state = batches.state_dict()
-                x, y = next(batches)  # fetch the next batch while the GPU works
+            watched = check is not None and check.watching(step)
+            if watched:
+                check.before_step(rt)
+                (loss_sum, x, y, next_state), batches = checked_micro_steps(
+                    check, rt, step, lambda b, x_, y_, a: _micro_steps(step_model, b, x_, y_, a, rt),
+                    batches, x, y, next_state, optimizers)
+                accum = check.accum
+            else:
+                loss_sum, x, y, next_state = _micro_steps(step_model, batches, x, y, accum, rt)
             if rt.dist.is_distributed:
                 allreduce_gradients(params)
             optimizer_step(params, optimizers, args.grad_clip)
+            if watched:
+                rec, batches, nx, ny = check_after_step(check, rt, step, batches, next_state)
+                logger.write(rec)
+                if nx is not None:
+                    x, y, accum = nx, ny, check.accum
             if profiler is not None:
                 profiler.step()
                 if step + 1 == args.profile_steps[1]:
@@ -250,7 +273,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
             logger.step_done()
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
-                last.update(logger.train_record(step, _mean_loss(loss_sum, spec.grad_accum, rt), lrm))
+                last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))
             logger.advance()
         ok = True
     finally:
@@ -258,18 +281,10 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     if profiler is not None:
         _stop_profiler(profiler, run_dir, rt, args.profile_steps)
     last["step"] = step
+    if check is not None and check.corrections:
+        last["batch_corrections"] = check.corrections
+        last["device_batch_size"] = check.batch
     return last
-
-
-def optimizer_step(params, optimizers: list, grad_clip: float) -> None:
-    """Clip, step every optimizer, drop the gradients: the training step's update, shared with
-    batch-size discovery's probes so they measure exactly what training runs."""
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
 
 
 def _agreed_stop(rt: Runtime, step: int, every: int, stop_requested) -> bool:
