@@ -118,8 +118,19 @@ class Cancelled(Exception):
     """SIGTERM (`jobs/status.py --cancel` on a local run) or Ctrl-C reached the local executor."""
 
 
-def _on_sigterm(*_):
-    raise Cancelled("SIGTERM")
+class _StopRequest:
+    """Signal handler that only notes the request: the polling loop acts on it between polls
+    (an exception raised at any point could leave a task's process started but unrecorded)."""
+
+    def __init__(self):
+        self.how: str | None = None
+
+    def __call__(self, signum, _frame):
+        self.how = self.how or ("SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)")
+
+    def check(self) -> None:
+        if self.how:
+            raise Cancelled(self.how)
 
 
 def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
@@ -134,21 +145,22 @@ def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
         env.pop(key)  # a local run inside a SLURM allocation must not look like a SLURM job
     display = LiveDisplay()
     running: dict[tuple[str, int], tuple[subprocess.Popen, LiveTask]] = {}
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    stop = _StopRequest()
+    # signal handlers can only be set from the main thread (launch.main called from elsewhere: none)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     ok = True
     try:
         for stage in plan.stages:
-            ok &= _run_stage_local(plan, manifest, stage, resume, running, display,
+            ok &= _run_stage_local(plan, manifest, stage, resume, running, display, stop,
                                    lambda i, name=stage.name: _start_task(plan, name, i, env, root))
-    except (Cancelled, KeyboardInterrupt) as e:
-        _cancel_local(plan, manifest, running, display, "interrupted (Ctrl-C)"
-                      if isinstance(e, KeyboardInterrupt) else "SIGTERM")
+    except Cancelled as e:
+        _cancel_local(plan, manifest, running, display, str(e))
         return False
     finally:
         display.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return ok
 
 
@@ -160,7 +172,7 @@ def _start_task(plan: Plan, stage: str, i: int, env: dict, root: str) -> subproc
 
 
 def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, running: dict,
-                     display: LiveDisplay, start) -> bool:
+                     display: LiveDisplay, stop: _StopRequest, start) -> bool:
     """One stage's tasks, `array_parallelism` at once, polled twice a second: the display
     refreshes between polls, so it is never silent for long while work runs."""
     entries = manifest["stages"][stage.name]["tasks"]
@@ -169,6 +181,7 @@ def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, run
     workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
     ok = True
     while todo or running:
+        stop.check()  # before reaping: a Ctrl-C also kills the tasks, which must not count as failed
         while todo and len(running) < workers:
             i = todo.pop(0)
             entry = entries[i]
@@ -201,37 +214,32 @@ def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, run
         if running:
             display.update([live for _, live in running.values()])
             time.sleep(0.5)
+            stop.check()
     save_manifest(plan.run_dir, manifest)
     return ok
 
 
 def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDisplay, how: str) -> None:
     """Stop the running tasks (SIGTERM, then SIGKILL after 10 s) and mark every unfinished task
-    CANCELLED, recording who cancelled and when, as `jobs/status.py --cancel` does on SLURM."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    # a second Ctrl-C must not cut the clean-up short
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    try:
-        for proc, _ in running.values():
-            proc.terminate()
-        for proc, _ in running.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for (name, i), (_, live) in running.items():
-            manifest["stages"][name]["tasks"][i]["elapsed_s"] = round(time.monotonic() - live.started, 1)
-        for name, info in manifest["stages"].items():
-            for task in info["tasks"]:
-                if task["state"] not in (DONE, FAILED, CANCELLED):
-                    task["state"] = CANCELLED
-                    display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
-        manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": how}
-        save_manifest(plan.run_dir, manifest)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+    CANCELLED, recording who cancelled and when, as `jobs/status.py --cancel` does on SLURM.
+    (A second Ctrl-C meanwhile only notes a request again: the clean-up runs to its end.)"""
+    for proc, _ in running.values():
+        proc.terminate()
+    for proc, _ in running.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for (name, i), (_, live) in running.items():
+        manifest["stages"][name]["tasks"][i]["elapsed_s"] = round(time.monotonic() - live.started, 1)
+    for name, info in manifest["stages"].items():
+        for task in info["tasks"]:
+            if task["state"] not in (DONE, FAILED, CANCELLED):
+                task["state"] = CANCELLED
+                display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
+    manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": how}
+    save_manifest(plan.run_dir, manifest)
 
 
 def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
@@ -327,8 +335,8 @@ def main(argv: list[str]) -> int:
     if executor == "local":
         ok = run_local(plan, manifest, resume=previous is not None)
         if manifest.get("cancelled"):
-            print(f"cancelled; to finish it: python jobs/launch.py {' '.join([args.recipe] + args.overrides)} "
-                  f"--resume", flush=True)
+            again = [a for a in argv if a not in ("--force", "--resume")] + ["--resume"]
+            print(f"cancelled; to finish it: {shlex.join(['python', 'jobs/launch.py', *again])}", flush=True)
         else:
             print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
         return 0 if ok else 1

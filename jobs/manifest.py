@@ -115,11 +115,13 @@ def cancel_reason(manifest: dict, stage: str, index: int, state_of, cancelled_by
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, it
-    names one process, where a pid alone may have been reused."""
+    names one process, where a pid alone may have been reused. None once it has exited (a
+    zombie whose parent has not yet reaped it has exited too)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else None
 
 
 def launcher_record() -> dict:

@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +144,9 @@ def cancel(run_dir: Path) -> None:
     manifest = read_manifest(run_dir)
     if manifest.get("executor") == "local":
         launcher = manifest.get("launcher")
+        if launcher and launcher.get("host") != socket.gethostname():
+            raise UserError(f"{run_dir} runs locally on {launcher.get('host')} (launcher pid "
+                            f"{launcher.get('pid')}); run --cancel there")
         if launcher_alive(launcher):
             os.kill(launcher["pid"], signal.SIGTERM)
             deadline = time.time() + 60  # it gives its tasks 10 s to stop, then kills them

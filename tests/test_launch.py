@@ -285,18 +285,17 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
 
 def test_cancelling_a_local_run_stops_its_tasks_and_status_says_by_the_user(recipe_file, tmp_path):
     """`status.py --cancel` on a local run signals its launcher, which stops the running task,
-    marks the rest cancelled and records who cancelled; --resume would finish it."""
+    marks the rest cancelled and records who cancelled; it prints how to finish the run."""
     run = tmp_path / "runs" / "t"
     launcher = subprocess.Popen([sys.executable, "jobs/launch.py", str(recipe_file), "train.num_iterations=5000",
                                  "train.eval_every=-1", "--executor", "local", "--output-root", str(tmp_path / "runs")],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        progress = run / "base" / "000" / "progress.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and launcher.poll() is None and \
-                not (progress.exists() and '"train"' in progress.read_text()):
-            time.sleep(0.5)
-        assert launcher.poll() is None, "the launcher ended before training ran:\n" + launcher.communicate()[0]
+        while time.time() < deadline and launcher.poll() is None and not (
+                (run / "manifest.json").exists() and '"RUNNING"' in (run / "manifest.json").read_text()):
+            time.sleep(0.2)
+        assert launcher.poll() is None, "the launcher ended before base ran:\n" + launcher.communicate()[0]
         cancel = subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO,
                                 capture_output=True, text=True, timeout=90)
         assert cancel.returncode == 0 and "cancelled the local run" in cancel.stdout, cancel.stdout + cancel.stderr
