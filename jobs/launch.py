@@ -208,8 +208,8 @@ def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, run
             entry["state"] = DONE if proc.returncode == 0 else FAILED
             save_manifest(plan.run_dir, manifest)
             err = plan.run_dir / "logs" / f"{name}_{i}.err"
-            display.finish(live, f"[{name} {i}] {entry['state']} in {duration(entry['elapsed_s'])}"
-                           + (f" — see {err}" if entry["state"] == FAILED else ""))
+            display.finish(live, f"[{name} {i}] {entry['state']} in {duration(entry['elapsed_s'])}",
+                           f" — see {err}" if entry["state"] == FAILED else "")
             ok &= entry["state"] == DONE
         if running:
             display.update([live for _, live in running.values()])

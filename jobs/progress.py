@@ -30,7 +30,7 @@ class TaskProgress:
     step: int                   # steps done (the newest train record's step + 1)
     total: int | None           # run.json's num_iterations; None before it is written
     loss: float
-    tok_per_s: float | None     # absent on a record right after an evaluation window
+    tok_per_s: float | None     # optional in the log's format, as is eta_s
     eta_s: float | None
     val: tuple[str, float, int] | None  # newest evaluation: (metric, value, step)
     updated: float              # when progress.jsonl last changed (time.time() clock)
@@ -43,7 +43,7 @@ class TaskProgress:
         return self.eta_s if now is None else max(0.0, self.eta_s - max(0.0, now - self.updated))
 
 
-def _tail_records(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict]:
+def _tail_records(path: Path, max_bytes: int | None = TAIL_BYTES) -> list[dict]:
     """The JSON records of the file's last `max_bytes` (all of them when max_bytes is None).
     Reading only the tail keeps a refresh cheap on a long run's log. The loop appends while we
     read: a line without its newline is still being written and is skipped."""
@@ -233,15 +233,12 @@ class LiveDisplay:
         self._write(text + "\n")
         self.shown[(task.stage, task.index)] = (what, now)
 
-    def finish(self, task: LiveTask, text: str) -> None:
-        """The task ended: `text` (its end) as a permanent line; in a log, first its newest
-        progress if not printed yet, so a log always holds a training task's last step."""
-        if not self.tty:
-            line, what = self._line(task, time.monotonic())
-            before = self.shown.pop((task.stage, task.index), None)
-            if what[0] == "training" and (before is None or before[0] != what):
-                self._write(line + "\n")
-        self.log(text)
+    def finish(self, task: LiveTask, head: str, tail: str = "") -> None:
+        """The task ended: a permanent line `head · its last step, loss, val and tok/s tail` (the
+        live line with those is gone on a terminal, and in a log may be some steps behind)."""
+        self.shown.pop((task.stage, task.index), None)
+        p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
+        self.log(head + (f" · {describe(p, eta=False)}" if p else "") + tail)
 
     def close(self) -> None:
         self._write(self._erase_codes())
