@@ -51,7 +51,7 @@ from nanochat.runtime import Runtime, compute_dtype
 from nanochat.targets import Target, resolve_target
 from nanochat.tokenizer import Tokenizer
 
-VERSION = 1                 # bump when the search or the probe changes what they measure
+VERSION = 2                 # bump when the search or the probe changes what they measure
 GB = 1e9
 LOCK_TIMEOUT_S = 3 * 3600   # a discoverer waiting on another's lock gives up (and probes) after this
 WAIT_TIMEOUT_S = 3 * 3600   # how long ranks ≠ 0 wait for rank 0's answer
@@ -304,16 +304,22 @@ def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spe
          f"({target.source}); candidates {candidates}")
     server = ProbeServer() if isolate else None
     n = 0
+    # A compiled step peaks no higher than the eager one but for compile's own fixed cost (CPU,
+    # tiny: 0.26 vs 0.25 GB at batch 4, 0.52 vs 1.06 at 16, 0.88 vs 1.69 at 32), and compiling
+    # at every probed size costs a compile each (max-autotune: minutes). So a compiled recipe
+    # is probed eagerly, then the chosen size is confirmed with one compiled probe.
+    eager = dataclasses.replace(spec, compile=False)
 
-    def probe(b: int) -> dict:
+    def probe(b: int, sp: ProbeSpec = eager) -> dict:
         nonlocal n
         n += 1
-        r = server.probe(spec, b, limit) if server else run_probe(spec, b, model=model)
+        r = server.probe(sp, b, limit) if server else run_probe(sp, b, model=model)
         r["tok_per_s"] = _train_tok_s(r, rows, seq)
+        r["fits"] = not r["oom"] and r["peak_bytes"] is not None and r["peak_bytes"] <= usable
         peak = "out of memory" if r["oom"] else f"peak {r['peak_bytes'] / GB:.3f} GB"
-        ok = "fits" if not r["oom"] and r["peak_bytes"] <= usable else "does not fit"
         rate = f", {r['tok_per_s']:,.0f} tok/s" if r["tok_per_s"] else ""
-        _log(f"batch {b}: {peak} → {ok}{rate} ({r['seconds']:.1f} s)")
+        how = ", compiled" if sp.compile else ""
+        _log(f"batch {b}{how}: {peak} → {'fits' if r['fits'] else 'does not fit'}{rate} ({r['seconds']:.1f} s)")
         return r
 
     try:
@@ -330,16 +336,29 @@ def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spe
                     r = probe(b)
                     r["fits"] = True
                     res.probes.append(r)
+        fitting = [p for p in res.probes if p["fits"] and p["batch"] in candidates]
+        timed = [p for p in fitting if p.get("tok_per_s")]
+        fastest = max(timed, key=lambda p: p["tok_per_s"])["batch"] if timed else res.largest
+        chosen = fastest if dc.choose == "fastest" else res.largest
+        confirmed = []
+        while spec.compile:   # confirm compiled; step down (rare: compile's fixed cost) until it fits
+            confirmed.append(probe(chosen, spec))
+            smaller = [b for b in candidates if b < chosen]
+            if confirmed[-1]["fits"] or not smaller:
+                break
+            chosen = smaller[-1]
+        if confirmed and not confirmed[-1]["fits"]:
+            raise _too_small_error(SearchResult(None, confirmed, None, None, None), target, usable,
+                                   dc.headroom, None)
     finally:
         if server:
             server.close()
-    fitting = [p for p in res.probes if p["fits"] and p["batch"] in candidates]
-    timed = [p for p in fitting if p.get("tok_per_s")]
-    fastest = max(timed, key=lambda p: p["tok_per_s"])["batch"] if timed else res.largest
+    largest = min(res.largest, chosen)
+    method = f"eager probes, compiled confirmation at {chosen}" if spec.compile else "probes"
     record = {
-        "key": key,
-        "result": {"batch_size": fastest if dc.choose == "fastest" else res.largest,
-                   "largest": res.largest, "fastest": fastest, "choose": dc.choose},
+        "key": key, "method": method,
+        "result": {"batch_size": chosen, "largest": largest, "fastest": min(fastest, largest),
+                   "choose": dc.choose},
         "memory": {"capacity_bytes": target.capacity_bytes, "source": target.source,
                    "usable_bytes": int(usable), "fixed_bytes": res.fixed_bytes,
                    "per_sample_bytes": res.per_sample_bytes, "first_guess": res.first_guess,
@@ -348,6 +367,8 @@ def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spe
         "probes": [{k: p.get(k) for k in ("batch", "fits", "oom", "peak_bytes", "fixed_bytes",
                                           "tok_per_s", "fwdbwd_s", "opt_s", "seconds")}
                    for p in res.probes],
+        "compiled_confirmation": [{k: p.get(k) for k in ("batch", "fits", "oom", "peak_bytes", "seconds")}
+                                  for p in confirmed] or None,
         "seconds": round(time.perf_counter() - t0, 3),
         "host": socket.gethostname(), "date": now_iso(), "git_commit": git_commit(),
     }

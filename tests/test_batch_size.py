@@ -296,3 +296,24 @@ def test_two_ranks_agree_and_only_rank_0_probes(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["batch_size"] == r1["batch_size"] == 1  # 2 rows per step over 2 ranks
     assert r0["probes"] >= 1 and r1["probes"] == 0
+
+
+def test_a_compiled_recipe_probes_eagerly_and_compiles_once_to_confirm(tmp_path):
+    """Compiling at every probed size costs a compile each; a compiled step peaks no higher
+    than the eager one (bench.batch_size --peaks), so the search is eager and one compiled
+    probe confirms the answer."""
+    def recipe(compiled: bool, cache: str):
+        return recipe_from_dict({
+            "model": {"depth": 1, "n_embd": 32, "n_head": 1, "sequence_len": 32, "vocab_size": 256},
+            "train": {"device": "cpu", "total_batch_size": 32 * 8, "device_batch_size": "auto",
+                      "compile": compiled},
+            "discovery": {"cache_dir": str(tmp_path / cache), "memory_budget_gb": 4.0, "max_batch_size": 8}})
+    eager = discover(recipe(False, "eager"))
+    compiled = discover(recipe(True, "compiled"))
+    confirmations = compiled.record["compiled_confirmation"]
+    assert [c["batch"] for c in confirmations] == [compiled.batch_size] and confirmations[0]["fits"]
+    assert compiled.probes_run == eager.probes_run + 1, "one compiled probe on top of the eager search"
+    assert compiled.record["method"] == f"eager probes, compiled confirmation at {compiled.batch_size}"
+    assert eager.record["method"] == "probes" and eager.record["compiled_confirmation"] is None
+    assert compiled.batch_size == eager.batch_size
+    assert compiled.record["key"]["compile"] is True and compiled.cache_path != eager.cache_path

@@ -7,6 +7,10 @@ In one run on the current device:
    included, forward + backward + optimizer) at the recipe's fixed device batch (or `--fixed`)
    versus the discovered one: `--warmup` untimed steps, then `--repeats` timed steps each, with a
    device sync around each step (median, min, max tokens/s).
+With `train.compile=true` it also times the same discovery of the eager recipe (compiled
+recipes probe eagerly and confirm the chosen size with one compiled probe), and `--peaks 4,16`
+measures the eager and the compiled step's peak memory at those batch sizes side by side, each
+in a fresh child process as discovery probes (the evidence for probing eagerly).
 Prints JSON (`--json PATH` also writes it there). Not a test: the figures depend on the machine
 and its load.
 """
@@ -42,6 +46,32 @@ def training_tok_s(recipe, rt, batch: int, warmup: int, repeats: int) -> dict:
                           "max": r["tok_per_s_max"], "n": repeats}}
 
 
+def compare_peaks(recipe, batches: list[int]) -> list[dict]:
+    """The training step's peak at each batch, eager and compiled, as discovery probes it."""
+    if not batches:
+        return []
+    from nanochat.batch_size import probe_spec
+    from nanochat.memory_probe import ProbeServer, run_probe
+    spec = probe_spec(recipe, resolve_target(recipe))
+    out = []
+    server = ProbeServer() if spec.device == "cpu" else None
+    try:
+        for b in batches:
+            row = {"batch": b}
+            for name, compiled in (("eager", False), ("compiled", True)):
+                sp = dataclasses.replace(spec, compile=compiled)
+                r = server.probe(sp, b, None) if server else run_probe(sp, b)
+                row[f"{name}_peak_gb"] = None if r["oom"] else round(r["peak_bytes"] / 1e9, 3)
+                row[f"{name}_s"] = round(r["seconds"], 1)
+            if row["eager_peak_gb"] and row["compiled_peak_gb"]:
+                row["compiled_over_eager"] = round(row["compiled_peak_gb"] / row["eager_peak_gb"], 3)
+            out.append(row)
+    finally:
+        if server:
+            server.close()
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.batch_size", __doc__.splitlines()[0])
     ap.add_argument("--fixed", type=int, default=None,
@@ -50,6 +80,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the report to this file")
+    ap.add_argument("--peaks", default="", help="batch sizes (comma-separated) at which to measure "
+                                                 "the eager vs the compiled step's peak memory")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     fixed = args.fixed if args.fixed is not None else recipe.train.device_batch_size
@@ -68,6 +100,15 @@ def main(argv: list[str]) -> int:
             d = discover(recipe)
             hits.append((time.perf_counter() - t0) * 1e3)
             assert d.from_cache and d.probes_run == 0
+        eager_search = None
+        if recipe.train.compile:  # the same search for the eager recipe, in its own cache
+            eager_recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, compile=False),
+                                               discovery=dataclasses.replace(recipe.discovery, cache_dir=tmp + "/eager"))
+            t0 = time.perf_counter()
+            e = discover(eager_recipe)
+            eager_search = {"seconds": round(time.perf_counter() - t0, 2), "probes": e.probes_run,
+                            "batch_size": e.batch_size}
+    peaks = compare_peaks(recipe, [int(b) for b in args.peaks.split(",") if b.strip()])
     runs = {"fixed": training_tok_s(recipe, rt, fixed, args.warmup, args.repeats)}
     runs["discovered"] = runs["fixed"] if found.batch_size == fixed else \
         training_tok_s(recipe, rt, found.batch_size, args.warmup, args.repeats)
@@ -84,6 +125,8 @@ def main(argv: list[str]) -> int:
         "discovery": {"seconds": round(discovery_s, 2), "probes": found.probes_run,
                       "batch_size": found.batch_size, "largest": found.largest,
                       "fastest": found.fastest, "candidates": found.record["candidates"],
+                      "method": found.record.get("method"),
+                      "compiled_confirmation": found.record.get("compiled_confirmation"),
                       "usable_gb": round(mem["usable_bytes"] / 1e9, 3), "source": mem["source"],
                       "probes_detail": [{"batch": p["batch"], "fits": p["fits"],
                                          "peak_gb": None if p["peak_bytes"] is None
@@ -91,6 +134,10 @@ def main(argv: list[str]) -> int:
                                          "seconds": round(p["seconds"], 2)}
                                         for p in found.record["probes"]]},
         "cache_hit_ms": _stats(hits, 2),
+        "eager_search": eager_search,
+        "compiled_vs_eager_search": (round(discovery_s / eager_search["seconds"], 2)
+                                     if eager_search else None),
+        "peaks_eager_vs_compiled": peaks,
         "training": runs,
         "speedup_discovered_vs_fixed": round(runs["discovered"]["tok_per_s"]["median"]
                                              / runs["fixed"]["tok_per_s"]["median"], 3),
