@@ -148,6 +148,18 @@ def last_log_line(path: str | Path, max_bytes: int = 4096) -> str:
     return ""
 
 
+def eval_summary(task_dir: str | Path) -> str:
+    """An eval task's scores from the eval.json it writes: val_bpb 2.5747 arithmetic 0.120 ..."""
+    try:
+        res = json.loads((Path(task_dir) / "eval.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return ""
+    parts = [f"val_bpb {res['val_bpb']:.4f}"] if isinstance(res.get("val_bpb"), (int, float)) else []
+    parts += [f"{k} {t['accuracy']:.3f}" for k, t in (res.get("tasks") or {}).items()
+              if isinstance(t.get("accuracy"), (int, float))]
+    return " ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # The live display of the local executor.
 
@@ -234,11 +246,16 @@ class LiveDisplay:
         self.shown[(task.stage, task.index)] = (what, now)
 
     def finish(self, task: LiveTask, head: str, tail: str = "") -> None:
-        """The task ended: a permanent line `head · its last step, loss, val and tok/s tail` (the
-        live line with those is gone on a terminal, and in a log may be some steps behind)."""
+        """The task ended: a permanent line `head · what it achieved tail` — a training task's
+        last step, loss, val and tok/s (its live line is gone on a terminal, and in a log may be
+        some steps behind), an eval task's scores."""
         self.shown.pop((task.stage, task.index), None)
-        p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
-        self.log(head + (f" · {describe(p, eta=False)}" if p else "") + tail)
+        if task.stage == "eval":
+            said = eval_summary(task.task_dir)
+        else:
+            p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
+            said = describe(p, eta=False) if p else ""
+        self.log(head + (f" · {said}" if said else "") + tail)
 
     def close(self) -> None:
         self._write(self._erase_codes())

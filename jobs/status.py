@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
                            record_cancel, save_manifest)
-from jobs.progress import progress_text  # noqa: E402
+from jobs.progress import eval_summary, progress_text  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -58,21 +58,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
     return states
 
 
-def _eval_summary(task_dir: Path) -> str:
-    try:
-        res = json.loads((task_dir / "eval.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return ""
-    parts = [f"val_bpb {res['val_bpb']:.4f}"] if isinstance(res.get("val_bpb"), (int, float)) else []
-    parts += [f"{k} {t['accuracy']:.3f}" for k, t in (res.get("tasks") or {}).items()
-              if isinstance(t.get("accuracy"), (int, float))]
-    return " ".join(parts)
-
-
 def _detail(stage: str, task_dir: Path, running: bool) -> str:
-    if stage == "eval":
-        return _eval_summary(task_dir)
-    return progress_text(stage, task_dir, running)
+    return eval_summary(task_dir) if stage == "eval" else progress_text(stage, task_dir, running)
 
 
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:

@@ -95,6 +95,19 @@ def test_in_a_log_a_task_gets_a_line_per_change_and_a_heartbeat_when_nothing_cha
     assert "\x1b" not in out.getvalue(), "no terminal codes in a log"
 
 
+def test_an_eval_tasks_end_line_has_its_scores_and_a_failure_points_at_its_log(tmp_path):
+    out = io.StringIO()
+    display = LiveDisplay(out, tty=False)
+    (tmp_path / "eval.json").write_text(json.dumps({  # as nanochat.eval writes it
+        "stage": "sft", "step": 2, "val_bpb": 2.25, "skipped": {"gsm8k": "the hub does not answer"},
+        "tasks": {"arithmetic": {"metric": "exact", "accuracy": 0.5, "correct": 5, "total": 10}}}))
+    display.finish(LiveTask("eval", 0, str(tmp_path), time.monotonic()), "[eval 0] COMPLETED in 9s")
+    display.finish(LiveTask("sweep", 0, str(tmp_path / "sweep"), time.monotonic()), "[sweep 0] FAILED in 1s",
+                   " — see logs/sweep_0.err")
+    assert out.getvalue().splitlines() == ["[eval 0] COMPLETED in 9s · val_bpb 2.2500 arithmetic 0.500",
+                                           "[sweep 0] FAILED in 1s — see logs/sweep_0.err"]
+
+
 def test_on_a_terminal_the_lines_are_redrawn_in_place(tmp_path):
     out = io.StringIO()
     display = LiveDisplay(out, tty=True)
