@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
 from nanochat.config import DEVICE_NAME_ENV
 from nanochat.recipe import load_recipe
 
@@ -147,6 +147,8 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
     """The one callable every job runs (picklable, for submitit)."""
     # A job reports the device it has, never the launching process's (see nanochat.targets).
     os.environ.pop(DEVICE_NAME_ENV, None)
+    # ... and never downloads: what it needs was prepared on the login node (nanochat.common)
+    os.environ.update({NO_DOWNLOAD_ENV: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     return RUNNERS[stage](Path(run_dir), index)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nanochat.common import UserError, cli_main, print0
+from nanochat.common import UserError, cli_main, downloads_allowed, not_prepared, print0
 from nanochat.offline_data import chatterbot_dialogues
 from nanochat.config import Recipe
 from nanochat.tokenizer import check_conversation
@@ -147,6 +147,8 @@ def _smoltalk(recipe: Recipe, split: str) -> tuple[list[tuple[str, dict]], int]:
     try:
         ds = datasets.load_dataset(name, split=hub_split)
     except Exception as e:  # ConnectionError offline, DatasetNotFoundError, HTTP errors...
+        if not downloads_allowed():  # a job: HF_DATASETS_OFFLINE, and it is not in the cache
+            raise not_prepared(f"sft.hub_dataset {name} (split {hub_split})") from None
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         raise UserError(f"could not load sft.hub_dataset {name} (split {hub_split}) from the hub "
                         f"({type(e).__name__}: {first[:200]}); check the network and HF_ENDPOINT "

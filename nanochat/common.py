@@ -77,6 +77,24 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+# --------------------------------------------------------------------------------------------
+# Jobs don't download. Compute nodes often have no internet, and finding that out after hours
+# in the queue is the worst time: the launcher prepares everything on the login node
+# (`python -m nanochat.prepare`), and a job that finds something missing fails at once, saying so.
+
+NO_DOWNLOAD_ENV = "NANOCHAT_NO_DOWNLOAD"  # set in every job (jobs/tasks.py)
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get(NO_DOWNLOAD_ENV, "") not in ("1", "true", "yes")
+
+
+def not_prepared(what: str) -> UserError:
+    return UserError(f"{what} is not prepared, and a job does not download; run `python -m "
+                     "nanochat.prepare RECIPE` on a node with internet (jobs/launch.py does before "
+                     "submitting, unless --no-prepare)")
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The commit of the code that runs (with '-dirty' when the tree has local changes)."""
     cwd = cwd or Path(__file__).resolve().parent

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from filelock import FileLock
 
-from nanochat.common import UserError, atomic_path, atomic_write_json, print0
+from nanochat.common import UserError, atomic_path, atomic_write_json, downloads_allowed, not_prepared, print0
 from nanochat.config import DataArgs, Recipe
 from nanochat.offline_data import fetch_package
 from nanochat.tokenizer import Tokenizer, capped_texts, train_tokenizer
@@ -243,6 +243,8 @@ def _download_fineweb(args: DataArgs, progress: bool) -> list[Path]:
     def url(name):
         return f"{endpoint}/datasets/{args.hub_repo}/resolve/main/{name}"
 
+    if missing and not downloads_allowed():
+        raise not_prepared(f"{len(missing)} FineWeb shard(s) in {data_dir} (first: {missing[0]})")
     if missing and offline:
         raise UserError(f"HF_HUB_OFFLINE is set but {len(missing)} shard(s) are missing from "
                         f"{data_dir} (first: {url(missing[0])}); unset HF_HUB_OFFLINE, or set "

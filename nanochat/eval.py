@@ -34,7 +34,7 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat import tasks
-from nanochat.common import UserError, atomic_write_json, cli_main, print0
+from nanochat.common import UserError, atomic_write_json, cli_main, downloads_allowed, print0
 from nanochat.config import EvalArgs, Recipe
 from nanochat.dataset import list_shards, split_shards
 from nanochat.engine import Engine, load_model
@@ -287,7 +287,8 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
             problems = tasks.generate_problems(kind, ev.problems_per_task, "eval",
                                                tasks.TASK_SEED, words)
             results[kind] = {**run_task(kind, problems, engine, tokenizer, ev), "source": "generated"}
-        offline = hub_unreachable() if ev.hub_tasks else None
+        # a job reads the hub tasks from the datasets cache nanochat.prepare filled (offline)
+        offline = hub_unreachable() if ev.hub_tasks and downloads_allowed() else None
         for name in ev.hub_tasks:
             if offline is not None:
                 skipped[name] = f"could not load from the hub ({offline})"
@@ -295,7 +296,9 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
             try:
                 problems = load_hub_problems(name, ev.hub_problems)
             except Exception as e:  # offline, no such dataset, HTTP errors: recorded, never fatal
-                skipped[name] = f"could not load from the hub ({_first_line(e)})"
+                hint = "" if downloads_allowed() else \
+                    "; not prepared: run `python -m nanochat.prepare RECIPE` where the hub answers"
+                skipped[name] = f"could not load from the hub ({_first_line(e)}){hint}"
                 continue
             results[name] = {**run_task(name, problems, engine, tokenizer, ev), "source": "hub"}
     else:

