@@ -74,6 +74,8 @@ def collect(run_dir: Path) -> list[dict]:
             tdir = Path(task["run_dir"])
             if name in ("base", "sft") and (info := run_info(tdir)):
                 row.setdefault("wandb", {})[name] = info
+            if name in ("base", "sft") and (run := _load_json(tdir / "run.json")):
+                row.setdefault("batch", {})[name] = run
             if name == "base":
                 row.update(_base_cells(tdir))
             elif name == "sft":
@@ -141,6 +143,35 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _batch_lines(run_dir: Path, rows: list[dict]) -> list[str]:
+    """Where each training task's device batch came from: the recipe, or discovery (a cache
+    hit, or probes — by the discover job or the task itself), and corrections the run made."""
+    job = _load_json(run_dir / "discover" / "discovery.json") or {}
+    out = []
+    for r in rows:
+        for stage, run in (r.get("batch") or {}).items():
+            d = run.get("discovery")
+            if d is None:
+                how, where = "fixed by the recipe", ""
+            else:
+                by_job = job.get(stage) or {}
+                if not d["from_cache"]:
+                    how = f"discovered by this task: {d['probes']} probes in {d['seconds']:.1f} s"
+                elif by_job and not by_job.get("from_cache"):
+                    how = (f"cache hit; discovered by the discover job: {by_job.get('probes')} probes "
+                           f"in {by_job.get('seconds', 0):.1f} s")
+                else:
+                    how = "cache hit"
+                how += f" ({d.get('method', 'probes')})"
+                where = f"`{d['cache_path']}`" if d.get("cache_path") else "(not cached)"
+            fixes = "; ".join(f"{c['from']} → {c['to']}" for c in run.get("batch_corrections", []))
+            out.append(f"| {r['task']} | {stage} | {run.get('device_batch_size')} | {how} | {where} | {fixes} |")
+    if not out:
+        return []
+    return ["", "## Device batch size", "", "| task | stage | device batch | how | cache file | corrected |",
+            "|---|---|---:|---|---|---|"] + out
+
+
 def _tracking_lines(rows: list[dict]) -> list[str]:
     """Links to the wandb runs (train.wandb_project); offline runs by directory, with the
     command that uploads them."""
@@ -172,6 +203,7 @@ def write_report(run_dir: Path) -> Path:
         if r.get("eval_skipped"):
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
+    lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)
     for r in rows:
         if "sweep" in r:

@@ -47,3 +47,13 @@ def tiny_recipe(corpus, tmp_path):
             "train": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 20,
                       "eval_every": 5, "eval_tokens": 2048, "save_every": 10,
                       "progress_bar": False, "device": "cpu"}}
+
+
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """`jobs.tasks.run_task` sets a job's environment (no downloads, HF offline) in its own
+    process, as a job should; a test that calls it in-process must not pass that on."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
