@@ -33,14 +33,6 @@ class TaskProgress:
     tok_per_s: float | None     # optional in the log's format, as is eta_s
     eta_s: float | None
     val: tuple[str, float, int] | None  # newest evaluation: (metric, value, step)
-    updated: float              # when progress.jsonl last changed (time.time() clock)
-
-    def eta_now(self, now: float | None = None) -> float | None:
-        """The ETA counted down since the record was written: records come every
-        train_log_every steps, and a display that refreshes in between should not stand still."""
-        if self.eta_s is None:
-            return None
-        return self.eta_s if now is None else max(0.0, self.eta_s - max(0.0, now - self.updated))
 
 
 def _tail_records(path: Path, max_bytes: int | None = TAIL_BYTES) -> list[dict]:
@@ -90,13 +82,9 @@ def read_progress(task_dir: str | Path) -> TaskProgress | None:
     r = train[-1]
     evals = [(k, e[k], e["step"]) for e in records if e.get("event") == "eval" and "step" in e
              for k in VAL_KEYS if isinstance(e.get(k), (int, float))]
-    try:
-        updated = path.stat().st_mtime
-    except FileNotFoundError:  # moved aside (--force) between the read and now
-        updated = time.time()
     return TaskProgress(step=r["step"] + 1, total=_total_steps(task_dir), loss=r["loss"],
                         tok_per_s=r.get("tok_per_s"), eta_s=r.get("eta_s"),
-                        val=evals[-1] if evals else None, updated=updated)
+                        val=evals[-1] if evals else None)
 
 
 def duration(seconds: float) -> str:
@@ -109,27 +97,27 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def describe(p: TaskProgress, now: float | None = None, eta: bool = True) -> str:
-    """step 30/400  loss 4.1234  val_bpb 2.4100  8,123 tok/s  ETA 1m05s — `now` (time.time())
-    counts the ETA down for a task that still runs; `eta=False` for one that ended."""
+def describe(p: TaskProgress, eta: bool = True) -> str:
+    """step 30/400  loss 4.1234  val_bpb 2.4100  8,123 tok/s  ETA 1m05s — the ETA as the loop
+    estimated it at that step (counting it down between records would show 0s for a run
+    slower than estimated); `eta=False` for a task that ended."""
     parts = [f"step {p.step}/{p.total}" if p.total else f"step {p.step}", f"loss {p.loss:.4f}"]
     if p.val:
         parts.append(f"{p.val[0]} {p.val[1]:.4f}")
     if p.tok_per_s is not None:
         parts.append(f"{p.tok_per_s:,.0f} tok/s")
-    left = p.eta_now(now) if eta else None
-    if left is not None:
-        parts.append(f"ETA {duration(left)}")
+    if eta and p.eta_s is not None:
+        parts.append(f"ETA {duration(p.eta_s)}")
     return "  ".join(parts)
 
 
 def progress_text(stage: str, task_dir: str | Path, running: bool) -> str:
     """What a task's progress log says, for the stages that keep one; "" otherwise. The ETA
-    only while it runs, counted down from the newest record."""
+    only while it runs."""
     if stage not in PROGRESS_STAGES:
         return ""
     p = read_progress(task_dir)
-    return describe(p, time.time(), eta=running) if p else ""
+    return describe(p, eta=running) if p else ""
 
 
 def last_log_line(path: str | Path, max_bytes: int = 4096) -> str:
@@ -200,7 +188,7 @@ class LiveDisplay:
         head = f"{task.label} {duration(now - task.started):>6}"
         p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
         if p is not None:
-            return f"{head}  {describe(p, time.time())}", ("training", p.step, p.val)
+            return f"{head}  {describe(p)}", ("training", p.step, p.val)
         said = last_log_line(task.log) if task.log else ""
         what = "starting" if task.stage in PROGRESS_STAGES else "running"
         return f"{head}  {what}" + (f" · {said[:100]}" if said else ""), (what, said)

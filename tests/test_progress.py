@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.progress import TAIL_BYTES, LiveDisplay, LiveTask, describe, duration, read_progress
+from jobs.progress import TAIL_BYTES, LiveDisplay, LiveTask, describe, duration, progress_text, read_progress
 from nanochat.trainer import ProgressLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,10 +55,11 @@ def test_reader_skips_a_line_being_written_and_reads_far_back_when_the_tail_has_
     assert (p.step, p.loss, p.val) == (31, 1.0, ("val_bpb", 2.0, 31))
 
 
-def test_eta_counts_down_from_the_record_while_the_task_runs(tmp_path):
-    p = read_progress(_training_dir(tmp_path))
-    assert p.eta_now(p.updated + 5) == 60.0 and p.eta_now(p.updated + 500) == 0.0
-    assert p.eta_now() == 65.0, "without a clock (a finished task): the recorded ETA"
+def test_a_task_that_ended_shows_no_eta_and_durations_read_as_a_person_says_them(tmp_path):
+    d = _training_dir(tmp_path)
+    assert progress_text("base", d, running=True).endswith("ETA 1m05s")
+    assert progress_text("base", d, running=False) == "step 30/400  loss 3.1000  val_bpb 2.4100  8,123 tok/s"
+    assert progress_text("eval", d, running=True) == "", "only training stages keep a progress log"
     assert [duration(s) for s in (0, 42, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
 
 
