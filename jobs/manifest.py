@@ -1,6 +1,7 @@
 """The run's manifest (`RUN_DIR/manifest.json`): the one record of what a launch planned and
 submitted — git commit, executor, every stage's dependency, job id, and per task its grid
-values, directories and state. The launcher writes it (atomically) before anything is
+values, directories and state; who cancelled the run and when (`cancelled`), and the local
+executor's process (`launcher`). The launcher writes it (atomically) before anything is
 submitted and after every change; the jobs, `jobs/status.py` and the report read it here.
 """
 from __future__ import annotations

@@ -89,8 +89,9 @@ def collect(run_dir: Path) -> list[dict]:
                          "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING")})
     states = {(r["stage"], r["task"]): r["state"] for r in rows}
     for r in rows:
-        # why it ended: a cancelled job's stderr holds only the traceback of the SIGTERM that
-        # stopped it, so say who or what cancelled it instead; a failed job keeps its tail
+        # why it ended: a cancelled job's stderr holds only the noise of the SIGTERM that stopped
+        # it (a traceback, SLURM's "CANCELLED AT"), so say who or what cancelled it instead; a
+        # failed job keeps its tail
         r["why"] = cancel_reason(manifest, r["stage"], r["task"], lambda st, i: states.get((st, i)),
                                  r["cancelled_by"]) if r["state"] == CANCELLED else ""
         ended_badly = r["state"] in FINAL - {DONE, CANCELLED}
