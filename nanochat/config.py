@@ -134,6 +134,11 @@ class EvalArgs:
     batch_size: int = 32            # prompts per generation batch
     hub_tasks: list[str] = field(default_factory=lambda: ["arc_easy", "gsm8k"])  # hub tasks run when the hub answers; [] = offline only
     hub_problems: int = 200         # problems per hub task (first N of the test split)
+    core: bool = False              # also score CORE (DCLM's 22 in-context tasks, any stage) into eval.json's "core"
+    core_bundle: str | None = None  # a local copy of the CORE eval_bundle (directory or .zip); None: cache_dir/eval_bundle, fetched by nanochat.prepare
+    core_url: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # where nanochat.prepare downloads the bundle from
+    core_max_per_task: int = -1     # CORE examples per task, the first N after a seed-1337 shuffle; -1 = all
+    core_batch_size: int = 32       # sequences per CORE forward pass (right-padded to the longest)
 
 
 @dataclass
@@ -378,6 +383,13 @@ def _validate_eval(ev: EvalArgs) -> None:
         check(getattr(ev, k) >= 1, f"eval.{k}", f"must be ≥ 1, got {getattr(ev, k)}")
     check(all(t in HUB_TASKS for t in ev.hub_tasks), "eval.hub_tasks",
           f"must name tasks from {', '.join(HUB_TASKS)}; got {ev.hub_tasks}")
+    check(ev.core_max_per_task == -1 or ev.core_max_per_task >= 1, "eval.core_max_per_task",
+          f"must be ≥ 1 or -1 (every example), got {ev.core_max_per_task}")
+    check(ev.core_batch_size >= 1, "eval.core_batch_size", f"must be ≥ 1, got {ev.core_batch_size}")
+    check(re.match(r"https?://[^/\s]+", ev.core_url) is not None, "eval.core_url",
+          f"must be an http:// or https:// URL, got {ev.core_url!r}")
+    check(ev.core_bundle is None or bool(ev.core_bundle.strip()), "eval.core_bundle",
+          "must be a path to an eval_bundle directory or .zip (or null)")
 
 
 def _validate_discovery(dc: DiscoveryArgs) -> None:
