@@ -31,7 +31,7 @@ from jobs.manifest import (CANCELLED, DONE, FAILED, MANIFEST, cancel_reason, has
                            launcher_record, new_manifest, read_manifest, save_manifest, upstream_tasks)
 from jobs.progress import LiveDisplay, LiveTask, duration  # noqa: E402
 from jobs.tasks import run_task  # noqa: E402
-from nanochat.common import UserError, cli_main, now_iso  # noqa: E402
+from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import OUTPUT_ROOT  # noqa: E402
 from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
 
@@ -55,15 +55,56 @@ def check_partition(partition: str | None) -> None:
                         f"(sinfo lists: {', '.join(out) or 'none'}); nothing was submitted")
 
 
-def discovery_cached(recipe) -> bool | None:
+def discovery_lookup(recipe, executor: str = "local") -> tuple[bool | None, str]:
     """Whether the batch-size cache already answers for every stage that asks for `auto` (base
-    and/or sft); None when none asks."""
+    and/or sft) on the device the jobs will get — this machine's for the local executor, else
+    the one the partition's device record names (`nanochat.targets`: a login node has no GPU)
+    — and a line saying which, or why the cache could not be asked. (None, "") when none asks."""
     keys = discovery_stages(recipe)
     if not keys:
-        return None
-    from nanochat.batch_size import cached_result  # imports torch: only when a stage asks
-    return all(cached_result(recipe, stage=k, world_size=recipe.cluster.world_size) is not None
-               for k in keys)
+        return None, ""
+    # imports torch: only when a stage asks
+    from nanochat.batch_size import cached_result
+    from nanochat.targets import partition_target
+    target, where = None, "on this machine"
+    if executor != "local":
+        target, where = partition_target(recipe)
+        if target is None:
+            return False, where
+    hit = all(cached_result(recipe, stage=k, world_size=recipe.cluster.world_size, target=target)
+              is not None for k in keys)
+    return hit, where if hit else f"not cached yet for {target.name if target else 'this machine'}"
+
+
+def discovery_cached(recipe, executor: str = "local") -> bool | None:
+    return discovery_lookup(recipe, executor)[0]
+
+
+# What `nanochat.prepare` reads: grid values in these change what must be prepared.
+PREPARED_SECTIONS = ("data", "tokenizer", "sft", "eval", "cache_dir")
+
+
+def prepare_commands(args_recipe: str, overrides: list[str], plan: Plan) -> list[list[str]]:
+    """One `nanochat.prepare` command per distinct set of grid values that changes the data."""
+    seen: list[tuple] = []
+    for task_overrides in [t.overrides for s in plan.stages for t in s.tasks] or [[]]:
+        key = tuple(o for o in task_overrides if o.split("=")[0].split(".")[0] in PREPARED_SECTIONS)
+        if key not in seen:
+            seen.append(key)
+    return [["-m", "nanochat.prepare", args_recipe, *overrides, *key] for key in seen]
+
+
+def prepare_data(args_recipe: str, overrides: list[str], plan: Plan) -> None:
+    """Run `python -m nanochat.prepare` for every distinct task recipe of the plan, here on the
+    login node (jobs never download); its output streams through. One line on failure."""
+    env = {k: v for k, v in os.environ.items() if k != NO_DOWNLOAD_ENV}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    for args in prepare_commands(args_recipe, overrides, plan):
+        print(f"preparing on this node: {shlex.join(['python', *args])}", flush=True)
+        if subprocess.run([sys.executable, *args], env=env, cwd=os.getcwd()).returncode != 0:
+            raise UserError("preparation failed (its error is above); nothing was submitted. Fix it, "
+                            "or pass --no-prepare if the data is prepared elsewhere")
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,9 +142,13 @@ def render_sbatch(plan: Plan, stage: Stage) -> str:
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def dry_run(plan: Plan) -> None:
+def dry_run(plan: Plan, prepare: list[list[str]] | None = None) -> None:
+    for args in prepare or []:
+        print(f"# would prepare first, on this node: {shlex.join(['python', *args])}")
     for name, why in plan.skipped.items():
         print(f"# stage {name}: not submitted ({why})")
+    for name, why in plan.reasons.items():
+        print(f"# stage {name}: submitted ({why})")
     for stage in plan.stages:
         tasks = ", ".join(f"[{t.index}] {' '.join(t.overrides) or '(recipe as is)'}" for t in stage.tasks)
         print(f"# ===== stage {stage.name}: {len(stage.tasks)} task(s): {tasks}")
@@ -245,7 +290,6 @@ def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDispla
 def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
     """Submit every stage through submitit, each depending on the stages it waits for, then return."""
     import submitit
-    check_partition(plan.recipe.cluster.partition)
     job_ids: dict[str, str] = {}
     submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
     with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
@@ -303,23 +347,32 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--output-root", default=OUTPUT_ROOT)
+    ap.add_argument("--no-prepare", action="store_true",
+                    help="don't run nanochat.prepare here first (the data is prepared elsewhere)")
     args = ap.parse_intermixed_args(argv)
     if args.resume and args.force:
         raise UserError("--resume and --force exclude each other")
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = resolve_run_dir(recipe, Path(args.output_root))
     recipe.run_dir = str(run_dir)
-    plan = build_plan(recipe, run_dir, discovery_cached(recipe))
+    plan = build_plan(recipe, run_dir)  # checks the recipe before anything runs
     for stage in plan.stages:  # every task's recipe must load (grid keys and values are checked)
         for task in stage.tasks:
             load_recipe(args.recipe, args.overrides + task.overrides)
-    if args.dry_run:
-        dry_run(plan)
+    if args.dry_run:  # what a SLURM submission would do, from here
+        dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
+                None if args.no_prepare else prepare_commands(args.recipe, args.overrides, plan))
         return 0
     executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
     if executor == "slurm" and not slurm_available():
         raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
                         "(sudo slurm/local-cluster.sh start) or use --executor local")
+    if executor == "slurm":
+        check_partition(recipe.cluster.partition)
+    if not args.no_prepare:
+        prepare_data(args.recipe, args.overrides, plan)
+    # after preparing: the cache key holds the trained tokenizer's real vocabulary
+    plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
     previous = prepare_run_dir(run_dir, args.resume, args.force)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_recipe(recipe, run_dir / "recipe.yaml", {"launched_with": " ".join([args.recipe] + args.overrides)})
@@ -332,6 +385,8 @@ def main(argv: list[str]) -> int:
     print(f"run directory: {run_dir}", flush=True)
     for name, why in plan.skipped.items():
         print(f"stage {name}: skipped ({why})", flush=True)
+    for name, why in plan.reasons.items():
+        print(f"stage {name}: runs ({why})", flush=True)
     if executor == "local":
         ok = run_local(plan, manifest, resume=previous is not None)
         if manifest.get("cancelled"):

@@ -78,6 +78,7 @@ class Plan:
     recipe: Recipe
     stages: list[Stage] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # stage → why it is not run
+    reasons: dict[str, str] = field(default_factory=dict)  # stage → why it runs (when that is news)
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -127,10 +128,11 @@ def discovery_stages(recipe: Recipe) -> list[str]:
             if stage in recipe.stages and recipe.training_section(stage).device_batch_size == "auto"]
 
 
-def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = None) -> Plan:
+def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = None,
+               discovery_why: str = "") -> Plan:
     """`discovery_cached`: whether the batch-size cache already answers for every key of
-    `discovery_stages(recipe)` (None when unknown, e.g. no discovery module): then the discover
-    stage is skipped."""
+    `discovery_stages(recipe)` (None when unknown): then the discover stage is skipped.
+    `discovery_why`: on whose device the cache was asked, or why it could not be."""
     check_safe(recipe)
     c = recipe.cluster
     world = c.world_size
@@ -165,8 +167,11 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
             plan.skipped["discover"] = (f"{' and '.join(fixed)} {'are' if len(fixed) > 1 else 'is'} fixed"
                                         if fixed else "no base or sft stage to discover for")
         elif discovery_cached:
-            plan.skipped["discover"] = f"the batch-size cache already holds the {' and '.join(keys)} key(s)"
+            plan.skipped["discover"] = (f"the batch-size cache already holds the {' and '.join(keys)} "
+                                        f"key(s): cache hit" + (f" ({discovery_why})" if discovery_why else ""))
         else:
+            if discovery_why:
+                plan.reasons["discover"] = discovery_why
             d = str(run_dir / "discover")
             plan.stages.append(Stage("discover", [Task(0, [], d, d)], **one_gpu, time_min=min(30, c.time_min)))
     discover = ["discover"] if plan.stage("discover") else []

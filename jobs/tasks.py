@@ -122,8 +122,7 @@ def run_discover(run_dir: Path, index: int) -> dict:
                       "cache_path": str(result.cache_path), "probes": result.probes_run,
                       "seconds": round(result.seconds, 2)}
     # what this partition gave: a relaunch from a login node finds the answer without the GPU
-    record = record_device(recipe)
-    out["device_record"] = str(record) if record else None
+    record_device(recipe)
     atomic_write_json(Path(task["run_dir"]) / "discovery.json", out)
     return out
 

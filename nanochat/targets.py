@@ -110,13 +110,11 @@ def resolve_target(recipe: Recipe, stage: str = "base") -> Target:
 # --------------------------------------------------------------------------------------------
 # Partition records: what a partition's discover jobs ran on.
 
-def record_path(recipe: Recipe) -> Path | None:
-    """Where the record of the recipe's partition lives (None without a partition: then the
-    launcher's own device is the only one it can know)."""
+def record_path(recipe: Recipe) -> Path:
+    """Where the record of the recipe's partition lives ("default": the cluster's default
+    partition, when the recipe names none)."""
     c = recipe.cluster
-    if not c.partition:
-        return None
-    name = c.partition + (f"+{c.constraint}" if c.constraint else "")
+    name = (c.partition or "default") + (f"+{c.constraint}" if c.constraint else "")
     return Path(recipe.discovery.cache_dir) / "devices" / f"{name}.json"
 
 
@@ -124,8 +122,6 @@ def record_device(recipe: Recipe, stage: str = "base") -> Path | None:
     """Add this process's device to its partition's record (a discover job calls this). A
     record that cannot be written is a warning: discovery's answer does not depend on it."""
     path = record_path(recipe)
-    if path is None:
-        return None
     facts = local_facts(recipe, stage)
     rec = _read_record(path, warn=False) or {}
     devices = rec.get("devices") if isinstance(rec.get("devices"), dict) else {}
@@ -159,15 +155,14 @@ def _read_record(path: Path, warn: bool = True) -> dict | None:
 def partition_target(recipe: Recipe) -> tuple[Target | None, str]:
     """The target of the device the recipe's partition gives, from its record, or (None, why)."""
     path = record_path(recipe)
-    if path is None:
-        return None, "no cluster.partition: the launcher knows only its own device"
+    part = recipe.cluster.partition or "default"
     rec = _read_record(path)
     if rec is None:
-        return None, f"no device record for partition {recipe.cluster.partition} yet ({path})"
+        return None, f"no device record for partition {part} yet ({path})"
     devices = list(rec["devices"].values())
     if len(devices) != 1:
         names = ", ".join(sorted(rec["devices"]))
-        return None, (f"partition {recipe.cluster.partition} gave different devices ({names}); "
+        return None, (f"partition {part} gave different devices ({names}); "
                       "set cluster.constraint to pin one")
     dev = devices[0]
     try:
@@ -183,4 +178,4 @@ def partition_target(recipe: Recipe) -> tuple[Target | None, str]:
     age = datetime.datetime.now(seen.tzinfo) - seen
     if age > datetime.timedelta(days=RECORD_MAX_AGE_DAYS):
         return None, f"device record {path} is stale: {age.days} days old"
-    return target_of(recipe, facts), f"partition {recipe.cluster.partition} gives {facts.name} ({path})"
+    return target_of(recipe, facts), f"partition {part} gives {facts.name} ({path})"

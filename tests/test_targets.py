@@ -34,11 +34,12 @@ def test_a_login_node_finds_the_answer_cached_for_its_partitions_device(tmp_path
     assert hit is not None and hit["result"]["batch_size"] == d.batch_size
 
 
-def test_no_record_and_no_partition_say_why(tmp_path):
+def test_no_record_says_why_and_no_partition_means_the_default_one(tmp_path):
     assert partition_target(recipe_for(tmp_path))[1].startswith("no device record for partition a100")
     no_partition = recipe_for(tmp_path, partition=None)
-    assert partition_target(no_partition) == (None, "no cluster.partition: the launcher knows only its own device")
-    assert record_device(no_partition) is None
+    assert partition_target(no_partition)[1].startswith("no device record for partition default")
+    assert record_device(no_partition).name == "default.json"
+    assert partition_target(no_partition)[0] is not None
 
 
 def test_a_partition_with_mixed_devices_needs_a_constraint(tmp_path, monkeypatch):
