@@ -1,5 +1,5 @@
 """Evaluate a checkpoint:  python -m nanochat.eval CHECKPOINT [--recipe RECIPE] [key=value ...]
-                                                  [--out FILE] [--device auto|cpu|cuda]
+                                                  [--core] [--out FILE] [--device auto|cpu|cuda]
 
 CHECKPOINT is a run directory (its newest checkpoint) or a `checkpoints/step_NNNNNN` directory;
 the tokenizer is the run's own (`RUN_DIR/tokenizer`) and the settings are the checkpoint's recipe
@@ -10,12 +10,20 @@ the tokenizer is the run's own (`RUN_DIR/tokenizer`) and the settings are the ch
   generated problems per kind (nanochat/tasks.py; never in the SFT data), and the hub tasks of
   `eval.hub_tasks` when the hub answers (otherwise listed under "skipped", never fatal).
   Exact-match tasks are answered by greedy generation; multiple choice by the letter whose token
-  has the highest logit at the first assistant position (no generation).
+  has the highest logit at the first assistant position (no generation). Their ChatCORE-style
+  aggregate goes to "chatcore": the mean over the tasks that ran of (accuracy − chance) /
+  (1 − chance), chance = 1/options for multiple choice, 0 for exact match;
+- with `--core` (= eval.core=true) any checkpoint also gets CORE (nanochat/core.py): DCLM's
+  in-context tasks from the bundle `nanochat.prepare` fetched (or eval.core_bundle),
+  eval.core_max_per_task examples per task.
 
 The result is printed and written atomically to RUN_DIR/eval.json (or --out):
     {"checkpoint", "stage", "step", "device", "elapsed_s", "val_bpb",
      "tasks": {task: {"metric", "accuracy", "correct", "total", "source", ["chance"]}},
-     "skipped": {task: reason}}          (also "val_bpb": reason when the shards are missing)
+     "skipped": {task: reason},          (also "val_bpb": reason when the shards are missing)
+     ["chatcore": {"score", "tasks": {task: {"accuracy", "chance", "centered"}}}],   (sft)
+     ["core": {"score", "tasks": {label: {"accuracy", "centered", "kind", "n", ...}},
+               "skipped": {label: reason}, "elapsed_s", "examples_per_s", "bundle", ...]}
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from nanochat import checkpoint as ckpt
 from nanochat import tasks
 from nanochat.common import UserError, atomic_write_json, cli_main, downloads_allowed, print0
 from nanochat.config import EvalArgs, Recipe
+from nanochat.core import chatcore, ensure_bundle, evaluate_core
 from nanochat.dataset import list_shards, split_shards
 from nanochat.engine import Engine, load_model
 from nanochat.loss_eval import make_bpb_evaluator
@@ -265,6 +274,8 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     # the recipe first: a bad override fails before the weights are read
     meta = ckpt.read_meta(step_dir)
     recipe = _checkpoint_recipe(meta, step_dir, recipe, overrides)
+    # then the CORE bundle: a job without it fails before the weights are read
+    bundle = ensure_bundle(recipe.eval, recipe.cache_dir)[0] if recipe.eval.core else None
     dtype = compute_dtype(dev, recipe.train.dtype)
     model, meta, step_dir = load_model(step_dir, dev, dtype)
     run_dir = ckpt.run_dir_of(step_dir)
@@ -306,8 +317,14 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
                f"checkpoints only")
 
     result = {"checkpoint": str(step_dir), "stage": stage, "step": meta.get("step"),
-              "device": str(dev), "elapsed_s": round(time.perf_counter() - t0, 2),
-              "val_bpb": val_bpb, "tasks": results, "skipped": skipped}
+              "device": str(dev), "elapsed_s": None, "val_bpb": val_bpb, "tasks": results,
+              "skipped": skipped}
+    if stage == "sft":
+        result["chatcore"] = chatcore(results)
+    if bundle is not None:
+        result["core"] = {**evaluate_core(model, tokenizer, bundle, ev.core_max_per_task, dev,
+                                          ev.core_batch_size), "bundle": str(bundle)}
+    result["elapsed_s"] = round(time.perf_counter() - t0, 2)
     dest = Path(out) if out is not None else run_dir / EVAL_FILE
     atomic_write_json(dest, result)
     print0(format_table(result) + f"\nwritten to {dest}")
@@ -328,6 +345,20 @@ def format_table(result: dict) -> str:
                          f"{t['accuracy']:>8.3f} {chance:>6}".rstrip())
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
+    if result.get("chatcore"):
+        lines.append(f"ChatCORE: {result['chatcore']['score']:.4f} (mean centered accuracy of "
+                     f"{len(result['chatcore']['tasks'])} tasks)")
+    core = result.get("core")
+    if core:
+        lines.append(f"{'CORE task':<32} {'kind':<18} {'n':>6} {'accuracy':>8} {'centered':>8}")
+        for label, t in core["tasks"].items():
+            lines.append(f"{label:<32} {t['kind']:<18} {t['n']:>6} {t['accuracy']:>8.4f} "
+                         f"{t['centered']:>8.4f}")
+        for label, why in core["skipped"].items():
+            lines.append(f"skipped CORE task {label}: {why}")
+        score = "-" if core["score"] is None else f"{core['score']:.4f}"
+        lines.append(f"CORE: {score} ({len(core['tasks'])} tasks, {core['elapsed_s']:.1f} s, "
+                     f"{core['examples_per_s'] or 0:.1f} examples/s)")
     return "\n".join(lines)
 
 
@@ -339,7 +370,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--recipe", help="YAML recipe to use instead of the checkpoint's own")
     ap.add_argument("--out", help=f"where to write the JSON result (default RUN_DIR/{EVAL_FILE})")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    ap.add_argument("--core", action="store_true",
+                    help="also score CORE (the same as eval.core=true)")
     args = ap.parse_intermixed_args(argv)
+    if args.core:
+        args.overrides = [*args.overrides, "eval.core=true"]
     recipe = None
     if args.recipe is not None:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -9,7 +9,9 @@ submits anything (`--no-prepare` skips that). Cheap when already done. By the re
 - sft: the conversations (the chatterbot-corpus wheel, or SmolTalk into the datasets cache);
 - sft, eval: the generated tasks' word list (Debian's wamerican, else the chatterbot wheel);
 - eval: the hub tasks of eval.hub_tasks into the datasets cache, when the hub answers
-  (otherwise they are skipped, here and in the eval job, with the reason).
+  (otherwise they are skipped, here and in the eval job, with the reason);
+- eval.core: the CORE eval bundle from eval.core_url into cache_dir/eval_bundle (resumable,
+  retried, unpacked atomically), or eval.core_bundle's local copy.
 
 File locks make concurrent preparations safe; each step prints what it found and how long it took.
 """
@@ -61,6 +63,15 @@ def prepare(recipe: Recipe) -> None:
                 continue
             _step(f"hub task {name}", lambda name=name: f"{len(load_hub_problems(name, recipe.eval.hub_problems))} "
                                                         "problems in the datasets cache")
+    if recipe.eval.core:
+        from nanochat.core import ensure_bundle, load_bundle
+
+        def core_bundle():
+            path, how = ensure_bundle(recipe.eval, recipe.cache_dir)
+            tasks, skipped = load_bundle(path)
+            return f"{len(tasks)} tasks in {path} ({how})" + (f"; {len(skipped)} unusable: " + "; ".join(
+                f"{k}: {v}" for k, v in skipped.items()) if skipped else "")
+        _step("CORE bundle", core_bundle)
 
 
 def main(argv: list[str]) -> int:
