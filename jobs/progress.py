@@ -148,6 +148,31 @@ def eval_summary(task_dir: str | Path) -> str:
     return " ".join(parts)
 
 
+def discover_summary(task_dir: str | Path) -> str:
+    """A discover task's answers from its discovery.json: base device batch 32 (3 probes in 8.1 s,
+    cache/batch_size/base-....json); sft device batch 32 (cache hit, ...)."""
+    try:
+        res = json.loads((Path(task_dir) / "discovery.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return ""
+    parts = []
+    for stage, d in res.items():
+        if not isinstance(d, dict) or "batch_size" not in d:
+            continue
+        how = "cache hit" if d.get("from_cache") else f"{d.get('probes')} probes in {d.get('seconds', 0):.1f} s"
+        parts.append(f"{stage} device batch {d['batch_size']} ({how}, {d.get('cache_path')})")
+    return "; ".join(parts)
+
+
+def result_summary(stage: str, task_dir: str | Path) -> str:
+    """What a finished task without a training log produced: eval scores, discovery's answers."""
+    if stage == "eval":
+        return eval_summary(task_dir)
+    if stage == "discover":
+        return discover_summary(task_dir)
+    return ""
+
+
 # --------------------------------------------------------------------------------------------
 # The live display of the local executor.
 
@@ -238,8 +263,8 @@ class LiveDisplay:
         last step, loss, val and tok/s (its live line is gone on a terminal, and in a log may be
         some steps behind), an eval task's scores."""
         self.shown.pop((task.stage, task.index), None)
-        if task.stage == "eval":
-            said = eval_summary(task.task_dir)
+        if task.stage in ("eval", "discover"):
+            said = result_summary(task.stage, task.task_dir)
         else:
             p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None
             said = describe(p, eta=False) if p else ""

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
                            record_cancel, save_manifest)
-from jobs.progress import eval_summary, progress_text  # noqa: E402
+from jobs.progress import progress_text, result_summary  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -59,7 +59,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
 
 
 def _detail(stage: str, task_dir: Path, running: bool) -> str:
-    return eval_summary(task_dir) if stage == "eval" else progress_text(stage, task_dir, running)
+    return result_summary(stage, task_dir) or progress_text(stage, task_dir, running)
 
 
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:

@@ -6,6 +6,7 @@ import yaml
 
 from jobs.manifest import new_manifest, save_manifest
 from jobs.plan import build_plan
+from jobs.progress import result_summary
 from jobs.report import write_report
 from jobs.tasks import run_task
 from nanochat.recipe import load_recipe, save_resolved_recipe
@@ -26,6 +27,10 @@ def test_report_shows_discoverys_answer_and_its_cache_file(tiny_recipe, tmp_path
     save_manifest(run, new_manifest(plan, "local"))
     found = run_task(str(run), "discover", 0)["base"]
     assert not found["from_cache"] and found["probes"] >= 1
+    # what the local executor's end line and status show for the discover task
+    said = result_summary("discover", run / "discover")
+    assert said.startswith(f"base device batch {found['batch_size']} ({found['probes']} probes in ")
+    assert found["cache_path"] in said
     run_task(str(run), "base", 0)
     base_run = json.loads((run / "base" / "000" / "run.json").read_text())
     assert base_run["discovery"]["from_cache"] and base_run["device_batch_size"] == found["batch_size"]
