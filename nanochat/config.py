@@ -138,7 +138,7 @@ class EvalArgs:
     core_bundle: str | None = None  # a local copy of the CORE eval_bundle (directory or .zip); None: cache_dir/eval_bundle, fetched by nanochat.prepare
     core_url: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # where nanochat.prepare downloads the bundle from
     core_max_per_task: int = -1     # CORE examples per task, the first N after a seed-1337 shuffle; -1 = all
-    core_batch_size: int = 32       # sequences per CORE forward pass (right-padded to the longest)
+    core_batch_size: int = 32       # sequences per CORE forward pass (padded to the longest; fewer when longer than sequence_len)
 
 
 @dataclass

@@ -229,14 +229,18 @@ def centered(accuracy: float, baseline_percent: float) -> float:
 
 @torch.inference_mode()
 def score_sequences(model, seqs: Sequence[tuple[list[int], int, int]], pad_id: int, device,
-                    batch_size: int) -> tuple[list[float], list[bool]]:
+                    batch_size: int, max_tokens: int | None = None) -> tuple[list[float], list[bool]]:
     """Per sequence: the mean loss over tokens[start:end], and whether the argmax at every one
-    of those positions is the token. `batch_size` sequences per forward, longest first."""
+    of those positions is the token. Longest first, `batch_size` sequences per forward, fewer
+    where that would pass `max_tokens` padded tokens (the (B, T, V) logits are the memory)."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     mean_loss, exact = [0.0] * len(seqs), [False] * len(seqs)
-    for b0 in range(0, len(order), batch_size):
-        rows = order[b0:b0 + batch_size]
-        width = len(seqs[rows[0]][0])
+    b0 = 0
+    while b0 < len(order):
+        width = len(seqs[order[b0]][0])
+        n_rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // width))
+        rows = order[b0:b0 + n_rows]
+        b0 += len(rows)
         idx = torch.full((len(rows), width), pad_id, dtype=torch.long)
         scored = torch.zeros(len(rows), width, dtype=torch.bool)  # positions that predict a continuation token
         for r, i in enumerate(rows):
@@ -270,13 +274,15 @@ def _world(dist) -> tuple[int, int]:
 def evaluate_core(model, tokenizer, bundle_dir: str | os.PathLike, max_per_task: int = -1,
                   device=None, batch_size: int = 32, dist=None,
                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                  verbose: bool = True) -> dict:
+                  verbose: bool = True, max_tokens: int | None = None) -> dict:
     """CORE of `model` (a callable idx (B, T) → logits (B, T, V), e.g. nanochat.gpt.GPT; pass
     the uncompiled module: every batch has another shape) on the bundle at `bundle_dir`.
 
     `dist` (a nanochat.runtime.DistInfo; None: torch.distributed's group if initialized, else
     one process): every rank calls this with the same arguments and gets the same result. Runs
     under inference mode, in `autocast()` when given (training's bf16 autocast on CUDA).
+    `batch_size` sequences per forward, fewer where they would pass `max_tokens` padded tokens
+    (None: no cap; nanochat.eval passes batch_size × the model's sequence_len).
     Returns {"score", "tasks": {label: {"accuracy", "centered", "kind", "n", "baseline",
     "elapsed_s"}}, "skipped": {label: why}, "elapsed_s", "examples_per_s", "max_per_task"};
     "score" is None when no task could be scored."""
@@ -311,7 +317,8 @@ def evaluate_core(model, tokenizer, bundle_dir: str | os.PathLike, max_per_task:
                     owner.append(i)
                 golds[i] = data[i].get("gold")
             with autocast() if autocast is not None else contextlib.nullcontext():
-                losses, exact = score_sequences(model, seqs, tokenizer.bos_token_id, device, batch_size)
+                losses, exact = score_sequences(model, seqs, tokenizer.bos_token_id, device,
+                                                batch_size, max_tokens)
             correct = torch.zeros(len(data), dtype=torch.float32)
             by_example: dict[int, list[int]] = {}
             for j, i in enumerate(owner):

@@ -322,8 +322,9 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     if stage == "sft":
         result["chatcore"] = chatcore(results)
     if bundle is not None:
-        result["core"] = {**evaluate_core(model, tokenizer, bundle, ev.core_max_per_task, dev,
-                                          ev.core_batch_size), "bundle": str(bundle)}
+        result["core"] = {**evaluate_core(
+            model, tokenizer, bundle, ev.core_max_per_task, dev, ev.core_batch_size,
+            max_tokens=ev.core_batch_size * model.config.sequence_len), "bundle": str(bundle)}
     result["elapsed_s"] = round(time.perf_counter() - t0, 2)
     dest = Path(out) if out is not None else run_dir / EVAL_FILE
     atomic_write_json(dest, result)

@@ -91,9 +91,11 @@ class GoldOracle(torch.nn.Module):
         super().__init__()
         self.vocab = vocab
         self.next = {tuple(s[:t]): s[t] for s in gold for t in range(1, len(s))}
+        self.shapes = []  # (B, T) of every forward
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         B, T = idx.shape
+        self.shapes.append((B, T))
         logits = torch.zeros(B, T, self.vocab)
         for b, row in enumerate(idx.tolist()):
             for t in range(T):
@@ -156,10 +158,14 @@ def test_sequences_mark_each_kinds_continuation():
 
 # ---------------------------------------------------------------- scoring
 
-@pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_a_model_that_knows_the_gold_continuations_scores_1_on_each_kind(bundle, batch_size):
-    res = evaluate_core(GoldOracle(gold_sequences(bundle)), TOK, bundle, device="cpu",
-                        batch_size=batch_size)
+@pytest.mark.parametrize("batch_size,max_tokens", [(1, None), (5, None), (64, None), (64, 300)])
+def test_a_model_that_knows_the_gold_continuations_scores_1_on_each_kind(bundle, batch_size, max_tokens):
+    oracle = GoldOracle(gold_sequences(bundle))
+    res = evaluate_core(oracle, TOK, bundle, device="cpu", batch_size=batch_size, max_tokens=max_tokens)
+    if max_tokens is None:
+        assert oracle.shapes[0][0] == min(batch_size, 32), "mc_demo's 32 sequences fill the batch"
+    assert all(b <= batch_size and (max_tokens is None or b == 1 or b * t <= max_tokens)
+               for b, t in oracle.shapes)
     assert {k: (t["kind"], t["accuracy"], t["n"]) for k, t in res["tasks"].items()} == {
         "mc_demo": ("multiple_choice", 1.0, 8), "schema_demo": ("schema", 1.0, 6),
         "lm_demo": ("language_modeling", 1.0, 6)}

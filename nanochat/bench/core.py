@@ -10,10 +10,12 @@ bundle is `--bundle` (e.g. the real eval_bundle) or a synthetic one written here
 layout: CORE's mix of kinds and shot counts (multiple choice 10- and 0-shot, schema 0-shot,
 language modelling 10- and 0-shot) over random words, `--examples` per task.
 
-Method: `--warmup` untimed evaluations of 4 examples per task, then `--repeats` timed
-evaluations of the whole bundle (max_per_task = --examples), each between two device syncs.
-Reported: examples/s median (min–max) over the repeats, tokens/s (continuation + context tokens
-forwarded, padding excluded) and the padding fraction of the batches.
+Method: batches as nanochat.eval makes them (eval.core_batch_size sequences, fewer where they
+would pass eval.core_batch_size × sequence_len tokens). `--warmup` untimed evaluations of 4
+examples per task, then `--repeats` timed evaluations of the whole bundle (max_per_task =
+--examples), each between two device syncs. Reported: examples/s median (min–max) over the
+repeats, tokens/s (every prompt token forwarded, padding excluded), the number of forwards and
+the padding fraction of the batches.
 """
 from __future__ import annotations
 
@@ -83,28 +85,28 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[dict]:
     def text(k):
         return " ".join(rng.choice(words) for _ in range(k))
 
-    return [
+    return [  # lengths in words; with the byte-level tokenizer ~6 tokens a word
         {"label": "mc_10shot", "kind": "multiple_choice", "num_fewshot": 10, "baseline": 25,
-         "rows": [{"query": text(30), "choices": [text(15) for _ in range(4)], "gold": i % 4}
+         "rows": [{"query": text(10), "choices": [text(5) for _ in range(4)], "gold": i % 4}
                   for i in range(n)]},
         {"label": "mc_0shot", "kind": "multiple_choice", "num_fewshot": 0, "baseline": 50,
-         "rows": [{"query": text(12) + " because", "choices": [text(8) for _ in range(2)],
+         "rows": [{"query": text(12) + " because", "choices": [text(6) for _ in range(2)],
                    "gold": i % 2} for i in range(n)]},
         {"label": "schema_0shot", "kind": "schema", "num_fewshot": 0, "baseline": 50,
          "rows": [{"context_options": [text(15) for _ in range(2)], "continuation": text(6),
                    "gold": i % 2} for i in range(n)]},
         {"label": "lm_10shot", "kind": "language_modeling", "num_fewshot": 10, "baseline": 0,
-         "delimiter": "\nAnswer: ", "rows": [{"context": text(20), "continuation": text(2)}
+         "delimiter": "\nAnswer: ", "rows": [{"context": text(12), "continuation": text(2)}
                                               for _ in range(n)]},
         {"label": "lm_0shot", "kind": "language_modeling", "num_fewshot": 0, "baseline": 0,
-         "rows": [{"context": text(70), "continuation": text(1)} for _ in range(n)]},
+         "rows": [{"context": text(60), "continuation": text(1)} for _ in range(n)]},
     ]
 
 
-def token_counts(bundle: Path, tokenizer, max_per_task: int, batch_size: int,
-                 max_len: int | None) -> tuple[int, int]:
-    """(real tokens, padded tokens) the evaluation forwards: the same sequences and batches."""
-    real = padded = 0
+def token_counts(bundle: Path, tokenizer, max_per_task: int, batch_size: int, max_tokens: int,
+                 max_len: int | None) -> tuple[int, int, int]:
+    """(real tokens, padded tokens, forwards) of the evaluation: its sequences and batches."""
+    real = padded = forwards = 0
     for task in load_bundle(bundle)[0]:
         data = load_examples(task, max_per_task)
         lens = sorted((len(t) for i in range(len(data)) for t, _, _ in example_sequences(
@@ -112,14 +114,17 @@ def token_counts(bundle: Path, tokenizer, max_per_task: int, batch_size: int,
                                       fewshot_examples(data, i, task.num_fewshot)),
             tokenizer, max_len)), reverse=True)
         real += sum(lens)
-        padded += sum(lens[b] * len(lens[b:b + batch_size]) for b in range(0, len(lens), batch_size))
-    return real, padded
+        b = 0
+        while b < len(lens):
+            rows = max(1, min(batch_size, max_tokens // lens[b], len(lens) - b))
+            padded, forwards, b = padded + rows * lens[b], forwards + 1, b + rows
+    return real, padded, forwards
 
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.core", __doc__.splitlines()[0])
     ap.add_argument("--bundle", help="an eval_bundle directory (default: a synthetic one)")
-    ap.add_argument("--examples", type=int, default=24, help="examples per task (max_per_task)")
+    ap.add_argument("--examples", type=int, default=16, help="examples per task (max_per_task)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the report to this file")
@@ -141,12 +146,14 @@ def main(argv: list[str]) -> int:
             bundle = write_bundle(tmp, synthetic_tasks(opts.examples))
             bundle_source = f"synthetic ({opts.examples} examples per task, random words)"
         B, n = recipe.eval.core_batch_size, opts.examples
-        real, padded = token_counts(bundle, tokenizer, n, B, model.rotary_len)
+        max_tokens = B * model.config.sequence_len  # as nanochat.eval
+        real, padded, forwards = token_counts(bundle, tokenizer, n, B, max_tokens, model.rotary_len)
 
         def run(max_per_task):
             rt.sync()
             t0 = time.perf_counter()
-            res = evaluate_core(model, tokenizer, bundle, max_per_task, rt.device, B, verbose=False)
+            res = evaluate_core(model, tokenizer, bundle, max_per_task, rt.device, B,
+                                verbose=False, max_tokens=max_tokens)
             rt.sync()
             return res, time.perf_counter() - t0
 
@@ -162,6 +169,7 @@ def main(argv: list[str]) -> int:
               "shape": {"depth": recipe.model.depth, "n_embd": model.config.n_embd,
                         "sequence_len": model.config.sequence_len, "vocab": model.config.vocab_size},
               "tokenizer": tok_source, "bundle": bundle_source, "batch_size": B,
+              "max_tokens": max_tokens, "forwards": forwards,
               "tasks": {k: {"kind": t["kind"], "n": t["n"], "elapsed_s": t["elapsed_s"]}
                         for k, t in res["tasks"].items()},
               "examples": examples, "tokens": real, "padding_fraction": round(1 - real / padded, 4),
@@ -175,8 +183,9 @@ def main(argv: list[str]) -> int:
     print(f"model: random init (seed 0), depth {recipe.model.depth}, width {model.config.n_embd}, "
           f"vocab {model.config.vocab_size:,}; tokenizer: {tok_source}")
     print(f"bundle: {bundle_source}; {examples} examples, {real:,} tokens "
-          f"({real / examples:.0f} per example), padding {100 * report['padding_fraction']:.1f}% "
-          f"at {B} sequences per forward")
+          f"({real / examples:.0f} per example) in {forwards} forwards of ≤ {B} sequences and "
+          f"≤ {max_tokens:,} tokens (eval.core_batch_size × sequence_len), padding "
+          f"{100 * report['padding_fraction']:.1f}%")
     print(f"method: {opts.warmup} untimed warmup evaluation(s) of 4 examples per task "
           f"({t_warm:.1f} s), then {opts.repeats} timed evaluations of the whole bundle, device "
           f"synced at both ends")
