@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from nanochat.bench import environment
 from nanochat.common import cli_main
