@@ -30,11 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -51,13 +47,9 @@ from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.recipe import load_recipe, override_recipe
 from nanochat.runtime import DistInfo, Runtime, compute_dtype, pick_device
 from nanochat.tokenizer import Tokenizer
-from nanochat.tasks import Problem
+from nanochat.tasks import Problem, final_number, hub_unreachable, load_hub_problems
 
 EVAL_FILE = "eval.json"
-# hub task → (dataset repo, config); first eval.hub_problems rows of the test split
-HUB_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
-                "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
-                "gsm8k": ("openai/gsm8k", "main")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,16 +59,6 @@ def normalize_whitespace(text: str | None) -> str | None:
     return None if text is None else " ".join(text.split())
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def final_number(text: str | None) -> str | None:
-    """The last number in the text, without thousands separators or a trailing '.0' (GSM8K)."""
-    found = _NUMBER.findall(text or "")
-    if not found:
-        return None
-    n = found[-1].replace(",", "")
-    return n[:-2] if n.endswith(".0") else n
 
 
 def _score(correct: int, total: int, metric: str) -> dict:
@@ -169,42 +151,6 @@ def _warn_long(problems, n_long: int, ctx: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Hub tasks
-
-def load_hub_problems(task: str, n: int) -> list[Problem]:
-    """The first `n` test problems of a hub task (raises whatever `datasets` raises offline)."""
-    import datasets
-    repo, config = HUB_DATASETS[task]
-    ds = datasets.load_dataset(repo, config, split="test")
-    rows = ds.select(range(min(n, len(ds))))
-    problems = []
-    for row in rows:
-        if task == "gsm8k":
-            answer = final_number(row["answer"].rpartition("####")[2])
-            problems.append(Problem(task, row["question"], answer))
-        else:  # ARC: labels are A-E or 1-5; re-letter the options A, B, ... in their order
-            texts, labels = row["choices"]["text"], row["choices"]["label"]
-            answer = tasks.LETTERS[labels.index(row["answerKey"])]
-            problems.append(Problem(task, tasks.choice_prompt(row["question"], texts), answer,
-                                    list(texts)))
-    return problems
-
-
-def hub_unreachable(timeout: float = 10) -> str | None:
-    """Why the hub can't be used (offline mode, no route to it), or None. `datasets` retries an
-    unreachable host for ~25 s per dataset first: right for a blip, wrong for a node without
-    internet, where every hub task would cost that before being skipped."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
-            return f"{var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass  # the server answered; `datasets` says what is wrong, if anything
-    except (urllib.error.URLError, OSError) as e:
-        return f"cannot reach {endpoint}: {getattr(e, 'reason', e)}"
-    return None
-
 
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

@@ -55,7 +55,7 @@ def prepare(recipe: Recipe) -> None:
         from nanochat import tasks
         _step("task words", lambda: f"{len(tasks.load_words(offline_cache=recipe.data.offline_cache, package=recipe.sft.offline_package)):,} words")
     if "eval" in stages and recipe.eval.hub_tasks:
-        from nanochat.eval import hub_unreachable, load_hub_problems
+        from nanochat.tasks import hub_unreachable, load_hub_problems
         why = hub_unreachable()
         for name in recipe.eval.hub_tasks:
             if why is not None:

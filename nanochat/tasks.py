@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import random
 import re
 import string
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -196,3 +199,59 @@ def load_words(dict_paths: Sequence[str] = DICT_PATHS, offline_cache: str = "cac
     lowercase ascii words of 3–10 letters, or, where there is none, the words of the chatterbot
     corpus (always reachable through PyPI; downloaded into `offline_cache`)."""
     return list(_load_words(tuple(map(str, dict_paths)), str(offline_cache), package))
+
+# --------------------------------------------------------------------------------------------
+# Hub tasks: the test splits of ARC and GSM8K through `datasets` (eval.hub_tasks), when the hub
+# answers; `nanochat.prepare` fetches them into the datasets cache, which jobs read offline.
+
+# hub task → (dataset repo, config); first eval.hub_problems rows of the test split
+HUB_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+                "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+                "gsm8k": ("openai/gsm8k", "main")}
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str | None) -> str | None:
+    """The last number in the text, without thousands separators or a trailing '.0' (GSM8K)."""
+    found = _NUMBER.findall(text or "")
+    if not found:
+        return None
+    n = found[-1].replace(",", "")
+    return n[:-2] if n.endswith(".0") else n
+
+
+def load_hub_problems(task: str, n: int) -> list[Problem]:
+    """The first `n` test problems of a hub task (raises whatever `datasets` raises offline)."""
+    import datasets
+    repo, config = HUB_DATASETS[task]
+    ds = datasets.load_dataset(repo, config, split="test")
+    rows = ds.select(range(min(n, len(ds))))
+    problems = []
+    for row in rows:
+        if task == "gsm8k":
+            answer = final_number(row["answer"].rpartition("####")[2])
+            problems.append(Problem(task, row["question"], answer))
+        else:  # ARC: labels are A-E or 1-5; re-letter the options A, B, ... in their order
+            texts, labels = row["choices"]["text"], row["choices"]["label"]
+            answer = LETTERS[labels.index(row["answerKey"])]
+            problems.append(Problem(task, choice_prompt(row["question"], texts), answer,
+                                    list(texts)))
+    return problems
+
+
+def hub_unreachable(timeout: float = 10) -> str | None:
+    """Why the hub can't be used (offline mode, no route to it), or None. `datasets` retries an
+    unreachable host for ~25 s per dataset first: right for a blip, wrong for a node without
+    internet, where every hub task would cost that before being skipped."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered; `datasets` says what is wrong, if anything
+    except (urllib.error.URLError, OSError) as e:
+        return f"cannot reach {endpoint}: {getattr(e, 'reason', e)}"
+    return None
