@@ -33,7 +33,9 @@ from typing import Callable
 
 import torch
 
+from nanochat.batch_size import Discovery, correct_cache, legal_candidates
 from nanochat.common import UserError, atomic_write_json, now_iso, print0
+from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
 from nanochat.memory_probe import cpu_peak, is_oom, memory_baseline, release_freed_memory
 from nanochat.runtime import Runtime
 
@@ -177,3 +179,48 @@ def at_device_batch(check: BatchCheck | None, batch: int, make: Callable[[int], 
             made[b] = make(b)
         return made[b](model)
     return evaluate
+
+
+def discovery_summary(found: Discovery | None) -> dict | None:
+    """What run.json says of where the device batch came from (None: the recipe fixed it)."""
+    if found is None:
+        return None
+    return {"batch_size": found.batch_size, "from_cache": found.from_cache,
+            "cache_path": str(found.cache_path) if found.cache_path else None,
+            "probes": found.probes_run, "seconds": round(found.seconds, 3),
+            "method": found.record.get("method", "probes")}
+
+
+def batch_check(recipe: Recipe, stage: str, found: Discovery | None, rt: Runtime, seq_len: int,
+                rebuild, run_json: Path | None = None) -> BatchCheck | None:
+    """The watch over the first steps of a run sized by `found` (nanochat/batch_check.py); None
+    when the recipe fixed the batch. `rebuild(batch, loader_state)` makes the loader at another
+    device batch; a correction is also written into `run_json` (by rank 0)."""
+    if found is None:
+        return None
+    world_size = rt.dist.world_size
+    on_correct = run_json_updater(run_json) if run_json is not None and rt.dist.is_master else None
+    dc = recipe.discovery
+    section, name = recipe.training_section(stage), TRAINING_SECTIONS[stage]
+    candidates = legal_candidates(section.total_batch_size, seq_len, world_size, dc.candidates,
+                                  dc.min_batch_size, dc.max_batch_size)
+
+    probes = found.record.get("probes", [])
+
+    def accum_for(b: int) -> int:
+        return grad_accum_steps(section.total_batch_size, b, seq_len, world_size, section=name)
+
+    def correct(old: int, new: int, why: str) -> str | None:
+        path = correct_cache(found, new, why)
+        if on_correct is not None:
+            on_correct(new, accum_for(new))
+        return str(path) if path else None
+
+    return BatchCheck(batch=found.batch_size, accum=accum_for(found.batch_size),
+                      smaller=sorted((b for b in candidates if b < found.batch_size), reverse=True),
+                      accum_for=accum_for, rebuild=rebuild, correct=correct,
+                      usable_bytes=found.record["memory"]["usable_bytes"],
+                      capacity_bytes=found.record["memory"]["capacity_bytes"],
+                      predicted_bytes={p["batch"]: p["peak_bytes"] for p in probes if p.get("peak_bytes")},
+                      fixed_bytes={p["batch"]: p["fixed_bytes"] for p in probes if p.get("fixed_bytes")},
+                      stage=stage)

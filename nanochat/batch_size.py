@@ -42,12 +42,11 @@ from typing import Callable
 from filelock import FileLock
 
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso
-from nanochat.batch_check import BatchCheck, run_json_updater
-from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps, legal_device_batch_sizes
+from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
 from nanochat.dataset import tokenizer_key
 from nanochat.gpt import GPTConfig
 from nanochat.memory_probe import ProbeServer, ProbeSpec, run_probe
-from nanochat.runtime import Runtime, compute_dtype
+from nanochat.runtime import compute_dtype
 from nanochat.targets import Target, resolve_target
 from nanochat.tokenizer import Tokenizer
 
@@ -498,16 +497,6 @@ def resolve_device_batch_size(recipe: Recipe, stage: str, world_size: int, model
     return found.batch_size, found
 
 
-def discovery_summary(found: Discovery | None) -> dict | None:
-    """What run.json says of where the device batch came from (None: the recipe fixed it)."""
-    if found is None:
-        return None
-    return {"batch_size": found.batch_size, "from_cache": found.from_cache,
-            "cache_path": str(found.cache_path) if found.cache_path else None,
-            "probes": found.probes_run, "seconds": round(found.seconds, 3),
-            "method": found.record.get("method", "probes")}
-
-
 def correct_cache(found: Discovery, batch: int, why: str) -> Path | None:
     """Rewrite discovery's cache entry with a smaller answer the run itself measured (marked
     as corrected, with why and when). None when the entry is not on disk or can't be written."""
@@ -530,41 +519,6 @@ def correct_cache(found: Discovery, batch: int, why: str) -> Path | None:
             return None
     found.record = rec
     return found.cache_path
-
-
-def batch_check(recipe: Recipe, stage: str, found: Discovery | None, rt: Runtime, seq_len: int,
-                rebuild, run_json: Path | None = None) -> BatchCheck | None:
-    """The watch over the first steps of a run sized by `found` (nanochat/batch_check.py); None
-    when the recipe fixed the batch. `rebuild(batch, loader_state)` makes the loader at another
-    device batch; a correction is also written into `run_json` (by rank 0)."""
-    if found is None:
-        return None
-    world_size = rt.dist.world_size
-    on_correct = run_json_updater(run_json) if run_json is not None and rt.dist.is_master else None
-    dc = recipe.discovery
-    section, name = recipe.training_section(stage), TRAINING_SECTIONS[stage]
-    candidates = legal_candidates(section.total_batch_size, seq_len, world_size, dc.candidates,
-                                  dc.min_batch_size, dc.max_batch_size)
-
-    probes = found.record.get("probes", [])
-
-    def accum_for(b: int) -> int:
-        return grad_accum_steps(section.total_batch_size, b, seq_len, world_size, section=name)
-
-    def correct(old: int, new: int, why: str) -> str | None:
-        path = correct_cache(found, new, why)
-        if on_correct is not None:
-            on_correct(new, accum_for(new))
-        return str(path) if path else None
-
-    return BatchCheck(batch=found.batch_size, accum=accum_for(found.batch_size),
-                      smaller=sorted((b for b in candidates if b < found.batch_size), reverse=True),
-                      accum_for=accum_for, rebuild=rebuild, correct=correct,
-                      usable_bytes=found.record["memory"]["usable_bytes"],
-                      capacity_bytes=found.record["memory"]["capacity_bytes"],
-                      predicted_bytes={p["batch"]: p["peak_bytes"] for p in probes if p.get("peak_bytes")},
-                      fixed_bytes={p["batch"]: p["fixed_bytes"] for p in probes if p.get("fixed_bytes")},
-                      stage=stage)
 
 
 # --------------------------------------------------------------------------------------------

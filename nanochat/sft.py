@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.batch_check import at_device_batch
-from nanochat.batch_size import batch_check, discovery_summary, resolve_device_batch_size
+from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
+from nanochat.batch_size import resolve_device_batch_size
 from nanochat.chat_data import load_sft_conversations
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
 from nanochat.config import Recipe, grad_accum_steps
