@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from jobs.manifest import read_manifest
-from nanochat.common import atomic_path, atomic_write_text
+from nanochat.common import UserError, atomic_path, atomic_write_text
+from nanochat.config import TARGET_METRICS
 from nanochat.plots import pyplot, read_jsonl
+from nanochat.recipe import load_recipe
 from nanochat.tracking import run_info
 
 def _load_json(path: Path) -> dict | None:
@@ -56,6 +58,8 @@ def _eval_cells(result: dict | None) -> dict:
     if not result:
         return {}
     cells = {"eval_val_bpb": _r(result.get("val_bpb"))}
+    if isinstance(result.get("core"), dict) and result["core"].get("score") is not None:
+        cells["eval_core"] = _r(result["core"]["score"])
     for kind, t in (result.get("tasks") or {}).items():
         cells[f"eval_{kind}"] = _r(t.get("accuracy"))
     return cells
@@ -172,6 +176,58 @@ def _batch_lines(run_dir: Path, rows: list[dict]) -> list[str]:
             "|---|---|---:|---|---|---|"] + out
 
 
+def _reached(metric: str, target: float, evals: list[dict], row: dict, train: list[dict]):
+    """(training seconds, step) when `metric` first met `target`, or None. val_bpb from the
+    progress log's evaluations (lower is better); CORE from them too, else the final eval."""
+    better = (lambda v: v <= target) if TARGET_METRICS[metric] == "lower" else (lambda v: v >= target)
+    for e in evals:
+        if isinstance(e.get(metric), (int, float)) and better(e[metric]) and "train_s" in e:
+            return e["train_s"], e["step"]
+    final = row.get("eval_core") if metric == "core" else None
+    if final is not None and better(final) and train and "train_s" in train[-1]:
+        return train[-1]["train_s"], train[-1]["step"] + 1
+    return None
+
+
+def _time_to_target_lines(run_dir: Path, rows: list[dict]) -> list[str]:
+    """Per base task: training time without evaluation and checkpoints (what the speedrun
+    leaderboard counts), total FLOPs, final val BPB and CORE, and for each of the recipe's
+    `report.targets` the training time and step it was first reached; ranked by the first."""
+    try:
+        targets = load_recipe(run_dir / "recipe.yaml").report.targets
+    except UserError:
+        targets = {}
+    table = []
+    for r in rows:
+        tdir = Path(r["run_dir"])
+        progress = read_jsonl(tdir / "progress.jsonl")
+        train = [e for e in progress if e.get("event") == "train"]
+        if not train or "train_s" not in train[-1]:
+            continue
+        run = _load_json(tdir / "run.json") or {}
+        flops = (run.get("flops_per_token") or 0) * (train[-1]["step"] + 1) * (run.get("tokens_per_step") or 0)
+        evals = [e for e in progress if e.get("event") == "eval"]
+        reached = {m: _reached(m, t, evals, r, train) for m, t in targets.items()}
+        table.append((r, train[-1]["train_s"], flops, reached))
+    if not table:
+        return []
+    first = next(iter(targets), None)
+    table.sort(key=lambda t: (t[3][first][0] if first and t[3][first] else float("inf")))
+    head = ["task", "grid", "training time", "total FLOPs", "val_bpb", "core"] + \
+        [f"{m} ≤ {t}" if TARGET_METRICS[m] == "lower" else f"{m} ≥ {t}" for m, t in targets.items()]
+    out = ["", "## Time to target", "",
+           "Training time excludes evaluation and checkpointing" +
+           (f"; ranked by the time to {first}." if first else "; set report.targets to rank tasks."), "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r, train_s, flops, reached in table:
+        cells = [str(r["task"]), r["grid"], f"{train_s:.1f} s", f"{flops:.3e}",
+                 "" if r.get("val_bpb") is None else str(r["val_bpb"]),
+                 "" if r.get("eval_core") is None else str(r["eval_core"])]
+        cells += [f"{v[0]:.1f} s (step {v[1]})" if v else "not reached" for v in reached.values()]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def _tracking_lines(rows: list[dict]) -> list[str]:
     """Links to the wandb runs (train.wandb_project); offline runs by directory, with the
     command that uploads them."""
@@ -203,6 +259,7 @@ def write_report(run_dir: Path) -> Path:
         if r.get("eval_skipped"):
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
+    lines += _time_to_target_lines(run_dir, rows)
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)
     for r in rows:

@@ -189,6 +189,14 @@ class ClusterArgs:
         return self.nodes * self.gpus_per_node
 
 
+TARGET_METRICS = {"val_bpb": "lower", "core": "higher"}  # report.targets: which way is better
+
+
+@dataclass
+class ReportArgs:
+    targets: dict[str, float] = field(default_factory=dict)  # time-to-target per base task, e.g. {val_bpb: 0.72, core: 0.2565}; grid tasks ranked by the first
+
+
 @dataclass
 class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
@@ -206,6 +214,7 @@ class Recipe:
     discovery: DiscoveryArgs = field(default_factory=DiscoveryArgs)
     sweep: SweepArgs = field(default_factory=SweepArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
+    report: ReportArgs = field(default_factory=ReportArgs)
 
     @property
     def out_dir(self) -> Path:
@@ -259,6 +268,9 @@ def validate(r: Recipe) -> None:
     _validate_discovery(r.discovery)
     _validate_sweep(r.sweep)
     _validate_cluster(r.cluster)
+    for k in r.report.targets:
+        check(k in TARGET_METRICS, f"report.targets.{k}",
+              f"is not a metric with a target; use {', '.join(TARGET_METRICS)}")
 
 
 def _validate_top(r: Recipe) -> None:

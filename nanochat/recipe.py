@@ -24,7 +24,7 @@ import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
-                             Recipe, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
+                             Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
 
 SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
             "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "eval": EvalArgs,
-            "discovery": DiscoveryArgs, "sweep": SweepArgs, "cluster": ClusterArgs}
+            "discovery": DiscoveryArgs, "sweep": SweepArgs, "cluster": ClusterArgs, "report": ReportArgs}
 
 
 def _field_comments(cls) -> dict[str, str]:

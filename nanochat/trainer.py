@@ -107,6 +107,10 @@ class StepLogger:
                         if rt.dist.is_master else None)
         self.train_t0 = time.perf_counter()
         self.window_t0, self.window_steps, self.window_tok_s = self.train_t0, 0, []
+        # training time alone — no evaluation, no checkpointing — as the speedrun leaderboard
+        # counts it; a resumed run continues the count of the records it kept
+        kept = [r for r in read_jsonl(self.log.path) if r.get("event") == "train"] if self.log.enabled else []
+        self.train_s = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
 
     def write(self, record: dict) -> None:
         self.log.write(record)
@@ -114,7 +118,8 @@ class StepLogger:
             self.tracker.log(record)
 
     def evaluation(self, step: int, metrics: dict, seconds: float) -> None:
-        self.write({"event": "eval", "step": step, **metrics, "eval_s": round(seconds, 3)})
+        self.write({"event": "eval", "step": step, **metrics, "eval_s": round(seconds, 3),
+                    "train_s": round(self.train_s, 3)})
         self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
             plot_progress(self.log.path, self.run_dir / "curves.png", f"{self.run_dir.name} ({self.spec.stage})")
@@ -135,6 +140,7 @@ class StepLogger:
                        mfu=round(mfu_percent(spec.flops_per_token, tok_s, self.peak, self.rt.dist.world_size), 3),
                        eta_s=round((spec.num_steps - step - 1) * spec.tokens_per_step / rate, 1))
         rec["elapsed_s"] = round(now - self.train_t0, 2)
+        rec["train_s"] = round(self.train_s, 3)
         if self.rt.device.type == "cuda":
             rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2**30, 3)
         self.write(rec)
@@ -248,6 +254,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             if args.profile_steps and step == args.profile_steps[0]:
                 profiler = _start_profiler(rt)
             lrm = apply_schedule(optimizers, step, spec)
+            t_step = time.perf_counter()
             watched = check is not None and check.watching(step)
             if watched:
                 check.before_step(rt)
@@ -271,6 +278,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
                     _stop_profiler(profiler, run_dir, rt, args.profile_steps)
                     profiler = None
 
+            logger.train_s += time.perf_counter() - t_step
             logger.step_done()
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))

@@ -40,3 +40,42 @@ def test_report_shows_discoverys_answer_and_its_cache_file(tiny_recipe, tmp_path
     assert f"| {found['batch_size']} |" in line
     assert f"cache hit; discovered by the discover job: {found['probes']} probes" in line
     assert f"`{found['cache_path']}`" in line
+
+
+def test_time_to_target_excludes_evaluation_and_ranks_grid_tasks(tiny_recipe, tmp_path):
+    from nanochat.trainer import read_progress
+    recipe_file = tmp_path / "t.yaml"
+    train = {**tiny_recipe["train"], "num_iterations": 12, "eval_every": 3}
+    recipe_file.write_text(yaml.safe_dump({
+        **tiny_recipe, "name": "t", "train": train, "stages": ["base", "report"],
+        "grid": {"optim.matrix_lr": [0.002, 0.05]}, "report": {"targets": {"val_bpb": 0.0, "core": 0.5}}},
+        sort_keys=False))
+    run = tmp_path / "runs" / "t"
+    recipe = load_recipe(recipe_file, [f"run_dir={run}"])
+    run.mkdir(parents=True)
+    save_resolved_recipe(recipe, run / "recipe.yaml")
+    save_manifest(run, new_manifest(build_plan(recipe, run), "local"))
+    for i in range(2):
+        run_task(str(run), "base", i)
+    progress = [read_progress(run / "base" / f"{i:03d}" / "progress.jsonl") for i in range(2)]
+    for p in progress:
+        train_s = [r["train_s"] for r in p if r["event"] == "train"]
+        elapsed = [r["elapsed_s"] for r in p if r["event"] == "train"]
+        assert train_s == sorted(train_s) and train_s[-1] < elapsed[-1], "evaluation time is not training time"
+    # a target both reach, at different evaluations: the one reached first ranks first
+    bpb = [{r["step"]: r["val_bpb"] for r in p if r["event"] == "eval"} for p in progress]
+    target = max(bpb[0][12], bpb[1][12])
+    firsts = [min(s for s, v in b.items() if v <= target) for b in bpb]
+    recipe_file.write_text(recipe_file.read_text().replace("val_bpb: 0.0", f"val_bpb: {target}"))
+    save_resolved_recipe(load_recipe(recipe_file, [f"run_dir={run}"]), run / "recipe.yaml")
+    report = write_report(run).read_text()
+    assert "## Time to target" in report and f"val_bpb ≤ {target}" in report
+    rows = [ln for ln in report.split("## Time to target")[1].splitlines() if ln.startswith("| ") and "s (step" in ln]
+    assert len(rows) == 2
+    expect = []
+    for i, p in enumerate(progress):
+        e = next(r for r in p if r["event"] == "eval" and r["step"] == firsts[i])
+        expect.append((e["train_s"], i, f"{e['train_s']:.1f} s (step {firsts[i]})"))
+    expect.sort()
+    for line, (_, i, cell) in zip(rows, expect):
+        assert line.startswith(f"| {i} |") and cell in line and line.rstrip().endswith("not reached |"), line
