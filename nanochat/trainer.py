@@ -46,13 +46,15 @@ class ProgressLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
 
-    def truncate_from(self, step: int) -> None:
-        """On resume from `step`, drop records of steps ≥ step so the curve continues cleanly."""
+    def truncate_from(self, step: int) -> list[dict]:
+        """On resume from `step`, drop records of steps ≥ step so the curve continues cleanly;
+        returns the records kept."""
         if not (self.enabled and self.path.exists()):
-            return
+            return []
         kept = [ln for ln in self.path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", -1) < step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        return [json.loads(ln) for ln in kept]
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -95,7 +97,7 @@ class StepLogger:
     def __init__(self, rt: Runtime, run_dir: Path, spec: "LoopSpec", start_step: int):
         self.rt, self.spec, self.run_dir = rt, spec, run_dir
         self.log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master)
-        self.log.truncate_from(start_step)
+        kept = [r for r in self.log.truncate_from(start_step) if r.get("event") == "train"]
         self.peak, self.peak_src = peak_flops(rt.device, rt.dtype)
         self.bar = None
         if _want_bar(spec.train, rt):
@@ -109,7 +111,6 @@ class StepLogger:
         self.window_t0, self.window_steps, self.window_tok_s = self.train_t0, 0, []
         # training time alone — no evaluation, no checkpointing — as the speedrun leaderboard
         # counts it; a resumed run continues the count of the records it kept
-        kept = [r for r in read_jsonl(self.log.path) if r.get("event") == "train"] if self.log.enabled else []
         self.train_s = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
 
     def write(self, record: dict) -> None:

@@ -18,6 +18,7 @@ from nanochat.recipe import recipe_from_dict  # noqa: E402
 from nanochat.runtime import compile_count  # noqa: E402
 from nanochat.train import train_base  # noqa: E402
 from nanochat.trainer import read_progress  # noqa: E402
+from test_train import stop_after  # noqa: E402
 from test_gpt import make_model  # noqa: E402
 
 RAGGED = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42] * 12, [7]]
@@ -110,12 +111,7 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu_and_resumes_exactly_on_gpu(tiny_re
     straight = cuda_recipe(tiny_recipe, tmp_path / "a", num_iterations=20)
     train_base(straight)
     split = cuda_recipe(tiny_recipe, tmp_path / "b", num_iterations=20)
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] > 10
-    train_base(split, stop_requested=stop)
+    train_base(split, stop_requested=stop_after(10))
     model, _, _ = load_model(split.out_dir, torch.device("cpu"))  # a GPU checkpoint on the CPU
     assert model.lm_head.weight.device.type == "cpu"
     train_base(split)

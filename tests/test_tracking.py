@@ -12,6 +12,7 @@ from nanochat.recipe import recipe_from_dict
 from nanochat.tracking import WANDB_FILE, run_info
 from nanochat.train import train_base
 from nanochat.trainer import read_progress
+from test_train import stop_after
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
@@ -57,12 +58,7 @@ def tracked(tiny_recipe, project="nanochat-test"):
 
 def test_wandb_logs_what_progress_logs_and_resume_keeps_the_run(offline_wandb, tiny_recipe):
     recipe = tracked(tiny_recipe)
-    calls = {"n": 0}
-
-    def stop_after_10():
-        calls["n"] += 1
-        return calls["n"] > 10
-    first = train_base(recipe, stop_requested=stop_after_10)
+    first = train_base(recipe, stop_requested=stop_after(10))
     assert first.get("stopped")
     run_id = run_info(recipe.out_dir)["id"]
     train_base(recipe)  # resumes from step 10 into the same wandb run
