@@ -14,11 +14,11 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from nanochat.config import TRAINING_SECTIONS
+from nanochat.config import TARGET_METRICS, TRAINING_SECTIONS
 
 PROGRESS_STAGES = tuple(TRAINING_SECTIONS)  # the stages that write progress.jsonl
 VAL_KEYS = ("val_bpb", "val_loss")          # base logs bits per byte, SFT loss per token
@@ -33,6 +33,8 @@ class TaskProgress:
     tok_per_s: float | None     # optional in the log's format, as is eta_s
     eta_s: float | None
     val: tuple[str, float, int] | None  # newest evaluation: (metric, value, step)
+    core: tuple[float, int] | None = None  # newest CORE during training (train.core_every): (score, step)
+    reached: dict[str, tuple[float, int]] = field(default_factory=dict)  # target → (train_s, step) first met
 
 
 def _tail_records(path: Path, max_bytes: int | None = TAIL_BYTES) -> list[dict]:
@@ -69,11 +71,31 @@ def _total_steps(task_dir: Path) -> int | None:
     return total if isinstance(total, int) else None
 
 
-def read_progress(task_dir: str | Path) -> TaskProgress | None:
-    """The newest training record of a base or sft task directory; None before the first."""
+def target_label(metric: str, target: float) -> str:
+    """val_bpb ≤ 0.72, core ≥ 0.2565: a report.targets entry, with the direction it counts."""
+    return f"{metric} {'≤' if TARGET_METRICS[metric] == 'lower' else '≥'} {target}"
+
+
+def first_reached(metric: str, target: float, records: list[dict]) -> tuple[float, int] | None:
+    """(training seconds, step) of the first evaluation in a progress log at which `metric`
+    met `target` (val_bpb: at or below; core: at or above — TARGET_METRICS), or None. The
+    time is the record's train_s: training only, as the speedrun leaderboard counts it."""
+    lower = TARGET_METRICS[metric] == "lower"
+    for e in records:
+        v = e.get(metric)
+        if e.get("event") == "eval" and isinstance(v, (int, float)) and "train_s" in e and \
+                (v <= target if lower else v >= target):
+            return e["train_s"], e["step"]
+    return None
+
+
+def read_progress(task_dir: str | Path, targets: dict[str, float] | None = None) -> TaskProgress | None:
+    """The newest training record of a base or sft task directory; None before the first.
+    With `targets` (report.targets), also when each was first reached — which needs the whole
+    log, not its tail."""
     task_dir = Path(task_dir)
     path = task_dir / "progress.jsonl"
-    records = _tail_records(path)
+    records = _tail_records(path, None if targets else TAIL_BYTES)
     if not any(r.get("event") == "train" for r in records):
         records = _tail_records(path, None)  # a tail of evaluations only: read it all
     train = [r for r in records if r.get("event") == "train" and "step" in r and "loss" in r]
@@ -82,9 +104,14 @@ def read_progress(task_dir: str | Path) -> TaskProgress | None:
     r = train[-1]
     evals = [(k, e[k], e["step"]) for e in records if e.get("event") == "eval" and "step" in e
              for k in VAL_KEYS if isinstance(e.get(k), (int, float))]
+    cores = [(e["core"], e["step"]) for e in records
+             if e.get("event") == "eval" and "step" in e and isinstance(e.get("core"), (int, float))]
+    reached = {target_label(m, t): hit for m, t in (targets or {}).items()
+               if m in TARGET_METRICS and (hit := first_reached(m, t, records)) is not None}
     return TaskProgress(step=r["step"] + 1, total=_total_steps(task_dir), loss=r["loss"],
                         tok_per_s=r.get("tok_per_s"), eta_s=r.get("eta_s"),
-                        val=evals[-1] if evals else None)
+                        val=evals[-1] if evals else None, core=cores[-1] if cores else None,
+                        reached=reached)
 
 
 def duration(seconds: float) -> str:
@@ -104,19 +131,23 @@ def describe(p: TaskProgress, eta: bool = True) -> str:
     parts = [f"step {p.step}/{p.total}" if p.total else f"step {p.step}", f"loss {p.loss:.4f}"]
     if p.val:
         parts.append(f"{p.val[0]} {p.val[1]:.4f}")
+    if p.core:
+        parts.append(f"core {p.core[0]:.4f}")
     if p.tok_per_s is not None:
         parts.append(f"{p.tok_per_s:,.0f} tok/s")
     if eta and p.eta_s is not None:
         parts.append(f"ETA {duration(p.eta_s)}")
+    parts += [f"{label} at {duration(s)} (step {step})" for label, (s, step) in p.reached.items()]
     return "  ".join(parts)
 
 
-def progress_text(stage: str, task_dir: str | Path, running: bool) -> str:
+def progress_text(stage: str, task_dir: str | Path, running: bool,
+                  targets: dict[str, float] | None = None) -> str:
     """What a task's progress log says, for the stages that keep one; "" otherwise. The ETA
-    only while it runs."""
+    only while it runs; the time to each of `targets` (base tasks) once reached."""
     if stage not in PROGRESS_STAGES:
         return ""
-    p = read_progress(task_dir)
+    p = read_progress(task_dir, targets if stage == "base" else None)
     return describe(p, eta=running) if p else ""
 
 

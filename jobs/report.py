@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from jobs.manifest import read_manifest
+from jobs.progress import first_reached, target_label
 from nanochat.common import UserError, atomic_path, atomic_write_text
-from nanochat.config import TARGET_METRICS
 from nanochat.plots import pyplot, read_jsonl
 from nanochat.recipe import load_recipe
 from nanochat.tracking import run_info
@@ -176,15 +176,15 @@ def _batch_lines(run_dir: Path, rows: list[dict]) -> list[str]:
             "|---|---|---:|---|---|---|"] + out
 
 
-def _reached(metric: str, target: float, evals: list[dict], row: dict, train: list[dict]):
-    """(training seconds, step) when `metric` first met `target`, or None. val_bpb from the
-    progress log's evaluations (lower is better); CORE from them too, else the final eval."""
-    better = (lambda v: v <= target) if TARGET_METRICS[metric] == "lower" else (lambda v: v >= target)
-    for e in evals:
-        if isinstance(e.get(metric), (int, float)) and better(e[metric]) and "train_s" in e:
-            return e["train_s"], e["step"]
-    final = row.get("eval_core") if metric == "core" else None
-    if final is not None and better(final) and train and "train_s" in train[-1]:
+def _reached(metric: str, target: float, progress: list[dict], row: dict, train: list[dict]):
+    """(training seconds, step) when `metric` first met `target`, or None: from the progress
+    log's evaluations (val_bpb, and CORE with train.core_every), else CORE of the eval stage,
+    which scored the final checkpoint."""
+    hit = first_reached(metric, target, progress)
+    if hit is not None:
+        return hit
+    final = row.get("eval_core") if metric == "core" else None  # CORE: higher is better
+    if final is not None and final >= target and train and "train_s" in train[-1]:
         return train[-1]["train_s"], train[-1]["step"] + 1
     return None
 
@@ -206,15 +206,14 @@ def _time_to_target_lines(run_dir: Path, rows: list[dict]) -> list[str]:
             continue
         run = _load_json(tdir / "run.json") or {}
         flops = (run.get("flops_per_token") or 0) * (train[-1]["step"] + 1) * (run.get("tokens_per_step") or 0)
-        evals = [e for e in progress if e.get("event") == "eval"]
-        reached = {m: _reached(m, t, evals, r, train) for m, t in targets.items()}
+        reached = {m: _reached(m, t, progress, r, train) for m, t in targets.items()}
         table.append((r, train[-1]["train_s"], flops, reached))
     if not table:
         return []
     first = next(iter(targets), None)
     table.sort(key=lambda t: (t[3][first][0] if first and t[3][first] else float("inf")))
     head = ["task", "grid", "training time", "total FLOPs", "val_bpb", "core"] + \
-        [f"{m} ≤ {t}" if TARGET_METRICS[m] == "lower" else f"{m} ≥ {t}" for m, t in targets.items()]
+        [target_label(m, t) for m, t in targets.items()]
     out = ["", "## Time to target", "",
            "Training time excludes evaluation and checkpointing" +
            (f"; ranked by the time to {first}." if first else "; set report.targets to rank tasks."), "",

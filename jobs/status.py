@@ -2,7 +2,8 @@
 
 Per stage and task: the job state (squeue for live jobs, sacct where accounting exists, the
 manifest otherwise — the local executor records states there), elapsed time, the last training
-step / loss / tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py), an
+step / loss / tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py) and
+the training time at which a base task first met each of the recipe's report.targets, an
 eval task's scores from its eval.json, why a cancelled task was cancelled (by the user, or
 because a task it waited for failed), and the stderr tail of failed tasks.
 """
@@ -25,6 +26,7 @@ from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_
                            record_cancel, save_manifest)
 from jobs.progress import progress_text, result_summary  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.recipe import load_recipe  # noqa: E402
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE"}
@@ -58,8 +60,16 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
     return states
 
 
-def _detail(stage: str, task_dir: Path, running: bool) -> str:
-    return result_summary(stage, task_dir) or progress_text(stage, task_dir, running)
+def _detail(stage: str, task_dir: Path, running: bool, targets: dict[str, float]) -> str:
+    return result_summary(stage, task_dir) or progress_text(stage, task_dir, running, targets)
+
+
+def run_targets(run_dir: Path) -> dict[str, float]:
+    """The run's report.targets (its recipe.yaml), for the time to each target once reached."""
+    try:
+        return load_recipe(run_dir / "recipe.yaml").report.targets
+    except UserError:
+        return {}
 
 
 def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
@@ -77,7 +87,7 @@ def collect(run_dir: Path) -> list[dict]:
     manifest = read_manifest(run_dir)
     ids = [t["job_id"] for s in manifest["stages"].values() for t in s["tasks"] if t.get("job_id")]
     live = slurm_states(ids) if manifest.get("executor") == "slurm" else {}
-    rows = []
+    rows, targets = [], run_targets(run_dir)
     for stage, info in manifest["stages"].items():
         for task in info["tasks"]:
             state, elapsed, reason, by = live.get(task.get("job_id") or "", (task["state"], "", "", ""))
@@ -86,7 +96,7 @@ def collect(run_dir: Path) -> list[dict]:
             elapsed = elapsed or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
                          "state": state, "elapsed": elapsed, "reason": reason, "cancelled_by": by,
-                         "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING")})
+                         "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING", targets)})
     states = {(r["stage"], r["task"]): r["state"] for r in rows}
     for r in rows:
         # why it ended: a cancelled job's stderr holds only the noise of the SIGTERM that stopped

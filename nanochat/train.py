@@ -20,6 +20,7 @@ from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
 from nanochat.batch_size import resolve_device_batch_size
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
 from nanochat.config import Recipe, grad_accum_steps
+from nanochat.core import make_core_evaluator
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.gpt import GPT, GPTConfig, build_model
@@ -102,10 +103,12 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
     evaluate = at_device_batch(check, device_batch, lambda b: make_bpb_evaluator(
         val_paths, tokenizer, rt, b, seq, recipe.train.eval_tokens))
 
+    core = (make_core_evaluator(recipe.eval, recipe.cache_dir, tokenizer, rt, recipe.train.core_max_per_task)
+            if recipe.train.core_every > 0 else None)
     step_model = maybe_compile(model, recipe.train)
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.train.total_batch_size,
                     flops_per_token=flops, train=recipe.train, optim=recipe.optim, stage="base",
-                    meta=meta, batch_check=check)
+                    meta=meta, batch_check=check, core=core)
     loader = loader_at(device_batch, loader_state)
     return train_loop(rt, run_dir, model, step_model, optimizers, loader, evaluate, spec,
                       start_step=start_step, stop_requested=stop_requested)

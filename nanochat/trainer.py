@@ -80,6 +80,7 @@ class LoopSpec:
     stage: str = "base"
     meta: dict = field(default_factory=dict)  # stored in every checkpoint (recipe, model config)
     batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batch_check.py)
+    core: Callable[[torch.nn.Module], float | None] | None = None  # CORE every train.core_every steps (core.make_core_evaluator)
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
@@ -121,7 +122,8 @@ class StepLogger:
     def evaluation(self, step: int, metrics: dict, seconds: float) -> None:
         self.write({"event": "eval", "step": step, **metrics, "eval_s": round(seconds, 3),
                     "train_s": round(self.train_s, 3)})
-        self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(shown))
         if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
             plot_progress(self.log.path, self.run_dir / "curves.png", f"{self.run_dir.name} ({self.spec.stage})")
         self.window_t0, self.window_steps = time.perf_counter(), 0  # evaluation isn't training time
@@ -185,6 +187,26 @@ def _evaluate(model: torch.nn.Module, evaluate: Callable, rt: Runtime) -> tuple[
     return metrics, time.perf_counter() - t0
 
 
+def _due(step: int, every: int, final: bool) -> bool:
+    return final or (every > 0 and step % every == 0)
+
+
+def _scheduled_evaluations(model: torch.nn.Module, evaluate: Callable, spec: "LoopSpec", step: int,
+                           final: bool, rt: Runtime, logger: StepLogger) -> dict:
+    """The evaluations due at `step` — validation every train.eval_every steps, CORE every
+    train.core_every (both at the end) — as one progress record; {} when none is due. Their
+    time is the record's eval_s and never counts as training time."""
+    metrics, seconds = {}, 0.0
+    if _due(step, spec.train.eval_every, final):
+        metrics, seconds = _evaluate(model, evaluate, rt)
+    if spec.core is not None and _due(step, spec.train.core_every, final):
+        core, s = _evaluate(model, lambda m: {"core": spec.core(m)}, rt)
+        metrics, seconds = {**metrics, **core}, seconds + s
+    if metrics:
+        logger.evaluation(step, metrics, seconds)
+    return metrics
+
+
 def _micro_steps(step_model: torch.nn.Module, batches, x, y, accum: int, rt: Runtime):
     """Forward and backward over one step's micro-batches, fetching the next batch while the
     device works. Returns (loss sum, the next x, y, the loader state before that batch)."""
@@ -238,11 +260,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     try:
         for step in range(start_step, spec.num_steps + 1):
             final = step == spec.num_steps
-            metrics = {}
-            if final or (args.eval_every > 0 and step % args.eval_every == 0):
-                metrics, seconds = _evaluate(model, evaluate, rt)
-                logger.evaluation(step, metrics, seconds)
-                last.update(metrics)
+            metrics = _scheduled_evaluations(model, evaluate, spec, step, final, rt, logger)
+            last.update(metrics)
             stop = not final and _agreed_stop(rt, step, args.train_log_every, stop_requested)
             if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
                 save(step, metrics)

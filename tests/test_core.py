@@ -494,3 +494,59 @@ def test_an_eval_job_without_the_bundle_fails_at_once(runs, tmp_path, capsys, mo
     assert len(err) == 1 and "the CORE eval bundle" in err[0] and "is not prepared" in err[0]
     assert not (tmp_path / "e.json").exists()
     assert "no checkpoint found" in error_line(run_cli("nanochat.eval", tmp_path, "--core"))
+
+
+def test_core_during_training_is_logged_plotted_shown_by_status_and_timed_to_target(tiny_recipe, bundle, tmp_path):
+    """train.core_every: CORE at steps 0, N, 2N… and the end, in progress.jsonl's eval records (the
+    final one equals CORE of the final checkpoint scored afresh), a CORE panel in curves.png, and
+    the time to a report.targets CORE in status (while it runs or after) and the report."""
+    import yaml
+    from matplotlib.image import imread
+
+    from jobs.manifest import new_manifest, save_manifest
+    from jobs.plan import build_plan
+    from jobs.report import write_report
+    from jobs.status import collect
+    from jobs.tasks import run_task
+    from nanochat.engine import load_model
+    from nanochat.recipe import load_recipe, save_resolved_recipe
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.trainer import read_progress
+
+    recipe_file = tmp_path / "c.yaml"
+    train = {**tiny_recipe["train"], "num_iterations": 8, "eval_every": 4, "core_every": 3,
+             "core_max_per_task": 4, "save_every": -1}
+    recipe_file.write_text(yaml.safe_dump({
+        **tiny_recipe, "name": "c", "train": train, "stages": ["base", "report"],
+        "eval": {"core_bundle": str(bundle)}, "report": {"targets": {"core": -1.0}}}, sort_keys=False))
+    run = tmp_path / "runs" / "c"
+    recipe = load_recipe(recipe_file, [f"run_dir={run}"])
+    run.mkdir(parents=True)
+    save_resolved_recipe(recipe, run / "recipe.yaml")
+    save_manifest(run, new_manifest(build_plan(recipe, run), "local"))
+    run_task(str(run), "base", 0)
+
+    task = run / "base" / "000"
+    evals = [r for r in read_progress(task / "progress.jsonl") if r["event"] == "eval"]
+    assert [r["step"] for r in evals if "core" in r] == [0, 3, 6, 8]
+    assert [r["step"] for r in evals if "val_bpb" in r] == [0, 4, 8], "validation keeps its own cadence"
+    final = evals[-1]
+    assert "val_bpb" in final and isinstance(final["core"], float) and final["eval_s"] > 0
+    model, _, _ = load_model(task, "cpu")
+    again = evaluate_core(model, Tokenizer.load(task / "tokenizer"), bundle, 4, "cpu", verbose=False)
+    assert final["core"] == pytest.approx(again["score"], abs=1e-6)
+    assert imread(task / "curves.png").shape[1] > 1500, "curves.png has the CORE panel beside loss and BPB"
+
+    # a target the first CORE (step 0) already meets, and one met later (or never)
+    cores = [(r["step"], r["core"], r["train_s"]) for r in evals if "core" in r]
+    later = max(c for _, c, _ in cores[1:])
+    first_later = next(s for s, c, _ in cores if c >= later)
+    for target, (step, train_s) in ((-1.0, (0, 0.0)),
+                                    (later, next((s, t) for s, c, t in cores if s == first_later))):
+        recipe_file.write_text(recipe_file.read_text().replace("core: -1.0", f"core: {target}"))
+        save_resolved_recipe(load_recipe(recipe_file, [f"run_dir={run}"]), run / "recipe.yaml")
+        row = next(r for r in collect(run) if r["stage"] == "base")
+        assert f"core ≥ {target} at " in row["progress"] and f"(step {step})" in row["progress"], row
+        report = write_report(run).read_text().split("## Time to target")[1]
+        assert f"core ≥ {target}" in report and f"{train_s:.1f} s (step {step})" in report
+        recipe_file.write_text(recipe_file.read_text().replace(f"core: {target}", "core: -1.0"))
