@@ -38,7 +38,7 @@ class ModelArgs:
     softcap: float = 15.0           # logits = softcap·tanh(logits/softcap); 0 disables
     bigram_factor: int = 0          # hashed bigram embedding: table rows = factor × vocab; 0 = off
     bigram_lambda_init: float = 0.05  # initial per-layer scale λ_i of the bigram residual
-    loss_chunk_rows: int = -1       # rows per chunk of lm_head + softcap + cross-entropy (never all rows × vocab fp32 logits at once); -1 = auto (≤ 128 MiB of logits, ≤ 16 chunks), 0 = unchunked
+    loss_chunk_rows: int = -1       # rows per chunk of lm_head + softcap + cross-entropy (never all rows × vocab fp32 logits at once); -1 = auto (128 MiB of fp32 logits per chunk, at most 32 chunks), 0 = unchunked
     value_embeds: bool = False      # ResFormer value embeddings on alternating layers (the last always): v += 3·sigmoid(W·x[:12]) · table[token], a gate per kv head
     window_pattern: str = "L"       # attention window per layer, tiled: L = full context, S = ceil(sequence_len/4/128)·128 tokens; the last layer is always L (upstream: SSSL)
     smear: bool = False             # mix the previous token's embedding in after the embedding norm: x[t] += λ·sigmoid(W·x[t,:24])·x[t-1], λ from 0
@@ -88,6 +88,14 @@ class OptimArgs:
     orthogonalizer: str = "polar_express"    # "polar_express" (Amsel et al. 2025) or "newton_schulz" (Keller Jordan's quintic)
     row_equilibrate: bool = False            # MuonEq: equalize row norms of the update before orthogonalization
     muon_plus: bool = False                  # Muon+: snap the orthogonalized update to RMS singular value 1
+    variance_reduction: bool = False         # NorMuon: after Muon+, normalize the update per row (tall/square) or column (wide) by a running second moment
+    variance_reduction_beta2: float = 0.95   # EMA coefficient of variance_reduction's second moment (upstream 0.95)
+    muon_weight_decay: float = 0.0           # cautious decoupled decay on the Muon matrices (only where update and weight agree in sign), cosine-decayed to 0 over the run; upstream 0.28
+    lr_batch_scaling: bool = False           # multiply every LR by sqrt(total batch / batch_ref) (upstream base_train)
+    wd_scaling: bool = False                 # T_epoch rule (arXiv 2405.13698): muon_weight_decay × sqrt(total batch / batch_ref) × (wd_ref_tokens / training tokens)
+    batch_ref: int = 524_288                 # B_ref: tokens per step the LRs and muon_weight_decay were tuned at (2^19, upstream's d12)
+    wd_ref_tokens: int = 0                   # D_ref: training tokens muon_weight_decay was tuned for; 0 = upstream's, train.target_param_data_ratio × scaling params of this model at depth 12
+    value_embed_lr_frac: float = 0.5         # AdamW LR of the value embeddings as a fraction of the (width- and batch-scaled) embedding LR
 
 
 @dataclass
@@ -192,6 +200,7 @@ class ClusterArgs:
     constraint: str | None = None   # --constraint
     array_parallelism: int = 8      # %P: array tasks running at once
     additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
+    collective_timeout_min: float = 10.0  # process-group (NCCL/gloo) collective timeout; preparation, discovery and compile warm-up wait apart from it
 
     @property
     def world_size(self) -> int:
@@ -364,6 +373,13 @@ def _validate_optim(o: OptimArgs) -> None:
     check(o.orthogonalizer != "polar_express" or o.ns_steps <= 5, "optim.ns_steps",
           f"must be ≤ 5 with orthogonalizer polar_express (its coefficients cover 5 "
           f"iterations), got {o.ns_steps}")
+    check(0 <= o.variance_reduction_beta2 < 1, "optim.variance_reduction_beta2",
+          f"must be in [0, 1), got {o.variance_reduction_beta2}")
+    check(o.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be ≥ 0, got {o.muon_weight_decay}")
+    check(o.batch_ref >= 1, "optim.batch_ref", f"must be ≥ 1 (tokens per step), got {o.batch_ref}")
+    check(o.wd_ref_tokens >= 0, "optim.wd_ref_tokens",
+          f"must be ≥ 0 (0 = upstream's d12 reference), got {o.wd_ref_tokens}")
+    check(o.value_embed_lr_frac > 0, "optim.value_embed_lr_frac", f"must be > 0, got {o.value_embed_lr_frac}")
 
 
 def _validate_train(tr: TrainArgs) -> None:
@@ -461,6 +477,9 @@ def _validate_cluster(c: ClusterArgs) -> None:
     for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
         check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
     check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
+    check(isinstance(c.collective_timeout_min, (int, float)) and not isinstance(c.collective_timeout_min, bool)
+          and c.collective_timeout_min > 0, "cluster.collective_timeout_min",
+          f"must be a number of minutes > 0, got {c.collective_timeout_min!r}")
 
 
 def check_batch(v, key: str) -> None:
