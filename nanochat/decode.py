@@ -17,6 +17,10 @@ a single position, written out (checked against the full forward by tests/test_e
   graph. Its cache write is one `index_put_` into the whole cache tensor, not a scatter into one
   layer's view: compiled, a write into a view of a graph input made inductor copy the whole cache
   back every step (d4, batch 8, CPU: 16.3 ms a step against 5.7 ms).
+- Every architecture switch decodes here as in the full forward: a sliding-window layer reads
+  at most its window (a band mask over the full cache, or its ring buffer, all W slots: static
+  shapes); smear's previous embedding is looked up from the row's previous token (`row_prev`,
+  which the bigram hash reads too), the same lookup the full forward makes.
 - `compile_step` compiles it with static shapes but for the attended length. On CPU it also
   turns on inductor's freezing: the weights become constants, so inductor pre-packs every linear
   for MKL (what the packed lm_head does by hand, for the layers' matmuls too) and fuses the
@@ -28,7 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, KVCache, attention, bigram_rows, norm
+from nanochat.attention import attention
+from nanochat.gpt import GPT, VE_GATE_CHANNELS, bigram_rows, norm
+from nanochat.kv_cache import KVCache
 
 HEAD_LAYOUTS = ("linear", "transposed", "packed")
 
@@ -87,25 +93,62 @@ class DecodeStep(nn.Module):
         key_pos = cache.key_pos if key_pos is None else key_pos
         length = key_pos.size(0)
         pos = cache.row_pos
-        mask = (key_pos <= pos.unsqueeze(1)).view(B, 1, 1, length)
+        masks = self.masks(cache, key_pos)
         C = self.cos.index_select(0, pos).unsqueeze(1)  # (B, 1, 1, D)
         S = self.sin.index_select(0, pos).unsqueeze(1)
         x = norm(m.wte(token))
+        if m.smear_gate is not None:
+            x = m.smear(x, cache.row_prev)
+        x0, x_mid = x, None
         if m.bigram is not None:
             big = m.bigram(bigram_rows(token, m.bigram_rows, cache.row_prev))
         for i, block in enumerate(m.blocks):
+            if m.resid_lambdas is not None:
+                x = m.resid_lambdas[i] * x + m.x0_lambdas[i] * x0
             if m.bigram is not None:
                 x = x + m.bigram_lambdas[i] * big
-            qkv = F.linear(norm(x), self.qkv[i]).view(B, 1, H + 2 * Hkv, D)
+            h = norm(x)
+            qkv = F.linear(h, self.qkv[i]).view(B, 1, H + 2 * Hkv, D)
             qk = qkv[:, :, :H + Hkv]
             qk = norm((qk * C + torch.cat([qk[..., D // 2:], qk[..., :D // 2]], -1) * S).to(qk.dtype))
-            k, v = cache.insert_rows(i, qk[:, 0, H:], qkv[:, 0, H + Hkv:], length)
-            y = attention(qk[:, :, :H].transpose(1, 2), k, v, mask)
+            if c.qk_gain != 1.0:
+                qk = qk * c.qk_gain
+            v = qkv[:, 0, H + Hkv:]
+            if block.attn.ve_gate is not None:
+                gate = 3 * torch.sigmoid(block.attn.ve_gate(h[:, 0, :VE_GATE_CHANNELS]))  # (B, Hkv)
+                v = v + gate.unsqueeze(-1) * m.value_embeds[str(i)](token).view(B, Hkv, D)
+            k, v = cache.insert_rows(i, qk[:, 0, H:], v, length)
+            y = attention(qk[:, :, :H].transpose(1, 2), k, v, masks[i])
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(norm(x))
+            if i == m.backout_layer:
+                x_mid = x
+        if m.backout_lambda is not None:
+            x = x - m.backout_lambda * x_mid
         cache.row_pos.add_(1)
         cache.row_prev.copy_(token[:, 0])
         return m.softcap(self.head_matmul(norm(x)).float())[:, 0]
+
+    @staticmethod
+    def masks(cache: KVCache, key_pos: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's (B, 1, 1, keys) mask for this step, one tensor per distinct kind: the
+        positions up to each row's own; a window's band of them; a ring's filled slots (slot
+        s ≤ pos until it wraps, then every slot holds one of the last W positions)."""
+        pos = cache.row_pos.view(-1, 1)
+        B, made = pos.size(0), {}
+        out = []
+        for layer, window in enumerate(cache.windows):
+            kind = "ring" if cache.is_ring(layer) else window
+            if kind not in made:
+                if kind == "ring":
+                    mk = cache.ring_slot.view(1, -1) <= pos
+                elif window is None:
+                    mk = key_pos.view(1, -1) <= pos
+                else:
+                    mk = (key_pos.view(1, -1) <= pos) & (key_pos.view(1, -1) > pos - window)
+                made[kind] = mk.view(B, 1, 1, -1)
+            out.append(made[kind])
+        return out
 
 
 RECOMPILE_LIMIT = 64  # graphs of the step per process (torch's default, 8, is per function)

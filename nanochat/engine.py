@@ -47,7 +47,8 @@ from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
 from nanochat.decode import CACHE_STEP, HEAD_LAYOUTS, DecodeStep, compile_step, \
     mkl_packed_available
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
 from nanochat.runtime import compute_dtype
 
 HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
@@ -131,8 +132,9 @@ class Engine:
     """
 
     def __init__(self, model: GPT, *, cuda_graph: bool = False, compile: bool = False,
-                 head: str = "auto"):
+                 head: str = "auto", ring: bool = True):
         self.model = model.eval()
+        self.ring = ring  # sliding-window layers keep only their window (kv_cache.py)
         p = model.lm_head.weight
         self.device, self.dtype, self.config = p.device, p.dtype, model.config
         if cuda_graph and self.device.type != "cuda":
@@ -167,7 +169,7 @@ class Engine:
             max_len = graph_cache_len(max_len, self.model.rotary_len)
         if c is None or c.batch_size != batch or c.max_len < max_len:
             self.cache = self._graph = self._static_logits = None  # free the old one first
-            self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype)
+            self.cache = KVCache(batch, max_len, self.config, self.device, self.dtype, self.ring)
         self.step(batch)
         return self.cache
 
@@ -206,13 +208,14 @@ class Engine:
         idx, lens, last = (t.to(self.device, non_blocking=True) for t in (idx, lens, last))
         cache.reset()
         if n == 1:  # the prompts fill the cache's rows directly
+            cache.prefill_lens = lens  # ring layers keep each row's own last positions
             logits = self.model(idx, kv_cache=cache, logits_at=lens - 1)[:, 0]
         else:  # prefill each prompt once, then copy its rows to all its samples
-            tmp = KVCache(P, T, self.config, self.device, self.dtype)
+            tmp = KVCache(P, cache.max_len, self.config, self.device, self.dtype, cache.ring)
+            tmp.prefill_lens = lens
             logits = self.model(idx, kv_cache=tmp, logits_at=lens - 1)[:, 0]
             rows = torch.arange(P * n, device=self.device) // n
-            cache.k[:, :, :, :T] = tmp.k[:, rows]
-            cache.v[:, :, :, :T] = tmp.v[:, rows]
+            cache.copy_rows(tmp, rows, T)
             logits, lens, last = logits[rows], lens[rows], last[rows]
             del tmp
         cache.start_rows(lens, last)
@@ -359,7 +362,7 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
         model.init_weights()
     else:
         with torch.no_grad():  # the rotary tables are buffers that checkpoints don't store
-            cos, sin = GPT._rotary(model.rotary_len, config.head_dim, device=device)
+            cos, sin = model.rotary_tables(device=device)
             model.cos.copy_(cos)
             model.sin.copy_(sin)
         try:
@@ -371,7 +374,7 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
     model = model.to(dtype).eval()
     # The rotary tables stay fp32, as in training (where only autocast's matmuls are bf16):
     # cast to bf16 they would move generation's and eval's logits away from training's.
-    cos, sin = GPT._rotary(model.rotary_len, config.head_dim, device=device)
+    cos, sin = model.rotary_tables(device=device)
     model.cos, model.sin = cos, sin
     return model
 

@@ -6,7 +6,10 @@
 - optional hashed bigram residual embedding (nanochat PR #747): one table of factor × vocab rows
   shared by all layers; before every block x += λ_i · table[hash(prev, cur)]
 - forward accepts a KV cache for incremental decoding (the cache also carries the previous token,
-  so the bigram rows in decode equal those in training)
+  so the bigram rows and smear in decode equal those in training)
+- switches from upstream nanochat (2026), each off by default (config.py documents them):
+  value embeddings (ResFormer, arXiv 2410.17897), sliding-window layers (attention.py), smear,
+  backout, per-layer residual scalars, the q/k gain after QK-norm and the rotary base
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
+from nanochat.attention import attention, causal_attention, layer_windows, window_mask
+from nanochat.kv_cache import KVCache
+from nanochat.loss import chunked_loss, softcap
 
 
 @dataclass
@@ -35,6 +41,14 @@ class GPTConfig:
     softcap: float = ModelArgs.softcap
     bigram_factor: int = ModelArgs.bigram_factor
     bigram_lambda_init: float = ModelArgs.bigram_lambda_init
+    value_embeds: bool = ModelArgs.value_embeds
+    window_pattern: str = ModelArgs.window_pattern
+    smear: bool = ModelArgs.smear
+    backout: bool = ModelArgs.backout
+    residual_scalars: bool = ModelArgs.residual_scalars
+    qk_gain: float = ModelArgs.qk_gain
+    rotary_base: float = ModelArgs.rotary_base
+    loss_chunk_rows: int = ModelArgs.loss_chunk_rows
 
     @classmethod
     def from_args(cls, m: ModelArgs, vocab_size: int) -> "GPTConfig":
@@ -45,11 +59,29 @@ class GPTConfig:
         dims = model_dims(m)
         return cls(sequence_len=m.sequence_len, vocab_size=m.vocab_size or vocab_size,
                    softcap=m.softcap, bigram_factor=m.bigram_factor,
-                   bigram_lambda_init=m.bigram_lambda_init, **dims)
+                   bigram_lambda_init=m.bigram_lambda_init,
+                   **{f: getattr(m, f) for f in ARCH_SWITCHES},
+                   loss_chunk_rows=m.loss_chunk_rows, **dims)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def windows(self) -> list[int | None]:
+        """Attention window of each layer in tokens, None = full context (attention.py)."""
+        return layer_windows(self.window_pattern, self.n_layer, self.sequence_len)
+
+
+# the architecture switches a recipe's model section hands to GPTConfig as they are
+ARCH_SWITCHES = ("value_embeds", "window_pattern", "smear", "backout", "residual_scalars",
+                 "qk_gain", "rotary_base")
+VE_GATE_CHANNELS = 12     # value-embedding gate input: the first 12 channels (upstream)
+SMEAR_GATE_CHANNELS = 24  # smear gate input: the first 24 channels (upstream)
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """Layers with a value embedding: alternating, the last always (upstream nanochat)."""
+    return layer % 2 == (n_layer - 1) % 2
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -87,118 +119,56 @@ def bigram_rows(idx: torch.Tensor, n_rows: int, prev: torch.Tensor | None = None
     return h
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              is_causal: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k and v
-    (B, Hkv, L, D), H a multiple of Hkv; `mask` (boolean, broadcastable to (B, 1, T, L)).
-
-    SDPA's own `enable_gqa=True` runs with a mask only in its math kernel, which copies K and V
-    up to H heads in every layer at every step. With a mask, each group of G = H / Hkv query
-    heads is folded into the query length instead — q (B, Hkv, G·T, D), the mask repeated per
-    group — which is the same attention (query head h reads kv head h // G, as enable_gqa
-    does) in a shape the fused kernels take."""
-    H, Hkv = q.size(1), k.size(1)
-    if H == Hkv or mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              enable_gqa=H != Hkv)
-    assert not is_causal, "pass causality in the mask"
-    B, _, T, D = q.shape
-    G, L = H // Hkv, k.size(2)
-    m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    m = m.expand(m.size(0), 1, T, L).unsqueeze(2).expand(m.size(0), 1, G, T, L)
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v,
-                                       attn_mask=m.reshape(m.size(0), 1, G * T, L))
-    return y.view(B, H, T, D)
-
-
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
-
-    Filled in one of two ways:
-    - together (`pos`, a host int): every row holds the same number of positions and
-      `forward` with T tokens writes positions pos..pos+T-1 (prefill, chunked prefill).
-      `prev_token` is the last token fed, which the bigram hash of the next step needs.
-    - per row (`start_rows`, then `decode.DecodeStep`): each row has its own length (prompts of
-      different lengths in one batch). The lengths (`row_pos`) and last tokens (`row_prev`) are
-      device tensors updated in place, so a decode step reads no host value and always touches
-      the same memory: it can be compiled with static shapes or captured in a CUDA graph
-      (gpt-fast passes `input_pos` as a tensor for the same reason).
-    """
-
-    def __init__(self, batch_size: int, max_len: int, config: GPTConfig, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.batch_size, self.max_len = batch_size, max_len
-        self.pos = 0
-        self.prev_token: torch.Tensor | None = None
-        self.row_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.row_prev = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.key_pos = torch.arange(max_len, device=device)
-        # index tensors of insert_rows (made here: a compiled step must not see them change)
-        self._rows = (torch.arange(batch_size, device=device).view(-1, 1),
-                      torch.arange(config.n_kv_head, device=device).view(1, -1),
-                      [torch.tensor(i, device=device) for i in range(config.n_layer)])
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t0, t1 = self.pos, self.pos + k.size(2)
-        if t1 > self.max_len:
-            raise ValueError(f"KV cache full: {t1} positions > max_len {self.max_len}")
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
-
-    def insert_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, length: int):
-        """One position per row (k, v: (B, n_kv_head, head_dim)) written at each row's own
-        `row_pos`; returns the first `length` positions of the layer's keys and values. One
-        index_put_ into the whole cache tensor (see nanochat/decode.py for why not a view)."""
-        b, h, layers = self._rows
-        idx = (layers[layer], b, h, self.row_pos.view(-1, 1))
-        self.k.index_put_(idx, k)
-        self.v.index_put_(idx, v)
-        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
-
-    def start_rows(self, lengths: torch.Tensor, last_tokens: torch.Tensor) -> None:
-        """Switch to per-row decoding after a prefill: row b holds `lengths[b]` positions and its
-        last token is `last_tokens[b]` (copied in place: buffers a CUDA graph holds stay valid)."""
-        self.row_pos.copy_(lengths)
-        self.row_prev.copy_(last_tokens)
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.prev_token = None
-        self.row_pos.zero_()
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.windows()[layer_idx]
+        self.qk_gain = config.qk_gain
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ve_gate = None
+        if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache: KVCache | None):
+    def value(self, x: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+        """v (B, T, n_kv_head, D), plus the gated value embedding: ResFormer's value residual,
+        a gate in (0, 3) per kv head read from the first 12 channels (upstream nanochat)."""
+        B, T, _ = x.shape
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is None:
+            return v
+        gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
+        return v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+
+    def forward(self, x, cos_sin, kv_cache: KVCache | None, ve: torch.Tensor | None = None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.value(x, ve)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
+        if self.qk_gain != 1.0:  # upstream 1.2: sharper attention than unit-norm q·k allows
+            q, k = q * self.qk_gain, k * self.qk_gain
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        Tq, Tk = q.size(2), k.size(2)
-        if Tq == Tk:
-            y = attention(q, k, v, is_causal=True)
-        elif Tq == 1:  # one new token attends to everything in the cache
-            y = attention(q, k, v)
-        else:  # a chunk after a prefix: full view of the prefix, causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = attention(q, k, v, mask)
+        if kv_cache is None:
+            y = causal_attention(q, k, v, self.window)
+        else:
+            t0 = kv_cache.pos
+            k, v, key_pos = kv_cache.insert(self.layer_idx, k, v)
+            Tk = k.size(2)
+            if key_pos is None and Tk == T:  # a prefill from position 0: as in training
+                y = causal_attention(q, k, v, self.window)
+            elif key_pos is None and T == 1 and self.window is None:  # reads the whole cache
+                y = attention(q, k, v)
+            else:  # a chunk after a prefix, or a window: causal, inside the window
+                key_pos = torch.arange(Tk, device=q.device) if key_pos is None else key_pos
+                q_pos = torch.arange(t0, t0 + T, device=q.device)
+                y = attention(q, k, v, window_mask(q_pos, key_pos, self.window))
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -219,8 +189,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, cos_sin, kv_cache, ve=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, ve)
         return x + self.mlp(norm(x))
 
 
@@ -237,17 +207,33 @@ class GPT(nn.Module):
             self.bigram_lambdas = nn.Parameter(torch.full((config.n_layer,), config.bigram_lambda_init))
         else:
             self.bigram = None
+        self._init_switches(config)
         # Rotary tables cover 10× the training context so generation can run past it.
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary(self.rotary_len, config.head_dim)
+        cos, sin = self.rotary_tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    @staticmethod
-    def _rotary(seq_len: int, head_dim: int, base: float = 10000.0, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+    def _init_switches(self, config: GPTConfig) -> None:
+        """Parameters of the architecture switches (values set in init_weights)."""
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer)
+            if config.value_embeds and has_value_embed(i, config.n_layer)})
+        self.smear_gate = self.smear_lambda = None
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.backout_layer = config.n_layer // 2  # x_mid: the residual after this block
+        self.resid_lambdas = self.x0_lambdas = None
+        if config.residual_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+
+    def rotary_tables(self, device=None):
+        """cos, sin (1, rotary_len, 1, head_dim/2) in fp32 for the config's rotary base."""
+        return rotary(self.rotary_len, self.config.head_dim, self.config.rotary_base, device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -265,34 +251,83 @@ class GPT(nn.Module):
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.weight)  # zero table: starts as the dense model
             self.bigram_lambdas.fill_(self.config.bigram_lambda_init)  # non-zero, or λ gets no gradient
-        cos, sin = self._rotary(self.rotary_len, self.config.head_dim, device=self.cos.device)
+        self._init_switch_weights()
+        cos, sin = self.rotary_tables(device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def _init_switch_weights(self) -> None:
+        """Upstream nanochat's initialisations of the switches' parameters."""
+        c = self.config
+        kv_dim = c.n_kv_head * c.head_dim
+        ve_std = 1.0 / math.sqrt(c.n_embd) * min(1.0, math.sqrt(kv_dim / c.n_embd))  # as c_v
+        for table in self.value_embeds.values():
+            nn.init.normal_(table.weight, mean=0.0, std=ve_std)
+        for block in self.blocks:
+            if block.attn.ve_gate is not None:  # small positive: gates start near 3·σ(0) = 1.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if self.smear_gate is not None:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()  # starts as no smear; λ's gradient is gate · x[t-1] ≠ 0
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
+        if self.resid_lambdas is not None:  # linear over depth: 1.15 → 1.05 and 0.20 → 0.05
+            frac = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+
     # ---------------------------------------------------------------- bookkeeping
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: Muon for hidden matrices, AdamW for the rest."""
+        """Parameters by optimizer role: Muon for hidden matrices (the value-embedding gates
+        with them, as upstream), AdamW for the rest; the value-embedding tables in their own
+        group (upstream: AdamW at half the embedding LR); gates and lambdas that are not a
+        hidden matrix (vectors, the 1 × 24 smear gate) with the scalars."""
         groups = {"matrix": [p for b in self.blocks for p in b.parameters()],
                   "embedding": [self.wte.weight], "lm_head": [self.lm_head.weight], "scalar": []}
         if self.bigram is not None:
             groups["embedding"].append(self.bigram.weight)
             groups["scalar"].append(self.bigram_lambdas)
+        if len(self.value_embeds):
+            groups["value_embed"] = list(self.value_embeds.parameters())
+        for p in (self.smear_gate.weight if self.smear_gate is not None else None,
+                  self.smear_lambda, self.backout_lambda, self.resid_lambdas, self.x0_lambdas):
+            if p is not None:
+                groups["scalar"].append(p)
         return groups
 
     def num_params(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
         embed = self.wte.weight.numel()
         bigram = self.bigram.weight.numel() if self.bigram is not None else 0
+        ve = sum(p.numel() for p in self.value_embeds.parameters())
         # "Scaling" params (what the param:data ratio counts): everything but the lookup tables.
-        return {"total": total, "embedding": embed, "bigram": bigram, "scaling": total - embed - bigram}
+        return {"total": total, "embedding": embed, "bigram": bigram, "value_embeds": ve,
+                "scaling": total - embed - bigram - ve}
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 × matmul params + attention.
-        Lookup tables (token and bigram embeddings) and the per-layer scalars do no matmuls."""
+        """Training FLOPs per token (forward + backward): 6 × matmul params + attention, each
+        layer's attention over its window (upstream nanochat). Lookup tables (token, bigram and
+        value embeddings) and the per-layer scalars do no matmuls."""
         c = self.config
         matmul = sum(p.numel() for b in self.blocks for p in b.parameters()) + self.lm_head.weight.numel()
-        attn = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        if self.smear_gate is not None:
+            matmul += self.smear_gate.weight.numel()
+        attn = sum(12 * c.n_head * c.head_dim * min(w or c.sequence_len, c.sequence_len)
+                   for w in c.windows())
         return 6 * matmul + attn
+
+    def smear(self, x: torch.Tensor, prev_token: torch.Tensor | None) -> torch.Tensor:
+        """x[t] += λ · sigmoid(W · x[t, :24]) · x[t-1] on the normed embeddings (upstream
+        nanochat's smear: a cheap previous-token feature). `prev_token` (B,): the token before
+        x[:, 0] (a cache continuing); None: x[:, 0] is position 0, which has no previous."""
+        B, T, C = x.shape
+        if prev_token is None:
+            first = torch.zeros_like(x[:, :1])
+        else:
+            first = norm(self.wte(prev_token.view(B, 1)))
+        prev = torch.cat([first, x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+        return x + gate * prev
 
     # ---------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -307,34 +342,39 @@ class GPT(nn.Module):
         if t0 + T > self.rotary_len:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.rotary_len})")
         cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        prev = None if t0 == 0 else kv_cache.prev_token
         x = norm(self.wte(idx))
+        if self.smear_gate is not None:
+            x = self.smear(x, prev)
+        x0, x_mid = x, None
         if self.bigram is not None:
-            prev = None if t0 == 0 else kv_cache.prev_token
             big = self.bigram(bigram_rows(idx, self.bigram_rows, prev))
         for i, block in enumerate(self.blocks):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if self.bigram is not None:
                 x = x + self.bigram_lambdas[i] * big
-            x = block(x, cos_sin, kv_cache)
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos_sin, kv_cache, ve)
+            if i == self.backout_layer:
+                x_mid = x
         if kv_cache is not None:
             kv_cache.pos += T
             kv_cache.prev_token = idx[:, -1]
+        if self.backout_lambda is not None:  # upstream: drop low-level features before the head
+            x = x - self.backout_lambda * x_mid
         if logits_at is not None:
             x = x.gather(1, logits_at.view(B, 1, 1).expand(B, 1, x.size(-1)))
-        logits = self.softcap(self.lm_head(norm(x)).float())
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+            return self.softcap(self.lm_head(norm(x)).float())
+        # never the whole (B·T × vocab) fp32 logits: nanochat/loss.py (upstream #443)
+        return chunked_loss(norm(x), self.lm_head.weight, targets, self.config.softcap,
+                            loss_reduction, self.config.loss_chunk_rows)
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        """softcap · tanh(logits / softcap): bounds the logits (Gemma 2; modded-nanogpt)."""
-        cap = self.config.softcap
-        if cap <= 0:
-            return logits
-        if torch.is_grad_enabled():
-            return cap * torch.tanh(logits / cap)
-        # the same ops in place: no new vocab-sized buffers (−0.4 ms/step at d4, batch 8, CPU)
-        return logits.div_(cap).tanh_().mul_(cap)
+        """softcap · tanh(logits / softcap): bounds the logits (Gemma 2; modded-nanogpt); in
+        place without autograd (−0.4 ms/step at d4, batch 8, CPU)."""
+        return softcap(logits, self.config.softcap)
 
     @torch.no_grad()
     def generate_naive(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -352,6 +392,13 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)
             seq = torch.cat([seq, nxt], dim=1)
             yield int(nxt.item())
+
+
+def rotary(seq_len: int, head_dim: int, base: float, device=None):
+    """Rotary tables cos, sin (1, seq_len, 1, head_dim/2), fp32 (RoFormer, Su et al. 2021)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
 def build_model(config: GPTConfig, device) -> GPT:

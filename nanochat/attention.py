@@ -1,0 +1,144 @@
+"""Causal attention with per-layer sliding windows, and the kernel each device runs it with.
+
+Windows (upstream nanochat's `window_pattern`): the pattern is tiled over the layers, "L" is the
+full context and "S" a window of S = ceil(sequence_len / 4 / 128) · 128 tokens (2048 → 768; a
+multiple of 128, FlashAttention's tile); the last layer is always "L". A window of W means the
+query at position i reads the keys at positions j with i - W < j <= i (W keys, itself included).
+
+Kernels (`attention_backend`):
+- full-context layers always run SDPA with `is_causal=True`: no mask, so windows elsewhere never
+  slow them down;
+- "sdpa" (CPU, and CUDA without the others): SDPA with a boolean band mask, built once per
+  (length, window, device) and cached, not per layer per step;
+- "flex" (CUDA under torch.compile): `torch.nn.attention.flex_attention` with a block mask made
+  once per shape; compiled, it skips fully masked tiles instead of reading a (T × T) mask;
+- "flash_attn" (CUDA with the flash_attn package, bf16/fp16 activations): its native
+  `window_size=(W - 1, 0)`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "flash_attn")
+WINDOW_TILE = 128  # S windows are a multiple of this (upstream: FlashAttention 3's tile)
+
+
+def short_window(sequence_len: int) -> int:
+    """The "S" window: a quarter of the context rounded up to a multiple of 128 (upstream)."""
+    return math.ceil(sequence_len / 4 / WINDOW_TILE) * WINDOW_TILE
+
+
+def layer_windows(pattern: str, n_layer: int, sequence_len: int) -> list[int | None]:
+    """Window of each layer in tokens, None for the full context: `pattern` tiled over the
+    layers, the last layer always full."""
+    s = short_window(sequence_len)
+    windows = [s if pattern[i % len(pattern)] == "S" else None for i in range(n_layer)]
+    windows[-1] = None
+    return windows
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flex_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def attention_backend(device, compiled: bool) -> str:
+    """The kernel sliding-window layers run with on `device` (run.json logs it): flash_attn when
+    installed on CUDA, flex_attention on CUDA under torch.compile (eager flex is a slow
+    reference path), else SDPA with a cached band mask."""
+    if torch.device(device).type == "cuda":
+        if flash_attn_available():
+            return "flash_attn"
+        if compiled and flex_available():
+            return "flex"
+    return "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k and v
+    (B, Hkv, L, D), H a multiple of Hkv; `mask` (boolean, broadcastable to (B, 1, T, L)).
+
+    SDPA's own `enable_gqa=True` runs with a mask only in its math kernel, which copies K and V
+    up to H heads in every layer at every step. With a mask, each group of G = H / Hkv query
+    heads is folded into the query length instead — q (B, Hkv, G·T, D), the mask repeated per
+    group — which is the same attention (query head h reads kv head h // G, as enable_gqa
+    does) in a shape the fused kernels take."""
+    H, Hkv = q.size(1), k.size(1)
+    if H == Hkv or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=H != Hkv)
+    assert not is_causal, "pass causality in the mask"
+    B, _, T, D = q.shape
+    G, L = H // Hkv, k.size(2)
+    m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = m.expand(m.size(0), 1, T, L).unsqueeze(2).expand(m.size(0), 1, G, T, L)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v,
+                                       attn_mask=m.reshape(m.size(0), 1, G * T, L))
+    return y.view(B, H, T, D)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(Tq, Tk) boolean: query at absolute position q_pos[i] may read the key at k_pos[j]
+    (causal, inside the window; k_pos < 0 marks an empty cache slot)."""
+    qp, kp = q_pos.view(-1, 1), k_pos.view(1, -1)
+    ok = (kp <= qp) & (kp >= 0)
+    return ok if window is None else ok & (kp > qp - window)
+
+
+_BAND_MASKS: dict[tuple, torch.Tensor] = {}
+_BLOCK_MASKS: dict[tuple, object] = {}
+
+
+def band_mask(T: int, window: int, device) -> torch.Tensor:
+    """The (T, T) sliding-window causal mask, made once per (T, window, device)."""
+    if torch.compiler.is_compiling():  # traced into the graph (inductor folds it), not cached
+        pos = torch.arange(T, device=device)
+        return window_mask(pos, pos, window)
+    key = (T, window, str(device))
+    if key not in _BAND_MASKS:
+        pos = torch.arange(T, device=device)
+        _BAND_MASKS[key] = window_mask(pos, pos, window)
+    return _BAND_MASKS[key]
+
+
+@torch.compiler.disable
+def block_mask(T: int, window: int, device):
+    """flex_attention's block mask for a (T, T) sliding window, made once per shape (outside the
+    compiled graph: one cached object that every layer and step reuses)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = (T, window, str(device))
+    if key not in _BLOCK_MASKS:
+        def band(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+        _BLOCK_MASKS[key] = create_block_mask(band, None, None, T, T, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                     backend: str | None = None) -> torch.Tensor:
+    """Causal self-attention over one whole sequence (training, a prefill from position 0):
+    q (B, H, T, D), k and v (B, Hkv, T, D) → (B, H, T, D). `window` None = full context.
+    `backend` None: `attention_backend` of q's device under the current compile state."""
+    T = q.size(2)
+    if window is None or window >= T:
+        return attention(q, k, v, is_causal=True)
+    if backend is None:
+        backend = attention_backend(q.device, torch.compiler.is_compiling())
+    if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func  # layout (B, T, H, D); GQA native
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            causal=True, window_size=(window - 1, 0))
+        return y.transpose(1, 2)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=block_mask(T, window, q.device),
+                              enable_gqa=q.size(1) != k.size(1))
+    return attention(q, k, v, band_mask(T, window, q.device))
