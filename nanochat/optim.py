@@ -13,11 +13,29 @@ Two optional tweaks around the orthogonalization (nanochat PR #747; later merged
   sqrt(min(m, n)) — that of an exact semi-orthogonal matrix — correcting the iteration's
   under/over-convergence so the RMS singular value is exactly 1.
 
+Upstream nanochat's other optimizer rules (karpathy/nanochat nanochat/optim.py, scripts/base_train.py),
+each an `optim.` switch, off by default:
+- variance reduction AFTER Muon+ (NorMuon, https://arxiv.org/abs/2510.05491): a running second
+  moment per row (tall/square) or column (wide) of the orthogonalized update rescales those rows
+  or columns to equal RMS, keeping the update's Frobenius norm;
+- cautious weight decay (Chen et al., "Cautious Weight Decay", https://arxiv.org/abs/2510.12402):
+  the decoupled decay lr·λ·p is applied only where the update and the weight agree in sign (where
+  the step already pulls the weight toward 0), with λ cosine-decayed to 0 over the run;
+- every LR × sqrt(B / 2^19) (the usual sqrt rule for Adam; upstream applies it to Muon too,
+  "not studied carefully");
+- λ × sqrt(B / B_ref) · (D_ref / D): the T_epoch rule of https://arxiv.org/abs/2405.13698
+  (keep B / (η·λ·D) constant when η itself grows with sqrt(B)); D = training tokens;
+- value embeddings (ResFormer tables) on AdamW at half the embedding LR.
+
 Distributed training: the caller averages gradients with `allreduce_gradients` (so every rank
 holds the same gradients), then each rank orthogonalizes only its share of the Muon params and
 broadcasts them (see `Muon.step`). With one process no collective is ever called.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -131,34 +149,83 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def second_moment_shape(shape: torch.Size) -> tuple[int, int]:
+    """Variance reduction's state for an (m, n) matrix: per row (m, 1) when m ≥ n, else per
+    column (1, n) — the longer side, as upstream (its statistic averages over the shorter one)."""
+    m, n = shape
+    return (m, 1) if m >= n else (1, n)
+
+
+def variance_reduce(X: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon step (https://arxiv.org/abs/2510.05491) on an orthogonalized update X (m, n).
+
+    v = mean of X² over each row (second_moment (m, 1)) or column ((1, n)); second_moment ←
+    lerp(second_moment, v, 1 - beta2) (in place, fp32, no bias correction, as upstream); the
+    result is X / sqrt(second_moment) rescaled to ‖X‖_F, so only the split of the step between
+    rows (columns) changes: rows whose updates were persistently large get smaller steps."""
+    red = -1 if second_moment.size(-1) == 1 else -2
+    X32 = X.float()
+    second_moment.lerp_(X32.square().mean(dim=red, keepdim=True), 1 - beta2)
+    Y = X32 * second_moment.clamp_min(1e-10).rsqrt()
+    return Y * (X32.norm() / Y.norm().clamp_min(1e-10))
+
+
+def cautious_update(p: torch.Tensor, X: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """p ← p − lr·X − lr·λ·p·[X·p ≥ 0], in place: the decoupled decay only where the update
+    direction −X points toward zero, i.e. agrees with the decay (Cautious Weight Decay,
+    https://arxiv.org/abs/2510.12402; upstream's mask is the same `g * p >= 0`). Elsewhere the
+    weight moves by the update alone."""
+    X = X.to(p.dtype)
+    if weight_decay > 0:
+        keep = 1 - (lr * weight_decay) * ((X * p) >= 0).to(p.dtype)  # mask from p before the step
+        p.mul_(keep)
+    p.add_(X, alpha=-lr)
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden matrices only.
 
     Per param: buf ← lerp(buf, g, 1-μ); u = lerp(g, buf, μ) (Nesterov) or buf;
-    [row-equilibrate u]; X = orthogonalize(u); [Muon+ X]; p ← p - lr · sqrt(max(1, m/n)) · X.
+    [row-equilibrate u]; X = orthogonalize(u); [Muon+ X]; [variance-reduce X];
+    p ← p − lr' · X [− lr' · λ · p where X·p ≥ 0], lr' = lr · sqrt(max(1, m/n)).
     The sqrt(max(1, m/n)) factor (Keller Jordan) gives tall matrices, whose orthogonal factor has
     smaller entries, the same per-entry RMS update as wide ones.
 
     Distributed (world_size > 1): gradients must already be averaged across ranks. Every rank
     keeps the momentum buffers of all params (an elementwise update, cheap; it also makes rank 0's
     state dict complete for checkpoints), but only rank i % world_size orthogonalizes and applies
-    param i's update; then each param is broadcast from its owner, so all ranks end bit-identical.
+    param i's update; then each param — and its variance-reduction second moment, (m, 1) or
+    (1, n) floats, so every rank's state stays complete too — is broadcast from its owner, so all
+    ranks end bit-identical.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, orthogonalizer: str = "polar_express",
-                 row_equilibrate: bool = False, muon_plus: bool = False, local: bool = False):
+                 row_equilibrate: bool = False, muon_plus: bool = False,
+                 variance_reduction: bool = False, beta2: float = 0.95, weight_decay: float = 0.0,
+                 local: bool = False):
         # local=True: step as one process even when torch.distributed is initialised (the
         # batch-size probe runs on rank 0 alone; a broadcast there would wait for the others).
         self.local = local
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         orthogonalizer=orthogonalizer, row_equilibrate=row_equilibrate,
-                        muon_plus=muon_plus)
+                        muon_plus=muon_plus, variance_reduction=variance_reduction, beta2=beta2,
+                        weight_decay=weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:
             assert group["orthogonalizer"] in ZEROPOWER, group["orthogonalizer"]
             for p in group["params"]:
                 assert p.ndim == 2, f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}"
+
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict replaces the param groups with the checkpoint's: one saved before
+        # these options existed ran without them.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("variance_reduction", False)
+            group.setdefault("beta2", 0.95)
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("initial_weight_decay", group["weight_decay"])
 
     @torch.no_grad()
     def _apply(self, p: torch.Tensor, u: torch.Tensor, group: dict) -> None:
@@ -168,8 +235,10 @@ class Muon(torch.optim.Optimizer):
         X = ZEROPOWER[group["orthogonalizer"]](u, group["ns_steps"])
         if group["muon_plus"]:
             X = muon_plus_normalize(X)
+        if group["variance_reduction"]:
+            X = variance_reduce(X, self.state[p]["second_moment"], group["beta2"])
         m, n = p.shape
-        p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, m / n) ** 0.5)
+        cautious_update(p, X, group["lr"] * max(1.0, m / n) ** 0.5, group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -192,6 +261,9 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 g = p.grad
                 buf.lerp_(g, 1 - mu)
+                if group["variance_reduction"] and "second_moment" not in state:
+                    state["second_moment"] = torch.zeros(second_moment_shape(p.shape),
+                                                         dtype=torch.float32, device=p.device)
                 work.append((p, group, g.lerp(buf, mu) if group["nesterov"] else buf))
         handles = []
         for i, (p, group, u) in enumerate(work):
@@ -203,6 +275,9 @@ class Muon(torch.optim.Optimizer):
                 # after allreduce, so "has a grad" agrees too); async so that communication of
                 # param i overlaps orthogonalization of param i+1.
                 handles.append(dist.broadcast(p.data, src=owner, async_op=True))
+                if u is not None and group["variance_reduction"]:
+                    handles.append(dist.broadcast(self.state[p]["second_moment"], src=owner,
+                                                  async_op=True))
         for h in handles:
             h.wait()
         return loss
@@ -217,24 +292,77 @@ def muon_momentum(step: int, args: OptimArgs) -> float:
     return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
 
 
+def muon_weight_decay_at(step: int, num_steps: int, peak: float) -> float:
+    """Muon's weight decay at `step`: peak · ½(1 + cos(π · step / num_steps)), from peak at step 0
+    to 0 at the end (upstream base_train.py `get_weight_decay`)."""
+    if num_steps <= 0:
+        return peak
+    return peak * 0.5 * (1 + math.cos(math.pi * min(max(step, 0), num_steps) / num_steps))
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """What the batch and horizon rules need: tokens per optimizer step (B), training tokens of
+    the run (D = steps × B) and D_ref, the horizon muon_weight_decay was tuned at."""
+    batch_tokens: int
+    train_tokens: int
+    ref_tokens: float
+
+
+def batch_lr_scale(args: OptimArgs, horizon: Horizon | None) -> float:
+    """sqrt(B / batch_ref) with lr_batch_scaling on, else 1 (upstream: B = 2^20 → sqrt 2)."""
+    if not args.lr_batch_scaling:
+        return 1.0
+    assert horizon is not None, "optim.lr_batch_scaling needs the run's Horizon"
+    return (horizon.batch_tokens / args.batch_ref) ** 0.5
+
+
+def scaled_muon_weight_decay(args: OptimArgs, horizon: Horizon | None) -> float:
+    """muon_weight_decay, × sqrt(B / B_ref) · (D_ref / D) with wd_scaling on: the T_epoch rule
+    (arXiv 2405.13698) keeps B / (η·λ·D) fixed while η grows as sqrt(B) (upstream base_train)."""
+    if not (args.wd_scaling and args.muon_weight_decay > 0):
+        return args.muon_weight_decay
+    assert horizon is not None, "optim.wd_scaling needs the run's Horizon"
+    return (args.muon_weight_decay * (horizon.batch_tokens / args.batch_ref) ** 0.5
+            * horizon.ref_tokens / horizon.train_tokens)
+
+
+def unscaled(args: OptimArgs) -> OptimArgs:
+    """args without the batch and horizon rules, for measurements that build optimizers without
+    a run (memory probes, benchmarks): the rules change LR and decay values, not the work done."""
+    return dataclasses.replace(args, lr_batch_scaling=False, wd_scaling=False)
+
+
+def optim_scaling(args: OptimArgs, horizon: Horizon | None) -> dict:
+    """The values the rules derive, for the run's log and run.json."""
+    return {"lr_scale": batch_lr_scale(args, horizon),
+            "muon_weight_decay": scaled_muon_weight_decay(args, horizon),
+            **({"batch_tokens": horizon.batch_tokens, "train_tokens": horizon.train_tokens,
+                "ref_tokens": horizon.ref_tokens} if horizon is not None else {})}
+
+
 # --------------------------------------------------------------------------------------------
 # Building the optimizers
 
-GROUP_NAMES = ("matrix", "embedding", "lm_head", "scalar")
+GROUP_NAMES = ("matrix", "embedding", "value_embed", "lm_head", "scalar")
 
 
 def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArgs,
-                     model_dim: int, all_params=None,
-                     local: bool = False) -> list[torch.optim.Optimizer]:
-    """Muon for groups["matrix"]; one AdamW with a param group each for "embedding", "lm_head"
-    and "scalar". Empty groups are skipped. Every param group gets "initial_lr" (the schedule
-    sets lr = initial_lr * multiplier) and "name". Returns [AdamW, Muon] (whichever exist).
+                     model_dim: int, all_params=None, local: bool = False,
+                     horizon: Horizon | None = None) -> list[torch.optim.Optimizer]:
+    """Muon for groups["matrix"]; one AdamW with a param group each for "embedding",
+    "value_embed", "lm_head" and "scalar". Empty groups are skipped. Every param group gets
+    "initial_lr" (the schedule sets lr = initial_lr * multiplier) and "name"; Muon's also
+    "initial_weight_decay" (the schedule cosine-decays it). Returns [AdamW, Muon] (whichever exist).
 
     The embedding/lm_head AdamW LRs were tuned at width 768 and are scaled by
     (model_dim / 768) ** -0.5 as in nanochat (AdamW's step per entry doesn't shrink with width,
-    but each output sums ~model_dim of them). scalar_lr is not scaled: a per-layer scalar has no
-    fan-in, so its effect does not grow with width. Weight decay goes only to the embedding and
-    lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small weights".
+    but each output sums ~model_dim of them); value embeddings get value_embed_lr_frac of the
+    embedding LR (upstream: half). scalar_lr is not width-scaled: a per-layer scalar has no
+    fan-in, so its effect does not grow with width. AdamW weight decay goes only to the embedding,
+    value_embed and lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small
+    weights". With lr_batch_scaling every LR is × sqrt(B / batch_ref); Muon's weight decay is
+    muon_weight_decay, T_epoch-scaled with wd_scaling — both need `horizon`.
 
     `all_params` (optional, e.g. model.parameters()) asserts that the groups cover them exactly.
     `local=True` makes Muon step without collectives (a probe on one rank of a distributed job).
@@ -252,10 +380,13 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
                                       f"{len(set(seen) - all_ids)} group params not in the model")
 
     width_scale = (model_dim / 768) ** -0.5
+    batch_scale = batch_lr_scale(args, horizon)
+    embed_lr = args.embedding_lr * width_scale * batch_scale
     adam_specs = [
-        ("embedding", args.embedding_lr * width_scale, args.weight_decay),
-        ("lm_head", args.unembedding_lr * width_scale, args.weight_decay),
-        ("scalar", args.scalar_lr, 0.0),
+        ("embedding", embed_lr, args.weight_decay),
+        ("value_embed", embed_lr * args.value_embed_lr_frac, args.weight_decay),
+        ("lm_head", args.unembedding_lr * width_scale * batch_scale, args.weight_decay),
+        ("scalar", args.scalar_lr * batch_scale, 0.0),
     ]
     adam_groups = [dict(params=list(groups[name]), lr=lr, weight_decay=wd, name=name)
                    for name, lr, wd in adam_specs if groups.get(name)]
@@ -267,11 +398,15 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
         opts.append(torch.optim.AdamW(adam_groups, betas=(args.adam_beta1, args.adam_beta2),
                                       eps=args.adam_eps, fused=fused))
     if groups.get("matrix"):
-        opts.append(Muon([dict(params=list(groups["matrix"]), name="matrix")], lr=args.matrix_lr,
+        muon_wd = scaled_muon_weight_decay(args, horizon)
+        opts.append(Muon([dict(params=list(groups["matrix"]), name="matrix",
+                               initial_weight_decay=muon_wd)],
+                         lr=args.matrix_lr * batch_scale,
                          momentum=muon_momentum(0, args), nesterov=args.muon_nesterov,
                          ns_steps=args.ns_steps, orthogonalizer=args.orthogonalizer,
                          row_equilibrate=args.row_equilibrate, muon_plus=args.muon_plus,
-                         local=local))
+                         variance_reduction=args.variance_reduction,
+                         beta2=args.variance_reduction_beta2, weight_decay=muon_wd, local=local))
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -332,7 +467,21 @@ def load_optimizer_state_dicts(opts: list[torch.optim.Optimizer], states: list[d
         raise UserError(f"checkpoint has {len(states)} optimizer states but the model has "
                         f"{len(opts)} optimizers; was it saved with a different parameter grouping?")
     for opt, state in zip(opts, states):
+        if isinstance(opt, Muon):
+            _check_same_switches(opt, state)
         opt.load_state_dict(state)
+
+
+def _check_same_switches(opt: "Muon", state: dict) -> None:
+    """Variance reduction carries state: a run started without it has no second moments to
+    resume (and one started with it must not silently drop them)."""
+    for group, saved in zip(opt.param_groups, state["param_groups"]):
+        now, then = group["variance_reduction"], saved.get("variance_reduction", False)
+        if now != then:
+            raise UserError(f"the checkpoint's optimizer ran with optim.variance_reduction="
+                            f"{str(then).lower()}, this recipe has {str(now).lower()}: the run was "
+                            f"started {'without' if now else 'with'} it; resume with "
+                            f"optim.variance_reduction={str(then).lower()} or use another run_dir")
 
 
 def optimizer_step(params, optimizers: list, grad_clip: float) -> None:

@@ -28,10 +28,11 @@ from nanochat.chat_data import load_sft_conversations
 from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.gpt import GPTConfig, build_model
+from nanochat.grad_sync import training_model
 from nanochat.loss_eval import make_loss_evaluator
 from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
-from nanochat.runtime import Runtime, compile_count, maybe_compile, runtime
+from nanochat.runtime import Runtime, compile_count, runtime
 from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import LoopSpec, restore_training_state, train_loop
@@ -82,10 +83,14 @@ def load_base(recipe: Recipe) -> tuple[Path, dict, Tokenizer, GPTConfig]:
 
 
 def sft_optim_args(recipe: Recipe):
+    """The base recipe's optim section at lr_frac of its LRs. Pretraining's batch and horizon
+    rules and Muon's weight decay stay off, as in upstream's chat_sft.py (raw LRs × init_lr_frac,
+    weight_decay 0); variance reduction and the other Muon switches carry over."""
     f = recipe.sft.lr_frac
     o = recipe.optim
     return dataclasses.replace(o, matrix_lr=o.matrix_lr * f, embedding_lr=o.embedding_lr * f,
-                               unembedding_lr=o.unembedding_lr * f, scalar_lr=o.scalar_lr * f)
+                               unembedding_lr=o.unembedding_lr * f, scalar_lr=o.scalar_lr * f,
+                               muon_weight_decay=0.0, lr_batch_scaling=False, wd_scaling=False)
 
 
 def sft_train_args(recipe: Recipe, device_batch: int, steps: int):
@@ -125,7 +130,7 @@ def sft_data(recipe: Recipe, tokenizer: Tokenizer, seq: int) -> tuple:
 
 
 def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    with runtime(recipe.train) as rt:
+    with runtime(recipe.train, recipe.cluster.collective_timeout_min) as rt:
         return _train_sft(recipe, rt, fresh, stop_requested)
 
 
@@ -196,7 +201,7 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
         val.items or train.items[:256], tokenizer, rt, b, seq, recipe.train.eval_tokens))
 
     train_args = sft_train_args(recipe, device_batch, steps)
-    step_model = maybe_compile(model, train_args)
+    step_model = training_model(model, rt, train_args)  # DDP when distributed, compiled
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.sft.total_batch_size,
                     flops_per_token=model.flops_per_token(), train=train_args,
                     optim=sft_optim_args(recipe), stage="sft", meta=meta, batch_check=check)

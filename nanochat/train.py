@@ -24,10 +24,11 @@ from nanochat.core import make_core_evaluator
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.grad_sync import training_model
 from nanochat.loss_eval import make_bpb_evaluator
-from nanochat.optim import build_optimizers
+from nanochat.optim import Horizon, build_optimizers, optim_scaling
 from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
-from nanochat.runtime import Runtime, maybe_compile, runtime
+from nanochat.runtime import Runtime, runtime
 from nanochat.trainer import LoopSpec, restore_training_state, train_loop
 
 
@@ -39,8 +40,27 @@ def num_iterations(recipe: Recipe, model: GPT) -> int:
     return max(1, int(target_tokens // tr.total_batch_size))
 
 
+def wd_reference_tokens(recipe: Recipe, vocab_size: int) -> float:
+    """D_ref of the T_epoch weight-decay rule: optim.wd_ref_tokens, or upstream's (base_train.py
+    D_REF): the param:data ratio × the scaling params of this recipe's model at depth 12, the
+    depth upstream tuned its hyperparameters at (width from the aspect ratio, as upstream's d12)."""
+    if recipe.optim.wd_ref_tokens > 0:
+        return float(recipe.optim.wd_ref_tokens)
+    d12 = dataclasses.replace(recipe.model, depth=12, n_embd=None, n_head=None, n_kv_head=None)
+    with torch.device("meta"):  # shapes only: nothing allocated
+        ref = GPT(GPTConfig.from_args(d12, vocab_size))
+    return recipe.train.target_param_data_ratio * ref.num_params()["scaling"]
+
+
+def run_horizon(recipe: Recipe, steps: int, vocab_size: int) -> Horizon:
+    o = recipe.optim
+    ref = wd_reference_tokens(recipe, vocab_size) if o.wd_scaling and o.muon_weight_decay > 0 else 0.0
+    return Horizon(batch_tokens=recipe.train.total_batch_size,
+                   train_tokens=steps * recipe.train.total_batch_size, ref_tokens=ref)
+
+
 def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    with runtime(recipe.train) as rt:
+    with runtime(recipe.train, recipe.cluster.collective_timeout_min) as rt:
         return _train_base(recipe, rt, fresh, stop_requested)
 
 
@@ -60,14 +80,21 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
            f"({config.n_kv_head} kv), vocab {config.vocab_size}, bigram factor {config.bigram_factor}; "
            f"params {nparams['total']:,} (scaling {nparams['scaling']:,}, bigram {nparams['bigram']:,}); "
            f"{flops:.3e} FLOPs/token")
+    steps = num_iterations(recipe, model)
+    horizon = run_horizon(recipe, steps, config.vocab_size)
+    scaling = optim_scaling(recipe.optim, horizon)
+    if recipe.optim.lr_batch_scaling or recipe.optim.wd_scaling:
+        print0(f"optim: LRs × {scaling['lr_scale']:.4f} (batch {horizon.batch_tokens:,} vs "
+               f"{recipe.optim.batch_ref:,}); Muon weight decay {recipe.optim.muon_weight_decay:g} → "
+               f"{scaling['muon_weight_decay']:.6f} ({horizon.train_tokens:,} training tokens vs "
+               f"D_ref {horizon.ref_tokens:,.0f})")
     optimizers = build_optimizers(model.param_groups(), recipe.optim, config.n_embd,
-                                  all_params=model.parameters())
+                                  all_params=model.parameters(), horizon=horizon)
 
     device_batch, found = resolve_device_batch_size(recipe, "base", rt.dist.world_size, model=model,
                                                     vocab_size=config.vocab_size)
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
-    steps = num_iterations(recipe, model)
     meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
             "git_commit": git_commit(), "tokenizer_key": tokenizer_key(recipe)}
 
@@ -89,7 +116,8 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
             "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
             "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
-            "tokens_per_step": recipe.train.total_batch_size, "discovery": discovery_summary(found)})
+            "tokens_per_step": recipe.train.total_batch_size, "optim_scaling": scaling,
+            "discovery": discovery_summary(found)})
     if start_step >= steps:
         print0(f"{run_dir} is already trained to step {start_step}; nothing to do")
         return {"step": start_step}
@@ -105,7 +133,7 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
 
     core = (make_core_evaluator(recipe.eval, recipe.cache_dir, tokenizer, rt, recipe.train.core_max_per_task)
             if recipe.train.core_every > 0 else None)
-    step_model = maybe_compile(model, recipe.train)
+    step_model = training_model(model, rt, recipe.train)  # DDP when distributed, compiled
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.train.total_batch_size,
                     flops_per_token=flops, train=recipe.train, optim=recipe.optim, stage="base",
                     meta=meta, batch_check=check, core=core)

@@ -3,7 +3,7 @@
 nanochat copies its loop, schedule and logging between scripts and the copies drift; here each
 stage builds a model, optimizers, a batch iterator and an evaluation function, and calls
 `train_loop`. The loop owns: gradient accumulation, the LR/momentum schedules, gradient
-averaging across ranks, logging (JSON lines + a progress bar on a terminal), periodic evaluation,
+averaging across ranks (overlapped with backward, after a warm-up: nanochat/grad_sync.py), logging (JSON lines + a progress bar on a terminal), periodic evaluation,
 atomic checkpoints and exact resume, torch.profiler traces, and stopping on request (preemption).
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from nanochat import checkpoint as ckpt
 from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
 from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.optim import allreduce_gradients, load_optimizer_state_dicts, muon_momentum, optimizer_step
+from nanochat.grad_sync import finish_step_sync, micro_step_context, warm_up
+from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
 from nanochat.plots import plot_progress, read_jsonl
 from nanochat.runtime import Runtime, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
@@ -168,13 +169,15 @@ class StepLogger:
 
 
 def apply_schedule(optimizers: list, step: int, spec: "LoopSpec") -> float:
-    """Set every group's LR (× the schedule's multiplier) and Muon's momentum for `step`."""
+    """Set every group's LR (× the schedule's multiplier), Muon's momentum and Muon's weight
+    decay (cosine to 0) for `step`."""
     lrm = lr_multiplier(step, spec.num_steps, spec.train)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group.get("name") == "matrix":
                 group["momentum"] = muon_momentum(step, spec.optim)
+                group["weight_decay"] = muon_weight_decay_at(step, spec.num_steps, group["initial_weight_decay"])
     return lrm
 
 
@@ -207,14 +210,17 @@ def _scheduled_evaluations(model: torch.nn.Module, evaluate: Callable, spec: "Lo
     return metrics
 
 
-def _micro_steps(step_model: torch.nn.Module, batches, x, y, accum: int, rt: Runtime):
+def _micro_steps(step_model: torch.nn.Module, batches, x, y, accum: int, rt: Runtime,
+                 overlap: bool = True):
     """Forward and backward over one step's micro-batches, fetching the next batch while the
-    device works. Returns (loss sum, the next x, y, the loader state before that batch)."""
+    device works; with `overlap`, the last backward launches the gradient all-reduce
+    (nanochat/grad_sync.py). Returns (loss sum, the next x, y, the loader state before that batch)."""
     loss_sum = torch.zeros((), device=rt.device)
-    for _ in range(accum):
-        with rt.autocast():
-            loss = step_model(x, y)
-        (loss / accum).backward()
+    for i in range(accum):
+        with micro_step_context(step_model, communicate=overlap and i == accum - 1):
+            with rt.autocast():
+                loss = step_model(x, y)
+            (loss / accum).backward()
         loss_sum += loss.detach()
         next_state = batches.state_dict()
         x, y = next(batches)
@@ -253,6 +259,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
+    warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
     accum, check = spec.grad_accum, spec.batch_check
     profiler = None
     last: dict = {}
@@ -276,16 +283,16 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             lrm = apply_schedule(optimizers, step, spec)
             t_step = time.perf_counter()
             watched = check is not None and check.watching(step)
-            if watched:
+            if watched:  # no overlap: the ranks agree on an out-of-memory before any all-reduce
                 check.before_step(rt)
                 (loss_sum, x, y, next_state), batches = checked_micro_steps(
-                    check, rt, step, lambda b, x_, y_, a: _micro_steps(step_model, b, x_, y_, a, rt),
+                    check, rt, step, lambda b, x_, y_, a: _micro_steps(step_model, b, x_, y_, a, rt,
+                                                                       overlap=False),
                     batches, x, y, next_state, optimizers)
                 accum = check.accum
             else:
                 loss_sum, x, y, next_state = _micro_steps(step_model, batches, x, y, accum, rt)
-            if rt.dist.is_distributed:
-                allreduce_gradients(params)
+            finish_step_sync(step_model, params, rt, overlapped=not watched)
             optimizer_step(params, optimizers, args.grad_clip)
             if watched:
                 rec, batches, nx, ny = check_after_step(check, rt, step, batches, next_state)
@@ -359,7 +366,8 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
     `meta_check` holds values (e.g. the model config) that must match the checkpoint's."""
     meta = ckpt.read_meta(ckpt_path)
     for k, v in meta_check.items():
-        if meta.get(k) != v:
+        saved = ckpt.saved_model_config(ckpt_path, meta.get(k), v) if k == "model_config" else meta.get(k)
+        if saved != v:
             raise UserError(f"checkpoint {ckpt_path} has a different {k} than this recipe "
                             f"({meta.get(k)} vs {v}); use another run_dir or delete the checkpoints")
     if meta.get("world_size") != rt.dist.world_size:

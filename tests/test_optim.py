@@ -1,5 +1,6 @@
 """Properties of nanochat/optim.py: the orthogonalizers, row equilibration, Muon+, Muon steps,
-optimizer building, and distributed Muon matching a single-process run (2 gloo processes)."""
+optimizer building, and distributed Muon — with and without variance reduction and cautious weight
+decay — matching a single-process run (2 gloo processes). Upstream's other rules: test_optim_parity.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -259,11 +260,19 @@ def _batch():
     return torch.randn(STEPS, 64, 12, generator=g), torch.randn(STEPS, 64, 6, generator=g)
 
 
-def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Tiny MLP; each rank gets its contiguous share of every batch."""
+OPTIONS = {  # Muon switches the distributed run must reproduce
+    "muon+": dict(row_equilibrate=True, muon_plus=True),
+    "normuon+cautious_wd": dict(row_equilibrate=True, muon_plus=True, variance_reduction=True,
+                                muon_weight_decay=0.28),
+}
+
+
+def _train(rank: int, world: int, options: str = "muon+") -> dict[str, torch.Tensor]:
+    """Tiny MLP; each rank gets its contiguous share of every batch. Returns the params and
+    Muon's second moments ("sm.<name>")."""
     P = _mlp_params()
     groups = {"matrix": [P["w1"], P["w2"], P["w3"]], "scalar": [P["b1"], P["b2"], P["gain"]]}
-    opts = build_optimizers(groups, OptimArgs(row_equilibrate=True, muon_plus=True), 64)
+    opts = build_optimizers(groups, OptimArgs(**OPTIONS[options]), 64)
     xs, ys = _batch()
     n = xs.size(1) // world
     for step in range(STEPS):
@@ -277,28 +286,40 @@ def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
         allreduce_gradients(P.values())
         for o in opts:
             o.step()
-    return {k: v.detach().clone() for k, v in P.items()}
+    out = {k: v.detach().clone() for k, v in P.items()}
+    muon = opts[-1]
+    for k in ("w1", "w2", "w3"):
+        if "second_moment" in muon.state[P[k]]:
+            out[f"sm.{k}"] = muon.state[P[k]]["second_moment"].clone()
+    return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, options: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(_train(rank, world), f"{out_dir}/rank{rank}.pt")
+        torch.save(_train(rank, world, options), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_muon_matches_single_process(tmp_path):
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_distributed_muon_matches_single_process(tmp_path, options):
+    """Owners step their share and broadcast; every rank ends with the same params and the same
+    (complete) second moments, equal to one process's."""
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), options), nprocs=world,
+             join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    single = _train(0, 1)
+    single = _train(0, 1, options)
     init = _mlp_params()
+    assert set(r0) == set(r1) == set(single)
+    if OPTIONS[options].get("variance_reduction"):
+        assert {"sm.w1", "sm.w2", "sm.w3"} <= set(single)
     for k in single:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
         torch.testing.assert_close(r0[k], single[k], rtol=0, atol=1e-5, msg=f"{k} vs single process")
-        assert not torch.equal(single[k], init[k]), f"{k} never moved"
+        assert k.startswith("sm.") or not torch.equal(single[k], init[k]), f"{k} never moved"
 
 
 def test_single_process_needs_no_distributed():
