@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import socket
@@ -456,24 +455,25 @@ def discover_for_recipe(recipe: Recipe, stage: str = "base", world_size: int = 1
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return discover(recipe, stage, world_size, model=model, vocab_size=vocab_size, **kwargs)
-    # A gloo side group with a long timeout: the other ranks wait in it for as long as rank 0
-    # probes (compiling at every size can take minutes), which on the default group would
-    # trip its timeout (NCCL's is 10 minutes).
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_TIMEOUT_S))
-    try:
-        box: list = [None]
-        failure = None
-        if dist.get_rank() == 0:
-            try:
-                box[0] = ("ok", discover(recipe, stage, world_size, model=model,
-                                         vocab_size=vocab_size, **kwargs))
-            except UserError as e:
-                box[0], failure = ("user", str(e)), e
-            except BaseException as e:  # noqa: BLE001 — the others must hear of it, then re-raise
-                box[0], failure = ("error", f"{type(e).__name__}: {e}"), e
-        dist.broadcast_object_list(box, src=0, group=group)
-    finally:
-        dist.destroy_process_group(group)
+    # Rank 0's answer goes through the rendezvous store with a long timeout (nanochat/
+    # rendezvous.py): the others wait for as long as rank 0 probes (compiling at every size can
+    # take minutes; NCCL's collective timeout is 10), a dead rank 0 breaks the wait at once, and
+    # no side group needs an address from the node's hostname (which may resolve to 127.0.x.x).
+    from nanochat import rendezvous
+    if not rendezvous.active():
+        raise RuntimeError("distributed discovery needs the process group of nanochat.runtime "
+                           "(rendezvous.join), whose store carries rank 0's answer")
+    box: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", discover(recipe, stage, world_size, model=model,
+                                     vocab_size=vocab_size, **kwargs))
+        except UserError as e:
+            box[0], failure = ("user", str(e)), e
+        except BaseException as e:  # noqa: BLE001 — the others must hear of it, then re-raise
+            box[0], failure = ("error", f"{type(e).__name__}: {e}"), e
+    box[0] = rendezvous.share(box[0], "rank 0's batch-size discovery", timeout_s=WAIT_TIMEOUT_S)
     if failure is not None:
         raise failure
     status, payload = box[0]

@@ -195,7 +195,7 @@ class ClusterArgs:
     time_min: int = 60              # --time, minutes
     nodes: int = 1                  # --nodes for training
     gpus_per_node: int = 1          # GPUs (= processes) per node
-    cpus_per_task: int = 8          # --cpus-per-task
+    cpus_per_task: int = 8          # CPUs per rank (= per GPU): --cpus-per-task of each launcher task; dataloader, compile workers, OMP threads
     mem_gb: int | None = None       # --mem in GB; None = the partition's default
     constraint: str | None = None   # --constraint
     array_parallelism: int = 8      # %P: array tasks running at once
@@ -221,7 +221,7 @@ class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
     cache_dir: str = "cache"        # tokenizers and other reusable artifacts; shared storage on clusters
-    stages: list[str] = field(default_factory=lambda: ["discover", "base", "sweep", "report"])  # what jobs/launch.py runs, in the order discover, base, sft, eval, sweep, report
+    stages: list[str] = field(default_factory=lambda: ["discover", "base", "sweep", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, sweep, report (check: the cluster check first; the rest wait for it)
     grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
@@ -270,7 +270,7 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise Invalid(key, msg)
 
 
-STAGES = ("discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
+STAGES = ("check", "discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
 
 
 def validate(r: Recipe) -> None:

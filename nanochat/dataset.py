@@ -345,7 +345,9 @@ def prepare_tokenizer(recipe: Recipe, train_paths: list[Path], rt=None) -> Token
 
 
 def _barrier(rt) -> None:
-    """Other ranks wait for local rank 0's preparation (torch imported only when distributed)."""
+    """Other ranks wait for local rank 0's preparation: in the rendezvous store with a long
+    timeout, not in a collective — a cold cache (downloads, tokenizer training) can outlast
+    NCCL's 10-minute watchdog (nanochat/rendezvous.py; torch imported only when distributed)."""
     if rt is not None and rt.dist.is_distributed:
-        from nanochat.runtime import barrier
-        barrier(rt.dist.world_size)
+        from nanochat import rendezvous
+        rendezvous.barrier("local rank 0's data and tokenizer preparation")

@@ -6,7 +6,8 @@ rules are decided once:
 - the device is `train.device` ("auto": CUDA, else MPS, else CPU), cuda:LOCAL_RANK per rank;
 - the compute dtype is `train.dtype` ("auto": bf16 autocast on CUDA, fp32 elsewhere; parameters
   stay fp32 in training); TF32 matmuls on CUDA;
-- the process group is NCCL on CUDA, gloo on CPU, created once and always destroyed;
+- the process group is NCCL on CUDA, gloo on CPU, created once (after a roll call of the ranks,
+  nanochat/rendezvous.py) with the recipe's cluster.collective_timeout_min, and always destroyed;
 - CPU training keeps freed memory in the heap (`tune_cpu_allocator`);
 - MFU is measured against a datasheet peak on known GPUs, else a measured matmul.
 """
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nanochat import rendezvous
 from nanochat.common import UserError
-from nanochat.config import TrainArgs
+from nanochat.config import ClusterArgs, TrainArgs
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,10 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
+def setup_runtime(args: TrainArgs, tune_allocator: bool = True,
+                  timeout_min: float | None = None) -> Runtime:
+    """`timeout_min`: the process group's collective timeout (the recipe's
+    cluster.collective_timeout_min; None = that field's default)."""
     info = dist_info_from_env()
     device_type = pick_device(args.device)
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -130,13 +135,11 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if info.is_distributed and not torch.distributed.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise UserError(f"{var} is not set for a {info.world_size}-process run; launch with "
-                                "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT")
+        # The store the group is made from also carries the long waits (nanochat/rendezvous.py).
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                             device_id=device if device.type == "cuda" else None)
+        rendezvous.join(info.rank, info.world_size, backend,
+                        ClusterArgs().collective_timeout_min if timeout_min is None else timeout_min,
+                        device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     return Runtime(info, device, compute_dtype(device, args.dtype))
 
@@ -144,12 +147,13 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True) -> Runtime:
 def teardown_runtime(rt: Runtime) -> None:
     if rt.dist.is_distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    rendezvous.leave()
 
 
 @contextlib.contextmanager
-def runtime(args: TrainArgs):
+def runtime(args: TrainArgs, timeout_min: float | None = None):
     """setup_runtime … teardown_runtime around a stage (the process group always destroyed)."""
-    rt = setup_runtime(args)
+    rt = setup_runtime(args, timeout_min=timeout_min)
     try:
         yield rt
     finally:

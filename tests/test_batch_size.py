@@ -2,7 +2,6 @@
 budget, the search, the cache (hits, corruption, concurrent discoverers, unwritable dirs), ranks
 agreeing, and the caller's model left untouched. Probes are real; only the search-order tests
 use a linear memory function, to cover many shapes in no time."""
-import datetime
 import json
 import os
 import subprocess
@@ -270,8 +269,9 @@ def test_probing_the_callers_model_leaves_it_untouched(tmp_path):
 def _rank_worker(rank, port, recipe_dict, out_dir):
     torch.set_num_threads(1)
     # A default-group timeout far shorter than rank 0's discovery: rank 1 must not wait on it.
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=2, timeout=datetime.timedelta(seconds=2))
+    from nanochat import rendezvous
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rendezvous.join(rank, 2, "gloo", timeout_min=2 / 60)
     before = memory_probe.PROBES_STARTED
     d = discover_for_recipe(recipe_from_dict(recipe_dict), world_size=2)
     torch.distributed.barrier()

@@ -1,0 +1,316 @@
+"""Two gloo ranks (spawned processes, real torch.distributed): gradients averaged during backward
+(DDP) equal the plain all-reduce after backward bit for bit; a rank that compiles past the
+collective timeout still trains and agrees; local rank 0's slow preparation and rank 0's
+discovery answer wait in the store, not in a collective; a dead rank, an unresolvable
+MASTER_ADDR and mismatched world sizes are one line naming rank and host, never a hang."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nanochat import checkpoint as ckpt
+from nanochat import rendezvous
+from nanochat.common import UserError
+from nanochat.config import Recipe
+from nanochat.grad_sync import finish_step_sync, injected_delay, training_model
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import OptimArgs, build_optimizers, optimizer_step
+from nanochat.recipe import recipe_from_dict
+from nanochat.runtime import DistInfo, Runtime
+from nanochat.trainer import _micro_steps
+
+SHORT_TIMEOUT_MIN = 3 / 60   # the collective timeout in these tests: 3 s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(target, args_for_rank, world=2, timeout=240):
+    """Run target(rank, *args) in `world` spawned processes; returns their exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args_for_rank(r))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+def _join(rank, port, world=2, timeout_min=SHORT_TIMEOUT_MIN):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rendezvous.join(rank, world, "gloo", timeout_min)
+
+
+def _leave():
+    torch.distributed.destroy_process_group()
+    rendezvous.leave()
+
+
+def _write(out_dir, rank, rec):
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rec, f)
+
+
+def _read(out_dir, world=2):
+    return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(world)]
+
+
+# ---------------------------------------------------------------- overlap == sync after backward
+
+class _Batches:
+    """Each rank's own deterministic token batches (a real iterator with state_dict)."""
+
+    def __init__(self, rank, vocab, B=4, T=32):
+        self.g = torch.Generator().manual_seed(1000 + rank)
+        self.vocab, self.B, self.T, self.n = vocab, B, T, 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def __next__(self):
+        self.n += 1
+        t = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=self.g)
+        return t[:, :-1], t[:, 1:]
+
+
+def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
+    _join(rank, port, timeout_min=2)
+    rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    opts = build_optimizers(model.param_groups(), OptimArgs(), 64, all_params=model.parameters())
+    from nanochat.config import TrainArgs
+    step_model = training_model(model, rt, TrainArgs(compile=compile_), overlap=overlap)
+    batches = _Batches(rank, 256)
+    x, y = next(batches)
+    params = list(model.parameters())
+    for _ in range(3):
+        loss_sum, x, y, _ = _micro_steps(step_model, batches, x, y, 2, rt, overlap=overlap)
+        finish_step_sync(step_model, params, rt, overlapped=overlap)
+        optimizer_step(params, opts, 1.0)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()},
+               os.path.join(out_dir, f"w{rank}_{int(overlap)}.pt"))
+    _write(out_dir, rank, {"ddp": type(getattr(step_model, "_orig_mod", step_model)).__name__})
+    _leave()
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_overlapped_gradient_sync_equals_allreduce_after_backward(tmp_path, compile_):
+    """DDP (bucketed all-reduce during the last backward, no_sync before) trains to exactly the
+    weights of the plain path (every micro-step, then allreduce_gradients), on both ranks."""
+    for overlap in (False, True):
+        port = _free_port()
+        codes = _spawn(_grad_sync_worker, lambda r: (port, str(tmp_path), overlap, compile_))
+        assert codes == [0, 0], f"overlap={overlap}: exit codes {codes}"
+        kinds = [r["ddp"] for r in _read(tmp_path)]
+        assert kinds == (["DistributedDataParallel"] * 2 if overlap else ["GPT"] * 2)
+    w = {(r, o): torch.load(tmp_path / f"w{r}_{o}.pt") for r in range(2) for o in range(2)}
+    for key in w[0, 0]:
+        assert torch.equal(w[0, 0][key], w[1, 0][key]), f"plain path: ranks differ in {key}"
+        assert torch.equal(w[0, 1][key], w[1, 1][key]), f"overlapped: ranks differ in {key}"
+        assert torch.equal(w[0, 0][key], w[0, 1][key]), f"overlapped != plain in {key}"
+    init = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    torch.manual_seed(0)
+    init.init_weights()
+    assert any(not torch.equal(init.state_dict()[k], w[0, 1][k]) for k in w[0, 1]), "nothing trained"
+
+
+# ---------------------------------------------------------------- warm-up past the timeout
+
+def _train_worker(rank, port, recipe_dict, out_dir, delay):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if delay:
+        os.environ["NANOCHAT_WARMUP_DELAY_S"] = delay
+    torch.set_num_threads(1)
+    from nanochat.train import train_base
+    t0 = time.perf_counter()
+    result = train_base(recipe_from_dict(recipe_dict))
+    _write(out_dir, rank, {"loss": result["loss"], "val_bpb": result["val_bpb"],
+                           "seconds": time.perf_counter() - t0})
+
+
+def _two_rank_recipe(tiny_recipe, run_dir):
+    return {**tiny_recipe, "run_dir": str(run_dir),
+            "cluster": {"collective_timeout_min": SHORT_TIMEOUT_MIN},
+            "train": {**tiny_recipe["train"], "total_batch_size": 1024, "num_iterations": 3,
+                      "eval_every": -1, "save_every": -1}}
+
+
+def test_rank_warming_up_past_the_collective_timeout_trains_and_agrees(tiny_recipe, tmp_path):
+    """Rank 1's warm-up takes 8 s, past the 3 s collective timeout; rank 0 waits in the store
+    barrier, both train, and the weights equal those of a run with no delay."""
+    runs = {}
+    for name, delay in (("slow", "1:8"), ("plain", "")):
+        port = _free_port()
+        recipe = _two_rank_recipe(tiny_recipe, tmp_path / name)
+        out = tmp_path / f"{name}_out"
+        out.mkdir()
+        assert _spawn(_train_worker, lambda r: (port, recipe, str(out), delay)) == [0, 0], name
+        runs[name] = _read(out)
+    slow, plain = runs["slow"], runs["plain"]
+    assert slow[0]["loss"] == slow[1]["loss"] == plain[0]["loss"]
+    assert slow[0]["val_bpb"] == slow[1]["val_bpb"] == plain[0]["val_bpb"]
+    assert slow[0]["seconds"] > 8, "the delay was not injected"
+    wa = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "slow"))
+    wb = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "plain"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _collective_worker(rank, port, out_dir):
+    _join(rank, port)
+    if rank == 1:
+        time.sleep(8)
+    t0 = time.perf_counter()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+        what = "ok"
+    except RuntimeError as e:
+        what = type(e).__name__
+    _write(out_dir, rank, {"what": what, "seconds": time.perf_counter() - t0})
+    os._exit(0)  # the group is broken on rank 0: don't wait on its teardown
+
+
+def test_the_short_collective_timeout_is_real(tmp_path):
+    """The control for the test above: without the store barrier, rank 0's first collective
+    gives up after the recipe's 3 s timeout while rank 1 is still busy."""
+    port = _free_port()
+    assert _spawn(_collective_worker, lambda r: (port, str(tmp_path))) == [0, 0]
+    r0 = _read(tmp_path)[0]
+    assert r0["what"] != "ok" and r0["seconds"] < 8, r0
+
+
+# ---------------------------------------------------------------- preparation waits in the store
+
+def _prepare_worker(rank, port, recipe_dict, out_dir):
+    _join(rank, port)
+    from nanochat import dataset
+    real = dataset.prepare_data
+    if rank == 0:  # a cold cache on a slow link: longer than the 3 s collective timeout
+        def slow(args, progress=True):
+            time.sleep(6)
+            return real(args, progress)
+        dataset.prepare_data = slow
+    rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
+    t0 = time.perf_counter()
+    train, val = dataset.prepare_shards(recipe_from_dict(recipe_dict), rt)
+    tok = dataset.prepare_tokenizer(recipe_from_dict(recipe_dict), train, rt)
+    torch.distributed.all_reduce(torch.ones(1))  # the default group is still healthy
+    _write(out_dir, rank, {"train": [str(p) for p in train], "val": [str(p) for p in val],
+                           "vocab": tok.vocab_size, "seconds": time.perf_counter() - t0})
+    _leave()
+
+
+def test_ranks_wait_for_local_rank_0s_slow_preparation(corpus, tmp_path):
+    """A cold data dir and tokenizer cache: rank 0 builds the shards (6 s late) and trains the
+    tokenizer while rank 1 waits in the store; both end with the same shards and tokenizer."""
+    sections = {**corpus["sections"], "data": {**corpus["sections"]["data"], "data_dir": str(tmp_path / "data")}}
+    recipe = {**sections, "cache_dir": str(tmp_path / "cache")}
+    port = _free_port()
+    assert _spawn(_prepare_worker, lambda r: (port, recipe, str(tmp_path))) == [0, 0]
+    r0, r1 = _read(tmp_path)
+    assert r0["train"] == r1["train"] and r0["val"] == r1["val"] and len(r0["train"]) >= 1
+    assert r0["vocab"] == r1["vocab"] == 512
+    assert r1["seconds"] > 6
+
+
+# ---------------------------------------------------------------- store waits: answers and deaths
+
+def _share_worker(rank, port, out_dir, die):
+    _join(rank, port, timeout_min=1)
+    if rank == 0 and die:
+        time.sleep(1)
+        os._exit(3)   # rank 0 dies mid-discovery: no answer, no goodbye
+    t0 = time.perf_counter()
+    try:
+        got = rendezvous.share({"batch_size": 7} if rank == 0 else None, "rank 0's answer")
+        rec = {"got": got}
+    except UserError as e:
+        rec = {"error": str(e)}
+    rec["seconds"] = time.perf_counter() - t0
+    _write(out_dir, rank, rec)
+    if not die:
+        _leave()
+
+
+def test_an_answer_published_in_the_store_reaches_every_rank(tmp_path):
+    port = _free_port()
+    assert _spawn(_share_worker, lambda r: (port, str(tmp_path), False)) == [0, 0]
+    assert [r["got"] for r in _read(tmp_path)] == [{"batch_size": 7}] * 2
+
+
+def test_a_dead_rank_0_is_one_line_not_a_hang(tmp_path):
+    port = _free_port()
+    codes = _spawn(_share_worker, lambda r: (port, str(tmp_path), True), timeout=60)
+    assert codes == [3, 0]
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert "error" in r1 and "\n" not in r1["error"], r1
+    assert r1["error"].startswith(f"rank 1 on {socket.gethostname()}: waiting for rank 0's answer")
+    assert r1["seconds"] < 30, "waited for the timeout instead of noticing the death"
+
+
+def _mismatch_worker(rank, port, out_dir):
+    try:
+        _join(rank, port, world=2 if rank == 0 else 3, timeout_min=0.5)
+        rec = {"error": None}
+    except UserError as e:
+        rec = {"error": str(e)}
+    _write(out_dir, rank, rec)
+    os._exit(0)
+
+
+def test_mismatched_world_sizes_name_the_rank_and_host(tmp_path):
+    port = _free_port()
+    assert _spawn(_mismatch_worker, lambda r: (port, str(tmp_path)), timeout=90) == [0, 0]
+    host = socket.gethostname()
+    for rec in _read(tmp_path):
+        assert rec["error"] and "world size 3" in rec["error"] and "world size 2" in rec["error"] \
+            or "with 2" in rec["error"] or "with 3" in rec["error"], rec
+        assert host in rec["error"] and "\n" not in rec["error"]
+
+
+def test_an_unresolvable_master_addr_is_one_line(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(UserError, match=r"^rank 1 on .*: MASTER_ADDR='no-such-host.invalid' does not resolve"):
+        rendezvous.join(1, 2, "gloo", SHORT_TIMEOUT_MIN)
+    monkeypatch.setenv("MASTER_PORT", "http")
+    with pytest.raises(UserError, match="MASTER_PORT='http' is not a port number"):
+        rendezvous.check_master_addr(0)
+
+
+# ---------------------------------------------------------------- settings
+
+def test_the_injected_warm_up_delay_is_parsed_per_rank():
+    env = {"NANOCHAT_WARMUP_DELAY_S": "1:8, 3:0.5"}
+    assert [injected_delay(r, env) for r in range(4)] == [0.0, 8.0, 0.0, 0.5]
+    assert injected_delay(0, {}) == 0.0
+    with pytest.raises(UserError, match="expected RANK:SECONDS"):
+        injected_delay(0, {"NANOCHAT_WARMUP_DELAY_S": "8"})
+
+
+def test_collective_timeout_is_a_validated_recipe_field():
+    assert Recipe().cluster.collective_timeout_min == 10.0
+    assert recipe_from_dict({"cluster": {"collective_timeout_min": 0.5}}).cluster.collective_timeout_min == 0.5
+    for bad in (0, -1, "ten"):
+        with pytest.raises(UserError, match="cluster.collective_timeout_min"):
+            recipe_from_dict({"cluster": {"collective_timeout_min": bad}})
+
+
+def test_one_process_waits_are_no_ops():
+    assert not rendezvous.active()
+    rendezvous.barrier("nothing")
+    assert rendezvous.share(5, "nothing") == 5
+    assert rendezvous.rank_hosts() == [socket.gethostname()]
