@@ -11,6 +11,7 @@ a crash mid-save leaves no checkpoint that looks finished. Tensors load with wei
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -130,6 +131,28 @@ def run_dir_of(step_dir: Path) -> Path:
 
 def load_model_state(ckpt: Path) -> dict:
     return _load(Path(ckpt) / "model.pt", "model")
+
+
+def saved_model_config(ckpt: Path, saved: dict | None, current: dict) -> dict | None:
+    """The model config a checkpoint was written with, the fields it lacks (it predates them)
+    at their defaults, which are off: to compare with this run's `current` on resume. A field
+    this run sets away from its default that the checkpoint lacks is an error of its own — the
+    run was started without that switch, and resuming must not initialise its weights anew."""
+    if saved is None:
+        return None
+    from nanochat.gpt import GPTConfig  # torch-heavy; checkpoint readers without it stay light
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)
+                if f.default is not dataclasses.MISSING}
+    filled = dict(saved)
+    for key, value in current.items():
+        if key in saved or key not in defaults:
+            continue
+        if value != defaults[key]:
+            raise UserError(f"checkpoint {ckpt}: the run was started without model.{key} (its "
+                            f"checkpoint predates it); resume with model.{key}: {defaults[key]!r} "
+                            f"or start a new run_dir")
+        filled[key] = defaults[key]
+    return filled
 
 
 def load_training_state(ckpt: Path, rank: int) -> tuple[list, dict]:

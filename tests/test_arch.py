@@ -1,0 +1,336 @@
+"""The architecture switches (value embeds, sliding windows, smear, backout, residual scalars,
+q/k gain, rotary base): windows and causality, the attention kernels, the KV-cache engine
+against the full forward and naive decoding with every switch on, parameters and FLOPs, old
+checkpoints, resuming, and two gloo ranks."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat import checkpoint as ckpt
+from nanochat.attention import (attention_backend, band_mask, causal_attention,
+                                flash_attn_available, layer_windows, short_window)
+from nanochat.common import UserError
+from nanochat.config import ModelArgs, OptimArgs
+from nanochat.decode import DecodeStep
+from nanochat.engine import Engine, load_model
+from nanochat.gpt import ARCH_SWITCHES, GPTConfig, build_model
+from nanochat.kv_cache import KVCache
+from nanochat.optim import build_optimizers
+from nanochat.recipe import recipe_from_dict
+from nanochat.train import train_base
+
+SEQ = 256   # the smallest context whose S window (128) is shorter than the context
+W = 128
+ALL_ON = dict(bigram_factor=2, value_embeds=True, window_pattern="S", smear=True, backout=True,
+              residual_scalars=True, qk_gain=1.2, rotary_base=100000.0)
+
+
+def model_with(seed=0, n_layer=3, **switches) -> torch.nn.Module:
+    """A small model; weights moved off their initial values, so that every switch acts (smear's
+    λ starts at 0, the value-embedding gates near 1.5, ...)."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=SEQ, vocab_size=300, n_layer=n_layer, n_head=4, n_kv_head=2,
+                    n_embd=32, **switches)
+    model = build_model(cfg, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- windows and causality
+
+def test_windows_tile_the_pattern_and_the_last_layer_is_full():
+    assert short_window(2048) == 512 and short_window(256) == 128 and short_window(1000) == 256
+    assert layer_windows("SSSL", 8, 2048) == [512, 512, 512, None, 512, 512, 512, None]
+    assert layer_windows("SL", 3, 256) == [128, None, None]
+    assert layer_windows("S", 1, 256) == [None]
+    assert layer_windows("L", 4, 256) == [None] * 4
+    assert GPTConfig.from_args(ModelArgs(window_pattern="SSL", depth=4), 300).windows() == \
+        [512, 512, None, None]
+
+
+@pytest.mark.parametrize("pattern", ["", "SXL", "ssl", "S L"])
+def test_a_bad_window_pattern_is_one_line_naming_the_key(pattern):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({"model": {"window_pattern": pattern}})
+    msg = str(e.value)
+    assert "\n" not in msg and "model.window_pattern" in msg and "S (short window)" in msg \
+        and "L (full context)" in msg
+
+
+def changed_positions(out_a, out_b) -> list[int]:
+    diff = (out_a - out_b).abs().amax(dim=-1)[0]
+    assert diff.min() < 1e-6 or diff.max() > 1e-3, "every position moved a little: not a clean test"
+    return [i for i, d in enumerate(diff.tolist()) if d > 1e-5]
+
+
+@pytest.mark.parametrize("j", [0, 100, 250])
+def test_a_window_layer_reads_exactly_its_window(j):
+    """Perturbing the input at position j moves a window layer's output at i only for
+    j <= i < j + W, and a full-context layer's at every i >= j."""
+    model = model_with(window_pattern="S", n_layer=2)
+    x = torch.randn(1, 300, 32)
+    y = x.clone()
+    y[0, j] += torch.randn(32)
+    cos_sin = model.cos[:, :300], model.sin[:, :300]
+    win, full = model.blocks[0].attn, model.blocks[1].attn
+    assert win.window == W and full.window is None
+    with torch.no_grad():
+        assert changed_positions(win(x, cos_sin, None), win(y, cos_sin, None)) == \
+            list(range(j, min(j + W, 300)))
+        assert changed_positions(full(x, cos_sin, None), full(y, cos_sin, None)) == list(range(j, 300))
+
+
+def test_the_model_with_every_switch_never_reads_the_future():
+    model = model_with(**ALL_ON)
+    idx = torch.randint(0, 300, (1, 300))
+    for j in (5, 150, 299):
+        other = idx.clone()
+        other[0, j] = (idx[0, j] + 1) % 300
+        with torch.no_grad():
+            moved = changed_positions(model(idx), model(other))
+        assert moved and moved[0] == j, f"token {j} changed logits before it: {moved[:3]}"
+
+
+def test_windows_change_the_model_only_past_the_window():
+    """The same weights with windows on and off: equal logits where the window still covers
+    every earlier position (i < W), different after it."""
+    on = model_with(window_pattern="SSL")
+    off = model_with(window_pattern="L")
+    off.load_state_dict(on.state_dict())
+    idx = torch.randint(0, 300, (1, 300))
+    with torch.no_grad():
+        moved = changed_positions(on(idx), off(idx))
+    assert moved[0] == W and moved[-1] == 299
+
+
+# ---------------------------------------------------------------- kernels
+
+def reference_attention(q, k, v, window):
+    """Softmax attention written out, K/V repeated per query head, the band mask explicit."""
+    G, T = q.size(1) // k.size(1), q.size(2)
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
+    allowed = (j <= i) & (j > i - window)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_window_kernels_equal_written_out_attention(backend):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    got = causal_attention(q, k, v, W, backend=backend)
+    torch.testing.assert_close(got, reference_attention(q, k, v, W), rtol=1e-5, atol=1e-5)
+
+
+def test_full_context_layers_run_plain_causal_attention():
+    """No mask for a full layer, or for a window as long as the sequence: bit-identical to
+    SDPA's is_causal."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16)
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(causal_attention(q, k, v, None), plain)
+    assert torch.equal(causal_attention(q, k, v, 100), plain)
+
+
+def test_band_mask_is_made_once_per_shape():
+    a = band_mask(300, W, torch.device("cpu"))
+    assert band_mask(300, W, torch.device("cpu")) is a
+    assert band_mask(300, 64, torch.device("cpu")) is not a
+    assert a.shape == (300, 300) and a[200].sum() == W and a[10].sum() == 11
+
+
+def test_attention_backend_per_device():
+    assert attention_backend("cpu", False) == attention_backend("cpu", True) == "sdpa"
+    if flash_attn_available():
+        assert attention_backend("cuda", False) == "flash_attn"
+    else:
+        assert attention_backend("cuda", True) == "flex"
+        assert attention_backend("cuda", False) == "sdpa"
+
+
+# ---------------------------------------------------------------- the KV cache
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_decode_steps_equal_the_full_forward_with_every_switch(ring):
+    """Two rows of different prompt lengths (one past the window), prefilled together, then
+    decoded one position per step past the window and past sequence_len: every step's logits
+    equal the full forward's at that position."""
+    model = model_with(**ALL_ON)
+    seqs = torch.randint(0, 300, (2, 290))
+    with torch.no_grad():
+        full = model(seqs)
+    lens = torch.tensor([140, 30])
+    cache = KVCache(2, 300, model.config, "cpu", torch.float32, ring=ring)
+    assert [cache.is_ring(i) for i in range(3)] == [ring, ring, False]
+    prompt = seqs[:, :140].clone()
+    prompt[1, 30:] = 0  # right padding, as the engine pads
+    cache.prefill_lens = lens
+    step = DecodeStep(model)
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        cache.start_rows(lens, seqs[torch.arange(2), lens - 1])
+        pos = lens.clone()
+        for _ in range(150):
+            logits = step(seqs[torch.arange(2), pos].view(2, 1), cache)
+            for r in range(2):
+                torch.testing.assert_close(logits[r], full[r, pos[r]], rtol=1e-4, atol=1e-4)
+            pos += 1
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_chunked_prefill_after_a_prefix_equals_the_full_forward(ring):
+    model = model_with(**ALL_ON)
+    idx = torch.randint(0, 300, (2, 280))
+    cache = KVCache(2, 300, model.config, "cpu", torch.float32, ring=ring)
+    with torch.no_grad():
+        full = model(idx)
+        for a, b in ((0, 100), (100, 180), (180, 181), (181, 280)):
+            torch.testing.assert_close(model(idx[:, a:b], kv_cache=cache), full[:, a:b],
+                                       rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_engine_greedy_equals_naive_greedy_with_every_switch(ring):
+    """Ragged prompts (one longer than the window), two samples each, generation past the
+    window and past sequence_len: token for token what recomputing everything gives."""
+    model = model_with(**ALL_ON)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (210, 5, 140)]
+    rows = Engine(model, ring=ring).generate_batch(prompts, num_samples=2, max_new_tokens=60,
+                                                   temperature=0.0)
+    for i, p in enumerate(prompts):
+        naive = list(model.generate_naive(p, 60))
+        assert len(set(naive)) > 5, "a degenerate model makes a weak oracle"
+        assert rows[2 * i] == naive and rows[2 * i + 1] == naive, f"prompt {i}"
+
+
+def test_ring_buffers_hold_only_the_window():
+    model = model_with(window_pattern="SSSL", n_layer=4)
+    per_pos = 2 * 2 * 8 * 4  # k and v, 2 kv heads of 8, 4 bytes
+    full = KVCache(3, 1000, model.config, "cpu", torch.float32)
+    ring = KVCache(3, 1000, model.config, "cpu", torch.float32, ring=True)
+    assert full.nbytes() == 3 * 4 * 1000 * per_pos
+    assert ring.nbytes() == 3 * (1000 + 3 * W) * per_pos
+    short = KVCache(3, 100, model.config, "cpu", torch.float32, ring=True)  # shorter than W
+    assert short.nbytes() == 3 * 4 * 100 * per_pos and not short.is_ring(0)
+
+
+# ---------------------------------------------------------------- parameters, FLOPs, inits
+
+def test_switches_off_add_nothing_and_every_switch_adds_its_parameters():
+    plain = build_model(GPTConfig(SEQ, 300, 3, 4, 2, 32), "cpu")
+    defaults = GPTConfig.from_args(ModelArgs(), 300)
+    assert all(getattr(defaults, f) == getattr(ModelArgs, f) for f in ARCH_SWITCHES)
+    assert not any(getattr(defaults, f) for f in ("value_embeds", "smear", "backout", "residual_scalars"))
+    on = model_with(**ALL_ON)
+    new = set(on.state_dict()) - set(plain.state_dict())
+    assert new == {"value_embeds.0.weight", "value_embeds.2.weight", "blocks.0.attn.ve_gate.weight",
+                   "blocks.2.attn.ve_gate.weight", "smear_gate.weight", "smear_lambda",
+                   "backout_lambda", "resid_lambdas", "x0_lambdas", "bigram.weight", "bigram_lambdas"}
+
+
+def test_param_groups_cover_every_parameter_once_and_the_optimizers_take_them():
+    model = model_with(**ALL_ON)
+    groups = model.param_groups()
+    assert [id(p) for p in groups["value_embed"]] == [id(t.weight) for t in model.value_embeds.values()]
+    assert id(model.blocks[0].attn.ve_gate.weight) in {id(p) for p in groups["matrix"]}
+    assert {id(model.smear_lambda), id(model.backout_lambda), id(model.x0_lambdas)} <= \
+        {id(p) for p in groups["scalar"]}
+    opts = build_optimizers(groups, OptimArgs(), 32, all_params=model.parameters())
+    names = {g["name"] for o in opts for g in o.param_groups}
+    assert "value_embed" in names
+    n = model.num_params()
+    ve = 2 * 300 * 16
+    assert n["value_embeds"] == ve and n["scaling"] == n["total"] - n["embedding"] - n["bigram"] - ve
+
+
+def test_flops_count_each_layer_over_its_window():
+    cfg = dict(window_pattern="SSSL")
+    a = build_model(GPTConfig(1024, 300, 4, 4, 2, 32, **cfg), "cpu")
+    b = build_model(GPTConfig(1024, 300, 4, 4, 2, 32), "cpu")
+    assert short_window(1024) == 256
+    assert b.flops_per_token() - a.flops_per_token() == 3 * 12 * 4 * 8 * (1024 - 256)
+
+
+def test_switch_parameters_start_at_upstreams_values_and_all_learn():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(SEQ, 300, 5, 4, 2, 32, **ALL_ON), "cpu")
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15, 1.125, 1.10, 1.075, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.1625, 0.125, 0.0875, 0.05]))
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.smear_lambda.item() == 0
+    gate = model.blocks[4].attn.ve_gate.weight
+    assert 0 <= gate.min() and gate.max() <= 0.02 and gate.shape == (2, 12)
+    assert sorted(model.value_embeds) == ["0", "2", "4"]
+    idx = torch.randint(0, 300, (2, 64))
+    trained = model_with(**ALL_ON).train()  # past init: zero branches and λ = 0 hide gradients
+    trained(idx, targets=idx.roll(-1, 1)).backward()
+    for name, p in trained.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def strip_switches(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ARCH_SWITCHES}
+
+
+def test_a_checkpoint_older_than_the_switches_still_loads(tmp_path):
+    model = build_model(GPTConfig(SEQ, 300, 2, 4, 2, 32), "cpu")
+    meta = {"model_config": strip_switches(dataclasses.asdict(model.config)), "loader": [{}]}
+    step = ckpt.save_checkpoint(tmp_path, 1, model, [], meta)
+    loaded, _, _ = load_model(step, "cpu", torch.float32)
+    assert all(getattr(loaded.config, f) == getattr(ModelArgs, f) for f in ARCH_SWITCHES)
+    idx = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_resuming_refuses_a_switch_the_checkpoint_lacks(tiny_recipe):
+    """A checkpoint written before the switches existed resumes with them off; with one on,
+    resuming fails in one line instead of initialising its weights anew."""
+    def stop_after_one():
+        stop_after_one.n = getattr(stop_after_one, "n", 0) + 1
+        return stop_after_one.n > 1
+    base = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "num_iterations": 2}})
+    train_base(base, stop_requested=stop_after_one)
+    meta_path = ckpt.latest_checkpoint(base.out_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"] = strip_switches(meta["model_config"])
+    meta_path.write_text(json.dumps(meta))
+    smear = recipe_from_dict({**tiny_recipe, "model": {**tiny_recipe["model"], "smear": True}})
+    with pytest.raises(UserError) as e:
+        train_base(smear)
+    assert "the run was started without model.smear" in str(e.value) and "\n" not in str(e.value)
+    assert train_base(base)["step"] == 2  # switches off: it resumes
+
+
+# ---------------------------------------------------------------- training with every switch
+
+def switches_recipe(tiny_recipe, run_dir) -> dict:
+    return {**tiny_recipe, "run_dir": str(run_dir),
+            "model": {**tiny_recipe["model"], "sequence_len": SEQ, "bigram_factor": 2,
+                      **{k: v for k, v in ALL_ON.items() if k != "bigram_factor"}},
+            "train": {**tiny_recipe["train"], "total_batch_size": 2048, "num_iterations": 4,
+                      "eval_every": 2, "save_every": 2}}
+
+
+def test_two_gloo_ranks_train_and_resume_exactly_with_every_switch(tiny_recipe, tmp_path):
+    """test_train's two-rank run with every switch on and windows shorter than the rows: 4
+    steps straight == 2 + stop + resume + 2, the same on both ranks."""
+    from test_train import _run_ddp, bpbs, losses
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run_ddp(switches_recipe(tiny_recipe, straight))
+    _run_ddp(switches_recipe(tiny_recipe, split), stop_at=2)
+    _run_ddp(switches_recipe(tiny_recipe, split))
+    assert len(losses(split)) == 4 and losses(straight) == losses(split)
+    assert bpbs(straight) == bpbs(split)
+    wa = ckpt.load_model_state(ckpt.latest_checkpoint(straight))
+    wb = ckpt.load_model_state(ckpt.latest_checkpoint(split))
+    assert "smear_lambda" in wa and all(torch.equal(wa[k], wb[k]) for k in wa)
