@@ -1,11 +1,14 @@
 """The launch plan: a recipe → stages of jobs with resources and dependencies. Pure data.
 
-    discover ─afterok─▶ base[0..n) ─aftercorr─▶ sft[0..n) ─aftercorr─▶ eval[0..n) ──┐
+   (check ─afterok─▶) discover ─afterok─▶ base[0..n) ─aftercorr─▶ sft[0..n) ─aftercorr─▶ eval[0..n) ──┐
                             │                                                        ├─afterany─▶ report
                             └──────────aftercorr─────────▶ sweep[0..n) ─────────────┘
 
 The recipe's `stages` list decides which of these run (order fixed, as drawn).
 
+- check: the cluster check (`python -m nanochat.check`, nanochat/check.py) on the training
+  allocation (`cluster.nodes` × `cluster.gpus_per_node` processes); only when `stages` lists it.
+  Every other stage waits for it (afterok), so an unhealthy allocation trains nothing.
 - discover: one short job on one GPU that finds the device batch size of every stage that asks
   for `auto` (base: `train.device_batch_size`, sft: `sft.device_batch_size`); skipped when none
   does or when the batch-size cache already answers for each (nothing then depends on it).
@@ -160,6 +163,12 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
     train_like = dict(nodes=c.nodes, tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
                       cpus_per_task=c.cpus_per_task, time_min=c.time_min, checkpointable=True)
     one_gpu = dict(gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task)
+    if "check" in wanted:
+        d = str(run_dir / "check")
+        plan.stages.append(Stage("check", [Task(0, [], d, d)], nodes=c.nodes, tasks_per_node=c.gpus_per_node,
+                                 gpus_per_node=c.gpus_per_node, cpus_per_task=c.cpus_per_task,
+                                 time_min=min(30, c.time_min)))
+    first = ["check"] if plan.stage("check") else []
     if "discover" in wanted:
         keys = discovery_stages(recipe)
         if not keys:
@@ -173,8 +182,9 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
             if discovery_why:
                 plan.reasons["discover"] = discovery_why
             d = str(run_dir / "discover")
-            plan.stages.append(Stage("discover", [Task(0, [], d, d)], **one_gpu, time_min=min(30, c.time_min)))
-    discover = ["discover"] if plan.stage("discover") else []
+            plan.stages.append(Stage("discover", [Task(0, [], d, d)], after=first, **one_gpu,
+                                     time_min=min(30, c.time_min)))
+    discover = ["discover"] if plan.stage("discover") else first
     if "base" in wanted:
         plan.stages.append(Stage("base", array(lambda i: task_dirs[i]), after=discover,
                                  dependency="afterok", **train_like))

@@ -6,6 +6,7 @@ Used by both executors: submitit pickles `run_task` for SLURM; the local executo
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -127,6 +128,18 @@ def run_discover(run_dir: Path, index: int) -> dict:
     return out
 
 
+def run_check(run_dir: Path, index: int = 0) -> dict:
+    """The cluster check on this task's allocation (nanochat/check.py) into check.json; the
+    step compiled as the recipe's training compiles it. Raises naming the failed ranks' hosts."""
+    from nanochat.check import parse_options, run_check as check
+    recipe, task = task_recipe(run_dir, "check", index)
+    _export_distributed()
+    opts = parse_options([str(Path(run_dir) / "recipe.yaml")] + ([] if recipe.train.compile else ["--no-compile"]))
+    report = check(recipe, opts, Path(task["run_dir"]) / "check.json")
+    return {"check": str(Path(task["run_dir"]) / "check.json"), "hosts": sorted({r["host"] for r in report["ranks"]}),
+            "efficiency": report["prediction"]["efficiency"]}
+
+
 def run_sweep(run_dir: Path, index: int) -> dict:
     from nanochat.bench.kv_sweep import sweep_for_recipe
     recipe, task = task_recipe(run_dir, "sweep", index)
@@ -138,8 +151,25 @@ def run_report(run_dir: Path, index: int = 0) -> dict:
     return {"report": str(write_report(Path(run_dir)))}
 
 
-RUNNERS = {"discover": run_discover, "base": run_base, "sft": run_sft, "eval": run_eval,
+RUNNERS = {"check": run_check, "discover": run_discover, "base": run_base, "sft": run_sft, "eval": run_eval,
            "sweep": run_sweep, "report": run_report}
+
+
+def compile_cache_env(env=None) -> dict[str, str]:
+    """Triton/Inductor compile caches on node-local disk, one per user and node, kept across
+    jobs and made 0700 — slurm/env.sh's rule (its comment says why it is safe under concurrent
+    jobs), for submitit tasks. Also OMP_NUM_THREADS = the task's CPUs (a launcher task is one
+    rank) when unset."""
+    env = os.environ if env is None else env
+    user = env.get("USER") or getpass.getuser()
+    root = Path(env.get("NANOCHAT_COMPILE_CACHE_ROOT") or "/tmp") / f"nanochat-compile-{user}"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)
+    out = {"NANOCHAT_COMPILE_CACHE": str(root), "TRITON_CACHE_DIR": str(root / "triton"),
+           "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
+    if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
+        out["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
+    return out
 
 
 def run_task(run_dir: str, stage: str, index: int) -> dict:
@@ -148,6 +178,8 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
     os.environ.pop(DEVICE_NAME_ENV, None)
     # ... and never downloads: what it needs was prepared on the login node (nanochat.common)
     os.environ.update({NO_DOWNLOAD_ENV: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    # ... and compiles into this node's persistent cache (a requeue finds its kernels)
+    os.environ.update(compile_cache_env())
     return RUNNERS[stage](Path(run_dir), index)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("nanochat", "jobs")
 # `python -m` entry points: nothing in nanochat/ may import them (shared code lives in libraries)
-ENTRY_POINTS = {"nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.prepare"}
+ENTRY_POINTS = {"nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.prepare",
+                "nanochat.check"}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,0 +1,165 @@
+"""Predicted data-parallel scaling efficiency, from step time, gradient bytes and bus bandwidth.
+
+    python -m nanochat.scaling configs/d24.yaml --nodes 1 2 4 [--gpus-per-node 8] [--overlap 0]
+
+The model (one optimizer step of a data-parallel run with a fixed global batch):
+- compute: the step's forward/backward/optimizer time on one rank, split evenly over more ranks
+  (the same tokens per step shared by n ranks; per-GPU efficiency assumed unchanged);
+- communication: one all-reduce of every gradient per optimizer step (accumulation micro-steps
+  communicate nothing), a ring all-reduce taking 2(n−1)/n · bytes / busbw (nccl-tests' busbw,
+  nanochat/comm_bench.py), bytes = all parameters × the gradient dtype's size;
+- overlap: a fraction `overlap` of that time hidden behind backward (0 = the all-reduce runs after
+  backward, in one burst; buckets launched during backward, as DistributedDataParallel does,
+  hide up to the backward's length: see `efficiency`);
+- efficiency = compute / (compute + non-overlapped communication).
+
+`python -m nanochat.check` feeds it measured figures for the allocation it runs on; the command
+above feeds it the datasheet figures below (labelled as such) and upstream's measured single-node
+time, for the README's scaling table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+from nanochat.comm_bench import allreduce_seconds
+from nanochat.common import UserError, cli_main
+from nanochat.recipe import load_recipe
+
+# Datasheet figures (NVIDIA H100 SXM datasheet; NVIDIA Quantum-2 NDR InfiniBand), assumptions,
+# not measurements: NVLink 4 is 900 GB/s per GPU (both directions together), an NDR port
+# 400 Gb/s = 50 GB/s, one port per GPU being the usual H100 cluster design.
+H100_BF16_DENSE = 989e12
+NVLINK_GBPS = 900.0
+IB_NDR_GBPS_PER_GPU = 400 / 8
+# Upstream nanochat's measured record (dev/LEADERBOARD.md, run 6, Mar 2026): GPT-2 CORE on one
+# 8×H100 node in 1.65 h of training, d24 at param:data ratio 8, ~50% bf16 MFU.
+UPSTREAM_HOURS = 1.65
+UPSTREAM_MFU = 0.50
+
+
+@dataclass
+class StepModel:
+    compute_s: float        # the optimizer step's compute on the allocation (already split over ranks)
+    comm_s: float           # one all-reduce of the gradients
+    overlap: float          # fraction of comm_s hidden behind backward
+
+    @property
+    def exposed_s(self) -> float:
+        return (1 - self.overlap) * self.comm_s
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.exposed_s
+
+    @property
+    def efficiency(self) -> float:
+        return self.compute_s / self.step_s if self.step_s > 0 else 1.0
+
+
+def efficiency(compute_s: float, grad_bytes: float, busbw: float, n: int, overlap: float = 0.0) -> StepModel:
+    """One step of compute `compute_s` on n ranks exchanging `grad_bytes` at bus bandwidth `busbw`
+    (B/s), a fraction `overlap` of the exchange hidden (the compute, not the step, bounds what can
+    hide: at most ~2/3 of it is backward)."""
+    if not 0 <= overlap <= 1:
+        raise UserError(f"overlap must be in [0, 1], got {overlap}")
+    if n > 1 and busbw <= 0:
+        raise UserError(f"bus bandwidth must be > 0 for {n} ranks, got {busbw}")
+    comm = allreduce_seconds(grad_bytes, busbw, n)
+    hidden = min(overlap * comm, 2 / 3 * compute_s)
+    return StepModel(compute_s, comm, hidden / comm if comm > 0 else overlap)
+
+
+def model_sizes(recipe) -> dict:
+    """Parameters and training FLOPs per token of the recipe's model, built on the meta device
+    (no memory), with the tokenizer's vocabulary when the model section gives none."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig.from_args(recipe.model, recipe.model.vocab_size or recipe.tokenizer.vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    return {"params": model.num_params(), "flops_per_token": model.flops_per_token()}
+
+
+def cluster_table(recipe, nodes: list[int], gpus_per_node: int = 8, overlap: float = 0.0,
+                  grad_bytes_per_param: int = 4, hours_1node: float = UPSTREAM_HOURS) -> dict:
+    """Time to train the recipe on each node count, calibrated on a measured single-node time
+    (`hours_1node`, which already holds that node's NVLink all-reduces): per optimizer step, the
+    single node's time split over N nodes plus the inter-node all-reduce at InfiniBand busbw (the
+    ring crosses the network: its slowest link is a GPU's NIC), a fraction `overlap` hidden."""
+    sizes = model_sizes(recipe)
+    tr = recipe.train
+    tokens = tr.target_param_data_ratio * sizes["params"]["scaling"] if tr.num_iterations <= 0 \
+        else tr.num_iterations * tr.total_batch_size
+    steps = math.ceil(tokens / tr.total_batch_size)
+    step_1node = hours_1node * 3600 / steps
+    grad_bytes = sizes["params"]["total"] * grad_bytes_per_param
+    flops = sizes["flops_per_token"] * tokens
+    mfu_1node = flops / (hours_1node * 3600 * gpus_per_node * H100_BF16_DENSE)
+    rows = []
+    for n_nodes in nodes:
+        ranks = n_nodes * gpus_per_node
+        if n_nodes == 1:
+            m = StepModel(step_1node, 0.0, overlap)  # the NVLink all-reduce is inside the measured time
+        else:
+            m = efficiency(step_1node / n_nodes, grad_bytes, IB_NDR_GBPS_PER_GPU * 1e9, ranks, overlap)
+        hours = m.step_s * steps / 3600
+        rows.append({"nodes": n_nodes, "gpus": ranks, "step_s": round(m.step_s, 4),
+                     "compute_s": round(m.compute_s, 4), "allreduce_s": round(m.comm_s, 4),
+                     "exposed_s": round(m.exposed_s, 4), "efficiency": round(hours_1node / (n_nodes * hours), 4),
+                     "hours": round(hours, 3)})
+    target = hours_1node * 0.6   # 40% faster than the single-node record
+    return {"params": sizes["params"]["total"], "scaling_params": sizes["params"]["scaling"],
+            "flops_per_token": sizes["flops_per_token"], "tokens": tokens, "steps": steps,
+            "tokens_per_step": tr.total_batch_size, "grad_bytes": grad_bytes,
+            "implied_mfu_1node": round(mfu_1node, 4), "overlap": overlap, "rows": rows,
+            "target_hours_2nodes": round(target, 3),
+            "needed_efficiency_2nodes": round(hours_1node / (2 * target), 4)}
+
+
+def render_table(t: dict) -> str:
+    lines = [
+        f"model: {t['params']:,} params ({t['scaling_params']:,} scaling), "
+        f"{t['flops_per_token']:.3e} FLOPs/token; {t['tokens']:,.0f} tokens = {t['steps']:,} steps "
+        f"of {t['tokens_per_step']:,}; gradients {t['grad_bytes'] / 1e9:.2f} GB per step",
+        f"measured (upstream, dev/LEADERBOARD.md): {UPSTREAM_HOURS} h on 1 node of 8 H100 "
+        f"(implies {100 * t['implied_mfu_1node']:.1f}% MFU of the datasheet peak with this model's FLOPs)",
+        f"assumed (datasheets): H100 bf16 dense {H100_BF16_DENSE / 1e12:.0f} TFLOP/s, NVLink "
+        f"{NVLINK_GBPS:.0f} GB/s, InfiniBand NDR {IB_NDR_GBPS_PER_GPU:.0f} GB/s per GPU as busbw "
+        f"across nodes; {100 * t['overlap']:.0f}% of the all-reduce overlapped with backward",
+        "| nodes | GPUs | step s | compute s | all-reduce s | exposed s | efficiency | hours |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in t["rows"]:
+        lines.append(f"| {r['nodes']} | {r['gpus']} | {r['step_s']:.3f} | {r['compute_s']:.3f} | "
+                     f"{r['allreduce_s']:.3f} | {r['exposed_s']:.3f} | {r['efficiency']:.3f} | {r['hours']:.2f} |")
+    lines.append(f"2 nodes beat {UPSTREAM_HOURS} h by 40% (≤ {t['target_hours_2nodes']:.2f} h) at a "
+                 f"scaling efficiency ≥ {t['needed_efficiency_2nodes']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanochat.scaling", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--overlap", type=float, default=0.0,
+                    help="fraction of the all-reduce hidden behind backward (0: after backward)")
+    ap.add_argument("--grad-bytes", type=int, default=4, choices=[2, 4],
+                    help="bytes per gradient element (4: fp32, this project's; 2: bf16)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = ap.parse_intermixed_args(argv)
+    if any(n < 1 for n in args.nodes):
+        raise UserError(f"--nodes must be ≥ 1, got {args.nodes}")
+    t = cluster_table(load_recipe(args.recipe, args.overrides), args.nodes, args.gpus_per_node,
+                      args.overlap, args.grad_bytes)
+    print(json.dumps(t, indent=2) if args.json else render_table(t))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))
