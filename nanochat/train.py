@@ -23,6 +23,7 @@ from nanochat.config import Recipe, grad_accum_steps
 from nanochat.core import make_core_evaluator
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+from nanochat.attention import attention_backend
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.grad_sync import training_model
 from nanochat.loss_eval import make_bpb_evaluator
@@ -117,7 +118,8 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
             "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
             "tokens_per_step": recipe.train.total_batch_size, "optim_scaling": scaling,
-            "discovery": discovery_summary(found)})
+            "discovery": discovery_summary(found),
+            "attention": attention_backend(rt.device, recipe.train.compile)})
     if start_step >= steps:
         print0(f"{run_dir} is already trained to step {start_step}; nothing to do")
         return {"step": start_step}
