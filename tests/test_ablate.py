@@ -1,0 +1,58 @@
+"""The ablation bench (nanochat/bench/ablate.py) on a 2-layer model for a few steps: its table's
+rows and columns, the same tokens and seed in every run, the switches really on, its files."""
+import json
+
+import pytest
+import yaml
+
+from nanochat.bench import ablate
+from nanochat.common import UserError
+
+
+@pytest.fixture
+def recipe_path(tiny_recipe, tmp_path):
+    r = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
+    path = tmp_path / "ablate.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path)
+
+
+def test_ablation_table_rows_columns_and_shared_tokens_and_seed(recipe_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert ablate.main([recipe_path, "--steps", "3", "--rows", "2", "--evals", "1",
+                        "--eval-tokens", "1024", "--only", "smear,value_embeds",
+                        "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "ablate.json").read_text())
+    rows = {r["run"]: r for r in report["rows"]}
+    assert list(rows) == ["dense", "smear", "value_embeds", "all"]
+    for col in ablate.COLUMNS:
+        assert all(col in r for r in rows.values()), f"column {col} missing"
+    header = printed.splitlines()[[i for i, ln in enumerate(printed.splitlines())
+                                   if ln.startswith("| run |")][0]]
+    for title in ("val BPB", "tokens/s", "params", "FLOPs/token", "wall s"):
+        assert title in header
+    for name in rows:
+        assert f"| {name} |" in printed, f"row {name} not printed"
+    # the same tokens in the same order and the same seed in every run
+    assert len({r["tokens"] for r in rows.values()}) == 1 and rows["dense"]["tokens"] == 3 * 2 * 64
+    assert len({json.dumps(r["loader_end"]) for r in rows.values()}) == 1
+    assert len({r["seed"] for r in rows.values()}) == 1
+    # the switches are on where the table says: value embeddings add parameters, "all" has both
+    assert rows["dense"]["params"] < rows["smear"]["params"] < rows["value_embeds"]["params"] \
+        < rows["all"]["params"]
+    assert rows["dense"]["d_bpb"] == 0 and rows["dense"]["d_tok_s_pct"] == 0
+    assert all(r["val_bpb"] > 0 and r["tok_per_s"] > 0 for r in rows.values())
+    assert (out / "ablate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_switch_is_one_clear_error(recipe_path):
+    with pytest.raises(UserError, match="--only: unknown switch smeer; the switches are value_embeds"):
+        ablate.main([recipe_path, "--only", "smeer"])
+
+
+def test_plan_has_dense_each_switch_and_all():
+    runs = ablate.plan(None)
+    assert list(runs) == ["dense", *ablate.SWITCHES, "all"]
+    assert runs["dense"] == {}
+    assert runs["all"] == {k: v for s in ablate.SWITCHES.values() for k, v in s.items()}
