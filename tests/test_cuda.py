@@ -185,3 +185,60 @@ def test_one_rank_nccl_process_group_up_and_down(monkeypatch):
     assert not dist.is_initialized()
     with runtime(TrainArgs(device="cuda")) as rt:  # the runtime's own set-up on one rank
         assert rt.device.type == "cuda" and rt.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- sliding windows (test_arch.py's CUDA half)
+
+def test_compiled_flex_window_attention_equals_the_band_mask():
+    """Under torch.compile on CUDA the window layers run flex_attention (unless flash_attn is
+    installed); forward and gradients equal SDPA with the band mask."""
+    from nanochat.attention import attention_backend, causal_attention, flash_attn_available
+    if not flash_attn_available():
+        assert attention_backend("cuda", True) == "flex"
+    torch.manual_seed(0)
+    shapes = [(2, 4, 512, 64), (2, 2, 512, 64), (2, 2, 512, 64)]
+    q, k, v = (torch.randn(s, device="cuda", requires_grad=True) for s in shapes)
+    flex = torch.compile(lambda q, k, v: causal_attention(q, k, v, 128, backend="flex"))
+    got = flex(q, k, v)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    ref = causal_attention(q, k, v, 128, backend="sdpa")
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_compiled_training_with_every_switch_learns_on_cuda(tiny_recipe, tmp_path):
+    """The tiny recipe with every switch on and windows shorter than its rows, compiled on the
+    GPU (window layers through flex_attention): trains, the loss falls, run.json names it."""
+    import json
+    model = {**tiny_recipe["model"], "sequence_len": 256, "bigram_factor": 2, "value_embeds": True,
+             "window_pattern": "SSL", "smear": True, "backout": True, "residual_scalars": True,
+             "qk_gain": 1.2, "rotary_base": 100000.0}
+    recipe = recipe_from_dict({**tiny_recipe, "run_dir": str(tmp_path / "run"), "model": model,
+                               "train": {**tiny_recipe["train"], "device": "cuda", "compile": True,
+                                         "total_batch_size": 2048, "num_iterations": 10}})
+    train_base(recipe)
+    losses = train_losses(recipe.out_dir)
+    assert losses[-1] < losses[0]
+    info = json.loads((recipe.out_dir / "run.json").read_text())
+    assert info["attention"] in ("flex", "flash_attn")
+
+
+def test_cuda_engine_with_every_switch_equals_naive_greedy():
+    """Cache greedy == naive greedy on the GPU (fp32) with every switch, ring buffers, CUDA
+    graph: ragged prompts past the window and past sequence_len."""
+    from nanochat.gpt import GPTConfig, build_model
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=256, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
+                    bigram_factor=2, value_embeds=True, window_pattern="S", smear=True,
+                    backout=True, residual_scalars=True, qk_gain=1.2, rotary_base=100000.0)
+    model = build_model(cfg, "cuda")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    prompts = [list(range(1, 211)), [7, 8, 9], [5] * 140]
+    rows = Engine(model, cuda_graph=True).generate_batch(prompts, max_new_tokens=60, temperature=0.0)
+    for i, p in enumerate(prompts):
+        assert rows[i] == list(model.generate_naive(p, 60)), f"prompt {i}"
