@@ -127,7 +127,8 @@ class Engine:
     mode; the KV cache takes the dtype of the model's parameters. `cuda_graph` captures the
     decode step once per cache shape (CUDA only); `compile` compiles it (see decode.compile_step).
     `head`: the lm_head layout of the decode step, "auto" or one of decode.HEAD_LAYOUTS (see the
-    module docstring). The decode step's weight layouts (fused q/k/v, the lm_head's) are
+    module docstring). `ring`: sliding-window layers keep only their window in the cache (a ring
+    buffer, kv_cache.py; `python -m nanochat.bench.kv_memory` prints the bytes saved). The decode step's weight layouts (fused q/k/v, the lm_head's) are
     snapshots, so build a new Engine after changing the weights.
     """
 
