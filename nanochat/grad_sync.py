@@ -63,7 +63,9 @@ def training_model(model: torch.nn.Module, rt: Runtime, args: TrainArgs,
         rendezvous.barrier("every rank's model, before DDP's first broadcast")
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                     bucket_cap_mb=BUCKET_MB, gradient_as_bucket_view=True,
-                    broadcast_buffers=False)  # buffers (rotary tables) are computed, never trained
+                    # buffers (rotary tables) are computed alike on every rank, never trained:
+                    # synced once at construction, not before every forward
+                    forward_sync_buffers=False)
     return maybe_compile(model, args)
 
 

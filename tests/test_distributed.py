@@ -314,3 +314,13 @@ def test_one_process_waits_are_no_ops():
     rendezvous.barrier("nothing")
     assert rendezvous.share(5, "nothing") == 5
     assert rendezvous.rank_hosts() == [socket.gethostname()]
+
+
+def test_the_comm_benchmark_needs_two_ranks(tiny_recipe, tmp_path):
+    """bench.comm in one process: one line saying how to run it, not a single-rank figure."""
+    import yaml
+    from nanochat.bench.comm import main
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(UserError, match="bench.comm needs 2\\+ ranks: run it under torchrun or srun"):
+        main([str(path)])
