@@ -214,6 +214,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             assert group["orthogonalizer"] in ZEROPOWER, group["orthogonalizer"]
+            group.setdefault("initial_weight_decay", group["weight_decay"])  # the schedule's peak
             for p in group["params"]:
                 assert p.ndim == 2, f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}"
 
@@ -399,6 +400,7 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
                                       eps=args.adam_eps, fused=fused))
     if groups.get("matrix"):
         muon_wd = scaled_muon_weight_decay(args, horizon)
+        _check_decay_below_one(groups["matrix"], args.matrix_lr * batch_scale, muon_wd, args)
         opts.append(Muon([dict(params=list(groups["matrix"]), name="matrix",
                                initial_weight_decay=muon_wd)],
                          lr=args.matrix_lr * batch_scale,
@@ -413,6 +415,19 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
     in_opts = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
     assert len(in_opts) == len(set(in_opts)) == len(seen), "a parameter was lost or duplicated"
     return opts
+
+
+def _check_decay_below_one(params, lr: float, weight_decay: float, args: OptimArgs) -> None:
+    """The decay multiplies weights by 1 − lr'·λ at the peak LR; at ≥ 1 it would flip their
+    signs instead of shrinking them (e.g. the T_epoch rule on a run far shorter than D_ref)."""
+    aspect = max(max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in params)
+    if lr * aspect * weight_decay >= 1:
+        how = (f"optim.wd_scaling made it {weight_decay:.4g} from {args.muon_weight_decay:g} "
+               "(this run's tokens are far fewer than optim.wd_ref_tokens' D_ref): set "
+               "optim.wd_ref_tokens near this run's training tokens or optim.wd_scaling=false"
+               if args.wd_scaling else "lower optim.muon_weight_decay")
+        raise UserError(f"optim.muon_weight_decay: Muon's decay step lr·λ = {lr * aspect:.4g} × "
+                        f"{weight_decay:.4g} ≥ 1 would flip weights' signs; {how}")
 
 
 # --------------------------------------------------------------------------------------------

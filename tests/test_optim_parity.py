@@ -183,6 +183,17 @@ def test_wd_scaling_follows_the_t_epoch_rule():
     assert muon["weight_decay"] == muon["initial_weight_decay"] == pytest.approx(0.28 * math.sqrt(2) / 2)
 
 
+def test_a_decay_that_would_flip_weight_signs_is_a_one_line_error():
+    """A run far shorter than D_ref: the T_epoch rule makes lr'·λ ≥ 1, decay would overshoot 0."""
+    args = OptimArgs(muon_weight_decay=0.28, wd_scaling=True)
+    with pytest.raises(UserError) as e:
+        build_optimizers(_groups(), args, 768, horizon=Horizon(524_288, 524_288, 1e12))
+    assert "optim.wd_ref_tokens" in str(e.value) and "flip" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="lower optim.muon_weight_decay"):
+        build_optimizers(_groups(), OptimArgs(muon_weight_decay=60.0), 768)
+    build_optimizers(_groups(), OptimArgs(muon_weight_decay=30.0), 768)  # 0.02·sqrt(2)·30 < 1
+
+
 def test_wd_reference_tokens_is_upstreams_d12_horizon():
     recipe = recipe_from_dict({"model": {"depth": 4, "n_embd": 64, "n_head": 2}})
     # upstream's d12: width 768, 12 × 12·768² block matrices + a 32768 × 768 lm_head
@@ -338,8 +349,9 @@ def _losses(run_dir):
 
 
 def _all_on(tiny_recipe, path) -> Recipe:
+    # D_ref = twice this run's 6 × 512 tokens (upstream's d12 horizon would make the decay ≥ 1)
     optim = {"variance_reduction": True, "muon_weight_decay": 0.28, "lr_batch_scaling": True,
-             "wd_scaling": True, "row_equilibrate": True, "muon_plus": True}
+             "wd_scaling": True, "wd_ref_tokens": 6144, "row_equilibrate": True, "muon_plus": True}
     return recipe_from_dict({**tiny_recipe, "run_dir": str(path), "optim": optim,
                              "model": {**tiny_recipe["model"], "value_embeds": True},
                              "train": {**tiny_recipe["train"], "num_iterations": 6, "eval_every": 3,
@@ -363,7 +375,31 @@ def test_training_with_every_new_option_resumes_bit_exactly(tiny_recipe, tmp_pat
     assert muon_state and all("second_moment" in s for s in muon_state.values())
     assert {g["name"] for g in opt_states[0]["param_groups"]} >= {"embedding", "value_embed"}
     info = json.loads((split.out_dir / "run.json").read_text())["optim_scaling"]
-    # tiny: 512 tokens per step over 2^19 → LRs × sqrt(1/1024); 6 steps against a d12 horizon
+    # tiny: 512 tokens per step over 2^19 → LRs × sqrt(1/1024); D_ref / D = 2
     assert info["lr_scale"] == pytest.approx(1 / 32)
-    assert info["train_tokens"] == 6 * 512
-    assert info["muon_weight_decay"] == pytest.approx(0.28 / 32 * info["ref_tokens"] / (6 * 512))
+    assert info["train_tokens"] == 6 * 512 and info["ref_tokens"] == 6144
+    assert info["muon_weight_decay"] == pytest.approx(0.28 / 32 * 2)
+
+
+# --- CUDA: bf16 orthogonalization, fp32 second moments ----------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_new_muon_state_on_cuda_matches_cpu():
+    """On CUDA the orthogonalization runs in bf16; variance reduction and the cautious update
+    still keep fp32 state and land within bf16 error of the CPU (fp32) step."""
+    torch.manual_seed(6)
+    p0 = torch.randn(64, 32)
+    grads = [torch.randn(64, 32) for _ in range(3)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        p = torch.nn.Parameter(p0.clone().to(device))
+        opt = Muon([p], lr=0.02, muon_plus=True, variance_reduction=True, weight_decay=0.28)
+        for g in grads:
+            p.grad = g.to(device)
+            opt.step()
+        sm = opt.state[p]["second_moment"]
+        assert sm.device.type == device and sm.dtype == torch.float32 and sm.shape == (64, 1)
+        out[device] = (p.detach().cpu(), sm.cpu())
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=0, atol=2e-3)
+    torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=0.05, atol=1e-6)

@@ -1,0 +1,94 @@
+"""Optimizer step benchmark:  python -m nanochat.bench.optim RECIPE [key=value ...]
+
+Times the optimizer step alone (Muon + AdamW as `build_optimizers` makes them, gradient clipping
+off) on the recipe's model — its real parameter shapes — with fixed random gradients: first with
+the recipe's optim section, then with each of upstream's Muon options switched on over it:
+variance reduction (NorMuon), cautious weight decay (optim.muon_weight_decay=0.28), both. These
+options only add work to the optimizer step; forward and backward are unchanged
+(`nanochat.bench.train` times the whole training step).
+
+Method: `--warmup` untimed steps (optimizer state is allocated in the first), then `--repeats`
+windows of `--steps` steps each, with a device sync at both ends of every window; milliseconds per
+step, median, min and max over windows, and the median's change against the recipe's row. Prints
+JSON (`--json PATH` also writes it there) with the device and software versions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+
+import torch
+
+from nanochat.bench import environment, seconds_per_call
+from nanochat.common import atomic_write_json, cli_main
+from nanochat.config import OptimArgs
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import build_optimizers, unscaled
+from nanochat.recipe import load_recipe, recipe_argparser
+from nanochat.runtime import setup_runtime
+
+VARIANTS = {  # name: optim fields set over the recipe's
+    "recipe": {},
+    "+variance_reduction": {"variance_reduction": True},
+    "+cautious_weight_decay": {"muon_weight_decay": 0.28},
+    "+both": {"variance_reduction": True, "muon_weight_decay": 0.28},
+}
+
+
+def bench_optimizer(model, args: OptimArgs, rt, warmup: int, steps: int, repeats: int) -> dict:
+    """ms per optimizer step of `model`'s parameters under `args` (gradients fixed, random)."""
+    opts = build_optimizers(model.param_groups(), unscaled(args), model.config.n_embd,
+                            all_params=model.parameters())
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, device=rt.device, dtype=p.dtype) * 1e-3
+
+    def step() -> None:
+        for o in opts:
+            o.step()
+
+    times = seconds_per_call(step, rt.sync, warmup, repeats, steps)
+    return {"ms_per_step_median": round(1e3 * statistics.median(times), 3),
+            "ms_per_step_min": round(1e3 * min(times), 3),
+            "ms_per_step_max": round(1e3 * max(times), 3)}
+
+
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python -m nanochat.bench.optim", __doc__.splitlines()[0])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the report to this file")
+    opts = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(opts.recipe, opts.overrides)
+    rt = setup_runtime(recipe.train)
+    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_args(recipe.model, vocab), rt.device)
+    results = []
+    for name, fields in VARIANTS.items():
+        args = dataclasses.replace(recipe.optim, **fields)
+        results.append({"variant": name, **bench_optimizer(model, args, rt, opts.warmup,
+                                                            opts.steps, opts.repeats)})
+    base = results[0]["ms_per_step_median"]
+    for r in results:
+        r["vs_recipe_percent"] = round(100 * (r["ms_per_step_median"] / base - 1), 1)
+    params = {name: sum(p.numel() for p in ps) for name, ps in model.param_groups().items()}
+    report = {
+        "benchmark": "optimizer step (Muon + AdamW), gradients fixed",
+        "recipe": opts.recipe, "overrides": opts.overrides,
+        "params_per_group": params,
+        "method": {"warmup_steps": opts.warmup, "steps_per_window": opts.steps,
+                   "windows": opts.repeats, "sync": "device sync before/after each window"},
+        **environment(rt.device, rt.dtype),
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    if opts.json:
+        atomic_write_json(opts.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))
