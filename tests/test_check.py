@@ -84,8 +84,7 @@ def test_efficiency_is_compute_over_compute_plus_exposed_communication():
 
 
 def test_the_d24_table_is_calibrated_on_upstreams_single_node_time():
-    recipe = load_recipe(REPO / "configs" / "d12.yaml", ["model.depth=24", "train.target_param_data_ratio=8",
-                                                         "train.total_batch_size=1048576"])
+    recipe = load_recipe(REPO / "configs" / "d24.yaml")
     t = cluster_table(recipe, [1, 2, 4])
     one, two, four = t["rows"]
     assert one["hours"] == pytest.approx(UPSTREAM_HOURS) and one["efficiency"] == 1.0
@@ -96,12 +95,15 @@ def test_the_d24_table_is_calibrated_on_upstreams_single_node_time():
     # 40% faster than 1.65 h on twice the GPUs: 0.99 h, so efficiency 1.65 / (2 · 0.99)
     assert t["target_hours_2nodes"] == pytest.approx(0.99)
     assert t["needed_efficiency_2nodes"] == pytest.approx(1.65 / 1.98, abs=1e-4)
+    at_need = cluster_table(recipe, [2], overlap=t["needed_overlap_2nodes"])["rows"][0]
+    assert at_need["efficiency"] == pytest.approx(t["needed_efficiency_2nodes"], abs=1e-3)
+    assert at_need["hours"] == pytest.approx(0.99, abs=0.01), "the overlap that reaches 0.99 h"
     hidden = cluster_table(recipe, [2], overlap=1.0)["rows"][0]
     assert hidden["efficiency"] == pytest.approx(1.0), "fully overlapped: perfect scaling"
 
 
 def test_scaling_command_prints_the_table():
-    res = subprocess.run([sys.executable, "-m", "nanochat.scaling", "configs/d12.yaml", "model.depth=24",
+    res = subprocess.run([sys.executable, "-m", "nanochat.scaling", "configs/d24.yaml",
                           "--nodes", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| 2 | 16 |" in res.stdout and "assumed (datasheets)" in res.stdout and "measured (upstream" in res.stdout
@@ -286,3 +288,18 @@ def test_the_check_stage_task_writes_check_json(tmp_path, tiny_recipe):
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     report = json.loads((tmp_path / "runs" / "c" / "check" / "check.json").read_text())
     assert report["status"] == "ok" and report["prediction"]["efficiency"] == 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_the_check_on_one_gpu_compiles_a_d12_step_and_reports_its_mfu(tmp_path):
+    out = tmp_path / "check.json"
+    res = subprocess.run([sys.executable, "-m", "nanochat.check", "configs/d12.yaml", "train.device_batch_size=8",
+                          "--steps", "3", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rank = report["ranks"][0]
+    assert rank["device"] == "cuda:0" and rank["cuda"] and rank["nccl"]
+    step = report["step"]["0"]
+    assert step["compile"] and step["dtype"] == "bfloat16" and 0 < step["mfu_percent"] < 100
+    assert report["prediction"]["efficiency"] == 1.0, "one rank exchanges nothing"
