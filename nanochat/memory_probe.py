@@ -41,7 +41,7 @@ import torch
 
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.optim import build_optimizers, optimizer_step, unscaled
+from nanochat.optim import build_optimizers, optimizer_step
 from nanochat.runtime import DistInfo, Runtime, maybe_compile, tune_cpu_allocator
 
 CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
@@ -208,8 +208,8 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
                 snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 was_training = model.training
                 extra = 0 if cuda else _param_bytes(model)
-            opts = build_optimizers(model.param_groups(), unscaled(OptimArgs(**spec.optim)),
-                                    cfg.n_embd, all_params=model.parameters(), local=True)
+            opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd,
+                                    all_params=model.parameters(), local=True)
             step_model = maybe_compile(model, TrainArgs(compile=spec.compile,
                                                         compile_mode=spec.compile_mode))
             gen = torch.Generator(device=device).manual_seed(batch)

@@ -33,7 +33,6 @@ broadcasts them (see `Muon.step`). With one process no collective is ever called
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -311,27 +310,20 @@ class Horizon:
 
 
 def batch_lr_scale(args: OptimArgs, horizon: Horizon | None) -> float:
-    """sqrt(B / batch_ref) with lr_batch_scaling on, else 1 (upstream: B = 2^20 → sqrt 2)."""
-    if not args.lr_batch_scaling:
+    """sqrt(B / batch_ref) with lr_batch_scaling on, else 1 (upstream: B = 2^20 → sqrt 2).
+    No horizon (optimizers built outside a run, to measure memory or time): 1."""
+    if not args.lr_batch_scaling or horizon is None:
         return 1.0
-    assert horizon is not None, "optim.lr_batch_scaling needs the run's Horizon"
     return (horizon.batch_tokens / args.batch_ref) ** 0.5
 
 
 def scaled_muon_weight_decay(args: OptimArgs, horizon: Horizon | None) -> float:
     """muon_weight_decay, × sqrt(B / B_ref) · (D_ref / D) with wd_scaling on: the T_epoch rule
     (arXiv 2405.13698) keeps B / (η·λ·D) fixed while η grows as sqrt(B) (upstream base_train)."""
-    if not (args.wd_scaling and args.muon_weight_decay > 0):
+    if not (args.wd_scaling and args.muon_weight_decay > 0) or horizon is None:
         return args.muon_weight_decay
-    assert horizon is not None, "optim.wd_scaling needs the run's Horizon"
     return (args.muon_weight_decay * (horizon.batch_tokens / args.batch_ref) ** 0.5
             * horizon.ref_tokens / horizon.train_tokens)
-
-
-def unscaled(args: OptimArgs) -> OptimArgs:
-    """args without the batch and horizon rules, for measurements that build optimizers without
-    a run (memory probes, benchmarks): the rules change LR and decay values, not the work done."""
-    return dataclasses.replace(args, lr_batch_scaling=False, wd_scaling=False)
 
 
 def optim_scaling(args: OptimArgs, horizon: Horizon | None) -> dict:
@@ -363,7 +355,8 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
     fan-in, so its effect does not grow with width. AdamW weight decay goes only to the embedding,
     value_embed and lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small
     weights". With lr_batch_scaling every LR is × sqrt(B / batch_ref); Muon's weight decay is
-    muon_weight_decay, T_epoch-scaled with wd_scaling — both need `horizon`.
+    muon_weight_decay, T_epoch-scaled with wd_scaling — both from the run's `horizon`; without
+    one (memory probes, benchmarks: the rules change values, not the work) neither applies.
 
     `all_params` (optional, e.g. model.parameters()) asserts that the groups cover them exactly.
     `local=True` makes Muon step without collectives (a probe on one rank of a distributed job).

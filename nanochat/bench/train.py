@@ -28,7 +28,7 @@ from nanochat.bench import environment
 from nanochat.common import UserError, atomic_write_json, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import build_optimizers, unscaled
+from nanochat.optim import build_optimizers
 from nanochat.runtime import (Runtime, compile_count, measure_matmul_flops, peak_flops, setup_runtime,
                               tune_cpu_allocator)
 
@@ -49,7 +49,7 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
     torch.manual_seed(0)
     model = GPT(config).to(rt.device)
     model.init_weights()
-    opts = build_optimizers(model.param_groups(), unscaled(recipe.optim), config.n_embd)
+    opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd)
     if compile_model:
         # a fresh compiler state per measurement: an earlier one's compiled graphs (or its hitting
         # the recompile limit, after which dynamo silently runs eager) must not carry over
