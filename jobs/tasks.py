@@ -161,7 +161,10 @@ def compile_cache_env(env=None) -> dict[str, str]:
     jobs), for submitit tasks. Also OMP_NUM_THREADS = the task's CPUs (a launcher task is one
     rank) when unset."""
     env = os.environ if env is None else env
-    user = env.get("USER") or getpass.getuser()
+    try:
+        user = env.get("USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = str(os.getuid())
     root = Path(env.get("NANOCHAT_COMPILE_CACHE_ROOT") or "/tmp") / f"nanochat-compile-{user}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)

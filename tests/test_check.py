@@ -102,11 +102,13 @@ def test_the_d24_table_is_calibrated_on_upstreams_single_node_time():
     assert hidden["efficiency"] == pytest.approx(1.0), "fully overlapped: perfect scaling"
 
 
-def test_scaling_command_prints_the_table():
-    res = subprocess.run([sys.executable, "-m", "nanochat.scaling", "configs/d24.yaml",
-                          "--nodes", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_the_readme_scaling_table_is_what_the_command_prints():
+    res = subprocess.run([sys.executable, "-m", "nanochat.scaling", "configs/d24.yaml", "--nodes", "1", "2", "4"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| 2 | 16 |" in res.stdout and "assumed (datasheets)" in res.stdout and "measured (upstream" in res.stdout
+    assert res.stdout.strip() in (REPO / "README.md").read_text(), \
+        "README's scaling section is stale: paste `python -m nanochat.scaling configs/d24.yaml --nodes 1 2 4`"
 
 
 # --------------------------------------------------------------------------------------------
