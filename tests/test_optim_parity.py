@@ -9,9 +9,12 @@ import dataclasses
 import io
 import json
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
@@ -382,6 +385,55 @@ def test_training_with_every_new_option_resumes_bit_exactly(tiny_recipe, tmp_pat
     assert info["lr_scale"] == pytest.approx(1 / 32)
     assert info["train_tokens"] == 6 * 512 and info["ref_tokens"] == 6144
     assert info["muon_weight_decay"] == pytest.approx(0.28 / 32 * 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, port: int, recipe: Recipe, stop_at: int | None) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_base(recipe, stop_requested=_stop_after(stop_at) if stop_at else (lambda: False))
+
+
+def _two_ranks(recipe: Recipe, stop_at: int | None = None) -> None:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, recipe, stop_at)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_two_gloo_ranks_with_every_new_option_resume_exactly_and_save_complete_states(tiny_recipe, tmp_path):
+    """Muon's owner-steps-and-broadcasts with the new state: 2 ranks, 6 steps straight == 3 +
+    stop + resume + 3, and both ranks checkpoint the same (complete) optimizer state."""
+    def recipe(path):
+        r = _all_on(tiny_recipe, path)
+        return dataclasses.replace(r, train=dataclasses.replace(r.train, total_batch_size=1024))
+    straight, split = recipe(tmp_path / "straight"), recipe(tmp_path / "split")
+    _two_ranks(straight)
+    _two_ranks(split, stop_at=3)
+    assert ckpt.latest_checkpoint(split.out_dir).name == "step_000003"
+    _two_ranks(split)
+    a, b = _losses(straight.out_dir), _losses(split.out_dir)
+    assert list(a) == list(range(6)) and a == b
+    last = ckpt.latest_checkpoint(split.out_dir)
+    wa = ckpt.load_model_state(ckpt.latest_checkpoint(straight.out_dir))
+    wb = ckpt.load_model_state(last)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    (s0, _), (s1, _) = ckpt.load_training_state(last, 0), ckpt.load_training_state(last, 1)
+    m0, m1 = s0[-1]["state"], s1[-1]["state"]
+    assert m0.keys() == m1.keys() and len(m0) > 1
+    for k in m0:
+        for name in ("momentum_buffer", "second_moment"):
+            assert torch.equal(m0[k][name], m1[k][name]), f"rank states differ: param {k} {name}"
 
 
 # --- CUDA: bf16 orthogonalization, fp32 second moments ----------------------------------------
