@@ -15,9 +15,10 @@ Two optional tweaks around the orthogonalization (nanochat PR #747; later merged
 
 Upstream nanochat's other optimizer rules (karpathy/nanochat nanochat/optim.py, scripts/base_train.py),
 each an `optim.` switch, off by default:
-- variance reduction AFTER Muon+ (NorMuon, https://arxiv.org/abs/2510.05491): a running second
-  moment per row (tall/square) or column (wide) of the orthogonalized update rescales those rows
-  or columns to equal RMS, keeping the update's Frobenius norm;
+- variance reduction AFTER Muon+ (NorMuon, https://arxiv.org/abs/2510.05491): each row
+  (tall/square matrices) or column (wide) of the orthogonalized update is divided by the running
+  RMS of its past updates (an EMA second moment, one float per row/column), then the update is
+  rescaled to its Frobenius norm before — per-neuron adaptive step sizes on top of Muon;
 - cautious weight decay (Chen et al., "Cautious Weight Decay", https://arxiv.org/abs/2510.12402):
   the decoupled decay lr·λ·p is applied only where the update and the weight agree in sign (where
   the step already pulls the weight toward 0), with λ cosine-decayed to 0 over the run;
@@ -25,7 +26,7 @@ each an `optim.` switch, off by default:
   "not studied carefully");
 - λ × sqrt(B / B_ref) · (D_ref / D): the T_epoch rule of https://arxiv.org/abs/2405.13698
   (keep B / (η·λ·D) constant when η itself grows with sqrt(B)); D = training tokens;
-- value embeddings (ResFormer tables) on AdamW at half the embedding LR.
+- value embeddings (ResFormer tables) on AdamW at half the embedding LR (value_embed_lr_frac).
 
 Distributed training: the caller averages gradients with `allreduce_gradients` (so every rank
 holds the same gradients), then each rank orthogonalizes only its share of the Muon params and
