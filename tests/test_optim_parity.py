@@ -221,6 +221,16 @@ def test_value_embeddings_get_adamw_at_half_the_width_scaled_embedding_lr():
     assert {g["name"]: g["lr"] for g in other[0].param_groups}["value_embed"] == pytest.approx(0.2)
 
 
+def test_sft_runs_without_pretrainings_rules_and_muon_decay_as_upstream():
+    from nanochat.sft import sft_optim_args
+    recipe = recipe_from_dict({"optim": {"variance_reduction": True, "muon_weight_decay": 0.28,
+                                         "lr_batch_scaling": True, "wd_scaling": True},
+                               "sft": {"lr_frac": 0.5}})
+    o = sft_optim_args(recipe)
+    assert (o.muon_weight_decay, o.lr_batch_scaling, o.wd_scaling) == (0.0, False, False)
+    assert o.variance_reduction and o.matrix_lr == pytest.approx(0.01)
+
+
 # --- recipe validation ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value,says", [
