@@ -78,13 +78,29 @@ class Gate:
         if self.store is None:
             payloads = {0: mine}
         else:
-            self.store.set(f"{phase}/{self.info.rank}", json.dumps(mine, default=str))
-            payloads = self._collect(phase, self.timeout_s if wait_s is None else wait_s)
+            try:
+                self.store.set(f"{phase}/{self.info.rank}", json.dumps(mine, default=str))
+                payloads = self._collect(phase, self.timeout_s if wait_s is None else wait_s)
+            except RuntimeError as e:  # DistNetworkError: the store's host (rank 0 under srun) is gone
+                raise CheckFailed(phase, {0: f"the rendezvous store closed ({str(e).splitlines()[0][:120]})"},
+                                  self.hosts) from None
         failures = {r: (p["error"] if p is not None else None) for r, p in payloads.items()
                     if p is None or p["error"] is not None}
         if failures:
             raise CheckFailed(phase, failures, self.hosts)
         return payloads
+
+    def finish(self, wait_s: float) -> None:
+        """Leave: rank 0, which hosts the store under plain srun, waits (up to `wait_s`) until
+        every other rank has said it is done reading, so none of them loses the store mid-read."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(f"end/{self.info.rank}", json.dumps({"error": None, "result": None}))
+            if self.info.rank == 0:
+                self._collect("end", wait_s)
+        except RuntimeError:
+            pass  # the store is gone already: nothing left to wait for
 
     def _collect(self, phase: str, wait_s: float) -> dict[int, dict | None]:
         keys = {r: f"{phase}/{r}" for r in range(self.info.world_size)}
@@ -249,15 +265,18 @@ def run_check(recipe, opts, out_path: Path) -> dict:
         report["prediction"] = predict(recipe, {r: p["result"] for r, p in steps.items()},
                                        report["busbw"], info.world_size, opts.overlap)
         report["status"] = "ok"
-        gate.meet("end", wait_s=60)  # rank 0 (which may host the store) leaves last
     except CheckFailed as e:
         report.update(status="failed", failed_phase=e.phase, error=str(e),
                       failures={r: {"host": e.hosts.get(r), "error": err} for r, err in e.failures.items()})
+        raise
+    except BaseException as e:  # bad input (UserError) or an interrupt before the ranks met
+        report.update(status="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         report["finished"] = now_iso()
         if info.rank == 0:
             atomic_write_json(out_path, report)
+        gate.finish(min(60.0, opts.timeout))
         if rt is not None and info.is_distributed and dist.is_initialized() and report["status"] == "ok":
             dist.destroy_process_group()
     return report

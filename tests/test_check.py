@@ -269,6 +269,28 @@ def test_check_sbatch_on_two_nodes_measures_the_network_and_names_a_failed_host(
     assert f"rank 1 on {failed['host']}: RuntimeError: forced failure" in (bad_dir / "job.out").read_text()
 
 
+@pytest.mark.usefixtures("slurm")
+def test_the_launchers_check_stage_runs_on_the_two_node_allocation(tmp_path, tiny_recipe):
+    """submitit: one task per rank on each node (rank 0 hosts the store); check.json names both."""
+    from test_slurm import wait_until_done
+    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
+    data.update(name="c", stages=["check"], cluster={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 1,
+                                                     "time_min": 10})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--executor", "slurm", "--no-prepare",
+                          "--output-root", str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "GLOO_SOCKET_IFNAME": "sl0"})
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "c"
+    rows = wait_until_done(run)
+    logs = "".join(p.read_text() for p in (run / "slurm").glob("*/*_log.err"))
+    assert rows[0]["state"] == "COMPLETED", logs[-3000:]
+    report = json.loads((run / "check" / "check.json").read_text())
+    assert len({r["host"] for r in report["ranks"]}) == 2 and report["status"] == "ok"
+    assert all(r["omp_num_threads"] == "1" for r in report["ranks"]), "the task's one CPU"
+
+
 @pytest.fixture(scope="module")
 def slurm():
     from test_slurm import idle_nodes
