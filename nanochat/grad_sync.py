@@ -3,10 +3,13 @@
 Overlap. With the plain loop every rank runs all its backward passes, then averages every
 gradient in one burst (`optim.allreduce_gradients`): across nodes that burst is on the critical
 path of every step. Here the training model is wrapped in torch's DistributedDataParallel: its
-reducer groups parameters into ~`BUCKET_MB` buckets in reverse order of use and launches each
-bucket's all-reduce as soon as backward has produced all of its gradients, so the all-reduce of
-the last layers runs while backward is still computing the first ones. Accumulation micro-steps
-run under `no_sync()` (gradients accumulate locally) and only the last one communicates — the
+reducer groups parameters into 25 MB buckets (torch's default) in reverse order of use and
+launches each bucket's all-reduce as soon as backward has produced all of its gradients, so the
+all-reduce of the last layers runs while backward is still computing the first ones. (The first
+synced step runs with one bucket; DDP then rebuilds them in the order gradients became ready,
+the first of 1 MB so that it goes out early — torch uses that small first bucket only with its
+default bucket size, so none is passed.) Accumulation micro-steps run under `no_sync()`
+(gradients accumulate locally) and only the last one communicates — the
 same bytes per step as before. `gradient_as_bucket_view=True` makes each `.grad` a view into its
 bucket: no second copy of the gradients, so batch-size discovery's probes (which run on rank 0
 alone, with no DDP) measure the memory training uses. Under torch.compile, dynamo's
@@ -49,7 +52,6 @@ from nanochat.config import TrainArgs
 from nanochat.optim import allreduce_gradients
 from nanochat.runtime import Runtime, maybe_compile
 
-BUCKET_MB = 25  # DDP's default bucket size: large enough to amortise latency, small enough to overlap
 DELAY_ENV = "NANOCHAT_WARMUP_DELAY_S"
 
 
@@ -62,7 +64,7 @@ def training_model(model: torch.nn.Module, rt: Runtime, args: TrainArgs,
     if rt.dist.is_distributed and overlap:
         rendezvous.barrier("every rank's model, before DDP's first broadcast")
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                    bucket_cap_mb=BUCKET_MB, gradient_as_bucket_view=True,
+                    gradient_as_bucket_view=True,
                     # buffers (rotary tables) are computed alike on every rank, never trained:
                     # synced once at construction, not before every forward
                     forward_sync_buffers=False)

@@ -127,6 +127,52 @@ def test_overlapped_gradient_sync_equals_allreduce_after_backward(tmp_path, comp
     assert any(not torch.equal(init.state_dict()[k], w[0, 1][k]) for k in w[0, 1]), "nothing trained"
 
 
+def _bucket_timing_worker(rank, port, out_dir):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from nanochat.config import TrainArgs
+    from nanochat.grad_sync import ddp_of
+    _join(rank, port, timeout_min=2)
+    rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    # lm_head (4 MB, registered last, its gradient computed first) fills DDP's first bucket alone
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256))
+    model.init_weights()
+    step_model = training_model(model, rt, TrainArgs(), overlap=True)
+    seen = {"embedding_grads": 0, "launches": []}
+
+    def count_launch(state, bucket):  # a DDP comm hook: called when a bucket's all-reduce starts
+        seen["launches"].append(seen["embedding_grads"])
+        return allreduce_hook(None, bucket)
+    ddp_of(step_model).register_comm_hook(None, count_launch)
+    # the embedding's gradient is the last one a backward computes
+    model.wte.weight.register_hook(lambda g: seen.update(embedding_grads=seen["embedding_grads"] + 1))
+    batches = _Batches(rank, 4096)
+    x, y = next(batches)
+    # DDP's first synced backward records the order gradients become ready and rebuilds its
+    # buckets in that order (the first one small, 1 MB); from the second step on they overlap
+    for _ in range(2):
+        seen.update(embedding_grads=0, launches=[])
+        _, x, y, _ = _micro_steps(step_model, batches, x, y, 2, rt)
+        for p in model.parameters():
+            p.grad = None
+    _write(out_dir, rank, seen)
+    _leave()
+
+
+def test_buckets_are_launched_during_the_last_backward_only(tmp_path):
+    """Two accumulation micro-steps: no all-reduce in the first backward (no_sync); in the last
+    one the first bucket starts before backward reaches the embedding — overlapped, not after
+    (the second step's record: DDP rebuilds its buckets after the first)."""
+    port = _free_port()
+    assert _spawn(_bucket_timing_worker, lambda r: (port, str(tmp_path))) == [0, 0]
+    for rec in _read(tmp_path):
+        assert rec["embedding_grads"] == 2
+        launches = rec["launches"]
+        assert len(launches) >= 2, f"expected several buckets, got {launches}"
+        assert all(n >= 1 for n in launches), f"an all-reduce during the no_sync micro-step: {launches}"
+        assert launches[0] == 1, f"the first bucket waited for the whole backward: {launches}"
+
+
 # ---------------------------------------------------------------- warm-up past the timeout
 
 def _train_worker(rank, port, recipe_dict, out_dir, delay):
