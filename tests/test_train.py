@@ -152,6 +152,26 @@ def _run_ddp(recipe_dict, stop_at=None):
     assert [p.exitcode for p in procs] == [0, 0]
 
 
+def test_two_ranks_with_a_discovered_batch_train_as_a_fixed_batch_does(tiny_recipe, tmp_path):
+    """device_batch_size auto on 2 ranks: rank 0 discovers (the other waits in the store), the
+    first steps are watched (no overlap: the ranks agree on memory before any all-reduce), the
+    rest overlap the all-reduce with backward — and the weights equal a run at that fixed batch,
+    overlapped from its first step (nanochat/grad_sync.py)."""
+    base = {**tiny_recipe, "train": {**tiny_recipe["train"], "total_batch_size": 1024,
+                                     "num_iterations": 5, "eval_every": -1, "save_every": -1}}
+    auto = {**base, "train": {**base["train"], "device_batch_size": "auto"},
+            "discovery": {"cache_dir": str(tmp_path / "bs"), "memory_budget_gb": 2.0}}
+    _run_ddp(with_run_dir(auto, tmp_path / "auto"))
+    found = json.loads((tmp_path / "auto" / "run.json").read_text())["device_batch_size"]
+    _run_ddp(with_run_dir({**base, "train": {**base["train"], "device_batch_size": found}}, tmp_path / "fixed"))
+    memory = [r for r in read_progress(tmp_path / "auto" / "progress.jsonl") if r["event"] == "memory"]
+    assert memory, "the discovered batch's first steps were not watched"
+    assert losses(tmp_path / "auto") == losses(tmp_path / "fixed")
+    wa = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "auto"))
+    wb = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "fixed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_two_rank_data_parallel_training_resumes_exactly(tiny_recipe, tmp_path):
     """Two gloo ranks, each reading its own slice; 6 steps straight == 3 + stop + resume + 3."""
     base = {**tiny_recipe, "train": {**tiny_recipe["train"], "total_batch_size": 1024,
