@@ -42,12 +42,13 @@ SWITCHES = {
     "residual_scalars": {"model.residual_scalars": "true"},
     "qk_gain": {"model.qk_gain": "1.2"},
     "rotary_base": {"model.rotary_base": "100000"},
-    # Muon's variance reduction and cautious weight decay 0.28 under the T_epoch rule
-    "optim": {"optim.variance_reduction": "true", "optim.muon_weight_decay": "0.28",
-              "optim.wd_scaling": "true"},
-    # every LR × √(total batch / 524,288): at a CPU-sized batch this is a large LR cut
-    "lr_batch_scaling": {"optim.lr_batch_scaling": "true"},
+    # Muon's variance reduction and cautious weight decay at upstream's 0.28 (cosine-decayed)
+    "optim": {"optim.variance_reduction": "true", "optim.muon_weight_decay": "0.28"},
 }
+# Not ablated: optim.lr_batch_scaling and optim.wd_scaling. They are rules that carry d12's tuned
+# values to another batch and horizon, not features, and a CPU-sized run is far outside their
+# range: at 2,048 tokens/step and ~10^5 tokens they give LRs × 0.06 and Muon weight decay × ~10^4
+# (1 − lr·wd < 0: every step would flip the weights' sign) — a broken run, not a measurement.
 COLUMNS = ("run", "val_bpb", "d_bpb", "tok_per_s", "d_tok_s_pct", "params", "flops_per_token",
            "wall_s", "tokens", "seed", "loader_end")
 
@@ -142,9 +143,9 @@ def plot(rows: list[dict], out_png: Path) -> Path:
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.ablate", __doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
-    ap.add_argument("--rows", type=int, default=8, help="rows (sequences) per step, one micro-batch")
-    ap.add_argument("--evals", type=int, default=4, help="validation evaluations per run (curve points)")
-    ap.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per evaluation")
+    ap.add_argument("--rows", type=int, default=4, help="rows (sequences) per step, one micro-batch")
+    ap.add_argument("--evals", type=int, default=2, help="validation evaluations per run (curve points)")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per evaluation")
     ap.add_argument("--only", default="", help=f"comma-separated switches, of {', '.join(SWITCHES)}")
     ap.add_argument("--out", default=None, help="keep the runs here and write ablate.json, ablate.png")
     args = ap.parse_intermixed_args(argv)
