@@ -21,7 +21,7 @@ def test_ablation_table_rows_columns_and_shared_tokens_and_seed(recipe_path, tmp
     out = tmp_path / "out"
     assert ablate.main([recipe_path, "--steps", "3", "--rows", "2", "--evals", "1",
                         "--eval-tokens", "1024", "--only", "smear,value_embeds",
-                        "--out", str(out)]) == 0
+                        "--speed-windows", "2", "--speed-steps", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "ablate.json").read_text())
     rows = {r["run"]: r for r in report["rows"]}
@@ -44,6 +44,9 @@ def test_ablation_table_rows_columns_and_shared_tokens_and_seed(recipe_path, tmp
     assert rows["dense"]["d_bpb"] == 0 and rows["dense"]["d_tok_s_pct"] == 0
     assert all(r["val_bpb"] > 0 and r["tok_per_s"] > 0 for r in rows.values())
     assert (out / "ablate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    speed = report["speed_interleaved"]
+    assert speed["dense"]["n"] == speed["all"]["n"] == 2 and speed["all_over_dense"] > 0
+    assert "all / dense tokens/s" in printed
 
 
 def test_unknown_switch_is_one_clear_error(recipe_path):

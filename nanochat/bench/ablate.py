@@ -17,6 +17,11 @@ percent are within the noise; wall time is the whole process (start-up, evaluati
 `--only a,b` ablates only those switches ("all" then means all of them); `--out DIR` keeps the
 runs there (default: a temporary directory) and writes ablate.json and ablate.png (final BPB
 bars and validation curves).
+
+Because one run's tokens/s is at the mercy of whatever else the machine runs meanwhile, the
+bench then times dense against all in this one process with their windows interleaved
+(`--speed-windows`, `--speed-steps`; random tokens, same rows): the figure for the
+"switches together cost ≤ 15% tokens/s" question.
 """
 from __future__ import annotations
 
@@ -105,6 +110,55 @@ def run_one(recipe_path: str, overrides: list[str], run_dir: Path) -> dict:
             "overrides": overrides}
 
 
+def interleaved_speed(recipe_path: str, overrides: list[str], runs: dict[str, dict], rows: int,
+                      windows: int, steps: int) -> dict:
+    """Training tokens/s of each run's model in this one process, the runs' timed windows
+    interleaved (A B A B ...) so that a change in the machine's load hits every run alike:
+    `windows` windows of `steps` optimizer steps (forward, backward, Muon/AdamW) on random
+    tokens at `rows` rows, one untimed warm-up step each, a device sync around each window."""
+    import dataclasses
+    import statistics
+    import torch
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.optim import build_optimizers, optimizer_step
+    from nanochat.runtime import setup_runtime
+    built = {}
+    for name, switch in runs.items():
+        r = load_recipe(recipe_path, list(overrides) + [f"{k}={v}" for k, v in switch.items()])
+        rt = setup_runtime(r.train)
+        torch.manual_seed(r.train.seed)
+        config = GPTConfig.from_args(r.model, r.model.vocab_size or r.tokenizer.vocab_size)
+        model = build_model(config, rt.device).train()
+        # the batch/horizon rules change LR and decay values, not the work: leave them out
+        optim = dataclasses.replace(r.optim, lr_batch_scaling=False, wd_scaling=False)
+        opts = build_optimizers(model.param_groups(), optim, config.n_embd,
+                                all_params=model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        xy = torch.randint(0, config.vocab_size, (rows, config.sequence_len + 1), generator=gen)
+        built[name] = (model, opts, xy.to(rt.device), rt)
+
+    def step(name):
+        model, opts, xy, rt = built[name]
+        with rt.autocast():
+            loss = model(xy[:, :-1], xy[:, 1:])
+        loss.backward()
+        optimizer_step(list(model.parameters()), opts, 0.0)
+
+    rates = {name: [] for name in built}
+    for name in built:
+        step(name)
+    for _ in range(windows):
+        for name, (_, _, xy, rt) in built.items():
+            rt.sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rt.sync()
+            rates[name].append(steps * rows * (xy.size(1) - 1) / (time.perf_counter() - t0))
+    return {name: {"median": round(statistics.median(v), 1), "min": round(min(v), 1),
+                   "max": round(max(v), 1), "n": len(v)} for name, v in rates.items()}
+
+
 def table(rows: list[dict]) -> str:
     """The printed (markdown) table; Δ against the dense run."""
     head = "| run | val BPB | Δ BPB | tokens/s | Δ tok/s | params | FLOPs/token | wall s |"
@@ -148,6 +202,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per evaluation")
     ap.add_argument("--only", default="", help=f"comma-separated switches, of {', '.join(SWITCHES)}")
     ap.add_argument("--out", default=None, help="keep the runs here and write ablate.json, ablate.png")
+    ap.add_argument("--speed-windows", type=int, default=5,
+                    help="then time dense vs all in this process, interleaved: windows per run (0 = skip)")
+    ap.add_argument("--speed-steps", type=int, default=3, help="optimizer steps per speed window")
     args = ap.parse_intermixed_args(argv)
     if args.steps < 1 or args.rows < 1 or args.evals < 1:
         raise UserError("--steps, --rows and --evals must be ≥ 1")
@@ -180,6 +237,18 @@ def main(argv: list[str]) -> int:
                   "switches": {n: SWITCHES[n] for n in runs if n in SWITCHES},
                   "rows": rows}
         print(table(rows))
+        speed_runs = {n: runs[n] for n in ("dense", "all") if n in runs}
+        if args.speed_windows > 0 and len(speed_runs) == 2:
+            speed = interleaved_speed(args.recipe, args.overrides, speed_runs, args.rows,
+                                      args.speed_windows, args.speed_steps)
+            ratio = speed["all"]["median"] / speed["dense"]["median"]
+            report["speed_interleaved"] = {"method": f"{args.speed_windows} windows × {args.speed_steps} "
+                                           f"optimizer steps per run, interleaved, random tokens, "
+                                           f"{args.rows} rows", **speed, "all_over_dense": round(ratio, 3)}
+            for n, v in speed.items():
+                print(f"[ablate] interleaved speed {n}: {v['median']:,.0f} tok/s median "
+                      f"({v['min']:,.0f}–{v['max']:,.0f}, {v['n']} windows of {args.speed_steps} steps)")
+            print(f"[ablate] all / dense tokens/s: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
         if args.out:
             atomic_write_json(out / "ablate.json", report)
             print(f"[ablate] wrote {out / 'ablate.json'} and {plot(rows, out / 'ablate.png')}")
