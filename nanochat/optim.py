@@ -28,9 +28,9 @@ each an `optim.` switch, off by default:
   (keep B / (η·λ·D) constant when η itself grows with sqrt(B)); D = training tokens;
 - value embeddings (ResFormer tables) on AdamW at half the embedding LR (value_embed_lr_frac).
 
-Distributed training: the caller averages gradients with `allreduce_gradients` (so every rank
-holds the same gradients), then each rank orthogonalizes only its share of the Muon params and
-broadcasts them (see `Muon.step`). With one process no collective is ever called.
+Distributed training: the caller averages the gradients — DDP during backward, or
+`allreduce_gradients` after it (nanochat/grad_sync.py) — so every rank holds the same ones,
+then each rank orthogonalizes only its share of the Muon params and broadcasts them (see `Muon.step`). With one process no collective is ever called.
 """
 from __future__ import annotations
 
