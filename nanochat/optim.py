@@ -30,7 +30,8 @@ each an `optim.` switch, off by default:
 
 Distributed training: the caller averages the gradients — DDP during backward, or
 `allreduce_gradients` after it (nanochat/grad_sync.py) — so every rank holds the same ones,
-then each rank orthogonalizes only its share of the Muon params and broadcasts them (see `Muon.step`). With one process no collective is ever called.
+then each rank orthogonalizes only its share of the Muon params and broadcasts them (see
+`Muon.step`). With one process no collective is ever called.
 """
 from __future__ import annotations
 
