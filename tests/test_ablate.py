@@ -45,7 +45,7 @@ def test_ablation_table_rows_columns_and_shared_tokens_and_seed(recipe_path, tmp
     assert all(r["val_bpb"] > 0 and r["tok_per_s"] > 0 for r in rows.values())
     assert (out / "ablate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     speed = report["speed_interleaved"]
-    assert speed["dense"]["n"] == speed["all"]["n"] == 2 and speed["all_over_dense"] > 0
+    assert speed["dense"]["n"] == speed["all"]["n"] == 2 and speed["all"]["over_dense"] > 0
     assert "all / dense tokens/s" in printed
 
 

@@ -194,6 +194,24 @@ def plot(rows: list[dict], out_png: Path) -> Path:
     return out_png
 
 
+def report_speed(args, runs: dict[str, dict]) -> dict | None:
+    """The interleaved timing of `runs` (dense first), printed with each run's ratio to dense."""
+    if args.speed_windows < 1 or len(runs) < 2:
+        return None
+    speed = interleaved_speed(args.recipe, args.overrides, runs, args.rows, args.speed_windows,
+                              args.speed_steps)
+    dense = speed["dense"]["median"]
+    for n, v in speed.items():
+        v["over_dense"] = round(v["median"] / dense, 3)
+        print(f"[ablate] interleaved speed {n}: {v['median']:,.0f} tok/s median ({v['min']:,.0f}–"
+              f"{v['max']:,.0f}, {v['n']} windows of {args.speed_steps} steps), "
+              f"{100 * (v['over_dense'] - 1):+.1f}% vs dense")
+    if "all" in speed:
+        print(f"[ablate] all / dense tokens/s: {speed['all']['over_dense']:.3f}")
+    return {"method": f"{args.speed_windows} windows × {args.speed_steps} optimizer steps per run, "
+                      f"interleaved, random tokens, {args.rows} rows", **speed}
+
+
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.ablate", __doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
@@ -205,11 +223,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--speed-windows", type=int, default=5,
                     help="then time dense vs all in this process, interleaved: windows per run (0 = skip)")
     ap.add_argument("--speed-steps", type=int, default=3, help="optimizer steps per speed window")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="no training runs: only the interleaved timing, of every run of the plan")
     args = ap.parse_intermixed_args(argv)
     if args.steps < 1 or args.rows < 1 or args.evals < 1:
         raise UserError("--steps, --rows and --evals must be ≥ 1")
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before any run
     runs = plan([s.strip() for s in args.only.split(",") if s.strip()])
+    if args.speed_only:
+        report_speed(args, runs)
+        return 0
     shared = {**common_overrides(recipe, args.steps, args.rows, args.evals),
               "train.eval_tokens": str(args.eval_tokens)}
     with tempfile.TemporaryDirectory(prefix="ablate_") as tmp:
@@ -237,18 +260,9 @@ def main(argv: list[str]) -> int:
                   "switches": {n: SWITCHES[n] for n in runs if n in SWITCHES},
                   "rows": rows}
         print(table(rows))
-        speed_runs = {n: runs[n] for n in ("dense", "all") if n in runs}
-        if args.speed_windows > 0 and len(speed_runs) == 2:
-            speed = interleaved_speed(args.recipe, args.overrides, speed_runs, args.rows,
-                                      args.speed_windows, args.speed_steps)
-            ratio = speed["all"]["median"] / speed["dense"]["median"]
-            report["speed_interleaved"] = {"method": f"{args.speed_windows} windows × {args.speed_steps} "
-                                           f"optimizer steps per run, interleaved, random tokens, "
-                                           f"{args.rows} rows", **speed, "all_over_dense": round(ratio, 3)}
-            for n, v in speed.items():
-                print(f"[ablate] interleaved speed {n}: {v['median']:,.0f} tok/s median "
-                      f"({v['min']:,.0f}–{v['max']:,.0f}, {v['n']} windows of {args.speed_steps} steps)")
-            print(f"[ablate] all / dense tokens/s: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+        speed = report_speed(args, {n: runs[n] for n in ("dense", "all") if n in runs})
+        if speed:
+            report["speed_interleaved"] = speed
         if args.out:
             atomic_write_json(out / "ablate.json", report)
             print(f"[ablate] wrote {out / 'ablate.json'} and {plot(rows, out / 'ablate.png')}")
