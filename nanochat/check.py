@@ -11,8 +11,8 @@ data-parallel scaling efficiency of the recipe on this allocation from the measu
 the gradient bytes and the measured busbw (nanochat/scaling.py says the model and its overlap
 assumption). Writes check.json (atomic; `--out`, default <run_dir>/check.json), prints a table.
 
-Failures: ranks meet between phases on the rendezvous store (no collective), each leaving its
-result or its error there; a rank that raised is named with its host and error, a rank that
+Failures: ranks meet between phases on the rendezvous store (nanochat/rendezvous.py `gather`, no
+collective), each leaving its result or its error there; a rank that raised is named with its host and error, a rank that
 never answers within `--timeout` seconds is named as such, and every rank then exits 1. A
 collective that a failed rank left half-done ends at the process group's timeout (`--timeout`
 too). `--fail-rank R` makes rank R fail on purpose (`--fail-how raise`: an exception; `exit`: the
@@ -20,8 +20,6 @@ process dies) in `--fail-phase`: the test of that reporting path.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import platform
 import socket
@@ -31,15 +29,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from nanochat import rendezvous
 from nanochat.comm_bench import MB, measure_scopes, message_sizes, slowest_busbw
 from nanochat.common import UserError, atomic_write_json, cli_main, now_iso
 from nanochat.config import grad_accum_steps
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import DistInfo, dist_info_from_env, maybe_compile, mfu_percent, peak_flops, pick_device, setup_runtime
+from nanochat.runtime import (DistInfo, dist_info_from_env, maybe_compile, mfu_percent, peak_flops, setup_runtime,
+                              teardown_runtime)
 from nanochat.scaling import efficiency
 
 PHASES = ("info", "busbw", "step")
@@ -63,27 +62,24 @@ def describe_failures(phase: str, failures: dict[int, str | None], hosts: dict[i
 
 
 # --------------------------------------------------------------------------------------------
-# Meeting on the store: every rank leaves {"ok", "error", "result"} under phase/rank, then waits
-# for every other rank's until the deadline. No collective, so one failed rank cannot hang it.
+# Meeting on the rendezvous store (nanochat/rendezvous.py `gather`): every rank leaves
+# {"error", "result"} for the phase, then waits for every other rank's until the deadline. No
+# collective, so one failed rank cannot hang it.
 
 class Gate:
-    def __init__(self, store, info: DistInfo, timeout_s: float):
-        self.store, self.info, self.timeout_s = store, info, timeout_s
-        self.hosts: dict[int, str] = {}
+    def __init__(self, info: DistInfo, timeout_s: float):
+        self.info, self.timeout_s = info, timeout_s
+        self.hosts: dict[int, str] = dict(enumerate(rendezvous.rank_hosts()))  # from the roll call
 
     def meet(self, phase: str, result=None, error: str | None = None, wait_s: float | None = None) -> dict[int, dict]:
         """Every rank's payload for `phase`; raises CheckFailed naming the ranks that failed and
         the ranks that did not answer within `wait_s` (default: the gate's timeout)."""
-        mine = {"error": error, "result": result}
-        if self.store is None:
-            payloads = {0: mine}
-        else:
-            try:
-                self.store.set(f"{phase}/{self.info.rank}", json.dumps(mine, default=str))
-                payloads = self._collect(phase, self.timeout_s if wait_s is None else wait_s)
-            except RuntimeError as e:  # DistNetworkError: the store's host (rank 0 under srun) is gone
-                raise CheckFailed(phase, {0: f"the rendezvous store closed ({str(e).splitlines()[0][:120]})"},
-                                  self.hosts) from None
+        try:
+            payloads = rendezvous.gather(phase, {"error": error, "result": result},
+                                         self.timeout_s if wait_s is None else wait_s)
+        except RuntimeError as e:  # DistNetworkError: the store's host (rank 0 under srun) is gone
+            raise CheckFailed(phase, {0: f"the rendezvous store closed ({str(e).splitlines()[0][:120]})"},
+                              self.hosts) from None
         failures = {r: (p["error"] if p is not None else None) for r, p in payloads.items()
                     if p is None or p["error"] is not None}
         if failures:
@@ -93,53 +89,10 @@ class Gate:
     def finish(self, wait_s: float) -> None:
         """Leave: rank 0, which hosts the store under plain srun, waits (up to `wait_s`) until
         every other rank has said it is done reading, so none of them loses the store mid-read."""
-        if self.store is None:
-            return
         try:
-            self.store.set(f"end/{self.info.rank}", json.dumps({"error": None, "result": None}))
-            if self.info.rank == 0:
-                self._collect("end", wait_s)
+            rendezvous.gather("end", {"error": None, "result": None}, wait_s if self.info.rank == 0 else 0)
         except RuntimeError:
             pass  # the store is gone already: nothing left to wait for
-
-    def _collect(self, phase: str, wait_s: float) -> dict[int, dict | None]:
-        keys = {r: f"{phase}/{r}" for r in range(self.info.world_size)}
-        got: dict[int, dict | None] = {}
-        deadline = time.monotonic() + wait_s
-        while True:
-            for r, key in keys.items():
-                if r not in got and self.store.check([key]):
-                    got[r] = json.loads(self.store.get(key))
-            if len(got) == len(keys) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        return {r: got.get(r) for r in keys}
-
-
-def open_store(info: DistInfo, timeout_s: float):
-    """The rendezvous store at MASTER_ADDR:MASTER_PORT: torchrun's agent hosts it (its workers
-    are clients); under plain srun rank 0 hosts it. Unreachable: one line naming rank and host."""
-    for var in ("MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            raise UserError(f"{var} is not set for a {info.world_size}-rank check (rank {info.rank} on "
-                            f"{socket.gethostname()}); launch with torchrun or slurm/check.sbatch")
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    try:
-        socket.getaddrinfo(addr, port)
-    except (socket.gaierror, UnicodeError) as e:
-        raise UserError(f"MASTER_ADDR={addr} does not resolve on {socket.gethostname()} (rank "
-                        f"{info.rank}): {e}; export the first node's address (slurm/torchrun.sh "
-                        "takes it from scontrol show node)") from None
-    try:
-        store = dist.TCPStore(addr, port, info.world_size, is_master=info.rank == 0 and not agent,
-                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"rank {info.rank} on {socket.gethostname()} cannot reach the rendezvous at "
-                        f"MASTER_ADDR={addr}:{port} ({str(e).splitlines()[0][:200]}); check that the "
-                        "address resolves and is reachable from every node") from None
-    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "local"))
-    return dist.PrefixStore(f"nanochat-check/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,17 +189,17 @@ def predict(recipe, steps: dict[int, dict], busbw: dict, world: int, overlap: fl
 
 def run_check(recipe, opts, out_path: Path) -> dict:
     info = dist_info_from_env()
-    store = open_store(info, opts.timeout) if info.is_distributed else None
-    gate = Gate(store, info, opts.timeout)
+    if info.is_distributed:
+        rendezvous.check_master_addr(info.rank)  # one line, before any report is written
+    gate = None
     report = {"recipe": opts.recipe, "overrides": opts.overrides, "started": now_iso(),
               "world_size": info.world_size, "status": "running"}
     rt = None
     try:
-        if store is not None:
-            store.set(f"host/{info.rank}", socket.gethostname())
-            gate.hosts = {r: store.get(f"host/{r}").decode() for r in range(info.world_size)
-                          if store.check([f"host/{r}"])}
-        rt = _runtime(recipe, info, store, opts.timeout)
+        # the rendezvous (roll call, process group: NCCL on CUDA, gloo on CPU) with the check's
+        # timeout for the store's waits and the collectives alike
+        rt = setup_runtime(recipe.train, timeout_min=opts.timeout / 60)
+        gate = Gate(info, opts.timeout)
         fail = lambda phase: _maybe_fail(opts, info, phase)  # noqa: E731
         infos = gate.meet("info", *_attempt(lambda: (fail("info"), rank_info(rt, info))[1]))
         report["ranks"] = [infos[r]["result"] for r in sorted(infos)]
@@ -276,24 +229,13 @@ def run_check(recipe, opts, out_path: Path) -> dict:
         report["finished"] = now_iso()
         if info.rank == 0:
             atomic_write_json(out_path, report)
-        gate.finish(min(60.0, opts.timeout))
-        if rt is not None and info.is_distributed and dist.is_initialized() and report["status"] == "ok":
-            dist.destroy_process_group()
+        if gate is not None:
+            gate.finish(min(60.0, opts.timeout))
+        if rt is not None and report["status"] == "ok":
+            teardown_runtime(rt)  # a failed collective could hold the group's destruction
+        else:
+            rendezvous.leave()
     return report
-
-
-def _runtime(recipe, info: DistInfo, store, timeout_s: float):
-    """The device and, for several ranks, the process group on the check's store with the
-    check's timeout (NCCL on CUDA, gloo on CPU); then setup_runtime's device settings."""
-    if info.is_distributed and not dist.is_initialized():
-        cuda = pick_device(recipe.train.device) == "cuda"
-        device = torch.device(f"cuda:{info.local_rank}") if cuda else None
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("pg", store),
-                                rank=info.rank, world_size=info.world_size, device_id=device,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return setup_runtime(recipe.train)
 
 
 def _attempt(fn) -> tuple:

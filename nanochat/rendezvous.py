@@ -16,8 +16,10 @@ process group was created from (MASTER_ADDR:MASTER_PORT), with their own long ti
   store and kills the surviving ranks itself.
 
 `join` does the rendezvous (the store, a roll call that checks every rank's world size and
-names hosts, then the process group on the same store); `barrier`, `share` and `rank_hosts` use
-the store of the current run. Without a run (one process) they are no-ops.
+names hosts, then the process group on the same store); `barrier`, `share`, `gather` and
+`rank_hosts` use the store of the current run. Without a run (one process) they are no-ops.
+This is the one place that creates stores and process groups (the cluster check,
+nanochat/check.py, meets its ranks with `gather`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import json
 import os
 import pickle
 import socket
+import time
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -43,6 +46,7 @@ class _Run:
     host: str
     hosts: list[str] = field(default_factory=list)  # rank → host, from the roll call
     seq: int = 0                # waits so far; every rank waits in the same order
+    gathered: set[str] = field(default_factory=set)  # names `gather` has used
 
 
 _RUN: _Run | None = None
@@ -67,11 +71,13 @@ def check_master_addr(rank: int, env=None) -> tuple[str, int]:
                         "node's address) and MASTER_PORT")
     try:
         port_n = int(port)
+        if not 0 < port_n < 2**16:
+            raise ValueError(port)
     except ValueError:
         raise UserError(f"rank {rank} on {_host()}: MASTER_PORT={port!r} is not a port number") from None
     try:
         socket.getaddrinfo(addr, port_n)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:  # gaierror; UnicodeError: a label IDNA rejects
         raise UserError(f"rank {rank} on {_host()}: MASTER_ADDR={addr!r} does not resolve ({e}); "
                         "export the first node's address (slurm/env.sh takes it from scontrol)") from None
     return addr, port_n
@@ -176,3 +182,29 @@ def share(obj, what: str, src: int = 0, timeout_s: float = LONG_WAIT_S):
         return obj
     _wait(run, key, what, timeout_s)
     return pickle.loads(run.store.get(key))
+
+
+def gather(what: str, obj, timeout_s: float) -> dict[int, object]:
+    """Every rank's `obj` (not None) under the name `what`, used once per run: this rank posts
+    its own, then polls the store up to `timeout_s` for the others' — no collective and no
+    order, so a rank that failed or died cannot hang the others, and ranks that part ways
+    (one gave up on a gather another finished) never read each other's keys. Returns
+    {rank: obj, or None for a rank that had not posted in time}; {0: obj} in one process.
+    A lost store (its host died) raises the store's RuntimeError: the caller names it."""
+    run = _RUN
+    if run is None:
+        return {0: obj}
+    assert what not in run.gathered, f"gather {what!r} twice in one run"
+    run.gathered.add(what)
+    keys = {r: f"gather/{what}/{r}" for r in range(run.world_size)}
+    run.store.set(keys[run.rank], pickle.dumps(obj))
+    got: dict[int, object] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for r, key in keys.items():
+            if r not in got and run.store.check([key]):
+                got[r] = pickle.loads(run.store.get(key))
+        if len(got) == len(keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return {r: got.get(r) for r in keys}

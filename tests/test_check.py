@@ -165,7 +165,7 @@ def test_an_unresolvable_master_addr_is_one_line():
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "MASTER_ADDR=no-such-host.invalid does not resolve" in lines[0] and "rank 1" in lines[0]
+    assert len(lines) == 1 and "MASTER_ADDR='no-such-host.invalid' does not resolve" in lines[0] and "rank 1" in lines[0]
 
 
 # --------------------------------------------------------------------------------------------
