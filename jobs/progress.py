@@ -195,13 +195,34 @@ def discover_summary(task_dir: str | Path) -> str:
     return "; ".join(parts)
 
 
+def check_summary(task_dir: str | Path) -> str:
+    """A check task's verdict from its check.json: ok, 2 ranks on 2 hosts, busbw 0.435 GB/s
+    inter-node, step MFU 5.5% (slowest rank), predicted scaling efficiency 0.999 — or the failure
+    naming the rank and host."""
+    try:
+        res = json.loads((Path(task_dir) / "check.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return ""
+    if res.get("status") != "ok":
+        return f"check {res.get('status', '?')}: {res.get('error', '')}"[:200]
+    ranks = res.get("ranks") or []
+    parts = [f"ok, {len(ranks)} rank(s) on {len({r.get('host') for r in ranks})} host(s)"]
+    pred = res.get("prediction") or {}
+    if pred.get("busbw_scope"):
+        parts.append(f"busbw {pred['busbw_gbps']:.3f} GB/s {pred['busbw_scope']}")
+    mfus = [s["mfu_percent"] for s in (res.get("step") or {}).values() if "mfu_percent" in s]
+    if mfus:
+        parts.append(f"step MFU {min(mfus):.1f}% (slowest rank)")
+    if "efficiency" in pred:
+        parts.append(f"predicted scaling efficiency {pred['efficiency']:.3f}")
+    return ", ".join(parts)
+
+
 def result_summary(stage: str, task_dir: str | Path) -> str:
-    """What a finished task without a training log produced: eval scores, discovery's answers."""
-    if stage == "eval":
-        return eval_summary(task_dir)
-    if stage == "discover":
-        return discover_summary(task_dir)
-    return ""
+    """What a finished task without a training log produced: eval scores, discovery's answers,
+    the cluster check's verdict."""
+    summaries = {"eval": eval_summary, "discover": discover_summary, "check": check_summary}
+    return summaries[stage](task_dir) if stage in summaries else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +315,7 @@ class LiveDisplay:
         last step, loss, val and tok/s (its live line is gone on a terminal, and in a log may be
         some steps behind), an eval task's scores."""
         self.shown.pop((task.stage, task.index), None)
-        if task.stage in ("eval", "discover"):
+        if task.stage in ("eval", "discover", "check"):
             said = result_summary(task.stage, task.task_dir)
         else:
             p = read_progress(task.task_dir) if task.stage in PROGRESS_STAGES else None

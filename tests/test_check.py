@@ -289,6 +289,7 @@ def test_the_launchers_check_stage_runs_on_the_two_node_allocation(tmp_path, tin
     report = json.loads((run / "check" / "check.json").read_text())
     assert len({r["host"] for r in report["ranks"]}) == 2 and report["status"] == "ok"
     assert all(r["omp_num_threads"] == "1" for r in report["ranks"]), "the task's one CPU"
+    assert rows[0]["progress"].startswith("ok, 2 rank(s) on 2 host(s), busbw "), "status says the verdict"
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +313,7 @@ def test_the_check_stage_task_writes_check_json(tmp_path, tiny_recipe):
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     report = json.loads((tmp_path / "runs" / "c" / "check" / "check.json").read_text())
     assert report["status"] == "ok" and report["prediction"]["efficiency"] == 1.0
+    assert "ok, 1 rank(s) on 1 host(s)" in res.stdout, "the local executor's end line says the verdict"
 
 
 @pytest.mark.cuda
