@@ -349,3 +349,63 @@ def test_two_gloo_ranks_train_and_resume_exactly_with_every_switch(tiny_recipe, 
     wa = ckpt.load_model_state(ckpt.latest_checkpoint(straight))
     wb = ckpt.load_model_state(ckpt.latest_checkpoint(split))
     assert "smear_lambda" in wa and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------- two ranks == one
+
+EQ_STEPS, EQ_ROWS = 3, 4  # optimizer steps; rows per rank (one process: two micro-steps of these)
+EQ_OPTIM = dict(variance_reduction=True, muon_weight_decay=0.1, muon_plus=True, row_equilibrate=True)
+
+
+def _train_switched(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Every switch on, the new optimizer options on; the global batch of 2·EQ_ROWS rows per step
+    split over the ranks (world 2: DDP, overlapped, one micro-step each) or over two
+    micro-steps (world 1). The weights after EQ_STEPS steps."""
+    from nanochat.config import TrainArgs
+    from nanochat.grad_sync import finish_step_sync, micro_step_context, training_model
+    from nanochat.optim import optimizer_step
+    from nanochat.runtime import runtime
+    with runtime(TrainArgs(device="cpu")) as rt:
+        model = model_with(**ALL_ON).train()
+        opts = build_optimizers(model.param_groups(), OptimArgs(**EQ_OPTIM), model.config.n_embd,
+                                all_params=model.parameters())
+        step_model = training_model(model, rt, TrainArgs(device="cpu"))
+        gen = torch.Generator().manual_seed(7)
+        data = torch.randint(0, 300, (EQ_STEPS, 2 * EQ_ROWS, SEQ + 1), generator=gen)
+        accum = 2 // world
+        for step in range(EQ_STEPS):
+            rows = data[step].split(EQ_ROWS)
+            mine = [rows[rank]] if world == 2 else list(rows)
+            for i, x in enumerate(mine):
+                with micro_step_context(step_model, communicate=i == accum - 1):
+                    (step_model(x[:, :-1], x[:, 1:]) / accum).backward()
+            finish_step_sync(step_model, list(model.parameters()), rt, overlapped=True)
+            optimizer_step(list(model.parameters()), opts, grad_clip=0.0)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _switched_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.save(_train_switched(rank, 2), f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_gloo_ranks_equal_one_rank_with_every_switch_and_optimizer_option(tmp_path):
+    """The same global batch on two gloo ranks (DDP, gradients averaged during backward) and on
+    one process (two accumulation micro-steps) ends at the same weights, every switch on."""
+    import torch.multiprocessing as mp
+    from test_train import _free_port
+    mp.start_processes(_switched_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.set_num_threads(1)
+    single = _train_switched(0, 1)
+    start = model_with(**ALL_ON).state_dict()
+    assert set(r0) == set(single) and {"smear_lambda", "backout_lambda"} <= set(single)
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between the ranks"
+        torch.testing.assert_close(r0[k], single[k], rtol=0, atol=2e-5, msg=f"{k}: two ranks vs one")
+    moved = [k for k in single if not torch.equal(single[k], start[k])]
+    assert len(moved) > len(single) // 2, "training moved the weights"
