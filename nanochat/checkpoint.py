@@ -135,17 +135,19 @@ def load_model_state(ckpt: Path) -> dict:
 
 def saved_model_config(ckpt: Path, saved: dict | None, current: dict) -> dict | None:
     """The model config a checkpoint was written with, the fields it lacks (it predates them)
-    at their defaults, which are off: to compare with this run's `current` on resume. A field
+    at their defaults, which are off, and the compute-only fields (gpt.COMPUTE_ONLY) at this
+    run's values: to compare with this run's `current` on resume. A field
     this run sets away from its default that the checkpoint lacks is an error of its own — the
     run was started without that switch, and resuming must not initialise its weights anew."""
     if saved is None:
         return None
-    from nanochat.gpt import GPTConfig  # torch-heavy; checkpoint readers without it stay light
+    from nanochat.gpt import COMPUTE_ONLY, GPTConfig  # torch-heavy: imported only here
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)
                 if f.default is not dataclasses.MISSING}
-    filled = dict(saved)
+    # how the loss is chunked changes no weight: this run's setting, whatever the checkpoint's
+    filled = {**saved, **{k: current[k] for k in COMPUTE_ONLY if k in current}}
     for key, value in current.items():
-        if key in saved or key not in defaults:
+        if key in filled or key not in defaults:
             continue
         if value != defaults[key]:
             raise UserError(f"checkpoint {ckpt}: the run was started without model.{key} (its "

@@ -75,6 +75,8 @@ class GPTConfig:
 # the architecture switches a recipe's model section hands to GPTConfig as they are
 ARCH_SWITCHES = ("value_embeds", "window_pattern", "smear", "backout", "residual_scalars",
                  "qk_gain", "rotary_base")
+# Fields that change how the model computes, not what it is: a resume may change them.
+COMPUTE_ONLY = ("loss_chunk_rows",)
 VE_GATE_CHANNELS = 12     # value-embedding gate input: the first 12 channels (upstream)
 SMEAR_GATE_CHANNELS = 24  # smear gate input: the first 24 channels (upstream)
 

@@ -324,6 +324,9 @@ def test_resuming_refuses_a_switch_the_checkpoint_lacks(tiny_recipe):
         train_base(smear)
     assert "the run was started without model.smear" in str(e.value) and "\n" not in str(e.value)
     assert train_base(base)["step"] == 2  # switches off: it resumes
+    chunked = recipe_from_dict({**tiny_recipe, "model": {**tiny_recipe["model"], "loss_chunk_rows": 5},
+                                "train": {**tiny_recipe["train"], "num_iterations": 2}})
+    assert train_base(chunked)["step"] == 2, "how the loss is chunked is no reason to refuse a resume"
 
 
 # ---------------------------------------------------------------- training with every switch
