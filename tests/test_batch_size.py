@@ -312,7 +312,11 @@ def test_a_compiled_recipe_probes_eagerly_and_compiles_once_to_confirm(tmp_path)
     compiled = discover(recipe(True, "compiled"))
     confirmations = compiled.record["compiled_confirmation"]
     assert [c["batch"] for c in confirmations] == [compiled.batch_size] and confirmations[0]["fits"]
-    assert compiled.probes_run == eager.probes_run + 1, "one compiled probe on top of the eager search"
+    # one compiled probe on top of its eager search (how many eager probes a search needs depends
+    # on measured peaks, which vary with the machine's load: compare with its own record)
+    assert compiled.probes_run == len(compiled.record["probes"]) + 1, \
+        "one compiled probe on top of the eager search"
+    assert eager.probes_run == len(eager.record["probes"])
     assert compiled.record["method"] == f"eager probes, compiled confirmation at {compiled.batch_size}"
     assert eager.record["method"] == "probes" and eager.record["compiled_confirmation"] is None
     assert compiled.batch_size == eager.batch_size
