@@ -1,11 +1,14 @@
 """Benchmarks: commands that print their method, device, versions, median and min/max."""
 from __future__ import annotations
 
+import json
 import platform
 import time
 from typing import Callable
 
 import torch
+
+from nanochat.common import atomic_write_json
 
 
 def environment(device: torch.device, dtype: torch.dtype, cpu_name: str | None = None) -> dict:
@@ -34,3 +37,10 @@ def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], warmup:
         sync()
         times.append((time.perf_counter() - t0) / calls)
     return times
+
+
+def emit(report: dict, json_path=None) -> None:
+    """Print a benchmark's report (JSON); with `--json PATH` also write it there, atomically."""
+    print(json.dumps(report, indent=2))
+    if json_path:
+        atomic_write_json(json_path, report)

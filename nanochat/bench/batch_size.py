@@ -17,15 +17,14 @@ and its load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
 
-from nanochat.bench import environment
+from nanochat.bench import emit, environment
 from nanochat.batch_size import discover, resolve_target
 from nanochat.bench.train import bench_training
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.common import UserError, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import setup_runtime
@@ -142,9 +141,7 @@ def main(argv: list[str]) -> int:
         "speedup_discovered_vs_fixed": round(runs["discovered"]["tok_per_s"]["median"]
                                              / runs["fixed"]["tok_per_s"]["median"], 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        atomic_write_json(args.json, report)
+    emit(report, args.json)
     return 0
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from nanochat.bench import environment
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.bench import emit, environment
+from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 
 
@@ -95,9 +95,7 @@ def main(argv: list[str]) -> int:
         "results": {k: {"median_s": round(statistics.median(v), 2), "min_s": round(min(v), 2),
                         "max_s": round(max(v), 2), "runs_s": [round(x, 2) for x in v]} for k, v in cases.items()},
     }
-    print(json.dumps(report, indent=2))
-    if opts.json:
-        atomic_write_json(opts.json, report)
+    emit(report, opts.json)
     return 0
 
 

@@ -18,14 +18,13 @@ runs: the reference); `--json PATH` also writes the report there.
 """
 from __future__ import annotations
 
-import json
 import statistics
 
 import torch
 
-from nanochat.bench import environment
+from nanochat.bench import emit, environment
 from nanochat.bench.kv_sweep import resolve_model, timed_run
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.common import UserError, cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import setup_runtime
@@ -108,9 +107,7 @@ def main(argv: list[str]) -> int:
                    "order": "every mode once per round, rotating", "sync": "device sync per run"},
         **environment(rt.device, rt.dtype),
         "results": results}
-    print(json.dumps(report, indent=2))
-    if opts.json:
-        atomic_write_json(opts.json, report)
+    emit(report, opts.json)
     return 0
 
 

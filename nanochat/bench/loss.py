@@ -19,15 +19,14 @@ Prints JSON (`--json PATH` also writes it). Not a test: figures depend on the ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import tempfile
 
 import torch
 
 from nanochat.batch_size import discover, probe_spec
-from nanochat.bench import environment, seconds_per_call
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.bench import emit, environment, seconds_per_call
+from nanochat.common import UserError, cli_main
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.memory_probe import ProbeServer, run_probe
 from nanochat.recipe import load_recipe, recipe_argparser
@@ -144,9 +143,7 @@ def main(argv: list[str]) -> int:
                                               / speed["unchunked"]["tok_per_s"]["median"], 3),
         "discovery": found,
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        atomic_write_json(args.json, report)
+    emit(report, args.json)
     return 0
 
 

@@ -17,13 +17,12 @@ with the device and software versions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 
 import torch
 
-from nanochat.bench import environment, seconds_per_call
-from nanochat.common import atomic_write_json, cli_main
+from nanochat.bench import emit, environment, seconds_per_call
+from nanochat.common import cli_main
 from nanochat.config import OptimArgs
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
@@ -88,9 +87,7 @@ def main(argv: list[str]) -> int:
         **environment(rt.device, rt.dtype),
         "results": results,
     }
-    print(json.dumps(report, indent=2))
-    if opts.json:
-        atomic_write_json(opts.json, report)
+    emit(report, opts.json)
     return 0
 
 

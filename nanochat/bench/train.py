@@ -17,15 +17,14 @@ windows), FLOPs per token, MFU against a peak measured on this device with a lar
 from __future__ import annotations
 
 import itertools
-import json
 import resource
 import statistics
 import time
 
 import torch
 
-from nanochat.bench import environment
-from nanochat.common import UserError, atomic_write_json, cli_main
+from nanochat.bench import emit, environment
+from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
@@ -153,9 +152,7 @@ def main(argv: list[str]) -> int:
     }
     if rt.device.type != "cuda":
         report["peak_rss_gb"] = round(peak_rss, 3)
-    print(json.dumps(report, indent=2))
-    if opts.json:
-        atomic_write_json(opts.json, report)
+    emit(report, opts.json)
     return 0
 
 
