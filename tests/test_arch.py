@@ -365,26 +365,33 @@ def _train_switched(rank: int, world: int) -> dict[str, torch.Tensor]:
     split over the ranks (world 2: DDP, overlapped, one micro-step each) or over two
     micro-steps (world 1). The weights after EQ_STEPS steps."""
     from nanochat.config import TrainArgs
-    from nanochat.grad_sync import finish_step_sync, micro_step_context, training_model
-    from nanochat.optim import optimizer_step
     from nanochat.runtime import runtime
     with runtime(TrainArgs(device="cpu")) as rt:
-        model = model_with(**ALL_ON).train()
-        opts = build_optimizers(model.param_groups(), OptimArgs(**EQ_OPTIM), model.config.n_embd,
-                                all_params=model.parameters())
-        step_model = training_model(model, rt, TrainArgs(device="cpu"))
-        gen = torch.Generator().manual_seed(7)
-        data = torch.randint(0, 300, (EQ_STEPS, 2 * EQ_ROWS, SEQ + 1), generator=gen)
-        accum = 2 // world
-        for step in range(EQ_STEPS):
-            rows = data[step].split(EQ_ROWS)
-            mine = [rows[rank]] if world == 2 else list(rows)
-            for i, x in enumerate(mine):
-                with micro_step_context(step_model, communicate=i == accum - 1):
-                    (step_model(x[:, :-1], x[:, 1:]) / accum).backward()
-            finish_step_sync(step_model, list(model.parameters()), rt, overlapped=True)
-            optimizer_step(list(model.parameters()), opts, grad_clip=0.0)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # the DDP wrapper dies with _steps_switched's frame, before the process group is
+        # destroyed (a reducer outliving its group can block in its destructor)
+        return _steps_switched(rt, rank, world)
+
+
+def _steps_switched(rt, rank: int, world: int) -> dict[str, torch.Tensor]:
+    from nanochat.config import TrainArgs
+    from nanochat.grad_sync import finish_step_sync, micro_step_context, training_model
+    from nanochat.optim import optimizer_step
+    model = model_with(**ALL_ON).train()
+    opts = build_optimizers(model.param_groups(), OptimArgs(**EQ_OPTIM), model.config.n_embd,
+                            all_params=model.parameters())
+    step_model = training_model(model, rt, TrainArgs(device="cpu"))
+    gen = torch.Generator().manual_seed(7)
+    data = torch.randint(0, 300, (EQ_STEPS, 2 * EQ_ROWS, SEQ + 1), generator=gen)
+    accum = 2 // world
+    for step in range(EQ_STEPS):
+        rows = data[step].split(EQ_ROWS)
+        mine = [rows[rank]] if world == 2 else list(rows)
+        for i, x in enumerate(mine):
+            with micro_step_context(step_model, communicate=i == accum - 1):
+                (step_model(x[:, :-1], x[:, 1:]) / accum).backward()
+        finish_step_sync(step_model, list(model.parameters()), rt, overlapped=True)
+        optimizer_step(list(model.parameters()), opts, grad_clip=0.0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _switched_worker(rank: int, port: int, out_dir: str) -> None:
@@ -400,8 +407,16 @@ def test_two_gloo_ranks_equal_one_rank_with_every_switch_and_optimizer_option(tm
     one process (two accumulation micro-steps) ends at the same weights, every switch on."""
     import torch.multiprocessing as mp
     from test_train import _free_port
-    mp.start_processes(_switched_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_switched_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=240)  # a hang fails the test instead of stalling the suite
+    codes = [proc.exitcode for proc in procs]
+    for proc in procs:
+        proc.kill()
+    assert codes == [0, 0], codes
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     torch.set_num_threads(1)
     single = _train_switched(0, 1)
