@@ -309,11 +309,9 @@ def test_a_checkpoint_older_than_the_switches_still_loads(tmp_path):
 def test_resuming_refuses_a_switch_the_checkpoint_lacks(tiny_recipe):
     """A checkpoint written before the switches existed resumes with them off; with one on,
     resuming fails in one line instead of initialising its weights anew."""
-    def stop_after_one():
-        stop_after_one.n = getattr(stop_after_one, "n", 0) + 1
-        return stop_after_one.n > 1
+    from test_train import stop_after
     base = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "num_iterations": 2}})
-    train_base(base, stop_requested=stop_after_one)
+    train_base(base, stop_requested=stop_after(1))
     assert json.loads((base.out_dir / "run.json").read_text())["attention"] == "sdpa"  # CPU
     meta_path = ckpt.latest_checkpoint(base.out_dir) / "meta.json"
     meta = json.loads(meta_path.read_text())

@@ -26,7 +26,8 @@ from nanochat.optim import (
 )
 from nanochat.recipe import recipe_from_dict
 from nanochat.train import train_base, wd_reference_tokens
-from nanochat.trainer import LoopSpec, apply_schedule, read_progress
+from nanochat.trainer import LoopSpec, apply_schedule
+from test_train import losses, stop_after  # the suite's one stop-after-N helper
 
 B_1M = 1_048_576
 
@@ -348,19 +349,6 @@ def test_a_checkpoint_from_before_the_new_options_loads_with_them_off():
 
 # --- end to end: a real GPT with every option, stopped and resumed ----------------------------
 
-def _stop_after(n):
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] > n
-    return stop
-
-
-def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_progress(run_dir / "progress.jsonl") if r["event"] == "train"}
-
-
 def _all_on(tiny_recipe, path) -> Recipe:
     # D_ref = twice this run's 6 × 512 tokens (upstream's d12 horizon would make the decay ≥ 1)
     optim = {"variance_reduction": True, "muon_weight_decay": 0.28, "lr_batch_scaling": True,
@@ -375,9 +363,9 @@ def test_training_with_every_new_option_resumes_bit_exactly(tiny_recipe, tmp_pat
     straight = _all_on(tiny_recipe, tmp_path / "straight")
     train_base(straight)
     split = _all_on(tiny_recipe, tmp_path / "split")
-    assert train_base(split, stop_requested=_stop_after(3)).get("stopped")
+    assert train_base(split, stop_requested=stop_after(3)).get("stopped")
     train_base(split)
-    a, b = _losses(straight.out_dir), _losses(split.out_dir)
+    a, b = losses(straight.out_dir), losses(split.out_dir)
     assert list(a) == list(range(6)) and a == b, "losses after resume must match bit for bit"
     wa = ckpt.load_model_state(ckpt.latest_checkpoint(straight.out_dir))
     wb = ckpt.load_model_state(ckpt.latest_checkpoint(split.out_dir))
@@ -407,7 +395,7 @@ def _rank_worker(rank: int, world: int, port: int, recipe: Recipe, stop_at: int 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train_base(recipe, stop_requested=_stop_after(stop_at) if stop_at else (lambda: False))
+    train_base(recipe, stop_requested=stop_after(stop_at) if stop_at else (lambda: False))
 
 
 def _two_ranks(recipe: Recipe, stop_at: int | None = None) -> None:
@@ -432,7 +420,7 @@ def test_two_gloo_ranks_with_every_new_option_resume_exactly_and_save_complete_s
     _two_ranks(split, stop_at=3)
     assert ckpt.latest_checkpoint(split.out_dir).name == "step_000003"
     _two_ranks(split)
-    a, b = _losses(straight.out_dir), _losses(split.out_dir)
+    a, b = losses(straight.out_dir), losses(split.out_dir)
     assert list(a) == list(range(6)) and a == b
     last = ckpt.latest_checkpoint(split.out_dir)
     wa = ckpt.load_model_state(ckpt.latest_checkpoint(straight.out_dir))
