@@ -14,6 +14,7 @@ rules are decided once:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True,
 
 def teardown_runtime(rt: Runtime) -> None:
     if rt.dist.is_distributed and torch.distributed.is_initialized():
+        # A compiled DDP wrapper sits in reference cycles: collect it now, while its process
+        # group lives — a reducer that outlives its group can block in its destructor at exit.
+        gc.collect()
         torch.distributed.destroy_process_group()
     rendezvous.leave()
 

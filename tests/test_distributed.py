@@ -3,6 +3,8 @@
 collective timeout still trains and agrees; local rank 0's slow preparation and rank 0's
 discovery answer wait in the store, not in a collective; a dead rank, an unresolvable
 MASTER_ADDR and mismatched world sizes are one line naming rank and host, never a hang."""
+import faulthandler
+import gc
 import json
 import os
 import socket
@@ -47,12 +49,15 @@ def _spawn(target, args_for_rank, world=2, timeout=240):
 
 
 def _join(rank, port, world=2, timeout_min=SHORT_TIMEOUT_MIN):
+    # a worker still alive near _spawn's timeout prints where it is (stderr, in the test's log)
+    faulthandler.dump_traceback_later(200, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     rendezvous.join(rank, world, "gloo", timeout_min)
 
 
 def _leave():
+    gc.collect()  # a DDP reducer in a reference cycle (compiled) dies here, while its group lives
     torch.distributed.destroy_process_group()
     rendezvous.leave()
 
@@ -103,7 +108,9 @@ def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
     torch.save({k: v.clone() for k, v in model.state_dict().items()},
                os.path.join(out_dir, f"w{rank}_{int(overlap)}.pt"))
     _write(out_dir, rank, {"ddp": type(getattr(step_model, "_orig_mod", step_model)).__name__})
+    del step_model  # the DDP wrapper ends before its process group (it hung at exit in CI)
     _leave()
+    os._exit(0)  # results are on disk; don't wait on the compile workers' or reducer's teardown
 
 
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
