@@ -23,7 +23,7 @@ import torch
 
 from nanochat import rendezvous
 from nanochat.common import UserError
-from nanochat.config import ClusterArgs, TrainArgs
+from nanochat.config import ClusterArgs, Recipe, TrainArgs
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,12 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True,
                         device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     return Runtime(info, device, compute_dtype(device, args.dtype))
+
+
+def recipe_runtime(recipe: Recipe, tune_allocator: bool = True) -> Runtime:
+    """setup_runtime for a recipe's stage or benchmark: its train section and its
+    cluster.collective_timeout_min (under torchrun/srun a bench is distributed like training)."""
+    return setup_runtime(recipe.train, tune_allocator, recipe.cluster.collective_timeout_min)
 
 
 def teardown_runtime(rt: Runtime) -> None:

@@ -121,11 +121,11 @@ def interleaved_speed(recipe_path: str, overrides: list[str], runs: dict[str, di
     import torch
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.optim import build_optimizers, optimizer_step
-    from nanochat.runtime import setup_runtime
+    from nanochat.runtime import recipe_runtime
     built = {}
     for name, switch in runs.items():
         r = load_recipe(recipe_path, list(overrides) + [f"{k}={v}" for k, v in switch.items()])
-        rt = setup_runtime(r.train)
+        rt = recipe_runtime(r)
         torch.manual_seed(r.train.seed)
         config = GPTConfig.from_args(r.model, r.model.vocab_size or r.tokenizer.vocab_size)
         model = build_model(config, rt.device).train()

@@ -27,7 +27,7 @@ from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 
 
 def _stats(xs: list[float], nd: int = 1) -> dict:
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     fixed = args.fixed if args.fixed is not None else recipe.train.device_batch_size
     if fixed == "auto":
         raise UserError("the recipe's train.device_batch_size is auto; pass --fixed N to compare with")
-    rt = setup_runtime(recipe.train)  # the allocator and device training uses
+    rt = recipe_runtime(recipe)  # the allocator and device training uses
     with tempfile.TemporaryDirectory(prefix="bs_bench_") as tmp:
         recipe = dataclasses.replace(recipe, discovery=dataclasses.replace(recipe.discovery,
                                                                            cache_dir=tmp))

@@ -38,7 +38,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.grad_sync import finish_step_sync, micro_step_context, training_model
 from nanochat.optim import allreduce_gradients, build_optimizers, optimizer_step
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import Runtime, setup_runtime, teardown_runtime
+from nanochat.runtime import Runtime, recipe_runtime, teardown_runtime
 
 
 def _micro(step_model, batches, rt: Runtime, accum: int, communicate_last: bool) -> None:
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     if args.submit:
         return submit([a for a in argv if a != "--submit"])
     recipe = load_recipe(args.recipe, args.overrides)
-    rt = setup_runtime(recipe.train, timeout_min=recipe.cluster.collective_timeout_min)
+    rt = recipe_runtime(recipe)
     try:
         if not rt.dist.is_distributed:
             raise UserError("bench.comm needs 2+ ranks: run it under torchrun or srun "

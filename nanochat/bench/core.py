@@ -36,7 +36,7 @@ from nanochat.dataset import tokenizer_key
 from nanochat.engine import build_inference_model
 from nanochat.gpt import GPTConfig
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CATEGORY = {"multiple_choice": "language_understanding", "schema": "commonsense_reasoning",
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
-    rt = setup_runtime(recipe.train)
+    rt = recipe_runtime(recipe)
     tok_dir = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
     if (tok_dir / TOKENIZER_FILE).is_file():
         tokenizer, tok_source = Tokenizer.load(tok_dir), f"the recipe's ({tok_dir})"

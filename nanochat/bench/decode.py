@@ -27,7 +27,7 @@ from nanochat.bench.kv_sweep import resolve_model, timed_run
 from nanochat.common import UserError, cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 
 
 def modes_for(device: torch.device) -> dict[str, dict]:
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
-    rt = setup_runtime(recipe.train)  # on CPU with the tuned allocator, as training
+    rt = recipe_runtime(recipe)  # on CPU with the tuned allocator, as training
     sw = recipe.sweep
     modes = modes_for(rt.device)
     if opts.modes:

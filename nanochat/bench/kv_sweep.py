@@ -54,7 +54,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory_probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
 from nanochat.plots import pyplot
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import Runtime, measure_matmul_flops, setup_runtime, tune_cpu_allocator
+from nanochat.runtime import Runtime, measure_matmul_flops, recipe_runtime, tune_cpu_allocator
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 
 def sweep_for_recipe(recipe: Recipe, out_dir: Path | None = None, malloc: str = "tuned") -> dict:
     """Run the sweep the recipe describes; returns a short summary (the files hold the rest)."""
-    rt = setup_runtime(recipe.train, tune_allocator=False)
+    rt = recipe_runtime(recipe, tune_allocator=False)
     model, source = resolve_model(recipe, rt)
     check_lengths(recipe, model)
     # Measured before the allocator is tuned: tuned glibc would keep the copy's 512 MB resident

@@ -25,7 +25,7 @@ from nanochat.engine import build_inference_model
 from nanochat.decode import HEAD_LAYOUTS, DecodeStep, mkl_packed_available
 from nanochat.gpt import GPTConfig
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
-    rt = setup_runtime(recipe.train)
+    rt = recipe_runtime(recipe)
     config = GPTConfig.from_args(recipe.model, recipe.model.vocab_size or recipe.tokenizer.vocab_size)
     model = build_inference_model(config, rt.device, rt.dtype)
     layouts = [h for h in HEAD_LAYOUTS if h != "packed" or

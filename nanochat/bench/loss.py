@@ -30,7 +30,7 @@ from nanochat.common import UserError, cli_main
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.memory_probe import ProbeServer, run_probe
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 from nanochat.targets import resolve_target
 
 
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     batch = args.batch if args.batch is not None else recipe.train.device_batch_size
     if batch == "auto":
         raise UserError("train.device_batch_size is auto; pass --batch N for the tokens/s runs")
-    rt = setup_runtime(recipe.train)
+    rt = recipe_runtime(recipe)
     recipes = variants(recipe)
     speed = {name: fwd_bwd_tok_s(r, rt, batch, args.warmup, args.repeats) for name, r in recipes.items()}
     found = {} if args.no_discovery else {name: discovered(r) for name, r in recipes.items()}

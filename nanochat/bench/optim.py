@@ -27,7 +27,7 @@ from nanochat.config import OptimArgs
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 
 VARIANTS = {  # name: optim fields set over the recipe's
     "recipe": {},
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
-    rt = setup_runtime(recipe.train)
+    rt = recipe_runtime(recipe)
     vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_args(recipe.model, vocab), rt.device)

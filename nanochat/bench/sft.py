@@ -28,7 +28,7 @@ from nanochat.common import UserError, cli_main
 from nanochat.dataset import prepare_shards, prepare_tokenizer
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.sft_loader import MODES, SFTLoader, packing_stats, render_conversations
-from nanochat.runtime import setup_runtime
+from nanochat.runtime import recipe_runtime
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     B = recipe.sft.device_batch_size
     if B == "auto":
         raise UserError("bench.sft needs a fixed sft.device_batch_size (e.g. sft.device_batch_size=16)")
-    rt = setup_runtime(recipe.train)
+    rt = recipe_runtime(recipe)
     from nanochat.chat_data import load_sft_conversations
     train_paths, _ = prepare_shards(recipe, rt)
     tokenizer = prepare_tokenizer(recipe, train_paths, rt)

@@ -28,7 +28,7 @@ from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
-from nanochat.runtime import (Runtime, compile_count, measure_matmul_flops, peak_flops, setup_runtime,
+from nanochat.runtime import (Runtime, compile_count, measure_matmul_flops, peak_flops, recipe_runtime,
                               tune_cpu_allocator)
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     opts = ap.parse_intermixed_args(argv)
     path, overrides = opts.recipe, opts.overrides
     recipe = load_recipe(path, overrides)
-    rt = setup_runtime(recipe.train, tune_allocator=False)
+    rt = recipe_runtime(recipe, tune_allocator=False)
     compiles = {"both": [False, True], "on": [True], "off": [False]}[opts.compile]
     mallocs = [None] if rt.device.type != "cpu" else \
         {"both": ["default", "tuned"], "tuned": ["tuned"], "default": ["default"]}[opts.malloc]
