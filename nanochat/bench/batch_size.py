@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 
-from nanochat.bench import emit, environment
+from nanochat.bench import emit, environment, timing_args
 from nanochat.batch_size import discover, resolve_target
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
@@ -76,9 +76,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fixed", type=int, default=None,
                     help="the hand-set batch to compare with (default: the recipe's)")
     ap.add_argument("--hits", type=int, default=20, help="timed cache hits")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="also write the report to this file")
+    timing_args(ap, warmup=1, repeats=5)
     ap.add_argument("--peaks", default="", help="batch sizes (comma-separated) at which to measure "
                                                  "the eager vs the compiled step's peak memory")
     args = ap.parse_intermixed_args(argv)

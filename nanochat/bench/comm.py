@@ -21,7 +21,6 @@ median, min and max; CUDA synced around every timer.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 
 from nanochat import rendezvous
-from nanochat.bench import environment
-from nanochat.common import UserError, cli_main, print0
+from nanochat.bench import environment, timing_args
+from nanochat.common import UserError, atomic_write_json, cli_main, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.grad_sync import finish_step_sync, micro_step_context, training_model
 from nanochat.optim import allreduce_gradients, build_optimizers, optimizer_step
@@ -168,9 +167,7 @@ def main(argv: list[str]) -> int:
     # micro-step communicates anyway (the no_sync ones are covered by tests/test_distributed.py).
     ap.add_argument("--batch", type=int, default=1, help="rows per micro-step")
     ap.add_argument("--accum", type=int, default=1, help="micro-steps per step")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
+    timing_args(ap, warmup=2, repeats=7)
     ap.add_argument("--submit", action="store_true", help="run it as a 2-node SLURM job and wait")
     args = ap.parse_intermixed_args(argv)
     if args.submit:
@@ -188,7 +185,7 @@ def main(argv: list[str]) -> int:
                           "slowest rank per figure; median/min/max; CUDA synced around timers")
         _print_table(res)
         if args.json and rt.dist.is_master:
-            args.json.write_text(json.dumps(res, indent=1))
+            atomic_write_json(args.json, res)
     finally:
         teardown_runtime(rt)
     return 0

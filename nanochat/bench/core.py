@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 
-from nanochat.bench import environment
+from nanochat.bench import environment, timing_args
 from nanochat.common import cli_main
 from nanochat.core import (evaluate_core, example_sequences, fewshot_examples, load_bundle,
                            load_examples, render_prompts)
@@ -124,9 +124,7 @@ def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.core", __doc__.splitlines()[0])
     ap.add_argument("--bundle", help="an eval_bundle directory (default: a synthetic one)")
     ap.add_argument("--examples", type=int, default=16, help="examples per task (max_per_task)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="also write the report to this file")
+    timing_args(ap, warmup=1, repeats=3)
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     rt = recipe_runtime(recipe)

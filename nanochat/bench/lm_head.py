@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from nanochat.bench import environment, seconds_per_call
+from nanochat.bench import environment, seconds_per_call, timing_args
 from nanochat.common import cli_main
 from nanochat.engine import build_inference_model
 from nanochat.decode import HEAD_LAYOUTS, DecodeStep, mkl_packed_available
@@ -30,9 +30,8 @@ from nanochat.runtime import recipe_runtime
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.lm_head", __doc__.splitlines()[0])
-    ap.add_argument("--warmup", type=int, default=10)
+    timing_args(ap, warmup=10, repeats=5, json_file=False)
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     rt = recipe_runtime(recipe)

@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 from nanochat.batch_size import discover, probe_spec
-from nanochat.bench import emit, environment, seconds_per_call
+from nanochat.bench import emit, environment, seconds_per_call, timing_args
 from nanochat.common import UserError, cli_main
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.memory_probe import ProbeServer, run_probe
@@ -112,10 +112,8 @@ def main(argv: list[str]) -> int:
                                                              "(default: the recipe's)")
     ap.add_argument("--peaks", default="8,32", help="batch sizes (comma-separated) at which to "
                                                     "probe each variant's training-step peak")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    timing_args(ap, warmup=2, repeats=5)
     ap.add_argument("--no-discovery", action="store_true", help="skip the two discovery searches")
-    ap.add_argument("--json", help="also write the report to this file")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     batch = args.batch if args.batch is not None else recipe.train.device_batch_size

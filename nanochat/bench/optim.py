@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from nanochat.bench import emit, environment, seconds_per_call
+from nanochat.bench import emit, environment, seconds_per_call, timing_args
 from nanochat.common import cli_main
 from nanochat.config import OptimArgs
 from nanochat.gpt import GPTConfig, build_model
@@ -61,10 +61,8 @@ def bench_optimizers(model, variants: dict[str, OptimArgs], rt, warmup: int, ste
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.optim", __doc__.splitlines()[0])
-    ap.add_argument("--warmup", type=int, default=3)
+    timing_args(ap, warmup=3, repeats=5)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     rt = recipe_runtime(recipe)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 
-from nanochat.bench import environment
+from nanochat.bench import environment, timing_args
 from nanochat.bench.train import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.dataset import prepare_shards, prepare_tokenizer
@@ -35,9 +35,8 @@ def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.bench.sft", __doc__.splitlines()[0])
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    ap.add_argument("--warmup", type=int, default=3)
+    timing_args(ap, warmup=3, repeats=3, json_file=False)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
     opts = ap.parse_intermixed_args(argv)
     modes = opts.modes.split(",")
     bad = [m for m in modes if m not in MODES]

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nanochat.bench import emit, environment
+from nanochat.bench import emit, environment, timing_args
 from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
@@ -104,10 +104,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
     ap.add_argument("--malloc", choices=["both", "tuned", "default"], default="both",
                     help="CPU only: glibc allocator defaults vs tuned (see runtime.tune_cpu_allocator)")
-    ap.add_argument("--warmup", type=int, default=3)
+    timing_args(ap, warmup=3, repeats=5)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="also write the report to this file")
     opts = ap.parse_intermixed_args(argv)
     path, overrides = opts.recipe, opts.overrides
     recipe = load_recipe(path, overrides)
