@@ -109,8 +109,7 @@ def band_mask(T: int, window: int, device) -> torch.Tensor:
     return _BAND_MASKS[key]
 
 
-@torch.compiler.disable
-def block_mask(T: int, window: int, device):
+def _block_mask(T: int, window: int, device):
     """flex_attention's block mask for a (T, T) sliding window, made once per shape (outside the
     compiled graph: one cached object that every layer and step reuses)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -120,6 +119,12 @@ def block_mask(T: int, window: int, device):
             return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
         _BLOCK_MASKS[key] = create_block_mask(band, None, None, T, T, device=device)
     return _BLOCK_MASKS[key]
+
+
+# Outside the compiled graph where flex runs (CUDA). `torch.compiler.disable` imports dynamo,
+# ~1.2 s of every CPU process's start (each CLI call, job, probe, test worker) for a path CPU
+# never takes: attention_backend picks flex only on CUDA.
+block_mask = torch.compiler.disable(_block_mask) if torch.cuda.is_available() else _block_mask
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
