@@ -4,7 +4,6 @@ collective timeout still trains and agrees; local rank 0's slow preparation and 
 discovery answer wait in the store, not in a collective; a dead rank, an unresolvable
 MASTER_ADDR and mismatched world sizes are one line naming rank and host, never a hang."""
 import faulthandler
-import gc
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ from nanochat.grad_sync import finish_step_sync, injected_delay, training_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import OptimArgs, build_optimizers, optimizer_step
 from nanochat.recipe import recipe_from_dict
-from nanochat.runtime import DistInfo, Runtime
+from nanochat.runtime import DistInfo, Runtime, teardown_runtime
 from nanochat.trainer import _micro_steps
 
 SHORT_TIMEOUT_MIN = 3 / 60   # the collective timeout in these tests: 3 s
@@ -57,9 +56,8 @@ def _join(rank, port, world=2, timeout_min=SHORT_TIMEOUT_MIN):
 
 
 def _leave():
-    gc.collect()  # a DDP reducer in a reference cycle (compiled) dies here, while its group lives
-    torch.distributed.destroy_process_group()
-    rendezvous.leave()
+    """The product's teardown (DDP wrappers collected first, then the group, then the store)."""
+    teardown_runtime(Runtime(DistInfo(0, 0, 2), torch.device("cpu"), torch.float32))
 
 
 def _write(out_dir, rank, rec):
