@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from nanochat import rendezvous
+from nanochat.checkpoint import refuse_launcher_dir
 from nanochat.comm_bench import MB, measure_scopes, message_sizes, slowest_busbw
 from nanochat.common import UserError, atomic_write_json, cli_main, now_iso
 from nanochat.config import grad_accum_steps
@@ -307,6 +308,8 @@ def parse_options(argv: list[str]):
 def main(argv: list[str]) -> int:
     opts = parse_options(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
+    if not opts.out:  # an --out the user names is theirs to choose
+        refuse_launcher_dir(recipe.out_dir, "python -m nanochat.check")
     out = Path(opts.out) if opts.out else recipe.out_dir / "check.json"
     rank = dist_info_from_env().rank
     try:

@@ -8,6 +8,12 @@
 
 All files are written into `step_000100.tmp-<pid>` and the directory is renamed when complete, so
 a crash mid-save leaves no checkpoint that looks finished. Tensors load with weights_only=True.
+
+This module also says whose a run directory is: a standalone run (`python -m nanochat.train`
+writes checkpoints/, run.json, progress.jsonl at its top) or a run of the launcher (jobs/launch.py
+writes manifest.json there and its tasks write below it, e.g. base/000/). The two never share a
+directory (refuse_launcher_dir, standalone_run). Importing this module loads no torch: the
+launcher reads run directories on a login node; torch is imported by the functions that need it.
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
-
 from nanochat.common import UserError, atomic_write_json
-from nanochat.runtime import barrier
 
 CKPT_DIR = "checkpoints"
+# what jobs/launch.py writes at the top of its run directory (jobs/manifest.py imports this name)
+LAUNCHER_MANIFEST = "manifest.json"
+# what a standalone run writes at the top of its run directory (train.py, trainer.py)
+STANDALONE_FILES = ("run.json", "progress.jsonl")
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -44,7 +51,50 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the working directory when under it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) if path.is_absolute() else str(path)
+    except ValueError:
+        return str(path)
+
+
+def refuse_launcher_dir(run_dir: Path, command: str, hint: str = "") -> None:
+    """One line naming the launcher's commands when `run_dir` holds a run of jobs/launch.py: a
+    standalone `command` writing there would put its checkpoints, curves and recipe among the
+    launcher's (whose report would then show them). Call it before anything is written. The
+    launcher's own tasks never need it: they write into task directories below the manifest's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LAUNCHER_MANIFEST).exists():
+        return
+    shown, full = _shown(run_dir), run_dir.resolve()
+    other = _shown(full.with_name(full.name + "-standalone"))
+    raise UserError(f"{shown} holds a run of jobs/launch.py ({LAUNCHER_MANIFEST}); a standalone "
+                    f"`{command}` must not write into it: pass run_dir={other} "
+                    f"(or another directory{hint}), or follow that run with "
+                    f"`python jobs/status.py {shown}`")
+
+
+def standalone_run(run_dir: Path) -> str | None:
+    """What a standalone run left at the top of `run_dir` (e.g. "checkpoints/step_000400, run.json,
+    progress.jsonl"), or None when it holds none or is a launcher's run (manifest.json). The
+    launcher refuses such a directory: its report and status would read another run's files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / LAUNCHER_MANIFEST).exists():
+        return None
+    found = []
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        found.append(f"{CKPT_DIR}/{latest.name}")
+    elif (run_dir / CKPT_DIR).is_dir() and any((run_dir / CKPT_DIR).iterdir()):
+        found.append(f"{CKPT_DIR}/")  # only unfinished saves: still a run's directory
+    found += [name for name in STANDALONE_FILES if (run_dir / name).exists()]
+    return ", ".join(found) or None
+
+
 def rng_state() -> dict:
+    import torch
     state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -52,6 +102,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -59,10 +110,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers: list,
+def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimizers: list,
                     meta: dict, rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
     """Collective when world_size > 1: every rank writes its optimizer/RNG state, rank 0 the
     model and meta.json, then rank 0 commits the directory with a rename."""
+    import torch
+    from nanochat.runtime import barrier
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -86,6 +139,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers
 
 
 def _load(path: Path, what: str):
+    import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

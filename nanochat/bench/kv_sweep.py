@@ -430,6 +430,8 @@ def main(argv: list[str]) -> int:
     # `checkpoint=PATH` is short for sweep.checkpoint=PATH
     overrides = [f"sweep.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
     recipe = load_recipe(args.recipe, overrides)
+    if not args.out:  # an --out the user names is theirs to choose
+        ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.bench.kv_sweep")
     summary = sweep_for_recipe(recipe, args.out, args.malloc)
     print(Path(summary["out_dir"], "results.md").read_text(), end="")
     print0(f"wrote {summary['out_dir']}/results.json, results.csv, results.md, tokens_per_s.png")
