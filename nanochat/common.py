@@ -1,4 +1,5 @@
-"""Small shared pieces: user-facing errors, atomic writes, provenance (git commit, date), logging.
+"""Small shared pieces: user-facing errors, atomic writes, provenance (git commit or code snapshot,
+date), logging.
 
 Everything here is free of torch so that any module (and the `jobs/` launcher, through the
 recipe) can import it cheaply; the device, dtype and process group live in `nanochat/runtime.py`.
@@ -95,19 +96,56 @@ def not_prepared(what: str) -> UserError:
                      "submitting, unless --no-prepare)")
 
 
-def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """The commit of the code that runs (with '-dirty' when the tree has local changes)."""
-    cwd = cwd or Path(__file__).resolve().parent
+# Code provenance. `jobs/launch.py` copies the code into the run directory (jobs/snapshot.py) and
+# the jobs import that copy, which has no .git: the snapshot carries what git would have said in
+# this file at its root, beside the `nanochat/` package. The file format is the contract between
+# the two; it is defined here because nanochat/ never imports jobs/.
+
+SNAPSHOT_PROVENANCE = "PROVENANCE.json"  # {"commit", "dirty", "created", "source", "files", ...}
+
+
+def _git_state(cwd: str | os.PathLike) -> tuple[str | None, bool]:
+    """(HEAD's commit, whether tracked files differ from it) of the checkout holding `cwd`."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                              text=True, timeout=5).stdout.strip()
         if not sha:
-            return None
+            return None, False
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return sha, bool(dirty)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, False
+
+
+def code_provenance() -> dict:
+    """{"commit", "dirty", "snapshot"} of the code that runs: read from the snapshot's
+    PROVENANCE.json when the imported `nanochat` package lies in a code snapshot (its parent holds
+    that file; "snapshot" is that directory), else asked of git ("snapshot": None). The snapshot
+    is checked first because it usually sits inside a checkout (runs/NAME/code/ID), where git
+    would answer for the checkout, not for the copy."""
+    root = Path(__file__).absolute().parent.parent  # absolute, not resolved: the path as imported
+    try:
+        info = json.loads((root / SNAPSHOT_PROVENANCE).read_text())
+        return {"commit": info.get("commit"), "dirty": bool(info.get("dirty")), "snapshot": str(root)}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # a damaged snapshot: say so rather than ask git
+        return {"commit": None, "dirty": True, "snapshot": str(root),
+                "error": f"{SNAPSHOT_PROVENANCE} unreadable: {e}"}
+    commit, dirty = _git_state(root / "nanochat")
+    return {"commit": commit, "dirty": dirty, "snapshot": None}
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The commit of the code that runs (with '-dirty' when the tree has local changes): from
+    code_provenance(), or from the git checkout holding `cwd` when one is given."""
+    if cwd is not None:
+        commit, dirty = _git_state(cwd)
+    else:
+        info = code_provenance()
+        commit, dirty = info["commit"], info["dirty"]
+    return commit + ("-dirty" if dirty else "") if commit else None
 
 
 def now_iso() -> str:

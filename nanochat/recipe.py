@@ -13,6 +13,7 @@ shared command-line parser, and the generated recipe reference (`python -m nanoc
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import re
@@ -242,6 +243,37 @@ def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None)
     for k, v in (extra or {}).items():
         header.append(f"# {k}: {v}")
     atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))
+
+
+# Every recipe field that holds a filesystem path (a list of paths for sft.conversation_files).
+# Relative ones mean "relative to the working directory", which under the launcher is the code
+# snapshot, not where the user launched from: jobs/launch.py makes them absolute first. A new path
+# field must be listed here (tests/test_snapshot.py fails on an unlisted *_dir-like name).
+PATH_FIELDS = ("run_dir", "cache_dir", "data.data_dir", "data.offline_cache", "sft.base_checkpoint",
+               "sft.conversation_files", "eval.core_bundle", "discovery.cache_dir", "sweep.checkpoint")
+
+
+def _absolute(value, base: Path):
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if not isinstance(value, str) or not value:
+        return value  # None (a default chosen later) or a value validation will reject
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def absolute_paths(recipe: Recipe, base: str | Path) -> Recipe:
+    """A copy of `recipe` whose relative PATH_FIELDS (and grid values of those keys) are joined
+    to `base` (made absolute without resolving symlinks: `data_dir: shards` → BASE/shards);
+    absolute paths and None are left alone, `~` is expanded. `recipe` itself is not changed."""
+    base = Path(base).expanduser().absolute()
+    out = copy.deepcopy(recipe)
+    for key in PATH_FIELDS:
+        *sections, name = key.split(".")
+        owner = getattr(out, sections[0]) if sections else out
+        setattr(owner, name, _absolute(getattr(owner, name), base))
+    out.grid = {k: _absolute(v, base) if k in PATH_FIELDS else v for k, v in out.grid.items()}
+    return out
 
 
 def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParser:

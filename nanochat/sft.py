@@ -25,7 +25,8 @@ from nanochat import checkpoint as ckpt
 from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
 from nanochat.batch_size import resolve_device_batch_size
 from nanochat.chat_data import load_sft_conversations
-from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
+from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
+                             print0)
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.grad_sync import training_model
@@ -159,7 +160,8 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
     else:
         steps = max(1, recipe.sft.num_epochs * packing["rows"] // rows_per_step)
     meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
-            "git_commit": git_commit(), "tokenizer_key": base_meta.get("tokenizer_key"),
+            "git_commit": git_commit(), "code": code_provenance(),  # commit, dirty, snapshot dir
+            "tokenizer_key": base_meta.get("tokenizer_key"),
             "base_checkpoint": str(base_step)}
     start_step, loader_state = 0, None
     if latest is not None:
@@ -175,7 +177,7 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
         if not (out / "tokenizer" / "tokenizer.json").exists():
             tokenizer.save(out / "tokenizer")
         atomic_write_json(out / "run.json", {
-            "stage": "sft", "started": now_iso(), "git_commit": meta["git_commit"],
+            "stage": "sft", "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
             "base_checkpoint": str(base_step), "device": str(rt.device), "dtype": str(rt.dtype),
             "world_size": rt.dist.world_size, "torch": torch.__version__,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,

@@ -18,7 +18,8 @@ import torch
 from nanochat import checkpoint as ckpt
 from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
 from nanochat.batch_size import resolve_device_batch_size
-from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso, print0
+from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
+                             print0)
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.core import make_core_evaluator
 from nanochat.dataloader import DataLoader
@@ -97,7 +98,8 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
     meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
-            "git_commit": git_commit(), "tokenizer_key": tokenizer_key(recipe)}
+            "git_commit": git_commit(), "code": code_provenance(),  # commit, dirty, snapshot dir
+            "tokenizer_key": tokenizer_key(recipe)}
 
     start_step, loader_state = 0, None
     if latest is not None:
@@ -113,7 +115,7 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
         if not (tok_out / "tokenizer.json").exists():
             tokenizer.save(tok_out)
         atomic_write_json(run_dir / "run.json", {
-            "stage": "base", "started": now_iso(), "git_commit": meta["git_commit"],
+            "stage": "base", "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
             "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
             "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
             "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,

@@ -155,6 +155,7 @@ def test_compiled_sft_compiles_once_across_20_steps_and_chat_loads_it(base_run):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["data"]["real_token_fraction"] > 0.5
+    assert run_json["code"] == meta["code"] and set(meta["code"]) >= {"commit", "dirty", "snapshot"}
     # the chat CLI talks to the result (one shot)
     res = subprocess.run([sys.executable, "-m", "nanochat.chat", str(out), "-p", "What is 2 + 3?",
                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300,

@@ -73,11 +73,13 @@ def test_validation_bpb_falls_and_run_dir_is_a_record(tiny_recipe):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((run / "run.json").read_text())
     assert info["grad_accum"] == 2 and info["num_iterations"] == 20
+    assert set(info["code"]) >= {"commit", "dirty", "snapshot"}, "which code trained it"
     # only the newest checkpoints are kept, each complete
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["step_000015", "step_000020"]
     meta = ckpt.read_meta(run / "checkpoints" / "step_000020")
     assert meta["step"] == 20 and meta["model_config"]["n_embd"] == 64 and len(meta["loader"]) == 1
+    assert meta["code"] == info["code"]
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
