@@ -1,39 +1,43 @@
 """Launch a recipe as jobs:  python jobs/launch.py RECIPE [section.key=value ...] [flags]
 
-    --executor auto|slurm|local   auto: SLURM when a controller answers (`sinfo`), else local
-    --dry-run                     print every sbatch script the plan would submit; submit nothing
-    --watch                       stay and follow the run until it ends (jobs/status.py)
-    --resume                      on an existing run directory: skip finished tasks, rerun the rest
-    --force                       on an existing run directory: move it aside and start over
-    --output-root DIR             run directories must lie under it [runs]
+    python jobs/launch.py configs/tiny.yaml                  a new run (runs/<name>)
+    python jobs/launch.py --resume runs/NAME                 resubmit what is neither finished nor live
+    python jobs/launch.py --resume runs/NAME --only eval,report   rerun those stages (and their dependents)
+    python jobs/launch.py configs/tiny.yaml --force          cancel the old run's live jobs, move it aside, start over
 
 The run directory (output root / recipe name, or `run_dir`) is the record of the run, written
-before anything is submitted: the resolved recipe, `manifest.json` (git commit, every job id,
-array task → grid values, output paths, stage states) and the jobs' logs.
+before anything is submitted: the resolved recipe (its paths made absolute, so jobs need no
+working directory), a snapshot of the code the jobs import (`code/`, jobs/snapshot.py: a later
+edit or `git pull` changes nothing already submitted), `manifest.json` (every launch, job id,
+array task → grid values, output paths, task states — kept current from the scheduler,
+jobs/scheduler.py) and the jobs' logs.
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
-from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir, slurm_parameters  # noqa: E402
-from jobs.manifest import (CANCELLED, DONE, FAILED, MANIFEST, cancel_reason, has_manifest,  # noqa: E402
-                           launcher_record, new_manifest, read_manifest, save_manifest, upstream_tasks)
-from jobs.progress import LiveDisplay, LiveTask, duration  # noqa: E402
-from jobs.tasks import run_task  # noqa: E402
+from jobs.executors import (REPO, Selection, dependency_option, run_local, select_tasks,  # noqa: E402
+                            slurm_executor_parameters, submit_slurm)
+from jobs.manifest import (MANIFEST, has_manifest, launcher_alive, launcher_record,  # noqa: E402
+                           new_manifest, record_cancel, save_manifest)
+from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir  # noqa: E402
+from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import OUTPUT_ROOT  # noqa: E402
-from nanochat.recipe import load_recipe, recipe_argparser, save_resolved_recipe  # noqa: E402
+from nanochat.recipe import absolute_paths, load_recipe, save_resolved_recipe  # noqa: E402
+
+__all__ = ["dependency_option", "main"]
+
 
 def slurm_available() -> bool:
     """submitit's own auto choice picks SLURM whenever `srun` is on PATH, even with no
@@ -110,293 +114,298 @@ def prepare_data(args_recipe: str, overrides: list[str], plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------
 # Dry run: the sbatch text submitit would write, dependencies shown symbolically.
 
-def dependency_option(stage: Stage, job_ids: dict[str, str],
-                      submitted: dict[str, list[int]] | None = None,
-                      todo: list[int] | None = None) -> str | None:
-    """`--dependency` for a stage: `type:ID1:ID2...` over the stages it waits for that were
-    submitted (SLURM requires all of them). None when it waits for none.
-
-    aftercorr pairs array task k with upstream array task k. On --resume only unfinished tasks
-    are submitted, renumbered 0..k-1 per array; where this stage's tasks and an upstream's differ,
-    the pairing would be wrong, so the stage waits for the whole upstream array (afterok)."""
-    ids = [job_ids[a] for a in stage.after if a in job_ids]
-    kind = stage.dependency
-    if kind == "aftercorr" and submitted is not None and \
-            any(submitted[a] != todo for a in stage.after if a in submitted):
-        kind = "afterok"
-    return f"{kind}:{':'.join(ids)}" if ids else None
-
-
-def render_sbatch(plan: Plan, stage: Stage) -> str:
+def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) -> str:
     from submitit.slurm.slurm import _make_sbatch_string  # private but stable; submitit's own text
-    params = slurm_parameters(plan.recipe, stage)
-    dependency = dependency_option(stage, {a: f"<{a} job id>" for a in stage.after})
+    # the snapshot's directory is known once it is taken: shown by its place in the run directory
+    params = slurm_executor_parameters(plan, stage, plan.run_dir / "code" / "SNAPSHOT")
+    todo = (selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks])
+    dependency = dependency_option(stage, {a: f"<{a} job id>" for a in stage.after
+                                           if selection is None or selection.tasks.get(a)},
+                                   waits=selection.waits.get(stage.name) if selection else None)
     if dependency:
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes",
                                            "dependency": dependency}
     if stage.is_array:
-        params["map_count"] = len(stage.tasks)
+        params["map_count"] = len(todo)
     folder = str(plan.run_dir / "slurm" / "%j")
     # the command submitit's SlurmExecutor submits (its `_submitit_command_str`)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def dry_run(plan: Plan, prepare: list[list[str]] | None = None) -> None:
+def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selection | None = None) -> None:
     for args in prepare or []:
         print(f"# would prepare first, on this node: {shlex.join(['python', *args])}")
     for name, why in plan.skipped.items():
         print(f"# stage {name}: not submitted ({why})")
     for name, why in plan.reasons.items():
         print(f"# stage {name}: submitted ({why})")
+    for line in selection.skipped if selection else []:
+        print(f"# left alone: {line}")
     for stage in plan.stages:
-        tasks = ", ".join(f"[{t.index}] {' '.join(t.overrides) or '(recipe as is)'}" for t in stage.tasks)
-        print(f"# ===== stage {stage.name}: {len(stage.tasks)} task(s): {tasks}")
-        print(render_sbatch(plan, stage))
-    print(f"# dry run: nothing submitted; the run directory would be {plan.run_dir}")
+        todo = selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks]
+        if not todo:
+            continue
+        tasks = ", ".join(f"[{t.index}] {' '.join(t.overrides) or '(recipe as is)'}"
+                          for t in stage.tasks if t.index in todo)
+        print(f"# ===== stage {stage.name}: {len(todo)} task(s): {tasks}")
+        print(render_sbatch(plan, stage, selection))
+    print(f"# dry run: nothing submitted; the run directory {'is' if selection else 'would be'} {plan.run_dir}")
 
 
 # --------------------------------------------------------------------------------------------
-# Executors
+# The run directory: which run a command means, and what may be done to an existing one.
 
-class Cancelled(Exception):
-    """SIGTERM (`jobs/status.py --cancel` on a local run) or Ctrl-C reached the local executor."""
-
-
-class _StopRequest:
-    """Signal handler that only notes the request: the polling loop acts on it between polls
-    (an exception raised at any point could leave a task's process started but unrecorded)."""
-
-    def __init__(self):
-        self.how: str | None = None
-
-    def __call__(self, signum, _frame):
-        self.how = self.how or ("SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)")
-
-    def check(self) -> None:
-        if self.how:
-            raise Cancelled(self.how)
+def _shown(path: Path) -> str:
+    """A path as the user should type it from here: relative when under the working directory."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
 
 
-def run_local(plan: Plan, manifest: dict, resume: bool) -> bool:
-    """Stages in dependency order; array tasks up to the throttle at once, each in its own
-    process (`python -m jobs.tasks`), logs under run_dir/logs, the running tasks' progress on
-    stdout (jobs/progress.py). Returns whether all succeeded. A SIGTERM or Ctrl-C stops the
-    running tasks and marks every unfinished one CANCELLED, the cancel recorded in the manifest."""
-    (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    for key in [k for k in env if k.startswith("SLURM_")]:
-        env.pop(key)  # a local run inside a SLURM allocation must not look like a SLURM job
-    display = LiveDisplay()
-    running: dict[tuple[str, int], tuple[subprocess.Popen, LiveTask]] = {}
-    stop = _StopRequest()
-    # signal handlers can only be set from the main thread (launch.main called from elsewhere: none)
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    ok = True
-    try:
-        for stage in plan.stages:
-            ok &= _run_stage_local(plan, manifest, stage, resume, running, display, stop,
-                                   lambda i, name=stage.name: _start_task(plan, name, i, env, root))
-    except Cancelled as e:
-        _cancel_local(plan, manifest, running, display, str(e))
-        return False
-    finally:
-        display.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return ok
+def resolve_target(args) -> tuple[Path, str, list[str], object]:
+    """(run_dir, recipe path, overrides, recipe) of what the command names: a recipe (launch,
+    or resume/force the run it made), or — with --resume/--only — a run directory, whose frozen
+    recipe is the one that counts (no recipe retyped, no value changed mid-run)."""
+    target = Path(args.target)
+    mode_resume = args.resume or args.only
+    if target.is_dir():
+        if not mode_resume:
+            raise UserError(f"{args.target} is a directory: pass a recipe (YAML) to launch, or "
+                            f"--resume {args.target} to resume the run in it")
+        if not has_manifest(target):
+            raise UserError(f"{args.target} has no {MANIFEST}: not a run directory made by "
+                            "jobs/launch.py; pass the run directory the launch printed, or a recipe")
+        if args.overrides:
+            raise UserError(f"--resume takes the run's own recipe ({target / 'recipe.yaml'}); "
+                            f"overrides ({' '.join(args.overrides)}) would change a run mid-way: "
+                            "launch a new run with them instead")
+        run_dir = target.resolve()
+        return run_dir, str(run_dir / "recipe.yaml"), [], load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(args.target, args.overrides)
+    recipe = absolute_paths(recipe, Path.cwd())  # the jobs' working directory is the snapshot
+    run_dir = resolve_run_dir(recipe, Path(args.output_root))
+    recipe.run_dir = str(run_dir)
+    if mode_resume and has_manifest(run_dir):
+        print(f"resuming {_shown(run_dir)} with its own recipe ({_shown(run_dir / 'recipe.yaml')})", flush=True)
+        return run_dir, str(run_dir / "recipe.yaml"), [], load_recipe(run_dir / "recipe.yaml")
+    if args.only:
+        raise UserError(f"--only reruns stages of an existing run, and {run_dir} holds none; "
+                        "launch the recipe without --only")
+    return run_dir, args.target, list(args.overrides), recipe
 
 
-def _start_task(plan: Plan, stage: str, i: int, env: dict, root: str) -> subprocess.Popen:
-    logs = plan.run_dir / "logs"
-    with open(logs / f"{stage}_{i}.out", "w") as out, open(logs / f"{stage}_{i}.err", "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "jobs.tasks", str(plan.run_dir), stage, str(i)],
-                                stdout=out, stderr=err, env=env, cwd=root)
+def _confirm(question: str, refusal: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UserError(refusal)
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UserError("not confirmed; nothing was changed")
 
 
-def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, resume: bool, running: dict,
-                     display: LiveDisplay, stop: _StopRequest, start) -> bool:
-    """One stage's tasks, `array_parallelism` at once, polled twice a second: the display
-    refreshes between polls, so it is never silent for long while work runs."""
-    entries = manifest["stages"][stage.name]["tasks"]
-    state_of = lambda st, j: manifest["stages"][st]["tasks"][j]["state"]  # noqa: E731
-    todo = list(range(len(entries)))
-    workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
-    ok = True
-    while todo or running:
-        stop.check()  # before reaping: a Ctrl-C also kills the tasks, which must not count as failed
-        while todo and len(running) < workers:
-            i = todo.pop(0)
-            entry = entries[i]
-            if resume and entry["state"] == DONE:
-                display.log(f"[{stage.name} {i}] {DONE} (in an earlier launch)")
-                continue
-            # stages run in order, so the tasks this one waits for have ended; afterany never blocks
-            if any(state_of(st, j) != DONE for st, j in upstream_tasks(manifest, stage.name, i)):
-                entry["state"] = CANCELLED
-                display.log(f"[{stage.name} {i}] {CANCELLED}: "
-                            + cancel_reason(manifest, stage.name, i, state_of).removeprefix("cancelled: "))
-                ok = False
-                continue
-            entry["state"] = "RUNNING"
-            save_manifest(plan.run_dir, manifest)
-            log = str(plan.run_dir / "logs" / f"{stage.name}_{i}.out")
-            running[(stage.name, i)] = (start(i), LiveTask(stage.name, i, entry["run_dir"], time.monotonic(), log))
-        for (name, i), (proc, live) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[(name, i)]
-            entry = entries[i]
-            entry["elapsed_s"] = round(time.monotonic() - live.started, 1)
-            entry["state"] = DONE if proc.returncode == 0 else FAILED
-            save_manifest(plan.run_dir, manifest)
-            err = plan.run_dir / "logs" / f"{name}_{i}.err"
-            display.finish(live, f"[{name} {i}] {entry['state']} in {duration(entry['elapsed_s'])}",
-                           f" — see {err}" if entry["state"] == FAILED else "")
-            ok &= entry["state"] == DONE
-        if running:
-            display.update([live for _, live in running.values()])
-            time.sleep(0.5)
-            stop.check()
-    save_manifest(plan.run_dir, manifest)
-    return ok
+def force_aside(run_dir: Path, yes: bool) -> Path:
+    """--force: stop whatever of the old run still runs — its live SLURM jobs are cancelled and
+    waited for until they have left the queue, a local launcher is stopped — then move the
+    directory aside. A job still running would otherwise write, by absolute path, into the new run."""
+    manifest = refresh(run_dir) if has_manifest(run_dir) else None
+    if manifest and manifest.get("executor") == "local" and launcher_alive(manifest.get("launcher")):
+        pid = manifest["launcher"]["pid"]
+        _confirm(f"{run_dir} still runs locally (launcher pid {pid}): stop it and move the run aside?",
+                 f"--force: {run_dir} still runs locally (launcher pid {pid}); pass --yes to stop it "
+                 "and move the run aside (nothing was changed)", yes)
+        from jobs.status import cancel
+        cancel(run_dir)
+    elif manifest and (ids := job_ids(live_tasks(manifest))):
+        print(f"--force: {run_dir} has live jobs: " + "; ".join(
+            f"{name} task {t['index']} {t['state']} (job {t['job_id']})" for name, t in live_tasks(manifest)), flush=True)
+        _confirm(f"cancel jobs {' '.join(ids)} and move the run aside?",
+                 f"--force would cancel the live jobs {' '.join(ids)} of {run_dir}; pass --yes to "
+                 "confirm (nothing was cancelled)", yes)
+        record_cancel(run_dir, getpass.getuser(), ids)
+        cancel_and_wait(ids)
+        print(f"--force: cancelled jobs {' '.join(ids)}; none is in the queue any more", flush=True)
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    print(f"--force: moved the previous run to {_shown(aside)}", flush=True)
+    return aside
 
 
-def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDisplay, how: str) -> None:
-    """Stop the running tasks (SIGTERM, then SIGKILL after 10 s) and mark every unfinished task
-    CANCELLED, recording who cancelled and when, as `jobs/status.py --cancel` does on SLURM.
-    (A second Ctrl-C meanwhile only notes a request again: the clean-up runs to its end.)"""
-    for proc, _ in running.values():
-        proc.terminate()
-    for proc, _ in running.values():
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for (name, i), (_, live) in running.items():
-        manifest["stages"][name]["tasks"][i]["elapsed_s"] = round(time.monotonic() - live.started, 1)
-    for name, info in manifest["stages"].items():
-        for task in info["tasks"]:
-            if task["state"] not in (DONE, FAILED, CANCELLED):
-                task["state"] = CANCELLED
-                display.log(f"[{name} {task['index']}] {CANCELLED} by the user")
-    manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": how}
-    save_manifest(plan.run_dir, manifest)
-
-
-def submit_slurm(plan: Plan, manifest: dict, resume: bool) -> None:
-    """Submit every stage through submitit, each depending on the stages it waits for, then return."""
-    import submitit
-    job_ids: dict[str, str] = {}
-    submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
-    with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
-        for stage in plan.stages:
-            entries = manifest["stages"][stage.name]["tasks"]
-            todo = [i for i, e in enumerate(entries) if not (resume and e["state"] == DONE)]
-            if not todo:
-                continue
-            executor = submitit.SlurmExecutor(folder=str(plan.run_dir / "slurm" / "%j"), max_num_timeout=3)
-            params = slurm_parameters(plan.recipe, stage)
-            additional = dict(params.pop("additional_parameters"))
-            dependency = dependency_option(stage, job_ids, submitted, todo)
-            if dependency:
-                additional["dependency"] = dependency
-                additional["kill-on-invalid-dep"] = "yes"
-            executor.update_parameters(additional_parameters=additional, **params)
-            try:
-                with executor.batch():
-                    jobs = [executor.submit(run_task, str(plan.run_dir), stage.name, i) for i in todo]
-            except submitit.core.utils.FailedJobError as e:
-                reason = str(e).strip().splitlines()[-1] if str(e).strip() else "sbatch failed"
-                raise UserError(f"sbatch refused stage {stage.name}: {reason}") from None
-            for i, job in zip(todo, jobs):
-                entries[i]["job_id"] = job.job_id
-                entries[i]["state"] = "PENDING"
-            job_ids[stage.name] = jobs[0].job_id.split("_")[0]
-            submitted[stage.name] = todo
-            manifest["stages"][stage.name]["job_id"] = job_ids[stage.name]
-            save_manifest(plan.run_dir, manifest)
-            print(f"submitted {stage.name}: job {job_ids[stage.name]} ({len(jobs)} task(s))", flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> dict | None:
-    """The previous manifest when resuming; refuses to reuse a run directory silently."""
+def check_run_dir(run_dir: Path, args) -> str:
+    """What this launch does with the run directory: "new" or "resume"/"only" an existing run
+    (moving an old one aside first under --force); refuses to reuse one silently."""
+    from nanochat.checkpoint import standalone_run
+    standalone = standalone_run(run_dir) if run_dir.is_dir() and not has_manifest(run_dir) else None
+    if args.force and (has_manifest(run_dir) or standalone):
+        force_aside(run_dir, args.yes)
+        return "new"
+    if standalone:
+        raise UserError(f"{_shown(run_dir)} holds a run of `python -m nanochat.train` ({standalone}), "
+                        "not of jobs/launch.py; launch into another directory (run_dir=... or "
+                        "--output-root), or pass --force to move it aside")
     if not has_manifest(run_dir):
-        return None
-    if force:
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"--force: moved the previous run to {aside}")
-        return None
-    if resume:
-        return read_manifest(run_dir)
-    raise UserError(f"{run_dir} already holds a run ({MANIFEST}); pass --resume to rerun its "
+        return "new"
+    if args.only:
+        return "only"
+    if args.resume:
+        return "resume"
+    raise UserError(f"{_shown(run_dir)} already holds a run ({MANIFEST}); pass --resume to rerun its "
                     "unfinished tasks, --force to start over, or choose another run_dir")
 
 
-def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python jobs/launch.py", "Launch a recipe as SLURM (or local) jobs.")
-    ap.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto")
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--watch", action="store_true")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--output-root", default=OUTPUT_ROOT)
+def parse_only(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    stages = [s.strip() for s in value.split(",") if s.strip()]
+    if not stages:
+        raise UserError("--only needs stage names, e.g. --only eval,report")
+    return stages
+
+
+def add_missing_stages(manifest: dict, plan: Plan) -> None:
+    """Stages the plan has and the run's manifest lacks (e.g. discovery, when the batch-size
+    cache was emptied since), as new PLANNED entries, so the resume can run them."""
+    fresh = new_manifest(plan, manifest.get("executor", "local"))["stages"]
+    for name, info in fresh.items():
+        manifest["stages"].setdefault(name, info)
+
+
+# --------------------------------------------------------------------------------------------
+
+def argparser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python jobs/launch.py",
+                                 description="Launch a recipe as SLURM (or local) jobs; resume, rerun or "
+                                             "replace a launched run.")
+    ap.add_argument("target", metavar="RECIPE|RUN_DIR",
+                    help="YAML recipe, e.g. configs/tiny.yaml; with --resume/--only also a run directory")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="recipe overrides, e.g. train.num_iterations=100 (not with a run directory)")
+    ap.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
+                    help="auto: SLURM when a controller answers (sinfo), else this machine")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print every sbatch script the launch would submit; submit nothing")
+    ap.add_argument("--watch", action="store_true", help="stay and follow the run until it ends")
+    ap.add_argument("--resume", action="store_true",
+                    help="resubmit the run's tasks that are neither COMPLETED nor still live")
+    ap.add_argument("--only", metavar="STAGE[,STAGE]",
+                    help="rerun these stages of an existing run, and the stages that depend on them")
+    ap.add_argument("--force", action="store_true",
+                    help="cancel an existing run's live jobs, move its directory aside, start over")
+    ap.add_argument("--yes", "-y", action="store_true", help="don't ask before --force cancels jobs")
+    ap.add_argument("--output-root", default=OUTPUT_ROOT,
+                    help=f"run directories must lie under it [{OUTPUT_ROOT}]")
     ap.add_argument("--no-prepare", action="store_true",
                     help="don't run nanochat.prepare here first (the data is prepared elsewhere)")
-    args = ap.parse_intermixed_args(argv)
-    if args.resume and args.force:
-        raise UserError("--resume and --force exclude each other")
-    recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = resolve_run_dir(recipe, Path(args.output_root))
-    recipe.run_dir = str(run_dir)
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="jobs import this checkout as it is when they start, not a copy made at launch")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = argparser().parse_intermixed_args(argv)
+    if args.force and (args.resume or args.only):
+        raise UserError("--force starts over; it excludes --resume and --only")
+    args.only_stages = parse_only(args.only)
+    run_dir, recipe_path, overrides, recipe = resolve_target(args)
     plan = build_plan(recipe, run_dir)  # checks the recipe before anything runs
     for stage in plan.stages:  # every task's recipe must load (grid keys and values are checked)
         for task in stage.tasks:
-            load_recipe(args.recipe, args.overrides + task.overrides)
-    if args.dry_run:  # what a SLURM submission would do, from here
-        dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
-                None if args.no_prepare else prepare_commands(args.recipe, args.overrides, plan))
-        return 0
+            load_recipe(recipe_path, overrides + task.overrides)
     executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
+    mode = "new" if args.force or not has_manifest(run_dir) else ("only" if args.only else "resume")
+    if args.dry_run:  # what a SLURM submission would do, from here
+        selection = None
+        if mode != "new" and (args.resume or args.only):
+            selection = select_tasks(refresh(run_dir), mode, args.only_stages)
+        dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
+                None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection)
+        return 0
+    if mode != "new":  # a run that can't be resumed as asked fails before anything is prepared
+        _check_resumable(run_dir, mode, args.only_stages)
     if executor == "slurm" and not slurm_available():
         raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
                         "(sudo slurm/local-cluster.sh start) or use --executor local")
     if executor == "slurm":
         check_partition(recipe.cluster.partition)
     if not args.no_prepare:
-        prepare_data(args.recipe, args.overrides, plan)
+        prepare_data(recipe_path, overrides, plan)
     # after preparing: the cache key holds the trained tokenizer's real vocabulary
     plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
-    previous = prepare_run_dir(run_dir, args.resume, args.force)
+    mode = check_run_dir(run_dir, args)
+    return launch(args, argv, plan, mode, executor)
+
+
+def _check_resumable(run_dir: Path, mode: str, only: list[str] | None) -> dict:
+    """The run's refreshed manifest, if this launch may resume it; one line why not otherwise."""
+    manifest = refresh(run_dir)
+    if manifest.get("executor") == "local" and launcher_alive(manifest.get("launcher")):
+        raise UserError(f"{_shown(run_dir)} still runs locally (launcher pid {manifest['launcher']['pid']}); "
+                        f"wait for it, or stop it with python jobs/status.py {_shown(run_dir)} --cancel")
+    select_tasks(manifest, mode, only)  # --only naming a stage the run never had, or a live one
+    return manifest
+
+
+def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
+    run_dir, recipe = plan.run_dir, plan.recipe
+    manifest = _check_resumable(run_dir, mode, args.only_stages) if mode != "new" else None
+    if manifest:
+        add_missing_stages(manifest, plan)
+        selection = select_tasks(manifest, mode, args.only_stages)
+        for line in selection.skipped:
+            print(f"left alone: {line}", flush=True)
+        if selection.empty:
+            print(f"nothing to submit: every task of {_shown(run_dir)} is COMPLETED or still live", flush=True)
+            return _follow(args, run_dir, executor)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_recipe(recipe, run_dir / "recipe.yaml", {"launched_with": " ".join([args.recipe] + args.overrides)})
-    manifest = previous if previous is not None else new_manifest(plan, executor)
+    code = None
+    if not args.no_snapshot:
+        from jobs.snapshot import take_snapshot
+        code = take_snapshot(run_dir)
+    if manifest is None:
+        save_resolved_recipe(recipe, run_dir / "recipe.yaml",
+                             {"launched_with": " ".join([args.target] + list(args.overrides))})
+        manifest = new_manifest(plan, executor)
+        selection = select_tasks(manifest, "new")
     manifest["executor"] = executor
     manifest.pop("cancelled", None)  # a resumed run is no longer cancelled
+    provenance = ({"snapshot": str(code.path), "commit": code.commit, "dirty": code.dirty,
+                   "diff": str(code.diff) if code.diff else None} if code else
+                  {"snapshot": None, "checkout": str(REPO)})
+    manifest["code"] = provenance
+    manifest.setdefault("launches", []).append({"at": now_iso(), "by": getpass.getuser(), "mode": mode,
+                                                "argv": list(argv), "cwd": os.getcwd(), "code": provenance})
     if executor == "local":  # so that `jobs/status.py --cancel` can stop it
         manifest["launcher"] = launcher_record()
     save_manifest(run_dir, manifest)
-    print(f"run directory: {run_dir}", flush=True)
+    print(f"run directory: {_shown(run_dir)}", flush=True)
+    if code:
+        print(f"code: {_shown(code.path)} ({code.commit or 'not a git checkout'}"
+              f"{', with uncommitted changes' if code.dirty else ''})", flush=True)
     for name, why in plan.skipped.items():
         print(f"stage {name}: skipped ({why})", flush=True)
     for name, why in plan.reasons.items():
         print(f"stage {name}: runs ({why})", flush=True)
     if executor == "local":
-        ok = run_local(plan, manifest, resume=previous is not None)
+        ok = run_local(plan, manifest, selection, code.path if code else None)
+        manifest.pop("launcher", None)  # ended: nothing left for --cancel to stop
+        save_manifest(run_dir, manifest)
         if manifest.get("cancelled"):
-            again = [a for a in argv if a not in ("--force", "--resume")] + ["--resume"]
-            print(f"cancelled; to finish it: {shlex.join(['python', 'jobs/launch.py', *again])}", flush=True)
+            print(f"cancelled; to finish it: python {_shown(REPO / 'jobs' / 'launch.py')} --resume "
+                  f"{shlex.quote(_shown(run_dir))}", flush=True)
         else:
-            print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
+            print(f"{'finished' if ok else 'finished with failures'}: {_shown(run_dir / 'report.md')}")
         return 0 if ok else 1
-    submit_slurm(plan, manifest, resume=previous is not None)
-    print(f"follow it: python jobs/status.py {run_dir}")
+    try:
+        submit_slurm(plan, manifest, selection, code.path if code else None)
+    except UserError:
+        if mode == "new" and not manifest.get("orphans"):
+            # nothing of this launch is queued: no run here (a relaunch needs no --force)
+            (run_dir / MANIFEST).unlink(missing_ok=True)
+        raise
+    return _follow(args, run_dir, executor)
+
+
+def _follow(args, run_dir: Path, executor: str) -> int:
+    print(f"follow it: python {_shown(REPO / 'jobs' / 'status.py')} {shlex.quote(_shown(run_dir))}", flush=True)
     if args.watch:
         from jobs.status import watch
         return watch(run_dir)

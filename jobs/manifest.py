@@ -6,15 +6,19 @@ submitted and after every change; the jobs, `jobs/status.py` and the report read
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from jobs.plan import Plan
+from nanochat.checkpoint import LAUNCHER_MANIFEST
 from nanochat.common import UserError, atomic_write_json, git_commit, now_iso
 
-MANIFEST = "manifest.json"
+MANIFEST = LAUNCHER_MANIFEST  # named in nanochat/checkpoint.py: standalone training refuses such a directory
 DONE, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
 
 
@@ -30,8 +34,31 @@ def new_manifest(plan: Plan, executor: str) -> dict:
                        for s in plan.stages}}
 
 
+_LOCKS: dict[str, FileLock] = {}
+
+
+@contextlib.contextmanager
+def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
+    """The lock every write of manifest.json holds (a file beside it), so that a refresh's read,
+    update and write (jobs/scheduler.py) never interleaves with another writer. Reentrant in a
+    process: one FileLock object per run directory (flock locks of two objects would deadlock)."""
+    path = str(Path(run_dir).resolve() / f".{MANIFEST}.lock")
+    lock = _LOCKS.setdefault(path, FileLock(path))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise UserError(f"{Path(run_dir) / MANIFEST} stayed locked for {timeout_s:.0f} s (another "
+                        f"launch or status is writing it); try again, or delete .{MANIFEST}.lock "
+                        "there if no such process runs") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def save_manifest(run_dir: Path, manifest: dict) -> None:
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    with manifest_lock(run_dir):
+        atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
 def has_manifest(run_dir: Path) -> bool:
@@ -114,7 +141,7 @@ def cancel_reason(manifest: dict, stage: str, index: int, state_of, cancelled_by
 # --------------------------------------------------------------------------------------------
 # The local executor's process: `jobs/status.py --cancel` stops a local run by signalling it.
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, it
     names one process, where a pid alone may have been reused. None once it has exited (a
     zombie whose parent has not yet reaped it has exited too)."""
@@ -126,12 +153,12 @@ def _start_time(pid: int) -> str | None:
 
 
 def launcher_record() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start_time(os.getpid())}
 
 
 def launcher_alive(record: dict | None) -> bool:
     """Whether the launcher process a manifest names still runs (on this host)."""
     if not record or record.get("host") != socket.gethostname():
         return False
-    start = _start_time(record["pid"])
+    start = process_start_time(record["pid"])
     return start is not None and start == record.get("start")

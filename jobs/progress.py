@@ -47,7 +47,7 @@ def _tail_records(path: Path, max_bytes: int | None = TAIL_BYTES) -> list[dict]:
             start = 0 if max_bytes is None else max(0, size - max_bytes)
             f.seek(start)
             data = f.read()
-    except FileNotFoundError:
+    except OSError:  # missing, or a path that is not a directory
         return []
     lines = data.split(b"\n")[:-1]   # the last piece has no newline: empty or half-written
     if start > 0:
@@ -66,7 +66,7 @@ def _tail_records(path: Path, max_bytes: int | None = TAIL_BYTES) -> list[dict]:
 def _total_steps(task_dir: Path) -> int | None:
     try:
         total = json.loads((task_dir / "run.json").read_text()).get("num_iterations")
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     return total if isinstance(total, int) else None
 
@@ -158,7 +158,7 @@ def last_log_line(path: str | Path, max_bytes: int = 4096) -> str:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
             data = f.read().decode(errors="replace")
-    except FileNotFoundError:
+    except OSError:  # missing, or a path that is not a directory
         return ""
     for line in reversed(data.splitlines()):
         line = line.rsplit("\r", 1)[-1].strip()
@@ -171,7 +171,7 @@ def eval_summary(task_dir: str | Path) -> str:
     """An eval task's scores from the eval.json it writes: val_bpb 2.5747 arithmetic 0.120 ..."""
     try:
         res = json.loads((Path(task_dir) / "eval.json").read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return ""
     parts = [f"val_bpb {res['val_bpb']:.4f}"] if isinstance(res.get("val_bpb"), (int, float)) else []
     parts += [f"{k} {t['accuracy']:.3f}" for k, t in (res.get("tasks") or {}).items()
@@ -184,7 +184,7 @@ def discover_summary(task_dir: str | Path) -> str:
     cache/batch_size/base-....json); sft device batch 32 (cache hit, ...)."""
     try:
         res = json.loads((Path(task_dir) / "discovery.json").read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return ""
     parts = []
     for stage, d in res.items():
@@ -201,7 +201,7 @@ def check_summary(task_dir: str | Path) -> str:
     naming the rank and host."""
     try:
         res = json.loads((Path(task_dir) / "check.json").read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return ""
     if res.get("status") != "ok":
         return f"check {res.get('status', '?')}: {res.get('error', '')}"[:200]

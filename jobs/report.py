@@ -1,5 +1,7 @@
 """The run's report: every task's results in `report.md`, `results.csv` and PNG plots.
 
+    python jobs/report.py RUN_DIR      rebuild them at any time (the report stage runs the same)
+
 Reads only files the stages wrote (manifest.json; per task the base run's run.json /
 progress.jsonl, the SFT run's `sft/progress.jsonl`, the evaluated directory's `eval.json` and the
 sweep's results.json), so it also reports partial runs: a failed or missing stage of a task is
@@ -7,21 +9,26 @@ its state and empty cells.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
-from jobs.manifest import read_manifest
-from jobs.progress import first_reached, target_label
-from nanochat.common import UserError, atomic_path, atomic_write_text
-from nanochat.plots import pyplot, read_jsonl
-from nanochat.recipe import load_recipe
-from nanochat.tracking import run_info
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/report.py` from anywhere
+
+from jobs.manifest import read_manifest  # noqa: E402
+from jobs.progress import first_reached, target_label  # noqa: E402
+from jobs.scheduler import refresh  # noqa: E402
+from nanochat.common import UserError, atomic_path, atomic_write_text, cli_main  # noqa: E402
+from nanochat.plots import pyplot, read_jsonl  # noqa: E402
+from nanochat.recipe import load_recipe  # noqa: E402
+from nanochat.tracking import run_info  # noqa: E402
 
 def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return None
 
 
@@ -241,6 +248,7 @@ def _tracking_lines(rows: list[dict]) -> list[str]:
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
+    refresh(run_dir)  # the task states as the scheduler knows them now
     rows = collect(run_dir)
     cols = columns(read_manifest(run_dir)["stages"], rows)
     with atomic_path(run_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
@@ -268,3 +276,18 @@ def write_report(run_dir: Path) -> Path:
                 lines += ["", f"## KV-cache sweep, task {r['task']}", "", table.read_text().strip()]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python jobs/report.py",
+                                 description="Rebuild a launched run's report.md, results.csv and plots.")
+    ap.add_argument("run_dir", help="the run directory jobs/launch.py printed, e.g. runs/tiny")
+    run_dir = Path(ap.parse_args(argv).run_dir)
+    if not (run_dir / "manifest.json").exists():
+        raise UserError(f"{run_dir} has no manifest.json: pass the run directory jobs/launch.py printed")
+    print(write_report(run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))

@@ -1,11 +1,12 @@
 """Follow a launched run:  python jobs/status.py RUN_DIR [--cancel] [--watch]
 
-Per stage and task: the job state (squeue for live jobs, sacct where accounting exists, the
-manifest otherwise — the local executor records states there), elapsed time, the last training
-step / loss / tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py) and
-the training time at which a base task first met each of the recipe's report.targets, an
-eval task's scores from its eval.json, why a cancelled task was cancelled (by the user, or
-because a task it waited for failed), and the stderr tail of failed tasks.
+Per stage and task: the job state — from the scheduler, through the manifest's refresh
+(jobs/scheduler.py: squeue, sacct, then the task's own files once SLURM has forgotten a job; a
+local run's launcher records its states) — elapsed time, the last training step / loss /
+tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py) and the training
+time at which a base task first met each of the recipe's report.targets, an eval task's scores
+from its eval.json, why a cancelled task was cancelled (by the user, or because a task it waited
+for failed), the stderr tail of failed tasks, and the NCCL flight-recorder dumps a task left.
 """
 from __future__ import annotations
 
@@ -24,41 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
                            record_cancel, save_manifest)
+from jobs.scheduler import FINAL, job_ids, live_tasks, refresh  # noqa: E402
 from jobs.progress import progress_text, result_summary  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
 from nanochat.recipe import load_recipe  # noqa: E402
-
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-         "BOOT_FAIL", "DEADLINE"}
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return res.stdout if res.returncode == 0 else ""
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
-    """job id (array tasks as 123_4) → (state, elapsed, reason, cancelled by uid); squeue first,
-    then sacct (which says "CANCELLED by 1000" for a job someone cancelled)."""
-    if not job_ids:
-        return {}
-    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
-    states: dict[str, tuple[str, str, str, str]] = {}
-    for line in _run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Elapsed,Reason"]).splitlines():
-        parts = line.split("|")
-        if len(parts) >= 3:
-            words = parts[1].split()
-            by = words[2] if len(words) == 3 and words[1] == "by" else ""
-            states[parts[0]] = (words[0], parts[2], parts[3] if len(parts) > 3 else "", by)
-    for line in _run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%M|%r"]).splitlines():
-        parts = line.split("|")
-        if len(parts) == 4:
-            states[parts[0]] = (parts[1], parts[2], parts[3], "")
-    return states
-
 
 def _detail(stage: str, task_dir: Path, running: bool, targets: dict[str, float]) -> str:
     return result_summary(stage, task_dir) or progress_text(stage, task_dir, running, targets)
@@ -84,18 +54,15 @@ def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]
 
 
 def collect(run_dir: Path) -> list[dict]:
-    manifest = read_manifest(run_dir)
-    ids = [t["job_id"] for s in manifest["stages"].values() for t in s["tasks"] if t.get("job_id")]
-    live = slurm_states(ids) if manifest.get("executor") == "slurm" else {}
+    manifest = refresh(run_dir)
     rows, targets = [], run_targets(run_dir)
     for stage, info in manifest["stages"].items():
         for task in info["tasks"]:
-            state, elapsed, reason, by = live.get(task.get("job_id") or "", (task["state"], "", "", ""))
-            if state == "PENDING" and task.get("job_id") and task["job_id"] not in live:
-                state = "UNKNOWN"
-            elapsed = elapsed or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
+            state = task["state"]
+            elapsed = task.get("elapsed") or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
-                         "state": state, "elapsed": elapsed, "reason": reason, "cancelled_by": by,
+                         "state": state, "elapsed": elapsed, "reason": task.get("reason", ""),
+                         "cancelled_by": task.get("cancelled_by", ""), "note": task.get("note", ""),
                          "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING", targets)})
     states = {(r["stage"], r["task"]): r["state"] for r in rows}
     for r in rows:
@@ -118,7 +85,7 @@ def show(run_dir: Path) -> list[dict]:
     print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
     for r in rows:
         reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
-        extra = "; ".join(filter(None, [r["why"], r["progress"]])) or reason
+        extra = "; ".join(filter(None, [r["why"], r["note"], r["progress"]])) or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
             print(f"{'':>15}| {line}")
@@ -161,8 +128,7 @@ def cancel(run_dir: Path) -> None:
             record_cancel(run_dir, getpass.getuser(), [])
         print(f"no launcher runs for {run_dir}; {len(stale)} unfinished task(s) marked cancelled")
         return
-    ids = sorted({t["job_id"].split("_")[0] for s in manifest["stages"].values()
-                  for t in s["tasks"] if t.get("job_id")})
+    ids = job_ids(live_tasks(refresh(run_dir)))  # only what still runs: ended jobs stay as they ended
     record_cancel(run_dir, getpass.getuser(), ids)
     if ids:
         subprocess.run(["scancel", *ids], check=False, timeout=30)

@@ -324,7 +324,15 @@ def prepare_shards(recipe: Recipe, rt=None) -> tuple[list[Path], list[Path]]:
 
 
 def tokenizer_key(recipe: Recipe) -> str:
-    blob = json.dumps({"data": dataclasses.asdict(recipe.data),
+    """The tokenizer cache's key: the data and tokenizer settings. Where the data lives counts
+    as an absolute path — a launched job's recipe has its paths made absolute (the job starts in
+    the code snapshot, nanochat.recipe.absolute_paths), and must find the tokenizer that
+    `nanochat.prepare` trained from the same recipe with relative paths."""
+    data = dataclasses.asdict(recipe.data)
+    for key in ("data_dir", "offline_cache"):
+        if data.get(key):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    blob = json.dumps({"data": data,
                        "tokenizer": dataclasses.asdict(recipe.tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

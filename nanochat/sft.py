@@ -224,6 +224,9 @@ def main(argv: list[str]) -> int:
                     help="refuse to start if RUN_DIR/sft already holds checkpoints")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    for where in (recipe.out_dir, sft_dir(recipe)):  # the run_dir it takes, the one it writes
+        ckpt.refuse_launcher_dir(where, "python -m nanochat.sft", hint="; sft.base_checkpoint=DIR "
+                                 "starts from one of that run's base models")
     result = train_sft(recipe, fresh=args.fresh)
     print0(json.dumps({k: v for k, v in result.items()
                        if k in ("step", "loss", "val_loss", "compilations", "real_token_fraction")}))

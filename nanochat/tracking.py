@@ -43,7 +43,7 @@ def run_info(run_dir: Path) -> dict | None:
     """What RUN_DIR/wandb.json says of the run's wandb run (None when it was not tracked)."""
     try:
         return json.loads((Path(run_dir) / WANDB_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):  # missing (or no directory there): not tracked
         return None
 
 

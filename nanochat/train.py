@@ -152,6 +152,7 @@ def main(argv: list[str]) -> int:
                     help="refuse to start if the run directory already holds checkpoints")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.train")
     result = train_base(recipe, fresh=args.fresh)
     print0(json.dumps({k: v for k, v in result.items() if k in ("step", "loss", "val_bpb")}))
     return 0
