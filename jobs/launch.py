@@ -230,13 +230,14 @@ def force_aside(run_dir: Path, yes: bool) -> Path:
     return aside
 
 
-def check_run_dir(run_dir: Path, args) -> str:
+def check_run_dir(run_dir: Path, args, act: bool = True) -> str:
     """What this launch does with the run directory: "new" or "resume"/"only" an existing run
-    (moving an old one aside first under --force); refuses to reuse one silently."""
+    (moving an old one aside first under --force, when `act`); refuses to reuse one silently."""
     from nanochat.checkpoint import standalone_run
     standalone = standalone_run(run_dir) if run_dir.is_dir() and not has_manifest(run_dir) else None
     if args.force and (has_manifest(run_dir) or standalone):
-        force_aside(run_dir, args.yes)
+        if act:
+            force_aside(run_dir, args.yes)
         return "new"
     if standalone:
         raise UserError(f"{_shown(run_dir)} holds a run of `python -m nanochat.train` ({standalone}), "
@@ -311,10 +312,10 @@ def main(argv: list[str]) -> int:
         for task in stage.tasks:
             load_recipe(recipe_path, overrides + task.overrides)
     executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
-    mode = "new" if args.force or not has_manifest(run_dir) else ("only" if args.only else "resume")
+    mode = check_run_dir(run_dir, args, act=False)  # refuses before anything is prepared
     if args.dry_run:  # what a SLURM submission would do, from here
         selection = None
-        if mode != "new" and (args.resume or args.only):
+        if mode != "new":
             selection = select_tasks(refresh(run_dir), mode, args.only_stages)
         dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
                 None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
                            record_cancel, save_manifest)
 from jobs.scheduler import FINAL, job_ids, live_tasks, refresh  # noqa: E402
+from jobs.tasks import flight_recorder_dumps  # noqa: E402
 from jobs.progress import progress_text, result_summary  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
 from nanochat.recipe import load_recipe  # noqa: E402
@@ -73,6 +74,9 @@ def collect(run_dir: Path) -> list[dict]:
                                  r["cancelled_by"]) if r["state"] == CANCELLED else ""
         ended_badly = r["state"] in FINAL - {DONE, CANCELLED}
         r["stderr"] = _stderr_tail(run_dir, r["stage"], _task(manifest, r)) if ended_badly else []
+        task_dir = Path(_task(manifest, r)["run_dir"])
+        r["nccl_dumps"] = [str(p) for p in flight_recorder_dumps(task_dir)
+                           if p.name.startswith(f"nccl_trace_{r['stage']}_")]
     return rows
 
 
@@ -89,6 +93,11 @@ def show(run_dir: Path) -> list[dict]:
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
             print(f"{'':>15}| {line}")
+        if r["nccl_dumps"]:
+            prefix = Path(r["nccl_dumps"][0]).name.rstrip("0123456789")
+            print(f"{'':>15}NCCL flight-recorder dumps of {len(r['nccl_dumps'])} rank(s) in "
+                  f"{Path(r['nccl_dumps'][0]).parent}: python -m torch.distributed.flight_recorder.fr_trace "
+                  f"{Path(r['nccl_dumps'][0]).parent} --prefix {prefix}")
     return rows
 
 

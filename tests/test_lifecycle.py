@@ -39,8 +39,9 @@ def recipe_file(tiny_recipe, tmp_path):
 
 
 def run_launch(*args, cwd=REPO, script=REPO / "jobs" / "launch.py", timeout=180, stdin=None):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "sl0"}  # the veth both local nodes share (2-node jobs)
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, stdin=stdin)
+                          text=True, timeout=timeout, stdin=stdin, env=env)
 
 
 def manifest_of(run: Path) -> dict:
@@ -92,28 +93,37 @@ def test_a_failed_and_a_cancelled_task_resume_alone(slurm, recipe_file, tmp_path
     assert set(rows.values()) == {"COMPLETED"}, rows
     assert [launch_["mode"] for launch_ in again["launches"]] == ["new", "resume"]
 
-    # --only report: the report alone runs again; nothing else is touched
-    report_job = job_of(run, "report")
-    res = run_launch("--resume", run, "--only", "report", "--executor", "slurm")
+
+def test_only_eval_and_report_rerun_those_stages_alone(slurm, recipe_file, tmp_path):
+    run = tmp_path / "runs" / "s"
+    small_eval = ["eval.problems_per_task=2", "eval.hub_tasks=[]", "eval.max_new_tokens=4"]
+    res = run_launch(recipe_file, "stages=[base,eval,report]", *small_eval, "--executor", "slurm",
+                     "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
-    assert "left alone: base task 1: COMPLETED, not rerun (--only report)" in res.stdout, res.stdout
-    after = manifest_of(run)
-    assert [t["job_id"] for t in after["stages"]["base"]["tasks"]] == \
-        [t["job_id"] for t in again["stages"]["base"]["tasks"]]
-    assert job_of(run, "report") != report_job
     assert {r["state"] for r in wait_until_done(run)} == {"COMPLETED"}
+    before = {s: job_of(run, s) for s in ("base", "eval", "report")}
+    scores = run / "base" / "000" / "eval.json"
+    first_eval = scores.stat().st_mtime_ns
+    res = run_launch("--resume", run, "--only", "eval,report", "--executor", "slurm")
+    assert res.returncode == 0, res.stderr
+    assert f"left alone: base task 0: COMPLETED, not rerun (--only eval,report)" in res.stdout, res.stdout
+    assert job_of(run, "base") == before["base"], "base is not resubmitted"
+    assert job_of(run, "eval") != before["eval"] and job_of(run, "report") != before["report"]
+    assert {r["state"] for r in wait_until_done(run)} == {"COMPLETED"}
+    assert scores.stat().st_mtime_ns > first_eval, "the eval task ran again"
 
 
 def test_resume_and_a_second_job_never_run_a_live_task_twice(slurm, recipe_file, tmp_path):
-    """While base task 0 trains: `--resume` submits nothing, and a second job started on the same
-    task by hand exits at once naming the first one."""
+    """While base task 0 trains on two nodes: `--resume` submits nothing, and a second job
+    started on the same task by hand exits at once naming the first one."""
     run = tmp_path / "runs" / "s"
-    res = run_launch(recipe_file, "train.num_iterations=100000", "--executor", "slurm",
-                     "--output-root", tmp_path / "runs")
+    res = run_launch(recipe_file, "train.num_iterations=100000", "cluster.nodes=2", "train.total_batch_size=1024",
+                     "--executor", "slurm", "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
     base_job = job_of(run, "base")
     try:
         wait_for_training(run)
+        assert json.loads((run / "base" / "000" / "run.json").read_text())["world_size"] == 2
         res = run_launch("--resume", run, "--executor", "slurm")
         assert res.returncode == 0, res.stderr
         assert f"left alone: base task 0: still RUNNING as job {base_job}; not submitted again" in res.stdout
@@ -230,14 +240,17 @@ def test_an_edit_after_submission_does_not_change_what_a_queued_job_runs(slurm, 
 # The scheduler's truth
 
 def _forgotten_run(tmp_path: Path, recipe_file: Path) -> Path:
-    """A run whose two base tasks' jobs SLURM never knew (ids from another cluster, submitted an
-    hour ago): task 0 left submitit's success pickle, task 1 nothing."""
+    """A run whose three base tasks' jobs SLURM never knew (ids from another cluster, submitted an
+    hour ago): task 0 left submitit's success pickle, task 1 started (a log) and left no result,
+    task 2 never started."""
     run = tmp_path / "runs" / "s"
-    recipe = load_recipe(recipe_file, ["grid={train.seed: [1, 2]}", "stages=[base]", f"run_dir={run}"])
+    recipe = load_recipe(recipe_file, ["grid={train.seed: [1, 2, 3]}", "stages=[base]", f"run_dir={run}"])
     manifest = new_manifest(build_plan(recipe, run), "slurm")
     for i, task in enumerate(manifest["stages"]["base"]["tasks"]):
-        task.update(job_id=f"4_{i}", state="RUNNING", submitted="2026-01-01T00:00:00+00:00")
-    (run / "slurm" / "4_0").mkdir(parents=True)
+        task.update(job_id=f"4_{i}", state="RUNNING" if i < 2 else "PENDING", submitted="2026-01-01T00:00:00+00:00")
+    for i in (0, 1):
+        (run / "slurm" / f"4_{i}").mkdir(parents=True)
+        (run / "slurm" / f"4_{i}" / f"4_{i}_0_log.out").write_text("started\n")
     with open(run / "slurm" / "4_0" / "4_0_0_result.pkl", "wb") as f:
         pickle.dump(("success", {"step": 4}), f)
     save_manifest(run, manifest)
@@ -250,8 +263,10 @@ def test_watch_ends_when_the_scheduler_forgets_a_job(slurm, recipe_file, tmp_pat
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1, res.stdout + res.stderr  # ended, with a failure
     tasks = manifest_of(run)["stages"]["base"]["tasks"]
-    assert [t["state"] for t in tasks] == ["COMPLETED", "FAILED"]
+    assert [t["state"] for t in tasks] == ["COMPLETED", "FAILED", "CANCELLED"]
+    assert tasks[0]["note"] == "SLURM no longer knows job 4_0; its result file says COMPLETED"
     assert tasks[1]["note"] == "SLURM no longer knows job 4_1, and it left no result"
+    assert tasks[2]["note"] == "SLURM no longer knows job 4_2; it never started"
     assert "SLURM no longer knows job 4_1" in res.stdout
 
 
