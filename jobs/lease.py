@@ -20,7 +20,6 @@ younger than STALE_AFTER_S.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -31,6 +30,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from jobs.manifest import process_start_time
+from jobs.scheduler import LIVE, age_s, slurm_states
 from nanochat.common import UserError, atomic_write_json, now_iso
 
 HEARTBEAT_EVERY_S = 30.0
@@ -52,20 +52,12 @@ def _rank() -> int:
     return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
 
 
-def _age_s(iso: str | None) -> float:
-    try:
-        return time.time() - datetime.datetime.fromisoformat(iso).timestamp()
-    except (TypeError, ValueError):
-        return float("inf")
-
-
 def holder_alive(holder: dict) -> str | None:
     """Why another process's lease still holds ("job 123 is RUNNING"), or None when it does not."""
     job = holder.get("job")
     if job:
         if job == this_job():
             return None  # ours: this job was requeued (or is another rank of it)
-        from jobs.scheduler import LIVE, slurm_states
         known = slurm_states([job]).get(job)
         if known is not None:
             return f"job {job} is {known['state']}" if known["state"] in LIVE else None
@@ -73,7 +65,7 @@ def holder_alive(holder: dict) -> str | None:
         start = holder.get("start")
         alive = start is not None and process_start_time(int(holder.get("pid", -1))) == start
         return f"local process {holder.get('pid')} still runs it" if alive else None
-    age = _age_s(holder.get("heartbeat"))
+    age = age_s(holder.get("heartbeat"))
     if age < STALE_AFTER_S:
         return f"{'job ' + job if job else 'process ' + str(holder.get('pid'))} on {holder.get('host')} " \
                f"beat {age:.0f} s ago"

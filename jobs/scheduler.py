@@ -20,6 +20,7 @@ of manifest.json takes, so a refresh and a launcher never interleave a read and 
 """
 from __future__ import annotations
 
+import datetime
 import pickle
 import re
 import subprocess
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from jobs.manifest import CANCELLED, DONE, FAILED, launcher_alive, manifest_lock, read_manifest, save_manifest
+from jobs.progress import read_progress
 from nanochat.common import UserError, now_iso
 
 # SLURM job states (squeue/sacct names). LIVE: the job holds, or will hold, its task.
@@ -99,7 +101,6 @@ def submitit_result(run_dir: Path, job_id: str) -> str | None:
 
 def outputs_complete(stage: str, task_dir: Path) -> bool:
     """Whether a task's directory holds what its stage writes when it ends well."""
-    from jobs.progress import read_progress  # (jobs.progress imports nanochat.config)
     task_dir = Path(task_dir)
     if stage in ("base", "sft"):
         p = read_progress(task_dir)
@@ -124,8 +125,8 @@ def settle(run_dir: Path, stage: str, task: dict, why: str) -> dict:
 
 # --------------------------------------------------------------------------------------------
 
-def _age_s(iso: str | None) -> float:
-    import datetime
+def age_s(iso: str | None) -> float:
+    """Seconds since an ISO timestamp the kit wrote (now_iso); infinite when there is none."""
     try:
         return time.time() - datetime.datetime.fromisoformat(iso).timestamp()
     except (TypeError, ValueError):
@@ -145,7 +146,7 @@ def _refresh_slurm(run_dir: Path, manifest: dict) -> None:
             task.update(known[jid])
             task.pop("note", None)
         elif task["state"] not in FINAL and (jid.split("_")[0] in arrays or
-                                             _age_s(task.get("submitted")) > FORGOTTEN_AFTER_S):
+                                             age_s(task.get("submitted")) > FORGOTTEN_AFTER_S):
             # (an array SLURM knows, without this task: it is gone, no need to wait for sacct)
             task.update(settle(run_dir, name, task, f"SLURM no longer knows job {jid}"))
 
