@@ -209,6 +209,18 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
     return plan
 
 
+# The batch shell outlives SLURM's warning signal; the training tasks handle it (jobs/tasks.py
+# `_train_checkpointable`: checkpoint at a step boundary, `scontrol requeue`, exit). Steps-only
+# `scancel --signal=USR2 JOB` never reaches the shell, but `--full` (as some sites' preemption
+# and admins' tools send it) does, and bash's default for USR2 is to die: the job then ends
+# (FAILED 0:12) and SLURM kills the step, whose checkpoint and requeue race the kill. A handler,
+# not `trap '' USR2`: an ignored signal stays ignored in what the shell execs (srun, and any
+# command a site adds), a handled one is reset to the default there. bash runs the handler once
+# srun returns; the line says what happened in the job's stderr.
+BATCH_SHELL_USR2_TRAP = ("trap 'echo \"batch shell: SIGUSR2 received; the training tasks "
+                         "checkpoint and requeue\" >&2' USR2")
+
+
 def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
     """submitit `SlurmExecutor.update_parameters` keywords for a stage."""
     c = recipe.cluster
@@ -226,5 +238,6 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
     additional.update(c.additional)
     if stage.checkpointable:
         params["signal_delay_s"] = 90   # --signal=USR2@90: time to checkpoint before the limit
+        params["setup"] = [BATCH_SHELL_USR2_TRAP]
     params["additional_parameters"] = additional
     return {k: v for k, v in params.items() if v is not None}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from jobs.lease import Lease, TaskBusy, acquire as acquire_lease
 from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
@@ -67,6 +69,9 @@ def _requeue_self() -> None:
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
 
 
+_lease: Lease | None = None  # the running task's lease (run_task takes it; the loop beats it)
+
+
 def _train_checkpointable(train, recipe) -> dict:
     """Run a training function (`train(recipe, stop_requested=...)` → dict) so that SLURM's
     warning signal ends in a checkpoint and a requeue. SLURM sends USR2 90 s before the time
@@ -77,7 +82,13 @@ def _train_checkpointable(train, recipe) -> dict:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
-    result = train(recipe, stop_requested=stop.is_set)
+
+    def stop_requested() -> bool:  # called by the loop at every step boundary: the lease's heartbeat
+        if _lease is not None:
+            _lease.beat()
+        return stop.is_set()
+
+    result = train(recipe, stop_requested=stop_requested)
     if result.get("stopped"):
         _requeue_self()
         sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
@@ -175,6 +186,66 @@ def compile_cache_env(env=None) -> dict[str, str]:
     return out
 
 
+# PyTorch's NCCL flight recorder: a ring buffer of each rank's last collectives, written to a
+# file per rank when the watchdog finds a collective past the group's timeout (or another NCCL
+# error) — which rank stopped where, instead of the same "Watchdog caught collective operation
+# timeout" on every rank. The variables as torch reads them (torch/csrc/distributed/c10d/):
+# - TORCH_NCCL_TRACE_BUFFER_SIZE: entries kept; > 0 turns the recorder on (ProcessGroupNCCL.hpp;
+#   torch 2.13's FlightRecorder.hpp reads {"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"},
+#   the first one set winning, default 2000);
+# - TORCH_NCCL_DUMP_ON_TIMEOUT=1: dump on a watchdog timeout or NCCL error (ProcessGroupNCCL.cpp
+#   `dumpOnTimeoutOrEx_`: default false in older releases, true in newer; the .hpp: it needs
+#   TORCH_NCCL_ENABLE_MONITORING, on by default, and a buffer > 0);
+# - TORCH_NCCL_DEBUG_INFO_TEMP_FILE: the dump's path prefix, the rank appended (FlightRecorder's
+#   DebugInfoWriter: filename = prefix + rank; default /tmp/nccl_trace_rank_, the node's local
+#   disk, gone with the node; newer releases also read TORCH_FR_DUMP_TEMP_FILE, first).
+# Set explicitly, so the behaviour does not hang on the release's defaults; the prefix points into
+# the task's directory (shared storage, beside its logs): <task dir>/nccl_trace_<stage>_rank_<rank>,
+# read with `python -m torch.distributed.flight_recorder.fr_trace <task dir> --prefix
+# nccl_trace_<stage>_rank_`. torchtitan (torchtitan/distributed/utils.py `init_distributed`)
+# sets the same three, by their TORCH_FR_* names where they exist, before init_process_group.
+FLIGHT_RECORDER_BUFFER = 2000   # entries per rank (torch's FlightRecorder default, when enabled)
+_FLIGHT_RECORDER_NEWER = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "TORCH_FR_BUFFER_SIZE",
+                          "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "TORCH_FR_DUMP_TEMP_FILE"}
+_DUMP_NAME = re.compile(r"nccl_trace_([A-Za-z0-9]+)_rank_(\d+)")
+
+
+def flight_recorder_prefix(task_dir: Path, stage: str) -> Path:
+    """Where a task's ranks write their flight-recorder dumps: this path + the rank."""
+    return Path(task_dir).absolute() / f"nccl_trace_{stage}_rank_"
+
+
+def flight_recorder_env(task_dir: Path, stage: str, env=None) -> dict[str, str]:
+    """The NCCL flight recorder's variables for a task (see above), each only where neither it nor
+    its newer TORCH_FR_* name is set already (the user's choice stands). Set before any process
+    group exists: torch reads them when a group (its watchdog) starts and when it dumps."""
+    env = os.environ if env is None else env
+    wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": str(FLIGHT_RECORDER_BUFFER),
+              "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+              "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(flight_recorder_prefix(task_dir, stage))}
+    return {k: v for k, v in wanted.items() if k not in env and _FLIGHT_RECORDER_NEWER.get(k, k) not in env}
+
+
+def flight_recorder_dumps(task_dir: Path) -> list[Path]:
+    """The flight-recorder dumps in a task's directory (`nccl_trace_<stage>_rank_<rank>`, written by
+    ranks whose collective timed out; a later attempt of the task overwrites its own rank's), in
+    (stage, rank) order; [] when there are none or no such directory. Not recursive: an sft task's
+    directory inside its base task's holds its own. Torch-free (jobs/status.py calls it)."""
+    try:
+        entries = list(Path(task_dir).iterdir())
+    except OSError:
+        return []
+    found = [((m.group(1), int(m.group(2))), p) for p in entries
+             if (m := _DUMP_NAME.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def task_run_dir(run_dir: Path, stage: str, index: int) -> Path:
+    """The directory a task writes (its manifest entry's run_dir; the run directory if none)."""
+    task = read_manifest(run_dir)["stages"][stage]["tasks"][index]
+    return Path(task.get("run_dir") or run_dir)
+
+
 def run_task(run_dir: str, stage: str, index: int) -> dict:
     """The one callable every job runs (picklable, for submitit)."""
     # A job reports the device it has, never the launching process's (see nanochat.targets).
@@ -183,7 +254,21 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
     os.environ.update({NO_DOWNLOAD_ENV: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     # ... and compiles into this node's persistent cache (a requeue finds its kernels)
     os.environ.update(compile_cache_env())
-    return RUNNERS[stage](Path(run_dir), index)
+    # ... and a collective that times out leaves each rank's last collectives in the task's directory
+    task_dir = task_run_dir(Path(run_dir), stage, index)
+    os.environ.update(flight_recorder_env(task_dir, stage))
+    # ... and never runs a task another live job is running (jobs/lease.py)
+    global _lease
+    try:
+        _lease = acquire_lease(task_dir, stage, index)
+    except TaskBusy as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None  # one line, no traceback, no result: this job did nothing
+    try:
+        return RUNNERS[stage](Path(run_dir), index)
+    finally:
+        _lease.release()
+        _lease = None
 
 
 def main(argv: list[str]) -> int:

@@ -201,6 +201,7 @@ class ClusterArgs:
     array_parallelism: int = 8      # %P: array tasks running at once
     additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
     collective_timeout_min: float = 10.0  # process-group (NCCL/gloo) collective timeout; preparation, discovery and compile warm-up wait apart from it
+    init_timeout_min: float = 10.0        # process-group start-up timeout (rendezvous, group creation, first barrier); collectives after it get collective_timeout_min, which can then be lowered without failing slow starts
 
     @property
     def world_size(self) -> int:
@@ -477,9 +478,10 @@ def _validate_cluster(c: ClusterArgs) -> None:
     for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
         check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
     check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
-    check(isinstance(c.collective_timeout_min, (int, float)) and not isinstance(c.collective_timeout_min, bool)
-          and c.collective_timeout_min > 0, "cluster.collective_timeout_min",
-          f"must be a number of minutes > 0, got {c.collective_timeout_min!r}")
+    for k in ("collective_timeout_min", "init_timeout_min"):
+        v = getattr(c, k)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"cluster.{k}",
+              f"must be a number of minutes > 0, got {v!r}")
 
 
 def check_batch(v, key: str) -> None:

@@ -1,11 +1,13 @@
 """Joining the ranks of a distributed run, and waiting for each other without a collective.
 
 A collective (NCCL or gloo) gives up after the process group's timeout — the recipe's
-`cluster.collective_timeout_min` — and NCCL's watchdog then kills the job. Some waits are
-legitimately longer than any sensible collective timeout: local rank 0 downloading shards and
-training the tokenizer on a cold cache (`nanochat/dataset.py`), rank 0 probing batch sizes
-(`nanochat/batch_size.py`), a rank that compiles from a cold kernel cache while another finds a
-warm one (upstream nanochat's issue #722). Those waits go through the TCP key-value store the
+`cluster.collective_timeout_min` — and NCCL's watchdog then kills the job; the group's creation
+(ranks arriving, connections and communicators forming, a first barrier) has its own
+`cluster.init_timeout_min`. Some waits are legitimately longer than any sensible collective
+timeout: local rank 0 downloading shards and training the tokenizer on a cold cache
+(`nanochat/dataset.py`), rank 0 probing batch sizes (`nanochat/batch_size.py`), a rank that
+compiles from a cold kernel cache while another finds a warm one (upstream nanochat's issue
+#722). Those waits go through the TCP key-value store the
 process group was created from (MASTER_ADDR:MASTER_PORT), with their own long timeout:
 
 - it is already connected — a second gloo group would open new connections to the address the
@@ -83,17 +85,23 @@ def check_master_addr(rank: int, env=None) -> tuple[str, int]:
     return addr, port_n
 
 
-def join(rank: int, world_size: int, backend: str, timeout_min: float, device_id=None) -> None:
+def join(rank: int, world_size: int, backend: str, timeout_min: float, device_id=None,
+         init_timeout_min: float | None = None) -> None:
     """Rendezvous on MASTER_ADDR:MASTER_PORT, check every rank, create the default process
-    group on that store with a `timeout_min` collective timeout. Errors name rank and host."""
+    group on that store, meet in a first barrier on it, then give the group a `timeout_min`
+    collective timeout. Everything up to and including that barrier — ranks arriving, the
+    group's connections (gloo) or communicators (NCCL) forming — runs under `init_timeout_min`
+    (None: `timeout_min`): the recipe's cluster.init_timeout_min and collective_timeout_min.
+    Errors name rank and host."""
     global _RUN
     addr, port = check_master_addr(rank)
-    timeout = datetime.timedelta(minutes=timeout_min)
+    init_min = timeout_min if init_timeout_min is None else init_timeout_min
+    timeout = datetime.timedelta(minutes=init_min)
     try:
         store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     except RuntimeError as e:  # DistNetworkError/DistStoreError: unreachable, or ranks missing
         raise UserError(f"rank {rank} on {_host()}: rendezvous at {addr}:{port} failed within "
-                        f"{timeout_min:g} min ({_first_line(e)}); check that every rank runs with "
+                        f"{init_min:g} min ({_first_line(e)}); check that every rank runs with "
                         f"the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE={world_size}") from None
     # torchrun's agent store outlives a restarted worker group: key each attempt apart.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -102,6 +110,34 @@ def join(rank: int, world_size: int, backend: str, timeout_min: float, device_id
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                             world_size=world_size, timeout=timeout, device_id=device_id)
     _RUN = run
+    _first_barrier(run, device_id, init_min)
+    set_collective_timeout(datetime.timedelta(minutes=timeout_min))
+
+
+def _first_barrier(run: _Run, device_id, init_min: float) -> None:
+    """One barrier on the new group, under the init timeout: every rank has created it (an NCCL
+    communicator, if lazy, forms here) before any rank's collectives get the shorter timeout —
+    torchtitan's `set_pg_timeouts` waits the same way before lowering its timeouts."""
+    try:
+        if device_id is not None:   # NCCL: on the rank's GPU, and finished there
+            dist.barrier(device_ids=[device_id.index])
+            import torch
+            torch.cuda.synchronize(device_id)
+        else:
+            dist.barrier()
+    except RuntimeError as e:
+        raise UserError(f"rank {run.rank} on {run.host}: the first barrier of the process group "
+                        f"failed within {init_min:g} min (cluster.init_timeout_min) "
+                        f"({_first_line(e)})") from None
+
+
+def set_collective_timeout(timeout: datetime.timedelta, group=None) -> None:
+    """Give a process group (the default one: None) a new collective timeout. torchtitan lowers
+    its groups' timeouts after the first step the same way (torch.distributed.set_timeout in
+    newer torch; distributed_c10d._set_pg_timeout, which sets each backend's default timeout —
+    gloo and NCCL — in torch 2.13)."""
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(timeout, group)
 
 
 def _roll_call(run: _Run, timeout: datetime.timedelta) -> list[str]:

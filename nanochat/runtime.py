@@ -7,7 +7,8 @@ rules are decided once:
 - the compute dtype is `train.dtype` ("auto": bf16 autocast on CUDA, fp32 elsewhere; parameters
   stay fp32 in training); TF32 matmuls on CUDA;
 - the process group is NCCL on CUDA, gloo on CPU, created once (after a roll call of the ranks,
-  nanochat/rendezvous.py) with the recipe's cluster.collective_timeout_min, and always destroyed;
+  nanochat/rendezvous.py) under the recipe's cluster.init_timeout_min, then kept with its
+  cluster.collective_timeout_min for the collectives, and always destroyed;
 - CPU training keeps freed memory in the heap (`tune_cpu_allocator`);
 - MFU is measured against a datasheet peak on known GPUs, else a measured matmul.
 """
@@ -120,10 +121,11 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def setup_runtime(args: TrainArgs, tune_allocator: bool = True,
-                  timeout_min: float | None = None) -> Runtime:
+def setup_runtime(args: TrainArgs, tune_allocator: bool = True, timeout_min: float | None = None,
+                  init_timeout_min: float | None = None) -> Runtime:
     """`timeout_min`: the process group's collective timeout (the recipe's
-    cluster.collective_timeout_min; None = that field's default)."""
+    cluster.collective_timeout_min); `init_timeout_min`: the timeout of its creation, up to a
+    first barrier (cluster.init_timeout_min). None = that field's default."""
     info = dist_info_from_env()
     device_type = pick_device(args.device)
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -138,17 +140,27 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True,
     if info.is_distributed and not torch.distributed.is_initialized():
         # The store the group is made from also carries the long waits (nanochat/rendezvous.py).
         backend = "nccl" if device.type == "cuda" else "gloo"
-        rendezvous.join(info.rank, info.world_size, backend,
-                        ClusterArgs().collective_timeout_min if timeout_min is None else timeout_min,
-                        device_id=device if device.type == "cuda" else None)
+        collective, init = group_timeouts_min(timeout_min, init_timeout_min)
+        rendezvous.join(info.rank, info.world_size, backend, collective,
+                        device_id=device if device.type == "cuda" else None, init_timeout_min=init)
     torch.manual_seed(args.seed)
     return Runtime(info, device, compute_dtype(device, args.dtype))
 
 
+def group_timeouts_min(timeout_min: float | None = None,
+                       init_timeout_min: float | None = None) -> tuple[float, float]:
+    """(collective, init) timeouts of the process group in minutes: the values given, each None
+    replaced by its ClusterArgs default."""
+    defaults = ClusterArgs()
+    return (defaults.collective_timeout_min if timeout_min is None else timeout_min,
+            defaults.init_timeout_min if init_timeout_min is None else init_timeout_min)
+
+
 def recipe_runtime(recipe: Recipe, tune_allocator: bool = True) -> Runtime:
-    """setup_runtime for a recipe's stage or benchmark: its train section and its
-    cluster.collective_timeout_min (under torchrun/srun a bench is distributed like training)."""
-    return setup_runtime(recipe.train, tune_allocator, recipe.cluster.collective_timeout_min)
+    """setup_runtime for a recipe's stage or benchmark: its train section and its cluster's
+    collective and init timeouts (under torchrun/srun a bench is distributed like training)."""
+    return setup_runtime(recipe.train, tune_allocator, recipe.cluster.collective_timeout_min,
+                         recipe.cluster.init_timeout_min)
 
 
 def teardown_runtime(rt: Runtime) -> None:
@@ -161,9 +173,9 @@ def teardown_runtime(rt: Runtime) -> None:
 
 
 @contextlib.contextmanager
-def runtime(args: TrainArgs, timeout_min: float | None = None):
+def runtime(args: TrainArgs, timeout_min: float | None = None, init_timeout_min: float | None = None):
     """setup_runtime … teardown_runtime around a stage (the process group always destroyed)."""
-    rt = setup_runtime(args, timeout_min=timeout_min)
+    rt = setup_runtime(args, timeout_min=timeout_min, init_timeout_min=init_timeout_min)
     try:
         yield rt
     finally:

@@ -3,6 +3,7 @@
 collective timeout still trains and agrees; local rank 0's slow preparation and rank 0's
 discovery answer wait in the store, not in a collective; a dead rank, an unresolvable
 MASTER_ADDR and mismatched world sizes are one line naming rank and host, never a hang."""
+import datetime
 import faulthandler
 import json
 import os
@@ -353,12 +354,69 @@ def test_the_injected_warm_up_delay_is_parsed_per_rank():
         injected_delay(0, {"NANOCHAT_WARMUP_DELAY_S": "8"})
 
 
-def test_collective_timeout_is_a_validated_recipe_field():
-    assert Recipe().cluster.collective_timeout_min == 10.0
-    assert recipe_from_dict({"cluster": {"collective_timeout_min": 0.5}}).cluster.collective_timeout_min == 0.5
-    for bad in (0, -1, "ten"):
-        with pytest.raises(UserError, match="cluster.collective_timeout_min"):
-            recipe_from_dict({"cluster": {"collective_timeout_min": bad}})
+@pytest.mark.parametrize("key", ["collective_timeout_min", "init_timeout_min"])
+def test_the_timeouts_are_validated_recipe_fields(key):
+    assert getattr(Recipe().cluster, key) == 10.0
+    assert getattr(recipe_from_dict({"cluster": {key: 0.5}}).cluster, key) == 0.5
+    for bad in (0, -1, "ten", True):
+        with pytest.raises(UserError, match=f"cluster.{key}"):
+            recipe_from_dict({"cluster": {key: bad}})
+
+
+def _group_timeout() -> datetime.timedelta:
+    """The default (gloo) group's collective timeout, as its backend holds it."""
+    group = torch.distributed.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device("cpu")).options._timeout
+
+
+def test_the_group_is_created_under_the_init_timeout_and_keeps_the_collective_one(monkeypatch):
+    """One gloo rank: the group is created (and meets its first barrier) with
+    cluster.init_timeout_min, then holds cluster.collective_timeout_min for its collectives."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    created = []
+    real = torch.distributed.init_process_group
+
+    def init_process_group(*args, **kwargs):
+        created.append(kwargs["timeout"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    rendezvous.join(0, 1, "gloo", timeout_min=0.5, init_timeout_min=20)
+    try:
+        after = _group_timeout()
+        torch.distributed.all_reduce(torch.ones(1))
+    finally:
+        torch.distributed.destroy_process_group()
+        rendezvous.leave()
+    assert created == [datetime.timedelta(minutes=20)]
+    assert after == datetime.timedelta(seconds=30)
+
+
+def test_a_rank_that_never_comes_fails_the_join_within_the_init_timeout(monkeypatch):
+    """Rank 1 of 2 never starts: rank 0 gives up after the 3 s init timeout, not the 10 min
+    collective one, in one line naming it."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"^rank 0 on .*: rendezvous at 127.0.0.1:\d+ failed within 0.05 min"):
+        rendezvous.join(0, 2, "gloo", timeout_min=10, init_timeout_min=SHORT_TIMEOUT_MIN)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_stages_pass_the_recipes_two_timeouts(monkeypatch):
+    """recipe_runtime (benchmarks) hands the recipe's collective and init timeouts to the
+    rendezvous; runtime() without them uses the ClusterArgs defaults."""
+    from nanochat.runtime import group_timeouts_min, recipe_runtime
+    calls = []
+    monkeypatch.setattr(rendezvous, "join", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = recipe_from_dict({"cluster": {"collective_timeout_min": 2, "init_timeout_min": 30},
+                               "train": {"device": "cpu"}})
+    recipe_runtime(recipe, tune_allocator=False)
+    (args, kwargs), = calls
+    assert args == (0, 2, "gloo", 2.0) and kwargs["init_timeout_min"] == 30.0
+    assert group_timeouts_min() == (10.0, 10.0) and group_timeouts_min(1, None) == (1, 10.0)
 
 
 def test_one_process_waits_are_no_ops():

@@ -122,6 +122,53 @@ def run_task_json(run_dir, stage, index) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+FLIGHT_RECORDER_VARS = ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+                        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE")
+
+
+def test_jobs_turn_on_the_nccl_flight_recorder_into_the_task_directory(tiny_recipe, tmp_path, monkeypatch):
+    """run_task sets the flight recorder's variables before the stage runs (before any process
+    group), the dump prefix inside the task's own directory; what the user set stands; and
+    flight_recorder_dumps lists the files the ranks wrote there, by rank."""
+    from jobs import tasks
+    from nanochat.recipe import save_resolved_recipe
+    recipe = recipe_from_dict({**tiny_recipe, "stages": ["base", "sft"]})
+    run = tmp_path / "runs" / "t"
+    plan = build_plan(recipe, run)
+    run.mkdir(parents=True)
+    save_resolved_recipe(recipe, run / "recipe.yaml")
+    run_manifest.save_manifest(run, run_manifest.new_manifest(plan, "local"))
+    seen = {}
+    for stage in ("base", "sft"):
+        monkeypatch.setitem(tasks.RUNNERS, stage, lambda run_dir, index, stage=stage: seen.update(
+            {stage: {k: os.environ.get(k) for k in FLIGHT_RECORDER_VARS}}) or {})
+    for k in FLIGHT_RECORDER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    tasks.run_task(str(run), "base", 0)
+    base_dir = run / "base" / "000"
+    assert seen["base"] == {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(base_dir / "nccl_trace_base_rank_"),
+                            "TORCH_FR_BUFFER_SIZE": None, "TORCH_FR_DUMP_TEMP_FILE": None}
+    # the user's own values (old or new names) stand; the sft task writes into its own directory
+    for k in FLIGHT_RECORDER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")
+    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/scratch/me/fr_")
+    assert tasks.flight_recorder_env(base_dir / "sft", "sft") == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    monkeypatch.delenv("TORCH_FR_DUMP_TEMP_FILE")
+    tasks.run_task(str(run), "sft", 0)
+    assert seen["sft"]["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
+    assert seen["sft"]["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(base_dir / "sft" / "nccl_trace_sft_rank_")
+    # the dumps: one file per rank (prefix + rank), found in rank order; nothing else matches
+    assert tasks.flight_recorder_dumps(base_dir) == [] and tasks.flight_recorder_dumps(tmp_path / "none") == []
+    (base_dir / "sft").mkdir(parents=True, exist_ok=True)  # (the sft task took its lease there)
+    for name in ("nccl_trace_base_rank_10", "nccl_trace_base_rank_2", "nccl_trace_base_rank_0",
+                 "nccl_trace_base_rank_x", "progress.jsonl", "sft/nccl_trace_sft_rank_0"):
+        (base_dir / name).write_bytes(b"\x80")
+    assert tasks.flight_recorder_dumps(base_dir) == [base_dir / f"nccl_trace_base_rank_{r}" for r in (0, 2, 10)]
+    assert tasks.flight_recorder_dumps(base_dir / "sft") == [base_dir / "sft" / "nccl_trace_sft_rank_0"]
+
+
 def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs",
                      "stages=[base,sweep,report]", "grid={train.seed: [1, 2]}")
