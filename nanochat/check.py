@@ -199,7 +199,7 @@ def run_check(recipe, opts, out_path: Path) -> dict:
     try:
         # the rendezvous (roll call, process group: NCCL on CUDA, gloo on CPU) with the check's
         # timeout for the store's waits and the collectives alike
-        rt = setup_runtime(recipe.train, timeout_min=opts.timeout / 60)
+        rt = setup_runtime(recipe.train, timeout_min=opts.timeout / 60, init_timeout_min=opts.timeout / 60)
         gate = Gate(info, opts.timeout)
         fail = lambda phase: _maybe_fail(opts, info, phase)  # noqa: E731
         infos = gate.meet("info", *_attempt(lambda: (fail("info"), rank_info(rt, info))[1]))

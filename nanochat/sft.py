@@ -131,7 +131,7 @@ def sft_data(recipe: Recipe, tokenizer: Tokenizer, seq: int) -> tuple:
 
 
 def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    with runtime(recipe.train, recipe.cluster.collective_timeout_min) as rt:
+    with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
         return _train_sft(recipe, rt, fresh, stop_requested)
 
 

@@ -62,7 +62,7 @@ def run_horizon(recipe: Recipe, steps: int, vocab_size: int) -> Horizon:
 
 
 def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
-    with runtime(recipe.train, recipe.cluster.collective_timeout_min) as rt:
+    with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
         return _train_base(recipe, rt, fresh, stop_requested)
 
 

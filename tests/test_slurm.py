@@ -140,13 +140,16 @@ def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, t
     run = tmp_path / "runs" / "s"
     try:
         assert res.returncode == 0, res.stderr
-        ids = {s: v["job_id"] for s, v in json.loads((run / "manifest.json").read_text())["stages"].items()}
+        manifest = json.loads((run / "manifest.json").read_text())
+        ids = {s: v["job_id"] for s, v in manifest["stages"].items()}
         scripts = dict(part.split("\n", 1) for part in dry.stdout.split("# ===== stage ")[1:])
         for head, text in scripts.items():
             stage = head.split(":")[0]
             text = text.split("\n# dry run:")[0].rstrip("\n") + "\n"
             for up, job in ids.items():
                 text = text.replace(f"<{up} job id>", job)
+            # the snapshot's directory is named once it is taken (by its content)
+            text = text.replace(str(run / "code" / "SNAPSHOT"), manifest["code"]["snapshot"])
             text = re.sub(r"--dependency='([^']*)'", r"--dependency=\1", text)  # quoted only for the <>
             submitted = (run / "slurm" / ids[stage] / f"{ids[stage]}_submission.sh").read_text()
             assert text == submitted, (stage, text, submitted)
