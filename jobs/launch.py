@@ -347,6 +347,8 @@ def _check_resumable(run_dir: Path, mode: str, only: list[str] | None) -> dict:
 
 def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
     run_dir, recipe = plan.run_dir, plan.recipe
+    # asked again, not reused from main's early check: preparing may have taken minutes, in
+    # which jobs of the run started or ended
     manifest = _check_resumable(run_dir, mode, args.only_stages) if mode != "new" else None
     if manifest:
         add_missing_stages(manifest, plan)

@@ -72,9 +72,9 @@ def _eval_cells(result: dict | None) -> dict:
     return cells
 
 
-def collect(run_dir: Path) -> list[dict]:
+def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
     """One row per task index (grid combination), with the cells of every stage it has."""
-    stages = read_manifest(run_dir)["stages"]
+    stages = (manifest or read_manifest(run_dir))["stages"]
     rows: dict[int, dict] = {}
     for name in ("base", "sft", "eval", "sweep"):
         for task in stages.get(name, {}).get("tasks", []):
@@ -248,9 +248,9 @@ def _tracking_lines(rows: list[dict]) -> list[str]:
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    refresh(run_dir)  # the task states as the scheduler knows them now
-    rows = collect(run_dir)
-    cols = columns(read_manifest(run_dir)["stages"], rows)
+    manifest = refresh(run_dir)  # the task states as the scheduler knows them now
+    rows = collect(run_dir, manifest)
+    cols = columns(manifest["stages"], rows)
     with atomic_path(run_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["run_dir"], extrasaction="ignore")
         w.writeheader()

@@ -73,8 +73,9 @@ def collect(run_dir: Path) -> list[dict]:
         r["why"] = cancel_reason(manifest, r["stage"], r["task"], lambda st, i: states.get((st, i)),
                                  r["cancelled_by"]) if r["state"] == CANCELLED else ""
         ended_badly = r["state"] in FINAL - {DONE, CANCELLED}
-        r["stderr"] = _stderr_tail(run_dir, r["stage"], _task(manifest, r)) if ended_badly else []
-        task_dir = Path(_task(manifest, r)["run_dir"])
+        task = _task(manifest, r)
+        r["stderr"] = _stderr_tail(run_dir, r["stage"], task) if ended_badly else []
+        task_dir = Path(task["run_dir"])
         r["nccl_dumps"] = [str(p) for p in flight_recorder_dumps(task_dir)
                            if p.name.startswith(f"nccl_trace_{r['stage']}_")]
     return rows
