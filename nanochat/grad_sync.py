@@ -40,6 +40,7 @@ for trying a cluster's timeouts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 
@@ -64,17 +65,36 @@ def training_model(model: torch.nn.Module, rt: Runtime, args: TrainArgs,
     if rt.dist.is_distributed and overlap:
         rendezvous.barrier("every rank's model, before DDP's first broadcast")
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True,
-                    # buffers (rotary tables) are computed alike on every rank, never trained:
-                    # synced once at construction, not before every forward
-                    forward_sync_buffers=False)
+                    gradient_as_bucket_view=True, **no_forward_buffer_sync())
     return maybe_compile(model, args)
+
+
+def no_forward_buffer_sync(ddp_parameters=None) -> dict:
+    """DDP's switch that stops it broadcasting buffers before every forward: the buffers (rotary
+    tables) are computed alike on every rank and never trained, so they are synced once, at
+    construction. torch 2.13 added `forward_sync_buffers` and deprecates `broadcast_buffers`
+    for it; the torch floor this project declares (pyproject.toml) has only the old name —
+    passing the new one there is a TypeError when DDP is built. `ddp_parameters`: the names
+    DDP's constructor takes (default: the installed torch's)."""
+    if ddp_parameters is None:
+        ddp_parameters = inspect.signature(DDP.__init__).parameters
+    if "forward_sync_buffers" in ddp_parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def ddp_of(step_model: torch.nn.Module) -> DDP | None:
     """The DDP wrapper inside `step_model` (compiled or not), or None."""
     inner = getattr(step_model, "_orig_mod", step_model)
     return inner if isinstance(inner, DDP) else None
+
+
+def clear_to_none(step_model: torch.nn.Module) -> bool:
+    """How the step clears gradients (optim.optimizer_step's `set_to_none`): in place under
+    DDP, whose `.grad`s are views into its buckets (`gradient_as_bucket_view`) and must stay
+    so — dropped, the next no_sync micro-steps would allocate a second copy beside the
+    buckets; dropped otherwise (frees them between steps)."""
+    return ddp_of(step_model) is None
 
 
 def micro_step_context(step_model: torch.nn.Module, communicate: bool):

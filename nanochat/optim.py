@@ -494,12 +494,18 @@ def _check_same_switches(opt: "Muon", state: dict) -> None:
                             f"optim.variance_reduction={str(then).lower()} or use another run_dir")
 
 
-def optimizer_step(params, optimizers: list, grad_clip: float) -> None:
-    """Clip, step every optimizer, drop the gradients: the training step's update, shared with
-    batch-size discovery's probes so they measure exactly what training runs."""
+def optimizer_step(params, optimizers: list, grad_clip: float, set_to_none: bool = True) -> None:
+    """Clip, step every optimizer, clear the gradients: the training step's update, shared with
+    batch-size discovery's probes so they measure exactly what training runs.
+
+    `set_to_none=False` under DDP with `gradient_as_bucket_view`: each `.grad` is then a view
+    into DDP's bucket, zeroed in place, and the next accumulation micro-steps (under no_sync)
+    add into it. Dropped gradients (None) would make those micro-steps allocate fresh ones
+    beside the buckets — a second fp32 copy of every gradient that the single-process
+    discovery probe (no DDP, no buckets: one copy) never measures."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)

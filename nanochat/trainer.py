@@ -21,7 +21,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
 from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.grad_sync import finish_step_sync, micro_step_context, warm_up
+from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
 from nanochat.plots import plot_progress, read_jsonl
 from nanochat.runtime import Runtime, mfu_percent, peak_flops
@@ -293,7 +293,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             else:
                 loss_sum, x, y, next_state = _micro_steps(step_model, batches, x, y, accum, rt)
             finish_step_sync(step_model, params, rt, overlapped=not watched)
-            optimizer_step(params, optimizers, args.grad_clip)
+            optimizer_step(params, optimizers, args.grad_clip,
+                           set_to_none=clear_to_none(step_model))
             if watched:
                 rec, batches, nx, ny = check_after_step(check, rt, step, batches, next_state)
                 logger.write(rec)

@@ -18,7 +18,8 @@ from nanochat import checkpoint as ckpt
 from nanochat import rendezvous
 from nanochat.common import UserError
 from nanochat.config import Recipe
-from nanochat.grad_sync import finish_step_sync, injected_delay, training_model
+from nanochat.grad_sync import (clear_to_none, ddp_of, finish_step_sync, injected_delay,
+                                no_forward_buffer_sync, training_model)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import OptimArgs, build_optimizers, optimizer_step
 from nanochat.recipe import recipe_from_dict
@@ -103,13 +104,78 @@ def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
     for _ in range(3):
         loss_sum, x, y, _ = _micro_steps(step_model, batches, x, y, 2, rt, overlap=overlap)
         finish_step_sync(step_model, params, rt, overlapped=overlap)
-        optimizer_step(params, opts, 1.0)
+        optimizer_step(params, opts, 1.0, set_to_none=clear_to_none(step_model))
     torch.save({k: v.clone() for k, v in model.state_dict().items()},
                os.path.join(out_dir, f"w{rank}_{int(overlap)}.pt"))
     _write(out_dir, rank, {"ddp": type(getattr(step_model, "_orig_mod", step_model)).__name__})
     del step_model  # the DDP wrapper ends before its process group (it hung at exit in CI)
     _leave()
     os._exit(0)  # results are on disk; don't wait on the compile workers' or reducer's teardown
+
+
+def _bucket_view_worker(rank, port, out_dir):
+    """Two accumulation steps under DDP as the training loop runs them; records, per step,
+    whether every gradient after the first (no_sync) micro-step lies in DDP's buckets."""
+    _join(rank, port, timeout_min=2)
+    rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    opts = build_optimizers(model.param_groups(), OptimArgs(), 64, all_params=model.parameters())
+    from nanochat.config import TrainArgs
+    step_model = training_model(model, rt, TrainArgs(compile=False))
+    batches = _Batches(rank, 256)
+    x, y = next(batches)
+    params = list(model.parameters())
+    in_buckets = []
+    for _ in range(3):
+        loss_sum, x, y, _ = _micro_steps(step_model, batches, x, y, 2, rt)
+        finish_step_sync(step_model, params, rt, overlapped=True)
+        # after the synced backward every .grad is a view into a bucket (gradient_as_bucket_view)
+        buckets = {p.grad.untyped_storage().data_ptr() for p in params}
+        optimizer_step(params, opts, 1.0, set_to_none=clear_to_none(step_model))
+        with ddp_of(step_model).no_sync():  # the next step's first micro-step
+            step_model(x, y).backward()
+        in_buckets.append(all(p.grad is not None and p.grad.untyped_storage().data_ptr() in buckets
+                              for p in params))
+        for p in params:  # this probe's gradient must not leak into the next step
+            p.grad.zero_()
+    _write(out_dir, rank, {"in_buckets": in_buckets})
+    del step_model
+    _leave()
+    os._exit(0)
+
+
+def test_accumulation_under_ddp_adds_into_the_buckets_not_beside_them(tmp_path):
+    """After the optimizer step, DDP's gradients are cleared in place, so the next step's
+    no_sync micro-steps accumulate into the bucket views. Dropping them (set_to_none) made
+    those micro-steps allocate a second fp32 copy of every gradient beside the buckets —
+    memory the single-process discovery probe never saw."""
+    port = _free_port()
+    codes = _spawn(_bucket_view_worker, lambda r: (port, str(tmp_path)))
+    assert codes == [0, 0], f"exit codes {codes}"
+    for r, rec in enumerate(_read(tmp_path)):
+        # the first synced step rebuilds the buckets (DDP's bucket order), so it is not counted
+        assert rec["in_buckets"][1:] == [True] * 2, f"rank {r}: gradients outside DDP's buckets"
+
+
+def test_ddp_buffer_switch_exists_in_every_allowed_torch():
+    """DDP's `forward_sync_buffers` exists from torch 2.13 only (it deprecates
+    `broadcast_buffers`): the floor torch gets the old name, newer ones the new name, and the
+    installed torch accepts what it is given without a deprecation warning."""
+    import inspect
+    import warnings
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # DDP.__init__'s parameters in torch 2.5.1 (torch/nn/parallel/distributed.py, v2.5.1)
+    floor = ["self", "module", "device_ids", "output_device", "dim", "broadcast_buffers",
+             "init_sync", "process_group", "bucket_cap_mb", "find_unused_parameters",
+             "check_reduction", "gradient_as_bucket_view", "static_graph",
+             "delay_all_reduce_named_params", "param_to_hook_all_reduce", "mixed_precision",
+             "device_mesh"]
+    assert no_forward_buffer_sync(floor) == {"broadcast_buffers": False}
+    assert no_forward_buffer_sync(floor + ["forward_sync_buffers"]) == {"forward_sync_buffers": False}
+    kwargs = no_forward_buffer_sync()
+    assert set(kwargs) <= set(inspect.signature(DDP.__init__).parameters)
 
 
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
