@@ -82,7 +82,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     m = m.expand(m.size(0), 1, T, L).unsqueeze(2).expand(m.size(0), 1, G, T, L)
     y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v,
                                        attn_mask=m.reshape(m.size(0), 1, G * T, L))
-    return y.view(B, H, T, D)
+    # reshape, not view: CUDA's memory-efficient kernel returns a transposed layout
+    return y.reshape(B, H, T, D)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -41,6 +41,27 @@ def test_folded_gqa_attention_equals_repeated_kv_heads(T, mask_shape):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_folded_gqa_attention_takes_sdpa_output_in_any_layout(T, monkeypatch):
+    """CUDA's memory-efficient SDPA kernel returns its output as a transposed layout of
+    (B, Hkv, G·T, D) — (B, G·T, Hkv, D) in memory. Unfolding the groups from such a tensor
+    cannot be a view (Hkv and G do not merge): the fold must reshape. Here the CPU's SDPA is
+    made to hand back the same values in that layout."""
+    sdpa = F.scaled_dot_product_attention
+
+    def transposed_layout(*args, **kw):
+        y = sdpa(*args, **kw)
+        return y.transpose(1, 2).contiguous().transpose(1, 2)  # same values, CUDA's strides
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 2, 8, 2, 9, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    mask = torch.ones(T, L, dtype=torch.bool).tril(diagonal=L - T)
+    expected = attention(q, k, v, mask)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", transposed_layout)
+    torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=0, atol=0)
+
+
 def test_unmasked_attention_keeps_sdpa_causal_path():
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
