@@ -120,6 +120,20 @@ def graph_cache_len(needed: int, limit: int) -> int:
     return min(-(-needed // CACHE_STEP) * CACHE_STEP, limit)
 
 
+WARM_UP_STEPS = 2  # before a CUDA-graph capture (PyTorch docs warm up on a side stream)
+
+
+def warm_up(cache: KVCache, run_step: Callable, steps: int = WARM_UP_STEPS) -> None:
+    """Run the decode step `steps` times and leave the cache exactly as it was. The steps write
+    K/V at each row's next positions; in a sliding-window layer's ring the slot of position
+    p + 1 still holds p + 1 - W, a key the real step at p reads, so restoring only the row
+    state (as before) corrupted the first real step whenever a prompt had filled the ring."""
+    saved = cache.save_decode_writes(steps)
+    for _ in range(steps):
+        run_step()
+    cache.restore_decode_writes(saved, steps)
+
+
 class Engine:
     """Batched generation with a static KV cache for one model (see the module docstring).
 
@@ -224,23 +238,19 @@ class Engine:
 
     def _capture(self, cache: KVCache) -> None:
         """Record the decode step in a CUDA graph (PyTorch docs, "CUDA Graphs": warm up on a side
-        stream, then capture). Warm-up steps really run, so the per-row state is saved and put
-        back; what they wrote into the cache lies at or after each row's position, where the real
-        step writes before any row can attend to it."""
+        stream, then capture). The warm-up steps really run and write into the cache, so
+        `warm_up` puts back everything they overwrite (rings included), and the capture itself
+        records without running."""
         B = cache.batch_size
         self._static_tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        saved = cache.row_pos.clone(), cache.row_prev.clone()
         # torch.cuda.graph() captures on the *current* device's stream: the model's device
         # must be current (a model on cuda:1 captured from cuda:0 reads stale tokens)
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step_call(B)(self._static_tok, cache, None)
+                warm_up(cache, lambda: self._step_call(B)(self._static_tok, cache, None))
             torch.cuda.current_stream(self.device).wait_stream(side)
-            cache.row_pos.copy_(saved[0])
-            cache.row_prev.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._static_logits = self._step_call(B)(self._static_tok, cache, None)

@@ -130,6 +130,38 @@ class KVCache:
         self.row_prev.copy_(last_tokens)
         self.prefill_lens = None
 
+    def save_decode_writes(self, steps: int) -> list[torch.Tensor]:
+        """What the next `steps` per-row decode steps will overwrite: each row's state, every
+        ring (a step at p writes slot p mod W, which still holds p - W: a key the steps before p
+        read) and the full layers' positions row_pos .. row_pos + steps - 1. For warm-up steps
+        that must leave no trace (engine.warm_up); `restore_decode_writes` puts it back."""
+        B = self.batch_size
+        rows = torch.arange(B, device=self.row_pos.device)
+        saved = [self.row_pos.clone(), self.row_prev.clone()]
+        for s in range(steps):
+            pos = (self.row_pos + s).clamp(max=self.max_len - 1)
+            saved += [self.k[:, rows, :, pos].clone(), self.v[:, rows, :, pos].clone()]
+        if self.k_ring is not None:
+            saved += [self.k_ring.clone(), self.v_ring.clone()]
+        return saved
+
+    def restore_decode_writes(self, saved: list[torch.Tensor], steps: int) -> None:
+        """Undo the steps since `save_decode_writes(steps)`, in place (the buffers a CUDA graph
+        holds stay the same tensors). Writes go back in reverse order, so a position the steps
+        wrote twice (clamped at max_len - 1) gets its first saved value."""
+        B = self.batch_size
+        rows = torch.arange(B, device=self.row_pos.device)
+        pos0 = saved[0]
+        if self.k_ring is not None:
+            self.k_ring.copy_(saved[-2])
+            self.v_ring.copy_(saved[-1])
+        for s in reversed(range(steps)):
+            pos = (pos0 + s).clamp(max=self.max_len - 1)
+            self.k[:, rows, :, pos] = saved[2 + 2 * s]
+            self.v[:, rows, :, pos] = saved[3 + 2 * s]
+        self.row_pos.copy_(saved[0])
+        self.row_prev.copy_(saved[1])
+
     def reset(self) -> None:
         self.pos = 0
         self.prev_token = None

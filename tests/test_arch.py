@@ -225,6 +225,41 @@ def test_engine_greedy_equals_naive_greedy_with_every_switch(ring):
         assert rows[2 * i] == naive and rows[2 * i + 1] == naive, f"prompt {i}"
 
 
+@pytest.mark.parametrize("ring", [True, False])
+def test_cuda_graph_warm_up_leaves_the_cache_as_it_was(ring):
+    """The warm-up before a CUDA-graph capture (engine.warm_up) really runs two decode steps.
+    Ragged prompts, one that has filled its ring: after the warm-up every cache tensor and row
+    state is as before, and the decode that follows equals one with no warm-up. Restoring only
+    the row state left the second warm-up step's K/V in the ring slot that still holds the
+    window's oldest key — read by the first real step."""
+    from nanochat.engine import warm_up
+    model = model_with(**ALL_ON)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (W + 40, W - 1, 7)]
+    tok = torch.tensor([[5], [6], [7]])
+
+    def prefilled():
+        engine = Engine(model, ring=ring)
+        cache = engine._ensure_cache(3, 300)
+        with torch.no_grad():
+            engine._prefill(prompts, 1, cache)
+        return engine, cache
+
+    engine, cache = prefilled()
+    tensors = lambda c: [t.clone() for t in (c.k, c.v, c.k_ring, c.v_ring, c.row_pos, c.row_prev)
+                         if t is not None]
+    before = tensors(cache)
+    with torch.no_grad():
+        warm_up(cache, lambda: engine._step_call(3)(torch.zeros(3, 1, dtype=torch.long), cache, None))
+        for a, b in zip(before, tensors(cache)):
+            assert torch.equal(a, b), "the warm-up left a trace in the cache"
+        after_warm_up = [engine._step_call(3)(tok, cache, None) for _ in range(3)]
+        engine2, cache2 = prefilled()
+        plain = [engine2._step_call(3)(tok, cache2, None) for _ in range(3)]
+    for a, b in zip(after_warm_up, plain):
+        assert torch.equal(a, b)
+
+
 def test_ring_buffers_hold_only_the_window():
     model = model_with(window_pattern="SSSL", n_layer=4)
     per_pos = 2 * 2 * 8 * 4  # k and v, 2 kv heads of 8, 4 bytes
