@@ -237,7 +237,10 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
                                     ("constraint", c.constraint)) if v}
     additional.update(c.additional)
     if stage.checkpointable:
-        params["signal_delay_s"] = 90   # --signal=USR2@90: time to checkpoint before the limit
+        # --signal=USR2@lead: time to agree, checkpoint and requeue before the limit; --requeue:
+        # sites with JobRequeue=0 refuse `scontrol requeue` for jobs submitted without it
+        params["signal_delay_s"] = c.signal_lead_s
         params["setup"] = [BATCH_SHELL_USR2_TRAP]
+        additional["requeue"] = True
     params["additional_parameters"] = additional
     return {k: v for k, v in params.items() if v is not None}

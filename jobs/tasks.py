@@ -90,9 +90,25 @@ def _train_checkpointable(train, recipe) -> dict:
 
     result = train(recipe, stop_requested=stop_requested)
     if result.get("stopped"):
+        refuse_another_requeue(recipe, result)
         _requeue_self()
         sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
     return result
+
+
+def refuse_another_requeue(recipe, result: dict, env=None) -> None:
+    """A task stopped on SLURM's warning signal requeues itself at most cluster.max_requeues
+    times (SLURM counts them in SLURM_RESTART_COUNT): a task that can never finish — a time
+    limit shorter than what the steps between checkpoints need, a partition that preempts it
+    every time — fails with one line instead of cycling through the queue forever."""
+    env = os.environ if env is None else env
+    done = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    cap = recipe.cluster.max_requeues
+    if done >= cap:
+        raise UserError(f"stopped at step {result.get('step')} by SLURM's warning signal after "
+                        f"{done} requeue{'s' if done != 1 else ''} (cluster.max_requeues={cap}); "
+                        "its checkpoint is saved: raise cluster.time_min or cluster.max_requeues and "
+                        "continue with `python jobs/launch.py --resume RUN_DIR`")
 
 
 def run_base(run_dir: Path, index: int) -> dict:

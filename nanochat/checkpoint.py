@@ -2,12 +2,20 @@
 
     run_dir/checkpoints/step_000100/
         model.pt            model state dict (rank 0)
-        optim_rank0.pt ...  optimizer state of each rank (Muon shards its work across ranks)
+        optim.pt            optimizer state (rank 0; identical on every rank, see below)
         meta.json           step, loader states of all ranks, model config, recipe, git commit
         rng_rank0.pt ...    RNG states of each rank
 
-All files are written into `step_000100.tmp-<pid>` and the directory is renamed when complete, so
-a crash mid-save leaves no checkpoint that looks finished. Tensors load with weights_only=True.
+The optimizer state is written once: AdamW steps every parameter on every rank, and Muon, which
+shares out its orthogonalization, keeps the momentum (and variance-reduction moments) of every
+parameter on every rank and broadcasts each result from its owner (optim.Muon), so all ranks
+hold the same state bit for bit. Writing it per rank cost world_size × its size (≈73 GB per
+save at d24 on 8 ranks) on shared storage, inside the time limit's warning lead. Checkpoints
+written before this (optim_rank0.pt ...) still load.
+
+All files are written into `step_000100.tmp`, flushed to disk (fsync), and the directory is
+renamed when complete, so a crash mid-save — or a node losing power after it — leaves no
+checkpoint that looks finished. Tensors load with weights_only=True.
 
 This module also says whose a run directory is: a standalone run (`python -m nanochat.train`
 writes checkpoints/, run.json, progress.jsonl at its top) or a run of the launcher (jobs/launch.py
@@ -123,19 +131,41 @@ def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimize
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier(world_size)
-    torch.save([o.state_dict() for o in optimizers], tmp / f"optim_rank{rank}.pt")
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:  # the same on every rank (module docstring)
+        _save_synced(torch, [o.state_dict() for o in optimizers], tmp / OPTIM_FILE)
+    _save_synced(torch, rng_state(), tmp / f"rng_rank{rank}.pt")
     barrier(world_size)
     if rank == 0:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        _save_synced(torch, model.state_dict(), tmp / "model.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size})
+        _fsync(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(world_size)
     return final
+
+
+OPTIM_FILE = "optim.pt"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_synced(torch, obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _load(path: Path, what: str):
@@ -212,6 +242,10 @@ def saved_model_config(ckpt: Path, saved: dict | None, current: dict) -> dict | 
 
 
 def load_training_state(ckpt: Path, rank: int) -> tuple[list, dict]:
-    """(optimizer state dicts, RNG state) of one rank."""
+    """(optimizer state dicts, RNG state) of one rank. The optimizer state is the one file
+    every rank shares, or — in a checkpoint written before that — the rank's own."""
     ckpt = Path(ckpt)
-    return _load(ckpt / f"optim_rank{rank}.pt", "optimizer"), _load(ckpt / f"rng_rank{rank}.pt", "rng")
+    optim = ckpt / OPTIM_FILE
+    if not optim.exists() and (ckpt / f"optim_rank{rank}.pt").exists():
+        optim = ckpt / f"optim_rank{rank}.pt"
+    return _load(optim, "optimizer"), _load(ckpt / f"rng_rank{rank}.pt", "rng")

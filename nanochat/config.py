@@ -201,6 +201,8 @@ class ClusterArgs:
     array_parallelism: int = 8      # %P: array tasks running at once
     additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
     collective_timeout_min: float = 10.0  # process-group (NCCL/gloo) collective timeout; preparation, discovery and compile warm-up wait apart from it
+    signal_lead_s: int = 300        # SLURM's warning signal (USR2) comes this long before the time limit: time for the ranks to agree (a step or two), save a checkpoint and requeue; training warns when a checkpoint would not fit (see checkpoint_s in progress.jsonl)
+    max_requeues: int = 3           # times a training task requeues itself at the time limit or on preemption before it fails (SLURM_RESTART_COUNT); resume it later with --resume
     init_timeout_min: float = 10.0        # process-group start-up timeout (rendezvous, group creation, first barrier); collectives after it get collective_timeout_min, which can then be lowered without failing slow starts
 
     @property
@@ -478,6 +480,11 @@ def _validate_cluster(c: ClusterArgs) -> None:
     for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
         check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
     check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
+    # SLURM sends the signal up to 60 s earlier than asked (its event resolution, sbatch(1) --signal)
+    check(isinstance(c.signal_lead_s, int) and 60 <= c.signal_lead_s <= 65535, "cluster.signal_lead_s",
+          f"must be whole seconds in [60, 65535] (sbatch --signal's range), got {c.signal_lead_s!r}")
+    check(isinstance(c.max_requeues, int) and c.max_requeues >= 0, "cluster.max_requeues",
+          f"must be an integer ≥ 0, got {c.max_requeues!r}")
     for k in ("collective_timeout_min", "init_timeout_min"):
         v = getattr(c, k)
         check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"cluster.{k}",

@@ -206,7 +206,8 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
     step_model = training_model(model, rt, train_args)  # DDP when distributed, compiled
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.sft.total_batch_size,
                     flops_per_token=model.flops_per_token(), train=train_args,
-                    optim=sft_optim_args(recipe), stage="sft", meta=meta, batch_check=check)
+                    optim=sft_optim_args(recipe), stage="sft", meta=meta, batch_check=check,
+                    stop_lead_s=recipe.cluster.signal_lead_s)
     graphs0 = compile_count()
     result = train_loop(rt, out, model, step_model, optimizers, loader_at(device_batch, loader_state),
                         evaluate, spec, start_step=start_step, stop_requested=stop_requested)

@@ -82,6 +82,7 @@ class LoopSpec:
     meta: dict = field(default_factory=dict)  # stored in every checkpoint (recipe, model config)
     batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batch_check.py)
     core: Callable[[torch.nn.Module], float | None] | None = None  # CORE every train.core_every steps (core.make_core_evaluator)
+    stop_lead_s: float | None = None  # how long before a hard stop the stop request comes (cluster.signal_lead_s): checkpoint times are checked against it
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
@@ -253,14 +254,22 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     def save(step: int, extra: dict):
         meta = {**spec.meta, "stage": spec.stage, "loader": _gather_loader_states(rt, next_state),
                 "num_steps": spec.num_steps, **extra}
+        t0 = time.perf_counter()
         path = ckpt.save_checkpoint(run_dir, step, model, optimizers, meta, rt.dist.rank,
                                     rt.dist.world_size, keep=args.keep_checkpoints)
-        logger.say(f"[{spec.stage}] step {step}: checkpoint {path}")
+        seconds = time.perf_counter() - t0
+        logger.say(f"[{spec.stage}] step {step}: checkpoint {path} ({seconds:.1f} s)")
+        logger.write({"event": "checkpoint", "step": step, "checkpoint_s": round(seconds, 3)})
+        warning = lead_warning(spec, seconds, (logger.train_s - train_s0) / max(1, step - start_step))
+        if warning:
+            logger.say(warning)
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
     accum, check = spec.grad_accum, spec.batch_check
+    agreement = StopAgreement(rt, stop_requested)
+    train_s0 = logger.train_s  # this process's steps only (a resumed run's count starts higher)
     profiler = None
     last: dict = {}
     ok = False
@@ -269,7 +278,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             final = step == spec.num_steps
             metrics = _scheduled_evaluations(model, evaluate, spec, step, final, rt, logger)
             last.update(metrics)
-            stop = not final and _agreed_stop(rt, step, args.train_log_every, stop_requested)
+            stop = not final and agreement.stop_now()
             if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
                 save(step, metrics)
             if stop:
@@ -323,17 +332,45 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     return last
 
 
-def _agreed_stop(rt: Runtime, step: int, every: int, stop_requested) -> bool:
-    """Stop only when every rank stops at the same step. A signal (preemption, time limit)
-    reaches ranks at slightly different times, so ranks agree with an all-reduce — only on
-    logging steps, which sync with the host anyway (SLURM warns 90 s ahead; that is enough)."""
-    if not rt.dist.is_distributed:
-        return bool(stop_requested())
-    if step % every != 0:
-        return False
-    flag = torch.tensor([1.0 if stop_requested() else 0.0], device=rt.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
+class StopAgreement:
+    """Whether every rank stops at this step boundary. A stop request (SLURM's warning signal:
+    preemption, the time limit) reaches the ranks at slightly different times, so they agree
+    through a one-float all-reduce (MAX) at every step boundary — not only at logged steps,
+    which with train_log_every = 50 could wait past the time limit's lead.
+
+    One step of lag keeps the all-reduce off the critical path: the flag reduced at boundary s
+    is read at boundary s + 1, after step s's work has been queued, so reading it waits only
+    for the collective queued before that work, never for the device to drain (a CUDA-side
+    `.item()` of this step's flag would stall every step). A request therefore takes effect
+    one or two steps after it arrives, on every rank at the same step."""
+
+    def __init__(self, rt: Runtime, stop_requested: Callable[[], bool]):
+        self.rt, self.requested = rt, stop_requested
+        self.pending: torch.Tensor | None = None  # the flag reduced at the previous boundary
+
+    def stop_now(self) -> bool:
+        if not self.rt.dist.is_distributed:
+            return bool(self.requested())
+        agreed = self.pending is not None and self.pending.item() > 0
+        if not agreed:
+            flag = torch.tensor([1.0 if self.requested() else 0.0], device=self.rt.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.pending = flag
+        return agreed
+
+
+def lead_warning(spec: LoopSpec, checkpoint_s: float, step_s: float) -> str | None:
+    """One line when a checkpoint plus two steps (the agreement's lag) would not fit in half
+    the stop request's lead: at the time limit the save would be killed half-written."""
+    if spec.stop_lead_s is None:
+        return None
+    needed = checkpoint_s + 2 * step_s
+    if needed <= spec.stop_lead_s / 2:
+        return None
+    return (f"[{spec.stage}] warning: this checkpoint took {checkpoint_s:.0f} s and a step "
+            f"{step_s:.1f} s, but the stop signal comes only cluster.signal_lead_s="
+            f"{spec.stop_lead_s:g} s before the time limit; set cluster.signal_lead_s to at "
+            f"least {2 * needed:.0f} so that the checkpoint at a stop completes")
 
 
 def _gather_loader_states(rt: Runtime, state: dict) -> list[dict]:

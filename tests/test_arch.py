@@ -424,7 +424,25 @@ def _steps_switched(rt, rank: int, world: int) -> dict[str, torch.Tensor]:
                 (step_model(x[:, :-1], x[:, 1:]) / accum).backward()
         finish_step_sync(step_model, list(model.parameters()), rt, overlapped=True)
         optimizer_step(list(model.parameters()), opts, grad_clip=0.0)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights["__optimizer_states__"] = [o.state_dict() for o in opts]
+    return weights
+
+
+def assert_same_state(a, b, where="optimizer state") -> None:
+    """Two nested state dicts hold the same values, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{where} differs between the ranks"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def _switched_worker(rank: int, port: int, out_dir: str) -> None:
@@ -451,8 +469,12 @@ def test_two_gloo_ranks_equal_one_rank_with_every_switch_and_optimizer_option(tm
         proc.kill()
     assert codes == [0, 0], codes
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    # checkpoints write the optimizer state once (nanochat/checkpoint.py): every rank's is the same
+    o0, o1 = r0.pop("__optimizer_states__"), r1.pop("__optimizer_states__")
+    assert_same_state(o0, o1)
     torch.set_num_threads(1)
     single = _train_switched(0, 1)
+    single.pop("__optimizer_states__")
     start = model_with(**ALL_ON).state_dict()
     assert set(r0) == set(single) and {"smear_lambda", "backout_lambda"} <= set(single)
     for k in single:

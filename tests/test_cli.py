@@ -240,7 +240,7 @@ def test_checkpoint_missing_optimizer_state(tmp_path, prepared):
     _real_model_state(prepared, ck / "model.pt")
     before = files_under(run_dir)
     msg = error_line(run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}"))
-    assert "optim_rank0.pt" in msg and str(ck) in msg and "incomplete" in msg
+    assert "optim.pt" in msg and str(ck) in msg and "incomplete" in msg
     assert_nothing_written(run_dir, before)
 
 

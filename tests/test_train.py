@@ -139,8 +139,10 @@ def _ddp_worker(rank, world, port, recipe_dict, stop_at):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # ranks agree on a stop one step after it is asked for (trainer.StopAgreement): asking
+    # after stop_at - 1 steps stops at step stop_at
     train_base(recipe_from_dict(recipe_dict),
-               stop_requested=stop_after(stop_at) if stop_at else (lambda: False))
+               stop_requested=stop_after(stop_at - 1) if stop_at else (lambda: False))
 
 
 def _run_ddp(recipe_dict, stop_at=None):
@@ -172,6 +174,19 @@ def test_two_ranks_with_a_discovered_batch_train_as_a_fixed_batch_does(tiny_reci
     wa = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "auto"))
     wb = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "fixed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_ranks_stop_one_step_after_the_request_whatever_the_log_cadence(tiny_recipe, tmp_path):
+    """A stop request (SLURM's warning signal) is agreed at every step boundary, not only at
+    logged steps: with train_log_every = 50 the ranks still stop one step after the request,
+    both at the same step, with a checkpoint there and its save time in progress.jsonl."""
+    base = {**tiny_recipe, "train": {**tiny_recipe["train"], "total_batch_size": 1024,
+                                     "num_iterations": 40, "eval_every": -1, "save_every": -1,
+                                     "train_log_every": 50}}
+    _run_ddp(with_run_dir(base, tmp_path / "run"), stop_at=4)
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000004"
+    saves = [r for r in read_progress(tmp_path / "run" / "progress.jsonl") if r["event"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [4] and saves[0]["checkpoint_s"] > 0
 
 
 def test_two_rank_data_parallel_training_resumes_exactly(tiny_recipe, tmp_path):
