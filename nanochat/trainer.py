@@ -9,6 +9,7 @@ atomic checkpoints and exact resume, torch.profiler traces, and stopping on requ
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -270,6 +271,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
     train_s0 = logger.train_s  # this process's steps only (a resumed run's count starts higher)
+    delay = step_delay()
     profiler = None
     last: dict = {}
     ok = False
@@ -315,6 +317,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
                     _stop_profiler(profiler, run_dir, rt, args.profile_steps)
                     profiler = None
 
+            if delay:
+                time.sleep(delay)
             logger.train_s += time.perf_counter() - t_step
             logger.step_done()
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
@@ -330,6 +334,25 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
         last["batch_corrections"] = check.corrections
         last["device_batch_size"] = check.batch
     return last
+
+
+STEP_DELAY_ENV = "NANOCHAT_STEP_DELAY_S"
+
+
+def step_delay(env=None) -> float:
+    """Seconds every rank sleeps after each step, from NANOCHAT_STEP_DELAY_S (0 when unset): a
+    slow run on demand, to try a cluster's time limits, preemption and requeues with a small
+    model (and to test them) without burning the CPUs."""
+    raw = (os.environ if env is None else env).get(STEP_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        seconds = float(raw)
+        assert seconds >= 0
+    except (ValueError, AssertionError):
+        raise UserError(f"{STEP_DELAY_ENV}={raw!r}: expected seconds ≥ 0, e.g. 0.5; unset it "
+                        "to train at full speed") from None
+    return seconds
 
 
 class StopAgreement:

@@ -175,7 +175,7 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.count("#!/bin/bash") == 3
-    assert "#SBATCH --array=0-1%" in out and "--signal=USR2@90" in out
+    assert "#SBATCH --array=0-1%" in out and "--signal=USR2@300" in out and "#SBATCH --requeue" in out
     assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<sweep job id>" in out
     assert "[1] train.seed=2" in out
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
@@ -194,7 +194,7 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
                     "sft": "aftercorr:<base job id>", "eval": "aftercorr:<sft job id>",
                     "sweep": "aftercorr:<base job id>",
                     "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<sweep job id>"}
-    assert "--signal=USR2@90" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
+    assert "--signal=USR2@300" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
     assert "#SBATCH --array=0-1%" in scripts["eval: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
 
 

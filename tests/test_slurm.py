@@ -261,6 +261,36 @@ def test_the_warning_signal_to_the_whole_job_checkpoints_requeues_and_resumes(sl
     assert [(r["step"], r["loss"]) for r in interrupted] == [(r["step"], r["loss"]) for r in reference]
 
 
+def test_at_the_time_limit_training_checkpoints_and_requeues_until_its_cap(slurm, recipe_file, tmp_path):
+    """A real time limit (3 min, the warning 60 s before it; NANOCHAT_STEP_DELAY_S keeps the run
+    slow and the CPUs idle): the first attempt is signalled by SLURM itself, checkpoints and
+    requeues before the limit (REQUEUED, never TIMEOUT); the second resumes from that
+    checkpoint, is signalled again, checkpoints, and — cluster.max_requeues=1 — fails with one
+    line naming the cap instead of requeueing a third time. The jobs are submitted with
+    --requeue (sites with JobRequeue=0 refuse `scontrol requeue` otherwise)."""
+    run = tmp_path / "runs" / "s"
+    res = subprocess.run(
+        [sys.executable, "jobs/launch.py", recipe_file, "train.num_iterations=100000",
+         "train.eval_every=-1", "train.save_every=-1", "train.train_log_every=50", "stages=[base]",
+         "cluster.time_min=3", "cluster.signal_lead_s=60", "cluster.max_requeues=1",
+         "--output-root", tmp_path / "runs", "--executor", "slurm"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NANOCHAT_STEP_DELAY_S": "0.2"})
+    assert res.returncode == 0, res.stderr
+    job = json.loads((run / "manifest.json").read_text())["stages"]["base"]["job_id"]
+    assert "Requeue=1" in scontrol_job(job)
+    rows = wait_until_done(run, 600)
+    log = "".join(p.read_text() for p in (run / "slurm").glob("*/*_log.*"))
+    assert rows[0]["state"] == "FAILED", (rows, log[-3000:])
+    stops = [int(k) for k in re.findall(r"stopped at step (\d+) on request", log)]
+    assert len(stops) == 2 and 0 < stops[0] < stops[1], log[-3000:]
+    assert f"resuming from" in log and "after 1 requeue (cluster.max_requeues=1)" in log, log[-3000:]
+    states = [r["State"] for r in attempts(job) if "." not in r["JobID"]]
+    assert "REQUEUED" in states and "TIMEOUT" not in states, states
+    assert [c.name for c in ckpt.list_checkpoints(run / "base" / "000")] == \
+        [f"step_{stops[0]:06d}", f"step_{stops[1]:06d}"]
+
+
 def test_train_sbatch_runs_torchrun_ranks_from_slurm(slurm, tiny_recipe, tmp_path):
     """The plain-sbatch path: srun + torchrun, rendezvous on the job's first node."""
     recipe = tmp_path / "r.yaml"
