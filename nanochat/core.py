@@ -232,7 +232,12 @@ def score_sequences(model, seqs: Sequence[tuple[list[int], int, int]], pad_id: i
                     batch_size: int, max_tokens: int | None = None) -> tuple[list[float], list[bool]]:
     """Per sequence: the mean loss over tokens[start:end], and whether the argmax at every one
     of those positions is the token. Longest first, `batch_size` sequences per forward, fewer
-    where that would pass `max_tokens` padded tokens (the (B, T, V) logits are the memory)."""
+    where that would pass `max_tokens` padded tokens.
+
+    A model with `hidden_states` and `logits` (nanochat.gpt.GPT) gets logits only at the scored
+    positions, SCORE_CHUNK_ROWS at a time: the full (B, T, V) logits of a batch — 8.6 GB fp32 at
+    batch 32, T 2048, V 32k, during training on a GPU filled to its discovered batch — are
+    never made. Any other callable idx → logits (B, T, V) is scored from its logits."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     mean_loss, exact = [0.0] * len(seqs), [False] * len(seqs)
     b0 = 0
@@ -248,11 +253,8 @@ def score_sequences(model, seqs: Sequence[tuple[list[int], int, int]], pad_id: i
             idx[r, :len(tokens)] = torch.tensor(tokens)
             scored[r, s - 1:e - 1] = True
         idx, scored = idx.to(device), scored.to(device)
-        logits = model(idx)
         targets = torch.roll(idx, -1, dims=1)[scored]
-        picked = logits[scored].float()                      # (N, V): only the scored positions
-        losses = F.cross_entropy(picked, targets, reduction="none")
-        wrong = (picked.argmax(-1) != targets).float()
+        losses, wrong = _scored_losses(model, idx, scored, targets)
         row_of = scored.nonzero()[:, 0]
         n = scored.sum(1).float()
         loss_sum = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
@@ -261,6 +263,27 @@ def score_sequences(model, seqs: Sequence[tuple[list[int], int, int]], pad_id: i
             mean_loss[rows[r]] = ls / c if c else float("inf")  # c = 0 only for an empty prompt
             exact[rows[r]] = c > 0 and w == 0
     return mean_loss, exact
+
+
+SCORE_CHUNK_ROWS = 1024  # scored positions per head call: 128 MiB of fp32 logits at V = 32k
+
+
+def _scored_losses(model, idx: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor):
+    """Cross-entropy and argmax-miss (as floats) at the scored positions, (N,) each."""
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+        h = model.hidden_states(idx)[scored]                 # (N, C): the scored positions only
+        parts = [_loss_and_miss(model.logits(h[i:i + SCORE_CHUNK_ROWS]), targets[i:i + SCORE_CHUNK_ROWS])
+                 for i in range(0, h.size(0), SCORE_CHUNK_ROWS)]
+        if not parts:
+            return torch.zeros(0, device=idx.device), torch.zeros(0, device=idx.device)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _loss_and_miss(model(idx)[scored], targets)
+
+
+def _loss_and_miss(logits: torch.Tensor, targets: torch.Tensor):
+    logits = logits.float()
+    return (F.cross_entropy(logits, targets, reduction="none"),
+            (logits.argmax(-1) != targets).float())
 
 
 def _world(dist) -> tuple[int, int]:

@@ -340,6 +340,23 @@ class GPT(nn.Module):
         `logits_at` (B,): compute logits only at that position of each row → (B, 1, V); a
         prefill needs just the last prompt token's, and (B, T, V) floats can be gigabytes."""
         B, T = idx.size()
+        x = self.hidden_states(idx, kv_cache)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.view(B, 1, 1).expand(B, 1, x.size(-1)))
+        if targets is None:
+            return self.logits(x)
+        # never the whole (B·T × vocab) fp32 logits: nanochat/loss.py (upstream #443)
+        return chunked_loss(norm(x), self.lm_head.weight, targets, self.config.softcap,
+                            loss_reduction, self.config.loss_chunk_rows)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states (..., C) → float32 logits (..., V)."""
+        return self.softcap(self.lm_head(norm(x)).float())
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) → the last layer's output (B, T, C), before the head: what `logits` turns
+        into logits — at only the positions a caller needs (CORE scores a few per row)."""
+        B, T = idx.size()
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.rotary_len:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.rotary_len})")
@@ -365,13 +382,7 @@ class GPT(nn.Module):
             kv_cache.prev_token = idx[:, -1]
         if self.backout_lambda is not None:  # upstream: drop low-level features before the head
             x = x - self.backout_lambda * x_mid
-        if logits_at is not None:
-            x = x.gather(1, logits_at.view(B, 1, 1).expand(B, 1, x.size(-1)))
-        if targets is None:
-            return self.softcap(self.lm_head(norm(x)).float())
-        # never the whole (B·T × vocab) fp32 logits: nanochat/loss.py (upstream #443)
-        return chunked_loss(norm(x), self.lm_head.weight, targets, self.config.softcap,
-                            loss_reduction, self.config.loss_chunk_rows)
+        return x
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """softcap · tanh(logits / softcap): bounds the logits (Gemma 2; modded-nanogpt); in

@@ -229,6 +229,27 @@ def _rank_worker(rank, world, port, bundle, out):
         torch.distributed.destroy_process_group()
 
 
+def test_a_gpt_is_scored_from_its_scored_positions_only_with_the_same_result(bundle):
+    """CORE of a real GPT computes the head only at the positions it scores (never the
+    batch's (B, T, V) logits: gigabytes during training at a discovered batch), and gets what
+    scoring its full logits gets."""
+    model = make_model(seed=3, sequence_len=64)
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].numel() // i[0].size(-1)))
+    fast = evaluate_core(model, TOK, bundle, device="cpu", batch_size=8, verbose=False)
+    scored_rows = sum(head_rows)
+
+    def full_logits(idx):  # the plain callable path: model(idx) → (B, T, V)
+        return model(idx)
+    full_logits.parameters, full_logits.rotary_len = model.parameters, model.rotary_len
+    head_rows.clear()
+    slow = evaluate_core(full_logits, TOK, bundle, device="cpu", batch_size=8, verbose=False)
+    assert fast["score"] == pytest.approx(slow["score"], abs=1e-9)
+    assert {k: t["accuracy"] for k, t in fast["tasks"].items()} == \
+        {k: t["accuracy"] for k, t in slow["tasks"].items()}
+    assert 0 < scored_rows < sum(head_rows) / 4, (scored_rows, sum(head_rows))
+
+
 def test_two_gloo_ranks_give_the_same_core_as_one(bundle, tmp_path):
     one = evaluate_core(make_model(seed=3, sequence_len=64), TOK, bundle, device="cpu", batch_size=8)
     ctx = mp.get_context("spawn")
