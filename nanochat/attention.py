@@ -122,17 +122,34 @@ def _block_mask(T: int, window: int, device):
     return _BLOCK_MASKS[key]
 
 
-# Outside the compiled graph where flex runs (CUDA). `torch.compiler.disable` imports dynamo,
-# ~1.2 s of every CPU process's start (each CLI call, job, probe, test worker) for a path CPU
-# never takes: attention_backend picks flex only on CUDA.
-block_mask = torch.compiler.disable(_block_mask) if torch.cuda.is_available() else _block_mask
+def _block_masks(T: int, windows: tuple[int, ...], device) -> dict[int, object]:
+    """{window: block mask} for every distinct window of a forward, in one call."""
+    return {w: _block_mask(T, w, device) for w in windows}
+
+
+# Outside the compiled graph where flex runs (CUDA): one call per forward, before the layers
+# (`forward_block_masks`) — a disabled call inside each window layer broke the graph once per
+# "S" layer. `torch.compiler.disable` imports dynamo, ~1.2 s of every CPU process's start (each
+# CLI call, job, probe, test worker) for a path CPU never takes: attention_backend picks flex
+# only on CUDA.
+block_masks = torch.compiler.disable(_block_masks) if torch.cuda.is_available() else _block_masks
+
+
+def forward_block_masks(windows, T: int, device) -> dict[int, object] | None:
+    """The flex block masks a whole-sequence forward of length T needs, made once before the
+    layers; None where the windows' kernel is not flex (or no window is shorter than T)."""
+    short = tuple(sorted({w for w in windows if w is not None and w < T}))
+    if not short or attention_backend(device, torch.compiler.is_compiling()) != "flex":
+        return None
+    return block_masks(T, short, device)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                     backend: str | None = None) -> torch.Tensor:
+                     backend: str | None = None, masks: dict | None = None) -> torch.Tensor:
     """Causal self-attention over one whole sequence (training, a prefill from position 0):
     q (B, H, T, D), k and v (B, Hkv, T, D) → (B, H, T, D). `window` None = full context.
-    `backend` None: `attention_backend` of q's device under the current compile state."""
+    `backend` None: `attention_backend` of q's device under the current compile state.
+    `masks`: `forward_block_masks`' answer for this forward (flex)."""
     T = q.size(2)
     if window is None or window >= T:
         return attention(q, k, v, is_causal=True)
@@ -145,6 +162,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         return y.transpose(1, 2)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=block_mask(T, window, q.device),
-                              enable_gqa=q.size(1) != k.size(1))
+        mask = masks[window] if masks else block_masks(T, (window,), q.device)[window]
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return attention(q, k, v, band_mask(T, window, q.device))

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
-from nanochat.attention import attention, causal_attention, layer_windows, window_mask
+from nanochat.attention import (attention, causal_attention, forward_block_masks, layer_windows,
+                                window_mask)
 from nanochat.kv_cache import KVCache
 from nanochat.loss import chunked_loss, softcap
 
@@ -146,7 +147,8 @@ class CausalSelfAttention(nn.Module):
         gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
         return v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
 
-    def forward(self, x, cos_sin, kv_cache: KVCache | None, ve: torch.Tensor | None = None):
+    def forward(self, x, cos_sin, kv_cache: KVCache | None, ve: torch.Tensor | None = None,
+                masks: dict | None = None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -158,7 +160,7 @@ class CausalSelfAttention(nn.Module):
             q, k = q * self.qk_gain, k * self.qk_gain
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is None:
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, self.window, masks=masks)
         else:
             t0 = kv_cache.pos
             k, v, key_pos = kv_cache.insert(self.layer_idx, k, v)
@@ -191,8 +193,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache, ve=None):
-        x = x + self.attn(norm(x), cos_sin, kv_cache, ve)
+    def forward(self, x, cos_sin, kv_cache, ve=None, masks=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, ve, masks)
         return x + self.mlp(norm(x))
 
 
@@ -368,13 +370,15 @@ class GPT(nn.Module):
         x0, x_mid = x, None
         if self.bigram is not None:
             big = self.bigram(bigram_rows(idx, self.bigram_rows, prev))
+        # flex's block masks, once before the layers (one graph break, not one per "S" layer)
+        masks = forward_block_masks(self.config.windows(), T, idx.device) if kv_cache is None else None
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if self.bigram is not None:
                 x = x + self.bigram_lambdas[i] * big
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, cos_sin, kv_cache, ve)
+            x = block(x, cos_sin, kv_cache, ve, masks)
             if i == self.backout_layer:
                 x_mid = x
         if kv_cache is not None:

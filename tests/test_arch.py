@@ -153,6 +153,31 @@ def test_compiled_training_forward_with_windows_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_flex_block_masks_are_made_once_per_forward_before_the_layers(monkeypatch):
+    """Where the windows run flex_attention (CUDA under compile), the block masks of a forward
+    are made in one call before the layers: that call stays outside the compiled graph, so a
+    call inside each "S" layer broke the graph once per layer. Flex forced here on the CPU
+    (eager flex is its reference path): one call for a model of three S layers, and the
+    logits equal the SDPA band mask's."""
+    import nanochat.attention as attn
+    model = model_with(window_pattern="SSSL", n_layer=4)
+    idx = torch.randint(0, 300, (2, 200))
+    with torch.no_grad():
+        expected = model(idx)
+    calls = []
+    build = attn.block_masks
+
+    def counted(T, windows, device):
+        calls.append(windows)
+        return build(T, windows, device)
+    monkeypatch.setattr(attn, "attention_backend", lambda device, compiled: "flex")
+    monkeypatch.setattr(attn, "block_masks", counted)
+    with torch.no_grad():
+        got = model(idx)
+    assert calls == [(W,)], calls
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_band_mask_is_made_once_per_shape():
     a = band_mask(300, W, torch.device("cpu"))
     assert band_mask(300, W, torch.device("cpu")) is a
