@@ -208,6 +208,40 @@ def test_compiled_flex_window_attention_equals_the_band_mask():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
+def test_compiled_model_with_s_layers_breaks_the_graph_at_most_once():
+    """The flex block masks are made once per forward, before the layers (their builder runs
+    outside the graph): a model of three S layers compiles with at most one graph break, not
+    one per S layer."""
+    from nanochat.attention import flash_attn_available
+    from nanochat.gpt import GPTConfig, build_model
+    if flash_attn_available():
+        pytest.skip("flash_attn runs the windows: no block masks")
+    torch._dynamo.reset()
+    cfg = GPTConfig(sequence_len=512, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                    window_pattern="SSSL")
+    model = build_model(cfg, "cuda")
+    idx = torch.randint(0, 300, (2, 512), device="cuda")
+    explained = torch._dynamo.explain(model)(idx, targets=idx.roll(-1, 1))
+    assert explained.graph_break_count <= 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_with_a_mask_takes_the_kernels_layout(dtype):
+    """GQA with a mask (decode steps, chunked and window prefill) folds the query groups into
+    the length; CUDA's memory-efficient kernel returns a transposed layout, which the unfold
+    must reshape (a view raised). Equals repeating the kv heads."""
+    from nanochat.attention import attention
+    torch.manual_seed(0)
+    B, H, Hkv, T, L, D = 3, 8, 2, 5, 37, 64
+    q = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype) for _ in range(2))
+    mask = torch.ones(T, L, dtype=torch.bool, device="cuda").tril(diagonal=L - T)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(attention(q, k, v, mask), ref, rtol=tol, atol=tol)
+
+
 def test_compiled_training_with_every_switch_learns_on_cuda(tiny_recipe, tmp_path):
     """The tiny recipe with every switch on and windows shorter than its rows, compiled on the
     GPU (window layers through flex_attention): trains, the loss falls, run.json names it."""

@@ -110,6 +110,7 @@ def test_gpu_plan_is_d12_and_fits_8_minutes_quick_3(tmp_path):
             assert args[0] == f"nanochat.bench.{name}" and args[1].endswith("configs/d12.yaml"), args
             assert not any(a.startswith("train.device=") or a.startswith("model.depth") for a in args)
         assert parts["cuda_tests"].args[:3] == ["pytest", "-m", "cuda and not slow" if quick else "cuda"]
+        assert "tests" in parts["cuda_tests"].args, "the whole tests/ directory, every cuda mark"
         assert "--compile" in parts["train"].args and "both" in parts["train"].args
         kv = parts["kv_sweep"].args
         assert "sweep.cuda_graph=true" in kv and any(a.startswith("sweep.batch_sizes=[1,") and
@@ -174,3 +175,17 @@ def test_gpu_targets_met_and_not_met_from_the_figures():
     assert targets(parts, cuda=True)[2]["measured"] is None, "MFU target only at sequence 2048"
     parts["batch_size"] = {"status": "ok", "figures": {"discovery_s": 20.0}}
     assert targets(parts, cuda=True)[3]["met"] is True, "≤ 20 s"
+
+
+def test_the_cuda_part_collects_every_cuda_marked_test_in_every_file():
+    """The self-test's pytest call collects the cuda-marked tests of every file — the
+    optimizer's, the cluster check's and the others beside their CPU tests — not only
+    tests/test_cuda.py's (on a CPU they are collected, then skip)."""
+    import subprocess
+    import sys
+    from nanochat.bench.selftest import CUDA_TESTS, REPO
+    res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", str(CUDA_TESTS.relative_to(REPO))],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in res.stdout.splitlines() if "::" in line}
+    assert {"tests/test_cuda.py", "tests/test_optim_parity.py", "tests/test_check.py"} <= files, res.stdout[-2000:]
