@@ -382,9 +382,15 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise UserError(f"checkpoint weights don't match the model its meta.json describes: "
                             f"{first[:200]}") from None
+    return cast_for_inference(model, dtype)
+
+
+def cast_for_inference(model: GPT, dtype: torch.dtype) -> GPT:
+    """`model` with every weight in `dtype`, eval mode. The rotary tables stay fp32, as in
+    training (where only autocast's matmuls are bf16): cast to bf16 they would move
+    generation's and eval's logits away from training's."""
+    device = model.lm_head.weight.device
     model = model.to(dtype).eval()
-    # The rotary tables stay fp32, as in training (where only autocast's matmuls are bf16):
-    # cast to bf16 they would move generation's and eval's logits away from training's.
     cos, sin = model.rotary_tables(device=device)
     model.cos, model.sin = cos, sin
     return model

@@ -42,7 +42,7 @@ from nanochat.common import UserError, atomic_write_json, cli_main, downloads_al
 from nanochat.config import EvalArgs, Recipe
 from nanochat.core import chatcore, ensure_bundle, evaluate_core
 from nanochat.dataset import list_shards, split_shards
-from nanochat.engine import Engine, load_model
+from nanochat.engine import Engine, cast_for_inference, load_model
 from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.recipe import load_recipe, override_recipe
 from nanochat.runtime import DistInfo, Runtime, compute_dtype, pick_device
@@ -176,7 +176,7 @@ def _bpb(model, tokenizer, recipe: Recipe, run_dir: Path, device, dtype) -> tupl
     rt = Runtime(DistInfo(), device, dtype)
     evaluate = make_bpb_evaluator(val, tokenizer, rt, batch, model.config.sequence_len,
                                   recipe.train.eval_tokens)
-    with torch.inference_mode():
+    with torch.inference_mode(), rt.autocast():  # as the training loop evaluates (trainer._evaluate)
         return evaluate(model)["val_bpb"], None
 
 
@@ -223,7 +223,9 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     # then the CORE bundle: a job without it fails before the weights are read
     bundle = ensure_bundle(recipe.eval, recipe.cache_dir)[0] if recipe.eval.core else None
     dtype = compute_dtype(dev, recipe.train.dtype)
-    model, meta, step_dir = load_model(step_dir, dev, dtype)
+    # fp32 weights under training's autocast for val_bpb — the number the training curve shows
+    # for the same checkpoint; then cast for generation (bf16 on CUDA halves decode's bytes)
+    model, meta, step_dir = load_model(step_dir, dev, torch.float32)
     run_dir = ckpt.run_dir_of(step_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -236,6 +238,7 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     val_bpb, why = _bpb(model, tokenizer, recipe, run_dir, dev, dtype)
     if why is not None:
         skipped["val_bpb"] = why
+    model = cast_for_inference(model, dtype)
     if stage == "sft":
         engine = Engine(model)
         words = tasks.load_words(offline_cache=recipe.data.offline_cache,

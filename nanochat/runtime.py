@@ -97,9 +97,18 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """The dtype a stage computes in: `requested` (train.dtype), where "auto" is bf16 on CUDA
     (autocast in training; inference models are cast) and fp32 elsewhere (CPU bf16 matmuls
     are slower than fp32 ones)."""
+    kind = torch.device(device).type
     if requested == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if kind == "cuda" else torch.float32
+    if requested != "float32" and kind not in AUTOCAST_DEVICES:
+        raise UserError(f"train.dtype={requested} is not supported on {kind} (autocast runs on "
+                        f"{' and '.join(AUTOCAST_DEVICES)} here); use train.dtype=auto or float32")
     return getattr(torch, requested)
+
+
+# where Runtime.autocast honours a bf16 train.dtype (on the CPU: slower than fp32, but what the
+# recipe asked for — run.json records it — rather than silently fp32)
+AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +121,8 @@ class Runtime:
     dtype: torch.dtype          # compute dtype (autocast on CUDA); parameters stay fp32
 
     def autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        if self.device.type in AUTOCAST_DEVICES and self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def sync(self) -> None:

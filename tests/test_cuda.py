@@ -97,6 +97,19 @@ def test_bf16_training_30_steps_falls_with_fused_adamw(tiny_recipe, tmp_path):
     assert result["step"] == 30
 
 
+def test_eval_val_bpb_on_cuda_is_the_training_curves(tiny_recipe, tmp_path):
+    """eval.json's val_bpb of a bf16 CUDA run equals the training curve's last value: both from
+    the fp32 weights under bf16 autocast (eval casts the model for generation only after)."""
+    import json
+    from nanochat.eval import evaluate_checkpoint
+    recipe = cuda_recipe(tiny_recipe, tmp_path, num_iterations=6, eval_every=6)
+    train_base(recipe)
+    curve = [json.loads(line) for line in (recipe.out_dir / "progress.jsonl").read_text().splitlines()]
+    last = [r["val_bpb"] for r in curve if r.get("event") == "eval" and "val_bpb" in r][-1]
+    result = evaluate_checkpoint(recipe.out_dir, device="cuda", out=tmp_path / "e.json")
+    assert result["val_bpb"] == pytest.approx(last, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_max_autotune_no_cudagraphs_compiles_once_over_10_steps(tiny_recipe, tmp_path):
     recipe = cuda_recipe(tiny_recipe, tmp_path, num_iterations=10, eval_every=-1, compile=True,

@@ -176,3 +176,20 @@ def test_bf16_inference_model_keeps_fp32_rotary_tables():
     torch.testing.assert_close(bf16.cos, model.cos)
     rows = Engine(bf16).generate_batch([[1, 2, 3]], max_new_tokens=4, temperature=0)
     assert len(rows[0]) == 4
+
+
+# ---------------------------------------------------------------- train.dtype off CUDA
+
+def test_a_bf16_recipe_computes_in_bf16_on_the_cpu_too():
+    """train.dtype: bfloat16 on the CPU autocasts (it trained in fp32 while run.json said
+    bfloat16); a device without autocast here refuses it in one line naming the key."""
+    from nanochat.common import UserError
+    from nanochat.runtime import DistInfo, Runtime, compute_dtype
+    cpu = torch.device("cpu")
+    rt = Runtime(DistInfo(), cpu, compute_dtype(cpu, "bfloat16"))
+    with rt.autocast():
+        y = torch.randn(4, 8) @ torch.randn(8, 4)
+    assert rt.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert compute_dtype(cpu, "auto") == torch.float32
+    with pytest.raises(UserError, match="train.dtype=bfloat16 is not supported on mps"):
+        compute_dtype(torch.device("mps"), "bfloat16")
