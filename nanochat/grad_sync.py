@@ -54,6 +54,8 @@ from nanochat.optim import allreduce_gradients
 from nanochat.runtime import Runtime, maybe_compile
 
 DELAY_ENV = "NANOCHAT_WARMUP_DELAY_S"
+# torch.compile modes that capture CUDA graphs (PyTorch docs, torch.compile `mode`)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def training_model(model: torch.nn.Module, rt: Runtime, args: TrainArgs,
@@ -62,6 +64,11 @@ def training_model(model: torch.nn.Module, rt: Runtime, args: TrainArgs,
     and `overlap`, then compiled per the recipe. `model` itself stays the plain module (saved,
     evaluated). DDP's constructor broadcasts rank 0's weights (identical anyway: same seed or
     the same checkpoint) and checks the shapes: the ranks meet in the store first."""
+    if rt.dist.is_distributed and args.compile and args.compile_mode in CUDA_GRAPH_MODES:
+        raise UserError(f"train.compile_mode={args.compile_mode} records CUDA graphs, which this "
+                        f"kit has not tested with several ranks (DDP's buckets, no_sync "
+                        f"accumulation, the watched steps' all-reduce); use compile_mode default "
+                        f"or max-autotune-no-cudagraphs for a {rt.dist.world_size}-rank run")
     if rt.dist.is_distributed and overlap:
         rendezvous.barrier("every rank's model, before DDP's first broadcast")
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,

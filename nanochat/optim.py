@@ -471,15 +471,34 @@ def optimizer_state_dicts(opts: list[torch.optim.Optimizer]) -> list[dict]:
     return [opt.state_dict() for opt in opts]
 
 
-def load_optimizer_state_dicts(opts: list[torch.optim.Optimizer], states: list[dict]) -> None:
-    """Inverse of optimizer_state_dicts; the optimizers must be built the same way."""
+def load_optimizer_state_dicts(opts: list[torch.optim.Optimizer], states: list[dict]) -> list[str]:
+    """Inverse of optimizer_state_dicts; the optimizers must be built the same way. Keeps the
+    recipe's hyperparameters (learning rates, betas, decay, ...) over the checkpoint's; returns
+    the ones that changed, for the caller to say."""
     if len(opts) != len(states):
         raise UserError(f"checkpoint has {len(states)} optimizer states but the model has "
                         f"{len(opts)} optimizers; was it saved with a different parameter grouping?")
-    for opt, state in zip(opts, states):
+    changed = []
+    for n, (opt, state) in enumerate(zip(opts, states)):
         if isinstance(opt, Muon):
             _check_same_switches(opt, state)
+        recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(state)
+        # load_state_dict takes the checkpoint's hyperparameters too; the recipe's win (the
+        # schedules recompute lr and momentum from them every step), and a change is said
+        for i, (group, wanted) in enumerate(zip(opt.param_groups, recipe_groups)):
+            for key, value in wanted.items():
+                old = group.get(key)
+                scheduled = key in SCHEDULED or (key == "weight_decay" and "initial_weight_decay" in wanted)
+                if not scheduled and old != value:
+                    changed.append(f"{type(opt).__name__} {n} group {i} {key}: {old} → {value}")
+                group[key] = value
+    return changed
+
+
+# set from initial_lr (Muon's decay: initial_weight_decay) and the step by the training loop's
+# schedules (trainer.apply_schedule): their saved values are of the saved step, not settings
+SCHEDULED = ("lr", "momentum")
 
 
 def _check_same_switches(opt: "Muon", state: dict) -> None:

@@ -436,6 +436,9 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
                         f"run has {rt.dist.world_size}; resume with the same number of GPUs")
     model.load_state_dict(ckpt.load_model_state(ckpt_path))
     opt_states, rng = ckpt.load_training_state(ckpt_path, rt.dist.rank)
-    load_optimizer_state_dicts(optimizers, opt_states)
+    changed = load_optimizer_state_dicts(optimizers, opt_states)
+    if changed:
+        print0(f"resuming with this recipe's optimizer settings, not the checkpoint's: "
+               f"{'; '.join(changed[:6])}" + (f"; and {len(changed) - 6} more" if len(changed) > 6 else ""))
     ckpt.set_rng_state(rng)
     return int(meta["step"]), meta["loader"][rt.dist.rank]

@@ -159,6 +159,17 @@ def test_accumulation_under_ddp_adds_into_the_buckets_not_beside_them(tmp_path):
         assert rec["in_buckets"][1:] == [True] * 2, f"rank {r}: gradients outside DDP's buckets"
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_with_cuda_graphs_are_refused_for_several_ranks(mode):
+    """Modes that record CUDA graphs are untested with DDP and accumulation: a multi-rank run
+    is refused in one line naming the key and the modes that work, before any collective."""
+    from nanochat.config import TrainArgs
+    rt = Runtime(DistInfo(0, 0, 2), torch.device("cpu"), torch.float32)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    with pytest.raises(UserError, match=f"train.compile_mode={mode} .* max-autotune-no-cudagraphs"):
+        training_model(model, rt, TrainArgs(compile=True, compile_mode=mode))
+
+
 def test_ddp_buffer_switch_exists_in_every_allowed_torch():
     """DDP's `forward_sync_buffers` exists from torch 2.13 only (it deprecates
     `broadcast_buffers`): the floor torch gets the old name, newer ones the new name, and the

@@ -240,6 +240,29 @@ def test_optimizer_state_dict_round_trip():
         load_optimizer_state_dicts(opts2, states[:1])
 
 
+def test_resuming_keeps_the_recipes_learning_rates_and_says_which_changed():
+    """The checkpoint's state (momentum, moments) is resumed, its hyperparameters are not: a
+    recipe resumed with another learning rate trains with it (load_state_dict alone brought
+    back the old initial_lr, silently), and the change is named."""
+    import dataclasses
+    torch.manual_seed(7)
+    groups = {"matrix": [_param(8, 4)], "scalar": [_param(3)]}
+    opts = build_optimizers(groups, OptimArgs(), 768)
+    for p in (*groups["matrix"], *groups["scalar"]):
+        p.grad = torch.ones_like(p)
+    for o in opts:
+        o.step()
+    states = optimizer_state_dicts(opts)
+    args = OptimArgs()
+    faster = dataclasses.replace(args, matrix_lr=2 * args.matrix_lr)
+    opts2 = build_optimizers(groups, faster, 768)
+    changed = load_optimizer_state_dicts(opts2, states)
+    muon = next(o for o in opts2 if o.param_groups[0].get("name") == "matrix")
+    assert muon.param_groups[0]["initial_lr"] == pytest.approx(2 * args.matrix_lr)
+    assert len(changed) == 1 and "initial_lr" in changed[0], changed
+    assert load_optimizer_state_dicts(build_optimizers(groups, OptimArgs(), 768), states) == []
+
+
 # --- distributed ------------------------------------------------------------------------------
 
 STEPS = 4
