@@ -80,9 +80,10 @@ def no_forward_buffer_sync(ddp_parameters=None) -> dict:
     """DDP's switch that stops it broadcasting buffers before every forward: the buffers (rotary
     tables) are computed alike on every rank and never trained, so they are synced once, at
     construction. torch 2.13 added `forward_sync_buffers` and deprecates `broadcast_buffers`
-    for it; the torch floor this project declares (pyproject.toml) has only the old name —
-    passing the new one there is a TypeError when DDP is built. `ddp_parameters`: the names
-    DDP's constructor takes (default: the installed torch's)."""
+    for it; older releases have only the old name (passing the new one there is a TypeError
+    when DDP is built). pyproject declares 2.13 as the floor (what CI tests); the old name
+    stays for a site whose torch is older. `ddp_parameters`: the names DDP's constructor
+    takes (default: the installed torch's)."""
     if ddp_parameters is None:
         ddp_parameters = inspect.signature(DDP.__init__).parameters
     if "forward_sync_buffers" in ddp_parameters:
