@@ -89,15 +89,21 @@ class _Batches:
         return t[:, :-1], t[:, 1:]
 
 
-def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
+def _joined_model(rank, port, compile_=False, overlap=True):
+    """Join the 2-rank group; the same small GPT and optimizers on both ranks, and the module
+    the loop steps (DDP when overlap)."""
+    from nanochat.config import TrainArgs
     _join(rank, port, timeout_min=2)
     rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     opts = build_optimizers(model.param_groups(), OptimArgs(), 64, all_params=model.parameters())
-    from nanochat.config import TrainArgs
-    step_model = training_model(model, rt, TrainArgs(compile=compile_), overlap=overlap)
+    return rt, model, opts, training_model(model, rt, TrainArgs(compile=compile_), overlap=overlap)
+
+
+def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
+    rt, model, opts, step_model = _joined_model(rank, port, compile_, overlap)
     batches = _Batches(rank, 256)
     x, y = next(batches)
     params = list(model.parameters())
@@ -116,14 +122,7 @@ def _grad_sync_worker(rank, port, out_dir, overlap, compile_):
 def _bucket_view_worker(rank, port, out_dir):
     """Two accumulation steps under DDP as the training loop runs them; records, per step,
     whether every gradient after the first (no_sync) micro-step lies in DDP's buckets."""
-    _join(rank, port, timeout_min=2)
-    rt = Runtime(DistInfo(rank, rank, 2), torch.device("cpu"), torch.float32)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
-    model.init_weights()
-    opts = build_optimizers(model.param_groups(), OptimArgs(), 64, all_params=model.parameters())
-    from nanochat.config import TrainArgs
-    step_model = training_model(model, rt, TrainArgs(compile=False))
+    rt, model, opts, step_model = _joined_model(rank, port)
     batches = _Batches(rank, 256)
     x, y = next(batches)
     params = list(model.parameters())
