@@ -323,16 +323,32 @@ def prepare_shards(recipe: Recipe, rt=None) -> tuple[list[Path], list[Path]]:
     return split_shards(paths)
 
 
+def tokenizer_text_source(data: DataArgs) -> dict:
+    """What decides the tokenizer's training text, by source. The tokenizer reads the training
+    shards in name order and stops after `tokenizer.train_chars` characters, so the text is the
+    start of the corpus: for fineweb the repo's shards 0, 1, ... (about 250 M characters each,
+    so the default 2 B characters are shards 0-7), whatever `num_train_shards` the recipe trains
+    the model on beyond them — d12's 20 shards and d20's 180 give one tokenizer. The validation
+    shard (`val_shard`) is never read; `hub_endpoint` and `offline_cache` say where the same
+    files come from. Offline shards are cut from the shuffled works, so every setting of that
+    cut counts (`offline_num_shards` also moves the train/validation boundary). Where the data
+    lives counts as an absolute path — a launched job's recipe has its paths made absolute (the
+    job starts in the code snapshot, nanochat.recipe.absolute_paths), and must find the
+    tokenizer that `nanochat.prepare` trained from the same recipe with relative paths."""
+    where = os.path.abspath(os.path.expanduser(data.data_dir))
+    if data.source == "offline":
+        return {"source": "offline", "data_dir": where, "packages": list(data.offline_packages),
+                "num_shards": data.offline_num_shards, "doc_chars": data.offline_doc_chars,
+                "seed": data.seed}
+    return {"source": data.source, "data_dir": where, "hub_repo": data.hub_repo}
+
+
 def tokenizer_key(recipe: Recipe) -> str:
-    """The tokenizer cache's key: the data and tokenizer settings. Where the data lives counts
-    as an absolute path — a launched job's recipe has its paths made absolute (the job starts in
-    the code snapshot, nanochat.recipe.absolute_paths), and must find the tokenizer that
-    `nanochat.prepare` trained from the same recipe with relative paths."""
-    data = dataclasses.asdict(recipe.data)
-    for key in ("data_dir", "offline_cache"):
-        if data.get(key):
-            data[key] = os.path.abspath(os.path.expanduser(data[key]))
-    blob = json.dumps({"data": data,
+    """The tokenizer cache's key: its training text's source (`tokenizer_text_source`) and the
+    tokenizer's own settings (vocabulary size, characters read, cap per document) — nothing
+    else, so recipes that differ only in how much data the model trains on share a tokenizer
+    (and a vocabulary: their results stay comparable)."""
+    blob = json.dumps({"text": tokenizer_text_source(recipe.data),
                        "tokenizer": dataclasses.asdict(recipe.tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
