@@ -105,23 +105,28 @@ def discovery_cached(recipe, executor: str = "local") -> bool | None:
 PREPARED_SECTIONS = ("data", "tokenizer", "sft", "eval", "cache_dir")
 
 
-def prepare_commands(args_recipe: str, overrides: list[str], plan: Plan) -> list[list[str]]:
-    """One `nanochat.prepare` command per distinct set of grid values that changes the data."""
+def prepare_commands(args_recipe: str, overrides: list[str], plan: Plan,
+                     executor: str = "slurm") -> list[list[str]]:
+    """One `nanochat.prepare` command per distinct set of grid values that changes the data.
+    For SLURM with `--no-tokenizer`: a login node fetches what the jobs cannot (they have no
+    network), and the first job trains the tokenizer on its own CPUs (nanochat/prepare.py says
+    why); the local executor's machine is the one that runs the jobs, so it trains it here."""
     seen: list[tuple] = []
     for task_overrides in [t.overrides for s in plan.stages for t in s.tasks] or [[]]:
         key = tuple(o for o in task_overrides if o.split("=")[0].split(".")[0] in PREPARED_SECTIONS)
         if key not in seen:
             seen.append(key)
-    return [["-m", "nanochat.prepare", args_recipe, *overrides, *key] for key in seen]
+    flags = ["--no-tokenizer"] if executor == "slurm" else []
+    return [["-m", "nanochat.prepare", args_recipe, *overrides, *key, *flags] for key in seen]
 
 
-def prepare_data(args_recipe: str, overrides: list[str], plan: Plan) -> None:
+def prepare_data(args_recipe: str, overrides: list[str], plan: Plan, executor: str = "slurm") -> None:
     """Run `python -m nanochat.prepare` for every distinct task recipe of the plan, here on the
     login node (jobs never download); its output streams through. One line on failure."""
     env = {k: v for k, v in os.environ.items() if k != NO_DOWNLOAD_ENV}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    for args in prepare_commands(args_recipe, overrides, plan):
+    for args in prepare_commands(args_recipe, overrides, plan, executor):
         print(f"preparing on this node: {shlex.join(['python', *args])}", flush=True)
         if subprocess.run([sys.executable, *args], env=env, cwd=os.getcwd()).returncode != 0:
             raise UserError("preparation failed (its error is above); nothing was submitted. Fix it, "
@@ -345,8 +350,9 @@ def main(argv: list[str]) -> int:
     if executor == "slurm":
         check_partition(recipe.cluster.partition)
     if not args.no_prepare:
-        prepare_data(recipe_path, overrides, plan)
-    # after preparing: the cache key holds the trained tokenizer's real vocabulary
+        prepare_data(recipe_path, overrides, plan, executor)
+    # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,
+    # one trained before; a first run's discover job then finds it)
     plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
     mode = check_run_dir(run_dir, args)
     return launch(args, argv, plan, mode, executor)

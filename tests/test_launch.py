@@ -354,6 +354,23 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
     assert list(root.glob("t.old-*")), "--force keeps the previous run, moved aside"
 
 
+def test_slurm_leaves_the_tokenizer_to_the_jobs_and_the_local_executor_trains_it_here(recipe_file, tmp_path):
+    """Under SLURM the login node prepares with --no-tokenizer (the first job trains it); the
+    local executor's machine runs the jobs, so its launch still trains it while preparing — a
+    tokenizer nobody trained yet (another vocabulary size), launched locally, end to end."""
+    plan = build_plan(load_recipe(recipe_file), tmp_path / "x")
+    assert all(c[-1] == "--no-tokenizer" for c in launch.prepare_commands(str(recipe_file), [], plan, "slurm"))
+    assert not any("--no-tokenizer" in c for c in launch.prepare_commands(str(recipe_file), [], plan, "local"))
+    res = launch_cli(recipe_file, "tokenizer.vocab_size=300", f"cache_dir={tmp_path / 'cache'}", "--executor", "local",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "--no-tokenizer" not in res.stdout
+    assert "prepare: tokenizer: vocab 300" in res.stdout, res.stdout
+    assert list((tmp_path / "cache").glob("tokenizer/*/tokenizer.json"))
+    manifest = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())
+    assert [t["state"] for s in manifest["stages"].values() for t in s["tasks"]] == ["COMPLETED"] * 2
+
+
 def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path, capsys):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job

