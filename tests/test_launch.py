@@ -1,5 +1,6 @@
 """The launcher: plan, dry run, bad input, and the local executor running the plan for real.
 (Against a real SLURM: tests/test_slurm.py.)"""
+import datetime
 import difflib
 import json
 import os
@@ -108,6 +109,29 @@ def test_the_cache_hit_decision_asks_for_every_grid_combination(tiny_recipe, tmp
     plan = build_plan(recipe, tmp_path / "run", hits, where)
     assert [t.overrides for t in plan.stage("discover").tasks] == [["model.depth=1"]]
     assert [t.discover_task for t in plan.stage("base").tasks] == [None, 0]
+
+
+def test_every_depth_of_a_grid_trains_on_a_key_its_discover_task_probed(recipe_file, tmp_path):
+    """The local executor runs a grid over depth: two discover tasks, one after the other (their
+    probes measure this machine's memory), and each training task's device batch is a cache hit
+    on the key its own discover task probed (before, the second depth probed inside training)."""
+    root = tmp_path / "runs"
+    assert launch.main([str(recipe_file), "grid={model.depth: [2, 1]}", "stages=[discover,base,report]",
+                        "train.device_batch_size=auto", "discovery.memory_budget_gb=1.0",
+                        "discovery.max_batch_size=8", f"discovery.cache_dir={tmp_path / 'bs'}",
+                        "cluster.gpus_per_node=1", "--executor", "local", "--output-root", str(root)]) == 0
+    run = root / "t"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    disc = stages["discover"]["tasks"]
+    assert [t["overrides"] for t in disc] == [["model.depth=2"], ["model.depth=1"]]
+    assert [t["discover_task"] for t in stages["base"]["tasks"]] == [0, 1]
+    started = [datetime.datetime.fromisoformat(t["submitted"]).timestamp() for t in disc]
+    assert started[1] >= started[0] + disc[0]["elapsed_s"] - 1, "one discover task at a time"
+    for i, depth in enumerate([2, 1]):
+        found = json.loads((run / "discover" / f"{i:03d}" / "discovery.json").read_text())["base"]
+        trained = json.loads((run / "base" / f"{i:03d}" / "run.json").read_text())
+        assert trained["discovery"]["from_cache"] and trained["discovery"]["probes"] == 0, (depth, trained)
+        assert trained["discovery"]["cache_path"] == found["cache_path"] and f"-d{depth}-" in found["cache_path"]
 
 
 def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
