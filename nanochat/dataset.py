@@ -353,19 +353,46 @@ def tokenizer_key(recipe: Recipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+TEXT_RECORD = "training_text.json"  # beside tokenizer.json: what it was trained on, when that ran short
+
+
 def prepare_tokenizer(recipe: Recipe, train_paths: list[Path], rt=None) -> Tokenizer:
-    """Train the tokenizer once per (data, tokenizer) settings into cache_dir/tokenizer/<key>."""
+    """Train the tokenizer once per key (`tokenizer_key`) into cache_dir/tokenizer/<key>. Where
+    the training shards hold fewer than tokenizer.train_chars characters, more shards would have
+    given it more text: that is recorded, and a recipe with more shards that reuses it is told."""
     tok_dir = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
     if rt is None or rt.dist.local_rank == 0:
         tok_dir.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(tok_dir) + ".lock"):
             if not (tok_dir / "tokenizer.json").exists():
-                texts = tokenizer_text_iterator(train_paths, recipe.tokenizer.train_chars,
-                                                recipe.tokenizer.doc_cap)
-                train_tokenizer(recipe.tokenizer, texts, tok_dir)
+                read = {"chars": 0}
+
+                def counted():
+                    for text in tokenizer_text_iterator(train_paths, recipe.tokenizer.train_chars,
+                                                        recipe.tokenizer.doc_cap):
+                        read["chars"] += len(text)
+                        yield text
+                train_tokenizer(recipe.tokenizer, counted(), tok_dir)
+                if read["chars"] < recipe.tokenizer.train_chars:
+                    atomic_write_json(tok_dir / TEXT_RECORD, {"chars": read["chars"],
+                                                              "shards": sorted(p.name for p in train_paths)})
+            else:
+                _say_if_trained_on_less(tok_dir, train_paths, recipe)
     if rt is not None:
         _barrier(rt)
     return Tokenizer.load(tok_dir)
+
+
+def _say_if_trained_on_less(tok_dir: Path, train_paths: list[Path], recipe: Recipe) -> None:
+    try:
+        record = json.loads((tok_dir / TEXT_RECORD).read_text())
+    except (OSError, ValueError):
+        return  # trained on tokenizer.train_chars characters: more shards add nothing to its text
+    if set(p.name for p in train_paths) - set(record.get("shards", [])):
+        print0(f"tokenizer: {tok_dir} was trained on all {len(record['shards'])} training shard(s) "
+               f"there were ({record['chars']:,} characters, fewer than tokenizer.train_chars "
+               f"{recipe.tokenizer.train_chars:,}); this recipe has {len(train_paths)} and reuses it "
+               f"(one vocabulary for both); delete {tok_dir} to train it on more text")
 
 
 def _barrier(rt) -> None:

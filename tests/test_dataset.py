@@ -306,3 +306,25 @@ def test_fineweb_tokenizer_is_shared_across_training_shard_counts(tmp_path, hub)
     assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == trained, "trained once"
     assert tok_two.vocab_size == tok_one.vocab_size == 300
     assert len(list((tmp_path / "cache" / "tokenizer").glob("*/tokenizer.json"))) == 1
+
+
+def test_fineweb_tokenizer_trained_on_fewer_characters_than_asked_says_so_when_reused(tmp_path, hub, capsys):
+    """One training shard holds less than tokenizer.train_chars: the tokenizer records it, and a
+    recipe with two shards (more text it could have read) reuses it with one line saying so."""
+    from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+
+    def recipe(shards):
+        return recipe_from_dict({"cache_dir": str(tmp_path / "cache"),
+                                 "tokenizer": {"vocab_size": 300, "train_chars": 10_000_000},
+                                 "data": {"source": "fineweb", "data_dir": str(tmp_path / "fw"),
+                                          "hub_repo": "someone/fw", "hub_endpoint": hub,
+                                          "num_train_shards": shards, "val_shard": 5}})
+    one, two = recipe(1), recipe(2)
+    prepare_tokenizer(one, prepare_shards(one)[0])
+    prepare_tokenizer(one, prepare_shards(one)[0])
+    assert "fewer than tokenizer.train_chars" not in capsys.readouterr().out, "same shards: nothing to say"
+    prepare_tokenizer(two, prepare_shards(two)[0])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "fewer than tokenizer.train_chars" in ln)
+    assert "all 1 training shard(s)" in line and "this recipe has 2" in line
+    assert str(tmp_path / "cache" / "tokenizer" / tokenizer_key(two)) in line
