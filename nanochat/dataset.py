@@ -326,9 +326,10 @@ def prepare_shards(recipe: Recipe, rt=None) -> tuple[list[Path], list[Path]]:
 def tokenizer_text_source(data: DataArgs) -> dict:
     """What decides the tokenizer's training text, by source. The tokenizer reads the training
     shards in name order and stops after `tokenizer.train_chars` characters, so the text is the
-    start of the corpus: for fineweb the repo's shards 0, 1, ... (about 250 M characters each,
-    so the default 2 B characters are shards 0-7), whatever `num_train_shards` the recipe trains
-    the model on beyond them — d12's 20 shards and d20's 180 give one tokenizer. The validation
+    start of the corpus: for fineweb the repo's shards 0, 1, ... as far as those characters
+    reach, whatever `num_train_shards` the recipe trains the model on beyond them — d12's 20
+    shards and d20's 180 give one tokenizer (where the shards run out first, prepare_tokenizer
+    records it and says so when a recipe with more shards reuses the tokenizer). The validation
     shard (`val_shard`) is never read; `hub_endpoint` and `offline_cache` say where the same
     files come from. Offline shards are cut from the shuffled works, so every setting of that
     cut counts (`offline_num_shards` also moves the train/validation boundary). Where the data
