@@ -216,6 +216,8 @@ def _run_stage_local(plan: Plan, manifest: dict, stage: Stage, selection: Select
     state_of = lambda st, j: manifest["stages"][st]["tasks"][j]["state"]  # noqa: E731
     todo = list(selection.tasks.get(stage.name, []))
     workers = max(1, min(plan.recipe.cluster.array_parallelism, len(entries)))
+    if stage.name == "discover":  # probes measure this machine's memory: one key at a time
+        workers = 1
     ok = True
     while todo or running:
         stop.check()  # before reaping: a Ctrl-C also kills the tasks, which must not count as failed

@@ -30,7 +30,7 @@ from jobs.executors import (REPO, Selection, dependency_option, run_local, selec
                             slurm_executor_parameters, submit_slurm)
 from jobs.manifest import (MANIFEST, has_manifest, launcher_alive, launcher_record,  # noqa: E402
                            new_manifest, record_cancel, save_manifest)
-from jobs.plan import Plan, Stage, build_plan, discovery_stages, resolve_run_dir  # noqa: E402
+from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import OUTPUT_ROOT  # noqa: E402
@@ -59,52 +59,74 @@ def check_partition(partition: str | None) -> None:
                         f"(sinfo lists: {', '.join(out) or 'none'}); nothing was submitted")
 
 
-def discovery_lookup(recipe, executor: str = "local") -> tuple[bool | None, str]:
-    """Whether the batch-size cache already answers for every stage that asks for `auto` (base
-    and/or sft) on the device the jobs will get — this machine's for the local executor, else
-    the one the partition's device record names (`nanochat.targets`: a login node has no GPU)
-    — and a line saying which, or why the cache could not be asked. (None, "") when none asks."""
-    keys = discovery_stages(recipe)
-    if not keys:
+def discovery_lookup(recipe, executor: str = "local") -> tuple[list[bool] | None, str]:
+    """For each grid combination (jobs.plan.grid_recipes), whether the batch-size cache already
+    answers for every stage of it that asks for `auto` (base and/or sft; True where none asks),
+    on the device the jobs will get — this machine's for the local executor, else the one the
+    partition's device record names (`nanochat.targets`: a login node has no GPU) — and a line
+    saying which, or why the cache could not be asked. (None, "") when no combination asks."""
+    points = grid_recipes(recipe)
+    asks = [discovery_stages(p) for p in points]
+    if not any(asks):
         return None, ""
     # imports torch: only when a stage asks
     from nanochat.batch_size import cached_result
     from nanochat.targets import partition_target
-    target, where = None, "on this machine"
-    if executor != "local":
-        target, where = partition_target(recipe)
-        if target is None:
-            return False, where
-    hit = all(cached_result(recipe, stage=k, world_size=recipe.cluster.world_size, target=target)
-              is not None for k in keys)
-    return hit, where if hit else f"not cached yet for {target.name if target else 'this machine'}"
+    targets: dict = {}  # (partition, constraint) → (target, where): asked once per device kind
+
+    def target_of(point):
+        if executor == "local":
+            return None, "on this machine"
+        kind = (point.cluster.partition, point.cluster.constraint)
+        if kind not in targets:
+            targets[kind] = partition_target(point)
+        return targets[kind]
+
+    hits, where, missing = [], "on this machine", set()
+    for point, stages in zip(points, asks):
+        target, where = target_of(point)
+        if stages and target is None and executor != "local":
+            return [False] * len(points), where
+        hit = all(cached_result(point, stage=k, world_size=point.cluster.world_size, target=target)
+                  is not None for k in stages)
+        hits.append(hit)
+        if not hit:
+            missing.add(target.name if target else "this machine")
+    return hits, where if all(hits) else f"not cached yet for {', '.join(sorted(missing))}"
 
 
 def discovery_cached(recipe, executor: str = "local") -> bool | None:
-    return discovery_lookup(recipe, executor)[0]
+    """Whether the cache answers for every grid combination (None when none asks)."""
+    hits = discovery_lookup(recipe, executor)[0]
+    return None if hits is None else all(hits)
 
 
 # What `nanochat.prepare` reads: grid values in these change what must be prepared.
 PREPARED_SECTIONS = ("data", "tokenizer", "sft", "eval", "cache_dir")
 
 
-def prepare_commands(args_recipe: str, overrides: list[str], plan: Plan) -> list[list[str]]:
-    """One `nanochat.prepare` command per distinct set of grid values that changes the data."""
+def prepare_commands(args_recipe: str, overrides: list[str], plan: Plan,
+                     executor: str = "slurm") -> list[list[str]]:
+    """One `nanochat.prepare` command per distinct set of grid values that changes the data.
+    For SLURM with `--no-tokenizer`: a login node fetches what the jobs cannot (they have no
+    network), and the first job trains the tokenizer on its own CPUs (nanochat/prepare.py says
+    why); the local executor's machine is the one that runs the jobs, so it trains it here."""
     seen: list[tuple] = []
     for task_overrides in [t.overrides for s in plan.stages for t in s.tasks] or [[]]:
         key = tuple(o for o in task_overrides if o.split("=")[0].split(".")[0] in PREPARED_SECTIONS)
         if key not in seen:
             seen.append(key)
-    return [["-m", "nanochat.prepare", args_recipe, *overrides, *key] for key in seen]
+    flags = ["--no-tokenizer"] if executor == "slurm" else []
+    return [["-m", "nanochat.prepare", args_recipe, *overrides, *key, *flags] for key in seen]
 
 
-def prepare_data(args_recipe: str, overrides: list[str], plan: Plan) -> None:
+def prepare_data(args_recipe: str, overrides: list[str], plan: Plan, executor: str = "slurm") -> None:
     """Run `python -m nanochat.prepare` for every distinct task recipe of the plan, here on the
     login node (jobs never download); its output streams through. One line on failure."""
     env = {k: v for k, v in os.environ.items() if k != NO_DOWNLOAD_ENV}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    for args in prepare_commands(args_recipe, overrides, plan):
+    for args in prepare_commands(args_recipe, overrides, plan, executor):
         print(f"preparing on this node: {shlex.join(['python', *args])}", flush=True)
         if subprocess.run([sys.executable, *args], env=env, cwd=os.getcwd()).returncode != 0:
             raise UserError("preparation failed (its error is above); nothing was submitted. Fix it, "
@@ -328,8 +350,9 @@ def main(argv: list[str]) -> int:
     if executor == "slurm":
         check_partition(recipe.cluster.partition)
     if not args.no_prepare:
-        prepare_data(recipe_path, overrides, plan)
-    # after preparing: the cache key holds the trained tokenizer's real vocabulary
+        prepare_data(recipe_path, overrides, plan, executor)
+    # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,
+    # one trained before; a first run's discover job then finds it)
     plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
     mode = check_run_dir(run_dir, args)
     return launch(args, argv, plan, mode, executor)

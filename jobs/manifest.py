@@ -29,7 +29,9 @@ def new_manifest(plan: Plan, executor: str) -> dict:
             "stages": {s.name: {"after": s.after, "dependency": s.dependency, "job_id": None,
                                 "tasks": [{"index": t.index, "overrides": t.overrides,
                                            "run_dir": t.run_dir, "recipe_run_dir": t.recipe_run_dir or t.run_dir,
-                                           "job_id": None, "state": "PLANNED"}
+                                           "job_id": None, "state": "PLANNED",
+                                           **({"discover_task": t.discover_task}
+                                              if t.discover_task is not None else {})}
                                           for t in s.tasks]}
                        for s in plan.stages}}
 

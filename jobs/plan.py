@@ -9,9 +9,14 @@ The recipe's `stages` list decides which of these run (order fixed, as drawn).
 - check: the cluster check (`python -m nanochat.check`, nanochat/check.py) on the training
   allocation (`cluster.nodes` × `cluster.gpus_per_node` processes); only when `stages` lists it.
   Every other stage waits for it (afterok), so an unhealthy allocation trains nothing.
-- discover: one short job on one GPU that finds the device batch size of every stage that asks
-  for `auto` (base: `train.device_batch_size`, sft: `sft.device_batch_size`); skipped when none
-  does or when the batch-size cache already answers for each (nothing then depends on it).
+- discover: short jobs on one GPU that find the device batch size of every stage that asks for
+  `auto` (base: `train.device_batch_size`, sft: `sft.device_batch_size`): an array with one task
+  per distinct memory key among the grid's combinations (nanochat/memory_key.py: a grid over
+  depth is one task per depth, a grid over learning rates one task), each run with the grid
+  values of the first combination of its key; a key the batch-size cache already answers gets
+  no task, and the stage is skipped when none is left or no stage asks (nothing then depends on
+  it). Each training task records the discover task of its key (`discover_task`); SLURM gives
+  an array one dependency, so the training array waits for every discover task.
 - base: pretraining, a job array over the recipe's `grid` (one task per combination; one task if
   no grid), each task `cluster.nodes` × `cluster.gpus_per_node` processes, checkpointable.
 - sft: task i fine-tunes base task i's checkpoint into `<base task i dir>/sft`; same resources,
@@ -40,6 +45,8 @@ import yaml
 
 from nanochat.common import UserError
 from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
+from nanochat.memory_key import plan_key
+from nanochat.recipe import override_recipe, recipe_to_dict
 
 # What may appear in an sbatch header line: no shell or line-breaking characters, ever.
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=@%/+-]+")
@@ -52,6 +59,7 @@ class Task:
     overrides: list[str]            # section.key=value applied to the run's recipe
     run_dir: str                    # this task's outputs
     recipe_run_dir: str = ""        # the run_dir its recipe gets ("" = run_dir)
+    discover_task: int | None = None  # training tasks: the discover task probing its memory key
 
 
 ARRAYS = ("base", "sft", "eval", "sweep")  # one task per grid combination
@@ -71,8 +79,8 @@ class Stage:
     checkpointable: bool = False    # requeue on SLURM's warning signal (training)
 
     @property
-    def is_array(self) -> bool:
-        return self.name in ARRAYS
+    def is_array(self) -> bool:  # (discover: one task per memory key, an array when several)
+        return self.name in ARRAYS or len(self.tasks) > 1
 
 
 @dataclass
@@ -95,6 +103,14 @@ def grid_overrides(recipe: Recipe) -> list[list[str]]:
     combos = itertools.product(*(recipe.grid[k] for k in keys))
     return [[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
              for k, v in zip(keys, combo)] for combo in combos]
+
+
+def grid_recipes(recipe: Recipe) -> list[Recipe]:
+    """The recipe of each grid combination (in `grid_overrides` order), as its tasks load it."""
+    if not recipe.grid:
+        return [recipe]
+    base = recipe_to_dict(recipe)
+    return [override_recipe(base, overrides) for overrides in grid_overrides(recipe)]
 
 
 def check_safe(recipe: Recipe) -> None:
@@ -131,11 +147,12 @@ def discovery_stages(recipe: Recipe) -> list[str]:
             if stage in recipe.stages and recipe.training_section(stage).device_batch_size == "auto"]
 
 
-def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = None,
+def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | list[bool] | None = None,
                discovery_why: str = "") -> Plan:
-    """`discovery_cached`: whether the batch-size cache already answers for every key of
-    `discovery_stages(recipe)` (None when unknown): then the discover stage is skipped.
-    `discovery_why`: on whose device the cache was asked, or why it could not be."""
+    """`discovery_cached`: whether the batch-size cache already answers for every `auto` stage
+    of each grid combination (a list, in `grid_overrides` order; one bool for all of them; None
+    when unknown): those get no discover task. `discovery_why`: on whose device the cache was
+    asked, or why it could not be."""
     check_safe(recipe)
     c = recipe.cluster
     world = c.world_size
@@ -157,8 +174,9 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
     # task i's directory: base writes its checkpoint there; sft, eval and sweep of task i read it
     task_dirs = [str(run_dir / ("base" if "base" in wanted else "sft") / f"{i:03d}") for i in range(len(grid))]
 
-    def array(sub) -> list[Task]:
-        return [Task(i, ov, sub(i), task_dirs[i]) for i, ov in enumerate(grid)]
+    def array(sub, training: bool = False) -> list[Task]:
+        return [Task(i, ov, sub(i), task_dirs[i], discover_of.get(i) if training else None)
+                for i, ov in enumerate(grid)]
 
     train_like = dict(nodes=c.nodes, tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
                       cpus_per_task=c.cpus_per_task, time_min=c.time_min, checkpointable=True)
@@ -169,29 +187,48 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
                                  gpus_per_node=c.gpus_per_node, cpus_per_task=c.cpus_per_task,
                                  time_min=min(30, c.time_min)))
     first = ["check"] if plan.stage("check") else []
+    discover_of: dict[int, int] = {}  # training task → discover task of its memory key
     if "discover" in wanted:
-        keys = discovery_stages(recipe)
+        points = grid_recipes(recipe)
+        asks = [discovery_stages(p) for p in points]
+        keys = [k for k in TRAINING_SECTIONS if any(k in a for a in asks)]
+        cached = discovery_cached if isinstance(discovery_cached, list) else [discovery_cached] * len(points)
+        groups: dict[str, list[int]] = {}
+        for i, (point, stages) in enumerate(zip(points, asks)):
+            if stages and not cached[i]:
+                groups.setdefault(plan_key(point, stages), []).append(i)
         if not keys:
             fixed = [f"{sec}.device_batch_size" for st, sec in TRAINING_SECTIONS.items() if st in wanted]
             plan.skipped["discover"] = (f"{' and '.join(fixed)} {'are' if len(fixed) > 1 else 'is'} fixed"
                                         if fixed else "no base or sft stage to discover for")
-        elif discovery_cached:
+        elif not groups:
             plan.skipped["discover"] = (f"the batch-size cache already holds the {' and '.join(keys)} "
                                         f"key(s): cache hit" + (f" ({discovery_why})" if discovery_why else ""))
         else:
-            if discovery_why:
-                plan.reasons["discover"] = discovery_why
-            d = str(run_dir / "discover")
-            plan.stages.append(Stage("discover", [Task(0, [], d, d)], after=first, **one_gpu,
+            tasks = []
+            for k, members in enumerate(groups.values()):
+                d = str(run_dir / "discover" / f"{k:03d}")
+                tasks.append(Task(k, grid[members[0]], d, d))
+                discover_of.update({i: k for i in members})
+            why = [discovery_why] if discovery_why else []
+            if len(grid) > 1:
+                held = [i for i, a in enumerate(asks) if a and cached[i]]
+                why.append("one task per memory key: " + "; ".join(
+                    f"task {k} for training task(s) {', '.join(map(str, members))}"
+                    for k, members in enumerate(groups.values()))
+                    + (f"; task(s) {', '.join(map(str, held))} cached" if held else ""))
+            if why:
+                plan.reasons["discover"] = "; ".join(why)
+            plan.stages.append(Stage("discover", tasks, after=first, **one_gpu,
                                      time_min=min(30, c.time_min)))
     discover = ["discover"] if plan.stage("discover") else first
     if "base" in wanted:
-        plan.stages.append(Stage("base", array(lambda i: task_dirs[i]), after=discover,
+        plan.stages.append(Stage("base", array(lambda i: task_dirs[i], True), after=discover,
                                  dependency="afterok", **train_like))
     if "sft" in wanted:
         # sft task i fine-tunes base task i: task-wise afterok (without base: after discovery)
         after, dep = (["base"], "aftercorr") if "base" in wanted else (discover, "afterok")
-        plan.stages.append(Stage("sft", array(lambda i: str(Path(task_dirs[i]) / "sft")), after=after,
+        plan.stages.append(Stage("sft", array(lambda i: str(Path(task_dirs[i]) / "sft"), True), after=after,
                                  dependency=dep, **train_like))
     if "eval" in wanted:
         src = "sft" if "sft" in wanted else "base"

@@ -157,7 +157,9 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
 def _batch_lines(run_dir: Path, rows: list[dict]) -> list[str]:
     """Where each training task's device batch came from: the recipe, or discovery (a cache
     hit, or probes — by the discover job or the task itself), and corrections the run made."""
-    job = _load_json(run_dir / "discover" / "discovery.json") or {}
+    # what the discover tasks found (one per memory key, discover/NNN/), by cache file
+    by_file = {d["cache_path"]: d for path in sorted((run_dir / "discover").glob("*/discovery.json"))
+               for d in (_load_json(path) or {}).values() if isinstance(d, dict) and d.get("cache_path")}
     out = []
     for r in rows:
         for stage, run in (r.get("batch") or {}).items():
@@ -165,7 +167,7 @@ def _batch_lines(run_dir: Path, rows: list[dict]) -> list[str]:
             if d is None:
                 how, where = "fixed by the recipe", ""
             else:
-                by_job = job.get(stage) or {}
+                by_job = by_file.get(d.get("cache_path")) or {}
                 if not d["from_cache"]:
                     how = f"discovered by this task: {d['probes']} probes in {d['seconds']:.1f} s"
                 elif by_job and not by_job.get("from_cache"):

@@ -133,7 +133,9 @@ def run_eval(run_dir: Path, index: int) -> dict:
 
 def run_discover(run_dir: Path, index: int) -> dict:
     """Device batch sizes for every stage that asks for `auto`, into the cache and discovery.json
-    ({stage: {batch_size, from_cache, cache_path}})."""
+    ({stage: {batch_size, from_cache, cache_path}}) — for one memory key of the grid: the task's
+    overrides are those of the first grid combination with that key (jobs/plan.py). On a first
+    SLURM run it is also the job that trains the tokenizer (the login node leaves it)."""
     from nanochat.batch_size import discover_for_recipe
     from nanochat.dataset import prepare_shards, prepare_tokenizer
     from nanochat.targets import record_device

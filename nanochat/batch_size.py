@@ -15,8 +15,9 @@ Fits = no out-of-memory and peak ≤ (1 − headroom) × capacity, where capacit
 memory, or on CPU the budget (`memory_budget_gb`, else `ram_fraction` of RAM). Headroom is
 memory, not a cut of the batch: the answer is always a legal size that was measured to fit.
 
-Cache: the key holds everything that changes the answer (model shape, sequence length, dtype,
-compile and mode, optimizer settings, world size, stage, total batch, device name and memory,
+Cache: the key holds everything that changes the answer and nothing else (nanochat/memory_key.py:
+model shape, sequence length, dtype, compile and mode, the optimizer's memory-relevant settings —
+not its learning rates or schedules —, world size, stage, total batch, device name and memory,
 torch version, headroom, candidates, choose); the file holds the key in clear, the result, every
 probe's peak memory and tokens/s, time taken, host and date. Written atomically under a file
 lock, so concurrent discoverers of one key probe once; a corrupt file is reported in one line and
@@ -44,6 +45,7 @@ from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, 
 from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
 from nanochat.dataset import tokenizer_key
 from nanochat.gpt import GPTConfig
+from nanochat.memory_key import memory_key, model_memory_fields
 from nanochat.memory_probe import ProbeServer, ProbeSpec, run_probe
 from nanochat.runtime import compute_dtype
 from nanochat.targets import Target, resolve_target
@@ -180,16 +182,12 @@ def probe_spec(recipe: Recipe, target: Target, vocab_size: int | None = None) ->
 
 
 def cache_key(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec) -> dict:
-    dc = recipe.discovery
-    section = recipe.training_section(stage)
-    return {"version": VERSION, "stage": stage, "model": spec.model,
-            "sequence_len": spec.model["sequence_len"], "dtype": spec.dtype,
-            "compile": spec.compile, "compile_mode": spec.compile_mode if spec.compile else None,
-            "optim": spec.optim, "grad_clip": spec.grad_clip, "world_size": world_size,
-            "total_batch_size": section.total_batch_size, "device": target.name,
-            "device_memory_bytes": target.capacity_bytes, "torch": target.torch_version,
-            "headroom": dc.headroom, "candidates": dc.candidates, "min_batch_size": dc.min_batch_size,
-            "max_batch_size": dc.max_batch_size, "choose": dc.choose,
+    """The recipe's memory key (nanochat/memory_key.py: no learning rates, betas or schedules)
+    and what this device resolved: the concrete model, dtype, device name and memory, torch."""
+    return {"version": VERSION, **memory_key(recipe, stage, world_size),
+            "model": model_memory_fields(spec.model), "sequence_len": spec.model["sequence_len"],
+            "dtype": spec.dtype, "device": target.name, "device_memory_bytes": target.capacity_bytes,
+            "torch": target.torch_version,
             "cpu_allocator": "tuned" if target.device.type == "cpu" else None}
 
 

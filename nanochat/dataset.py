@@ -323,33 +323,77 @@ def prepare_shards(recipe: Recipe, rt=None) -> tuple[list[Path], list[Path]]:
     return split_shards(paths)
 
 
+def tokenizer_text_source(data: DataArgs) -> dict:
+    """What decides the tokenizer's training text, by source. The tokenizer reads the training
+    shards in name order and stops after `tokenizer.train_chars` characters, so the text is the
+    start of the corpus: for fineweb the repo's shards 0, 1, ... as far as those characters
+    reach, whatever `num_train_shards` the recipe trains the model on beyond them — d12's 20
+    shards and d20's 180 give one tokenizer (where the shards run out first, prepare_tokenizer
+    records it and says so when a recipe with more shards reuses the tokenizer). The validation
+    shard (`val_shard`) is never read; `hub_endpoint` and `offline_cache` say where the same
+    files come from. Offline shards are cut from the shuffled works, so every setting of that
+    cut counts (`offline_num_shards` also moves the train/validation boundary). Where the data
+    lives counts as an absolute path — a launched job's recipe has its paths made absolute (the
+    job starts in the code snapshot, nanochat.recipe.absolute_paths), and must find the
+    tokenizer that `nanochat.prepare` trained from the same recipe with relative paths."""
+    where = os.path.abspath(os.path.expanduser(data.data_dir))
+    if data.source == "offline":
+        return {"source": "offline", "data_dir": where, "packages": list(data.offline_packages),
+                "num_shards": data.offline_num_shards, "doc_chars": data.offline_doc_chars,
+                "seed": data.seed}
+    return {"source": data.source, "data_dir": where, "hub_repo": data.hub_repo}
+
+
 def tokenizer_key(recipe: Recipe) -> str:
-    """The tokenizer cache's key: the data and tokenizer settings. Where the data lives counts
-    as an absolute path — a launched job's recipe has its paths made absolute (the job starts in
-    the code snapshot, nanochat.recipe.absolute_paths), and must find the tokenizer that
-    `nanochat.prepare` trained from the same recipe with relative paths."""
-    data = dataclasses.asdict(recipe.data)
-    for key in ("data_dir", "offline_cache"):
-        if data.get(key):
-            data[key] = os.path.abspath(os.path.expanduser(data[key]))
-    blob = json.dumps({"data": data,
+    """The tokenizer cache's key: its training text's source (`tokenizer_text_source`) and the
+    tokenizer's own settings (vocabulary size, characters read, cap per document) — nothing
+    else, so recipes that differ only in how much data the model trains on share a tokenizer
+    (and a vocabulary: their results stay comparable)."""
+    blob = json.dumps({"text": tokenizer_text_source(recipe.data),
                        "tokenizer": dataclasses.asdict(recipe.tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+TEXT_RECORD = "training_text.json"  # beside tokenizer.json: what it was trained on, when that ran short
+
+
 def prepare_tokenizer(recipe: Recipe, train_paths: list[Path], rt=None) -> Tokenizer:
-    """Train the tokenizer once per (data, tokenizer) settings into cache_dir/tokenizer/<key>."""
+    """Train the tokenizer once per key (`tokenizer_key`) into cache_dir/tokenizer/<key>. Where
+    the training shards hold fewer than tokenizer.train_chars characters, more shards would have
+    given it more text: that is recorded, and a recipe with more shards that reuses it is told."""
     tok_dir = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
     if rt is None or rt.dist.local_rank == 0:
         tok_dir.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(tok_dir) + ".lock"):
             if not (tok_dir / "tokenizer.json").exists():
-                texts = tokenizer_text_iterator(train_paths, recipe.tokenizer.train_chars,
-                                                recipe.tokenizer.doc_cap)
-                train_tokenizer(recipe.tokenizer, texts, tok_dir)
+                read = {"chars": 0}
+
+                def counted():
+                    for text in tokenizer_text_iterator(train_paths, recipe.tokenizer.train_chars,
+                                                        recipe.tokenizer.doc_cap):
+                        read["chars"] += len(text)
+                        yield text
+                train_tokenizer(recipe.tokenizer, counted(), tok_dir)
+                if read["chars"] < recipe.tokenizer.train_chars:
+                    atomic_write_json(tok_dir / TEXT_RECORD, {"chars": read["chars"],
+                                                              "shards": sorted(p.name for p in train_paths)})
+            else:
+                _say_if_trained_on_less(tok_dir, train_paths, recipe)
     if rt is not None:
         _barrier(rt)
     return Tokenizer.load(tok_dir)
+
+
+def _say_if_trained_on_less(tok_dir: Path, train_paths: list[Path], recipe: Recipe) -> None:
+    try:
+        record = json.loads((tok_dir / TEXT_RECORD).read_text())
+    except (OSError, ValueError):
+        return  # trained on tokenizer.train_chars characters: more shards add nothing to its text
+    if set(p.name for p in train_paths) - set(record.get("shards", [])):
+        print0(f"tokenizer: {tok_dir} was trained on all {len(record['shards'])} training shard(s) "
+               f"there were ({record['chars']:,} characters, fewer than tokenizer.train_chars "
+               f"{recipe.tokenizer.train_chars:,}); this recipe has {len(train_paths)} and reuses it "
+               f"(one vocabulary for both); delete {tok_dir} to train it on more text")
 
 
 def _barrier(rt) -> None:

@@ -5,7 +5,11 @@ this command fetches everything on a login node, and `jobs/launch.py` runs it be
 submits anything (`--no-prepare` skips that). Cheap when already done. By the recipe's stages:
 
 - every stage: the parquet shards in data.data_dir (downloaded for fineweb, built from the
-  PyPI sdist for offline) and the tokenizer trained into cache_dir/tokenizer/<key>;
+  PyPI sdist for offline) and the tokenizer trained into cache_dir/tokenizer/<key> — except with
+  `--no-tokenizer`, which `jobs/launch.py` passes when it submits to SLURM: training rustbpe over
+  tokenizer.train_chars (2 B by default) takes a CPU for minutes and gigabytes of memory, which
+  login-node limits kill, and it needs no network, so the run's first job trains it on its own
+  CPUs (nanochat.dataset.prepare_tokenizer, under a file lock: parallel jobs train it once);
 - sft: the conversations (the chatterbot-corpus wheel, or SmolTalk into the datasets cache);
 - sft, eval: the generated tasks' word list (Debian's wamerican, else the chatterbot wheel);
 - eval: the hub tasks of eval.hub_tasks into the datasets cache, when the hub answers
@@ -24,6 +28,7 @@ from nanochat.common import cli_main
 from nanochat.config import Recipe
 from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.recipe import load_recipe, recipe_argparser
+from nanochat.tokenizer import TOKENIZER_FILE
 
 
 def _step(what: str, fn) -> None:
@@ -32,19 +37,26 @@ def _step(what: str, fn) -> None:
     print(f"prepare: {what}: {line} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def prepare(recipe: Recipe) -> None:
+def prepare(recipe: Recipe, tokenizer: bool = True) -> None:
+    """Everything the recipe's stages need; `tokenizer=False` leaves an untrained tokenizer to
+    the first job (and says so)."""
     def data():
         train, val = prepare_shards(recipe)
         state["train"] = train
         return f"{len(train)} train + {len(val)} val shards in {recipe.data.data_dir}"
 
-    def tokenizer():
+    def train_tokenizer():
         tok = prepare_tokenizer(recipe, state["train"])
-        return f"vocab {tok.vocab_size:,} in {Path(recipe.cache_dir) / 'tokenizer' / tokenizer_key(recipe)}"
+        return f"vocab {tok.vocab_size:,} in {tok_dir}"
 
+    tok_dir = Path(recipe.cache_dir) / "tokenizer" / tokenizer_key(recipe)
     state: dict = {}
     _step("data", data)
-    _step("tokenizer", tokenizer)
+    if tokenizer or (tok_dir / TOKENIZER_FILE).exists():
+        _step("tokenizer", train_tokenizer)
+    else:
+        print(f"prepare: tokenizer: not trained yet ({tok_dir}); the run's first job trains it on its "
+              "own CPUs, not this node (a file lock makes parallel jobs train it once)", flush=True)
     stages = set(recipe.stages)
     if "sft" in stages:
         from nanochat.chat_data import load_sft_conversations
@@ -76,10 +88,13 @@ def prepare(recipe: Recipe) -> None:
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.prepare", __doc__.splitlines()[0])
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="fetch and build the data, but leave an untrained tokenizer to the first job "
+                         "(a login node: training it takes minutes of CPU and gigabytes)")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     t0 = time.perf_counter()
-    prepare(recipe)
+    prepare(recipe, tokenizer=not args.no_tokenizer)
     print(f"prepare: done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

@@ -146,6 +146,32 @@ def test_cache_key_separates_stage_world_size_dtype_and_compile(budget_run):
     assert len({base, *other}) == len(other) + 1
 
 
+def test_cache_key_holds_memory_not_learning_rates(tmp_path):
+    """Learning rates, betas, momentum values, schedules and decay amounts change no memory: a
+    recipe differing only in them is a cache hit (no probe). What changes the optimizer's
+    state (NorMuon's second moment), turns decay on, or changes the model's shape is another key."""
+    from nanochat.batch_size import cache_key, cache_path
+    first = discover(recipe_from_dict(cheap(tmp_path)))
+    assert not first.from_cache
+    values = {"matrix_lr": 0.05, "embedding_lr": 0.3, "unembedding_lr": 0.001, "adam_beta1": 0.9,
+              "adam_beta2": 0.99, "muon_momentum": 0.9, "muon_momentum_warmup_steps": 10,
+              "lr_batch_scaling": True, "batch_ref": 4096}
+    before = memory_probe.PROBES_STARTED
+    again = discover(recipe_from_dict({**cheap(tmp_path), "optim": values}))
+    assert again.from_cache and memory_probe.PROBES_STARTED == before
+    assert again.cache_path == first.cache_path and "matrix_lr" not in again.record["key"]["optim"]
+
+    def path(**sections):
+        r = recipe_from_dict({**cheap(tmp_path), **sections})
+        t = resolve_target(r)
+        return cache_path(r, cache_key(r, "base", 1, t, probe_spec(r, t)))
+
+    assert path(optim={"muon_weight_decay": 0.1}) == path(optim={"muon_weight_decay": 0.28})
+    others = [path(optim={"variance_reduction": True}), path(optim={"muon_weight_decay": 0.1}),
+              path(model={**cheap(tmp_path)["model"], "depth": 2})]
+    assert len({first.cache_path, *others}) == 4
+
+
 # ---------------------------------------------------------------- cache robustness
 
 def test_corrupt_cache_file_is_reported_and_recomputed(tmp_path, capfd):

@@ -275,3 +275,56 @@ def test_fineweb_hf_hub_offline_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set.*data.source=offline"):
         prepare_data(fineweb_args(tmp_path, "http://127.0.0.1:9"), progress=False)
     assert not (tmp_path / "fw").exists() or not any((tmp_path / "fw").glob("shard_*"))
+
+
+def test_fineweb_tokenizer_is_shared_across_training_shard_counts(tmp_path, hub):
+    """The tokenizer reads the first tokenizer.train_chars characters of the training shards:
+    recipes that train the model on 1 or 2 shards (d12's 20 vs d20's 180, in small) feed it the
+    same text, so they share one tokenizer (one key, trained once, one vocabulary); another
+    vocabulary size is another tokenizer."""
+    from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+
+    def recipe(shards, vocab=300):
+        return recipe_from_dict({"cache_dir": str(tmp_path / "cache"),
+                                 "tokenizer": {"vocab_size": vocab, "train_chars": 20_000},
+                                 "data": {"source": "fineweb", "data_dir": str(tmp_path / "fw"),
+                                          "hub_repo": "someone/fw", "hub_endpoint": hub,
+                                          "num_train_shards": shards, "val_shard": 5}})
+
+    one, two = recipe(1), recipe(2)
+    assert tokenizer_key(one) == tokenizer_key(two)
+    assert tokenizer_key(recipe(2, vocab=400)) != tokenizer_key(two)
+    # and the text really is the same: shard 0 alone holds more than train_chars
+    tok_one = prepare_tokenizer(one, prepare_shards(one)[0])
+    train_two = prepare_shards(two)[0]
+    assert len(train_two) == 2
+    assert list(tokenizer_text_iterator(train_two, 20_000, 10_000)) == \
+        list(tokenizer_text_iterator(train_two[:1], 20_000, 10_000))
+    tok_dir = tmp_path / "cache" / "tokenizer" / tokenizer_key(one)
+    trained = (tok_dir / "tokenizer.json").stat().st_mtime_ns
+    tok_two = prepare_tokenizer(two, train_two)
+    assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == trained, "trained once"
+    assert tok_two.vocab_size == tok_one.vocab_size == 300
+    assert len(list((tmp_path / "cache" / "tokenizer").glob("*/tokenizer.json"))) == 1
+
+
+def test_fineweb_tokenizer_trained_on_fewer_characters_than_asked_says_so_when_reused(tmp_path, hub, capsys):
+    """One training shard holds less than tokenizer.train_chars: the tokenizer records it, and a
+    recipe with two shards (more text it could have read) reuses it with one line saying so."""
+    from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+
+    def recipe(shards):
+        return recipe_from_dict({"cache_dir": str(tmp_path / "cache"),
+                                 "tokenizer": {"vocab_size": 300, "train_chars": 10_000_000},
+                                 "data": {"source": "fineweb", "data_dir": str(tmp_path / "fw"),
+                                          "hub_repo": "someone/fw", "hub_endpoint": hub,
+                                          "num_train_shards": shards, "val_shard": 5}})
+    one, two = recipe(1), recipe(2)
+    prepare_tokenizer(one, prepare_shards(one)[0])
+    prepare_tokenizer(one, prepare_shards(one)[0])
+    assert "fewer than tokenizer.train_chars" not in capsys.readouterr().out, "same shards: nothing to say"
+    prepare_tokenizer(two, prepare_shards(two)[0])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "fewer than tokenizer.train_chars" in ln)
+    assert "all 1 training shard(s)" in line and "this recipe has 2" in line
+    assert str(tmp_path / "cache" / "tokenizer" / tokenizer_key(two)) in line

@@ -1,5 +1,6 @@
 """The launcher: plan, dry run, bad input, and the local executor running the plan for real.
 (Against a real SLURM: tests/test_slurm.py.)"""
+import datetime
 import difflib
 import json
 import os
@@ -58,6 +59,81 @@ def test_discover_stage_only_when_auto_and_not_cached():
     assert "cache" in cached.skipped["discover"]
 
 
+def test_discover_is_one_task_per_memory_key_of_the_grid():
+    """A grid over depth: one discover task per depth, run with that depth, and each training
+    task names the discover task of its key (in the plan and the manifest). A grid over learning
+    rates and betas: one discover task for all. Keys the cache holds get none."""
+    auto = {"train": {"device_batch_size": "auto"}, "stages": ["discover", "base", "sft", "report"],
+            "sft": {"device_batch_size": "auto"}}
+    r = recipe_from_dict({**auto, "grid": {"model.depth": [2, 4], "train.seed": [1, 2]}})
+    plan = build_plan(r, Path("/tmp/x"))
+    disc = plan.stage("discover")
+    assert [(t.index, t.overrides, t.run_dir) for t in disc.tasks] == [
+        (0, ["model.depth=2", "train.seed=1"], "/tmp/x/discover/000"),
+        (1, ["model.depth=4", "train.seed=1"], "/tmp/x/discover/001")]
+    for stage in ("base", "sft"):
+        assert [(t.overrides[0], t.discover_task) for t in plan.stage(stage).tasks] == [
+            ("model.depth=2", 0), ("model.depth=2", 0), ("model.depth=4", 1), ("model.depth=4", 1)]
+    assert plan.stage("base").after == ["discover"] and plan.stage("base").dependency == "afterok"
+    assert "task 0 for training task(s) 0, 1; task 1 for training task(s) 2, 3" in plan.reasons["discover"]
+    entries = run_manifest.new_manifest(plan, "local")["stages"]
+    assert [t["discover_task"] for t in entries["base"]["tasks"]] == [0, 0, 1, 1]
+    assert all("discover_task" not in t for t in entries["discover"]["tasks"])
+    # learning rates and betas change no memory: one discover task for the whole grid
+    lr = recipe_from_dict({**auto, "grid": {"optim.matrix_lr": [0.01, 0.02, 0.04], "optim.adam_beta2": [0.9, 0.95]}})
+    plan = build_plan(lr, Path("/tmp/x"))
+    assert len(plan.stage("discover").tasks) == 1
+    assert {t.discover_task for t in plan.stage("base").tasks} == {0}
+    # what the cache holds is not discovered again: only depth 4 is left
+    plan = build_plan(r, Path("/tmp/x"), [True, True, False, False], "on this machine")
+    assert [t.overrides for t in plan.stage("discover").tasks] == [["model.depth=4", "train.seed=1"]]
+    assert [t.discover_task for t in plan.stage("base").tasks] == [None, None, 0, 0]
+    assert plan.reasons["discover"].endswith("task(s) 0, 1 cached")
+    plan = build_plan(r, Path("/tmp/x"), [True] * 4)
+    assert plan.stage("discover") is None and "cache hit" in plan.skipped["discover"]
+
+
+def test_the_cache_hit_decision_asks_for_every_grid_combination(tiny_recipe, tmp_path):
+    """The recipe as written is cached, one of its grid's depths is not: discovery still runs,
+    for that depth only (real CPU probes)."""
+    from nanochat.batch_size import discover_for_recipe
+    recipe = recipe_from_dict({**tiny_recipe, "stages": ["discover", "base", "report"],
+                               "train": {**tiny_recipe["train"], "device_batch_size": "auto"},
+                               "grid": {"model.depth": [2, 1]}, "cluster": {"gpus_per_node": 1},
+                               "discovery": {"memory_budget_gb": 1.0, "max_batch_size": 8,
+                                             "cache_dir": str(tmp_path / "bs-cache")}})
+    discover_for_recipe(recipe, stage="base", world_size=1)  # depth 2, as written
+    hits, where = launch.discovery_lookup(recipe)
+    assert hits == [True, False] and "not cached yet" in where
+    assert launch.discovery_cached(recipe) is False
+    plan = build_plan(recipe, tmp_path / "run", hits, where)
+    assert [t.overrides for t in plan.stage("discover").tasks] == [["model.depth=1"]]
+    assert [t.discover_task for t in plan.stage("base").tasks] == [None, 0]
+
+
+def test_every_depth_of_a_grid_trains_on_a_key_its_discover_task_probed(recipe_file, tmp_path):
+    """The local executor runs a grid over depth: two discover tasks, one after the other (their
+    probes measure this machine's memory), and each training task's device batch is a cache hit
+    on the key its own discover task probed (before, the second depth probed inside training)."""
+    root = tmp_path / "runs"
+    assert launch.main([str(recipe_file), "grid={model.depth: [2, 1]}", "stages=[discover,base,report]",
+                        "train.device_batch_size=auto", "discovery.memory_budget_gb=1.0",
+                        "discovery.max_batch_size=8", f"discovery.cache_dir={tmp_path / 'bs'}",
+                        "cluster.gpus_per_node=1", "--executor", "local", "--output-root", str(root)]) == 0
+    run = root / "t"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    disc = stages["discover"]["tasks"]
+    assert [t["overrides"] for t in disc] == [["model.depth=2"], ["model.depth=1"]]
+    assert [t["discover_task"] for t in stages["base"]["tasks"]] == [0, 1]
+    started = [datetime.datetime.fromisoformat(t["submitted"]).timestamp() for t in disc]
+    assert started[1] >= started[0] + disc[0]["elapsed_s"] - 1, "one discover task at a time"
+    for i, depth in enumerate([2, 1]):
+        found = json.loads((run / "discover" / f"{i:03d}" / "discovery.json").read_text())["base"]
+        trained = json.loads((run / "base" / f"{i:03d}" / "run.json").read_text())
+        assert trained["discovery"]["from_cache"] and trained["discovery"]["probes"] == 0, (depth, trained)
+        assert trained["discovery"]["cache_path"] == found["cache_path"] and f"-d{depth}-" in found["cache_path"]
+
+
 def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
     r = recipe_from_dict({"stages": ["base", "sft", "eval", "sweep", "report"],
                           "grid": {"train.seed": [1, 2]}})
@@ -108,7 +184,7 @@ def test_discover_is_skipped_only_when_every_auto_key_is_cached(tiny_recipe, tmp
     found = run_task_json(run, "discover", 0)
     assert set(found) == {"base", "sft"} and found["base"]["from_cache"] is True
     assert found["sft"]["from_cache"] is False and found["sft"]["batch_size"] >= 1
-    assert json.loads((run / "discover" / "discovery.json").read_text()) == found
+    assert json.loads((run / "discover" / "000" / "discovery.json").read_text()) == found
     assert launch.discovery_cached(recipe) is True
     plan = build_plan(recipe, run, launch.discovery_cached(recipe))
     assert plan.stage("discover") is None and "base and sft" in plan.skipped["discover"]
@@ -302,6 +378,23 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
     assert list(root.glob("t.old-*")), "--force keeps the previous run, moved aside"
 
 
+def test_slurm_leaves_the_tokenizer_to_the_jobs_and_the_local_executor_trains_it_here(recipe_file, tmp_path):
+    """Under SLURM the login node prepares with --no-tokenizer (the first job trains it); the
+    local executor's machine runs the jobs, so its launch still trains it while preparing — a
+    tokenizer nobody trained yet (another vocabulary size), launched locally, end to end."""
+    plan = build_plan(load_recipe(recipe_file), tmp_path / "x")
+    assert all(c[-1] == "--no-tokenizer" for c in launch.prepare_commands(str(recipe_file), [], plan, "slurm"))
+    assert not any("--no-tokenizer" in c for c in launch.prepare_commands(str(recipe_file), [], plan, "local"))
+    res = launch_cli(recipe_file, "tokenizer.vocab_size=300", f"cache_dir={tmp_path / 'cache'}", "--executor", "local",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "--no-tokenizer" not in res.stdout
+    assert "prepare: tokenizer: vocab 300" in res.stdout, res.stdout
+    assert list((tmp_path / "cache").glob("tokenizer/*/tokenizer.json"))
+    manifest = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())
+    assert [t["state"] for s in manifest["stages"].values() for t in s["tasks"]] == ["COMPLETED"] * 2
+
+
 def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path, capsys):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job
@@ -371,7 +464,7 @@ def test_discovery_runs_first_and_a_cache_hit_skips_it(recipe_file, tmp_path):
     assert launch.main(args) == 0
     manifest = json.loads((root / "t" / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["discover", "base", "report"]
-    found = json.loads((root / "t" / "discover" / "discovery.json").read_text())["base"]
+    found = json.loads((root / "t" / "discover" / "000" / "discovery.json").read_text())["base"]
     assert found["from_cache"] is False and found["batch_size"] in (1, 2, 4, 8)
     run_info = json.loads((root / "t" / "base" / "000" / "run.json").read_text())
     assert run_info["device_batch_size"] == found["batch_size"]

@@ -54,3 +54,35 @@ def test_after_prepare_the_job_steps_run_without_downloading(tmp_path, monkeypat
     again = subprocess.run([sys.executable, "-m", "nanochat.prepare", str(recipe_file)], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "downloading" not in again.stdout + again.stderr, "cached: no second download"
+
+
+def test_with_no_tokenizer_the_first_jobs_train_it_once_not_the_login_node(tmp_path, pip_cache):
+    """`nanochat.prepare --no-tokenizer` (what the launcher runs on a SLURM login node) fetches
+    and builds the data and says in one line that the jobs will train the tokenizer; two jobs
+    started together (downloads off) then train it once, under the lock, and share it."""
+    import os
+    import yaml
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(empty_recipe(tmp_path, pip_cache)))
+    prep = subprocess.run([sys.executable, "-m", "nanochat.prepare", str(recipe_file), "--no-tokenizer"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert prep.returncode == 0, prep.stderr
+    line = next(ln for ln in prep.stdout.splitlines() if ln.startswith("prepare: tokenizer:"))
+    assert "not trained yet" in line and "first job trains it" in line, prep.stdout
+    assert "tokenizer: trained on" not in prep.stdout + prep.stderr
+    assert not list((tmp_path / "cache").glob("tokenizer/*/tokenizer.json")), "nothing trained here"
+    job = ("import sys; from nanochat.dataset import prepare_shards, prepare_tokenizer; "
+           "from nanochat.recipe import load_recipe; r = load_recipe(sys.argv[1]); "
+           "print('vocab', prepare_tokenizer(r, prepare_shards(r)[0]).vocab_size)")
+    env = {**os.environ, NO_DOWNLOAD_ENV: "1"}
+    jobs = [subprocess.Popen([sys.executable, "-c", job, str(recipe_file)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [j.communicate(timeout=600) for j in jobs]
+    assert all(j.returncode == 0 for j in jobs), outs
+    said = "".join(o + e for o, e in outs)
+    assert said.count("tokenizer: trained on") == 1, said
+    assert len({o.splitlines()[-1] for o, _ in outs}) == 1
+    assert len(list((tmp_path / "cache").glob("tokenizer/*/tokenizer.json"))) == 1
+    again = subprocess.run([sys.executable, "-m", "nanochat.prepare", str(recipe_file), "--no-tokenizer"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "prepare: tokenizer: vocab" in again.stdout, again.stdout

@@ -28,7 +28,7 @@ def test_report_shows_discoverys_answer_and_its_cache_file(tiny_recipe, tmp_path
     found = run_task(str(run), "discover", 0)["base"]
     assert not found["from_cache"] and found["probes"] >= 1
     # what the local executor's end line and status show for the discover task
-    said = result_summary("discover", run / "discover")
+    said = result_summary("discover", run / "discover" / "000")
     assert said.startswith(f"base device batch {found['batch_size']} ({found['probes']} probes in ")
     assert found["cache_path"] in said
     run_task(str(run), "base", 0)

