@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
-from nanochat.attention import attention, causal_attention, layer_windows, window_mask
+from nanochat.attention import attention, causal_attention, covers, layer_windows, window_mask
 from nanochat.kv_cache import KVCache
 from nanochat.loss import chunked_loss, softcap
 
@@ -67,8 +67,8 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def windows(self) -> list[int | None]:
-        """Attention window of each layer in tokens, None = full context (attention.py)."""
+    def windows(self) -> list[int]:
+        """Attention window W of each layer: the query at i reads i - W ..= i (attention.py)."""
         return layer_windows(self.window_pattern, self.n_layer, self.sequence_len)
 
 
@@ -165,7 +165,7 @@ class CausalSelfAttention(nn.Module):
             Tk = k.size(2)
             if key_pos is None and Tk == T:  # a prefill from position 0: as in training
                 y = causal_attention(q, k, v, self.window)
-            elif key_pos is None and T == 1 and self.window is None:  # reads the whole cache
+            elif key_pos is None and T == 1 and covers(self.window, Tk):  # the whole cache
                 y = attention(q, k, v)
             else:  # a chunk after a prefix, or a window: causal, inside the window
                 key_pos = torch.arange(Tk, device=q.device) if key_pos is None else key_pos
@@ -314,8 +314,7 @@ class GPT(nn.Module):
         matmul = sum(p.numel() for b in self.blocks for p in b.parameters()) + self.lm_head.weight.numel()
         if self.smear_gate is not None:
             matmul += self.smear_gate.weight.numel()
-        attn = sum(12 * c.n_head * c.head_dim * min(w or c.sequence_len, c.sequence_len)
-                   for w in c.windows())
+        attn = sum(12 * c.n_head * c.head_dim * min(w, c.sequence_len) for w in c.windows())
         return 6 * matmul + attn
 
     def smear(self, x: torch.Tensor, prev_token: torch.Tensor | None) -> torch.Tensor:
