@@ -309,9 +309,12 @@ class GPT(nn.Module):
         embed = self.wte.weight.numel()
         bigram = self.bigram.weight.numel() if self.bigram is not None else 0
         ve = sum(p.numel() for p in self.value_embeds.parameters())
-        # "Scaling" params (what the param:data ratio counts): everything but the lookup tables.
+        # "Scaling" params (what the param:data ratio counts): the blocks' matrices and the
+        # lm_head, as upstream's base_train `get_scaling_params` (its dev/LOG.md, Jan 27 2026:
+        # the cleanest scaling laws); lookup tables and the per-layer scalars are left out.
+        scaling = sum(p.numel() for b in self.blocks for p in b.parameters()) + self.lm_head.weight.numel()
         return {"total": total, "embedding": embed, "bigram": bigram, "value_embeds": ve,
-                "scaling": total - embed - bigram - ve}
+                "scaling": scaling}
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 × matmul params + attention, each

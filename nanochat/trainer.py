@@ -367,6 +367,7 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
     """Load model, optimizer and RNG state of this rank; returns (step, this rank's loader state).
     `meta_check` holds values (e.g. the model config) that must match the checkpoint's."""
     meta = ckpt.read_meta(ckpt_path)
+    ckpt.check_rules(ckpt_path, meta)
     for k, v in meta_check.items():
         saved = ckpt.saved_model_config(ckpt_path, meta.get(k), v) if k == "model_config" else meta.get(k)
         if saved != v:

@@ -261,14 +261,18 @@ def test_param_groups_cover_every_parameter_once_and_the_optimizers_take_them():
     groups = model.param_groups()
     assert [id(p) for p in groups["value_embed"]] == [id(t.weight) for t in model.value_embeds.values()]
     assert id(model.blocks[0].attn.ve_gate.weight) in {id(p) for p in groups["matrix"]}
-    assert {id(model.smear_lambda), id(model.backout_lambda), id(model.x0_lambdas)} <= \
-        {id(p) for p in groups["scalar"]}
+    assert [id(p) for p in groups["smear"]] == \
+        [id(model.smear_gate.weight), id(model.smear_lambda), id(model.backout_lambda)]
+    assert groups["resid"] == [model.resid_lambdas] and groups["x0"] == [model.x0_lambdas]
+    assert groups["scalar"] == [model.bigram_lambdas] and groups["bigram"] == [model.bigram.weight]
     opts = build_optimizers(groups, OptimArgs(), 32, all_params=model.parameters())
     names = {g["name"] for o in opts for g in o.param_groups}
     assert "value_embed" in names
     n = model.num_params()
     ve = 2 * 300 * 16
-    assert n["value_embeds"] == ve and n["scaling"] == n["total"] - n["embedding"] - n["bigram"] - ve
+    scalars = sum(p.numel() for p in groups["resid"] + groups["x0"] + groups["smear"] + groups["scalar"])
+    assert n["value_embeds"] == ve and \
+        n["scaling"] == n["total"] - n["embedding"] - n["bigram"] - ve - scalars
 
 
 def test_flops_count_each_layer_over_its_window():
