@@ -19,8 +19,9 @@ a single position, written out (checked against the full forward by tests/test_e
   back every step (d4, batch 8, CPU: 16.3 ms a step against 5.7 ms).
 - Every architecture switch decodes here as in the full forward: a layer reads at most its
   window, W + 1 keys (an "L" layer's W is sequence_len), through a band mask over the full cache
-  or its ring buffer (all W + 1 slots: static shapes); smear's previous embedding is looked up from the row's previous token (`row_prev`,
-  which the bigram hash reads too), the same lookup the full forward makes.
+  or its ring buffer (all W + 1 slots: static shapes); smear's previous embedding is looked up
+  from the row's previous token (`row_prev`, which the bigram hash reads too), the same lookup
+  the full forward makes.
 - `compile_step` compiles it with static shapes but for the attended length. On CPU it also
   turns on inductor's freezing: the weights become constants, so inductor pre-packs every linear
   for MKL (what the packed lm_head does by hand, for the layers' matmuls too) and fuses the
