@@ -1,9 +1,13 @@
 """Causal attention with per-layer sliding windows, and the kernel each device runs it with.
 
-Windows (upstream nanochat's `window_pattern`): the pattern is tiled over the layers, "L" is the
-full context and "S" a window of S = ceil(sequence_len / 4 / 128) · 128 tokens (2048 → 768; a
-multiple of 128, FlashAttention's tile); the last layer is always "L". A window of W means the
-query at position i reads the keys at positions j with i - W < j <= i (W keys, itself included).
+Windows (upstream nanochat's `window_pattern`): the pattern is tiled over the layers, "S" is a
+window of S = ceil(sequence_len / 4 / 128) · 128 tokens (2048 → 512; 1000 → 256: a multiple of
+128, FlashAttention's tile) and "L" a window of sequence_len; the last layer is always "L". A
+window of W means the query at position i reads the keys at positions j with i - W <= j <= i:
+W + 1 keys, itself included — upstream passes `window_size=(W, 0)` to FlashAttention and its SDPA
+fallback masks `i - j <= W`. So an "L" layer is the full context up to sequence_len + 1 tokens and
+a sliding window of sequence_len beyond it (generating past the training context), in training,
+evaluation and decoding alike.
 
 Kernels (`attention_backend`):
 - full-context layers always run SDPA with `is_causal=True`: no mask, so windows elsewhere never
@@ -13,7 +17,7 @@ Kernels (`attention_backend`):
 - "flex" (CUDA under torch.compile): `torch.nn.attention.flex_attention` with a block mask made
   once per shape; compiled, it skips fully masked tiles instead of reading a (T × T) mask;
 - "flash_attn" (CUDA with the flash_attn package, bf16/fp16 activations): its native
-  `window_size=(W - 1, 0)`.
+  `window_size=(W, 0)`, as upstream.
 """
 from __future__ import annotations
 
@@ -32,13 +36,19 @@ def short_window(sequence_len: int) -> int:
     return math.ceil(sequence_len / 4 / WINDOW_TILE) * WINDOW_TILE
 
 
-def layer_windows(pattern: str, n_layer: int, sequence_len: int) -> list[int | None]:
-    """Window of each layer in tokens, None for the full context: `pattern` tiled over the
-    layers, the last layer always full."""
+def layer_windows(pattern: str, n_layer: int, sequence_len: int) -> list[int]:
+    """Window W of each layer (the query at i reads i - W ..= i): `pattern` tiled over the
+    layers, S = short_window(sequence_len), L = sequence_len, the last layer always L."""
     s = short_window(sequence_len)
-    windows = [s if pattern[i % len(pattern)] == "S" else None for i in range(n_layer)]
-    windows[-1] = None
+    windows = [s if pattern[i % len(pattern)] == "S" else sequence_len for i in range(n_layer)]
+    windows[-1] = sequence_len
     return windows
+
+
+def covers(window: int | None, length: int) -> bool:
+    """A window this wide lets every query of a `length`-token sequence read all its earlier
+    keys (W + 1 ≥ length): plain causal attention, no mask."""
+    return window is None or window + 1 >= length
 
 
 def flash_attn_available() -> bool:
@@ -88,10 +98,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """(Tq, Tk) boolean: query at absolute position q_pos[i] may read the key at k_pos[j]
-    (causal, inside the window; k_pos < 0 marks an empty cache slot)."""
+    (causal, inside the window: qp - W <= kp <= qp; k_pos < 0 marks an empty cache slot)."""
     qp, kp = q_pos.view(-1, 1), k_pos.view(1, -1)
     ok = (kp <= qp) & (kp >= 0)
-    return ok if window is None else ok & (kp > qp - window)
+    return ok if window is None else ok & (kp >= qp - window)
 
 
 _BAND_MASKS: dict[tuple, torch.Tensor] = {}
@@ -117,7 +127,7 @@ def _block_mask(T: int, window: int, device):
     key = (T, window, str(device))
     if key not in _BLOCK_MASKS:
         def band(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+            return (kv_idx <= q_idx) & (kv_idx >= q_idx - window)
         _BLOCK_MASKS[key] = create_block_mask(band, None, None, T, T, device=device)
     return _BLOCK_MASKS[key]
 
@@ -137,8 +147,8 @@ block_masks = torch.compiler.disable(_block_masks) if torch.cuda.is_available() 
 
 def forward_block_masks(windows, T: int, device) -> dict[int, object] | None:
     """The flex block masks a whole-sequence forward of length T needs, made once before the
-    layers; None where the windows' kernel is not flex (or no window is shorter than T)."""
-    short = tuple(sorted({w for w in windows if w is not None and w < T}))
+    layers; None where the windows' kernel is not flex (or every window covers T)."""
+    short = tuple(sorted({w for w in windows if not covers(w, T)}))
     if not short or attention_backend(device, torch.compiler.is_compiling()) != "flex":
         return None
     return block_masks(T, short, device)
@@ -151,14 +161,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     `backend` None: `attention_backend` of q's device under the current compile state.
     `masks`: `forward_block_masks`' answer for this forward (flex)."""
     T = q.size(2)
-    if window is None or window >= T:
+    if covers(window, T):
         return attention(q, k, v, is_causal=True)
     if backend is None:
         backend = attention_backend(q.device, torch.compiler.is_compiling())
     if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func  # layout (B, T, H, D); GQA native
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                            causal=True, window_size=(window - 1, 0))
+                            causal=True, window_size=(window, 0))
         return y.transpose(1, 2)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention

@@ -39,6 +39,16 @@ CKPT_DIR = "checkpoints"
 LAUNCHER_MANIFEST = "manifest.json"
 # what a standalone run writes at the top of its run directory (train.py, trainer.py)
 STANDALONE_FILES = ("run.json", "progress.jsonl")
+# The kit's training rules, recorded in every checkpoint's meta.json ("rules"; none = 1) so a
+# resume never silently continues a run under other rules. 1: windows of W keys, the Oct 2025
+# initialisation, one AdamW setting for every role, Muon momentum 0.85 → 0.95. 2: upstream
+# nanochat master's (W + 1 keys, "L" windowed past sequence_len, the current initialisation,
+# per-role AdamW settings, momentum 0.85 → 0.97 → 0.90; tests/test_upstream_parity.py).
+RULES_VERSION = 2
+RULES = {1: "windows of W keys, the Oct 2025 initialisation, one AdamW setting for every role, "
+            "Muon momentum 0.85→0.95",
+         2: "upstream nanochat master's: windows of W+1 keys, its current initialisation, "
+            "per-role AdamW settings, Muon momentum 0.85→0.97→0.90"}
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -137,7 +147,8 @@ def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimize
     barrier(world_size)
     if rank == 0:
         _save_synced(torch, model.state_dict(), tmp / "model.pt")
-        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size})
+        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size,
+                                              "rules": RULES_VERSION})
         _fsync(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
@@ -193,6 +204,18 @@ def read_meta(ckpt: Path) -> dict:
                         f"{CKPT_DIR}/step_NNNNNN directory")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"checkpoint {ckpt}/meta.json is corrupt; delete {ckpt} to use an earlier one")
+
+
+def check_rules(ckpt: Path, meta: dict) -> None:
+    """Resuming training needs the rules the checkpoint was trained under (RULES_VERSION); one
+    line saying which, instead of continuing the run under other rules. Loading the weights
+    (eval, SFT from a base checkpoint, chat) does not call this: old checkpoints keep loading."""
+    saved = meta.get("rules", 1)
+    if saved != RULES_VERSION:
+        raise UserError(f"checkpoint {_shown(ckpt)} was trained under the kit's training rules v{saved} "
+                        f"({RULES.get(saved, 'unknown')}); this code trains under v{RULES_VERSION} "
+                        f"({RULES[RULES_VERSION]}): resuming would switch rules mid-run; finish the "
+                        f"run with the kit version that started it, or start a new run_dir")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

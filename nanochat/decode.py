@@ -17,10 +17,11 @@ a single position, written out (checked against the full forward by tests/test_e
   graph. Its cache write is one `index_put_` into the whole cache tensor, not a scatter into one
   layer's view: compiled, a write into a view of a graph input made inductor copy the whole cache
   back every step (d4, batch 8, CPU: 16.3 ms a step against 5.7 ms).
-- Every architecture switch decodes here as in the full forward: a sliding-window layer reads
-  at most its window (a band mask over the full cache, or its ring buffer, all W slots: static
-  shapes); smear's previous embedding is looked up from the row's previous token (`row_prev`,
-  which the bigram hash reads too), the same lookup the full forward makes.
+- Every architecture switch decodes here as in the full forward: a layer reads at most its
+  window, W + 1 keys (an "L" layer's W is sequence_len), through a band mask over the full cache
+  or its ring buffer (all W + 1 slots: static shapes); smear's previous embedding is looked up
+  from the row's previous token (`row_prev`, which the bigram hash reads too), the same lookup
+  the full forward makes.
 - `compile_step` compiles it with static shapes but for the attended length. On CPU it also
   turns on inductor's freezing: the weights become constants, so inductor pre-packs every linear
   for MKL (what the packed lm_head does by hand, for the layers' matmuls too) and fuses the
@@ -132,8 +133,9 @@ class DecodeStep(nn.Module):
     @staticmethod
     def masks(cache: KVCache, key_pos: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's (B, 1, 1, keys) mask for this step, one tensor per distinct kind: the
-        positions up to each row's own; a window's band of them; a ring's filled slots (slot
-        s ≤ pos until it wraps, then every slot holds one of the last W positions)."""
+        positions up to each row's own inside the layer's window (pos - W ..= pos: an "L"
+        layer's W is sequence_len, which slides only past it); a ring's filled slots (slot
+        s ≤ pos until it wraps, then every slot holds one of the last W + 1 positions)."""
         pos = cache.row_pos.view(-1, 1)
         B, made = pos.size(0), {}
         out = []
@@ -142,10 +144,8 @@ class DecodeStep(nn.Module):
             if kind not in made:
                 if kind == "ring":
                     mk = cache.ring_slot.view(1, -1) <= pos
-                elif window is None:
-                    mk = key_pos.view(1, -1) <= pos
                 else:
-                    mk = (key_pos.view(1, -1) <= pos) & (key_pos.view(1, -1) > pos - window)
+                    mk = (key_pos.view(1, -1) <= pos) & (key_pos.view(1, -1) >= pos - window)
                 made[kind] = mk.view(B, 1, 1, -1)
             out.append(made[kind])
         return out

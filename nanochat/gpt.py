@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
-from nanochat.attention import (attention, causal_attention, forward_block_masks, layer_windows,
-                                window_mask)
+from nanochat.attention import (attention, causal_attention, covers, forward_block_masks,
+                                layer_windows, window_mask)
 from nanochat.kv_cache import KVCache
 from nanochat.loss import chunked_loss, softcap
 
@@ -68,8 +67,8 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def windows(self) -> list[int | None]:
-        """Attention window of each layer in tokens, None = full context (attention.py)."""
+    def windows(self) -> list[int]:
+        """Attention window W of each layer: the query at i reads i - W ..= i (attention.py)."""
         return layer_windows(self.window_pattern, self.n_layer, self.sequence_len)
 
 
@@ -167,7 +166,7 @@ class CausalSelfAttention(nn.Module):
             Tk = k.size(2)
             if key_pos is None and Tk == T:  # a prefill from position 0: as in training
                 y = causal_attention(q, k, v, self.window)
-            elif key_pos is None and T == 1 and self.window is None:  # reads the whole cache
+            elif key_pos is None and T == 1 and covers(self.window, Tk):  # the whole cache
                 y = attention(q, k, v)
             else:  # a chunk after a prefix, or a window: causal, inside the window
                 key_pos = torch.arange(Tk, device=q.device) if key_pos is None else key_pos
@@ -241,32 +240,37 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter (call after `to_empty` when the model was built on 'meta')."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                fan_out, fan_in = module.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        """Initialise every parameter (call after `to_empty` when the model was built on 'meta').
+
+        Upstream nanochat's current initialisation (`GPT.init_weights`, pinned with its file and
+        line by tests/test_upstream_parity.py): token embedding N(0, 0.8²), lm_head N(0, 0.001²);
+        with s = √3 / √n_embd (a uniform draw of standard deviation 1/√n_embd — uniform to
+        avoid outliers), c_q, c_k and c_v U(−s, s) whatever their width (GQA included),
+        mlp.c_fc U(−0.4·s, 0.4·s), both output projections zero (residual branches start as
+        identity), value-embedding tables U(−s, s) like c_v."""
+        c = self.config
+        s = 3 ** 0.5 * c.n_embd ** -0.5
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        for block in self.blocks:  # residual branches start as identity (modded-nanogpt)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
             nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             nn.init.zeros_(block.mlp.c_proj.weight)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.weight)  # zero table: starts as the dense model
             self.bigram_lambdas.fill_(self.config.bigram_lambda_init)  # non-zero, or λ gets no gradient
-        self._init_switch_weights()
+        self._init_switch_weights(s)
         cos, sin = self.rotary_tables(device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def _init_switch_weights(self) -> None:
+    def _init_switch_weights(self, s: float) -> None:
         """Upstream nanochat's initialisations of the switches' parameters."""
         c = self.config
-        kv_dim = c.n_kv_head * c.head_dim
-        ve_std = 1.0 / math.sqrt(c.n_embd) * min(1.0, math.sqrt(kv_dim / c.n_embd))  # as c_v
-        for table in self.value_embeds.values():
-            nn.init.normal_(table.weight, mean=0.0, std=ve_std)
+        for table in self.value_embeds.values():  # as c_v
+            nn.init.uniform_(table.weight, -s, s)
         for block in self.blocks:
             if block.attn.ve_gate is not None:  # small positive: gates start near 3·σ(0) = 1.5
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
@@ -276,27 +280,30 @@ class GPT(nn.Module):
         if self.backout_lambda is not None:
             self.backout_lambda.fill_(0.2)
         if self.resid_lambdas is not None:  # linear over depth: 1.15 → 1.05 and 0.20 → 0.05
-            frac = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)
-            self.resid_lambdas.copy_(1.15 - 0.10 * frac)
-            self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+            n = max(c.n_layer - 1, 1)  # in Python floats, rounded once, as upstream
+            self.resid_lambdas.copy_(torch.tensor([1.15 - (0.10 * i / n) for i in range(c.n_layer)]))
+            self.x0_lambdas.copy_(torch.tensor([0.20 - (0.15 * i / n) for i in range(c.n_layer)]))
 
     # ---------------------------------------------------------------- bookkeeping
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: Muon for hidden matrices (the value-embedding gates
-        with them, as upstream), AdamW for the rest; the value-embedding tables in their own
-        group (upstream: AdamW at half the embedding LR); gates and lambdas that are not a
-        hidden matrix (vectors, the 1 × 24 smear gate) with the scalars."""
+        """Parameters by optimizer role (upstream's `setup_optimizer` groups, each with its
+        own AdamW settings: nanochat/optim_config.py): Muon for the blocks' matrices (the
+        value-embedding gates with them, as upstream); AdamW for the token embedding, the
+        value-embedding tables, the lm_head, resid_lambdas, x0_lambdas, and one group for the
+        smear gate, smear λ and backout λ; the kit's hashed bigram table and its λs their own."""
         groups = {"matrix": [p for b in self.blocks for p in b.parameters()],
-                  "embedding": [self.wte.weight], "lm_head": [self.lm_head.weight], "scalar": []}
+                  "embedding": [self.wte.weight], "lm_head": [self.lm_head.weight]}
         if self.bigram is not None:
-            groups["embedding"].append(self.bigram.weight)
-            groups["scalar"].append(self.bigram_lambdas)
+            groups["bigram"] = [self.bigram.weight]
+            groups["scalar"] = [self.bigram_lambdas]
         if len(self.value_embeds):
             groups["value_embed"] = list(self.value_embeds.parameters())
-        for p in (self.smear_gate.weight if self.smear_gate is not None else None,
-                  self.smear_lambda, self.backout_lambda, self.resid_lambdas, self.x0_lambdas):
-            if p is not None:
-                groups["scalar"].append(p)
+        if self.resid_lambdas is not None:
+            groups["resid"], groups["x0"] = [self.resid_lambdas], [self.x0_lambdas]
+        smear = [p for p in (self.smear_gate.weight if self.smear_gate is not None else None,
+                             self.smear_lambda, self.backout_lambda) if p is not None]
+        if smear:
+            groups["smear"] = smear
         return groups
 
     def num_params(self) -> dict[str, int]:
@@ -304,9 +311,12 @@ class GPT(nn.Module):
         embed = self.wte.weight.numel()
         bigram = self.bigram.weight.numel() if self.bigram is not None else 0
         ve = sum(p.numel() for p in self.value_embeds.parameters())
-        # "Scaling" params (what the param:data ratio counts): everything but the lookup tables.
+        # "Scaling" params (what the param:data ratio counts): the blocks' matrices and the
+        # lm_head, as upstream's base_train `get_scaling_params` (its dev/LOG.md, Jan 27 2026:
+        # the cleanest scaling laws); lookup tables and the per-layer scalars are left out.
+        scaling = sum(p.numel() for b in self.blocks for p in b.parameters()) + self.lm_head.weight.numel()
         return {"total": total, "embedding": embed, "bigram": bigram, "value_embeds": ve,
-                "scaling": total - embed - bigram - ve}
+                "scaling": scaling}
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 × matmul params + attention, each
@@ -316,8 +326,7 @@ class GPT(nn.Module):
         matmul = sum(p.numel() for b in self.blocks for p in b.parameters()) + self.lm_head.weight.numel()
         if self.smear_gate is not None:
             matmul += self.smear_gate.weight.numel()
-        attn = sum(12 * c.n_head * c.head_dim * min(w or c.sequence_len, c.sequence_len)
-                   for w in c.windows())
+        attn = sum(12 * c.n_head * c.head_dim * min(w, c.sequence_len) for w in c.windows())
         return 6 * matmul + attn
 
     def smear(self, x: torch.Tensor, prev_token: torch.Tensor | None) -> torch.Tensor:

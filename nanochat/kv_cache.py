@@ -1,8 +1,10 @@
 """The static KV cache of incremental decoding (engine.py, decode.py).
 
-Full-context layers keep every position: (n_full, B, n_kv_head, max_len, head_dim). A
-sliding-window layer (window W < max_len) may instead keep only its window, in a ring buffer
-(`ring=True`): (n_ring, B, n_kv_head, W, head_dim), position p in slot p mod W. Keys are stored
+Layers keep every position: (n_full, B, n_kv_head, max_len, head_dim); attention masks what lies
+outside a layer's window (an "L" layer's is sequence_len: past the training context it slides too,
+as upstream's). A short "S" layer (window W < sequence_len, reading W + 1 keys: attention.py) may
+instead keep only the keys it can read, in a ring buffer (`ring=True`): (n_ring, B, n_kv_head,
+W + 1, head_dim), position p in slot p mod (W + 1). Keys are stored
 after rotary, so a slot's place in the ring does not matter to attention (a softmax over keys
 is order-free); what matters is which slots hold positions inside the window, which is the
 mask. `nbytes()` is what `python -m nanochat.bench.kv_memory` prints with and without rings.
@@ -32,10 +34,11 @@ class KVCache:
 
     def __init__(self, batch_size: int, max_len: int, config, device, dtype, ring: bool = False):
         self.windows = layer_windows(config.window_pattern, config.n_layer, config.sequence_len)
-        # (in a ring?, index in its tensor) per layer
-        ringed = [ring and w is not None and w < max_len for w in self.windows]
+        # (in a ring?, index in its tensor) per layer: the short windows, all the same W, whose
+        # W + 1 keys are fewer than the cache's positions
+        ringed = [ring and w < config.sequence_len and w + 1 < max_len for w in self.windows]
         self.slots = [(r, sum(ringed[:i]) if r else i - sum(ringed[:i])) for i, r in enumerate(ringed)]
-        self.ring_len = min((w for w, r in zip(self.windows, ringed) if r), default=0)
+        self.ring_len = min((w + 1 for w, r in zip(self.windows, ringed) if r), default=0)
         B, Hkv, D = batch_size, config.n_kv_head, config.head_dim
         n_ring = sum(ringed)
         self.k = torch.zeros((config.n_layer - n_ring, B, Hkv, max_len, D), device=device, dtype=dtype)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import UserError
-from nanochat.config import OptimArgs  # the recipe's optim section
+from nanochat.optim_config import ADAM_ROLES, OptimArgs, adam_role  # the recipe's optim section
 
 
 ORTHOGONALIZERS = ("polar_express", "newton_schulz")
@@ -285,13 +285,19 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-def muon_momentum(step: int, args: OptimArgs) -> float:
-    """Muon momentum at `step`: linear from muon_momentum_warmup_start to muon_momentum over
-    muon_momentum_warmup_steps (modded-nanogpt/nanochat warm it up 0.85 → 0.95 over 300 steps)."""
-    if args.muon_momentum_warmup_steps <= 0:
-        return args.muon_momentum
-    frac = min(max(step, 0) / args.muon_momentum_warmup_steps, 1.0)
-    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+def muon_momentum(step: int, args: OptimArgs, num_steps: int = 0, warmdown_ratio: float = 0.0) -> float:
+    """Muon momentum at `step` (upstream base_train.py `get_muon_momentum`): linear from
+    muon_momentum_warmup_start to muon_momentum over muon_momentum_warmup_steps, then from
+    muon_momentum to muon_momentum_final over the LR warmdown (the last round(warmdown_ratio ·
+    num_steps) steps); the warmup wins where they overlap, as upstream's."""
+    if step < args.muon_momentum_warmup_steps:
+        frac = max(step, 0) / args.muon_momentum_warmup_steps
+        return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+    warmdown = round(warmdown_ratio * num_steps)
+    if warmdown > 0 and step >= num_steps - warmdown:
+        progress = min((step - (num_steps - warmdown)) / warmdown, 1.0)
+        return args.muon_momentum * (1 - progress) + args.muon_momentum_final * progress
+    return args.muon_momentum
 
 
 def muon_weight_decay_at(step: int, num_steps: int, peak: float) -> float:
@@ -339,24 +345,23 @@ def optim_scaling(args: OptimArgs, horizon: Horizon | None) -> dict:
 # --------------------------------------------------------------------------------------------
 # Building the optimizers
 
-GROUP_NAMES = ("matrix", "embedding", "value_embed", "lm_head", "scalar")
+GROUP_NAMES = ("matrix", *ADAM_ROLES)  # Muon's, then AdamW's roles (optim_config.py)
 
 
 def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArgs,
                      model_dim: int, all_params=None, local: bool = False,
                      horizon: Horizon | None = None) -> list[torch.optim.Optimizer]:
-    """Muon for groups["matrix"]; one AdamW with a param group each for "embedding",
-    "value_embed", "lm_head" and "scalar". Empty groups are skipped. Every param group gets
-    "initial_lr" (the schedule sets lr = initial_lr * multiplier) and "name"; Muon's also
-    "initial_weight_decay" (the schedule cosine-decays it). Returns [AdamW, Muon] (whichever exist).
+    """Muon for groups["matrix"]; one AdamW with a param group per role (ADAM_ROLES: embedding,
+    value_embed, bigram, lm_head, resid, x0, smear, scalar), each with its own LR, betas, eps
+    and weight decay from the recipe (nanochat/optim_config.py; upstream's per-role settings).
+    Empty groups are skipped. Every param group gets "initial_lr" (the schedule sets lr =
+    initial_lr * multiplier) and "name"; Muon's also "initial_weight_decay" (the schedule
+    cosine-decays it). Returns [AdamW, Muon] (whichever exist).
 
     The embedding/lm_head AdamW LRs were tuned at width 768 and are scaled by
     (model_dim / 768) ** -0.5 as in nanochat (AdamW's step per entry doesn't shrink with width,
-    but each output sums ~model_dim of them); value embeddings get value_embed_lr_frac of the
-    embedding LR (upstream: half). scalar_lr is not width-scaled: a per-layer scalar has no
-    fan-in, so its effect does not grow with width. AdamW weight decay goes only to the embedding,
-    value_embed and lm_head groups: decaying gains/lambdas pulls them toward 0, not toward "small
-    weights". With lr_batch_scaling every LR is × sqrt(B / batch_ref); Muon's weight decay is
+    but each output sums ~model_dim of them); per-layer scalars are not: they have no fan-in.
+    With lr_batch_scaling every LR but the smear group's is × sqrt(B / batch_ref); Muon's weight decay is
     muon_weight_decay, T_epoch-scaled with wd_scaling — both from the run's `horizon`; without
     one (memory probes, benchmarks: the rules change values, not the work) neither applies.
 
@@ -375,24 +380,16 @@ def build_optimizers(groups: dict[str, list[torch.nn.Parameter]], args: OptimArg
         assert all_ids == set(seen), (f"{len(all_ids - set(seen))} model params in no group, "
                                       f"{len(set(seen) - all_ids)} group params not in the model")
 
-    width_scale = (model_dim / 768) ** -0.5
     batch_scale = batch_lr_scale(args, horizon)
-    embed_lr = args.embedding_lr * width_scale * batch_scale
-    adam_specs = [
-        ("embedding", embed_lr, args.weight_decay),
-        ("value_embed", embed_lr * args.value_embed_lr_frac, args.weight_decay),
-        ("lm_head", args.unembedding_lr * width_scale * batch_scale, args.weight_decay),
-        ("scalar", args.scalar_lr * batch_scale, 0.0),
-    ]
-    adam_groups = [dict(params=list(groups[name]), lr=lr, weight_decay=wd, name=name)
-                   for name, lr, wd in adam_specs if groups.get(name)]
+    adam_groups = [dict(params=list(groups[name]), name=name,
+                        **adam_role(args, name, model_dim, batch_scale))
+                   for name in ADAM_ROLES if groups.get(name)]
     opts: list[torch.optim.Optimizer] = []
     if adam_groups:
         adam_params = [p for g in adam_groups for p in g["params"]]
         # fused AdamW is one kernel per step on CUDA; it requires every param on the GPU.
         fused = all(p.is_cuda for p in adam_params) or None
-        opts.append(torch.optim.AdamW(adam_groups, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_eps, fused=fused))
+        opts.append(torch.optim.AdamW(adam_groups, fused=fused))
     if groups.get("matrix"):
         muon_wd = scaled_muon_weight_decay(args, horizon)
         _check_decay_below_one(groups["matrix"], args.matrix_lr * batch_scale, muon_wd, args)

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
+from nanochat.optim_config import ADAM_ROLES, REPLACED_KEYS
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
                              Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
 
@@ -172,6 +173,11 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if k not in names and prefix == "optim." and k in REPLACED_KEYS:
+            roles = ", ".join(prefix for prefix, _ in ADAM_ROLES.values())
+            raise Invalid(key, f"'{key}' was replaced by one AdamW setting per parameter role "
+                               f"(optim.<role>_betas, _weight_decay, _eps; roles: {roles}); "
+                               f"remove it and set the roles' keys")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else \

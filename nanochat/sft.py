@@ -91,6 +91,7 @@ def sft_optim_args(recipe: Recipe):
     o = recipe.optim
     return dataclasses.replace(o, matrix_lr=o.matrix_lr * f, embedding_lr=o.embedding_lr * f,
                                unembedding_lr=o.unembedding_lr * f, scalar_lr=o.scalar_lr * f,
+                               smear_lr=o.smear_lr * f,
                                muon_weight_decay=0.0, lr_batch_scaling=False, wd_scaling=False)
 
 

@@ -54,11 +54,16 @@ def wd_reference_tokens(recipe: Recipe, vocab_size: int) -> float:
     return recipe.train.target_param_data_ratio * ref.num_params()["scaling"]
 
 
-def run_horizon(recipe: Recipe, steps: int, vocab_size: int) -> Horizon:
-    o = recipe.optim
+def run_horizon(recipe: Recipe, steps: int, vocab_size: int, scaling_params: int = 0) -> Horizon:
+    """B, D and D_ref of the batch and weight-decay rules. D is upstream's target tokens,
+    int(ratio × scaling params) (base_train.py `target_tokens`), when the ratio sets the run's
+    length; the run's own steps × B when train.num_iterations does (upstream: the ratio's D even
+    then; ours: the tokens the run trains on, because that is the horizon the rule is about)."""
+    o, tr = recipe.optim, recipe.train
     ref = wd_reference_tokens(recipe, vocab_size) if o.wd_scaling and o.muon_weight_decay > 0 else 0.0
-    return Horizon(batch_tokens=recipe.train.total_batch_size,
-                   train_tokens=steps * recipe.train.total_batch_size, ref_tokens=ref)
+    tokens = (int(tr.target_param_data_ratio * scaling_params)
+              if tr.num_iterations <= 0 and scaling_params > 0 else steps * tr.total_batch_size)
+    return Horizon(batch_tokens=tr.total_batch_size, train_tokens=tokens, ref_tokens=ref)
 
 
 def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
@@ -83,7 +88,7 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
            f"params {nparams['total']:,} (scaling {nparams['scaling']:,}, bigram {nparams['bigram']:,}); "
            f"{flops:.3e} FLOPs/token")
     steps = num_iterations(recipe, model)
-    horizon = run_horizon(recipe, steps, config.vocab_size)
+    horizon = run_horizon(recipe, steps, config.vocab_size, nparams["scaling"])
     scaling = optim_scaling(recipe.optim, horizon)
     if recipe.optim.lr_batch_scaling or recipe.optim.wd_scaling:
         print0(f"optim: LRs × {scaling['lr_scale']:.4f} (batch {horizon.batch_tokens:,} vs "

@@ -30,8 +30,9 @@ from nanochat.tracking import start_tracking
 
 
 def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
-    """Linear warmup, constant, linear warmdown to final_lr_frac (nanochat's schedule)."""
-    warmup = round(args.warmup_ratio * num_steps)
+    """Linear warmup, constant, linear warmdown to final_lr_frac (upstream base_train.py
+    `get_lr_multiplier`; warmup in steps, train.warmup_steps, or a fraction of the run)."""
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * num_steps)
     warmdown = round(args.warmdown_ratio * num_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -178,7 +179,8 @@ def apply_schedule(optimizers: list, step: int, spec: "LoopSpec") -> float:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group.get("name") == "matrix":
-                group["momentum"] = muon_momentum(step, spec.optim)
+                group["momentum"] = muon_momentum(step, spec.optim, spec.num_steps,
+                                                  spec.train.warmdown_ratio)
                 group["weight_decay"] = muon_weight_decay_at(step, spec.num_steps, group["initial_weight_decay"])
     return lrm
 
@@ -426,6 +428,7 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
     """Load model, optimizer and RNG state of this rank; returns (step, this rank's loader state).
     `meta_check` holds values (e.g. the model config) that must match the checkpoint's."""
     meta = ckpt.read_meta(ckpt_path)
+    ckpt.check_rules(ckpt_path, meta)
     for k, v in meta_check.items():
         saved = ckpt.saved_model_config(ckpt_path, meta.get(k), v) if k == "model_config" else meta.get(k)
         if saved != v:

@@ -59,3 +59,25 @@ def test_plan_has_dense_each_switch_and_all():
     assert list(runs) == ["dense", *ablate.SWITCHES, "all"]
     assert runs["dense"] == {}
     assert runs["all"] == {k: v for s in ablate.SWITCHES.values() for k, v in s.items()}
+
+
+def test_the_kit_plans_baseline_is_the_d12_recipes_switches():
+    """--plan kit's baseline is upstream's recipe: every model and optimizer switch of
+    configs/d12.yaml (tests/test_upstream_parity.py pins that to upstream), on the small shape;
+    its variants differ from it only in the kit's additions."""
+    from pathlib import Path
+    from nanochat.recipe import load_recipe
+    repo = Path(__file__).resolve().parents[1]
+    d12 = load_recipe(repo / "configs" / "d12.yaml")
+    small = load_recipe(repo / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in ablate.PARITY.items()])
+    for f in ("value_embeds", "window_pattern", "smear", "backout", "residual_scalars", "qk_gain",
+              "rotary_base", "bigram_factor"):
+        assert getattr(small.model, f) == getattr(d12.model, f), f
+    for f in ("row_equilibrate", "muon_plus", "variance_reduction", "muon_weight_decay",
+              "variance_reduction_beta2", "muon_momentum", "muon_momentum_final",
+              "resid_lr_frac", "x0_betas", "smear_lr", "embedding_betas", "unembedding_betas"):
+        assert getattr(small.optim, f) == getattr(d12.optim, f), f
+    assert set(ablate.KIT_RUNS["+bigram -roweq/muon+"]) == \
+        set(ablate.KIT_RUNS["+bigram"]) | set(ablate.KIT_RUNS["-roweq/muon+"])
+    with pytest.raises(UserError, match="--seeds must be ≥ 2"):
+        ablate.main([str(repo / "configs" / "tiny.yaml"), "--plan", "kit", "--seeds", "1"])

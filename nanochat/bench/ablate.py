@@ -54,6 +54,20 @@ SWITCHES = {
 # values to another batch and horizon, not features, and a CPU-sized run is far outside their
 # range: at 2,048 tokens/step and ~10^5 tokens they give LRs × 0.06 and Muon weight decay × ~10^4
 # (1 − lr·wd < 0: every step would flip the weights' sign) — a broken run, not a measurement.
+# The kit's additions measured on top of upstream's recipe (`--plan kit`): the baseline is every
+# switch above plus Muon's row equilibration and Muon+ (upstream merged both: its Muon step is
+# row equilibration → Polar Express → Muon+ → variance reduction), i.e. configs/d12.yaml at a CPU
+# shape; the rows add the hashed bigram (configs/d16_bigram.yaml's factor 5) and take row
+# equilibration + Muon+ out — a 2 × 2 design, so "both" is measured too.
+PARITY = {k: v for o in SWITCHES.values() for k, v in o.items()} | {
+    "optim.row_equilibrate": "true", "optim.muon_plus": "true"}
+KIT_RUNS = {
+    "parity": {},
+    "+bigram": {"model.bigram_factor": "5"},
+    "-roweq/muon+": {"optim.row_equilibrate": "false", "optim.muon_plus": "false"},
+    "+bigram -roweq/muon+": {"model.bigram_factor": "5", "optim.row_equilibrate": "false",
+                             "optim.muon_plus": "false"},
+}
 COLUMNS = ("run", "val_bpb", "d_bpb", "tok_per_s", "d_tok_s_pct", "params", "flops_per_token",
            "wall_s", "tokens", "seed", "loader_end")
 
@@ -225,7 +239,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--speed-steps", type=int, default=3, help="optimizer steps per speed window")
     ap.add_argument("--speed-only", action="store_true",
                     help="no training runs: only the interleaved timing, of every run of the plan")
+    ap.add_argument("--plan", choices=("switches", "kit"), default="switches",
+                    help="switches: dense, each switch, all; kit: upstream's recipe (PARITY) as the "
+                         "baseline, ± the kit's additions (KIT_RUNS), over --seeds seeds")
+    ap.add_argument("--seeds", type=int, default=3, help="--plan kit: training seeds per run (≥ 2)")
     args = ap.parse_intermixed_args(argv)
+    if args.plan == "kit":
+        return kit_main(args)
     if args.steps < 1 or args.rows < 1 or args.evals < 1:
         raise UserError("--steps, --rows and --evals must be ≥ 1")
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before any run
@@ -266,6 +286,70 @@ def main(argv: list[str]) -> int:
         if args.out:
             atomic_write_json(out / "ablate.json", report)
             print(f"[ablate] wrote {out / 'ablate.json'} and {plot(rows, out / 'ablate.png')}")
+    return 0
+
+
+def kit_table(report: dict) -> str:
+    """Mean final val BPB (min–max over seeds) and the difference from the baseline, paired by
+    seed (mean ± sample std, min..max), with what it says."""
+    lines = ["| run | val BPB mean (min–max) | Δ vs parity, mean ± std (min..max) | verdict |",
+             "|---|---|---|---|"]
+    for name, r in report["runs"].items():
+        d = r.get("d_bpb")
+        cell = "—" if d is None else f"{d['mean']:+.4f} ± {d['std']:.4f} ({d['min']:+.4f}..{d['max']:+.4f})"
+        lines.append(f"| {name} | {r['mean']:.4f} ({r['min']:.4f}–{r['max']:.4f}) | {cell} | "
+                     f"{r.get('verdict', 'baseline')} |")
+    return "\n".join(lines)
+
+
+def kit_main(args) -> int:
+    """--plan kit: every run of KIT_RUNS on top of PARITY, --seeds seeds each (train.seed
+    42, 43, ...: the initialisation; the data and its order are the same for all)."""
+    import statistics
+    if args.seeds < 2:
+        raise UserError("--seeds must be ≥ 2 for a spread")
+    recipe = load_recipe(args.recipe, args.overrides)
+    shared = {**common_overrides(recipe, args.steps, args.rows, args.evals),
+              "train.eval_tokens": str(args.eval_tokens), **PARITY,
+              # upstream's LR schedule but its 40 warmup steps (a CPU run is a few hundred)
+              "train.warmdown_ratio": "0.65", "train.final_lr_frac": "0.05"}
+    seeds = [42 + k for k in range(args.seeds)]
+    with tempfile.TemporaryDirectory(prefix="ablate_") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        bpb: dict[str, list[float]] = {}
+        for name, extra in KIT_RUNS.items():
+            for seed in seeds:
+                overrides = list(args.overrides) + [f"{k}={v}" for k, v in
+                                                    {**shared, **extra, "train.seed": seed}.items()]
+                tag = name.replace("+", "p").replace("-", "m").replace("/", "_").replace(" ", "")
+                r = run_one(args.recipe, overrides, out / "runs" / f"{tag}_s{seed}")
+                print(f"[ablate] {name} seed {seed}: val_bpb {r['val_bpb']:.4f} ({r['wall_s']:.0f} s)",
+                      flush=True)
+                bpb.setdefault(name, []).append(r["val_bpb"])
+        base = bpb["parity"]
+        runs = {}
+        for name, v in bpb.items():
+            row = {"val_bpb": v, "mean": round(statistics.mean(v), 4), "min": min(v), "max": max(v)}
+            if name != "parity":
+                d = [a - b for a, b in zip(v, base)]
+                row["d_bpb"] = {"per_seed": [round(x, 4) for x in d], "mean": round(statistics.mean(d), 4),
+                                "std": round(statistics.stdev(d), 4), "min": round(min(d), 4),
+                                "max": round(max(d), 4)}
+                row["verdict"] = ("better on every seed" if max(d) < 0 else
+                                  "worse on every seed" if min(d) > 0 else "within the spread")
+            runs[name] = row
+        report = {"benchmark": "the kit's additions on top of upstream's recipe",
+                  "recipe": args.recipe, "overrides": args.overrides, "parity": PARITY,
+                  "variants": KIT_RUNS, "seeds": seeds,
+                  "method": {"steps": args.steps, "rows_per_step": args.rows,
+                             "sequence_len": recipe.model.sequence_len,
+                             "eval_tokens": args.eval_tokens,
+                             "process": "python -m nanochat.train per run; same data, same order"},
+                  "runs": runs}
+        print(kit_table(report))
+        if args.out:
+            atomic_write_json(out / "ablate_kit.json", report)
+            print(f"[ablate] wrote {out / 'ablate_kit.json'}")
     return 0
 
 
