@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from nanochat import checkpoint as ckpt
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -200,7 +202,8 @@ def _fake_checkpoint(prepared, run_dir: Path, step: int = 5) -> Path:
     ck = run_dir / "checkpoints" / f"step_{step:06d}"
     ck.mkdir(parents=True)
     meta = {"model_config": dataclasses.asdict(config), "step": step, "world_size": 1,
-            "loader": [{"epoch": 0, "block": 0, "row": 0}], "stage": "base", "num_steps": 10}
+            "loader": [{"epoch": 0, "block": 0, "row": 0}], "stage": "base", "num_steps": 10,
+            "rules": ckpt.RULES_VERSION}
     (ck / "meta.json").write_text(json.dumps(meta))
     return ck
 
