@@ -292,16 +292,6 @@ def test_the_launchers_check_stage_runs_on_the_two_node_allocation(tmp_path, tin
     assert rows[0]["progress"].startswith("ok, 2 rank(s) on 2 host(s), busbw "), "status says the verdict"
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    from test_slurm import idle_nodes
-    if idle_nodes() < 2:
-        res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start", "--nodes", "2"],
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0 and idle_nodes() >= 2, f"could not start the local SLURM:\n{res.stderr[-2000:]}"
-    return True
-
-
 def test_the_check_stage_task_writes_check_json(tmp_path, tiny_recipe):
     """jobs.tasks.run_task runs the check stage of a launched plan in-process (one rank)."""
     recipe = tmp_path / "r.yaml"

@@ -22,7 +22,7 @@ from jobs.plan import build_plan
 from jobs.scheduler import LIVE, refresh
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
-from test_slurm import idle_nodes, slurm, wait_until_done  # noqa: F401  (the cluster fixture)
+from test_slurm import wait_until_done
 
 REPO = Path(__file__).resolve().parents[1]
 

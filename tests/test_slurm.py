@@ -1,5 +1,7 @@
-"""The launcher against a real SLURM (slurm/local-cluster.sh; `.ci/run` starts it). These tests
-fail — they do not skip — when no controller can be started: the reason is in the failure."""
+"""The launcher against a real SLURM: one started by slurm/local-cluster.sh (`.ci/run` starts it;
+else the `slurm` fixture of tests/conftest.py does), never a cluster the tests did not start
+unless NANOCHAT_TEST_SLURM_CLUSTER names it; on such a host they skip, saying why. They fail —
+not skip — when the local cluster cannot be started: the reason is in the failure."""
 import json
 import os
 import re
@@ -17,26 +19,6 @@ from nanochat import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
-
-
-def idle_nodes() -> int:
-    try:
-        res = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%D"], capture_output=True,
-                             text=True, timeout=10)
-        return int(res.stdout.split()[0]) if res.returncode == 0 and res.stdout.split() else 0
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return 0
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """A two-node SLURM (the second node in a network namespace), started if none answers."""
-    if idle_nodes() < 2:
-        res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start", "--nodes", "2"],
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0 and idle_nodes() >= 2, \
-            f"could not start the local SLURM cluster:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
-    return True
 
 
 @pytest.fixture
@@ -425,3 +407,45 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
     rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
     assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
                                                         ("discover", "base", "sft", "eval", "sweep", "report")}, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Never a cluster the tests did not start
+
+def test_a_configuration_the_local_cluster_script_did_not_write_is_foreign(tmp_path):
+    from conftest import LOCAL_HEADER, foreign_slurm
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=site\nSlurmctldHost=login1\n")
+    assert "was not written by slurm/local-cluster.sh" in foreign_slurm({}, conf)
+    conf.write_text(f"{LOCAL_HEADER} (2 node(s))\nClusterName=nanochat-local\n")
+    assert foreign_slurm({}, conf) is None
+    assert "SLURM_CONF points at" in foreign_slurm({"SLURM_CONF": str(tmp_path / "other.conf")}, conf)
+    assert foreign_slurm({}, tmp_path / "absent.conf") is None, "no SLURM here: the suite may start one"
+
+
+def test_slurm_tests_skip_with_the_reason_on_a_host_whose_slurm_they_did_not_start(tmp_path):
+    """A site's configuration (SLURM_CONF here): the SLURM tests skip, saying why, submit nothing."""
+    site = tmp_path / "site.conf"
+    site.write_text("ClusterName=site\n")
+    env = {**os.environ, "SLURM_CONF": str(site), "PYTHONPATH": str(REPO)}
+    env.pop("NANOCHAT_TEST_SLURM_CLUSTER", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests/test_slurm.py", "-k", "dry_run_submits_nothing"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "1 skipped" in res.stdout, res.stdout[-2000:]
+    assert f"SLURM_CONF points at {site}" in res.stdout and "NANOCHAT_TEST_SLURM_CLUSTER" in res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="local-cluster.sh asks for root before anything else")
+def test_local_cluster_script_refuses_a_slurm_it_did_not_write():
+    """local-cluster.sh changes nothing on a host configured for another SLURM: one line, exit 1."""
+    conf = Path("/etc/slurm/slurm.conf")
+    before = conf.stat().st_mtime_ns if conf.exists() else None
+    res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "SLURM_CONF": "/etc/site/slurm.conf"})
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        "[local-cluster] error: SLURM_CONF points at /etc/site/slurm.conf: this host uses a SLURM "
+        "configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that "
+        "cluster is yours to replace)"]
+    assert (conf.stat().st_mtime_ns if conf.exists() else None) == before
