@@ -32,6 +32,7 @@ This module knows nothing of tensors or of submitit; `jobs/launch.py` executes a
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError
-from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
+from nanochat.config import HOME_ENV, TRAINING_SECTIONS, Recipe, grad_accum_steps
 
 # What may appear in an sbatch header line: no shell or line-breaking characters, ever.
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=@%/+-]+")
@@ -102,7 +103,7 @@ def check_safe(recipe: Recipe) -> None:
     and a newline or `;` could only be an attempt to make them one."""
     c = recipe.cluster
     fields = {"name": recipe.name, "cluster.partition": c.partition, "cluster.account": c.account,
-              "cluster.qos": c.qos, "cluster.constraint": c.constraint}
+              "cluster.qos": c.qos, "cluster.constraint": c.constraint, "cluster.wckey": c.wckey}
     fields.update({f"cluster.additional.{k}": v for k, v in c.additional.items()})
     for key, value in fields.items():
         if value is not None and not SAFE_VALUE.fullmatch(str(value)):
@@ -115,12 +116,18 @@ def check_safe(recipe: Recipe) -> None:
 
 
 def resolve_run_dir(recipe: Recipe, output_root: Path) -> Path:
-    """The run directory, which must lie inside the output root (no escaping with `..`)."""
+    """The run directory, which must lie inside the output root or the root of the recipe's
+    caches ($NANOCHAT_HOME, else the directory holding cache_dir: run_dir=/scratch/$USER/d16
+    with cache_dir /scratch/$USER/cache) — never escaping both with `..`."""
     root = output_root.resolve()
     run_dir = (Path(recipe.run_dir) if recipe.run_dir else root / recipe.name).resolve()
-    if run_dir != root and root not in run_dir.parents:
+    home = os.environ.get(HOME_ENV)
+    cache_root = Path(home).expanduser().resolve() if home else \
+        Path(recipe.cache_dir or "cache").expanduser().resolve().parent
+    if not any(run_dir == r or r in run_dir.parents for r in (root, cache_root)):
         raise UserError(f"run_dir {recipe.run_dir} resolves to {run_dir}, outside the output root "
-                        f"{root}; choose a run_dir under it (or pass --output-root)")
+                        f"{root} and the cache root {cache_root} ({HOME_ENV if home else 'the directory holding cache_dir'}); "
+                        f"choose a run_dir under one of them (or pass --output-root, or set {HOME_ENV})")
     return run_dir
 
 
@@ -161,13 +168,13 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
         return [Task(i, ov, sub(i), task_dirs[i]) for i, ov in enumerate(grid)]
 
     train_like = dict(nodes=c.nodes, tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
-                      cpus_per_task=c.cpus_per_task, time_min=c.time_min, checkpointable=True)
+                      cpus_per_task=c.cpus_per_task, checkpointable=True)
     one_gpu = dict(gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task)
     if "check" in wanted:
         d = str(run_dir / "check")
         plan.stages.append(Stage("check", [Task(0, [], d, d)], nodes=c.nodes, tasks_per_node=c.gpus_per_node,
                                  gpus_per_node=c.gpus_per_node, cpus_per_task=c.cpus_per_task,
-                                 time_min=min(30, c.time_min)))
+                                 time_min=c.time_limit_min("check")))
     first = ["check"] if plan.stage("check") else []
     if "discover" in wanted:
         keys = discovery_stages(recipe)
@@ -183,29 +190,29 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
                 plan.reasons["discover"] = discovery_why
             d = str(run_dir / "discover")
             plan.stages.append(Stage("discover", [Task(0, [], d, d)], after=first, **one_gpu,
-                                     time_min=min(30, c.time_min)))
+                                     time_min=c.time_limit_min("discover")))
     discover = ["discover"] if plan.stage("discover") else first
     if "base" in wanted:
         plan.stages.append(Stage("base", array(lambda i: task_dirs[i]), after=discover,
-                                 dependency="afterok", **train_like))
+                                 dependency="afterok", **train_like, time_min=c.time_limit_min("base")))
     if "sft" in wanted:
         # sft task i fine-tunes base task i: task-wise afterok (without base: after discovery)
         after, dep = (["base"], "aftercorr") if "base" in wanted else (discover, "afterok")
         plan.stages.append(Stage("sft", array(lambda i: str(Path(task_dirs[i]) / "sft")), after=after,
-                                 dependency=dep, **train_like))
+                                 dependency=dep, **train_like, time_min=c.time_limit_min("sft")))
     if "eval" in wanted:
         src = "sft" if "sft" in wanted else "base"
         plan.stages.append(Stage("eval", [Task(t.index, t.overrides, t.run_dir, t.recipe_run_dir)
                                           for t in plan.stage(src).tasks], after=[src],
-                                 dependency="aftercorr", **one_gpu, time_min=min(60, c.time_min)))
+                                 dependency="aftercorr", **one_gpu, time_min=c.time_limit_min("eval")))
     if "sweep" in wanted:
         plan.stages.append(Stage("sweep", array(lambda i: str(run_dir / "sweep" / f"{i:03d}")),
                                  after=["base"], dependency="aftercorr", **one_gpu,
-                                 time_min=min(60, c.time_min)))
+                                 time_min=c.time_limit_min("sweep")))
     if "report" in wanted and plan.stages:
         plan.stages.append(Stage("report", [Task(0, [], str(run_dir), str(run_dir))],
                                  after=[s.name for s in plan.stages], dependency="afterany",
-                                 cpus_per_task=1, time_min=10))
+                                 cpus_per_task=1, time_min=c.time_limit_min("report")))
     return plan
 
 
@@ -240,4 +247,7 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
         params["signal_delay_s"] = 90   # --signal=USR2@90: time to checkpoint before the limit
         params["setup"] = [BATCH_SHELL_USR2_TRAP]
     params["additional_parameters"] = additional
-    return {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    # submitit writes --wckey=submitit unless told None (sites that validate wckeys reject it)
+    params["wckey"] = c.wckey
+    return params

@@ -1,6 +1,7 @@
 """Loading recipes: YAML → typed, validated `Recipe` (sections in `nanochat/config.py`).
 
-    base: tiny.yaml          # optional: inherit another recipe (path relative to this file)
+    base: tiny.yaml          # optional: inherit another recipe (path relative to this file),
+                             # or a list merged in order: [site.yaml, d20.yaml]
     name: my-run
     model: {depth: 4}
     train: {total_batch_size: 16384, device_batch_size: 8}
@@ -25,7 +26,32 @@ import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
-                             Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
+                             Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check,
+                             derive_paths, validate)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: PyYAML reads `time: 2:00:00` as the integer 7200 (and
+    1:30 as 90); a recipe means SLURM's 2 hours. Everything else resolves as safe_load does."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Recipe YAML (files and `key=value` overrides) as safe_load reads it, minus base-60 numbers."""
+    return yaml.load(text, Loader=_Loader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +87,7 @@ def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
     except OSError as e:
         raise UserError(f"recipe {path} cannot be read: {e.strerror}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -73,13 +99,19 @@ def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
                         f"got {type(data).__name__}")
     lines = _key_lines(path, text)
     prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
+    data = _renamed(data, prov)  # per file, so a later file's old name still wins over a base's new one
     base = data.pop("base", None)
     if base is None:
         return data, prov
-    if not isinstance(base, str):
-        raise UserError(f"{prov.get('base', path)}: `base` must be a file name, got {base!r}")
-    base_data, base_prov = _read_yaml(path.parent / base, chain + (path.resolve(),))
-    return _merge(base_data, data), {**base_prov, **prov}
+    bases = base if isinstance(base, list) else [base]
+    if not bases or not all(isinstance(b, str) and b for b in bases):
+        raise UserError(f"{prov.get('base', path)}: `base` must be a file name or a list of them "
+                        f"(e.g. [site.yaml, d20.yaml]), got {base!r}")
+    merged, merged_prov = {}, {}
+    for b in bases:  # later files win, this file over all of them
+        base_data, base_prov = _read_yaml(path.parent / b, chain + (path.resolve(),))
+        merged, merged_prov = _merge(merged, base_data), {**merged_prov, **base_prov}
+    return _merge(merged, data), {**merged_prov, **prov}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -101,7 +133,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
             raise UserError(f"override {item!r} is not of the form section.key=value "
                             "(e.g. train.num_iterations=100)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = data
@@ -112,7 +144,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
                 raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
         node[parts[-1]] = value
         prov[key] = f"command line ({item})"
-    return data, prov
+    return _renamed(data, prov), prov
 
 
 def _type_name(tp) -> str:
@@ -198,10 +230,27 @@ def _where(key: str, prov: dict[str, str]) -> str:
     return children[0] if children else "recipe"  # e.g. a misspelt section given as modle.depth=3
 
 
+def _renamed(data: dict, prov: dict[str, str]) -> dict:
+    """Keys that were renamed, read under their new name: cluster.time_min (minutes) is
+    cluster.time (resolved recipes of earlier runs and checkpoints still say time_min). Applied
+    to each file and to the overrides before they are merged; both names in one is an error."""
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and "time_min" in cluster:
+        if "time" in cluster:
+            raise UserError(f"{_where('cluster.time_min', prov)}: cluster.time_min is the old name of "
+                            "cluster.time; give only cluster.time")
+        cluster = dict(cluster)
+        cluster["time"] = cluster.pop("time_min")
+        data = {**data, "cluster": cluster}
+        prov.setdefault("cluster.time", prov.get("cluster.time_min", "recipe"))
+    return data
+
+
 def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
     prov = prov or {}
     try:
-        r = _build(Recipe, data, "")
+        r = _build(Recipe, _renamed(data, prov), "")
+        derive_paths(r)
         validate(r)
         return r
     except Invalid as e:
@@ -330,9 +379,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
+    ap.add_argument("--setup", action="store_true",
+                    help="print the recipe's cluster.setup lines (slurm/env.sh runs them in the sbatch scripts)")
     args = ap.parse_intermixed_args(argv)
     if args.reference:
         print(recipe_reference(), end="")
+    elif args.setup and args.recipe:
+        print("".join(line + "\n" for line in load_recipe(args.recipe, args.overrides).cluster.setup), end="")
     elif args.recipe:
         print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
     else:

@@ -3,6 +3,7 @@
 import difflib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -206,7 +207,8 @@ GOLDEN_RECIPE = {
     "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
     "train": {"total_batch_size": 512, "device_batch_size": "auto", "num_iterations": 20},
     "cluster": {"partition": "a100", "account": "myproj", "qos": "high", "constraint": "h100",
-                "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 64, "time_min": 120,
+                "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 64, "time": "2:00:00",
+                "stage_time": {"sft": "0:45:00"}, "wckey": "proj", "setup": ["module load cuda/12.4"],
                 "array_parallelism": 2, "additional": {"mail-type": "END", "exclusive": "user"}}}
 
 
@@ -269,6 +271,59 @@ def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, overri
     assert "Traceback" not in res.stderr
     assert not Path("/tmp/pwned").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_cluster_settings_reach_every_sbatch_script(recipe_file, tmp_path):
+    """cluster.setup lines run before the run's own set-up, no --wckey unless asked (submitit's
+    default `submitit` would be rejected where sites check wckeys), per-stage --time."""
+    out = launch_cli(recipe_file, "stages=[base,sweep,report]", "cluster.time=1-00:00:00",
+                     "cluster.stage_time={report: 0:02:00}", "cluster.setup=[module load cuda/12.4, source /s/venv/bin/activate]",
+                     "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    scripts = {part.split(":")[0]: part for part in out.stdout.split("# ===== stage ")[1:]}
+    assert "wckey" not in out.stdout
+    assert {s: re.search(r"#SBATCH --time=(\d+)", t).group(1) for s, t in scripts.items()} == \
+        {"base": "1440", "sweep": "60", "report": "2"}
+    for text in scripts.values():
+        setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
+        assert setup[:3] == ["module load cuda/12.4", "source /s/venv/bin/activate", setup[2]]
+        assert setup[2].startswith("export PYTHONPATH="), "the run's code after the site's environment"
+    out = launch_cli(recipe_file, "cluster.wckey=proj", "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
+    assert out.stdout.count("#SBATCH --wckey=proj") == out.stdout.count("# ===== stage ") == 2
+
+
+def test_a_run_dir_under_the_cache_root_is_accepted(tmp_path, monkeypatch):
+    """run_dir=/scratch/$USER/d16 with the caches under /scratch/$USER: accepted, as with NANOCHAT_HOME."""
+    monkeypatch.delenv("NANOCHAT_HOME", raising=False)
+    r = recipe_from_dict({"run_dir": str(tmp_path / "scratch" / "d16"), "cache_dir": str(tmp_path / "scratch" / "cache")})
+    assert resolve_run_dir(r, tmp_path / "runs") == (tmp_path / "scratch" / "d16").resolve()
+    r = recipe_from_dict({"run_dir": str(tmp_path / "elsewhere" / "d16"), "cache_dir": str(tmp_path / "scratch" / "cache")})
+    with pytest.raises(UserError, match="outside the output root .* and the cache root"):
+        resolve_run_dir(r, tmp_path / "runs")
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "elsewhere"))
+    assert resolve_run_dir(r, tmp_path / "runs") == (tmp_path / "elsewhere" / "d16").resolve()
+
+
+def test_nanochat_home_holds_the_runs_and_the_caches(recipe_file, tmp_path):
+    home = tmp_path / "home"
+    out = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "--dry-run", "--no-prepare"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NANOCHAT_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert f"--output={home.resolve()}/runs/t/slurm/" in out.stdout
+
+
+def test_the_sbatch_scripts_run_the_recipes_setup_lines(tmp_path):
+    """slurm/env.sh runs cluster.setup from the script's recipe (or run directory), as the launcher's jobs do."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"cluster": {"setup": ["export SITE_MODULE=cuda-12.4", "SITE_B=$SITE_MODULE-ok"]}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.read_text())
+    for arg in (recipe, tmp_path / "run"):
+        res = subprocess.run(["bash", "-c", 'set -euo pipefail; source slurm/env.sh "$@"; echo "$SITE_MODULE $SITE_B"',
+                              "sbatch", str(arg), "train.num_iterations=5"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "SLURM_SUBMIT_DIR": str(REPO), "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path)})
+        assert res.returncode == 0 and res.stdout.split() == ["cuda-12.4", "cuda-12.4-ok"], res.stderr
 
 
 def test_run_dir_must_stay_under_the_output_root(tmp_path):
