@@ -2,7 +2,7 @@
 
    (check ─afterok─▶) discover ─afterok─▶ base[0..n) ─aftercorr─▶ sft[0..n) ─aftercorr─▶ eval[0..n) ──┐
                             │                                                        ├─afterany─▶ report
-                            └──────────aftercorr─────────▶ sweep[0..n) ─────────────┘
+                            └──────────aftercorr─────────▶ kv_bench[0..n) ──────────┘
 
 The recipe's `stages` list decides which of these run (order fixed, as drawn).
 
@@ -19,13 +19,14 @@ The recipe's `stages` list decides which of these run (order fixed, as drawn).
   that is plain `afterok`). Without base in the plan it needs `sft.base_checkpoint`.
 - eval: task i evaluates sft task i's output (or base task i's, without sft), on one GPU, and
   writes `eval.json` there; `aftercorr` on sft (or base).
-- sweep: the KV-cache sweep of base task i's checkpoint, `aftercorr` on base.
+- kv_bench: the KV-cache benchmark (nanochat.bench.kv_sweep) of base task i's checkpoint,
+  `aftercorr` on base. (`sweep`, its old name, is read as kv_bench in recipes.)
 - report: one small CPU job after every other stage ended (`afterany` on all of them: the graph
   fans out, and it reports failures too).
 
 Every task has an index (its grid combination) and two directories: `run_dir`, where its
 outputs go, and `recipe_run_dir`, the `run_dir` its recipe is given (task i's base directory
-for base, sft, eval and sweep, so they find base task i's checkpoint).
+for base, sft, eval and kv_bench, so they find base task i's checkpoint).
 
 This module knows nothing of tensors or of submitit; `jobs/launch.py` executes a plan.
 """
@@ -55,7 +56,7 @@ class Task:
     recipe_run_dir: str = ""        # the run_dir its recipe gets ("" = run_dir)
 
 
-ARRAYS = ("base", "sft", "eval", "sweep")  # one task per grid combination
+ARRAYS = ("base", "sft", "eval", "kv_bench")  # one task per grid combination
 
 
 @dataclass
@@ -157,11 +158,11 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
                         "checkpoint to fine-tune); set it or add base to stages")
     if "eval" in wanted and not {"base", "sft"} & set(wanted):
         raise UserError("stages: eval needs base or sft in stages (it evaluates their checkpoints)")
-    if "sweep" in wanted and "base" not in wanted:
-        raise UserError("stages: sweep needs base (it sweeps the base checkpoints)")
+    if "kv_bench" in wanted and "base" not in wanted:
+        raise UserError("stages: kv_bench needs base (it benchmarks the base checkpoints)")
     plan = Plan(run_dir=run_dir, recipe=recipe)
     grid = grid_overrides(recipe)
-    # task i's directory: base writes its checkpoint there; sft, eval and sweep of task i read it
+    # task i's directory: base writes its checkpoint there; sft, eval and kv_bench of task i read it
     task_dirs = [str(run_dir / ("base" if "base" in wanted else "sft") / f"{i:03d}") for i in range(len(grid))]
 
     def array(sub) -> list[Task]:
@@ -205,10 +206,10 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | None = No
         plan.stages.append(Stage("eval", [Task(t.index, t.overrides, t.run_dir, t.recipe_run_dir)
                                           for t in plan.stage(src).tasks], after=[src],
                                  dependency="aftercorr", **one_gpu, time_min=c.time_limit_min("eval")))
-    if "sweep" in wanted:
-        plan.stages.append(Stage("sweep", array(lambda i: str(run_dir / "sweep" / f"{i:03d}")),
+    if "kv_bench" in wanted:
+        plan.stages.append(Stage("kv_bench", array(lambda i: str(run_dir / "kv_bench" / f"{i:03d}")),
                                  after=["base"], dependency="aftercorr", **one_gpu,
-                                 time_min=c.time_limit_min("sweep")))
+                                 time_min=c.time_limit_min("kv_bench")))
     if "report" in wanted and plan.stages:
         plan.stages.append(Stage("report", [Task(0, [], str(run_dir), str(run_dir))],
                                  after=[s.name for s in plan.stages], dependency="afterany",

@@ -4,7 +4,7 @@
 
 Reads only files the stages wrote (manifest.json; per task the base run's run.json /
 progress.jsonl, the SFT run's `sft/progress.jsonl`, the evaluated directory's `eval.json` and the
-sweep's results.json), so it also reports partial runs: a failed or missing stage of a task is
+kv_bench's results.json), so it also reports partial runs: a failed or missing stage of a task is
 its state and empty cells.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
     """One row per task index (grid combination), with the cells of every stage it has."""
     stages = (manifest or read_manifest(run_dir))["stages"]
     rows: dict[int, dict] = {}
-    for name in ("base", "sft", "eval", "sweep"):
+    for name in ("base", "sft", "eval", "kv_bench", "sweep"):  # sweep: kv_bench's old name
         for task in stages.get(name, {}).get("tasks", []):
             row = rows.setdefault(task["index"], {
                 "task": task["index"], "grid": " ".join(task["overrides"]) or "-",
@@ -97,7 +97,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
                 if result and result.get("skipped"):
                     row["eval_skipped"] = result["skipped"]
             elif _load_json(tdir / "results.json"):
-                row["sweep"] = str(tdir)
+                row["kv_bench"] = str(tdir)
     return [rows[i] for i in sorted(rows)]
 
 
@@ -270,10 +270,10 @@ def write_report(run_dir: Path) -> Path:
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)
     for r in rows:
-        if "sweep" in r:
-            table = Path(r["sweep"]) / "results.md"
+        if "kv_bench" in r:
+            table = Path(r["kv_bench"]) / "results.md"
             if table.exists():
-                lines += ["", f"## KV-cache sweep, task {r['task']}", "", table.read_text().strip()]
+                lines += ["", f"## KV-cache benchmark, task {r['task']}", "", table.read_text().strip()]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
 

@@ -174,7 +174,7 @@ class DiscoveryArgs:
 
 
 @dataclass
-class SweepArgs:
+class KVBenchArgs:  # the kv_bench stage (python -m nanochat.bench.kv_sweep); `sweep:` is its old name
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])  # batch sizes to sweep
     include_largest: bool = True    # also sweep the largest batch that fits
     prompt_len: int = 50            # prompt tokens
@@ -224,7 +224,7 @@ class ClusterArgs:
 
 
 # Default --time of the stages that are not training (never above cluster.time).
-SHORT_STAGE_MIN = {"check": 30, "discover": 30, "eval": 60, "sweep": 60, "report": 10}
+SHORT_STAGE_MIN = {"check": 30, "discover": 30, "eval": 60, "kv_bench": 60, "report": 10}
 
 
 def slurm_minutes(value, key: str) -> int:
@@ -260,7 +260,7 @@ class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
     cache_dir: str | None = None    # the root of every cache (data, pip sdists, tokenizers, batch sizes) unless a key says otherwise; None: $NANOCHAT_HOME/cache, else ./cache. Shared storage on clusters
-    stages: list[str] = field(default_factory=lambda: ["discover", "base", "sweep", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, sweep, report (check: the cluster check first; the rest wait for it)
+    stages: list[str] = field(default_factory=lambda: ["discover", "base", "kv_bench", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, kv_bench, report (check: the cluster check first; the rest wait for it)
     grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
@@ -270,7 +270,7 @@ class Recipe:
     sft: SFTArgs = field(default_factory=SFTArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     discovery: DiscoveryArgs = field(default_factory=DiscoveryArgs)
-    sweep: SweepArgs = field(default_factory=SweepArgs)
+    kv_bench: KVBenchArgs = field(default_factory=KVBenchArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
     report: ReportArgs = field(default_factory=ReportArgs)
 
@@ -332,8 +332,8 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise Invalid(key, msg)
 
 
-STAGES = ("check", "discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
-STAGE_ALIASES: dict[str, str] = {}  # old stage name → its name now
+STAGES = ("check", "discover", "base", "sft", "eval", "kv_bench", "report")  # the launcher's plan, in dependency order
+STAGE_ALIASES = {"sweep": "kv_bench"}  # old stage (and section) name → its name now
 
 
 def validate(r: Recipe) -> None:
@@ -348,7 +348,7 @@ def validate(r: Recipe) -> None:
     _validate_sft(r.sft)
     _validate_eval(r.eval)
     _validate_discovery(r.discovery)
-    _validate_sweep(r.sweep)
+    _validate_kv_bench(r.kv_bench)
     _validate_cluster(r.cluster)
     for k in r.report.targets:
         check(k in TARGET_METRICS, f"report.targets.{k}",
@@ -524,16 +524,16 @@ def _validate_discovery(dc: DiscoveryArgs) -> None:
           f"must be ≥ 2 (the first step allocates optimizer state), got {dc.probe_steps}")
 
 
-def _validate_sweep(sw: SweepArgs) -> None:
-    check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "sweep.batch_sizes",
+def _validate_kv_bench(sw: KVBenchArgs) -> None:
+    check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "kv_bench.batch_sizes",
           f"must be a non-empty list of sizes ≥ 1, got {sw.batch_sizes}")
-    check(sw.prompt_len >= 1, "sweep.prompt_len", "must be ≥ 1")
-    check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
-    check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
-    check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
-    check(sw.max_batch_size >= 1, "sweep.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
+    check(sw.prompt_len >= 1, "kv_bench.prompt_len", "must be ≥ 1")
+    check(sw.max_new_tokens >= 1, "kv_bench.max_new_tokens", "must be ≥ 1")
+    check(sw.warmup >= 0, "kv_bench.warmup", "must be ≥ 0")
+    check(sw.repeats >= 1, "kv_bench.repeats", "must be ≥ 1")
+    check(sw.max_batch_size >= 1, "kv_bench.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
     check(sw.nocache_max_batch_size is None or sw.nocache_max_batch_size >= 1,
-          "sweep.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
+          "kv_bench.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
 
 
 def _validate_cluster(c: ClusterArgs) -> None:

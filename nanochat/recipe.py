@@ -26,8 +26,8 @@ import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
-                             Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check,
-                             derive_paths, validate)
+                             Recipe, ReportArgs, SFTArgs, KVBenchArgs, TokenizerArgs, TrainArgs, Invalid, check,
+                             STAGE_ALIASES, derive_paths, validate)
 
 
 class _Loader(yaml.SafeLoader):
@@ -232,8 +232,23 @@ def _where(key: str, prov: dict[str, str]) -> str:
 
 def _renamed(data: dict, prov: dict[str, str]) -> dict:
     """Keys that were renamed, read under their new name: cluster.time_min (minutes) is
-    cluster.time (resolved recipes of earlier runs and checkpoints still say time_min). Applied
-    to each file and to the overrides before they are merged; both names in one is an error."""
+    cluster.time, the KV-cache benchmark's stage and section `sweep` are `kv_bench` (the word
+    sweep is the grid's). Resolved recipes of earlier runs and checkpoints still hold the old
+    names. Applied to each file and to the overrides before they are merged; both names in one
+    is an error."""
+    data = dict(data)
+    for old, new in STAGE_ALIASES.items():
+        if old in data:
+            if new in data:
+                raise UserError(f"{_where(old, prov)}: `{old}:` is the old name of `{new}:`; give only {new}")
+            data[new] = data.pop(old)
+            for k in [k for k in prov if k == old or k.startswith(old + ".")]:
+                prov[new + k[len(old):]] = prov[k]
+        if isinstance(data.get("stages"), list):
+            data["stages"] = [STAGE_ALIASES.get(s, s) if isinstance(s, str) else s for s in data["stages"]]
+        if isinstance(data.get("grid"), dict):
+            data["grid"] = {new + k[len(old):] if isinstance(k, str) and k.startswith(old + ".") else k: v
+                            for k, v in data["grid"].items()}
     cluster = data.get("cluster")
     if isinstance(cluster, dict) and "time_min" in cluster:
         if "time" in cluster:
@@ -241,7 +256,7 @@ def _renamed(data: dict, prov: dict[str, str]) -> dict:
                             "cluster.time; give only cluster.time")
         cluster = dict(cluster)
         cluster["time"] = cluster.pop("time_min")
-        data = {**data, "cluster": cluster}
+        data["cluster"] = cluster
         prov.setdefault("cluster.time", prov.get("cluster.time_min", "recipe"))
     return data
 
@@ -299,7 +314,7 @@ def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None)
 # snapshot, not where the user launched from: jobs/launch.py makes them absolute first. A new path
 # field must be listed here (tests/test_snapshot.py fails on an unlisted *_dir-like name).
 PATH_FIELDS = ("run_dir", "cache_dir", "data.data_dir", "data.offline_cache", "sft.base_checkpoint",
-               "sft.conversation_files", "eval.core_bundle", "discovery.cache_dir", "sweep.checkpoint")
+               "sft.conversation_files", "eval.core_bundle", "discovery.cache_dir", "kv_bench.checkpoint")
 
 
 def _absolute(value, base: Path):
@@ -340,7 +355,7 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
 
 SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
             "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "eval": EvalArgs,
-            "discovery": DiscoveryArgs, "sweep": SweepArgs, "cluster": ClusterArgs, "report": ReportArgs}
+            "discovery": DiscoveryArgs, "kv_bench": KVBenchArgs, "cluster": ClusterArgs, "report": ReportArgs}
 
 
 def _field_comments(cls) -> dict[str, str]:

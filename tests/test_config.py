@@ -149,7 +149,8 @@ def test_base_must_be_a_file_name_or_a_list_of_them(tmp_path):
     ("optim.muon_nesterov=false", lambda r: r.optim.muon_nesterov, False),
     ("model.n_embd=null", lambda r: r.model.n_embd, None),
     ("train.profile_steps=[2, 4]", lambda r: r.train.profile_steps, [2, 4]),
-    ("sweep.batch_sizes=[1,2,3]", lambda r: r.sweep.batch_sizes, [1, 2, 3]),
+    ("kv_bench.batch_sizes=[1,2,3]", lambda r: r.kv_bench.batch_sizes, [1, 2, 3]),
+    ("sweep.batch_sizes=[1,2]", lambda r: r.kv_bench.batch_sizes, [1, 2]),  # the old name
     ("train.device_batch_size=auto", lambda r: r.train.device_batch_size, "auto"),
     ("name=my-run", lambda r: r.name, "my-run"),
     ("cluster.additional={gres: 'gpu:1'}", lambda r: r.cluster.additional, {"gres": "gpu:1"}),
@@ -554,3 +555,21 @@ def test_every_cache_path_derives_from_one_root(monkeypatch):
     assert (r.cache_dir, r.data.data_dir, r.discovery.cache_dir) == \
         ("/scratch/u/nanochat/cache", "/data/shards", "/scratch/u/nanochat/cache/batch_size")
     assert str(r.out_dir) == "/scratch/u/nanochat/runs/run"
+
+
+def test_the_kv_cache_stage_is_kv_bench_and_sweep_its_old_name(tmp_path):
+    """`sweep` is the grid's word; the KV-cache benchmark's stage and section are kv_bench."""
+    path = write(tmp_path / "old.yaml", """
+        stages: [base, sweep, report]
+        sweep: {batch_sizes: [1, 2]}
+        grid: {sweep.prompt_len: [4, 8]}
+    """)
+    r = load_recipe(path)
+    assert r.stages == ["base", "kv_bench", "report"] and r.kv_bench.batch_sizes == [1, 2]
+    assert r.grid == {"kv_bench.prompt_len": [4, 8]}
+    path = write(tmp_path / "both.yaml", """
+        kv_bench: {repeats: 2}
+        sweep: {repeats: 3}
+    """)
+    with pytest.raises(UserError, match=r"both.yaml:2: `sweep:` is the old name of `kv_bench:`; give only kv_bench"):
+        load_recipe(path)

