@@ -21,6 +21,7 @@ from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
 from nanochat.config import DEVICE_NAME_ENV
+from nanochat.plots import TASK_LABEL_ENV
 from nanochat.recipe import load_recipe
 
 def task_recipe(run_dir: Path, stage: str, index: int):
@@ -30,6 +31,8 @@ def task_recipe(run_dir: Path, stage: str, index: int):
     task = manifest["stages"][stage]["tasks"][index]
     overrides = list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"]
     recipe = load_recipe(Path(run_dir) / "recipe.yaml", overrides)
+    os.environ[TASK_LABEL_ENV] = f"{recipe.name} task {index}" + (f" ({', '.join(task['overrides'])})"
+                                                                   if task["overrides"] else "")
     if recipe.train.wandb_project and not recipe.train.wandb_name:
         # a grid's runs are told apart by their values (set here, not parsed as an override)
         recipe.train.wandb_name = " ".join([recipe.name] + list(task["overrides"]))

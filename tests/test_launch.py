@@ -477,7 +477,13 @@ def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing
     assert rows[1]["val_bpb"] == "3.5" and rows[1]["sft_loss"] == rows[1]["eval_arithmetic"] == ""
     assert rows[1]["sft_state"] == "PLANNED"
     report = (run / "report.md").read_text()
-    assert "eval_arithmetic" in report and "gsm8k (the hub does not answer)" in report
+    assert "| arithmetic accuracy |" in report and "gsm8k (the hub does not answer)" in report
+    assert "| task | grid values | base | steps | train loss | val BPB | tokens/s | SFT | SFT steps | " \
+        "SFT train loss | SFT val loss | eval | eval val BPB |" in report, "readable headings, not snake_case"
+    header = report.split("\n\n")[1].splitlines()
+    assert [ln.split(":")[0] for ln in header] == ["- launched with", "- code", "- hardware", "- GPU-hours",
+                                                 "- run directory"]
+    assert f"commit {manifest['git_commit']}" in header[1]
     assert (run / "curves.png").stat().st_size > 0
     # nothing written yet at all: still a report, every result cell empty
     empty = tmp_path / "empty"
