@@ -182,6 +182,17 @@ def _header_lines(run_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
             f"- run directory: `{run_dir}`"]
 
 
+def sft_ylim(shown: list[float], step0: list[float]) -> tuple[float, float] | None:
+    """The SFT panel's y range: the fine-tuning points' (train losses, validation after step 0),
+    when the step-0 validation loss — the base model's, before any fine-tuning, often several
+    times larger — would otherwise flatten them. None: matplotlib's own range is fine."""
+    if not shown or not step0 or max(step0) <= max(shown):
+        return None
+    lo, hi = min(shown), max(shown)
+    pad = hi - lo or 1.0
+    return lo - 0.05 * pad, hi + 0.15 * pad
+
+
 def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
     plt = pyplot()
     sft = {r["task"]: read_jsonl(Path(r["sft_dir"]) / "progress.jsonl") for r in rows if "sft_dir" in r}
@@ -222,9 +233,8 @@ def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
                 a3.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o--", ms=3,
                         color=line.get_color() if tr else None, label=f"{label} (val)")
         a3.set(xlabel="step", ylabel="loss (nats/token)", title="SFT loss (train, o-- validation)")
-        if shown and before and max(before) > max(shown):
-            lo, hi = min(shown), max(shown)
-            a3.set_ylim(lo - 0.05 * (hi - lo or 1), hi + 0.15 * (hi - lo or 1))
+        if (limits := sft_ylim(shown, before)) is not None:
+            a3.set_ylim(*limits)
             a3.annotate(f"step 0 (before SFT): val {max(before):.2f}, above the scale", xy=(0.02, 0.97),
                         xycoords="axes fraction", va="top", fontsize=7, color="0.3")
     for a in axes:

@@ -440,6 +440,13 @@ def _jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_the_sft_panel_is_scaled_to_the_fine_tuning_not_to_step_0():
+    from jobs.report import sft_ylim
+    lo, hi = sft_ylim([2.6, 2.9, 3.1], [8.9])  # the base model's val loss 8.9 before SFT
+    assert lo < 2.6 and 3.1 < hi < 4, (lo, hi)
+    assert sft_ylim([2.6, 3.1], [2.0]) is None and sft_ylim([2.6], []) is None
+
+
 def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing(tmp_path):
     """Task 0 has base, SFT and eval outputs (in the formats nanochat.train / nanochat.sft /
     nanochat.eval write); task 1 only base progress: its SFT and eval cells are empty."""
