@@ -23,7 +23,7 @@ from nanochat.common import UserError
 
 
 # --------------------------------------------------------------------------------------------
-# Sections. One comment per field: that comment is the recipe reference (README).
+# Sections. One comment per field: that comment is the recipe reference (docs/recipes.md).
 
 
 @dataclass

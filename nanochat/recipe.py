@@ -351,7 +351,7 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
 
 
 # --------------------------------------------------------------------------------------------
-# The recipe reference (README) is generated from the field comments above, so it cannot drift.
+# The recipe reference (docs/recipes.md) is generated from the field comments above, so it cannot drift.
 
 SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
             "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "eval": EvalArgs,

@@ -18,7 +18,7 @@ unset _nanochat_recipe _nanochat_setup
 
 # Triton/Inductor compile caches on node-local disk (NFS gives stale handles), one per user and
 # node, kept across jobs: a requeued or later job finds its kernels compiled (minutes saved under
-# max-autotune; README "Cluster check" measures warm vs cold). Safe under concurrent jobs: both
+# max-autotune; docs/cluster-check.md measures warm vs cold). Safe under concurrent jobs: both
 # caches write each entry to a temporary file and rename it into place (torch/_inductor/codecache.py
 # `write_atomic`; triton/runtime/cache.py `FileCacheManager.put` uses os.replace), so a reader sees
 # a whole entry or none. 0700: compiled code is executed, so nobody else may write it. The same
