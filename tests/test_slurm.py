@@ -288,18 +288,18 @@ def test_two_node_training_task_does_ddp_across_hosts(slurm, recipe_file, tmp_pa
 
 
 def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe, pip_cache, tmp_path):
-    """slurm/speedrun.sh: base → sft → eval and base → sweep as plain sbatch jobs with afterok,
+    """slurm/speedrun.sh: base → sft → eval and base → kv_bench as plain sbatch jobs with afterok,
     each finishing, the chat model evaluated in RUN_DIR/sft."""
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "sweep"],
+        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "kv_bench"],
         "data": {**tiny_recipe["data"], "offline_cache": str(pip_cache)},
         "train": {**tiny_recipe["train"], "num_iterations": 2, "eval_every": -1},
         "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
                 "task_examples": 20, "eval_every": -1},
         "eval": {"problems_per_task": 4, "hub_tasks": []},
-        "sweep": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+        "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 4, "warmup": 0, "repeats": 1},
         "cluster": {"gpus_per_node": 1}}))
     # the login-node step: node2 lives in a network namespace without PyPI, like a compute node
@@ -310,13 +310,13 @@ def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe
     res = subprocess.run(["bash", "slurm/speedrun.sh", str(recipe)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    ids = dict(re.findall(r"(base|sft|eval|sweep) (\d+)", res.stdout.splitlines()[0]))
-    assert set(ids) == {"base", "sft", "eval", "sweep"}, res.stdout
+    ids = dict(re.findall(r"(base|sft|eval|kv_bench) (\d+)", res.stdout.splitlines()[0]))
+    assert set(ids) == {"base", "sft", "eval", "kv_bench"}, res.stdout
     deps = {k: subprocess.run(["scontrol", "show", "job", v], capture_output=True, text=True).stdout
             for k, v in ids.items()}
     # read while base still runs (it takes seconds to import torch): nothing downstream has started
     assert f"afterok:{ids['base']}" in deps["sft"] and f"afterok:{ids['sft']}" in deps["eval"] \
-        and f"afterok:{ids['base']}" in deps["sweep"], deps
+        and f"afterok:{ids['base']}" in deps["kv_bench"], deps
     deadline, states = time.time() + 600, {}
     while time.time() < deadline:
         states = {k: subprocess.run(["sacct", "-n", "-X", "-P", "-j", v, "-o", "State"],
