@@ -510,3 +510,20 @@ def test_a_partial_resume_waits_for_the_whole_upstream_array_instead_of_mispairi
     assert launch.dependency_option(sft, {"base": "7"}, {"base": [0, 2]}, [0, 2]) == "aftercorr:7"
     assert launch.dependency_option(sft, {"base": "7"}, {"base": [2]}, [0, 1, 2]) == "afterok:7"
     assert launch.dependency_option(sft, {}, {}, [0]) is None  # upstream all done: no wait
+
+
+def test_curves_are_titled_by_recipe_task_and_grid_values(tmp_path, monkeypatch):
+    """A task's curves.png says which recipe, task and grid values it shows, not "000 (base)"."""
+    from jobs.plan import build_plan
+    from jobs.tasks import task_recipe
+    from nanochat.plots import TASK_LABEL_ENV, plot_title
+    from nanochat.recipe import save_resolved_recipe
+    monkeypatch.delenv(TASK_LABEL_ENV, raising=False)
+    assert plot_title("base", {"recipe": {"name": "tiny"}}, tmp_path / "000") == "tiny — base training"
+    r = recipe_from_dict({"name": "g", "stages": ["base", "report"], "grid": {"train.seed": [1, 2]}})
+    run = tmp_path / "run"
+    run.mkdir()
+    save_resolved_recipe(r, run / "recipe.yaml")
+    run_manifest.save_manifest(run, run_manifest.new_manifest(build_plan(r, run), "local"))
+    task_recipe(run, "base", 1)  # what a launcher's task does first
+    assert plot_title("sft", {"recipe": {"name": "g"}}, run / "base" / "001") == "g task 1 (train.seed=2) — SFT"
