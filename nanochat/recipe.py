@@ -234,14 +234,16 @@ def _renamed(data: dict, prov: dict[str, str]) -> dict:
     """Keys that were renamed, read under their new name: cluster.time_min (minutes) is
     cluster.time, the KV-cache benchmark's stage and section `sweep` are `kv_bench` (the word
     sweep is the grid's). Resolved recipes of earlier runs and checkpoints still hold the old
-    names. Applied to each file and to the overrides before they are merged; both names in one
-    is an error."""
+    names. Applied to each file and to the overrides before they are merged; one key under both
+    names in one of them is an error."""
     data = dict(data)
     for old, new in STAGE_ALIASES.items():
         if old in data:
-            if new in data:
+            both = data.get(new)
+            if both is not None and not (isinstance(both, dict) and isinstance(data[old], dict)
+                                         and not set(both) & set(data[old])):
                 raise UserError(f"{_where(old, prov)}: `{old}:` is the old name of `{new}:`; give only {new}")
-            data[new] = data.pop(old)
+            data[new] = {**data.pop(old), **both} if isinstance(both, dict) else data.pop(old)
             for k in [k for k in prov if k == old or k.startswith(old + ".")]:
                 prov[new + k[len(old):]] = prov[k]
         if isinstance(data.get("stages"), list):

@@ -573,3 +573,5 @@ def test_the_kv_cache_stage_is_kv_bench_and_sweep_its_old_name(tmp_path):
     """)
     with pytest.raises(UserError, match=r"both.yaml:2: `sweep:` is the old name of `kv_bench:`; give only kv_bench"):
         load_recipe(path)
+    r = load_recipe(REPO / "configs" / "tiny.yaml", ["sweep.repeats=3", "kv_bench.checkpoint=/c"])
+    assert (r.kv_bench.repeats, r.kv_bench.checkpoint) == (3, "/c"), "different keys under both names merge"
