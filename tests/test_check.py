@@ -161,10 +161,12 @@ def test_a_rank_that_dies_is_named_when_the_timeout_ends(tmp_path):
     assert json.loads(out.read_text())["failures"]["1"]["error"] is None
 
 
-def test_an_unresolvable_master_addr_is_one_line():
+def test_an_unresolvable_master_addr_is_one_line(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29999", "WORLD_SIZE": "2",
            "RANK": "1"}
-    res = subprocess.run([sys.executable, "-m", "nanochat.check", "configs/tiny.yaml", "--no-compile"], cwd=REPO,
+    # its own run_dir: the checkout's runs/tiny may hold a launched demo run, which check refuses
+    res = subprocess.run([sys.executable, "-m", "nanochat.check", "configs/tiny.yaml", f"run_dir={tmp_path / 'c'}",
+                          "--no-compile"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
