@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nanochat.recipe import load_recipe  # noqa: E402
+from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.recipe import load_recipe, recipe_argparser  # noqa: E402
 
 
 def time_to_first_step(recipe: str, overrides: list[str], out_root: Path, extra: list[str],
@@ -36,15 +37,20 @@ def time_to_first_step(recipe: str, overrides: list[str], out_root: Path, extra:
             break
         time.sleep(0.2)
     else:
-        raise SystemExit(f"no training step within {timeout_s}s; see python jobs/status.py {run}")
+        raise UserError(f"no training step within {timeout_s}s; see python jobs/status.py {run}")
     stages = list(json.loads((run / "manifest.json").read_text())["stages"])
     subprocess.run(["scancel", "--name", f"{run.name}-base"], check=False)
     return {"stages": stages, "launch_s": round(submitted, 2),
             "launch_to_first_step_s": round(time.perf_counter() - t0, 2)}
 
 
-def main() -> int:
-    recipe, overrides = sys.argv[1], sys.argv[2:]
+def main(argv: list[str]) -> int:
+    ap = recipe_argparser("python jobs/bench_launch.py", "Wall time from jobs/launch.py to the first "
+                          "training step on the SLURM that answers here, with a batch-size cache miss "
+                          "and then a hit; prints JSON. Submits real jobs (and cancels them).")
+    args = ap.parse_intermixed_args(argv)
+    recipe, overrides = args.recipe, args.overrides
+    load_recipe(recipe, overrides)  # a bad recipe is one line before anything is submitted
     with tempfile.TemporaryDirectory() as tmp:
         ov = overrides + ["train.device_batch_size=auto", "train.train_log_every=1",
                           "stages=[discover,base]", f"discovery.cache_dir={tmp}/bs-cache"]
@@ -57,4 +63,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli_main(main))

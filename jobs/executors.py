@@ -292,7 +292,9 @@ def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None) -> di
     root = str(code or REPO)
     params["additional_parameters"] = {**params["additional_parameters"], "chdir": root}
     quoted = "'" + root.replace("'", "'\"'\"'") + "'"
-    params["setup"] = [f"export PYTHONPATH={quoted}${{PYTHONPATH:+:$PYTHONPATH}}"] + list(params.get("setup", []))
+    # the site's lines first (module loads, venv activation may reset PYTHONPATH), then the run's code
+    params["setup"] = [*plan.recipe.cluster.setup, f"export PYTHONPATH={quoted}${{PYTHONPATH:+:$PYTHONPATH}}",
+                       *params.get("setup", [])]
     return params
 
 

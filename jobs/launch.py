@@ -33,7 +33,7 @@ from jobs.manifest import (MANIFEST, has_manifest, launcher_alive, launcher_reco
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
-from nanochat.config import OUTPUT_ROOT  # noqa: E402
+from nanochat.config import HOME_ENV, output_root  # noqa: E402
 from nanochat.recipe import absolute_paths, load_recipe, save_resolved_recipe  # noqa: E402
 
 __all__ = ["dependency_option", "main"]
@@ -314,8 +314,9 @@ def argparser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true",
                     help="cancel an existing run's live jobs, move its directory aside, start over")
     ap.add_argument("--yes", "-y", action="store_true", help="don't ask before --force cancels jobs")
-    ap.add_argument("--output-root", default=OUTPUT_ROOT,
-                    help=f"run directories must lie under it [{OUTPUT_ROOT}]")
+    ap.add_argument("--output-root", default=None,
+                    help=f"where run directories go (runs/<name>); a run_dir must lie under it or "
+                         f"under the cache root [${HOME_ENV}/runs when {HOME_ENV} is set, else ./runs]")
     ap.add_argument("--no-prepare", action="store_true",
                     help="don't run nanochat.prepare here first (the data is prepared elsewhere)")
     ap.add_argument("--no-snapshot", action="store_true",
@@ -325,6 +326,7 @@ def argparser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = argparser().parse_intermixed_args(argv)
+    args.output_root = args.output_root or output_root()
     if args.force and (args.resume or args.only):
         raise UserError("--force starts over; it excludes --resume and --only")
     args.only_stages = parse_only(args.only)

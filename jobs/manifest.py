@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 
 from jobs.plan import Plan
@@ -144,14 +145,14 @@ def cancel_reason(manifest: dict, stage: str, index: int, state_of, cancelled_by
 # The local executor's process: `jobs/status.py --cancel` stops a local run by signalling it.
 
 def process_start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, it
-    names one process, where a pid alone may have been reused. None once it has exited (a
-    zombie whose parent has not yet reaped it has exited too)."""
+    """The process's start time (psutil: Linux and macOS): with the pid, it names one process,
+    where a pid alone may have been reused. None once it has exited (a zombie whose parent has
+    not yet reaped it has exited too)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        proc = psutil.Process(pid)
+        return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else f"{proc.create_time():.2f}"
+    except (psutil.Error, ValueError):
         return None
-    return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else None
 
 
 def launcher_record() -> dict:

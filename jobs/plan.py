@@ -2,7 +2,7 @@
 
    (check ─afterok─▶) discover ─afterok─▶ base[0..n) ─aftercorr─▶ sft[0..n) ─aftercorr─▶ eval[0..n) ──┐
                             │                                                        ├─afterany─▶ report
-                            └──────────aftercorr─────────▶ sweep[0..n) ─────────────┘
+                            └──────────aftercorr─────────▶ kv_bench[0..n) ──────────┘
 
 The recipe's `stages` list decides which of these run (order fixed, as drawn).
 
@@ -24,19 +24,21 @@ The recipe's `stages` list decides which of these run (order fixed, as drawn).
   that is plain `afterok`). Without base in the plan it needs `sft.base_checkpoint`.
 - eval: task i evaluates sft task i's output (or base task i's, without sft), on one GPU, and
   writes `eval.json` there; `aftercorr` on sft (or base).
-- sweep: the KV-cache sweep of base task i's checkpoint, `aftercorr` on base.
+- kv_bench: the KV-cache benchmark (nanochat.bench.kv_sweep) of base task i's checkpoint,
+  `aftercorr` on base. (`sweep`, its old name, is read as kv_bench in recipes.)
 - report: one small CPU job after every other stage ended (`afterany` on all of them: the graph
   fans out, and it reports failures too).
 
 Every task has an index (its grid combination) and two directories: `run_dir`, where its
 outputs go, and `recipe_run_dir`, the `run_dir` its recipe is given (task i's base directory
-for base, sft, eval and sweep, so they find base task i's checkpoint).
+for base, sft, eval and kv_bench, so they find base task i's checkpoint).
 
 This module knows nothing of tensors or of submitit; `jobs/launch.py` executes a plan.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError
-from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
+from nanochat.config import HOME_ENV, TRAINING_SECTIONS, Recipe, grad_accum_steps
 from nanochat.memory_key import plan_key
 from nanochat.recipe import override_recipe, recipe_to_dict
 
@@ -62,7 +64,7 @@ class Task:
     discover_task: int | None = None  # training tasks: the discover task probing its memory key
 
 
-ARRAYS = ("base", "sft", "eval", "sweep")  # one task per grid combination
+ARRAYS = ("base", "sft", "eval", "kv_bench")  # one task per grid combination
 
 
 @dataclass
@@ -118,7 +120,7 @@ def check_safe(recipe: Recipe) -> None:
     and a newline or `;` could only be an attempt to make them one."""
     c = recipe.cluster
     fields = {"name": recipe.name, "cluster.partition": c.partition, "cluster.account": c.account,
-              "cluster.qos": c.qos, "cluster.constraint": c.constraint}
+              "cluster.qos": c.qos, "cluster.constraint": c.constraint, "cluster.wckey": c.wckey}
     fields.update({f"cluster.additional.{k}": v for k, v in c.additional.items()})
     for key, value in fields.items():
         if value is not None and not SAFE_VALUE.fullmatch(str(value)):
@@ -131,12 +133,18 @@ def check_safe(recipe: Recipe) -> None:
 
 
 def resolve_run_dir(recipe: Recipe, output_root: Path) -> Path:
-    """The run directory, which must lie inside the output root (no escaping with `..`)."""
+    """The run directory, which must lie inside the output root or the root of the recipe's
+    caches ($NANOCHAT_HOME, else the directory holding cache_dir: run_dir=/scratch/$USER/d16
+    with cache_dir /scratch/$USER/cache) — never escaping both with `..`."""
     root = output_root.resolve()
     run_dir = (Path(recipe.run_dir) if recipe.run_dir else root / recipe.name).resolve()
-    if run_dir != root and root not in run_dir.parents:
+    home = os.environ.get(HOME_ENV)
+    cache_root = Path(home).expanduser().resolve() if home else \
+        Path(recipe.cache_dir or "cache").expanduser().resolve().parent
+    if not any(run_dir == r or r in run_dir.parents for r in (root, cache_root)):
         raise UserError(f"run_dir {recipe.run_dir} resolves to {run_dir}, outside the output root "
-                        f"{root}; choose a run_dir under it (or pass --output-root)")
+                        f"{root} and the cache root {cache_root} ({HOME_ENV if home else 'the directory holding cache_dir'}); "
+                        f"choose a run_dir under one of them (or pass --output-root, or set {HOME_ENV})")
     return run_dir
 
 
@@ -167,11 +175,11 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | list[bool
                         "checkpoint to fine-tune); set it or add base to stages")
     if "eval" in wanted and not {"base", "sft"} & set(wanted):
         raise UserError("stages: eval needs base or sft in stages (it evaluates their checkpoints)")
-    if "sweep" in wanted and "base" not in wanted:
-        raise UserError("stages: sweep needs base (it sweeps the base checkpoints)")
+    if "kv_bench" in wanted and "base" not in wanted:
+        raise UserError("stages: kv_bench needs base (it benchmarks the base checkpoints)")
     plan = Plan(run_dir=run_dir, recipe=recipe)
     grid = grid_overrides(recipe)
-    # task i's directory: base writes its checkpoint there; sft, eval and sweep of task i read it
+    # task i's directory: base writes its checkpoint there; sft, eval and kv_bench of task i read it
     task_dirs = [str(run_dir / ("base" if "base" in wanted else "sft") / f"{i:03d}") for i in range(len(grid))]
 
     def array(sub, training: bool = False) -> list[Task]:
@@ -179,13 +187,13 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | list[bool
                 for i, ov in enumerate(grid)]
 
     train_like = dict(nodes=c.nodes, tasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
-                      cpus_per_task=c.cpus_per_task, time_min=c.time_min, checkpointable=True)
+                      cpus_per_task=c.cpus_per_task, checkpointable=True)
     one_gpu = dict(gpus_per_node=min(1, c.gpus_per_node), cpus_per_task=c.cpus_per_task)
     if "check" in wanted:
         d = str(run_dir / "check")
         plan.stages.append(Stage("check", [Task(0, [], d, d)], nodes=c.nodes, tasks_per_node=c.gpus_per_node,
                                  gpus_per_node=c.gpus_per_node, cpus_per_task=c.cpus_per_task,
-                                 time_min=min(30, c.time_min)))
+                                 time_min=c.time_limit_min("check")))
     first = ["check"] if plan.stage("check") else []
     discover_of: dict[int, int] = {}  # training task → discover task of its memory key
     if "discover" in wanted:
@@ -220,29 +228,29 @@ def build_plan(recipe: Recipe, run_dir: Path, discovery_cached: bool | list[bool
             if why:
                 plan.reasons["discover"] = "; ".join(why)
             plan.stages.append(Stage("discover", tasks, after=first, **one_gpu,
-                                     time_min=min(30, c.time_min)))
+                                     time_min=c.time_limit_min("discover")))
     discover = ["discover"] if plan.stage("discover") else first
     if "base" in wanted:
         plan.stages.append(Stage("base", array(lambda i: task_dirs[i], True), after=discover,
-                                 dependency="afterok", **train_like))
+                                 dependency="afterok", **train_like, time_min=c.time_limit_min("base")))
     if "sft" in wanted:
         # sft task i fine-tunes base task i: task-wise afterok (without base: after discovery)
         after, dep = (["base"], "aftercorr") if "base" in wanted else (discover, "afterok")
         plan.stages.append(Stage("sft", array(lambda i: str(Path(task_dirs[i]) / "sft"), True), after=after,
-                                 dependency=dep, **train_like))
+                                 dependency=dep, **train_like, time_min=c.time_limit_min("sft")))
     if "eval" in wanted:
         src = "sft" if "sft" in wanted else "base"
         plan.stages.append(Stage("eval", [Task(t.index, t.overrides, t.run_dir, t.recipe_run_dir)
                                           for t in plan.stage(src).tasks], after=[src],
-                                 dependency="aftercorr", **one_gpu, time_min=min(60, c.time_min)))
-    if "sweep" in wanted:
-        plan.stages.append(Stage("sweep", array(lambda i: str(run_dir / "sweep" / f"{i:03d}")),
+                                 dependency="aftercorr", **one_gpu, time_min=c.time_limit_min("eval")))
+    if "kv_bench" in wanted:
+        plan.stages.append(Stage("kv_bench", array(lambda i: str(run_dir / "kv_bench" / f"{i:03d}")),
                                  after=["base"], dependency="aftercorr", **one_gpu,
-                                 time_min=min(60, c.time_min)))
+                                 time_min=c.time_limit_min("kv_bench")))
     if "report" in wanted and plan.stages:
         plan.stages.append(Stage("report", [Task(0, [], str(run_dir), str(run_dir))],
                                  after=[s.name for s in plan.stages], dependency="afterany",
-                                 cpus_per_task=1, time_min=10))
+                                 cpus_per_task=1, time_min=c.time_limit_min("report")))
     return plan
 
 
@@ -280,4 +288,7 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
         params["setup"] = [BATCH_SHELL_USR2_TRAP]
         additional["requeue"] = True
     params["additional_parameters"] = additional
-    return {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    # submitit writes --wckey=submitit unless told None (sites that validate wckeys reject it)
+    params["wckey"] = c.wckey
+    return params

@@ -4,7 +4,7 @@
 
 Reads only files the stages wrote (manifest.json; per task the base run's run.json /
 progress.jsonl, the SFT run's `sft/progress.jsonl`, the evaluated directory's `eval.json` and the
-sweep's results.json), so it also reports partial runs: a failed or missing stage of a task is
+kv_bench's results.json), so it also reports partial runs: a failed or missing stage of a task is
 its state and empty cells.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
     """One row per task index (grid combination), with the cells of every stage it has."""
     stages = (manifest or read_manifest(run_dir))["stages"]
     rows: dict[int, dict] = {}
-    for name in ("base", "sft", "eval", "sweep"):
+    for name in ("base", "sft", "eval", "kv_bench", "sweep"):  # sweep: kv_bench's old name
         for task in stages.get(name, {}).get("tasks", []):
             row = rows.setdefault(task["index"], {
                 "task": task["index"], "grid": " ".join(task["overrides"]) or "-",
@@ -97,7 +97,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
                 if result and result.get("skipped"):
                     row["eval_skipped"] = result["skipped"]
             elif _load_json(tdir / "results.json"):
-                row["sweep"] = str(tdir)
+                row["kv_bench"] = str(tdir)
     return [rows[i] for i in sorted(rows)]
 
 
@@ -114,36 +114,129 @@ def columns(manifest_stages: dict, rows: list[dict]) -> list[str]:
     return cols
 
 
+# The report's column headings (results.csv keeps the snake_case names, for programs).
+LABELS = {"task": "task", "grid": "grid values", "state": "base", "steps": "steps",
+          "final_loss": "train loss", "val_bpb": "val BPB", "tok_per_s": "tokens/s",
+          "sft_state": "SFT", "sft_steps": "SFT steps", "sft_loss": "SFT train loss",
+          "sft_val_loss": "SFT val loss", "eval_state": "eval", "eval_val_bpb": "eval val BPB",
+          "eval_core": "CORE"}
+
+
+def label(col: str) -> str:
+    """A column's heading: `eval_<task>` columns are that task's accuracy."""
+    if col in LABELS:
+        return LABELS[col]
+    return f"{col.removeprefix('eval_')} accuracy" if col.startswith("eval_") else col.replace("_", " ")
+
+
+def _seconds(task: dict) -> float:
+    """A task's run time: the local executor's elapsed_s, or SLURM's [D-]HH:MM:SS."""
+    if task.get("elapsed_s") is not None:
+        return float(task["elapsed_s"])
+    raw = str(task.get("elapsed") or "")
+    days, _, hms = raw.rpartition("-")
+    try:
+        parts = [float(p) for p in hms.split(":")]
+    except ValueError:
+        return 0.0
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days.isdigit() else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def _gpus(stage: str, recipe) -> int:
+    """GPUs a stage's task holds (jobs/plan.py): training and the check the whole allocation,
+    the report none, the others one."""
+    c = recipe.cluster
+    if stage in ("base", "sft", "check"):
+        return c.world_size
+    return 0 if stage == "report" else min(1, c.gpus_per_node)
+
+
+def _header_lines(run_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
+    """What ran, from what, where, at what cost: the launch command, the code's commit, the
+    devices the training tasks used and the GPU-hours of all tasks."""
+    from nanochat.common import now_iso
+    try:
+        recipe = load_recipe(run_dir / "recipe.yaml")
+        name = recipe.name
+    except UserError:
+        recipe, name = None, run_dir.name
+    launches = manifest.get("launches") or []
+    command = "python jobs/launch.py " + " ".join(launches[0]["argv"]) if launches else "unknown"
+    devices = sorted({f"{run.get('device')} × {run.get('world_size')} rank(s), {run.get('dtype', '').removeprefix('torch.')}, "
+                      f"torch {run.get('torch')}" for r in rows for run in (r.get("batch") or {}).values()})
+    cpu_only = bool(devices) and all(d.startswith("cpu") for d in devices)
+    seconds = {name_: sum(_seconds(t) for t in info["tasks"]) for name_, info in manifest["stages"].items()}
+    gpu_h = sum(seconds[st] * _gpus(st, recipe) for st in seconds) / 3600 if recipe else None
+    cost = ("0 (the tasks ran on CPU)" if cpu_only else "unknown" if gpu_h is None else
+            f"{gpu_h:.2f} (each task's run time × the GPUs it held)")
+    return [f"# Report: {name}", "",
+            f"- launched with: `{command}`" + (f" ({len(launches)} launches; manifest.json lists them)"
+                                              if len(launches) > 1 else ""),
+            f"- code: commit {manifest.get('git_commit') or 'unknown'}; run created {manifest.get('created', '?')}; "
+            f"report written {now_iso()}",
+            f"- hardware: {'; '.join(devices) or 'no training task has started'} ({manifest.get('executor', '?')} executor)",
+            f"- GPU-hours: {cost}; task time: " +
+            ", ".join(f"{st} {seconds[st] / 60:.1f} min" for st in seconds),
+            f"- run directory: `{run_dir}`"]
+
+
+def sft_ylim(shown: list[float], step0: list[float]) -> tuple[float, float] | None:
+    """The SFT panel's y range: the fine-tuning points' (train losses, validation after step 0),
+    when the step-0 validation loss — the base model's, before any fine-tuning, often several
+    times larger — would otherwise flatten them. None: matplotlib's own range is fine."""
+    if not shown or not step0 or max(step0) <= max(shown):
+        return None
+    lo, hi = min(shown), max(shown)
+    pad = hi - lo or 1.0
+    return lo - 0.05 * pad, hi + 0.15 * pad
+
+
 def _plot_curves(run_dir: Path, rows: list[dict], out: Path) -> None:
     plt = pyplot()
     sft = {r["task"]: read_jsonl(Path(r["sft_dir"]) / "progress.jsonl") for r in rows if "sft_dir" in r}
     sft = {k: v for k, v in sft.items() if v}
+    try:
+        name = load_recipe(run_dir / "recipe.yaml").name
+    except UserError:
+        name = run_dir.name
     fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(15 if sft else 10, 3.8))
     a1, a2 = axes[0], axes[1]
+    one = rows[0] if len(rows) == 1 else None  # one task: its grid values go in the title
     for row in rows:
         progress = read_jsonl(Path(row["run_dir"]) / "progress.jsonl")
         tr = [r for r in progress if r.get("event") == "train"]
         ev = [r for r in progress if r.get("event") == "eval" and "val_bpb" in r]
-        label = f"{row['task']}: {row['grid']}"
+        label = f"task {row['task']}: {row['grid']}" if row["grid"] != "-" else f"task {row['task']}"
         if tr:
             a1.plot([r["step"] + 1 for r in tr], [r["loss"] for r in tr], lw=1, label=label)
         if ev:
             a2.plot([r["step"] for r in ev], [r["val_bpb"] for r in ev], "o-", ms=3, label=label)
-    a1.set(xlabel="step", ylabel="loss", title="base training loss")
+    a1.set(xlabel="step", ylabel="loss (nats/token)", title="base training loss")
     a2.set(xlabel="step", ylabel="bits per byte", title="base validation BPB")
+    fig.suptitle(f"{name}" + (f", task {one['task']}" + (f" ({one['grid']})" if one["grid"] != "-" else "")
+                              if one else f": {len(rows)} tasks"))
     if sft:
         a3 = axes[2]
-        for row in rows:
+        shown, before = [], []  # the scale: every point after step 0 (the base model's step-0
+        for row in rows:        # validation loss, before any fine-tuning, would flatten the rest)
             progress = sft.get(row["task"], [])
             tr = [r for r in progress if r.get("event") == "train"]
             ev = [r for r in progress if r.get("event") == "eval" and "val_loss" in r]
-            label = f"{row['task']}: {row['grid']}"
+            shown += [r["loss"] for r in tr] + [r["val_loss"] for r in ev if r["step"] > 0]
+            before += [r["val_loss"] for r in ev if r["step"] == 0]
+            label = f"task {row['task']}: {row['grid']}" if row["grid"] != "-" else f"task {row['task']}"
             if tr:
                 line, = a3.plot([r["step"] + 1 for r in tr], [r["loss"] for r in tr], lw=1, label=label)
             if ev:
                 a3.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o--", ms=3,
                         color=line.get_color() if tr else None, label=f"{label} (val)")
-        a3.set(xlabel="step", ylabel="loss", title="SFT loss (train, o-- validation)")
+        a3.set(xlabel="step", ylabel="loss (nats/token)", title="SFT loss (train, o-- validation)")
+        if (limits := sft_ylim(shown, before)) is not None:
+            a3.set_ylim(*limits)
+            a3.annotate(f"step 0 (before SFT): val {max(before):.2f}, above the scale", xy=(0.02, 0.97),
+                        xycoords="axes fraction", va="top", fontsize=7, color="0.3")
     for a in axes:
         a.grid(alpha=0.3)
     if len(rows) > 1 and a2.get_legend_handles_labels()[0]:
@@ -236,6 +329,22 @@ def _time_to_target_lines(run_dir: Path, rows: list[dict]) -> list[str]:
     return out
 
 
+def _task_lines(run_dir: Path, rows: list[dict]) -> list[str]:
+    """Per task: its own curves (base, SFT) and the command that chats with its model."""
+    out = []
+    for r in rows:
+        links = []
+        for what, d in (("base curves", Path(r["run_dir"])), ("SFT curves", Path(r["sft_dir"]) if "sft_dir" in r else None)):
+            if d is not None and (d / "curves.png").exists():
+                rel = (d / "curves.png").relative_to(run_dir) if run_dir in (d / "curves.png").parents else d / "curves.png"
+                links.append(f"[{what}]({rel})")
+        model = r.get("sft_dir") or r["run_dir"]
+        chat = f"`python -m nanochat.chat {model}`" if list(Path(model).glob("checkpoints/step_*")) else ""
+        if links or chat:
+            out.append(f"- task {r['task']} ({r['grid']}): " + ", ".join(links + ([f"chat: {chat}"] if chat else [])))
+    return ["", "## Tasks", ""] + out if out else []
+
+
 def _tracking_lines(rows: list[dict]) -> list[str]:
     """Links to the wandb runs (train.wandb_project); offline runs by directory, with the
     command that uploads them."""
@@ -259,11 +368,12 @@ def write_report(run_dir: Path) -> Path:
         w.writerows(rows)
     if rows:
         _plot_curves(run_dir, rows, run_dir / "curves.png")
-    lines = [f"# Report: {run_dir.name}", "", "| " + " | ".join(cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = _header_lines(run_dir, manifest, rows) + ["", "| " + " | ".join(map(label, cols)) + " |",
+                                                       "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     lines += ["", "![training curves](curves.png)" if rows else "(no training tasks)"]
+    lines += _task_lines(run_dir, rows)
     for r in rows:
         if r.get("eval_skipped"):
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
@@ -272,10 +382,10 @@ def write_report(run_dir: Path) -> Path:
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)
     for r in rows:
-        if "sweep" in r:
-            table = Path(r["sweep"]) / "results.md"
+        if "kv_bench" in r:
+            table = Path(r["kv_bench"]) / "results.md"
             if table.exists():
-                lines += ["", f"## KV-cache sweep, task {r['task']}", "", table.read_text().strip()]
+                lines += ["", f"## KV-cache benchmark, task {r['task']}", "", table.read_text().strip()]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
 

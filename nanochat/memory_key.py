@@ -25,15 +25,17 @@ import json
 from nanochat.config import OptimArgs, Recipe
 from nanochat.dataset import tokenizer_key
 
-# OptimArgs fields that are values of the update (floats and schedules), never a buffer.
-# weight decays count only as on/off: a non-zero decay adds the cautious mask's temporaries
-# (nanochat/optim.py cautious_update), its amount adds nothing.
+# OptimArgs fields that are values of the update (floats and schedules), never a buffer: each
+# role's learning rate, LR fraction, betas and eps (nanochat/optim_config.py names them
+# <role>_lr, <role>_lr_frac, <role>_betas, <role>_eps), and the fields listed.
+OPTIM_VALUE_SUFFIXES = ("_lr", "_lr_frac", "_betas", "_eps")
 OPTIM_VALUES = frozenset({
-    "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adam_beta1", "adam_beta2",
-    "adam_eps", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps",
-    "ns_steps", "variance_reduction_beta2", "lr_batch_scaling", "wd_scaling", "batch_ref",
-    "wd_ref_tokens", "value_embed_lr_frac"})
-OPTIM_ON_OFF = frozenset({"weight_decay", "muon_weight_decay"})
+    "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps",
+    "muon_momentum_final", "ns_steps", "variance_reduction_beta2", "lr_batch_scaling",
+    "wd_scaling", "batch_ref", "wd_ref_tokens"})
+# weight decays (<role>_weight_decay, muon_weight_decay) count only as on/off: a non-zero decay
+# adds the cautious mask's temporaries (nanochat/optim.py cautious_update), its amount nothing.
+OPTIM_ON_OFF_SUFFIX = "weight_decay"
 # Model fields (ModelArgs and GPTConfig alike) that are initial values or constants of the
 # forward pass; softcap counts as on/off (0 skips the tanh and its activation).
 MODEL_VALUES = frozenset({"bigram_lambda_init", "qk_gain", "rotary_base"})
@@ -42,7 +44,10 @@ MODEL_ON_OFF = frozenset({"softcap"})
 
 def optim_memory_fields(optim: OptimArgs) -> dict:
     """The optimizer settings that change its memory (see OPTIM_VALUES)."""
-    return _filtered(dataclasses.asdict(optim), OPTIM_VALUES, OPTIM_ON_OFF)
+    fields = dataclasses.asdict(optim)
+    values = OPTIM_VALUES | {k for k in fields if k.endswith(OPTIM_VALUE_SUFFIXES)}
+    on_off = frozenset(k for k in fields if k.endswith(OPTIM_ON_OFF_SUFFIX))
+    return _filtered(fields, values, on_off)
 
 
 def model_memory_fields(model: dict) -> dict:

@@ -37,6 +37,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from nanochat.config import OptimArgs, TrainArgs
@@ -97,14 +98,30 @@ def is_oom(exc: BaseException | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Process memory on Linux (/proc), in bytes.
+# Process memory, in bytes: psutil (Linux, macOS). Only the resettable peak (VmHWM) is Linux's own.
 
 def proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
+    """This process's VmRSS (resident), RssAnon (resident, not backed by a file), VmSize (address
+    space) or VmHWM (the resident peak since `reset_peak_rss`), as Linux's /proc/self/status
+    names them. Where the
+    kernel keeps no anonymous count or resettable peak (macOS), both read as the resident size:
+    the probe's peak is then what stays resident after its steps (the tuned allocator keeps
+    what it used), and discovery.headroom covers what it misses."""
+    mem = psutil.Process().memory_info()
+    if field == "VmRSS":
+        return mem.rss
+    if field == "RssAnon":  # Linux: shared = file-backed + shmem pages of the resident set
+        return mem.rss - getattr(mem, "shared", 0)
+    if field == "VmSize":
+        return mem.vms
+    if field == "VmHWM":
+        with contextlib.suppress(OSError):
+            with open("/proc/self/status") as f:  # psutil has no resettable peak
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        return mem.rss
+    raise ValueError(f"unknown memory field {field!r}")  # programmer error
 
 
 def reset_peak_rss() -> bool:
@@ -150,10 +167,10 @@ def release_freed_memory() -> bool:
 
 
 def host_ram_bytes() -> int:
-    """RAM this process may use: MemTotal, lowered by a cgroup (v2 or v1) limit (SLURM --mem).
-    Not MemAvailable: that changes from run to run and would change the cache key."""
-    with open("/proc/meminfo") as f:
-        total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
+    """RAM this process may use: the machine's total (psutil), lowered by a cgroup (v2 or v1)
+    limit (SLURM --mem). Not the available memory: that changes from run to run and would
+    change the cache key."""
+    total = psutil.virtual_memory().total
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         with contextlib.suppress(OSError, ValueError):
             with open(path) as f:

@@ -6,6 +6,7 @@ is written atomically, so a failed plot never leaves a truncated PNG.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from nanochat.common import atomic_path
@@ -31,6 +32,19 @@ GPT2_CORE = 0.256525  # GPT-2 (1.5B)'s CORE: the speedrun's target (DCLM, arXiv 
 # validation metrics a stage logs (base: bits per byte; SFT: loss per assistant token)
 VAL_METRICS = {"val_bpb": ("bits per byte", "validation BPB"),
                "val_loss": ("loss per assistant token (nats)", "validation loss")}
+
+
+# Set by the launcher's task (jobs/tasks.py) to "RECIPE task I (grid values)": curves a grid's
+# tasks draw are told apart by what differs, not by their directory names ("000").
+TASK_LABEL_ENV = "NANOCHAT_TASK_LABEL"
+
+
+def plot_title(stage: str, meta: dict, run_dir: Path) -> str:
+    """The title of a run's curves.png: the task label the launcher gave, else the recipe's name
+    (a standalone run), and the stage."""
+    name = (meta.get("recipe") or {}).get("name") if isinstance(meta.get("recipe"), dict) else None
+    label = os.environ.get(TASK_LABEL_ENV) or name or Path(run_dir).name
+    return f"{label} — {'base training' if stage == 'base' else stage.upper() if stage == 'sft' else stage}"
 
 
 def plot_progress(progress_path: Path, out_png: Path, title: str = "") -> Path | None:

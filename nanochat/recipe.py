@@ -1,6 +1,7 @@
 """Loading recipes: YAML → typed, validated `Recipe` (sections in `nanochat/config.py`).
 
-    base: tiny.yaml          # optional: inherit another recipe (path relative to this file)
+    base: tiny.yaml          # optional: inherit another recipe (path relative to this file),
+                             # or a list merged in order: [site.yaml, d20.yaml]
     name: my-run
     model: {depth: 4}
     train: {total_batch_size: 16384, device_batch_size: 8}
@@ -26,7 +27,32 @@ import yaml
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
 from nanochat.optim_config import ADAM_ROLES, REPLACED_KEYS
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
-                             Recipe, ReportArgs, SFTArgs, SweepArgs, TokenizerArgs, TrainArgs, Invalid, check, validate)
+                             Recipe, ReportArgs, SFTArgs, KVBenchArgs, TokenizerArgs, TrainArgs, Invalid, check,
+                             STAGE_ALIASES, derive_paths, validate)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: PyYAML reads `time: 2:00:00` as the integer 7200 (and
+    1:30 as 90); a recipe means SLURM's 2 hours. Everything else resolves as safe_load does."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Recipe YAML (files and `key=value` overrides) as safe_load reads it, minus base-60 numbers."""
+    return yaml.load(text, Loader=_Loader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +88,7 @@ def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
     except OSError as e:
         raise UserError(f"recipe {path} cannot be read: {e.strerror}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -74,13 +100,19 @@ def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
                         f"got {type(data).__name__}")
     lines = _key_lines(path, text)
     prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
+    data = _renamed(data, prov)  # per file, so a later file's old name still wins over a base's new one
     base = data.pop("base", None)
     if base is None:
         return data, prov
-    if not isinstance(base, str):
-        raise UserError(f"{prov.get('base', path)}: `base` must be a file name, got {base!r}")
-    base_data, base_prov = _read_yaml(path.parent / base, chain + (path.resolve(),))
-    return _merge(base_data, data), {**base_prov, **prov}
+    bases = base if isinstance(base, list) else [base]
+    if not bases or not all(isinstance(b, str) and b for b in bases):
+        raise UserError(f"{prov.get('base', path)}: `base` must be a file name or a list of them "
+                        f"(e.g. [site.yaml, d20.yaml]), got {base!r}")
+    merged, merged_prov = {}, {}
+    for b in bases:  # later files win, this file over all of them
+        base_data, base_prov = _read_yaml(path.parent / b, chain + (path.resolve(),))
+        merged, merged_prov = _merge(merged, base_data), {**merged_prov, **base_prov}
+    return _merge(merged, data), {**merged_prov, **prov}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -102,7 +134,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
             raise UserError(f"override {item!r} is not of the form section.key=value "
                             "(e.g. train.num_iterations=100)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = data
@@ -113,7 +145,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
                 raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
         node[parts[-1]] = value
         prov[key] = f"command line ({item})"
-    return data, prov
+    return _renamed(data, prov), prov
 
 
 def _type_name(tp) -> str:
@@ -204,10 +236,44 @@ def _where(key: str, prov: dict[str, str]) -> str:
     return children[0] if children else "recipe"  # e.g. a misspelt section given as modle.depth=3
 
 
+def _renamed(data: dict, prov: dict[str, str]) -> dict:
+    """Keys that were renamed, read under their new name: cluster.time_min (minutes) is
+    cluster.time, the KV-cache benchmark's stage and section `sweep` are `kv_bench` (the word
+    sweep is the grid's). Resolved recipes of earlier runs and checkpoints still hold the old
+    names. Applied to each file and to the overrides before they are merged; one key under both
+    names in one of them is an error."""
+    data = dict(data)
+    for old, new in STAGE_ALIASES.items():
+        if old in data:
+            both = data.get(new)
+            if both is not None and not (isinstance(both, dict) and isinstance(data[old], dict)
+                                         and not set(both) & set(data[old])):
+                raise UserError(f"{_where(old, prov)}: `{old}:` is the old name of `{new}:`; give only {new}")
+            data[new] = {**data.pop(old), **both} if isinstance(both, dict) else data.pop(old)
+            for k in [k for k in prov if k == old or k.startswith(old + ".")]:
+                prov[new + k[len(old):]] = prov[k]
+        if isinstance(data.get("stages"), list):
+            data["stages"] = [STAGE_ALIASES.get(s, s) if isinstance(s, str) else s for s in data["stages"]]
+        if isinstance(data.get("grid"), dict):
+            data["grid"] = {new + k[len(old):] if isinstance(k, str) and k.startswith(old + ".") else k: v
+                            for k, v in data["grid"].items()}
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and "time_min" in cluster:
+        if "time" in cluster:
+            raise UserError(f"{_where('cluster.time_min', prov)}: cluster.time_min is the old name of "
+                            "cluster.time; give only cluster.time")
+        cluster = dict(cluster)
+        cluster["time"] = cluster.pop("time_min")
+        data["cluster"] = cluster
+        prov.setdefault("cluster.time", prov.get("cluster.time_min", "recipe"))
+    return data
+
+
 def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
     prov = prov or {}
     try:
-        r = _build(Recipe, data, "")
+        r = _build(Recipe, _renamed(data, prov), "")
+        derive_paths(r)
         validate(r)
         return r
     except Invalid as e:
@@ -256,7 +322,7 @@ def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None)
 # snapshot, not where the user launched from: jobs/launch.py makes them absolute first. A new path
 # field must be listed here (tests/test_snapshot.py fails on an unlisted *_dir-like name).
 PATH_FIELDS = ("run_dir", "cache_dir", "data.data_dir", "data.offline_cache", "sft.base_checkpoint",
-               "sft.conversation_files", "eval.core_bundle", "discovery.cache_dir", "sweep.checkpoint")
+               "sft.conversation_files", "eval.core_bundle", "discovery.cache_dir", "kv_bench.checkpoint")
 
 
 def _absolute(value, base: Path):
@@ -293,11 +359,11 @@ def recipe_argparser(prog: str, description: str = "") -> argparse.ArgumentParse
 
 
 # --------------------------------------------------------------------------------------------
-# The recipe reference (README) is generated from the field comments above, so it cannot drift.
+# The recipe reference (docs/recipes.md) is generated from the field comments above, so it cannot drift.
 
 SECTIONS = {"": Recipe, "model": ModelArgs, "tokenizer": TokenizerArgs, "data": DataArgs,
             "optim": OptimArgs, "train": TrainArgs, "sft": SFTArgs, "eval": EvalArgs,
-            "discovery": DiscoveryArgs, "sweep": SweepArgs, "cluster": ClusterArgs, "report": ReportArgs}
+            "discovery": DiscoveryArgs, "kv_bench": KVBenchArgs, "cluster": ClusterArgs, "report": ReportArgs}
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -336,9 +402,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
+    ap.add_argument("--setup", action="store_true",
+                    help="print the recipe's cluster.setup lines (slurm/env.sh runs them in the sbatch scripts)")
     args = ap.parse_intermixed_args(argv)
     if args.reference:
         print(recipe_reference(), end="")
+    elif args.setup and args.recipe:
+        print("".join(line + "\n" for line in load_recipe(args.recipe, args.overrides).cluster.setup), end="")
     elif args.recipe:
         print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
     else:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning:  python -m nanochat.sft RECIPE [section.key=value ...] [--fresh]
+"""Supervised fine-tuning:  python -m nanochat.sft RECIPE [section.key=value ...] [--refuse-existing]
 
 Starts from a base checkpoint (`sft.base_checkpoint`, default: this run's base training) and
 writes a chat model to RUN_DIR/sft (checkpoints, progress.jsonl, curves.png, tokenizer/), which
@@ -131,16 +131,16 @@ def sft_data(recipe: Recipe, tokenizer: Tokenizer, seq: int) -> tuple:
     return train, val, packing, stats
 
 
-def train_sft(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
+def train_sft(recipe: Recipe, refuse_existing: bool = False, stop_requested=lambda: False) -> dict:
     with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
-        return _train_sft(recipe, rt, fresh, stop_requested)
+        return _train_sft(recipe, rt, refuse_existing, stop_requested)
 
 
-def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:
+def _train_sft(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_requested) -> dict:
     out = sft_dir(recipe)
     latest = ckpt.latest_checkpoint(out)
-    if latest is not None and fresh:
-        raise UserError(f"{out} already holds checkpoints ({latest.name}); drop --fresh to resume, "
+    if latest is not None and refuse_existing:
+        raise UserError(f"{out} already holds checkpoints ({latest.name}); drop --refuse-existing to resume, "
                         "or delete that directory")
     base_step, base_meta, tokenizer, config = load_base(recipe)
     model = build_model(config, rt.device)
@@ -222,14 +222,13 @@ def _train_sft(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.sft", "Supervised fine-tuning of a base checkpoint.")
-    ap.add_argument("--fresh", action="store_true",
-                    help="refuse to start if RUN_DIR/sft already holds checkpoints")
+    ckpt.add_refuse_existing_flag(ap, "RUN_DIR/sft")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     for where in (recipe.out_dir, sft_dir(recipe)):  # the run_dir it takes, the one it writes
         ckpt.refuse_launcher_dir(where, "python -m nanochat.sft", hint="; sft.base_checkpoint=DIR "
                                  "starts from one of that run's base models")
-    result = train_sft(recipe, fresh=args.fresh)
+    result = train_sft(recipe, refuse_existing=args.refuse_existing)
     print0(json.dumps({k: v for k, v in result.items()
                        if k in ("step", "loss", "val_loss", "compilations", "real_token_fraction")}))
     return 0

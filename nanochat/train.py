@@ -6,7 +6,7 @@ SLURM (srun/torchrun): see slurm/train.sbatch; ranks come from RANK/WORLD_SIZE (
                        SLURM_PROCID/SLURM_NTASKS with MASTER_ADDR/MASTER_PORT exported.
 
 A run directory that already holds checkpoints is resumed from the newest one (that is how a
-requeued or preempted job continues); `--fresh` refuses to start if checkpoints exist.
+requeued or preempted job continues); `--refuse-existing` refuses to start if checkpoints exist.
 """
 from __future__ import annotations
 
@@ -66,16 +66,16 @@ def run_horizon(recipe: Recipe, steps: int, vocab_size: int, scaling_params: int
     return Horizon(batch_tokens=tr.total_batch_size, train_tokens=tokens, ref_tokens=ref)
 
 
-def train_base(recipe: Recipe, fresh: bool = False, stop_requested=lambda: False) -> dict:
+def train_base(recipe: Recipe, refuse_existing: bool = False, stop_requested=lambda: False) -> dict:
     with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
-        return _train_base(recipe, rt, fresh, stop_requested)
+        return _train_base(recipe, rt, refuse_existing, stop_requested)
 
 
-def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dict:
+def _train_base(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_requested) -> dict:
     run_dir = recipe.out_dir
     latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and fresh:
-        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); drop --fresh to "
+    if latest is not None and refuse_existing:
+        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); drop --refuse-existing to "
                         "resume, or choose another run_dir (run_dir=...) / delete that directory")
     train_paths, val_paths = prepare_shards(recipe, rt)
     tokenizer = prepare_tokenizer(recipe, train_paths, rt)
@@ -154,12 +154,11 @@ def _train_base(recipe: Recipe, rt: Runtime, fresh: bool, stop_requested) -> dic
 
 def main(argv: list[str]) -> int:
     ap = recipe_argparser("python -m nanochat.train", "Base (pretraining) training.")
-    ap.add_argument("--fresh", action="store_true",
-                    help="refuse to start if the run directory already holds checkpoints")
+    ckpt.add_refuse_existing_flag(ap, "the run directory")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.train")
-    result = train_base(recipe, fresh=args.fresh)
+    result = train_base(recipe, refuse_existing=args.refuse_existing)
     print0(json.dumps({k: v for k, v in result.items() if k in ("step", "loss", "val_bpb")}))
     return 0
 

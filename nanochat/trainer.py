@@ -24,7 +24,7 @@ from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
-from nanochat.plots import plot_progress, read_jsonl
+from nanochat.plots import plot_progress, plot_title, read_jsonl
 from nanochat.runtime import Runtime, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
 
@@ -129,7 +129,7 @@ class StepLogger:
         shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(shown))
         if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
-            plot_progress(self.log.path, self.run_dir / "curves.png", f"{self.run_dir.name} ({self.spec.stage})")
+            plot_progress(self.log.path, self.run_dir / "curves.png", plot_title(self.spec.stage, self.spec.meta, self.run_dir))
         self.window_t0, self.window_steps = time.perf_counter(), 0  # evaluation isn't training time
 
     def step_done(self) -> None:

@@ -1,12 +1,24 @@
-# Cluster set-up, sourced by every sbatch script in slurm/. An admin edits this file once per
-# cluster: module loads, the Python environment, node-local caches. Keep it free of recipe values.
-
-# module purge; module load cuda/12.4 python/3.11        # e.g. on an Lmod cluster
-# source /path/to/venv/bin/activate                      # the environment with `pip install -e .`
+# Cluster set-up, sourced by every sbatch script in slurm/ (with the script's arguments).
+#
+# Module loads and the Python environment come from the recipe's `cluster.setup` lines — the
+# same lines the launcher's jobs run (configs/site.example.yaml) — when the script's first
+# argument is a recipe (or a run/checkpoint directory holding recipe.yaml). Reading the recipe
+# takes a `python` that imports nanochat: sbatch passes the submitting shell's environment on
+# by default, so submit from the shell where the venv is active.
+_nanochat_recipe=""
+if [ $# -ge 1 ] && [ -f "$1" ]; then _nanochat_recipe="$1"
+elif [ $# -ge 1 ] && [ -f "$1/recipe.yaml" ]; then _nanochat_recipe="$1/recipe.yaml"; fi
+if [ -n "$_nanochat_recipe" ]; then
+  _nanochat_setup=$(PYTHONPATH="${SLURM_SUBMIT_DIR:-.}${PYTHONPATH:+:$PYTHONPATH}" \
+                    python -m nanochat.recipe "$_nanochat_recipe" --setup) ||
+    { echo "slurm/env.sh: could not read cluster.setup from $_nanochat_recipe (error above)" >&2; exit 1; }
+  eval "$_nanochat_setup"   # the recipe's own shell lines, as in the launcher's jobs
+fi
+unset _nanochat_recipe _nanochat_setup
 
 # Triton/Inductor compile caches on node-local disk (NFS gives stale handles), one per user and
 # node, kept across jobs: a requeued or later job finds its kernels compiled (minutes saved under
-# max-autotune; README "Cluster check" measures warm vs cold). Safe under concurrent jobs: both
+# max-autotune; docs/cluster-check.md measures warm vs cold). Safe under concurrent jobs: both
 # caches write each entry to a temporary file and rename it into place (torch/_inductor/codecache.py
 # `write_atomic`; triton/runtime/cache.py `FileCacheManager.put` uses os.replace), so a reader sees
 # a whole entry or none. 0700: compiled code is executed, so nobody else may write it. The same

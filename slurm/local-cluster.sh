@@ -21,6 +21,11 @@
 # Settings (environment): LOCAL_SLURM_ROOT state/log dir [/var/tmp/nanochat-slurm],
 # LOCAL_SLURM_CPUS advertised CPUs per node [16], LOCAL_SLURM_GPUS fake GPUs per node [8],
 # LOCAL_SLURM_MEM_MB advertised memory [65536], LOCAL_SLURM_WAIT_S start timeout [120].
+#
+# It only ever touches a SLURM it set up itself: when /etc/slurm/slurm.conf exists without the
+# marker file it writes next to it (/etc/slurm/.nanochat-local-cluster), or a SLURM daemon runs
+# that it did not start, start and stop refuse and change nothing — on a real cluster's login
+# node this script must never rewrite the site's configuration or stop its daemons.
 set -euo pipefail
 
 ROOT="${LOCAL_SLURM_ROOT:-/var/tmp/nanochat-slurm}"
@@ -32,12 +37,40 @@ WAIT_S="${LOCAL_SLURM_WAIT_S:-120}"
 CLUSTER=nanochat-local
 NS=nanochat-n2
 PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)
+MARKER=/etc/slurm/.nanochat-local-cluster   # "this host's SLURM configuration is ours"
+HEADER="# written by nanochat-slurm's slurm/local-cluster.sh"
 
 say() { echo "[local-cluster] $*"; }
 die() { echo "[local-cluster] error: $*" >&2; exit 1; }
 # pid in FILE if that process is alive and named COMM (pid files may outlive their process)
 pid_of() { local p; p=$(cat "$1" 2>/dev/null || true); [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && echo "$p" || true; }
 need_root() { [ "$(id -u)" = 0 ] || die "run as root (sudo $0 $1)"; }
+
+# Refuse (change nothing) unless every SLURM configuration and daemon on this host is ours.
+refuse_foreign() {
+  local conf=/etc/slurm/slurm.conf comm pid f ours=""
+  if [ -n "${SLURM_CONF:-}" ] && [ "$SLURM_CONF" != "$conf" ]; then
+    die "SLURM_CONF points at $SLURM_CONF: this host uses a SLURM configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that cluster is yours to replace)"
+  fi
+  # ours: no configuration yet, or the one this script wrote (its header line; the marker says
+  # the same to the test suite, tests/conftest.py)
+  if [ -e "$conf" ] && ! head -1 "$conf" | grep -F "$HEADER" >/dev/null; then
+    die "$conf was not written by this script: this host has its own SLURM, which this script leaves alone; use that cluster (python jobs/launch.py ... --executor slurm), or run the local cluster on a machine without one"
+  fi
+  for f in "$ROOT/run/slurmctld.pid" "$ROOT"/run/slurmd-*.pid "$ROOT/run/slurmdbd.pid"; do
+    if [ -e "$f" ]; then ours="$ours $(cat "$f" 2>/dev/null || true)"; fi
+  done
+  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
+    case "$comm" in
+      slurmctld|slurmd|slurmdbd)
+        case " $ours " in *" $pid "*) ;; *)
+          die "a $comm (pid $pid) runs that this script did not start: this host has its own SLURM, which this script leaves alone" ;;
+        esac ;;
+    esac
+  done
+  return 0
+}
 
 install_packages() {
   local missing=() p
@@ -107,7 +140,7 @@ write_config() {
     [ -e "$ROOT/fakegpu/nvidia$i" ] || mknod "$ROOT/fakegpu/nvidia$i" c 1 3
   done
   {
-    echo "# written by nanochat-slurm's slurm/local-cluster.sh ($NODES node(s))"
+    echo "$HEADER ($NODES node(s))"
     echo "ClusterName=$CLUSTER"
     echo "SlurmctldHost=$HOST($addr)"
     cat <<CONF
@@ -167,6 +200,7 @@ StorageLoc=slurm_acct_db
 StorageUser=root
 CONF
   changed=1
+  echo "slurm/local-cluster.sh of nanochat-slurm wrote slurm.conf, gres.conf and slurmdbd.conf here; it may rewrite them" > "$MARKER"
   for f in slurm.conf gres.conf slurmdbd.conf; do
     cmp -s "$ROOT/$f.new" "/etc/slurm/$f" || changed=0
     mv -f "$ROOT/$f.new" "/etc/slurm/$f"
@@ -243,6 +277,7 @@ case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2" ;; esac
 case "${1:-}" in
   start)
     need_root start
+    refuse_foreign
     t0=$(date +%s)
     mkdir -p "$ROOT"/{log,run,state,spool}
     install_packages
@@ -259,6 +294,7 @@ case "${1:-}" in
     ;;
   stop)
     need_root stop
+    refuse_foreign
     if [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ]; then
       scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
     fi

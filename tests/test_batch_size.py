@@ -153,8 +153,10 @@ def test_cache_key_holds_memory_not_learning_rates(tmp_path):
     from nanochat.batch_size import cache_key, cache_path
     first = discover(recipe_from_dict(cheap(tmp_path)))
     assert not first.from_cache
-    values = {"matrix_lr": 0.05, "embedding_lr": 0.3, "unembedding_lr": 0.001, "adam_beta1": 0.9,
-              "adam_beta2": 0.99, "muon_momentum": 0.9, "muon_momentum_warmup_steps": 10,
+    values = {"matrix_lr": 0.05, "embedding_lr": 0.3, "unembedding_lr": 0.001,
+              "embedding_betas": [0.9, 0.99], "unembedding_eps": 1e-8, "resid_lr_frac": 0.02,
+              "embedding_weight_decay": 0.002, "muon_momentum": 0.9,
+              "muon_momentum_warmup_steps": 10, "muon_momentum_final": 0.95,
               "lr_batch_scaling": True, "batch_ref": 4096}
     before = memory_probe.PROBES_STARTED
     again = discover(recipe_from_dict({**cheap(tmp_path), "optim": values}))

@@ -264,20 +264,31 @@ def test_stray_checkpoint_dir_is_ignored(tmp_path, prepared):
     stray = run_dir / "checkpoints" / "step_final"
     stray.mkdir(parents=True)
     (stray / "meta.json").write_text("{}")
-    res = run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}", "--fresh")
+    res = run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}", "--refuse-existing")
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert (stray / "meta.json").read_text() == "{}"
     assert (run_dir / "checkpoints" / "step_000001" / "model.pt").is_file()
 
 
-def test_fresh_refuses_existing_checkpoints(tmp_path, prepared):
+@pytest.mark.parametrize("flag", ["--refuse-existing", "--fresh"])
+def test_refuse_existing_refuses_existing_checkpoints(tmp_path, prepared, flag):
+    """--refuse-existing (old name --fresh, which still works and says so) refuses a run
+    directory that holds checkpoints instead of resuming from them."""
     run_dir = tmp_path / "run"
     ck = _fake_checkpoint(prepared, run_dir)
     before = files_under(run_dir)
-    msg = error_line(run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}",
-                             "--fresh"))
-    assert str(run_dir) in msg and ck.name in msg and "--fresh" in msg
+    res = run_cli(TRAIN, TINY, *prepared["overrides"], f"run_dir={run_dir}", flag)
+    msg = error_line(res)
+    assert str(run_dir) in msg and ck.name in msg and "drop --refuse-existing to resume" in msg
+    assert ("note: --fresh is now called --refuse-existing" in res.stderr) == (flag == "--fresh")
     assert_nothing_written(run_dir, before)
+
+
+@pytest.mark.parametrize("script", ["launch", "status", "bench_launch"])
+def test_every_jobs_command_prints_its_help(script):
+    res = subprocess.run([sys.executable, f"jobs/{script}.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("usage:") and "Traceback" not in res.stderr
 
 
 def test_device_batch_does_not_divide_total(tmp_path, prepared):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import UserError
-from nanochat.config import ModelArgs, Recipe, model_dims
+from nanochat.config import ModelArgs, Recipe, derive_paths, model_dims
 from nanochat.recipe import load_recipe, parse_overrides, recipe_from_dict, save_resolved_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +43,15 @@ def user_error(*args, **kwargs) -> str:
 # Defaults and shipped recipes
 
 
-def test_defaults_from_empty_mapping():
-    assert recipe_from_dict({}) == Recipe()
+def test_defaults_from_empty_mapping(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_HOME", raising=False)
+    expected = Recipe()
+    derive_paths(expected)  # the cache paths left unset, derived from cache_dir
+    assert recipe_from_dict({}) == expected
 
 
 def test_empty_file_gives_defaults(tmp_path):
-    assert load_recipe(write(tmp_path / "empty.yaml", "")) == Recipe()
+    assert load_recipe(write(tmp_path / "empty.yaml", "")) == recipe_from_dict({})
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -127,8 +130,8 @@ def test_missing_recipe_file(tmp_path):
     assert "nope.yaml" in msg and "not found" in msg
 
 
-def test_base_must_be_a_string(tmp_path):
-    f = write(tmp_path / "f.yaml", "name: x\nbase: [a.yaml]\n")
+def test_base_must_be_a_file_name_or_a_list_of_them(tmp_path):
+    f = write(tmp_path / "f.yaml", "name: x\nbase: {a: b}\n")
     msg = user_error(f)
     assert f"f.yaml:{line_of(f, 'base:')}" in msg and "base" in msg
 
@@ -147,7 +150,8 @@ def test_base_must_be_a_string(tmp_path):
     ("optim.muon_nesterov=false", lambda r: r.optim.muon_nesterov, False),
     ("model.n_embd=null", lambda r: r.model.n_embd, None),
     ("train.profile_steps=[2, 4]", lambda r: r.train.profile_steps, [2, 4]),
-    ("sweep.batch_sizes=[1,2,3]", lambda r: r.sweep.batch_sizes, [1, 2, 3]),
+    ("kv_bench.batch_sizes=[1,2,3]", lambda r: r.kv_bench.batch_sizes, [1, 2, 3]),
+    ("sweep.batch_sizes=[1,2]", lambda r: r.kv_bench.batch_sizes, [1, 2]),  # the old name
     ("train.device_batch_size=auto", lambda r: r.train.device_batch_size, "auto"),
     ("name=my-run", lambda r: r.name, "my-run"),
     ("cluster.additional={gres: 'gpu:1'}", lambda r: r.cluster.additional, {"gres": "gpu:1"}),
@@ -421,7 +425,7 @@ def test_model_dims_of_tiny_config():
                    "discovery.memory_budget_gb=1.5", "train.device_batch_size=auto"]),
 ] + [(p.name, []) for p in CONFIGS])
 def test_resolved_recipe_round_trip(tmp_path, path, overrides):
-    r = load_recipe(REPO / "configs" / path, overrides) if path else Recipe()
+    r = load_recipe(REPO / "configs" / path, overrides) if path else recipe_from_dict({})
     out = tmp_path / "run" / "recipe.yaml"
     save_resolved_recipe(r, out, {"world_size": 1, "device_batch_size": 8})
     back = load_recipe(out)
@@ -432,3 +436,144 @@ def test_resolved_recipe_round_trip(tmp_path, path, overrides):
     assert any("git_commit:" in ln for ln in header)
     assert any("world_size: 1" in ln for ln in header)
     assert [p.name for p in out.parent.iterdir()] == ["recipe.yaml"]  # no temp file left
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster settings: time limits, a site file + a recipe, one root for every cache
+
+@pytest.mark.parametrize("value,minutes", [(90, 90), ("90", 90), ("30:30", 31), ("2:00:00", 120),
+                                           ("1-00:00:00", 1440), ("1-12", 2160), ("0-1:30", 90)])
+def test_cluster_time_takes_slurm_formats(value, minutes):
+    r = recipe_from_dict({"cluster": {"time": value}})
+    assert r.cluster.time_limit_min("base") == minutes and r.cluster.time_limit_min("sft") == minutes
+
+
+def test_a_bad_time_is_one_line_naming_the_key(tmp_path):
+    path = write(tmp_path / "r.yaml", """
+        cluster:
+          time: 2h
+    """)
+    with pytest.raises(UserError, match=r"r.yaml:2: cluster.time must be minutes or a SLURM time "
+                                        r"\(90, 2:00:00, 1-00:00:00, 1-12\), got '2h'"):
+        load_recipe(path)
+
+
+def test_unquoted_slurm_times_are_not_read_as_base_60_numbers(tmp_path):
+    """YAML 1.1 reads 2:00:00 as 7200: that would be a 5-day limit instead of 2 hours."""
+    path = write(tmp_path / "r.yaml", """
+        cluster:
+          time: 2:00:00
+          stage_time: {eval: 1:30}
+    """)
+    r = load_recipe(path, ["cluster.stage_time.report=0:05:00"])
+    assert r.cluster.time == "2:00:00" and r.cluster.time_limit_min("base") == 120
+    assert r.cluster.time_limit_min("eval") == 2, "1:30 is SLURM's minutes:seconds"
+    assert r.cluster.time_limit_min("report") == 5
+    assert load_recipe(path, ["optim.embedding_eps=1e-10", "train.warmup_ratio=0.5"]).optim.embedding_eps == 1e-10
+
+
+def test_short_stages_get_short_limits_unless_stage_time_says_otherwise():
+    c = recipe_from_dict({"cluster": {"time": "10:00:00", "stage_time": {"sft": "2:00:00"}}}).cluster
+    assert {s: c.time_limit_min(s) for s in ("check", "discover", "base", "sft", "eval", "sweep", "report")} == \
+        {"check": 30, "discover": 30, "base": 600, "sft": 120, "eval": 60, "sweep": 60, "report": 10}
+    assert recipe_from_dict({"cluster": {"time": 20}}).cluster.time_limit_min("eval") == 20, "never above cluster.time"
+    with pytest.raises(UserError, match="cluster.stage_time.trian is not a stage; use one of check, discover"):
+        recipe_from_dict({"cluster": {"stage_time": {"trian": 60}}})
+
+
+def test_time_min_is_read_as_cluster_time(tmp_path):
+    """Earlier recipes and the resolved recipes of earlier runs say cluster.time_min (minutes)."""
+    write(tmp_path / "old.yaml", """
+        cluster:
+          time_min: 600
+    """)
+    assert load_recipe(tmp_path / "old.yaml").cluster.time_limit_min("base") == 600
+    write(tmp_path / "new.yaml", """
+        base: old.yaml
+        cluster:
+          time: 1-00:00:00
+    """)
+    assert load_recipe(tmp_path / "new.yaml").cluster.time_limit_min("base") == 1440, "the later file wins"
+    assert load_recipe(tmp_path / "old.yaml", ["cluster.time=45"]).cluster.time_limit_min("base") == 45
+    path = write(tmp_path / "both.yaml", """
+        cluster:
+          time: 60
+          time_min: 600
+    """)
+    with pytest.raises(UserError, match="both.yaml:3: cluster.time_min is the old name of cluster.time; give only cluster.time"):
+        load_recipe(path)
+
+
+def test_setup_lines_are_one_line_each():
+    r = recipe_from_dict({"cluster": {"setup": ["module load cuda/12.4", "source /s/venv/bin/activate"]}})
+    assert r.cluster.setup == ["module load cuda/12.4", "source /s/venv/bin/activate"] and r.cluster.wckey is None
+    with pytest.raises(UserError, match=r"cluster.setup\[1\] must be one non-empty shell line"):
+        recipe_from_dict({"cluster": {"setup": ["module load x", "a\nb"]}})
+
+
+def test_base_takes_a_site_file_and_a_recipe(tmp_path):
+    write(tmp_path / "site.yaml", """
+        cache_dir: /shared/cache
+        cluster: {partition: a100, account: lab, gpus_per_node: 8, setup: [module load cuda]}
+        train: {device_batch_size: 16}
+    """)
+    write(tmp_path / "recipe.yaml", """
+        name: d
+        cluster: {gpus_per_node: 4, time: 2:00:00}
+        train: {device_batch_size: 8}
+    """)
+    path = write(tmp_path / "mine.yaml", """
+        base: [site.yaml, recipe.yaml]
+        train: {num_iterations: 10}
+    """)
+    r = load_recipe(path)
+    assert (r.name, r.cluster.partition, r.cluster.account, r.cluster.gpus_per_node) == ("d", "a100", "lab", 4)
+    assert r.train.device_batch_size == 8 and r.train.num_iterations == 10 and r.cluster.setup == ["module load cuda"]
+    assert r.data.data_dir == "/shared/cache/data/offline", "the site's cache_dir roots the recipe's caches"
+    write(tmp_path / "bad.yaml", "base: [site.yaml, 3]\n")
+    with pytest.raises(UserError, match=r"bad.yaml:1: `base` must be a file name or a list of them"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_the_example_site_file_combines_with_a_recipe(tmp_path):
+    write(tmp_path / "mine.yaml", f"""
+        base: [{REPO / 'configs' / 'site.example.yaml'}, {REPO / 'configs' / 'd20.yaml'}]
+    """)
+    r = load_recipe(tmp_path / "mine.yaml")
+    assert r.cluster.partition == "a100" and r.cluster.setup[0].startswith("module load")
+    assert r.model.depth == 20 and r.data.data_dir.startswith(r.cache_dir + "/data/")
+
+
+def test_every_cache_path_derives_from_one_root(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_HOME", raising=False)
+    r = recipe_from_dict({})
+    assert (r.cache_dir, r.data.data_dir, r.data.offline_cache, r.discovery.cache_dir) == \
+        ("cache", "cache/data/offline", "cache/pip", "cache/batch_size")
+    r = recipe_from_dict({"cache_dir": "/scratch/u/c", "data": {"source": "fineweb"}})
+    assert (r.data.data_dir, r.data.offline_cache, r.discovery.cache_dir) == \
+        ("/scratch/u/c/data/fineweb-edu-100b-shuffle", "/scratch/u/c/pip", "/scratch/u/c/batch_size")
+    monkeypatch.setenv("NANOCHAT_HOME", "/scratch/u/nanochat")
+    r = recipe_from_dict({"data": {"data_dir": "/data/shards"}})
+    assert (r.cache_dir, r.data.data_dir, r.discovery.cache_dir) == \
+        ("/scratch/u/nanochat/cache", "/data/shards", "/scratch/u/nanochat/cache/batch_size")
+    assert str(r.out_dir) == "/scratch/u/nanochat/runs/run"
+
+
+def test_the_kv_cache_stage_is_kv_bench_and_sweep_its_old_name(tmp_path):
+    """`sweep` is the grid's word; the KV-cache benchmark's stage and section are kv_bench."""
+    path = write(tmp_path / "old.yaml", """
+        stages: [base, sweep, report]
+        sweep: {batch_sizes: [1, 2]}
+        grid: {sweep.prompt_len: [4, 8]}
+    """)
+    r = load_recipe(path)
+    assert r.stages == ["base", "kv_bench", "report"] and r.kv_bench.batch_sizes == [1, 2]
+    assert r.grid == {"kv_bench.prompt_len": [4, 8]}
+    path = write(tmp_path / "both.yaml", """
+        kv_bench: {repeats: 2}
+        sweep: {repeats: 3}
+    """)
+    with pytest.raises(UserError, match=r"both.yaml:2: `sweep:` is the old name of `kv_bench:`; give only kv_bench"):
+        load_recipe(path)
+    r = load_recipe(REPO / "configs" / "tiny.yaml", ["sweep.repeats=3", "kv_bench.checkpoint=/c"])
+    assert (r.kv_bench.repeats, r.kv_bench.checkpoint) == (3, "/c"), "different keys under both names merge"

@@ -14,15 +14,15 @@ from test_cli import error_line, run_cli
 
 TINY_SHAPE = {"model": {"depth": 1, "n_embd": 32, "n_head": 1, "sequence_len": 32, "vocab_size": 300},
               "train": {"device": "cpu"}}
-FAST = ["sweep.batch_sizes=[1,2]", "sweep.prompt_len=6", "sweep.max_new_tokens=5",
-        "sweep.warmup=1", "sweep.repeats=2", "sweep.max_batch_size=4", "model.depth=1",
+FAST = ["kv_bench.batch_sizes=[1,2]", "kv_bench.prompt_len=6", "kv_bench.max_new_tokens=5",
+        "kv_bench.warmup=1", "kv_bench.repeats=2", "kv_bench.max_batch_size=4", "model.depth=1",
         "model.n_embd=32", "model.n_head=1", "model.sequence_len=32", "model.vocab_size=300",
         "train.device=cpu"]
 
 
 def test_sweep_writes_results_json_csv_markdown_and_plot(tmp_path):
     recipe = recipe_from_dict({**TINY_SHAPE, "run_dir": str(tmp_path / "run"),
-                               "sweep": {"batch_sizes": [1, 2], "prompt_len": 6, "max_new_tokens": 5,
+                               "kv_bench": {"batch_sizes": [1, 2], "prompt_len": 6, "max_new_tokens": 5,
                                          "warmup": 1, "repeats": 2, "max_batch_size": 4}})
     summary = sweep_for_recipe(recipe)
     out = tmp_path / "run" / "kv_sweep"  # the default: under the run directory
@@ -66,7 +66,7 @@ def test_sweep_cli_with_a_checkpoint(tmp_path):
     model = GPT(config)
     model.init_weights()
     ckpt.save_checkpoint(tmp_path / "trained", 3, model, [], {"model_config": vars(config)})
-    res = run_cli("nanochat.bench.kv_sweep", "configs/tiny.yaml", *FAST, "sweep.include_largest=false",
+    res = run_cli("nanochat.bench.kv_sweep", "configs/tiny.yaml", *FAST, "kv_bench.include_largest=false",
                   f"run_dir={tmp_path / 'run'}",
                   f"checkpoint={tmp_path / 'trained'}", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
@@ -76,9 +76,9 @@ def test_sweep_cli_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sweep.batch_sizes=[0,4]", "sweep.batch_sizes must be a non-empty list of sizes ≥ 1"),
-    ("sweep.batch_sizes=[-1]", "sweep.batch_sizes must be a non-empty list of sizes ≥ 1"),
-    ("sweep.prompt_len=40", "longer than the model's context (32 tokens)"),
+    ("kv_bench.batch_sizes=[0,4]", "kv_bench.batch_sizes must be a non-empty list of sizes ≥ 1"),
+    ("kv_bench.batch_sizes=[-1]", "kv_bench.batch_sizes must be a non-empty list of sizes ≥ 1"),
+    ("kv_bench.prompt_len=40", "longer than the model's context (32 tokens)"),
     ("checkpoint=/nonexistent/run", "no checkpoint found at /nonexistent/run"),
 ])
 def test_sweep_bad_input_is_one_line(override, message, tmp_path):
@@ -89,7 +89,7 @@ def test_sweep_bad_input_is_one_line(override, message, tmp_path):
 
 
 def test_lm_head_layouts_compute_the_same_logits_and_are_all_timed():
-    res = run_cli("nanochat.bench.lm_head", "configs/tiny.yaml", "sweep.batch_sizes=[1,3]",
+    res = run_cli("nanochat.bench.lm_head", "configs/tiny.yaml", "kv_bench.batch_sizes=[1,3]",
                   "--warmup", "1", "--calls", "2", "--repeats", "2")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout[res.stdout.index("{"):])

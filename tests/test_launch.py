@@ -4,6 +4,7 @@ import datetime
 import difflib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_grid_is_one_training_task_per_combination():
     plan = build_plan(r, Path("/tmp/x"))
     base = plan.stage("base")
     assert [t.index for t in base.tasks] == list(range(6))
-    assert plan.stage("sweep").dependency == "aftercorr" and plan.stage("report").dependency == "afterany"
+    assert plan.stage("kv_bench").dependency == "aftercorr" and plan.stage("report").dependency == "afterany"
     assert plan.skipped == {"discover": "train.device_batch_size is fixed"}
 
 
@@ -80,7 +81,7 @@ def test_discover_is_one_task_per_memory_key_of_the_grid():
     assert [t["discover_task"] for t in entries["base"]["tasks"]] == [0, 0, 1, 1]
     assert all("discover_task" not in t for t in entries["discover"]["tasks"])
     # learning rates and betas change no memory: one discover task for the whole grid
-    lr = recipe_from_dict({**auto, "grid": {"optim.matrix_lr": [0.01, 0.02, 0.04], "optim.adam_beta2": [0.9, 0.95]}})
+    lr = recipe_from_dict({**auto, "grid": {"optim.matrix_lr": [0.01, 0.02, 0.04], "optim.embedding_eps": [1e-10, 1e-8]}})
     plan = build_plan(lr, Path("/tmp/x"))
     assert len(plan.stage("discover").tasks) == 1
     assert {t.discover_task for t in plan.stage("base").tasks} == {0}
@@ -135,13 +136,13 @@ def test_every_depth_of_a_grid_trains_on_a_key_its_discover_task_probed(recipe_f
 
 
 def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
-    r = recipe_from_dict({"stages": ["base", "sft", "eval", "sweep", "report"],
+    r = recipe_from_dict({"stages": ["base", "sft", "eval", "kv_bench", "report"],
                           "grid": {"train.seed": [1, 2]}})
     plan = build_plan(r, Path("/tmp/x"))
     deps = {s.name: (s.dependency, s.after) for s in plan.stages}
     assert deps == {"base": ("afterok", []), "sft": ("aftercorr", ["base"]),
-                    "eval": ("aftercorr", ["sft"]), "sweep": ("aftercorr", ["base"]),
-                    "report": ("afterany", ["base", "sft", "eval", "sweep"])}
+                    "eval": ("aftercorr", ["sft"]), "kv_bench": ("aftercorr", ["base"]),
+                    "report": ("afterany", ["base", "sft", "eval", "kv_bench"])}
     base, sft, ev = plan.stage("base"), plan.stage("sft"), plan.stage("eval")
     # sft task i fine-tunes base task i, in its directory; eval evaluates sft task i's output
     assert [t.run_dir for t in sft.tasks] == [f"{t.run_dir}/sft" for t in base.tasks]
@@ -247,12 +248,12 @@ def test_jobs_turn_on_the_nccl_flight_recorder_into_the_task_directory(tiny_reci
 
 def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs",
-                     "stages=[base,sweep,report]", "grid={train.seed: [1, 2]}")
+                     "stages=[base,kv_bench,report]", "grid={train.seed: [1, 2]}")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.count("#!/bin/bash") == 3
     assert "#SBATCH --array=0-1%" in out and "--signal=USR2@300" in out and "#SBATCH --requeue" in out
-    assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<sweep job id>" in out
+    assert "aftercorr:<base job id>" in out and "afterany:<base job id>:<kv_bench job id>" in out
     assert "[1] train.seed=2" in out
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
 
@@ -260,7 +261,7 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp
 def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
     res = launch_cli(recipe_file, "--dry-run", "--output-root", tmp_path / "runs", "train.device_batch_size=auto",
                      f"discovery.cache_dir={tmp_path / 'empty-cache'}",
-                     "stages=[discover,base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}")
+                     "stages=[discover,base,sft,eval,kv_bench,report]", "grid={train.seed: [1, 2]}")
     assert res.returncode == 0, res.stderr
     scripts = dict(part.split("\n", 1) for part in res.stdout.split("# ===== stage ")[1:])
     deps = {head.split(":")[0]: next((ln.split("=", 1)[1].strip("'") for ln in body.splitlines()
@@ -268,8 +269,8 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
             for head, body in scripts.items()}
     assert deps == {"discover": None, "base": "afterok:<discover job id>",
                     "sft": "aftercorr:<base job id>", "eval": "aftercorr:<sft job id>",
-                    "sweep": "aftercorr:<base job id>",
-                    "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<sweep job id>"}
+                    "kv_bench": "aftercorr:<base job id>",
+                    "report": "afterany:<discover job id>:<base job id>:<sft job id>:<eval job id>:<kv_bench job id>"}
     assert "--signal=USR2@300" in scripts["sft: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
     assert "#SBATCH --array=0-1%" in scripts["eval: 2 task(s): [0] train.seed=1, [1] train.seed=2"]
 
@@ -277,12 +278,13 @@ def test_dry_run_of_every_stage_shows_the_fan_out(recipe_file, tmp_path):
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # every stage, a 2×2 grid, and each sbatch option a recipe can set
 GOLDEN_RECIPE = {
-    "name": "golden", "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+    "name": "golden", "stages": ["discover", "base", "sft", "eval", "kv_bench", "report"],
     "grid": {"train.seed": [1, 2], "model.depth": [2, 4]},
     "model": {"depth": 2, "n_embd": 64, "n_head": 2, "sequence_len": 64},
     "train": {"total_batch_size": 512, "device_batch_size": "auto", "num_iterations": 20},
     "cluster": {"partition": "a100", "account": "myproj", "qos": "high", "constraint": "h100",
-                "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 64, "time_min": 120,
+                "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 64, "time": "2:00:00",
+                "stage_time": {"sft": "0:45:00"}, "wckey": "proj", "setup": ["module load cuda/12.4"],
                 "array_parallelism": 2, "additional": {"mail-type": "END", "exclusive": "user"}}}
 
 
@@ -334,7 +336,7 @@ def test_dry_run_text_matches_the_golden_file(tmp_path, capsys):
     ("stages=[train,report]", "write base instead"),
     ("stages=[sft,eval,report]", "sft without base needs sft.base_checkpoint"),
     ("stages=[eval,report]", "eval needs base or sft"),
-    ("stages=[sweep]", "sweep needs base"),
+    ("stages=[kv_bench]", "kv_bench needs base"),
 ])
 def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, override, expect):
     Path("/tmp/pwned").unlink(missing_ok=True)
@@ -345,6 +347,59 @@ def test_bad_plans_are_one_line_and_submit_nothing(recipe_file, tmp_path, overri
     assert "Traceback" not in res.stderr
     assert not Path("/tmp/pwned").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_cluster_settings_reach_every_sbatch_script(recipe_file, tmp_path):
+    """cluster.setup lines run before the run's own set-up, no --wckey unless asked (submitit's
+    default `submitit` would be rejected where sites check wckeys), per-stage --time."""
+    out = launch_cli(recipe_file, "stages=[base,kv_bench,report]", "cluster.time=1-00:00:00",
+                     "cluster.stage_time={report: 0:02:00}", "cluster.setup=[module load cuda/12.4, source /s/venv/bin/activate]",
+                     "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    scripts = {part.split(":")[0]: part for part in out.stdout.split("# ===== stage ")[1:]}
+    assert "wckey" not in out.stdout
+    assert {s: re.search(r"#SBATCH --time=(\d+)", t).group(1) for s, t in scripts.items()} == \
+        {"base": "1440", "kv_bench": "60", "report": "2"}
+    for text in scripts.values():
+        setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
+        assert setup[:3] == ["module load cuda/12.4", "source /s/venv/bin/activate", setup[2]]
+        assert setup[2].startswith("export PYTHONPATH="), "the run's code after the site's environment"
+    out = launch_cli(recipe_file, "cluster.wckey=proj", "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
+    assert out.stdout.count("#SBATCH --wckey=proj") == out.stdout.count("# ===== stage ") == 2
+
+
+def test_a_run_dir_under_the_cache_root_is_accepted(tmp_path, monkeypatch):
+    """run_dir=/scratch/$USER/d16 with the caches under /scratch/$USER: accepted, as with NANOCHAT_HOME."""
+    monkeypatch.delenv("NANOCHAT_HOME", raising=False)
+    r = recipe_from_dict({"run_dir": str(tmp_path / "scratch" / "d16"), "cache_dir": str(tmp_path / "scratch" / "cache")})
+    assert resolve_run_dir(r, tmp_path / "runs") == (tmp_path / "scratch" / "d16").resolve()
+    r = recipe_from_dict({"run_dir": str(tmp_path / "elsewhere" / "d16"), "cache_dir": str(tmp_path / "scratch" / "cache")})
+    with pytest.raises(UserError, match="outside the output root .* and the cache root"):
+        resolve_run_dir(r, tmp_path / "runs")
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "elsewhere"))
+    assert resolve_run_dir(r, tmp_path / "runs") == (tmp_path / "elsewhere" / "d16").resolve()
+
+
+def test_nanochat_home_holds_the_runs_and_the_caches(recipe_file, tmp_path):
+    home = tmp_path / "home"
+    out = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "--dry-run", "--no-prepare"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NANOCHAT_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert f"--output={home.resolve()}/runs/t/slurm/" in out.stdout
+
+
+def test_the_sbatch_scripts_run_the_recipes_setup_lines(tmp_path):
+    """slurm/env.sh runs cluster.setup from the script's recipe (or run directory), as the launcher's jobs do."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"cluster": {"setup": ["export SITE_MODULE=cuda-12.4", "SITE_B=$SITE_MODULE-ok"]}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.read_text())
+    for arg in (recipe, tmp_path / "run"):
+        res = subprocess.run(["bash", "-c", 'set -euo pipefail; source slurm/env.sh "$@"; echo "$SITE_MODULE $SITE_B"',
+                              "sbatch", str(arg), "train.num_iterations=5"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "SLURM_SUBMIT_DIR": str(REPO), "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path)})
+        assert res.returncode == 0 and res.stdout.split() == ["cuda-12.4", "cuda-12.4-ok"], res.stderr
 
 
 def test_run_dir_must_stay_under_the_output_root(tmp_path):
@@ -398,18 +453,18 @@ def test_slurm_leaves_the_tokenizer_to_the_jobs_and_the_local_executor_trains_it
 def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_path, capsys):
     root = tmp_path / "runs"
     # model.vocab_size smaller than the tokenizer's: a user error inside the training job
-    args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
+    args = [str(recipe_file), "model.vocab_size=300", "stages=[base,sft,eval,kv_bench,report]",
             "--executor", "local", "--output-root", str(root)]
     assert launch.main(args) == 1
     out = capsys.readouterr().out
     # eval waited for sft, which waited for base: the reason named is the task that failed
-    for stage in ("sft", "eval", "sweep"):
+    for stage in ("sft", "eval", "kv_bench"):
         assert f"[{stage} 0] CANCELLED: base task 0 failed" in out, out
     manifest = json.loads((root / "t" / "manifest.json").read_text())
     states = {s: v["tasks"][0]["state"] for s, v in manifest["stages"].items()}
-    # sft and sweep wait for base task 0, eval for sft task 0; the report runs after all ended
+    # sft and kv_bench wait for base task 0, eval for sft task 0; the report runs after all ended
     assert states == {"base": "FAILED", "sft": "CANCELLED", "eval": "CANCELLED",
-                      "sweep": "CANCELLED", "report": "COMPLETED"}
+                      "kv_bench": "CANCELLED", "report": "COMPLETED"}
     report = (root / "t" / "report.md").read_text()
     assert "| 0 | - | FAILED | 0 |" in report and "| CANCELLED |" in report
     err = (root / "t" / "logs" / "base_0.err").read_text()
@@ -418,8 +473,8 @@ def test_local_executor_cancels_dependents_of_a_failed_task(recipe_file, tmp_pat
                             capture_output=True, text=True, timeout=60).stdout
     assert "FAILED" in status and "CANCELLED" in status and "smaller than the tokenizer's" in status
     rows = {ln.split()[0]: ln for ln in status.splitlines() if ln.split() and ln.split()[0] in
-            ("base", "sft", "eval", "sweep")}
-    assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "sweep")), status
+            ("base", "sft", "eval", "kv_bench")}
+    assert all("cancelled: base task 0 failed" in rows[s] for s in ("sft", "eval", "kv_bench")), status
     assert "cancelled" not in rows["base"], status
 
 
@@ -478,6 +533,13 @@ def _jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_the_sft_panel_is_scaled_to_the_fine_tuning_not_to_step_0():
+    from jobs.report import sft_ylim
+    lo, hi = sft_ylim([2.6, 2.9, 3.1], [8.9])  # the base model's val loss 8.9 before SFT
+    assert lo < 2.6 and 3.1 < hi < 4, (lo, hi)
+    assert sft_ylim([2.6, 3.1], [2.0]) is None and sft_ylim([2.6], []) is None
+
+
 def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing(tmp_path):
     """Task 0 has base, SFT and eval outputs (in the formats nanochat.train / nanochat.sft /
     nanochat.eval write); task 1 only base progress: its SFT and eval cells are empty."""
@@ -515,7 +577,13 @@ def test_report_has_sft_and_eval_columns_and_empty_cells_where_files_are_missing
     assert rows[1]["val_bpb"] == "3.5" and rows[1]["sft_loss"] == rows[1]["eval_arithmetic"] == ""
     assert rows[1]["sft_state"] == "PLANNED"
     report = (run / "report.md").read_text()
-    assert "eval_arithmetic" in report and "gsm8k (the hub does not answer)" in report
+    assert "| arithmetic accuracy |" in report and "gsm8k (the hub does not answer)" in report
+    assert "| task | grid values | base | steps | train loss | val BPB | tokens/s | SFT | SFT steps | " \
+        "SFT train loss | SFT val loss | eval | eval val BPB |" in report, "readable headings, not snake_case"
+    header = report.split("\n\n")[1].splitlines()
+    assert [ln.split(":")[0] for ln in header] == ["- launched with", "- code", "- hardware", "- GPU-hours",
+                                                 "- run directory"]
+    assert f"commit {manifest['git_commit']}" in header[1]
     assert (run / "curves.png").stat().st_size > 0
     # nothing written yet at all: still a report, every result cell empty
     empty = tmp_path / "empty"
@@ -535,3 +603,20 @@ def test_a_partial_resume_waits_for_the_whole_upstream_array_instead_of_mispairi
     assert launch.dependency_option(sft, {"base": "7"}, {"base": [0, 2]}, [0, 2]) == "aftercorr:7"
     assert launch.dependency_option(sft, {"base": "7"}, {"base": [2]}, [0, 1, 2]) == "afterok:7"
     assert launch.dependency_option(sft, {}, {}, [0]) is None  # upstream all done: no wait
+
+
+def test_curves_are_titled_by_recipe_task_and_grid_values(tmp_path, monkeypatch):
+    """A task's curves.png says which recipe, task and grid values it shows, not "000 (base)"."""
+    from jobs.plan import build_plan
+    from jobs.tasks import task_recipe
+    from nanochat.plots import TASK_LABEL_ENV, plot_title
+    from nanochat.recipe import save_resolved_recipe
+    monkeypatch.delenv(TASK_LABEL_ENV, raising=False)
+    assert plot_title("base", {"recipe": {"name": "tiny"}}, tmp_path / "000") == "tiny — base training"
+    r = recipe_from_dict({"name": "g", "stages": ["base", "report"], "grid": {"train.seed": [1, 2]}})
+    run = tmp_path / "run"
+    run.mkdir()
+    save_resolved_recipe(r, run / "recipe.yaml")
+    run_manifest.save_manifest(run, run_manifest.new_manifest(build_plan(r, run), "local"))
+    task_recipe(run, "base", 1)  # what a launcher's task does first
+    assert plot_title("sft", {"recipe": {"name": "g"}}, run / "base" / "001") == "g task 1 (train.seed=2) — SFT"

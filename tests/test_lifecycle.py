@@ -22,7 +22,7 @@ from jobs.plan import build_plan
 from jobs.scheduler import LIVE, refresh
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
-from test_slurm import idle_nodes, slurm, wait_until_done  # noqa: F401  (the cluster fixture)
+from test_slurm import wait_until_done
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,8 +318,8 @@ def test_only_a_stage_the_run_never_had_is_one_line(recipe_file, tmp_path):
     root = tmp_path / "runs"
     assert launch.main([str(recipe_file), "--executor", "local", "--output-root", str(root), "--no-prepare"]) == 0
     before = (root / "s" / "manifest.json").read_text()
-    with pytest.raises(UserError, match=r"--only sweep: this run has no such stage \(it has: base, report\)"):
-        launch.main(["--resume", str(root / "s"), "--only", "sweep", "--executor", "local"])
+    with pytest.raises(UserError, match=r"--only kv_bench: this run has no such stage \(it has: base, report\)"):
+        launch.main(["--resume", str(root / "s"), "--only", "kv_bench", "--executor", "local"])
     assert (root / "s" / "manifest.json").read_text() == before
 
 

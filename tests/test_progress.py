@@ -131,9 +131,9 @@ def test_a_local_run_shows_each_tasks_progress_and_is_never_silent_for_long(tiny
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         **{k: v for k, v in tiny_recipe.items() if k != "run_dir"}, "name": "p",
-        "stages": ["base", "sweep", "report"],
+        "stages": ["base", "kv_bench", "report"],
         "train": {**tiny_recipe["train"], "num_iterations": 60, "train_log_every": 5, "eval_every": 30},
-        "sweep": {"batch_sizes": [1, 2], "include_largest": False, "prompt_len": 4,
+        "kv_bench": {"batch_sizes": [1, 2], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 8, "warmup": 0, "repeats": 1}}))
     proc = subprocess.Popen([sys.executable, "jobs/launch.py", str(recipe), "--executor", "local",
                              "--output-root", str(tmp_path / "runs")], cwd=REPO, text=True,
@@ -146,9 +146,9 @@ def test_a_local_run_shows_each_tasks_progress_and_is_never_silent_for_long(tiny
     text = "\n".join(t for _, t in lines)
     assert re.search(r"^\[base 0\] +\S+  step \d+/60  loss \d+\.\d{4} .*[\d,]+ tok/s  ETA \S+$", text, re.M), text
     assert re.search(r"^\[base 0\] COMPLETED in \S+ · step 60/60  loss \d+\.\d{4}  val_bpb ", text, re.M), text
-    assert re.search(r"^\[sweep 0\] +\S+  running", text, re.M), text
+    assert re.search(r"^\[kv_bench 0\] +\S+  running", text, re.M), text
     ends = [t for _, t in lines if re.match(r"\[\w+ 0\] COMPLETED in ", t)]
-    assert [e.split()[0] for e in ends] == ["[base", "[sweep", "[report"], text
+    assert [e.split()[0] for e in ends] == ["[base", "[kv_bench", "[report"], text
     start = next(i for i, (_, t) in enumerate(lines) if t.startswith("run directory:"))
     end = next(i for i, (_, t) in enumerate(lines) if t.startswith("finished:"))
     gaps = [b[0] - a[0] for a, b in zip(lines[start:end], lines[start + 1:end + 1])]

@@ -113,11 +113,11 @@ def test_gpu_plan_is_d12_and_fits_8_minutes_quick_3(tmp_path):
         assert "tests" in parts["cuda_tests"].args, "the whole tests/ directory, every cuda mark"
         assert "--compile" in parts["train"].args and "both" in parts["train"].args
         kv = parts["kv_sweep"].args
-        assert "sweep.cuda_graph=true" in kv and any(a.startswith("sweep.batch_sizes=[1,") and
+        assert "kv_bench.cuda_graph=true" in kv and any(a.startswith("kv_bench.batch_sizes=[1,") and
                                                       a.endswith(",64]") for a in kv)
         assert "model.sequence_len=2048" in parts["batch_size"].args
         decode = parts["decode"].args
-        assert "sweep.batch_sizes=[1]" in decode
+        assert "kv_bench.batch_sizes=[1]" in decode
         assert ("cuda graph" in decode) if quick else ("--modes" not in decode), "full: every mode"
         assert all(p.timeout_s > p.budget_s for p in parts.values())
 

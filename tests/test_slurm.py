@@ -1,5 +1,7 @@
-"""The launcher against a real SLURM (slurm/local-cluster.sh; `.ci/run` starts it). These tests
-fail — they do not skip — when no controller can be started: the reason is in the failure."""
+"""The launcher against a real SLURM: one started by slurm/local-cluster.sh (`.ci/run` starts it;
+else the `slurm` fixture of tests/conftest.py does), never a cluster the tests did not start
+unless NANOCHAT_TEST_SLURM_CLUSTER names it; on such a host they skip, saying why. They fail —
+not skip — when the local cluster cannot be started: the reason is in the failure."""
 import json
 import os
 import re
@@ -17,26 +19,6 @@ from nanochat import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
-
-
-def idle_nodes() -> int:
-    try:
-        res = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%D"], capture_output=True,
-                             text=True, timeout=10)
-        return int(res.stdout.split()[0]) if res.returncode == 0 and res.stdout.split() else 0
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return 0
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """A two-node SLURM (the second node in a network namespace), started if none answers."""
-    if idle_nodes() < 2:
-        res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start", "--nodes", "2"],
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0 and idle_nodes() >= 2, \
-            f"could not start the local SLURM cluster:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
-    return True
 
 
 @pytest.fixture
@@ -110,9 +92,9 @@ def dependencies(job_id: str) -> list[tuple[str, str]]:
 
 
 def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
-    """Every stage: sft and sweep wait task-wise for base, eval for sft, and the report for every
+    """Every stage: sft and kv_bench wait task-wise for base, eval for sft, and the report for every
     other stage's job (held with a far --begin so nothing runs while we look)."""
-    res = launch(recipe_file, "stages=[base,sft,eval,sweep,report]", "grid={train.seed: [1, 2]}",
+    res = launch(recipe_file, "stages=[base,sft,eval,kv_bench,report]", "grid={train.seed: [1, 2]}",
                  "cluster.additional={begin: now+3600}", "--output-root", tmp_path / "runs")
     run = tmp_path / "runs" / "s"
     try:
@@ -121,9 +103,9 @@ def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
         assert dependencies(ids["base"]) == []
         assert dependencies(ids["sft"]) == [("aftercorr", ids["base"])]
         assert dependencies(ids["eval"]) == [("aftercorr", ids["sft"])]
-        assert dependencies(ids["sweep"]) == [("aftercorr", ids["base"])]
+        assert dependencies(ids["kv_bench"]) == [("aftercorr", ids["base"])]
         assert sorted(dependencies(ids["report"])) == sorted(
-            ("afterany", ids[s]) for s in ("base", "sft", "eval", "sweep"))
+            ("afterany", ids[s]) for s in ("base", "sft", "eval", "kv_bench"))
     finally:
         subprocess.run([sys.executable, "jobs/status.py", str(run), "--cancel"], cwd=REPO, timeout=60)
 
@@ -131,7 +113,7 @@ def test_fan_out_dependencies_on_slurm(slurm, recipe_file, tmp_path):
 def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, tmp_path):
     """Each stage's dry-run text is the sbatch script submitit then writes and submits, line for
     line, once the symbolic dependencies are the real job ids (held with a far --begin)."""
-    args = ["stages=[base,sweep,report]", "grid={train.seed: [1, 2]}", "cluster.additional={begin: now+3600}",
+    args = ["stages=[base,kv_bench,report]", "grid={train.seed: [1, 2]}", "cluster.additional={begin: now+3600}",
             "--output-root", tmp_path / "runs"]
     dry = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), *map(str, args), "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -158,23 +140,23 @@ def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, t
 
 
 def test_failed_training_cancels_its_dependents_and_status_says_why(slurm, recipe_file, tmp_path):
-    res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,sweep,report]",
+    res = launch(recipe_file, "model.vocab_size=300", "stages=[base,sft,eval,kv_bench,report]",
                  "--output-root", tmp_path / "runs")
     assert res.returncode == 0, res.stderr
     rows = {r["stage"]: r for r in wait_until_done(tmp_path / "runs" / "s")}
     assert rows["base"]["state"] == "FAILED"
     assert rows["sft"]["state"] == "CANCELLED"        # aftercorr never satisfied, killed
     assert rows["eval"]["state"] == "CANCELLED"       # waits for the cancelled sft
-    assert rows["sweep"]["state"] == "CANCELLED"
+    assert rows["kv_bench"]["state"] == "CANCELLED"
     assert rows["report"]["state"] == "COMPLETED"     # afterany on all of them: reports the failure
     assert any("smaller than the tokenizer's" in line for line in rows["base"]["stderr"])
     # why each ended: eval waited for sft, which waited for base; the named task is the one that failed
-    assert {s: rows[s]["why"] for s in ("sft", "eval", "sweep")} == \
-        dict.fromkeys(("sft", "eval", "sweep"), "cancelled: base task 0 failed")
-    assert all(rows[s]["stderr"] == [] for s in ("sft", "eval", "sweep"))
+    assert {s: rows[s]["why"] for s in ("sft", "eval", "kv_bench")} == \
+        dict.fromkeys(("sft", "eval", "kv_bench"), "cancelled: base task 0 failed")
+    assert all(rows[s]["stderr"] == [] for s in ("sft", "eval", "kv_bench"))
     out = status_cli(tmp_path / "runs" / "s")
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split()}
-    assert all("cancelled: base task 0 failed" in lines[s] for s in ("sft", "eval", "sweep")), out
+    assert all("cancelled: base task 0 failed" in lines[s] for s in ("sft", "eval", "kv_bench")), out
     assert "smaller than the tokenizer's" in out, "a failed job keeps its stderr tail"
 
 
@@ -336,18 +318,18 @@ def test_two_node_training_task_does_ddp_across_hosts(slurm, recipe_file, tmp_pa
 
 
 def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe, pip_cache, tmp_path):
-    """slurm/speedrun.sh: base → sft → eval and base → sweep as plain sbatch jobs with afterok,
+    """slurm/speedrun.sh: base → sft → eval and base → kv_bench as plain sbatch jobs with afterok,
     each finishing, the chat model evaluated in RUN_DIR/sft."""
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "sweep"],
+        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "kv_bench"],
         "data": {**tiny_recipe["data"], "offline_cache": str(pip_cache)},
         "train": {**tiny_recipe["train"], "num_iterations": 2, "eval_every": -1},
         "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
                 "task_examples": 20, "eval_every": -1},
         "eval": {"problems_per_task": 4, "hub_tasks": []},
-        "sweep": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+        "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 4, "warmup": 0, "repeats": 1},
         "cluster": {"gpus_per_node": 1}}))
     # the login-node step: node2 lives in a network namespace without PyPI, like a compute node
@@ -358,13 +340,13 @@ def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe
     res = subprocess.run(["bash", "slurm/speedrun.sh", str(recipe)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    ids = dict(re.findall(r"(base|sft|eval|sweep) (\d+)", res.stdout.splitlines()[0]))
-    assert set(ids) == {"base", "sft", "eval", "sweep"}, res.stdout
+    ids = dict(re.findall(r"(base|sft|eval|kv_bench) (\d+)", res.stdout.splitlines()[0]))
+    assert set(ids) == {"base", "sft", "eval", "kv_bench"}, res.stdout
     deps = {k: subprocess.run(["scontrol", "show", "job", v], capture_output=True, text=True).stdout
             for k, v in ids.items()}
     # read while base still runs (it takes seconds to import torch): nothing downstream has started
     assert f"afterok:{ids['base']}" in deps["sft"] and f"afterok:{ids['sft']}" in deps["eval"] \
-        and f"afterok:{ids['base']}" in deps["sweep"], deps
+        and f"afterok:{ids['base']}" in deps["kv_bench"], deps
     deadline, states = time.time() + 600, {}
     while time.time() < deadline:
         states = {k: subprocess.run(["sacct", "-n", "-X", "-P", "-j", v, "-o", "State"],
@@ -446,12 +428,12 @@ def test_a_grid_over_depth_discovers_each_depth_in_a_discover_array(slurm, recip
 def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, tmp_path):
     """An empty cache_dir, data dir and pip cache: the launcher prepares on this node (node2 is
     in a network namespace without PyPI, like a compute node; jobs never download), and every
-    stage of the tiny plan — discover, base, sft, eval, sweep, report — completes."""
+    stage of the tiny plan — discover, base, sft, eval, kv_bench, report — completes."""
     empty = tmp_path / "fresh"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "prep", "cache_dir": str(empty / "cache"),
-        "stages": ["discover", "base", "sft", "eval", "sweep", "report"],
+        "stages": ["discover", "base", "sft", "eval", "kv_bench", "report"],
         "data": {"data_dir": str(empty / "data"), "offline_cache": str(empty / "pip"),
                  "offline_num_shards": 4, "offline_doc_chars": 1000},
         "tokenizer": {"vocab_size": 512, "train_chars": 500_000},
@@ -461,7 +443,7 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
         "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
                 "task_examples": 20, "eval_every": -1},
         "eval": {"problems_per_task": 4, "hub_tasks": []},
-        "sweep": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+        "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 4, "warmup": 0, "repeats": 1},
         "discovery": {"cache_dir": str(empty / "bs"), "memory_budget_gb": 2.0, "max_batch_size": 8},
         "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}))
@@ -477,7 +459,49 @@ def test_the_login_node_prepares_what_the_jobs_cannot_fetch(slurm, tiny_recipe, 
     assert "prepare: tokenizer: not trained yet" in out and "tokenizer: trained on" not in out, out
     rows = wait_until_done(tmp_path / "runs" / "prep", timeout_s=600)
     assert {(r["stage"], r["state"]) for r in rows} == {(s, "COMPLETED") for s in
-                                                        ("discover", "base", "sft", "eval", "sweep", "report")}, rows
+                                                        ("discover", "base", "sft", "eval", "kv_bench", "report")}, rows
     assert len(list((empty / "cache").glob("tokenizer/*/tokenizer.json"))) == 1
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs" / "prep" / "slurm").rglob("*_log.*"))
     assert logs.count("tokenizer: trained on") == 1, "trained once, by a job"
+
+
+# --------------------------------------------------------------------------------------------
+# Never a cluster the tests did not start
+
+def test_a_configuration_the_local_cluster_script_did_not_write_is_foreign(tmp_path):
+    from conftest import LOCAL_HEADER, foreign_slurm
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=site\nSlurmctldHost=login1\n")
+    assert "was not written by slurm/local-cluster.sh" in foreign_slurm({}, conf)
+    conf.write_text(f"{LOCAL_HEADER} (2 node(s))\nClusterName=nanochat-local\n")
+    assert foreign_slurm({}, conf) is None
+    assert "SLURM_CONF points at" in foreign_slurm({"SLURM_CONF": str(tmp_path / "other.conf")}, conf)
+    assert foreign_slurm({}, tmp_path / "absent.conf") is None, "no SLURM here: the suite may start one"
+
+
+def test_slurm_tests_skip_with_the_reason_on_a_host_whose_slurm_they_did_not_start(tmp_path):
+    """A site's configuration (SLURM_CONF here): the SLURM tests skip, saying why, submit nothing."""
+    site = tmp_path / "site.conf"
+    site.write_text("ClusterName=site\n")
+    env = {**os.environ, "SLURM_CONF": str(site), "PYTHONPATH": str(REPO)}
+    env.pop("NANOCHAT_TEST_SLURM_CLUSTER", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests/test_slurm.py", "-k", "dry_run_submits_nothing"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "1 skipped" in res.stdout, res.stdout[-2000:]
+    assert f"SLURM_CONF points at {site}" in res.stdout and "NANOCHAT_TEST_SLURM_CLUSTER" in res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="local-cluster.sh asks for root before anything else")
+def test_local_cluster_script_refuses_a_slurm_it_did_not_write():
+    """local-cluster.sh changes nothing on a host configured for another SLURM: one line, exit 1."""
+    conf = Path("/etc/slurm/slurm.conf")
+    before = conf.stat().st_mtime_ns if conf.exists() else None
+    res = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "start"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "SLURM_CONF": "/etc/site/slurm.conf"})
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        "[local-cluster] error: SLURM_CONF points at /etc/site/slurm.conf: this host uses a SLURM "
+        "configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that "
+        "cluster is yours to replace)"]
+    assert (conf.stat().st_mtime_ns if conf.exists() else None) == before

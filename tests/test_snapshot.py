@@ -264,7 +264,7 @@ def test_absolute_paths_resolves_relative_path_fields_against_the_base(tmp_path)
                                           str(Path.home() / "c.jsonl")]
     assert out.eval.core_bundle == str(tmp_path / "bundle.zip")
     assert out.discovery.cache_dir == str(tmp_path / ".." / "shared" / "bs")
-    assert (out.run_dir, out.sweep.checkpoint) == (None, None), "None stays None (chosen later)"
+    assert (out.run_dir, out.kv_bench.checkpoint) == (None, None), "None stays None (chosen later)"
     assert out.grid == {"sft.base_checkpoint": [str(tmp_path / "x"), "/y"], "train.seed": [1, 2]}
     assert recipe_from_dict(recipe_to_dict(out)) == out, "still a valid recipe"
     assert absolute_paths(out, "/elsewhere") == out, "idempotent"

@@ -79,3 +79,36 @@ def test_auto_on_a_device_discovery_cannot_measure_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(targets, "pick_device", lambda requested: "mps")  # no MPS machine here
     with pytest.raises(UserError, match=r"sft.device_batch_size is 'auto'.*not mps; set sft.device_batch_size to an integer"):
         resolve_target(recipe_for(tmp_path), stage="sft")
+
+
+# --------------------------------------------------------------------------------------------
+# Laptops: memory through psutil (Linux and macOS), Apple's mps refused in one line
+
+def test_memory_readings_through_psutil_equal_the_kernels_own(tmp_path):
+    """On Linux psutil's figures are /proc's to the byte (the probe's readings did not change)."""
+    import re
+    import psutil
+    from nanochat.memory_probe import host_ram_bytes, proc_status
+    status = open("/proc/self/status").read()
+    kernel = {f: int(re.search(rf"{f}:\s+(\d+)", status).group(1)) * 1024 for f in ("VmRSS", "RssAnon", "VmSize")}
+    ours = {f: proc_status(f) for f in ("VmRSS", "RssAnon", "VmSize")}
+    assert all(abs(ours[f] - kernel[f]) <= 4 << 20 for f in kernel), (ours, kernel)  # the reads are µs apart
+    assert proc_status("VmHWM") >= proc_status("VmRSS") - (4 << 20)
+    assert host_ram_bytes() <= psutil.virtual_memory().total
+    mem_total = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
+    assert psutil.virtual_memory().total == mem_total
+
+
+@pytest.mark.parametrize("stage,key", [("base", "train.device_batch_size"), ("sft", "sft.device_batch_size")])
+def test_discovery_on_mps_is_refused_in_one_line_naming_the_key(tmp_path, stage, key):
+    recipe = recipe_from_dict({**{k: v for k, v in dataclass_dict(recipe_for(tmp_path)).items()},
+                               "train": {"device": "mps", "total_batch_size": 256, "device_batch_size": "auto"}})
+    with pytest.raises(UserError) as e:
+        resolve_target(recipe, stage)
+    assert str(e.value) == (f"{key} is 'auto', but batch-size discovery measures cuda and cpu devices, "
+                            f"not mps; set {key} to an integer")
+
+
+def dataclass_dict(recipe):
+    import dataclasses
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if k in ("cache_dir", "model", "discovery")}

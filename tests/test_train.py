@@ -90,7 +90,7 @@ def test_finished_run_is_not_retrained(tiny_recipe):
     assert train_base(recipe) == {"step": 2}
     assert (recipe.out_dir / "progress.jsonl").read_text() == before
     with pytest.raises(UserError, match="already holds checkpoints"):
-        train_base(recipe, fresh=True)
+        train_base(recipe, refuse_existing=True)
 
 
 def test_resume_refuses_a_different_model(tiny_recipe):

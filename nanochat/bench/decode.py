@@ -1,13 +1,13 @@
 """Decode modes side by side:  python -m nanochat.bench.decode RECIPE [section.key=value ...] [--rounds N]
 
-Greedy KV-cache generation (nanochat.engine.Engine) of `sweep.max_new_tokens` tokens after
-`sweep.prompt_len` random prompt tokens, at each of `sweep.batch_sizes`, in every decode mode this
+Greedy KV-cache generation (nanochat.engine.Engine) of `kv_bench.max_new_tokens` tokens after
+`kv_bench.prompt_len` random prompt tokens, at each of `kv_bench.batch_sizes`, in every decode mode this
 device has: eager; compiled (torch.compile, static shapes; on CPU with inductor's freezing, see
 nanochat/decode.py); on CUDA also the CUDA graph, and compiled + CUDA graph. One process, one
-model (`sweep.checkpoint`, the run's latest checkpoint, or a random-initialised model of the
+model (`kv_bench.checkpoint`, the run's latest checkpoint, or a random-initialised model of the
 recipe's shape, as the KV sweep).
 
-Method: per batch, every mode's engine warms up (`sweep.warmup` runs: compilation and capture
+Method: per batch, every mode's engine warms up (`kv_bench.warmup` runs: compilation and capture
 happen there, reported as warmup_s), then `--rounds` rounds each time every mode once, in a
 rotating order, so that drift in the machine's speed reaches every mode alike. A run starts and
 ends with a device sync; every step's tokens reach the host. Reported per mode: tokens/s median
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     opts = ap.parse_intermixed_args(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     rt = recipe_runtime(recipe)  # on CPU with the tuned allocator, as training
-    sw = recipe.sweep
+    sw = recipe.kv_bench
     modes = modes_for(rt.device)
     if opts.modes:
         wanted = [m.strip() for m in opts.modes.split(",") if m.strip()]

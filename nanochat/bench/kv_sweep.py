@@ -1,14 +1,14 @@
 """KV-cache sweep:  python -m nanochat.bench.kv_sweep RECIPE [section.key=value ...] [checkpoint=PATH] [--out DIR]
 
-Greedy generation from random prompts at every batch size of `sweep.batch_sizes` (and the largest
-that fits, `sweep.include_largest`), with the KV cache (nanochat.engine.Engine) and without it
+Greedy generation from random prompts at every batch size of `kv_bench.batch_sizes` (and the largest
+that fits, `kv_bench.include_largest`), with the KV cache (nanochat.engine.Engine) and without it
 (every step recomputes the whole sequence; logits only at the last position). The model is
-`sweep.checkpoint` (a run or checkpoint directory; `checkpoint=PATH` is short for it), else the
+`kv_bench.checkpoint` (a run or checkpoint directory; `checkpoint=PATH` is short for it), else the
 run's latest checkpoint, else a random-initialised model of the recipe's shape — decode speed
 depends on the shapes, not the weights, except through where stop tokens fall (none are used).
 
-Method: `sweep.warmup` untimed runs per point (compilation and CUDA-graph capture happen there;
-their time is reported as warmup_s), then `sweep.repeats` timed runs, each starting after a device
+Method: `kv_bench.warmup` untimed runs per point (compilation and CUDA-graph capture happen there;
+their time is reported as warmup_s), then `kv_bench.repeats` timed runs, each starting after a device
 sync. Every step's tokens reach the host (the engine streams them), and each arrival is
 timestamped: time to first token = prefill + first sample; per-token latency = the gaps between
 arrivals (p50/p90 over all timed runs); tokens/s = batch × new tokens / run time (median, min,
@@ -224,9 +224,9 @@ def run_point(model: GPT, engine: Engine, mode: str, batch: int, prompt_len: int
 # The sweep
 
 def resolve_model(recipe: Recipe, rt: Runtime) -> tuple[GPT, str]:
-    """(model, where it came from): sweep.checkpoint, else the run's latest checkpoint, else a
+    """(model, where it came from): kv_bench.checkpoint, else the run's latest checkpoint, else a
     random-initialised model of the recipe's shape."""
-    path = recipe.sweep.checkpoint or ckpt.latest_checkpoint(recipe.out_dir)
+    path = recipe.kv_bench.checkpoint or ckpt.latest_checkpoint(recipe.out_dir)
     if path is not None:
         model, _, step_dir = load_model(path, rt.device, rt.dtype)
         return model, str(step_dir)
@@ -236,14 +236,14 @@ def resolve_model(recipe: Recipe, rt: Runtime) -> tuple[GPT, str]:
 
 
 def check_lengths(recipe: Recipe, model: GPT) -> None:
-    sw = recipe.sweep
+    sw = recipe.kv_bench
     if sw.prompt_len > model.config.sequence_len:
-        raise UserError(f"sweep.prompt_len {sw.prompt_len} is longer than the model's context "
+        raise UserError(f"kv_bench.prompt_len {sw.prompt_len} is longer than the model's context "
                         f"({model.config.sequence_len} tokens); lower it")
     if sw.prompt_len + sw.max_new_tokens > model.rotary_len:
-        raise UserError(f"sweep.prompt_len + sweep.max_new_tokens = "
+        raise UserError(f"kv_bench.prompt_len + kv_bench.max_new_tokens = "
                         f"{sw.prompt_len + sw.max_new_tokens} exceeds what the model can position "
-                        f"({model.rotary_len}); lower sweep.max_new_tokens")
+                        f"({model.rotary_len}); lower kv_bench.max_new_tokens")
 
 
 def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
@@ -251,7 +251,7 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
           flops: float | None = None) -> dict:
     """Run every point, write the files to out_dir and return the report. `bandwidth` (bytes/s)
     and `flops` (FLOP/s) are measured here unless given."""
-    sw, c, device = recipe.sweep, model.config, rt.device
+    sw, c, device = recipe.kv_bench, model.config, rt.device
     check_lengths(recipe, model)
     cuda_graph = sw.cuda_graph and device.type == "cuda"
     engine = Engine(model, cuda_graph=cuda_graph, compile=sw.compile)
@@ -427,8 +427,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="CPU: glibc allocator settings (see nanochat.runtime.tune_cpu_allocator)")
     args = ap.parse_intermixed_args(argv)
-    # `checkpoint=PATH` is short for sweep.checkpoint=PATH
-    overrides = [f"sweep.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
+    # `checkpoint=PATH` is short for kv_bench.checkpoint=PATH
+    overrides = [f"kv_bench.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
     recipe = load_recipe(args.recipe, overrides)
     if not args.out:  # an --out the user names is theirs to choose
         ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.bench.kv_sweep")

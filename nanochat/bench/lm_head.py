@@ -3,7 +3,7 @@
 The lm_head is most of a small model's decode step (at the d4 shape 33.5 of its 46 MB of
 weights). This times its matmul — normed hidden states (B, n_embd) → logits (B, vocab) — in every
 layout the decode step can use (decode.HEAD_LAYOUTS: nn.Linear's weight, the weight transposed,
-MKL's packed sgemm), side by side in one process, at each of `sweep.batch_sizes`, on a
+MKL's packed sgemm), side by side in one process, at each of `kv_bench.batch_sizes`, on a
 random-initialised model of the recipe's shape in its inference dtype. All layouts compute the
 same products; the bench also checks their outputs agree.
 
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     # mantissa bits (~4e-3 relative), fp32 to 24
     tol = 1e-4 if rt.dtype == torch.float32 else 2e-2
     with torch.inference_mode():
-        for batch in sorted(set(recipe.sweep.batch_sizes)):
+        for batch in sorted(set(recipe.kv_bench.batch_sizes)):
             x = torch.randn(batch, 1, config.n_embd, device=rt.device, dtype=rt.dtype, generator=gen)
             reference = None
             for layout in layouts:

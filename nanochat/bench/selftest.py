@@ -106,10 +106,10 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
     if cuda:
         recipe, shape = str(D12), []
         train = ["--warmup", q("3", "2"), "--steps", q("5", "3"), "--repeats", q("3", "2")]
-        sweep = [f"sweep.batch_sizes={q('[1,8,64]', '[1,64]')}", "sweep.include_largest=false",
-                 "sweep.cuda_graph=true", "sweep.warmup=1", f"sweep.repeats={q(3, 2)}",
-                 f"sweep.max_new_tokens={q(200, 100)}"]
-        decode = ["sweep.batch_sizes=[1]", "sweep.warmup=1", f"sweep.max_new_tokens={q(200, 100)}",
+        sweep = [f"kv_bench.batch_sizes={q('[1,8,64]', '[1,64]')}", "kv_bench.include_largest=false",
+                 "kv_bench.cuda_graph=true", "kv_bench.warmup=1", f"kv_bench.repeats={q(3, 2)}",
+                 f"kv_bench.max_new_tokens={q(200, 100)}"]
+        decode = ["kv_bench.batch_sizes=[1]", "kv_bench.warmup=1", f"kv_bench.max_new_tokens={q(200, 100)}",
                   "--rounds", q("3", "2")] + q([], ["--modes", "cuda graph"])
         discover = [str(D12), "model.sequence_len=2048", "--hits", q("5", "3"), "--warmup", "1",
                     "--repeats", q("2", "1")]
@@ -119,11 +119,11 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
         recipe, shape = str(TINY), CPU_SHAPE
         train = ["train.device_batch_size=4", "--malloc", "tuned", "--warmup", "2",
                  "--steps", q("4", "2"), "--repeats", q("3", "2")]
-        sweep = [f"sweep.batch_sizes={q('[1,4,16]', '[1,4]')}", "sweep.include_largest=false",
-                 "sweep.prompt_len=8", f"sweep.max_new_tokens={q(32, 16)}", "sweep.warmup=1",
-                 f"sweep.repeats={q(3, 2)}", "--malloc", "tuned"]
-        decode = [f"sweep.batch_sizes={q('[1,4]', '[1]')}", "sweep.prompt_len=8",
-                  f"sweep.max_new_tokens={q(32, 16)}", "sweep.warmup=1", "--rounds", q("3", "2")]
+        sweep = [f"kv_bench.batch_sizes={q('[1,4,16]', '[1,4]')}", "kv_bench.include_largest=false",
+                 "kv_bench.prompt_len=8", f"kv_bench.max_new_tokens={q(32, 16)}", "kv_bench.warmup=1",
+                 f"kv_bench.repeats={q(3, 2)}", "--malloc", "tuned"]
+        decode = [f"kv_bench.batch_sizes={q('[1,4]', '[1]')}", "kv_bench.prompt_len=8",
+                  f"kv_bench.max_new_tokens={q(32, 16)}", "kv_bench.warmup=1", "--rounds", q("3", "2")]
         # candidates 2, 4 (, 8): two probes in quick, and the fixed batch is the one found
         discover = [recipe, *shape, "train.device_batch_size=4", "train.total_batch_size=256",
                     "discovery.min_batch_size=2", f"discovery.max_batch_size={q(8, 4)}",
