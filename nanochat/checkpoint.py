@@ -150,9 +150,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimizers: list,
                     meta: dict, rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
-    """Collective when world_size > 1: every rank writes its optimizer/RNG state, rank 0 the
-    model and meta.json, then rank 0 commits the directory with a rename."""
-    import torch
+    """Collective when world_size > 1: every rank writes its RNG state, rank 0 the optimizer
+    state, the model and meta.json, then rank 0 commits the directory with a rename."""
     from nanochat.runtime import barrier
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -162,11 +161,11 @@ def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimize
         tmp.mkdir(parents=True)
     barrier(world_size)
     if rank == 0:  # the same on every rank (module docstring)
-        _save_synced(torch, [o.state_dict() for o in optimizers], tmp / OPTIM_FILE)
-    _save_synced(torch, rng_state(), tmp / f"rng_rank{rank}.pt")
+        _save_synced([o.state_dict() for o in optimizers], tmp / OPTIM_FILE)
+    _save_synced(rng_state(), tmp / f"rng_rank{rank}.pt")
     barrier(world_size)
     if rank == 0:
-        _save_synced(torch, model.state_dict(), tmp / "model.pt")
+        _save_synced(model.state_dict(), tmp / "model.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size,
                                               "rules": RULES_VERSION})
         _fsync(tmp)
@@ -192,7 +191,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_synced(torch, obj, path: Path) -> None:
+def _save_synced(obj, path: Path) -> None:
+    """torch.save, flushed to disk before it returns."""
+    import torch
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()

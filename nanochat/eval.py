@@ -238,7 +238,8 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     val_bpb, why = _bpb(model, tokenizer, recipe, run_dir, dev, dtype)
     if why is not None:
         skipped["val_bpb"] = why
-    model = cast_for_inference(model, dtype)
+    if dtype != torch.float32:  # loaded in fp32 above
+        model = cast_for_inference(model, dtype)
     if stage == "sft":
         engine = Engine(model)
         words = tasks.load_words(offline_cache=recipe.data.offline_cache,
