@@ -26,6 +26,7 @@ from jobs.plan import Plan, Stage, slurm_parameters
 from jobs.progress import LiveDisplay, LiveTask, duration
 from jobs.scheduler import LIVE, cancel_and_wait
 from nanochat.common import UserError, now_iso
+from nanochat.recipe import guarded_setup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -293,7 +294,7 @@ def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None) -> di
     params["additional_parameters"] = {**params["additional_parameters"], "chdir": root}
     quoted = "'" + root.replace("'", "'\"'\"'") + "'"
     # the site's lines first (module loads, venv activation may reset PYTHONPATH), then the run's code
-    params["setup"] = [*plan.recipe.cluster.setup, f"export PYTHONPATH={quoted}${{PYTHONPATH:+:$PYTHONPATH}}",
+    params["setup"] = [*guarded_setup(plan.recipe.cluster.setup), f"export PYTHONPATH={quoted}${{PYTHONPATH:+:$PYTHONPATH}}",
                        *params.get("setup", [])]
     return params
 

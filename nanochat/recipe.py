@@ -1,7 +1,7 @@
 """Loading recipes: YAML → typed, validated `Recipe` (sections in `nanochat/config.py`).
 
     base: tiny.yaml          # optional: inherit another recipe (path relative to this file),
-                             # or a list merged in order: [site.yaml, d20.yaml]
+                             # or a list merged in order, later files winning: [d20.yaml, site.yaml]
     name: my-run
     model: {depth: 4}
     train: {total_batch_size: 16384, device_batch_size: 8}
@@ -18,6 +18,8 @@ import copy
 import dataclasses
 import difflib
 import re
+import shlex
+import sys
 import types
 import typing
 from pathlib import Path
@@ -75,8 +77,45 @@ def _key_lines(path: Path, text: str) -> dict[str, int]:
     return lines
 
 
-def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
-    """Load a recipe file and its `base:` chain; returns (merged dict, {dotted key: 'file:line'})."""
+# A site file holds only what one cluster needs (configs/site.example.yaml): listed last in
+# `base:` it wins over the recipe it is combined with. A file that overrides one of its keys
+# (a recipe listed after it, or the recipe's own values) gets one line saying so, because a site
+# setting silently lost (8 GPUs asked of a 1-GPU node) is found only when sbatch refuses.
+SITE_KEYS = ("cluster", "cache_dir")
+
+
+def _is_site_file(data: dict) -> bool:
+    return bool(data) and set(data) <= set(SITE_KEYS)
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _site_overridden(site: dict, layer: dict, who: str, later_base: bool, notes: list | None) -> dict:
+    """Note (one line) the keys `layer` (from file `who`) changes that a site file set; returns
+    the site keys still holding the site's value after it."""
+    leaves = _leaves(layer)
+    changed = [(k, leaves[k], site[k]) for k in site if k in leaves and leaves[k] != site[k][0]]
+    if changed and notes is not None:
+        files = sorted({where.rsplit(":", 1)[0] for _, _, (_, where) in changed})
+        what = ", ".join(f"{k}={v!r} (site: {old!r})" for k, v, (old, _) in changed)
+        hint = ("; later files in `base:` win: list the site file last to keep its values"
+                if later_base else "")
+        notes.append(f"note: {who} overrides what the site file {', '.join(files)} set: {what}{hint}")
+    return {k: v for k, v in site.items() if k not in leaves}
+
+
+def _read_yaml(path: Path, chain: tuple = (), notes: list | None = None) -> tuple[dict, dict[str, str], dict]:
+    """Load a recipe file and its `base:` chain; returns (merged dict, {dotted key: 'file:line'},
+    {dotted key: (value, 'file:line')} of the values that came from a site file). Lines about
+    site values a later file overrode are appended to `notes`."""
     path = Path(path)
     if path.resolve() in chain:
         raise UserError(f"{path}: `base:` inheritance loops back to itself ({' → '.join(map(str, chain))})")
@@ -102,17 +141,20 @@ def _read_yaml(path: Path, chain: tuple = ()) -> tuple[dict, dict[str, str]]:
     prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
     data = _renamed(data, prov)  # per file, so a later file's old name still wins over a base's new one
     base = data.pop("base", None)
+    own_site = {k: (v, prov.get(k, str(path))) for k, v in _leaves(data).items()} if _is_site_file(data) else {}
     if base is None:
-        return data, prov
+        return data, prov, own_site
     bases = base if isinstance(base, list) else [base]
     if not bases or not all(isinstance(b, str) and b for b in bases):
         raise UserError(f"{prov.get('base', path)}: `base` must be a file name or a list of them "
-                        f"(e.g. [site.yaml, d20.yaml]), got {base!r}")
-    merged, merged_prov = {}, {}
+                        f"(e.g. [d20.yaml, site.yaml]), got {base!r}")
+    merged, merged_prov, site = {}, {}, {}
     for b in bases:  # later files win, this file over all of them
-        base_data, base_prov = _read_yaml(path.parent / b, chain + (path.resolve(),))
+        base_data, base_prov, base_site = _read_yaml(path.parent / b, chain + (path.resolve(),), notes)
+        site = {**_site_overridden(site, base_data, str(path.parent / b), True, notes), **base_site}
         merged, merged_prov = _merge(merged, base_data), {**merged_prov, **base_prov}
-    return _merge(merged, data), {**merged_prov, **prov}
+    site = {**_site_overridden(site, data, str(path), False, notes), **own_site}
+    return _merge(merged, data), {**merged_prov, **prov}, site
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -290,9 +332,12 @@ def override_recipe(base: dict, overrides: list[str]) -> Recipe:
     return recipe_from_dict(_merge(base, data), prov)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, merge, override, type-check and validate a recipe. Raises UserError (one line)."""
-    data, prov = _read_yaml(Path(path))
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                notes: list[str] | None = None) -> Recipe:
+    """Load, merge, override, type-check and validate a recipe. Raises UserError (one line).
+    `notes` collects one line per file that overrides a site file's values (the launcher and
+    `python -m nanochat.recipe` print them)."""
+    data, prov, _ = _read_yaml(Path(path), notes=notes)
     if overrides:
         odata, oprov = parse_overrides(overrides)
         data = _merge(data, odata)
@@ -315,6 +360,21 @@ def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None)
     for k, v in (extra or {}).items():
         header.append(f"# {k}: {v}")
     atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))
+
+
+SETUP_FAILED = "cluster.setup line {n} failed"  # the line status reads back from a job's stderr
+
+
+def guarded_setup(lines: list[str]) -> list[str]:
+    """cluster.setup as the shell text a job runs: each line in the job's own shell (a `source`
+    or `module load` must change its environment), and the first that fails stops the job with
+    one line naming it — a missing module otherwise shows only as noise in the stderr of a job
+    that runs on without it and ends COMPLETED. The line's own text is quoted, never re-read."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        out += ["{", line, f"}} || {{ _rc=$?; printf '%s (exit %s): %s\\n' {shlex.quote(SETUP_FAILED.format(n=n))} "
+                           f"\"$_rc\" {shlex.quote(line)} >&2; exit 1; }}"]
+    return out
 
 
 # Every recipe field that holds a filesystem path (a list of paths for sft.conversation_files).
@@ -403,14 +463,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
     ap.add_argument("--setup", action="store_true",
-                    help="print the recipe's cluster.setup lines (slurm/env.sh runs them in the sbatch scripts)")
+                    help="print the recipe's cluster.setup lines as shell text that stops at the first failing "
+                         "line, naming it (slurm/env.sh runs it in the sbatch scripts)")
     args = ap.parse_intermixed_args(argv)
     if args.reference:
         print(recipe_reference(), end="")
     elif args.setup and args.recipe:
-        print("".join(line + "\n" for line in load_recipe(args.recipe, args.overrides).cluster.setup), end="")
+        print("".join(line + "\n" for line in guarded_setup(load_recipe(args.recipe, args.overrides).cluster.setup)), end="")
     elif args.recipe:
-        print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+        notes: list[str] = []
+        print(dump_recipe(load_recipe(args.recipe, args.overrides, notes)), end="")
+        for line in notes:
+            print(line, file=sys.stderr)
     else:
         ap.error("give a recipe or --reference")
     return 0

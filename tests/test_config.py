@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, Recipe, derive_paths, model_dims
@@ -535,13 +536,42 @@ def test_base_takes_a_site_file_and_a_recipe(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
 
 
-def test_the_example_site_file_combines_with_a_recipe(tmp_path):
+def test_the_example_site_file_combines_with_a_recipe(tmp_path, monkeypatch):
+    """In the documented order the site's cluster settings win over d20's; storage is
+    NANOCHAT_HOME's (the example sets no cache_dir)."""
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home"))
+    site = (REPO / "configs" / "site.example.yaml").read_text().replace("gpus_per_node: 8", "gpus_per_node: 1")
+    write(tmp_path / "site.yaml", site.replace("time: 480", "time: 60"))
     write(tmp_path / "mine.yaml", f"""
-        base: [{REPO / 'configs' / 'site.example.yaml'}, {REPO / 'configs' / 'd20.yaml'}]
+        base: [{REPO / 'configs' / 'd20.yaml'}, site.yaml]
     """)
-    r = load_recipe(tmp_path / "mine.yaml")
+    notes = []
+    r = load_recipe(tmp_path / "mine.yaml", notes=notes)
     assert r.cluster.partition == "a100" and r.cluster.setup[0].startswith("module load")
-    assert r.model.depth == 20 and r.data.data_dir.startswith(r.cache_dir + "/data/")
+    assert (r.cluster.gpus_per_node, r.cluster.time) == (1, 60) and notes == []
+    assert r.model.depth == 20 and r.cache_dir == str(tmp_path / "home" / "cache")
+    assert r.data.data_dir.startswith(r.cache_dir + "/data/")
+    assert "cache_dir" not in yaml.safe_load((REPO / "configs" / "site.example.yaml").read_text())
+
+
+def test_a_file_that_overrides_a_site_file_says_so_in_one_line(tmp_path):
+    """The old order (site first) loses the site's values to the recipe: one note names the keys
+    and the fix; the recipe's own deliberate value over the site's is noted without the fix."""
+    write(tmp_path / "site.yaml", "cluster: {partition: a100, gpus_per_node: 1, cpus_per_task: 4}\n")
+    write(tmp_path / "d.yaml", "name: d\ncluster: {gpus_per_node: 8, cpus_per_task: 8, time: 480}\n")
+    write(tmp_path / "old.yaml", "base: [site.yaml, d.yaml]\n")
+    notes = []
+    r = load_recipe(tmp_path / "old.yaml", notes=notes)
+    assert r.cluster.gpus_per_node == 8 and len(notes) == 1
+    assert notes[0] == (f"note: {tmp_path / 'd.yaml'} overrides what the site file {tmp_path / 'site.yaml'} set: "
+                        "cluster.gpus_per_node=8 (site: 1), cluster.cpus_per_task=8 (site: 4); later files in "
+                        "`base:` win: list the site file last to keep its values")
+    write(tmp_path / "new.yaml", "base: [d.yaml, site.yaml]\ncluster: {cpus_per_task: 2}\n")
+    notes = []
+    r = load_recipe(tmp_path / "new.yaml", notes=notes)
+    assert (r.cluster.gpus_per_node, r.cluster.cpus_per_task, r.cluster.time) == (1, 2, 480)
+    assert notes == [f"note: {tmp_path / 'new.yaml'} overrides what the site file {tmp_path / 'site.yaml'} set: "
+                     "cluster.cpus_per_task=2 (site: 4)"]
 
 
 def test_every_cache_path_derives_from_one_root(monkeypatch):

@@ -19,7 +19,7 @@ from jobs import manifest as run_manifest
 from jobs.plan import build_plan, grid_overrides, resolve_run_dir
 from jobs.report import write_report
 from nanochat.common import UserError
-from nanochat.recipe import load_recipe, recipe_from_dict
+from nanochat.recipe import guarded_setup, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -362,8 +362,8 @@ def test_cluster_settings_reach_every_sbatch_script(recipe_file, tmp_path):
         {"base": "1440", "kv_bench": "60", "report": "2"}
     for text in scripts.values():
         setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
-        assert setup[:3] == ["module load cuda/12.4", "source /s/venv/bin/activate", setup[2]]
-        assert setup[2].startswith("export PYTHONPATH="), "the run's code after the site's environment"
+        assert setup[:7] == guarded_setup(["module load cuda/12.4", "source /s/venv/bin/activate"]) + [setup[6]]
+        assert setup[6].startswith("export PYTHONPATH="), "the run's code after the site's environment"
     out = launch_cli(recipe_file, "cluster.wckey=proj", "--dry-run", "--no-prepare", "--output-root", tmp_path / "runs")
     assert out.stdout.count("#SBATCH --wckey=proj") == out.stdout.count("# ===== stage ") == 2
 
