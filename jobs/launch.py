@@ -31,9 +31,10 @@ from jobs.executors import (REPO, Selection, dependency_option, run_local, selec
 from jobs.manifest import (MANIFEST, has_manifest, launcher_alive, launcher_record,  # noqa: E402
                            new_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
+from jobs.preflight import check_partition, preflight, sbatch_would_accept  # noqa: E402,F401
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
-from nanochat.config import HOME_ENV, output_root  # noqa: E402
+from nanochat.config import HOME_ENV, home_unset_hint, output_root  # noqa: E402
 from nanochat.recipe import absolute_paths, load_recipe, save_resolved_recipe  # noqa: E402
 
 __all__ = ["dependency_option", "main"]
@@ -48,15 +49,6 @@ def slurm_available() -> bool:
         return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-def check_partition(partition: str | None) -> None:
-    if partition is None:
-        return
-    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=10).stdout.split()
-    if partition not in out:
-        raise UserError(f"cluster.partition {partition!r} is not a partition of this cluster "
-                        f"(sinfo lists: {', '.join(out) or 'none'}); nothing was submitted")
 
 
 def discovery_lookup(recipe, executor: str = "local") -> tuple[list[bool] | None, str]:
@@ -155,13 +147,20 @@ def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) 
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selection | None = None) -> None:
+def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selection | None = None,
+            ask_sbatch: bool = False) -> None:
+    """Print what the launch would do; `ask_sbatch`: first have SLURM judge every script
+    (`sbatch --test-only`), so that a script the launch would have refused fails here."""
+    if ask_sbatch:
+        for stage in plan.stages:
+            if not selection or selection.tasks.get(stage.name):
+                sbatch_would_accept(stage.name, render_sbatch(plan, stage, selection))
     for args in prepare or []:
         print(f"# would prepare first, on this node: {shlex.join(['python', *args])}")
     for name, why in plan.skipped.items():
-        print(f"# stage {name}: not submitted ({why})")
+        print(f"# stage {name}: would not submit ({why})")
     for name, why in plan.reasons.items():
-        print(f"# stage {name}: submitted ({why})")
+        print(f"# stage {name}: would submit ({why})")
     for line in selection.skipped if selection else []:
         print(f"# left alone: {line}")
     for stage in plan.stages:
@@ -190,6 +189,10 @@ def resolve_target(args) -> tuple[Path, str, list[str], object]:
     recipe is the one that counts (no recipe retyped, no value changed mid-run)."""
     target = Path(args.target)
     mode_resume = args.resume or args.only
+    if mode_resume and not target.exists() and target.suffix not in (".yaml", ".yml"):
+        hint = home_unset_hint()
+        raise UserError(f"run directory {args.target} not found; pass the run directory the launch "
+                        f"printed{'; ' + hint if hint else ''}")
     if target.is_dir():
         if not mode_resume:
             raise UserError(f"{args.target} is a directory: pass a recipe (YAML) to launch, or "
@@ -203,7 +206,10 @@ def resolve_target(args) -> tuple[Path, str, list[str], object]:
                             "launch a new run with them instead")
         run_dir = target.resolve()
         return run_dir, str(run_dir / "recipe.yaml"), [], load_recipe(run_dir / "recipe.yaml")
-    recipe = load_recipe(args.target, args.overrides)
+    notes: list[str] = []
+    recipe = load_recipe(args.target, args.overrides, notes)
+    for line in notes:  # a site file's value lost to a later file (nanochat/recipe.py)
+        print(line, flush=True)
     recipe = absolute_paths(recipe, Path.cwd())  # the jobs' working directory is the snapshot
     run_dir = resolve_run_dir(recipe, Path(args.output_root))
     recipe.run_dir = str(run_dir)
@@ -319,6 +325,9 @@ def argparser() -> argparse.ArgumentParser:
                          f"under the cache root [${HOME_ENV}/runs when {HOME_ENV} is set, else ./runs]")
     ap.add_argument("--no-prepare", action="store_true",
                     help="don't run nanochat.prepare here first (the data is prepared elsewhere)")
+    ap.add_argument("--new-code", action="store_true",
+                    help="with --resume/--only: run this checkout's code (a new snapshot, recorded in the "
+                         "manifest) instead of the run's own snapshot")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="jobs import this checkout as it is when they start, not a copy made at launch")
     return ap
@@ -329,6 +338,8 @@ def main(argv: list[str]) -> int:
     args.output_root = args.output_root or output_root()
     if args.force and (args.resume or args.only):
         raise UserError("--force starts over; it excludes --resume and --only")
+    if args.new_code and not (args.resume or args.only):
+        raise UserError("--new-code changes the code of a run being resumed; pass it with --resume or --only")
     args.only_stages = parse_only(args.only)
     run_dir, recipe_path, overrides, recipe = resolve_target(args)
     plan = build_plan(recipe, run_dir)  # checks the recipe before anything runs
@@ -337,20 +348,23 @@ def main(argv: list[str]) -> int:
             load_recipe(recipe_path, overrides + task.overrides)
     executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
     mode = check_run_dir(run_dir, args, act=False)  # refuses before anything is prepared
-    if args.dry_run:  # what a SLURM submission would do, from here
+    if args.dry_run:  # what a SLURM submission would do, from here, checked as the launch checks it
         selection = None
         if mode != "new":
             selection = select_tasks(refresh(run_dir), mode, args.only_stages)
+        slurm = slurm_available()
+        preflight(recipe, slurm)
         dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
-                None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection)
+                None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection, slurm)
         return 0
     if mode != "new":  # a run that can't be resumed as asked fails before anything is prepared
         _check_resumable(run_dir, mode, args.only_stages)
     if executor == "slurm" and not slurm_available():
         raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
                         "(sudo slurm/local-cluster.sh start) or use --executor local")
-    if executor == "slurm":
-        check_partition(recipe.cluster.partition)
+    preflight(recipe, executor == "slurm")
+    if executor == "slurm" and mode == "new" and home_unset_hint():
+        print(f"note: {home_unset_hint()}", flush=True)
     if not args.no_prepare:
         prepare_data(recipe_path, overrides, plan, executor)
     # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,
@@ -385,9 +399,9 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
             return _follow(args, run_dir, executor)
     run_dir.mkdir(parents=True, exist_ok=True)
     code = None
-    if not args.no_snapshot:
-        from jobs.snapshot import take_snapshot
-        code = take_snapshot(run_dir)
+    if not args.no_snapshot:  # a resume keeps the run's own snapshot unless --new-code
+        from jobs.snapshot import run_snapshot
+        code = run_snapshot(run_dir, manifest.get("code") if manifest else None, args.new_code)
     if manifest is None:
         save_resolved_recipe(recipe, run_dir / "recipe.yaml",
                              {"launched_with": " ".join([args.target] + list(args.overrides))})
@@ -400,14 +414,17 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
                   {"snapshot": None, "checkout": str(REPO)})
     manifest["code"] = provenance
     manifest.setdefault("launches", []).append({"at": now_iso(), "by": getpass.getuser(), "mode": mode,
-                                                "argv": list(argv), "cwd": os.getcwd(), "code": provenance})
+                                                "argv": list(argv), "cwd": os.getcwd(), "code": provenance,
+                                                **({"new_code": True} if args.new_code else {})})
+    record_task_code(manifest, selection, code.path.name if code else "checkout")
     if executor == "local":  # so that `jobs/status.py --cancel` can stop it
         manifest["launcher"] = launcher_record()
     save_manifest(run_dir, manifest)
     print(f"run directory: {_shown(run_dir)}", flush=True)
     if code:
         print(f"code: {_shown(code.path)} ({code.commit or 'not a git checkout'}"
-              f"{', with uncommitted changes' if code.dirty else ''})", flush=True)
+              f"{', with uncommitted changes' if code.dirty else ''}"
+              f"{_code_note(mode, args.new_code)})", flush=True)
     for name, why in plan.skipped.items():
         print(f"stage {name}: skipped ({why})", flush=True)
     for name, why in plan.reasons.items():
@@ -430,6 +447,20 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
             (run_dir / MANIFEST).unlink(missing_ok=True)
         raise
     return _follow(args, run_dir, executor)
+
+
+def record_task_code(manifest: dict, selection: Selection, code: str) -> None:
+    """Which code each task (re)submitted now runs — the snapshot's name — for the report."""
+    for name, todo in selection.tasks.items():
+        for i in todo:
+            manifest["stages"][name]["tasks"][i]["code"] = code
+
+
+def _code_note(mode: str, new_code: bool) -> str:
+    if mode == "new":
+        return ""
+    return ("; --new-code: this checkout's code, for the tasks submitted now" if new_code else
+            "; the run's own snapshot: --new-code runs this checkout's code instead")
 
 
 def _follow(args, run_dir: Path, executor: str) -> int:

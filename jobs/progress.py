@@ -124,6 +124,22 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def task_seconds(task: dict) -> float:
+    """A task's run time: the local executor's elapsed_s, or SLURM's [D-]HH:MM:SS (sacct) or
+    M:SS (squeue), so that status and the report show every task's time in one format."""
+    if task.get("elapsed_s") is not None:
+        return float(task["elapsed_s"])
+    raw = str(task.get("elapsed") or "")
+    days, _, hms = raw.rpartition("-")
+    try:
+        parts = [float(p) for p in hms.split(":")]
+    except ValueError:
+        return 0.0
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days.isdigit() else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def describe(p: TaskProgress, eta: bool = True) -> str:
     """step 30/400  loss 4.1234  val_bpb 2.4100  8,123 tok/s  ETA 1m05s — the ETA as the loop
     estimated it at that step (counting it down between records would show 0s for a run

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/report.py` from anywhere
 
 from jobs.manifest import read_manifest  # noqa: E402
-from jobs.progress import first_reached, target_label  # noqa: E402
+from jobs.progress import first_reached, target_label, task_seconds as _seconds  # noqa: E402
 from jobs.scheduler import refresh  # noqa: E402
 from nanochat.common import UserError, atomic_path, atomic_write_text, cli_main  # noqa: E402
 from nanochat.plots import pyplot, read_jsonl  # noqa: E402
@@ -129,21 +129,6 @@ def label(col: str) -> str:
     return f"{col.removeprefix('eval_')} accuracy" if col.startswith("eval_") else col.replace("_", " ")
 
 
-def _seconds(task: dict) -> float:
-    """A task's run time: the local executor's elapsed_s, or SLURM's [D-]HH:MM:SS."""
-    if task.get("elapsed_s") is not None:
-        return float(task["elapsed_s"])
-    raw = str(task.get("elapsed") or "")
-    days, _, hms = raw.rpartition("-")
-    try:
-        parts = [float(p) for p in hms.split(":")]
-    except ValueError:
-        return 0.0
-    while len(parts) < 3:
-        parts.insert(0, 0.0)
-    return (int(days) if days.isdigit() else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
 def _gpus(stage: str, recipe) -> int:
     """GPUs a stage's task holds (jobs/plan.py): training and the check the whole allocation,
     the report none, the others one."""
@@ -175,11 +160,25 @@ def _header_lines(run_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
             f"- launched with: `{command}`" + (f" ({len(launches)} launches; manifest.json lists them)"
                                               if len(launches) > 1 else ""),
             f"- code: commit {manifest.get('git_commit') or 'unknown'}; run created {manifest.get('created', '?')}; "
-            f"report written {now_iso()}",
+            f"report written {now_iso()}" + _task_code(manifest),
             f"- hardware: {'; '.join(devices) or 'no training task has started'} ({manifest.get('executor', '?')} executor)",
             f"- GPU-hours: {cost}; task time: " +
             ", ".join(f"{st} {seconds[st] / 60:.1f} min" for st in seconds),
             f"- run directory: `{run_dir}`"]
+
+
+def _task_code(manifest: dict) -> str:
+    """Which tasks ran which code snapshot (code/<id>, jobs/snapshot.py): one, unless a resume
+    with --new-code ran newer code for some of them."""
+    codes: dict[str, list[str]] = {}
+    for stage, info in manifest["stages"].items():
+        for t in info["tasks"]:
+            if t.get("code"):
+                codes.setdefault(t["code"], []).append(f"{stage} {t['index']}")
+    shown = {c: "the checkout (--no-snapshot)" if c == "checkout" else f"code/{c}" for c in codes}
+    if len(codes) == 1:
+        return f"; every task ran {shown[next(iter(codes))]}"
+    return "".join(f"; {shown[c]} ran {', '.join(tasks)}" for c, tasks in codes.items())
 
 
 def sft_ylim(shown: list[float], step0: list[float]) -> tuple[float, float] | None:

@@ -201,3 +201,16 @@ def take_snapshot(run_dir: Path, repo: Path = REPO) -> Snapshot:
         raise UserError(f"cannot write the code snapshot in {code_dir}: {what}; free space or fix the "
                         "permissions there, or pass --no-snapshot to run the checkout's code") from None
     return _snapshot(target, commit, dirty)
+
+
+def run_snapshot(run_dir: Path, recorded: dict | None, new_code: bool = False, repo: Path = REPO) -> Snapshot:
+    """The code a launch's jobs run. A resume (`recorded`: the manifest's `code`) keeps the run's
+    own snapshot, so one run's steps never come from two versions of the code unasked; with
+    `new_code` (`--new-code`), or for a run that has none, a snapshot of `repo` as it is now."""
+    path = (recorded or {}).get("snapshot")
+    if new_code or not path:
+        return take_snapshot(run_dir, repo)
+    if not Path(path).is_dir():
+        raise UserError(f"the run's code snapshot {path} is gone; pass --new-code to resume with this "
+                        "checkout's code (recorded in the manifest)")
+    return _snapshot(Path(path), recorded.get("commit"), bool(recorded.get("dirty")))

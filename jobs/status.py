@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest,  # noqa: E402
                            record_cancel, save_manifest)
 from jobs.scheduler import FINAL, job_ids, live_tasks, refresh  # noqa: E402
-from jobs.tasks import flight_recorder_dumps  # noqa: E402
-from jobs.progress import progress_text, result_summary  # noqa: E402
+from jobs.tasks import GPU_UNUSED, flight_recorder_dumps  # noqa: E402
+from jobs.progress import duration, progress_text, result_summary, task_seconds  # noqa: E402
 from nanochat.common import UserError, cli_main  # noqa: E402
-from nanochat.recipe import load_recipe  # noqa: E402
+from nanochat.config import home_unset_hint  # noqa: E402
+from nanochat.recipe import SETUP_FAILED, load_recipe  # noqa: E402
 
 def _detail(stage: str, task_dir: Path, running: bool, targets: dict[str, float]) -> str:
     return result_summary(stage, task_dir) or progress_text(stage, task_dir, running, targets)
@@ -43,15 +44,27 @@ def run_targets(run_dir: Path) -> dict[str, float]:
         return {}
 
 
-def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
+def _stderr_path(run_dir: Path, stage: str, task: dict) -> Path | None:
+    """The task's stderr log: the local executor's, or its SLURM job's (the newest run of it)."""
     candidates = [run_dir / "logs" / f"{stage}_{task['index']}.err"]
     if task.get("job_id"):
         jid = task["job_id"]
         candidates += sorted((run_dir / "slurm").glob(f"{jid}/*_log.err"))
-    for path in candidates:
-        if path.exists() and path.stat().st_size:
-            return path.read_text(errors="replace").strip().splitlines()[-n:]
-    return []
+    return next((p for p in candidates if p.exists() and p.stat().st_size), None)
+
+
+def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]:
+    path = _stderr_path(run_dir, stage, task)
+    return path.read_text(errors="replace").strip().splitlines()[-n:] if path else []
+
+
+def _stderr_warning(path: Path | None, n: int = 40) -> str:
+    """The job's own warning in its first lines (jobs/tasks.py: GPUs given, torch sees none)."""
+    if path is None:
+        return ""
+    with open(path, errors="replace") as f:
+        head = [line.strip() for _, line in zip(range(n), f)]
+    return next((line for line in head if line.startswith(GPU_UNUSED)), "")
 
 
 def collect(run_dir: Path) -> list[dict]:
@@ -60,7 +73,7 @@ def collect(run_dir: Path) -> list[dict]:
     for stage, info in manifest["stages"].items():
         for task in info["tasks"]:
             state = task["state"]
-            elapsed = task.get("elapsed") or (f"{task['elapsed_s']}s" if "elapsed_s" in task else "")
+            elapsed = duration(task_seconds(task)) if task.get("elapsed") or "elapsed_s" in task else ""
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
                          "state": state, "elapsed": elapsed, "reason": task.get("reason", ""),
                          "cancelled_by": task.get("cancelled_by", ""), "note": task.get("note", ""),
@@ -75,6 +88,12 @@ def collect(run_dir: Path) -> list[dict]:
         ended_badly = r["state"] in FINAL - {DONE, CANCELLED}
         task = _task(manifest, r)
         r["stderr"] = _stderr_tail(run_dir, r["stage"], task) if ended_badly else []
+        log = _stderr_path(run_dir, r["stage"], task) if r["state"] != "PENDING" else None
+        r["log"] = str(log) if ended_badly and log else ""
+        # which cluster.setup line stopped the job (nanochat/recipe.py guarded_setup), and a
+        # job training on the CPU although it was given GPUs
+        setup = next((ln for ln in r["stderr"] if ln.startswith(SETUP_FAILED.split("{")[0])), "")
+        r["why"] = "; ".join(filter(None, [r["why"], setup, _stderr_warning(log)]))
         task_dir = Path(task["run_dir"])
         r["nccl_dumps"] = [str(p) for p in flight_recorder_dumps(task_dir)
                            if p.name.startswith(f"nccl_trace_{r['stage']}_")]
@@ -94,6 +113,8 @@ def show(run_dir: Path) -> list[dict]:
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
             print(f"{'':>15}| {line}")
+        if r["log"]:
+            print(f"{'':>15}log: {r['log']}")
         if r["nccl_dumps"]:
             prefix = Path(r["nccl_dumps"][0]).name.rstrip("0123456789")
             print(f"{'':>15}NCCL flight-recorder dumps of {len(r['nccl_dumps'])} rank(s) in "
@@ -106,7 +127,10 @@ def watch(run_dir: Path, every_s: float = 10.0) -> int:
     while True:
         rows = show(run_dir)
         if all(r["state"] in FINAL for r in rows):
-            return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+            ok = all(r["state"] == "COMPLETED" for r in rows)
+            # the line the local executor ends with (jobs/launch.py)
+            print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
+            return 0 if ok else 1
         time.sleep(every_s)
         print()
 
@@ -154,7 +178,9 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a directory; pass the run directory that jobs/launch.py printed")
+        hint = home_unset_hint()
+        raise UserError(f"run directory {run_dir} not found; pass the run directory that jobs/launch.py "
+                        f"printed{'; ' + hint if hint else ''}")
     if args.cancel:
         cancel(run_dir)
         return 0

@@ -268,6 +268,26 @@ def task_run_dir(run_dir: Path, stage: str, index: int) -> Path:
     return Path(task.get("run_dir") or run_dir)
 
 
+GPU_UNUSED = "warning: this job was given"  # the line status looks for in a job's stderr
+
+
+def gpu_unused_warning(device: str, env=os.environ) -> str | None:
+    """A SLURM job given GPUs whose torch sees none (a CPU build of torch in the job's venv, a
+    driver it can't use) would train on the CPU, hours slower, and say so only in the report's
+    hardware line. One line for the job's first lines of stderr (and status), or None. Only for
+    train.device auto: a recipe that asks for the CPU gets it without a word."""
+    gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_JOB_GPUS")
+    if device != "auto" or not env.get("SLURM_JOB_ID") or not gpus or gpus == "0":
+        return None
+    import torch  # a job imports it anyway; jobs/ keeps it off the module level
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (f"{GPU_UNUSED} GPUs ({gpus} on this node) but torch {torch.__version__} ({build}) sees "
+            "none: it trains on the CPU; install torch built for the node's CUDA in the job's venv "
+            "(cluster.setup activates it)")
+
+
 def run_task(run_dir: str, stage: str, index: int) -> dict:
     """The one callable every job runs (picklable, for submitit)."""
     # A job reports the device it has, never the launching process's (see nanochat.targets).
@@ -287,6 +307,9 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # one line, no traceback, no result: this job did nothing
     try:
+        if stage in ("discover", "base", "sft", "check") and (
+                warning := gpu_unused_warning(load_recipe(Path(run_dir) / "recipe.yaml").train.device)):
+            print(warning, file=sys.stderr, flush=True)
         return RUNNERS[stage](Path(run_dir), index)
     finally:
         _lease.release()

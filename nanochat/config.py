@@ -269,6 +269,16 @@ def output_root() -> str:
     return str(Path(home).expanduser() / OUTPUT_ROOT) if home else OUTPUT_ROOT
 
 
+def home_unset_hint() -> str:
+    """A clause for messages about where runs are, when NANOCHAT_HOME is unset in this shell
+    (a new login shell without it turns $NANOCHAT_HOME/runs/x into /runs/x, and a launch
+    quietly writes under ./runs and ./cache); "" when it is set."""
+    if os.environ.get(HOME_ENV):
+        return ""
+    return (f"{HOME_ENV} is not set in this shell, so runs go under ./runs and caches under ./cache; "
+            f"export it in your shell profile (README, step 2)")
+
+
 def derive_paths(r: "Recipe") -> None:
     """Fill the cache paths left unset from one root: cache_dir ($NANOCHAT_HOME/cache, else
     ./cache), then data.data_dir, data.offline_cache and discovery.cache_dir under it."""

@@ -294,7 +294,7 @@ def _normalise(text: str, replacements: dict[str, str]) -> str:
     return text
 
 
-def test_dry_run_text_matches_the_golden_file(tmp_path, capsys):
+def test_dry_run_text_matches_the_golden_file(tmp_path, capsys, monkeypatch):
     """The exact text `python jobs/launch.py RECIPE --dry-run` prints for a fixed recipe: every
     stage's sbatch script (as submitit writes it), host paths replaced by placeholders, equals
     tests/golden/dry_run_every_stage.txt line for line. A change to any line — ours or a new
@@ -306,6 +306,10 @@ def test_dry_run_text_matches_the_golden_file(tmp_path, capsys):
     # an empty batch-size cache: the discover stage is planned
     recipe.write_text(yaml.safe_dump({**GOLDEN_RECIPE, "discovery": {"cache_dir": str(tmp_path / "bs-cache")}},
                                      sort_keys=False))
+    # as on a machine without SLURM: its partition, account, QOS and constraint are none of this
+    # cluster's, and sbatch --test-only would (rightly) refuse them
+    (tmp_path / "no-slurm").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))
     assert launch.main([str(recipe), "--dry-run", "--output-root", str(tmp_path / "runs")]) == 0
     text = _normalise(capsys.readouterr().out, {
         shlex.quote(sys.executable): "<PYTHON>", str((tmp_path / "runs" / "golden").resolve()): "<RUN_DIR>",

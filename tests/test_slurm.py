@@ -389,7 +389,7 @@ def test_a_login_node_without_the_jobs_device_finds_the_cached_answer(slurm, tin
     assert device != "login-node-without-the-gpu", "the job recorded its own device"
 
     dry = go("--dry-run", "--force")  # (a dry run of an existing run dir says what --force would do)
-    assert "# stage discover: not submitted (the batch-size cache already holds the base key(s): " \
+    assert "# stage discover: would not submit (the batch-size cache already holds the base key(s): " \
            f"cache hit (partition default gives {device}" in dry.stdout, dry.stdout
     t0 = time.time()
     again = go("--force")
