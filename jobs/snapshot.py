@@ -11,8 +11,8 @@ launched from. So `jobs/launch.py` copies the code into
 
 and the jobs import from there. `<id>` is a content address — the short commit (or "nogit") and
 a hash of the copied files' paths and bytes — so launching the same code twice reuses one
-snapshot, while a resume with new code gets a new one and the queued jobs of the old launch keep
-reading theirs. `nanochat.common.code_provenance()` reads PROVENANCE.json back inside the jobs
+snapshot. A resume reuses the run's snapshot (`run_snapshot`); only `--new-code` takes a new
+one, and the queued jobs of the old launch keep reading theirs. `nanochat.common.code_provenance()` reads PROVENANCE.json back inside the jobs
 (it defines the file name: nanochat never imports jobs/).
 
 It runs on every launch, so it is cheap: the files are read once (hashed and kept in memory —

@@ -285,6 +285,9 @@ def render(report: dict) -> str:
 def parse_options(argv: list[str]):
     ap = recipe_argparser("python -m nanochat.check", "Cluster check: ranks, all-reduce busbw, one step, predicted scaling.")
     ap.add_argument("--out", help="where check.json goes (default: <run_dir>/check.json)")
+    ap.add_argument("--preflight", action="store_true",
+                    help="only check the recipe and where check.json goes, then exit (slurm/check.sbatch "
+                         "runs it once before torchrun, so a bad one is one line, not a traceback per rank)")
     ap.add_argument("--no-compile", action="store_true", help="time the step eagerly (fast on CPU)")
     ap.add_argument("--max-mb", type=int, default=None,
                     help="largest all-reduce in MB, from 1 MB ×--size-factor (default 1024 on CUDA, 16 on CPU)")
@@ -309,7 +312,9 @@ def main(argv: list[str]) -> int:
     opts = parse_options(argv)
     recipe = load_recipe(opts.recipe, opts.overrides)
     if not opts.out:  # an --out the user names is theirs to choose
-        refuse_launcher_dir(recipe.out_dir, "python -m nanochat.check")
+        refuse_launcher_dir(recipe.out_dir, "python -m nanochat.check", hint=", or --out check.json")
+    if opts.preflight:
+        return 0
     out = Path(opts.out) if opts.out else recipe.out_dir / "check.json"
     rank = dist_info_from_env().rank
     try:
