@@ -221,8 +221,9 @@ def wait_until_done(run_dir: Path, timeout_s: float = 400) -> list[dict]:
 def test_a_failing_setup_line_fails_the_job_and_status_names_the_line(slurm, recipe_file, tmp_path):
     res = cli("jobs/launch.py", recipe_file, "stages=[base]", "--executor", "slurm", "--no-prepare",
               "cluster.setup=[export SITE_A=1, nanochat-no-such-command load cuda/12.4]",
-              "--output-root", tmp_path / "runs")
+              "--output-root", tmp_path / "runs", env={k: v for k, v in os.environ.items() if k != "NANOCHAT_HOME"})
     assert res.returncode == 0, res.stderr
+    assert "note: NANOCHAT_HOME is not set in this shell, so runs go under ./runs" in res.stdout
     (row,) = wait_until_done(tmp_path / "runs" / "c")
     assert row["state"] == "FAILED", row
     assert "cluster.setup line 2 failed (exit 127): nanochat-no-such-command load cuda/12.4" in row["why"]
