@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.manifest import (CANCELLED, DONE, FAILED, cancel_reason, save_manifest, upstream_tasks)
+from jobs.manifest import (CANCELLED, DONE, FAILED, NothingQueued, cancel_reason, save_manifest, save_submitted,
+                           upstream_tasks)
 from jobs.plan import Plan, Stage, slurm_parameters
 from jobs.progress import LiveDisplay, LiveTask, duration
 from jobs.scheduler import LIVE, cancel_and_wait
@@ -334,7 +335,7 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
             job_ids[stage.name] = jobs[0].job_id.split("_")[0]
             submitted[stage.name] = todo
             manifest["stages"][stage.name]["job_id"] = job_ids[stage.name]
-            save_manifest(plan.run_dir, manifest)
+            save_submitted(plan.run_dir, manifest, [job.job_id for job in jobs])
             print(f"submitted {stage.name}: job {job_ids[stage.name]} ({len(jobs)} task(s))", flush=True)
 
 
@@ -365,7 +366,7 @@ def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: st
     run a plan that can't finish), mark their tasks, and raise one line saying all of it."""
     ids = sorted(job_ids.values(), key=int)
     if not ids:
-        raise UserError(f"{error}; nothing was submitted")
+        raise NothingQueued(f"{error}; nothing was submitted")
     what = ", ".join(f"{s} (job {j})" for s, j in job_ids.items())
     try:
         cancel_and_wait(ids, timeout_s=60)
@@ -380,4 +381,4 @@ def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: st
                 t.update(state=CANCELLED, note=f"cancelled by the launcher: {error}")
     manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": error, "jobs": ids}
     save_manifest(plan.run_dir, manifest)
-    raise UserError(f"{error}; cancelled what this launch had submitted ({what}): nothing of it is queued")
+    raise NothingQueued(f"{error}; cancelled what this launch had submitted ({what}): nothing of it is queued")

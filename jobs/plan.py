@@ -266,6 +266,13 @@ BATCH_SHELL_USR2_TRAP = ("trap 'echo \"batch shell: SIGUSR2 received; the traini
                          "checkpoint and requeue\" >&2' USR2")
 
 
+# A multi-node job's rendezvous address, looked up once per job by its batch shell (one
+# `scontrol show node` for the job, not one per rank): the first node's NodeAddr, which every
+# node reaches (its name need not resolve everywhere). jobs/tasks.py reads it.
+MASTER_ADDR_LINE = ('NANOCHAT_MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
+                    "| head -n 1)\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p'); export NANOCHAT_MASTER_ADDR")
+
+
 def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
     """submitit `SlurmExecutor.update_parameters` keywords for a stage."""
     c = recipe.cluster
@@ -287,7 +294,14 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
         params["signal_delay_s"] = c.signal_lead_s
         params["setup"] = [BATCH_SHELL_USR2_TRAP]
         additional["requeue"] = True
+    if stage.nodes > 1:
+        params["setup"] = params.get("setup", []) + [MASTER_ADDR_LINE]
     params["additional_parameters"] = additional
+    # srun: one rank that exits (a refused lease, a crash) ends the step instead of leaving the
+    # others hanging in a collective until init_timeout_min; and the CPUs per rank, which SLURM
+    # >= 22.05 no longer passes from sbatch to srun (srun(1), SLURM_CPUS_PER_TASK)
+    params["srun_args"] = ["--kill-on-bad-exit=1"] + ([f"--cpus-per-task={stage.cpus_per_task}"]
+                                                      if stage.cpus_per_task else [])
     params = {k: v for k, v in params.items() if v is not None}
     # submitit writes --wckey=submitit unless told None (sites that validate wckeys reject it)
     params["wckey"] = c.wckey

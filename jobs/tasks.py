@@ -47,7 +47,8 @@ def _export_distributed() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         # submitit puts the first node's *name* in MASTER_ADDR; a name need not resolve on every
         # node (or may resolve to 127.0.0.1 locally), so use the address SLURM reaches it at.
-        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
+        # (the batch shell looked it up once for the job: jobs/plan.py MASTER_ADDR_LINE)
+        os.environ["MASTER_ADDR"] = os.environ.get("NANOCHAT_MASTER_ADDR") or node_address(os.environ["MASTER_ADDR"])
 
 
 def node_address(node: str) -> str:
@@ -72,7 +73,7 @@ def _requeue_self() -> None:
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
 
 
-_lease: Lease | None = None  # the running task's lease (run_task takes it; the loop beats it)
+_lease: Lease | None = None  # the running task's lease (run_task takes it; its thread beats it)
 
 
 def _train_checkpointable(train, recipe) -> dict:
@@ -86,9 +87,7 @@ def _train_checkpointable(train, recipe) -> dict:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
 
-    def stop_requested() -> bool:  # called by the loop at every step boundary: the lease's heartbeat
-        if _lease is not None:
-            _lease.beat()
+    def stop_requested() -> bool:  # called by the loop at every step boundary
         return stop.is_set()
 
     result = train(recipe, stop_requested=stop_requested)
@@ -286,6 +285,7 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
     except TaskBusy as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # one line, no traceback, no result: this job did nothing
+    _lease.start_beating()
     try:
         return RUNNERS[stage](Path(run_dir), index)
     finally:
