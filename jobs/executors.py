@@ -38,6 +38,7 @@ class Selection:
     tasks: dict[str, list[int]] = field(default_factory=dict)
     waits: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    replace: list[str] = field(default_factory=list)  # pending jobs cancelled and resubmitted (upstream reruns)
 
     @property
     def empty(self) -> bool:
@@ -87,6 +88,13 @@ def select_tasks(manifest: dict, mode: str, only: list[str] | None = None) -> Se
                     todo.append(i)
                 else:
                     sel.skipped.append(f"{name} task {i}: {state}, not rerun (--only {','.join(only)})")
+            elif state == "PENDING" and t.get("job_id") and _upstream_reruns(manifest, sel, name, i):
+                # its dependency names only the old jobs: it would run before the reruns end (the
+                # report, on stale results) and never again. Not started yet: replaced.
+                todo.append(i)
+                sel.replace.append(t["job_id"])
+                sel.skipped.append(f"{name} task {i}: PENDING as {_where(t)}, which waits for jobs "
+                                   "that are rerun: cancelled and submitted again after them")
             elif state in LIVE:
                 sel.skipped.append(f"{name} task {i}: still {state} as {_where(t)}; not submitted again")
             elif state == DONE and not _upstream_reruns(manifest, sel, name, i):
@@ -96,7 +104,7 @@ def select_tasks(manifest: dict, mode: str, only: list[str] | None = None) -> Se
         if todo:
             sel.tasks[name] = todo
             waits = [t["job_id"] for t in _needed(manifest, name, todo)
-                     if t["state"] in LIVE and t.get("job_id") and mode != "new"]
+                     if t["state"] in LIVE and t.get("job_id") and mode != "new" and t["job_id"] not in sel.replace]
             if waits:
                 sel.waits[name] = sorted(set(waits))
     return sel
@@ -305,6 +313,10 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
     refuses a stage, what this launch had submitted is cancelled (or, if that fails, recorded in
     the manifest as `orphans`) and the error says which."""
     import submitit
+    if selection.replace:  # (select_tasks: pending jobs whose upstream reruns)
+        cancel_and_wait(selection.replace)
+        print(f"cancelled pending jobs {' '.join(selection.replace)}: they are submitted again after "
+              "the tasks they wait for", flush=True)
     job_ids: dict[str, str] = {}
     submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
     with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on

@@ -321,7 +321,7 @@ def cancel_and_wait(ids: list[str], timeout_s: float = 120.0) -> None:
 
 def in_queue(ids: list[str]) -> set[str] | None:
     """Which of these jobs (array jobs by their id) squeue still lists; None when it cannot say."""
-    reply = run_command(["squeue", "-h", "-j", ",".join(ids), "-o", "%F"])
+    reply = run_command(["squeue", "-h", "-r", "-j", ",".join(sorted({i.split("_")[0] for i in ids})), "-o", "%F %i"])
     if reply.out is None:  # every id unknown is an error to squeue, and means none is queued
         return set() if "Invalid job id" in reply.error else None
-    return set(reply.out.split()) & set(ids)
+    return set(reply.out.split()) & set(ids)  # (an array by its id, or one of its tasks as 123_4)

@@ -197,3 +197,46 @@ def test_jobs_the_manifest_cannot_record_are_recorded_as_orphans_and_named(tmp_p
     with pytest.raises(UserError, match=r"submitted jobs 123_0 123_1 but could not record them .*scancel 123"):
         save_submitted(tmp_path, {"stages": {}}, ["123_0", "123_1"])
     assert json.loads((tmp_path / "orphans.json").read_text())[0]["jobs"] == ["123_0", "123_1"]
+
+
+# --------------------------------------------------------------------------------------------
+# A resume replaces pending jobs whose dependencies it reruns
+
+def test_resume_replaces_a_pending_report_whose_dependencies_rerun():
+    m = {"stages": {
+        "base": {"after": [], "dependency": "afterok", "tasks": [
+            {"index": 0, "state": "COMPLETED", "job_id": "1_0"}, {"index": 1, "state": "FAILED", "job_id": "1_1"},
+            {"index": 2, "state": "RUNNING", "job_id": "1_2"}]},
+        "report": {"after": ["base"], "dependency": "afterany", "tasks": [
+            {"index": 0, "state": "PENDING", "job_id": "3"}]}}}
+    sel = select_tasks(m, "resume")
+    assert sel.tasks == {"base": [1], "report": [0]} and sel.replace == ["3"]
+    assert sel.waits == {"report": ["1_2"]}, "the new report waits for the running task too"
+
+
+def test_a_resumed_run_reports_after_its_resubmitted_tasks(slurm, recipe_file, tmp_path):
+    """base task 1 is cancelled while the report waits (held here, so that it cannot start
+    meanwhile): the resume resubmits base task 1 and replaces the old report, whose dependency
+    named only the old jobs, by one that waits for the new base job."""
+    run = tmp_path / "runs" / "s"
+    res = run_launch(recipe_file, "grid={train.seed: [1, 2]}", "train.num_iterations=100000", "--executor",
+                     "slurm", "--no-prepare", "--no-snapshot", "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    base, report = manifest_of(run)["stages"]["base"]["job_id"], manifest_of(run)["stages"]["report"]["job_id"]
+    new = []
+    try:
+        subprocess.run(["scontrol", "hold", report], check=True)
+        subprocess.run(["scancel", f"{base}_1"], check=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and refresh(run)["stages"]["base"]["tasks"][1]["state"] in LIVE:
+            time.sleep(0.5)
+        res = run_launch("--resume", run, "--executor", "slurm", "--no-prepare", "--no-snapshot")
+        assert res.returncode == 0, res.stderr
+        assert f"cancelled pending jobs {report}" in res.stdout, res.stdout
+        m = manifest_of(run)
+        new = [m["stages"]["base"]["tasks"][1]["job_id"], m["stages"]["report"]["job_id"]]
+        assert new[1] != report and not queued([report])
+        shown = subprocess.run(["scontrol", "show", "job", new[1]], capture_output=True, text=True).stdout
+        assert f"afterany:{new[0].split('_')[0]}" in shown and f"afterany:{base}_0" in shown, shown
+    finally:
+        subprocess.run(["scancel", base, report, *[j.split("_")[0] for j in new]], check=False)
