@@ -53,7 +53,8 @@ def slurm_available() -> bool:
 def check_partition(partition: str | None) -> None:
     if partition is None:
         return
-    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=10).stdout.split()
+    # -a: hidden partitions, and those of groups the user is not in, are partitions too (sbatch decides)
+    out = subprocess.run(["sinfo", "-a", "-h", "-o", "%R"], capture_output=True, text=True, timeout=10).stdout.split()
     if partition not in out:
         raise UserError(f"cluster.partition {partition!r} is not a partition of this cluster "
                         f"(sinfo lists: {', '.join(out) or 'none'}); nothing was submitted")
@@ -147,7 +148,7 @@ def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) 
     if dependency:
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes",
                                            "dependency": dependency}
-    if stage.is_array:
+    if stage.is_array and len(todo) > 1:  # submitit submits a single task as a plain job
         params["map_count"] = len(todo)
     folder = str(plan.run_dir / "slurm" / "%j")
     # the command submitit's SlurmExecutor submits (its `_submitit_command_str`)
@@ -351,7 +352,8 @@ def main(argv: list[str]) -> int:
             raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
                             "(sudo slurm/local-cluster.sh start) or use --executor local")
         if executor == "slurm":
-            check_partition(recipe.cluster.partition)
+            for partition in sorted({recipe.cluster.partition, *recipe.cluster.stage_partition.values()} - {None}):
+                check_partition(partition)
         if not args.no_prepare:
             prepare_data(recipe_path, overrides, plan, executor)
         # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,

@@ -42,6 +42,10 @@ def new_manifest(plan: Plan, executor: str) -> dict:
 _LOCKS: dict[str, FileLock] = {}
 
 
+class ReadOnlyRun(UserError):
+    """The run directory can be read but not written (its lock file cannot be opened)."""
+
+
 @contextlib.contextmanager
 def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
     """The lock every write of manifest.json holds (a file beside it), so that a refresh's read,
@@ -51,6 +55,9 @@ def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
     lock = _LOCKS.setdefault(path, FileLock(path))
     try:
         lock.acquire(timeout=timeout_s)
+    except OSError as e:  # a colleague's run, a read-only mount: the lock file can't be opened
+        raise ReadOnlyRun(f"{Path(run_dir) / MANIFEST} can't be written here ({e.strerror or e}); "
+                          "run this as the run's owner") from None
     except Timeout:
         raise UserError(f"{Path(run_dir) / MANIFEST} stayed locked for {timeout_s:.0f} s (another "
                         f"launch or status is writing it); try again, or delete .{MANIFEST}.lock "

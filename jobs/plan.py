@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError
-from nanochat.config import HOME_ENV, TRAINING_SECTIONS, Recipe, grad_accum_steps
+from nanochat.config import HOME_ENV, STAGE_ALIASES, TRAINING_SECTIONS, Recipe, grad_accum_steps
 from nanochat.memory_key import plan_key
 from nanochat.recipe import override_recipe, recipe_to_dict
 
@@ -273,12 +273,18 @@ MASTER_ADDR_LINE = ('NANOCHAT_MASTER_ADDR=$(scontrol show node "$(scontrol show 
                     "| head -n 1)\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p'); export NANOCHAT_MASTER_ADDR")
 
 
+def stage_partition(recipe: Recipe, stage: str) -> str | None:
+    """The partition a stage's jobs go to: cluster.stage_partition's, else cluster.partition."""
+    per_stage = {STAGE_ALIASES.get(k, k): v for k, v in recipe.cluster.stage_partition.items()}
+    return per_stage.get(stage, recipe.cluster.partition)
+
+
 def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
     """submitit `SlurmExecutor.update_parameters` keywords for a stage."""
     c = recipe.cluster
     params = {"job_name": f"{recipe.name}-{stage.name}", "nodes": stage.nodes,
               "ntasks_per_node": stage.tasks_per_node, "cpus_per_task": stage.cpus_per_task,
-              "time": stage.time_min, "partition": c.partition}
+              "time": stage.time_min, "partition": stage_partition(recipe, stage.name)}
     if stage.gpus_per_node:
         params["gpus_per_node"] = stage.gpus_per_node
     if c.mem_gb is not None:

@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.manifest import CANCELLED, DONE, FAILED, launcher_alive, manifest_lock, read_manifest, save_manifest
+from jobs.manifest import (CANCELLED, DONE, FAILED, ReadOnlyRun, launcher_alive, manifest_lock, read_manifest,
+                           save_manifest)
 from jobs.progress import read_progress
 from nanochat.common import UserError, now_iso
 
@@ -271,19 +272,25 @@ def refresh(run_dir: Path, strict: bool = False) -> dict:
                                            "nothing was changed; try again when squeue answers")
             manifest["unreachable"] = answer.unreachable
             return manifest
-    with manifest_lock(run_dir):
+    def updated() -> tuple[dict, bool]:
         manifest = read_manifest(run_dir)
         before = repr(manifest["stages"])
         if answer is not None:
             _apply_slurm(run_dir, manifest, answer)
         else:
             _refresh_local(run_dir, manifest)
-        if repr(manifest["stages"]) != before:
+        changed = repr(manifest["stages"]) != before
+        if changed:
             manifest["refreshed"] = now_iso()
-            try:
+        return manifest, changed
+
+    try:
+        with manifest_lock(run_dir):
+            manifest, changed = updated()
+            if changed:
                 save_manifest(run_dir, manifest)
-            except OSError:
-                pass  # a read-only view of someone's run: the states are still current
+    except ReadOnlyRun:  # a read-only view of someone's run: the states are current, not written
+        manifest, _ = updated()
     return manifest
 
 

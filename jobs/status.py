@@ -96,6 +96,9 @@ def _show(run_dir: Path) -> tuple[list[dict], str | None]:
     print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
     for r in rows:
         reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
+        if "held" in reason.lower() or r["state"] == "REQUEUE_HOLD":  # waits for a person, forever
+            reason = (f"{reason or r['state']}: held until released — `scontrol release {r['job_id']}`, "
+                      f"or cancel it")
         extra = "; ".join(filter(None, [r["why"], r["note"], r["progress"]])) or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:

@@ -170,6 +170,7 @@ class ClusterArgs:
     qos: str | None = None          # --qos
     time: int | str = 60            # --time of the training jobs (base, sft): minutes, or SLURM's formats: 2:00:00, 1-00:00:00, 1-12
     stage_time: dict[str, int | str] = field(default_factory=dict)  # per-stage --time over the defaults (base, sft: cluster.time; check, discover: 30 min; eval, kv_bench: 60 min; report: 10 min — never above cluster.time), e.g. {sft: 2:00:00}
+    stage_partition: dict[str, str] = field(default_factory=dict)  # per-stage --partition over cluster.partition, e.g. {report: cpu} where the GPU partition refuses CPU-only jobs
     setup: list[str] = field(default_factory=list)  # shell lines every job runs before its task, e.g. [module load cuda/12.4, source /shared/venv/bin/activate]; the sbatch scripts in slurm/ run them too (slurm/env.sh)
     wckey: str | None = None        # --wckey; None: no --wckey line at all
     nodes: int = 1                  # --nodes for training
@@ -529,6 +530,10 @@ def _validate_cluster(c: ClusterArgs) -> None:
         check(STAGE_ALIASES.get(k, k) in STAGES, f"cluster.stage_time.{k}",
               f"is not a stage; use one of {', '.join(STAGES)}")
         slurm_minutes(v, f"cluster.stage_time.{k}")
+    for k, v in c.stage_partition.items():
+        check(STAGE_ALIASES.get(k, k) in STAGES, f"cluster.stage_partition.{k}",
+              f"is not a stage; use one of {', '.join(STAGES)}")
+        check(isinstance(v, str) and bool(v.strip()), f"cluster.stage_partition.{k}", "must be a partition name")
     for i, line in enumerate(c.setup):
         check(bool(line.strip()) and "\n" not in line and "\r" not in line, f"cluster.setup[{i}]",
               f"must be one non-empty shell line (one list item per line), got {line!r}")

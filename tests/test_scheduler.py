@@ -240,3 +240,25 @@ def test_a_resumed_run_reports_after_its_resubmitted_tasks(slurm, recipe_file, t
         assert f"afterany:{new[0].split('_')[0]}" in shown and f"afterany:{base}_0" in shown, shown
     finally:
         subprocess.run(["scancel", base, report, *[j.split("_")[0] for j in new]], check=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster filesystems
+
+def test_status_of_a_read_only_run_directory_shows_current_states(slurm, recipe_file, tmp_path):
+    """A colleague's run (here: a read-only mount of it): status can't take the manifest's lock,
+    and still shows the scheduler's current states, writing nothing."""
+    run = run_with(tmp_path, recipe_file, [("4_0", "RUNNING")], launched_by=False)
+    view = tmp_path / "view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(run), str(view)], capture_output=True).returncode != 0:
+        pytest.skip("no bind mounts here (needs root with CAP_SYS_ADMIN) to make a read-only run directory")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True).returncode == 0
+        res = subprocess.run([sys.executable, "jobs/status.py", str(view)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
+        assert "SLURM no longer knows job 4_0" in res.stdout, res.stdout
+    finally:
+        subprocess.run(["umount", str(view)], check=False)
+    assert manifest_of(run)["stages"]["base"]["tasks"][0]["state"] == "RUNNING", "nothing written"

@@ -1,0 +1,64 @@
+"""What a site's scheduler accepts (issue 27's "launches refused" and smaller items): a
+per-stage partition for the CPU-only report, srun's own --cpus-per-task and
+--kill-on-bad-exit, a dry run that shows the job submitit really submits, on the real local SLURM."""
+import subprocess
+
+import pytest
+
+from jobs.plan import build_plan, slurm_parameters
+from nanochat.common import UserError
+from nanochat.recipe import load_recipe
+from test_lifecycle import manifest_of, recipe_file, run_launch  # noqa: F401 (a fixture)
+
+
+def test_the_report_goes_to_its_own_partition(slurm, recipe_file, tmp_path):
+    """cluster.stage_partition: {report: debug} with the training on a100: sites whose GPU
+    partition refuses CPU-only jobs get the report on a CPU partition."""
+    run = tmp_path / "runs" / "s"
+    res = run_launch(recipe_file, "cluster.partition=a100", "cluster.stage_partition={report: debug}",
+                     "train.num_iterations=100000", "--executor", "slurm", "--no-prepare", "--no-snapshot",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    jobs = {s: manifest_of(run)["stages"][s]["job_id"].split("_")[0] for s in ("base", "report")}
+    try:
+        parts = {s: subprocess.run(["squeue", "-h", "-j", j, "-o", "%P"], capture_output=True, text=True).stdout.split()
+                 for s, j in jobs.items()}
+        assert parts == {"base": ["a100"], "report": ["debug"]}, parts
+    finally:
+        subprocess.run(["scancel", *jobs.values()], check=False)
+    with pytest.raises(UserError, match=r"cluster.stage_partition.reprot.*is not a stage"):
+        load_recipe(recipe_file, ["cluster.stage_partition={reprot: debug}"])
+
+
+def test_srun_gets_the_cpus_per_rank_and_ends_the_step_when_one_rank_exits(recipe_file, tmp_path):
+    """SLURM >= 22.05 no longer passes sbatch's --cpus-per-task to srun; without
+    --kill-on-bad-exit, the ranks of a task whose one rank exited hang until a time-out."""
+    recipe = load_recipe(recipe_file, ["cluster.cpus_per_task=3", f"run_dir={tmp_path / 'r'}"])
+    plan = build_plan(recipe, tmp_path / "r")
+    for stage in plan.stages:
+        srun = slurm_parameters(recipe, stage)["srun_args"]
+        assert "--kill-on-bad-exit=1" in srun and f"--cpus-per-task={stage.cpus_per_task}" in srun, (stage.name, srun)
+
+
+def test_the_dry_run_of_a_one_task_array_is_the_plain_job_submitit_submits(recipe_file, tmp_path):
+    res = run_launch(recipe_file, "grid={train.seed: [1]}", "--dry-run", "--executor", "slurm", "--no-prepare",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    assert "--array=" not in res.stdout and "/slurm/%j/%j_%t_log.out" in res.stdout, res.stdout
+
+
+def test_status_names_the_release_of_a_held_job(slurm, recipe_file, tmp_path):
+    """A held job ("launch failed requeued held", or held by hand) waits for a person forever:
+    status says which command releases it."""
+    import sys
+    from pathlib import Path
+    from test_scheduler import run_with
+    job = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "-t", "5", "--wrap", "sleep 60"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # held from the start
+    try:
+        run = run_with(tmp_path, recipe_file, [(job, "PENDING")])
+        res = subprocess.run([sys.executable, "jobs/status.py", str(run)], cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, timeout=60)
+        assert f"held until released — `scontrol release {job}`" in res.stdout, res.stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
