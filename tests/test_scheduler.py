@@ -262,3 +262,29 @@ def test_status_of_a_read_only_run_directory_shows_current_states(slurm, recipe_
     finally:
         subprocess.run(["umount", str(view)], check=False)
     assert manifest_of(run)["stages"]["base"]["tasks"][0]["state"] == "RUNNING", "nothing written"
+
+
+# --------------------------------------------------------------------------------------------
+# A site without accounting
+
+def test_without_accounting_a_run_completes_and_a_resume_submits_nothing(scheduler_shims, recipe_file, tmp_path):
+    """sacct fails everywhere (the launcher, status, the jobs: AccountingStorageType=none): the
+    queue's answer and the tasks' files are enough — the run completes, status is right, and a
+    resume submits nothing twice."""
+    scheduler_shims.set("sacct", "fail")
+    run = tmp_path / "runs" / "s"
+    res = run_launch(recipe_file, "--executor", "slurm", "--no-prepare", "--no-snapshot",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(t["state"] not in LIVE for s in refresh(run)["stages"].values()
+                                             for t in s["tasks"]):
+        time.sleep(2)
+    states = {name: [t["state"] for t in s["tasks"]] for name, s in manifest_of(run)["stages"].items()}
+    assert states == {"base": ["COMPLETED"], "report": ["COMPLETED"]}, (states, manifest_of(run))
+    res = run_launch("--resume", run, "--executor", "slurm", "--no-prepare", "--no-snapshot")
+    assert res.returncode == 0 and "nothing to submit" in res.stdout, res.stdout + res.stderr
+    res = subprocess.run([sys.executable, "jobs/status.py", str(run)], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "unreachable" not in res.stdout, res.stdout
+    assert any(c[0] == "sacct" for c in scheduler_shims.calls()), "accounting was asked, and failed"
