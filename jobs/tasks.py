@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from jobs.lease import Lease, TaskBusy, acquire as acquire_lease, this_job
@@ -229,11 +230,31 @@ def compile_cache_env(env=None) -> dict[str, str]:
     root = Path(env.get("NANOCHAT_COMPILE_CACHE_ROOT") or "/tmp") / f"nanochat-compile-{user}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
+    prune_compile_cache(root)
     out = {"NANOCHAT_COMPILE_CACHE": str(root), "TRITON_CACHE_DIR": str(root / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
     if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
         out["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
     return out
+
+
+COMPILE_CACHE_KEEP_DAYS = 14  # slurm/env.sh prunes with the same rule (find -atime/-mtime +14)
+
+
+def prune_compile_cache(root: Path, keep_days: float = COMPILE_CACHE_KEEP_DAYS) -> int:
+    """Remove cache files neither used nor written for `keep_days` (the node-local cache is kept
+    across jobs and would otherwise grow without end: every recipe, torch and triton version
+    leaves its kernels). A kernel still in use is compiled again, once. Returns how many went."""
+    cutoff, removed = time.time() - keep_days * 86400, 0
+    for path in Path(root).rglob("*"):
+        try:
+            st = path.lstat()
+            if path.is_file() and max(st.st_atime, st.st_mtime) < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass  # another job's cache entry, replaced or removed meanwhile
+    return removed
 
 
 # PyTorch's NCCL flight recorder: a ring buffer of each rank's last collectives, written to a

@@ -62,3 +62,28 @@ def test_status_names_the_release_of_a_held_job(slurm, recipe_file, tmp_path):
         assert f"held until released — `scontrol release {job}`" in res.stdout, res.stdout
     finally:
         subprocess.run(["scancel", job], check=False)
+
+
+def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks(tmp_path):
+    """Kept across jobs, the cache would grow without end (every recipe, torch and triton version
+    leaves kernels): entries neither read nor written for 14 days go, in submitit jobs
+    (jobs/tasks.py) and in the sbatch scripts (slurm/env.sh) alike."""
+    import os
+    import time
+    from pathlib import Path
+    from jobs.tasks import compile_cache_env
+    env = {**os.environ, "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path), "USER": "alice"}
+    root = tmp_path / "nanochat-compile-alice" / "inductor"
+    for how in ("python", "bash"):
+        root.mkdir(parents=True, exist_ok=True)
+        old, fresh = root / "old.so", root / "fresh.so"
+        old.write_text("x")
+        fresh.write_text("x")
+        month_ago = time.time() - 30 * 86400
+        os.utime(old, (month_ago, month_ago))
+        os.utime(fresh, (time.time() - 86400, month_ago))  # written long ago, used yesterday
+        if how == "python":
+            compile_cache_env(env)
+        else:
+            subprocess.run(["bash", "-c", "source slurm/env.sh"], cwd=Path(__file__).parents[1], env=env, check=True)
+        assert not old.exists() and fresh.exists(), how
