@@ -319,7 +319,10 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
               "the tasks they wait for", flush=True)
     job_ids: dict[str, str] = {}
     submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
+    conf = os.environ.get("SLURM_CONF")
     with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
+        if conf:  # ... but which cluster to submit to is the user's choice, not a job's attribute
+            os.environ["SLURM_CONF"] = conf
         for stage in plan.stages:
             todo = selection.tasks.get(stage.name, [])
             if not todo:

@@ -93,8 +93,9 @@ def _train_checkpointable(train, recipe, task_dir: Path, stage: str) -> dict:
     after GraceTime/KillWait. submitit's own handlers would requeue at once, mid-step (USR2), or
     ignore the signal (TERM); ours only raise a flag that the loop checks at a step boundary, so
     it saves a checkpoint first and returns {"stopped": True, ...}. Then: after USR2 the job
-    requeues itself (the kit counts its requeues, `refuse_another_requeue`); after SIGTERM it
-    just exits — SLURM requeues a preempted job itself, and a cancelled one must stay cancelled."""
+    requeues itself (the kit counts its requeues, `refuse_another_requeue`); after SIGTERM a
+    preempted job requeues itself (SLURM does not requeue one that ended within its GraceTime)
+    and a cancelled one exits and stays cancelled."""
     _export_distributed()
     stop = threading.Event()
     got: list[str] = []
@@ -105,14 +106,35 @@ def _train_checkpointable(train, recipe, task_dir: Path, stage: str) -> dict:
     result = train(recipe, stop_requested=stop.is_set)
     if result.get("stopped"):
         if "SIGTERM" in got:
-            print(f"stopped at step {result.get('step')} on SIGTERM (preemption, scancel or the node's "
-                  "shutdown) with its checkpoint saved: SLURM requeues a preempted job itself; else "
-                  "`python jobs/launch.py --resume RUN_DIR` continues from it", file=sys.stderr, flush=True)
+            # A job that ends within its preemption's GraceTime is not requeued by SLURM: a
+            # preempted one (PreemptTime set, still RUNNING) requeues itself — not counted against
+            # cluster.max_requeues; a cancelled one (COMPLETING) stays cancelled.
+            requeue = int(os.environ.get("RANK", "0")) == 0 and preempted()
+            print(f"stopped at step {result.get('step')} on SIGTERM "
+                  f"({'preempted: requeueing' if requeue else 'scancel, or the node shutting down'}) with its "
+                  "checkpoint saved; `python jobs/launch.py --resume RUN_DIR` continues from it if nothing "
+                  "requeues the job", file=sys.stderr, flush=True)
+            if requeue:
+                _requeue_self()
         elif int(os.environ.get("RANK", "0")) == 0:  # rank 0 decides; the others just exit
             refuse_another_requeue(recipe, result, count_requeue(task_dir, stage))
             _requeue_self()
         sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
     return result
+
+
+def preempted() -> bool:
+    """Whether SLURM is preempting this job (one `scontrol show job`): PreemptTime set while it
+    still runs. False when it cannot say: nothing requeues then, and --resume continues."""
+    job = this_job()
+    if not job:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown") and fields.get("JobState") == "RUNNING"
 
 
 def count_requeue(task_dir: Path, stage: str) -> int:
