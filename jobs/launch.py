@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/
 from jobs.executors import (REPO, Selection, dependency_option, run_local, select_tasks,  # noqa: E402
                             slurm_executor_parameters, submit_slurm)
 from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
-                           launcher_record, new_manifest, record_cancel, save_manifest)
+                           launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
@@ -345,6 +345,9 @@ def main(argv: list[str]) -> int:
         dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
                 None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection)
         return 0
+    if args.force and has_manifest(run_dir) and (m := read_manifest(run_dir)).get("executor") == "local" \
+            and launcher_alive(m.get("launcher")):
+        force_aside(run_dir, args.yes)  # its launcher holds the launch lock until it is stopped
     with launch_lock(run_dir):  # one launch of a run directory at a time (jobs/manifest.py)
         if mode != "new":  # a run that can't be resumed as asked fails before anything is prepared
             _check_resumable(run_dir, mode, args.only_stages)
