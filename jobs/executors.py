@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.manifest import (CANCELLED, DONE, FAILED, cancel_reason, save_manifest, upstream_tasks)
+from jobs.manifest import (CANCELLED, DONE, FAILED, NothingQueued, cancel_reason, save_manifest, save_submitted,
+                           upstream_tasks)
 from jobs.plan import Plan, Stage, slurm_parameters
 from jobs.progress import LiveDisplay, LiveTask, duration
 from jobs.scheduler import LIVE, cancel_and_wait
@@ -38,6 +39,7 @@ class Selection:
     tasks: dict[str, list[int]] = field(default_factory=dict)
     waits: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    replace: list[str] = field(default_factory=list)  # pending jobs cancelled and resubmitted (upstream reruns)
 
     @property
     def empty(self) -> bool:
@@ -87,6 +89,13 @@ def select_tasks(manifest: dict, mode: str, only: list[str] | None = None) -> Se
                     todo.append(i)
                 else:
                     sel.skipped.append(f"{name} task {i}: {state}, not rerun (--only {','.join(only)})")
+            elif state == "PENDING" and t.get("job_id") and _upstream_reruns(manifest, sel, name, i):
+                # its dependency names only the old jobs: it would run before the reruns end (the
+                # report, on stale results) and never again. Not started yet: replaced.
+                todo.append(i)
+                sel.replace.append(t["job_id"])
+                sel.skipped.append(f"{name} task {i}: PENDING as {_where(t)}, which waits for jobs "
+                                   "that are rerun: cancelled and submitted again after them")
             elif state in LIVE:
                 sel.skipped.append(f"{name} task {i}: still {state} as {_where(t)}; not submitted again")
             elif state == DONE and not _upstream_reruns(manifest, sel, name, i):
@@ -96,7 +105,7 @@ def select_tasks(manifest: dict, mode: str, only: list[str] | None = None) -> Se
         if todo:
             sel.tasks[name] = todo
             waits = [t["job_id"] for t in _needed(manifest, name, todo)
-                     if t["state"] in LIVE and t.get("job_id") and mode != "new"]
+                     if t["state"] in LIVE and t.get("job_id") and mode != "new" and t["job_id"] not in sel.replace]
             if waits:
                 sel.waits[name] = sorted(set(waits))
     return sel
@@ -305,9 +314,16 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
     refuses a stage, what this launch had submitted is cancelled (or, if that fails, recorded in
     the manifest as `orphans`) and the error says which."""
     import submitit
+    if selection.replace:  # (select_tasks: pending jobs whose upstream reruns)
+        cancel_and_wait(selection.replace)
+        print(f"cancelled pending jobs {' '.join(selection.replace)}: they are submitted again after "
+              "the tasks they wait for", flush=True)
     job_ids: dict[str, str] = {}
     submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
+    conf = os.environ.get("SLURM_CONF")
     with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
+        if conf:  # ... but which cluster to submit to is the user's choice, not a job's attribute
+            os.environ["SLURM_CONF"] = conf
         for stage in plan.stages:
             todo = selection.tasks.get(stage.name, [])
             if not todo:
@@ -335,7 +351,7 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
             job_ids[stage.name] = jobs[0].job_id.split("_")[0]
             submitted[stage.name] = todo
             manifest["stages"][stage.name]["job_id"] = job_ids[stage.name]
-            save_manifest(plan.run_dir, manifest)
+            save_submitted(plan.run_dir, manifest, [job.job_id for job in jobs])
             print(f"submitted {stage.name}: job {job_ids[stage.name]} ({len(jobs)} task(s))", flush=True)
 
 
@@ -366,7 +382,7 @@ def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: st
     run a plan that can't finish), mark their tasks, and raise one line saying all of it."""
     ids = sorted(job_ids.values(), key=int)
     if not ids:
-        raise UserError(f"{error}; nothing was submitted")
+        raise NothingQueued(f"{error}; nothing was submitted")
     what = ", ".join(f"{s} (job {j})" for s, j in job_ids.items())
     try:
         cancel_and_wait(ids, timeout_s=60)
@@ -381,4 +397,4 @@ def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: st
                 t.update(state=CANCELLED, note=f"cancelled by the launcher: {error}")
     manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": error, "jobs": ids}
     save_manifest(plan.run_dir, manifest)
-    raise UserError(f"{error}; cancelled what this launch had submitted ({what}): nothing of it is queued")
+    raise NothingQueued(f"{error}; cancelled what this launch had submitted ({what}): nothing of it is queued")

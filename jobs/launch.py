@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/
 
 from jobs.executors import (REPO, Selection, dependency_option, run_local, select_tasks,  # noqa: E402
                             slurm_executor_parameters, submit_slurm)
-from jobs.manifest import (MANIFEST, has_manifest, launcher_alive, launcher_record,  # noqa: E402
-                           new_manifest, record_cancel, save_manifest)
+from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
+                           launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
 from jobs.preflight import check_partition, preflight, sbatch_would_accept  # noqa: E402,F401
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
@@ -139,7 +139,7 @@ def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) 
     if dependency:
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes",
                                            "dependency": dependency}
-    if stage.is_array:
+    if stage.is_array and len(todo) > 1:  # submitit submits a single task as a plain job
         params["map_count"] = len(todo)
     folder = str(plan.run_dir / "slurm" / "%j")
     # the command submitit's SlurmExecutor submits (its `_submitit_command_str`)
@@ -235,7 +235,7 @@ def force_aside(run_dir: Path, yes: bool) -> Path:
     """--force: stop whatever of the old run still runs — its live SLURM jobs are cancelled and
     waited for until they have left the queue, a local launcher is stopped — then move the
     directory aside. A job still running would otherwise write, by absolute path, into the new run."""
-    manifest = refresh(run_dir) if has_manifest(run_dir) else None
+    manifest = refresh(run_dir, strict=True) if has_manifest(run_dir) else None
     if manifest and manifest.get("executor") == "local" and launcher_alive(manifest.get("launcher")):
         pid = manifest["launcher"]["pid"]
         _confirm(f"{run_dir} still runs locally (launcher pid {pid}): stop it and move the run aside?",
@@ -351,32 +351,37 @@ def main(argv: list[str]) -> int:
     if args.dry_run:  # what a SLURM submission would do, from here, checked as the launch checks it
         selection = None
         if mode != "new":
-            selection = select_tasks(refresh(run_dir), mode, args.only_stages)
+            selection = select_tasks(refresh(run_dir, strict=True), mode, args.only_stages)
         slurm = slurm_available()
         preflight(recipe, slurm)
         dry_run(build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm")),
                 None if args.no_prepare else prepare_commands(recipe_path, overrides, plan), selection, slurm)
         return 0
-    if mode != "new":  # a run that can't be resumed as asked fails before anything is prepared
-        _check_resumable(run_dir, mode, args.only_stages)
-    if executor == "slurm" and not slurm_available():
-        raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
-                        "(sudo slurm/local-cluster.sh start) or use --executor local")
-    preflight(recipe, executor == "slurm")
-    if executor == "slurm" and mode == "new" and home_unset_hint():
-        print(f"note: {home_unset_hint()}", flush=True)
-    if not args.no_prepare:
-        prepare_data(recipe_path, overrides, plan, executor)
-    # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,
-    # one trained before; a first run's discover job then finds it)
-    plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
-    mode = check_run_dir(run_dir, args)
-    return launch(args, argv, plan, mode, executor)
+    if args.force and has_manifest(run_dir) and (m := read_manifest(run_dir)).get("executor") == "local" \
+            and launcher_alive(m.get("launcher")):
+        force_aside(run_dir, args.yes)  # its launcher holds the launch lock until it is stopped
+    with launch_lock(run_dir):  # one launch of a run directory at a time (jobs/manifest.py)
+        if mode != "new":  # a run that can't be resumed as asked fails before anything is prepared
+            _check_resumable(run_dir, mode, args.only_stages)
+        if executor == "slurm" and not slurm_available():
+            raise UserError("--executor slurm but no SLURM controller answers (sinfo failed); start one "
+                            "(sudo slurm/local-cluster.sh start) or use --executor local")
+        preflight(recipe, executor == "slurm")
+        if executor == "slurm" and mode == "new" and home_unset_hint():
+            print(f"note: {home_unset_hint()}", flush=True)
+        if not args.no_prepare:
+            prepare_data(recipe_path, overrides, plan, executor)
+        # after preparing: the cache key holds the trained tokenizer's real vocabulary (under SLURM,
+        # one trained before; a first run's discover job then finds it)
+        plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, executor))
+        mode = check_run_dir(run_dir, args)
+        rc = launch(args, argv, plan, mode, executor)
+    return _follow(args, run_dir) if rc is None else rc  # (following holds no lock)
 
 
 def _check_resumable(run_dir: Path, mode: str, only: list[str] | None) -> dict:
     """The run's refreshed manifest, if this launch may resume it; one line why not otherwise."""
-    manifest = refresh(run_dir)
+    manifest = refresh(run_dir, strict=True)  # acting on states the scheduler did not give: never
     if manifest.get("executor") == "local" and launcher_alive(manifest.get("launcher")):
         raise UserError(f"{_shown(run_dir)} still runs locally (launcher pid {manifest['launcher']['pid']}); "
                         f"wait for it, or stop it with python jobs/status.py {_shown(run_dir)} --cancel")
@@ -384,7 +389,9 @@ def _check_resumable(run_dir: Path, mode: str, only: list[str] | None) -> dict:
     return manifest
 
 
-def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
+def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int | None:
+    """Run or submit the plan: the local run's exit code, or None for a submitted run (followed
+    once the launch lock is released)."""
     run_dir, recipe = plan.run_dir, plan.recipe
     # asked again, not reused from main's early check: preparing may have taken minutes, in
     # which jobs of the run started or ended
@@ -396,7 +403,7 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
             print(f"left alone: {line}", flush=True)
         if selection.empty:
             print(f"nothing to submit: every task of {_shown(run_dir)} is COMPLETED or still live", flush=True)
-            return _follow(args, run_dir, executor)
+            return None
     run_dir.mkdir(parents=True, exist_ok=True)
     code = None
     if not args.no_snapshot:  # a resume keeps the run's own snapshot unless --new-code
@@ -441,12 +448,13 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int:
         return 0 if ok else 1
     try:
         submit_slurm(plan, manifest, selection, code.path if code else None)
-    except UserError:
-        if mode == "new" and not manifest.get("orphans"):
-            # nothing of this launch is queued: no run here (a relaunch needs no --force)
+    except NothingQueued:
+        if mode == "new":
+            # this launch made sure nothing of it is queued: no run here (a relaunch needs no
+            # --force). Any other failure after a submission keeps the manifest: jobs may be queued.
             (run_dir / MANIFEST).unlink(missing_ok=True)
         raise
-    return _follow(args, run_dir, executor)
+    return None
 
 
 def record_task_code(manifest: dict, selection: Selection, code: str) -> None:
@@ -463,7 +471,7 @@ def _code_note(mode: str, new_code: bool) -> str:
             "; the run's own snapshot: --new-code runs this checkout's code instead")
 
 
-def _follow(args, run_dir: Path, executor: str) -> int:
+def _follow(args, run_dir: Path) -> int:
     print(f"follow it: python {_shown(REPO / 'jobs' / 'status.py')} {shlex.quote(_shown(run_dir))}", flush=True)
     if args.watch:
         from jobs.status import watch

@@ -7,9 +7,11 @@ submitted and after every change; the jobs, `jobs/status.py` and the report read
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import psutil
@@ -40,6 +42,10 @@ def new_manifest(plan: Plan, executor: str) -> dict:
 _LOCKS: dict[str, FileLock] = {}
 
 
+class ReadOnlyRun(UserError):
+    """The run directory can be read but not written (its lock file cannot be opened)."""
+
+
 @contextlib.contextmanager
 def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
     """The lock every write of manifest.json holds (a file beside it), so that a refresh's read,
@@ -49,6 +55,9 @@ def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
     lock = _LOCKS.setdefault(path, FileLock(path))
     try:
         lock.acquire(timeout=timeout_s)
+    except OSError as e:  # a colleague's run, a read-only mount: the lock file can't be opened
+        raise ReadOnlyRun(f"{Path(run_dir) / MANIFEST} can't be written here ({e.strerror or e}); "
+                          "run this as the run's owner") from None
     except Timeout:
         raise UserError(f"{Path(run_dir) / MANIFEST} stayed locked for {timeout_s:.0f} s (another "
                         f"launch or status is writing it); try again, or delete .{MANIFEST}.lock "
@@ -59,9 +68,78 @@ def manifest_lock(run_dir: Path, timeout_s: float = 60.0):
         lock.release()
 
 
+class LaunchBusy(UserError):
+    """Another launch of the same run directory is under way."""
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def launch_lock(run_dir: Path):
+    """One launch at a time per run directory: an exclusive lock taken without waiting, beside the
+    directory (so that --force, which moves the directory aside, keeps it). A second launch (a
+    second terminal, a cron loop) exits at once naming the holder, having changed nothing — two
+    launches would both submit, and the jobs of the one whose manifest write lost would be out of
+    --cancel's reach."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir.parent / f".{run_dir.name}.launch.lock"))
+    holder_file = run_dir.parent / f".{run_dir.name}.launch.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(holder_file.read_text())
+            who = (f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('by')}, since "
+                   f"{holder.get('since')}: {holder.get('argv')})")
+        except (OSError, ValueError):
+            who = "another process"
+        raise LaunchBusy(f"{run_dir} is being launched by {who}; nothing was changed. Wait for "
+                         "that launch to end, then try again") from None
+    try:
+        atomic_write_json(holder_file, {**launcher_record(), "by": getpass.getuser(), "since": now_iso(),
+                                        "argv": " ".join(sys.argv)})
+        yield
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
+
+
+class NothingQueued(UserError):
+    """A launch failed, and made sure that nothing it submitted is queued."""
+
+
+ORPHANS = "orphans.json"
+
+
+def save_submitted(run_dir: Path, manifest: dict, jobs: list[str]) -> None:
+    """Record jobs just submitted. The manifest must never lose them (out of --cancel's reach,
+    and --resume would submit their tasks again): when it cannot be written, they go to
+    RUN_DIR/orphans.json (no lock) and the error names them."""
+    try:
+        save_manifest(run_dir, manifest)
+        return
+    except (UserError, OSError) as e:
+        why = str(e)
+    path = Path(run_dir) / ORPHANS
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = []
+    try:
+        atomic_write_json(path, known + [{"jobs": jobs, "at": now_iso(), "why": why}])
+        where = f"recorded in {path}"
+    except OSError as e:
+        where = f"and not in {path} either ({e})"
+    raise UserError(f"submitted jobs {' '.join(jobs)} but could not record them in {Path(run_dir) / MANIFEST} "
+                    f"({why}); they are {where}: cancel them with `scancel {' '.join(sorted({j.split('_')[0] for j in jobs}))}` "
+                    "or let them run, and fix the manifest's lock or permissions before the next launch") from None
+
+
 def save_manifest(run_dir: Path, manifest: dict) -> None:
+    # `unreachable` (jobs/scheduler.py) describes one refresh's question, not the run
+    record = {k: v for k, v in manifest.items() if k != "unreachable"}
     with manifest_lock(run_dir):
-        atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+        atomic_write_json(Path(run_dir) / MANIFEST, record)
 
 
 def has_manifest(run_dir: Path) -> bool:

@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError
-from nanochat.config import HOME_ENV, TRAINING_SECTIONS, Recipe, grad_accum_steps
+from nanochat.config import HOME_ENV, STAGE_ALIASES, TRAINING_SECTIONS, Recipe, grad_accum_steps
 from nanochat.memory_key import plan_key
 from nanochat.recipe import override_recipe, recipe_to_dict
 
@@ -266,12 +266,25 @@ BATCH_SHELL_USR2_TRAP = ("trap 'echo \"batch shell: SIGUSR2 received; the traini
                          "checkpoint and requeue\" >&2' USR2")
 
 
+# A multi-node job's rendezvous address, looked up once per job by its batch shell (one
+# `scontrol show node` for the job, not one per rank): the first node's NodeAddr, which every
+# node reaches (its name need not resolve everywhere). jobs/tasks.py reads it.
+MASTER_ADDR_LINE = ('NANOCHAT_MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
+                    "| head -n 1)\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p'); export NANOCHAT_MASTER_ADDR")
+
+
+def stage_partition(recipe: Recipe, stage: str) -> str | None:
+    """The partition a stage's jobs go to: cluster.stage_partition's, else cluster.partition."""
+    per_stage = {STAGE_ALIASES.get(k, k): v for k, v in recipe.cluster.stage_partition.items()}
+    return per_stage.get(stage, recipe.cluster.partition)
+
+
 def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
     """submitit `SlurmExecutor.update_parameters` keywords for a stage."""
     c = recipe.cluster
     params = {"job_name": f"{recipe.name}-{stage.name}", "nodes": stage.nodes,
               "ntasks_per_node": stage.tasks_per_node, "cpus_per_task": stage.cpus_per_task,
-              "time": stage.time_min, "partition": c.partition}
+              "time": stage.time_min, "partition": stage_partition(recipe, stage.name)}
     if stage.gpus_per_node:
         params["gpus_per_node"] = stage.gpus_per_node
     if c.mem_gb is not None:
@@ -287,7 +300,14 @@ def slurm_parameters(recipe: Recipe, stage: Stage) -> dict:
         params["signal_delay_s"] = c.signal_lead_s
         params["setup"] = [BATCH_SHELL_USR2_TRAP]
         additional["requeue"] = True
+    if stage.nodes > 1:
+        params["setup"] = params.get("setup", []) + [MASTER_ADDR_LINE]
     params["additional_parameters"] = additional
+    # srun: one rank that exits (a refused lease, a crash) ends the step instead of leaving the
+    # others hanging in a collective until init_timeout_min; and the CPUs per rank, which SLURM
+    # >= 22.05 no longer passes from sbatch to srun (srun(1), SLURM_CPUS_PER_TASK)
+    params["srun_args"] = ["--kill-on-bad-exit=1"] + ([f"--cpus-per-task={stage.cpus_per_task}"]
+                                                      if stage.cpus_per_task else [])
     params = {k: v for k, v in params.items() if v is not None}
     # submitit writes --wckey=submitit unless told None (sites that validate wckeys reject it)
     params["wckey"] = c.wckey

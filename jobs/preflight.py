@@ -55,7 +55,8 @@ def _run(*cmd: str) -> subprocess.CompletedProcess | None:
 def check_partition(partition: str | None) -> None:
     if partition is None:
         return
-    res = _run("sinfo", "-h", "-o", "%R")
+    # -a: hidden partitions, and those of groups the user is not in, are partitions too (sbatch decides)
+    res = _run("sinfo", "-a", "-h", "-o", "%R")
     out = res.stdout.split() if res else []
     if partition not in out:
         raise UserError(f"cluster.partition {partition!r} is not a partition of this cluster "
@@ -83,7 +84,8 @@ def preflight(recipe, slurm: bool) -> None:
     """The checks of a launch (and of its dry run); the cluster's only where SLURM answers."""
     check_placeholders(recipe)
     if slurm:
-        check_partition(recipe.cluster.partition)
+        for partition in sorted({recipe.cluster.partition, *recipe.cluster.stage_partition.values()} - {None}):
+            check_partition(partition)
         check_account(recipe.cluster.account)
 
 

@@ -67,8 +67,8 @@ def _stderr_warning(path: Path | None, n: int = 40) -> str:
     return next((line for line in head if line.startswith(GPU_UNUSED)), "")
 
 
-def collect(run_dir: Path) -> list[dict]:
-    manifest = refresh(run_dir)
+def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
+    manifest = manifest or refresh(run_dir)
     rows, targets = [], run_targets(run_dir)
     for stage, info in manifest["stages"].items():
         for task in info["tasks"]:
@@ -105,10 +105,19 @@ def _task(manifest: dict, row: dict) -> dict:
 
 
 def show(run_dir: Path) -> list[dict]:
-    rows = collect(run_dir)
+    return _show(run_dir)[0]
+
+
+def _show(run_dir: Path) -> tuple[list[dict], str | None]:
+    """Print the run's table; (its rows, the line saying the scheduler could not answer, if so)."""
+    manifest = refresh(run_dir)
+    rows = collect(run_dir, manifest)
     print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
     for r in rows:
         reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
+        if "held" in reason.lower() or r["state"] == "REQUEUE_HOLD":  # waits for a person, forever
+            reason = (f"{reason or r['state']}: held until released — `scontrol release {r['job_id']}`, "
+                      f"or cancel it")
         extra = "; ".join(filter(None, [r["why"], r["note"], r["progress"]])) or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
         for line in r["stderr"]:
@@ -120,18 +129,33 @@ def show(run_dir: Path) -> list[dict]:
             print(f"{'':>15}NCCL flight-recorder dumps of {len(r['nccl_dumps'])} rank(s) in "
                   f"{Path(r['nccl_dumps'][0]).parent}: python -m torch.distributed.flight_recorder.fr_trace "
                   f"{Path(r['nccl_dumps'][0]).parent} --prefix {prefix}")
-    return rows
+    if unreachable := manifest.get("unreachable"):
+        print(f"{unreachable}: the states above are the last known ones "
+              f"(refreshed {manifest.get('refreshed') or manifest.get('created')})")
+    return rows, unreachable
 
 
-def watch(run_dir: Path, every_s: float = 10.0) -> int:
+WATCH_EVERY_S = 30.0  # between refreshes while something changes
+WATCH_MAX_S = 300.0   # the longest pause, reached by doubling while nothing changes
+
+
+def watch(run_dir: Path, every_s: float = WATCH_EVERY_S) -> int:
+    """Refresh until every task has ended (exit 0 when all completed, else 1). One refresh is one
+    squeue call (and a sacct call when a job has left the queue, jobs/scheduler.py); the pause
+    doubles, up to WATCH_MAX_S, while nothing changes. A scheduler that does not answer ends
+    nothing: the watch goes on."""
+    pause, last = every_s, None
     while True:
-        rows = show(run_dir)
-        if all(r["state"] in FINAL for r in rows):
+        rows, unreachable = _show(run_dir)
+        if not unreachable and all(r["state"] in FINAL for r in rows):
             ok = all(r["state"] == "COMPLETED" for r in rows)
             # the line the local executor ends with (jobs/launch.py)
             print(f"{'finished' if ok else 'finished with failures'}: {run_dir / 'report.md'}")
             return 0 if ok else 1
-        time.sleep(every_s)
+        seen = [(r["state"], r["progress"]) for r in rows]
+        pause = every_s if seen != last else min(pause * 2, max(every_s, WATCH_MAX_S))
+        last = seen
+        time.sleep(pause)
         print()
 
 
@@ -174,6 +198,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("run_dir", help="the run directory jobs/launch.py printed, e.g. runs/tiny")
     ap.add_argument("--cancel", action="store_true", help="cancel the run's jobs")
     ap.add_argument("--watch", action="store_true", help="refresh until every job has ended")
+    ap.add_argument("--every", type=float, default=WATCH_EVERY_S, metavar="SECONDS",
+                    help=f"--watch: seconds between refreshes, doubled up to {WATCH_MAX_S:.0f} while nothing "
+                         f"changes [{WATCH_EVERY_S:.0f}]")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -187,7 +214,11 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(collect(run_dir), indent=2))
         return 0
-    return watch(run_dir) if args.watch else (show(run_dir) and 0)
+    if args.every <= 0:
+        raise UserError(f"--every {args.every:g}: give a positive number of seconds")
+    if args.watch:
+        return watch(run_dir, args.every)
+    return 1 if _show(run_dir)[1] else 0  # states the scheduler could not confirm: not a clean answer
 
 
 if __name__ == "__main__":

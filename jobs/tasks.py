@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
-from jobs.lease import Lease, TaskBusy, acquire as acquire_lease
+from jobs.lease import Lease, TaskBusy, acquire as acquire_lease, this_job
 from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
@@ -47,7 +48,8 @@ def _export_distributed() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         # submitit puts the first node's *name* in MASTER_ADDR; a name need not resolve on every
         # node (or may resolve to 127.0.0.1 locally), so use the address SLURM reaches it at.
-        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
+        # (the batch shell looked it up once for the job: jobs/plan.py MASTER_ADDR_LINE)
+        os.environ["MASTER_ADDR"] = os.environ.get("NANOCHAT_MASTER_ADDR") or node_address(os.environ["MASTER_ADDR"])
 
 
 def node_address(node: str) -> str:
@@ -64,48 +66,97 @@ def node_address(node: str) -> str:
 
 
 def _requeue_self() -> None:
-    """Put this SLURM job back in the queue (rank 0 only); the rerun resumes from the checkpoint."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    """Put this SLURM job back in the queue (rank 0 only); the rerun resumes from the checkpoint.
+    A refusal is one line, not a failure: SLURM may be requeueing the job already (a preemption),
+    and otherwise the checkpoint is saved for `--resume`."""
+    job = this_job()
     if job and int(os.environ.get("RANK", "0")) == 0:
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        try:
+            res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            why = res.stderr.strip() if res.returncode != 0 else ""
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = str(e)
+        if why:
+            print(f"scontrol requeue {job} failed ({why}); the checkpoint is saved: SLURM requeues the "
+                  "job itself if it is preempting it, else `python jobs/launch.py --resume RUN_DIR` "
+                  "continues", file=sys.stderr, flush=True)
 
 
-_lease: Lease | None = None  # the running task's lease (run_task takes it; the loop beats it)
+_lease: Lease | None = None  # the running task's lease (run_task takes it; its thread beats it)
 
 
-def _train_checkpointable(train, recipe) -> dict:
-    """Run a training function (`train(recipe, stop_requested=...)` → dict) so that SLURM's
-    warning signal ends in a checkpoint and a requeue. SLURM sends USR2 90 s before the time
-    limit (and on preemption where the cluster sets preempt_send_user_signal). submitit's own
-    handler would requeue at once, mid-step; ours only raises a flag that the loop checks at a
-    step boundary, so it saves a checkpoint first and returns {"stopped": True, ...}."""
+def _train_checkpointable(train, recipe, task_dir: Path, stage: str) -> dict:
+    """Run a training function (`train(recipe, stop_requested=...)` → dict) so that a stop
+    signal ends in a checkpoint. SLURM sends USR2 `cluster.signal_lead_s` before the time limit
+    (and on preemption where the site sets preempt_send_user_signal); preemption without it
+    (PreemptMode=REQUEUE or CANCEL), `scancel` and a node's shutdown send SIGTERM, then SIGKILL
+    after GraceTime/KillWait. submitit's own handlers would requeue at once, mid-step (USR2), or
+    ignore the signal (TERM); ours only raise a flag that the loop checks at a step boundary, so
+    it saves a checkpoint first and returns {"stopped": True, ...}. Then: after USR2 the job
+    requeues itself (the kit counts its requeues, `refuse_another_requeue`); after SIGTERM a
+    preempted job requeues itself (SLURM does not requeue one that ended within its GraceTime)
+    and a cancelled one exits and stays cancelled."""
     _export_distributed()
     stop = threading.Event()
+    got: list[str] = []
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR2, lambda *_: stop.set())
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: (got.append(signal.Signals(signum).name), stop.set()))
 
-    def stop_requested() -> bool:  # called by the loop at every step boundary: the lease's heartbeat
-        if _lease is not None:
-            _lease.beat()
-        return stop.is_set()
-
-    result = train(recipe, stop_requested=stop_requested)
+    result = train(recipe, stop_requested=stop.is_set)
     if result.get("stopped"):
-        refuse_another_requeue(recipe, result)
-        _requeue_self()
+        if "SIGTERM" in got:
+            # A job that ends within its preemption's GraceTime is not requeued by SLURM: a
+            # preempted one (PreemptTime set, still RUNNING) requeues itself — not counted against
+            # cluster.max_requeues; a cancelled one (COMPLETING) stays cancelled.
+            requeue = int(os.environ.get("RANK", "0")) == 0 and preempted()
+            print(f"stopped at step {result.get('step')} on SIGTERM "
+                  f"({'preempted: requeueing' if requeue else 'scancel, or the node shutting down'}) with its "
+                  "checkpoint saved; `python jobs/launch.py --resume RUN_DIR` continues from it if nothing "
+                  "requeues the job", file=sys.stderr, flush=True)
+            if requeue:
+                _requeue_self()
+        elif int(os.environ.get("RANK", "0")) == 0:  # rank 0 decides; the others just exit
+            refuse_another_requeue(recipe, result, count_requeue(task_dir, stage))
+            _requeue_self()
         sys.exit(-1)  # no result file: submitit sees the job as requeued, not finished
     return result
 
 
-def refuse_another_requeue(recipe, result: dict, env=None) -> None:
+def preempted() -> bool:
+    """Whether SLURM is preempting this job (one `scontrol show job`): PreemptTime set while it
+    still runs. False when it cannot say: nothing requeues then, and --resume continues."""
+    job = this_job()
+    if not job:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown") and fields.get("JobState") == "RUNNING"
+
+
+def count_requeue(task_dir: Path, stage: str) -> int:
+    """How many times this job already requeued itself for this task, counted by the kit in the
+    task's directory (`requeues-<stage>.json`), this one added. SLURM_RESTART_COUNT would count
+    preemptions and NODE_FAIL requeues too: a task merely preempted three times is no task that
+    cannot finish. A new job (a --resume) starts from 0."""
+    path = Path(task_dir) / f"requeues-{stage}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    done = record.get("count", 0) if record.get("job") == this_job() else 0
+    atomic_write_json(path, {"job": this_job(), "count": done + 1})
+    return done
+
+
+def refuse_another_requeue(recipe, result: dict, done: int) -> None:
     """A task stopped on SLURM's warning signal requeues itself at most cluster.max_requeues
-    times (SLURM counts them in SLURM_RESTART_COUNT): a task that can never finish — a time
-    limit shorter than what the steps between checkpoints need, a partition that preempts it
-    every time — fails with one line instead of cycling through the queue forever."""
-    env = os.environ if env is None else env
-    done = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    times (`done`: the requeues so far, count_requeue): a task that can never finish — a time
+    limit shorter than what the steps between checkpoints need — fails with one line instead of
+    cycling through the queue forever."""
     cap = recipe.cluster.max_requeues
     if done >= cap:
         raise UserError(f"stopped at step {result.get('step')} by SLURM's warning signal after "
@@ -116,15 +167,15 @@ def refuse_another_requeue(recipe, result: dict, env=None) -> None:
 
 def run_base(run_dir: Path, index: int) -> dict:
     from nanochat.train import train_base
-    recipe, _ = task_recipe(run_dir, "base", index)
-    return _train_checkpointable(train_base, recipe)
+    recipe, task = task_recipe(run_dir, "base", index)
+    return _train_checkpointable(train_base, recipe, Path(task["run_dir"]), "base")
 
 
 def run_sft(run_dir: Path, index: int) -> dict:
     """Fine-tune base task i's checkpoint (or sft.base_checkpoint); writes <run_dir>/sft."""
     from nanochat.sft import train_sft
-    recipe, _ = task_recipe(run_dir, "sft", index)
-    return _train_checkpointable(train_sft, recipe)
+    recipe, task = task_recipe(run_dir, "sft", index)
+    return _train_checkpointable(train_sft, recipe, Path(task["run_dir"]), "sft")
 
 
 def run_eval(run_dir: Path, index: int) -> dict:
@@ -201,11 +252,31 @@ def compile_cache_env(env=None) -> dict[str, str]:
     root = Path(env.get("NANOCHAT_COMPILE_CACHE_ROOT") or "/tmp") / f"nanochat-compile-{user}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
+    prune_compile_cache(root)
     out = {"NANOCHAT_COMPILE_CACHE": str(root), "TRITON_CACHE_DIR": str(root / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
     if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
         out["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
     return out
+
+
+COMPILE_CACHE_KEEP_DAYS = 14  # slurm/env.sh prunes with the same rule (find -atime/-mtime +14)
+
+
+def prune_compile_cache(root: Path, keep_days: float = COMPILE_CACHE_KEEP_DAYS) -> int:
+    """Remove cache files neither used nor written for `keep_days` (the node-local cache is kept
+    across jobs and would otherwise grow without end: every recipe, torch and triton version
+    leaves its kernels). A kernel still in use is compiled again, once. Returns how many went."""
+    cutoff, removed = time.time() - keep_days * 86400, 0
+    for path in Path(root).rglob("*"):
+        try:
+            st = path.lstat()
+            if path.is_file() and max(st.st_atime, st.st_mtime) < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass  # another job's cache entry, replaced or removed meanwhile
+    return removed
 
 
 # PyTorch's NCCL flight recorder: a ring buffer of each rank's last collectives, written to a
@@ -306,6 +377,7 @@ def run_task(run_dir: str, stage: str, index: int) -> dict:
     except TaskBusy as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # one line, no traceback, no result: this job did nothing
+    _lease.start_beating()
     try:
         if stage in ("discover", "base", "sft", "check") and (
                 warning := gpu_unused_warning(load_recipe(Path(run_dir) / "recipe.yaml").train.device)):

@@ -31,7 +31,7 @@ def cli_main(fn, argv=None) -> int:
         return 0 if rc is None else int(rc)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

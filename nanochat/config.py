@@ -94,6 +94,7 @@ class TrainArgs:
     core_every: int = -1            # CORE (eval.core_bundle or the prepared bundle) every N steps and at the end; -1 = off
     core_max_per_task: int = 500    # CORE examples per task during training (upstream's 500; the eval stage uses eval.core_max_per_task)
     save_every: int = -1            # checkpoint every N steps (always at the end); -1 = end only
+    save_every_min: float = -1      # also checkpoint once this many minutes (rank 0's clock) have passed since the last; bounds what a kill without warning (SIGKILL after a preemption's GraceTime, a node failure) loses; -1 = off
     keep_checkpoints: int = 2       # newest checkpoints kept on disk
     profile_steps: list[int] = field(default_factory=list)  # [start, stop): torch.profiler trace
     progress_bar: bool | str = "auto"  # auto (when stderr is a terminal) | true (on) | false (off)
@@ -169,6 +170,7 @@ class ClusterArgs:
     qos: str | None = None          # --qos
     time: int | str = 60            # --time of the training jobs (base, sft): minutes, or SLURM's formats: 2:00:00, 1-00:00:00, 1-12
     stage_time: dict[str, int | str] = field(default_factory=dict)  # per-stage --time over the defaults (base, sft: cluster.time; check, discover: 30 min; eval, kv_bench: 60 min; report: 10 min — never above cluster.time), e.g. {sft: 2:00:00}
+    stage_partition: dict[str, str] = field(default_factory=dict)  # per-stage --partition over cluster.partition, e.g. {report: cpu} where the GPU partition refuses CPU-only jobs
     setup: list[str] = field(default_factory=list)  # shell lines every job runs before its task, e.g. [module load cuda/12.4, source /shared/venv/bin/activate]; the sbatch scripts in slurm/ run them too (slurm/env.sh)
     wckey: str | None = None        # --wckey; None: no --wckey line at all
     nodes: int = 1                  # --nodes for training
@@ -180,7 +182,7 @@ class ClusterArgs:
     additional: dict[str, str] = field(default_factory=dict)  # extra sbatch options, as given
     collective_timeout_min: float = 10.0  # process-group (NCCL/gloo) collective timeout; preparation, discovery and compile warm-up wait apart from it
     signal_lead_s: int = 300        # SLURM's warning signal (USR2) comes this long before the time limit: time for the ranks to agree (a step or two), save a checkpoint and requeue; training warns when a checkpoint would not fit (see checkpoint_s in progress.jsonl)
-    max_requeues: int = 3           # times a training task requeues itself at the time limit or on preemption before it fails (SLURM_RESTART_COUNT); resume it later with --resume
+    max_requeues: int = 3           # times a training task requeues itself at the time limit or on preemption before it fails (counted by the kit in the task's directory: preemptions and node failures do not count); resume it later with --resume
     init_timeout_min: float = 10.0        # process-group start-up timeout (rendezvous, group creation, first barrier); collectives after it get collective_timeout_min, which can then be lowered without failing slow starts
 
     @property
@@ -462,6 +464,7 @@ def _validate_train(tr: TrainArgs) -> None:
           "must be ≥ 1 or -1 (all)")
     check(tr.eval_tokens >= 1, "train.eval_tokens", f"must be ≥ 1, got {tr.eval_tokens}")
     check(tr.save_every == -1 or tr.save_every >= 1, "train.save_every", "must be ≥ 1 or -1")
+    check(tr.save_every_min == -1 or tr.save_every_min > 0, "train.save_every_min", "must be > 0 minutes or -1")
     check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be ≥ 1")
     check(not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0]
                                     < tr.profile_steps[1]), "train.profile_steps",
@@ -537,6 +540,10 @@ def _validate_cluster(c: ClusterArgs) -> None:
         check(STAGE_ALIASES.get(k, k) in STAGES, f"cluster.stage_time.{k}",
               f"is not a stage; use one of {', '.join(STAGES)}")
         slurm_minutes(v, f"cluster.stage_time.{k}")
+    for k, v in c.stage_partition.items():
+        check(STAGE_ALIASES.get(k, k) in STAGES, f"cluster.stage_partition.{k}",
+              f"is not a stage; use one of {', '.join(STAGES)}")
+        check(isinstance(v, str) and bool(v.strip()), f"cluster.stage_partition.{k}", "must be a partition name")
     for i, line in enumerate(c.setup):
         check(bool(line.strip()) and "\n" not in line and "\r" not in line, f"cluster.setup[{i}]",
               f"must be one non-empty shell line (one list item per line), got {line!r}")

@@ -85,6 +85,7 @@ class LoopSpec:
     batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batch_check.py)
     core: Callable[[torch.nn.Module], float | None] | None = None  # CORE every train.core_every steps (core.make_core_evaluator)
     stop_lead_s: float | None = None  # how long before a hard stop the stop request comes (cluster.signal_lead_s): checkpoint times are checked against it
+    eval_s: float = 0.0               # the last scheduled evaluation's seconds (set by the loop): a stop request waits for it
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
@@ -204,6 +205,7 @@ def _scheduled_evaluations(model: torch.nn.Module, evaluate: Callable, spec: "Lo
     train.core_every (both at the end) — as one progress record; {} when none is due. Their
     time is the record's eval_s and never counts as training time."""
     metrics, seconds = {}, 0.0
+    spec.eval_s = 0.0
     if _due(step, spec.train.eval_every, final):
         metrics, seconds = _evaluate(model, evaluate, rt)
     if spec.core is not None and _due(step, spec.train.core_every, final):
@@ -211,6 +213,7 @@ def _scheduled_evaluations(model: torch.nn.Module, evaluate: Callable, spec: "Lo
         metrics, seconds = {**metrics, **core}, seconds + s
     if metrics:
         logger.evaluation(step, metrics, seconds)
+    spec.eval_s = seconds
     return metrics
 
 
@@ -263,7 +266,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
         seconds = time.perf_counter() - t0
         logger.say(f"[{spec.stage}] step {step}: checkpoint {path} ({seconds:.1f} s)")
         logger.write({"event": "checkpoint", "step": step, "checkpoint_s": round(seconds, 3)})
-        warning = lead_warning(spec, seconds, (logger.train_s - train_s0) / max(1, step - start_step))
+        warning = lead_warning(spec, seconds, (logger.train_s - train_s0) / max(1, step - start_step),
+                               longest_eval_s)
         if warning:
             logger.say(warning)
 
@@ -272,6 +276,11 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
+    longest_eval_s = 0.0
+    # train.save_every_min: rank 0's clock asks for a checkpoint, and the ranks agree on the step
+    # through the stop agreement's all-reduce (their clocks differ)
+    period_s = args.save_every_min * 60 if args.save_every_min > 0 else None
+    timer = time.monotonic()
     train_s0 = logger.train_s  # this process's steps only (a resumed run's count starts higher)
     delay = step_delay()
     profiler = None
@@ -281,9 +290,13 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
         for step in range(start_step, spec.num_steps + 1):
             final = step == spec.num_steps
             metrics = _scheduled_evaluations(model, evaluate, spec, step, final, rt, logger)
+            longest_eval_s = max(longest_eval_s, spec.eval_s)  # a stop request arriving before one waits for it
             last.update(metrics)
-            stop = not final and agreement.stop_now()
-            if stop or (step > start_step and (final or (args.save_every > 0 and step % args.save_every == 0))):
+            due = period_s is not None and rt.dist.is_master and time.monotonic() - timer >= period_s
+            if due:
+                timer = time.monotonic()
+            stop, timed = (False, False) if final else agreement.poll(due)
+            if stop or (step > start_step and (final or timed or (args.save_every > 0 and step % args.save_every == 0))):
                 save(step, metrics)
             if stop:
                 logger.say(f"[{spec.stage}] stopped at step {step} on request; a rerun resumes from here")
@@ -374,26 +387,36 @@ class StopAgreement:
         self.pending: torch.Tensor | None = None  # the flag reduced at the previous boundary
 
     def stop_now(self) -> bool:
+        return self.poll()[0]
+
+    def poll(self, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop, save): whether every rank stops, and whether every rank checkpoints, at this
+        boundary. `save_due`: this rank asks for a checkpoint (train.save_every_min, rank 0's
+        clock); it rides the same all-reduce and takes effect with the same lag."""
         if not self.rt.dist.is_distributed:
-            return bool(self.requested())
-        agreed = self.pending is not None and self.pending.item() > 0
-        if not agreed:
-            flag = torch.tensor([1.0 if self.requested() else 0.0], device=self.rt.device)
+            return bool(self.requested()), save_due
+        stop = save = False
+        if self.pending is not None:
+            stop, save = (v > 0 for v in self.pending.tolist())
+        if not stop:
+            flag = torch.tensor([1.0 if self.requested() else 0.0, 1.0 if save_due else 0.0], device=self.rt.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             self.pending = flag
-        return agreed
+        return stop, save
 
 
-def lead_warning(spec: LoopSpec, checkpoint_s: float, step_s: float) -> str | None:
-    """One line when a checkpoint plus two steps (the agreement's lag) would not fit in half
-    the stop request's lead: at the time limit the save would be killed half-written."""
+def lead_warning(spec: LoopSpec, checkpoint_s: float, step_s: float, eval_s: float = 0.0) -> str | None:
+    """One line when a checkpoint plus two steps (the agreement's lag) plus the longest
+    evaluation (one due at the stop's boundary runs before the save) would not fit in half the
+    stop request's lead: at the time limit the save would be killed half-written."""
     if spec.stop_lead_s is None:
         return None
-    needed = checkpoint_s + 2 * step_s
+    needed = checkpoint_s + 2 * step_s + eval_s
     if needed <= spec.stop_lead_s / 2:
         return None
+    evaluation = f", an evaluation {eval_s:.0f} s" if eval_s >= 1 else ""
     return (f"[{spec.stage}] warning: this checkpoint took {checkpoint_s:.0f} s and a step "
-            f"{step_s:.1f} s, but the stop signal comes only cluster.signal_lead_s="
+            f"{step_s:.1f} s{evaluation}, but the stop signal comes only cluster.signal_lead_s="
             f"{spec.stop_lead_s:g} s before the time limit; set cluster.signal_lead_s to at "
             f"least {2 * needed:.0f} so that the checkpoint at a stop completes")
 

@@ -27,6 +27,8 @@ unset _nanochat_recipe _nanochat_setup
 # NANOCHAT_COMPILE_CACHE_ROOT: node-local disk that outlives a job (not a per-job $TMPDIR).
 export NANOCHAT_COMPILE_CACHE="${NANOCHAT_COMPILE_CACHE_ROOT:-/tmp}/nanochat-compile-${USER:-$(id -un)}"
 mkdir -p -m 0700 "$NANOCHAT_COMPILE_CACHE" && chmod 0700 "$NANOCHAT_COMPILE_CACHE"
+# entries neither used nor written for 14 days go (jobs/tasks.py prune_compile_cache: same rule)
+find "$NANOCHAT_COMPILE_CACHE" -type f -atime +14 -mtime +14 -delete 2>/dev/null || true
 export TRITON_CACHE_DIR="$NANOCHAT_COMPILE_CACHE/triton"
 export TORCHINDUCTOR_CACHE_DIR="$NANOCHAT_COMPILE_CACHE/inductor"
 export PYTHONUNBUFFERED=1

@@ -18,6 +18,15 @@
 # name, so a 2-node job really talks across two addresses. Jobs resolve the first node's
 # address with `scontrol show node`; gloo needs GLOO_SOCKET_IFNAME=sl0.
 #
+# Profiles: `start --profile harsh` stands up a SECOND, separate one-node cluster beside the default
+# one (its own ClusterName nanochat-harsh, ports 6917/6918, configuration in
+# $LOCAL_SLURM_ROOT-harsh/etc, state, spool and logs there too) as harsh as real sites: no
+# accounting (sacct fails), job records purged after 5 s (MinJobAge), and preemption — partition
+# `low` (default) is preempted by partition `high` with PreemptMode=REQUEUE and GraceTime=30, so
+# a job there gets SIGTERM, then SIGKILL 30 s later, and is requeued. Clients choose it with
+# SLURM_CONF=$LOCAL_SLURM_ROOT-harsh/etc/slurm.conf; `stop --profile harsh` stops it alone. The
+# tests start it (tests/conftest.py `harsh_slurm`) and stop it at the end.
+#
 # Settings (environment): LOCAL_SLURM_ROOT state/log dir [/var/tmp/nanochat-slurm],
 # LOCAL_SLURM_CPUS advertised CPUs per node [16], LOCAL_SLURM_GPUS fake GPUs per node [8],
 # LOCAL_SLURM_MEM_MB advertised memory [65536], LOCAL_SLURM_WAIT_S start timeout [120].
@@ -28,7 +37,8 @@
 # node this script must never rewrite the site's configuration or stop its daemons.
 set -euo pipefail
 
-ROOT="${LOCAL_SLURM_ROOT:-/var/tmp/nanochat-slurm}"
+BASE_ROOT="${LOCAL_SLURM_ROOT:-/var/tmp/nanochat-slurm}"
+ROOT="$BASE_ROOT"
 HOST="$(hostname -s)"
 CPUS="${LOCAL_SLURM_CPUS:-16}"
 GPUS="${LOCAL_SLURM_GPUS:-8}"
@@ -49,7 +59,8 @@ need_root() { [ "$(id -u)" = 0 ] || die "run as root (sudo $0 $1)"; }
 # Refuse (change nothing) unless every SLURM configuration and daemon on this host is ours.
 refuse_foreign() {
   local conf=/etc/slurm/slurm.conf comm pid f ours=""
-  if [ -n "${SLURM_CONF:-}" ] && [ "$SLURM_CONF" != "$conf" ]; then
+  if [ -n "${SLURM_CONF:-}" ] && [ "$SLURM_CONF" != "$conf" ] && \
+     ! head -1 "$SLURM_CONF" 2>/dev/null | grep -F "$HEADER" >/dev/null; then
     die "SLURM_CONF points at $SLURM_CONF: this host uses a SLURM configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that cluster is yours to replace)"
   fi
   # ours: no configuration yet, or the one this script wrote (its header line; the marker says
@@ -57,7 +68,8 @@ refuse_foreign() {
   if [ -e "$conf" ] && ! head -1 "$conf" | grep -F "$HEADER" >/dev/null; then
     die "$conf was not written by this script: this host has its own SLURM, which this script leaves alone; use that cluster (python jobs/launch.py ... --executor slurm), or run the local cluster on a machine without one"
   fi
-  for f in "$ROOT/run/slurmctld.pid" "$ROOT"/run/slurmd-*.pid "$ROOT/run/slurmdbd.pid"; do
+  for f in "$BASE_ROOT/run/slurmctld.pid" "$BASE_ROOT"/run/slurmd-*.pid "$BASE_ROOT/run/slurmdbd.pid" \
+           "$BASE_ROOT"-*/run/slurmctld.pid "$BASE_ROOT"-*/run/slurmd-*.pid; do
     if [ -e "$f" ]; then ours="$ours $(cat "$f" 2>/dev/null || true)"; fi
   done
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
@@ -270,9 +282,106 @@ stop_slurm() {
   stop_pid "$ROOT/run/slurmdbd.pid" slurmdbd
 }
 
+# ---- profiles: a separate cluster instance beside the default one (see the header) ----------
+profile_config() {  # writes $ROOT/etc/{slurm,gres}.conf of profile $PROFILE
+  local i
+  mkdir -p "$ROOT"/{etc,log,run,state,spool/"$HOST",fakegpu}
+  for i in $(seq 0 $((GPUS - 1))); do
+    [ -e "$ROOT/fakegpu/nvidia$i" ] || mknod "$ROOT/fakegpu/nvidia$i" c 1 3
+  done
+  [ -s "$ROOT/first_job_id" ] || echo $(( ($(date +%s) * 10) % 20000000 + 45000000 )) > "$ROOT/first_job_id"
+  {
+    echo "$HEADER (profile $PROFILE: no accounting, MinJobAge=5, preemption low<high REQUEUE GraceTime=30)"
+    cat <<CONF
+ClusterName=nanochat-$PROFILE
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=6917
+SlurmdPort=6918
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+GresTypes=gpu
+SlurmdParameters=config_overrides
+StateSaveLocation=$ROOT/state
+SlurmdSpoolDir=$ROOT/spool/%n
+SlurmctldPidFile=$ROOT/run/slurmctld.pid
+SlurmdPidFile=$ROOT/run/slurmd-%n.pid
+SlurmctldLogFile=$ROOT/log/slurmctld.log
+SlurmdLogFile=$ROOT/log/slurmd-%n.log
+ReturnToService=2
+MinJobAge=5
+KillWait=10
+InactiveLimit=0
+EnforcePartLimits=ALL
+MailProg=/bin/true
+FirstJobId=$(cat "$ROOT/first_job_id")
+CONF
+    node_line "$HOST" 127.0.0.1
+    echo "PartitionName=low Nodes=$HOST Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30"
+    echo "PartitionName=high Nodes=$HOST Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
+  } > "$ROOT/etc/slurm.conf"
+  {
+    echo "AutoDetect=off"
+    echo "NodeName=$HOST Name=gpu File=$ROOT/fakegpu/nvidia[0-$((GPUS - 1))]"
+  } > "$ROOT/etc/gres.conf"
+}
+
+profile_start() {
+  need_root start
+  refuse_foreign
+  mkdir -p "$ROOT/log"
+  install_packages
+  start_munge
+  profile_config
+  export SLURM_CONF="$ROOT/etc/slurm.conf"
+  [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ] || /usr/sbin/slurmctld -c -i -f "$SLURM_CONF"
+  [ -n "$(pid_of "$ROOT/run/slurmd-$HOST.pid" slurmd)" ] || /usr/sbin/slurmd -N "$HOST" -f "$SLURM_CONF"
+  wait_idle "$HOST" $(( $(date +%s) + WAIT_S ))
+  say "profile $PROFILE ready: SLURM_CONF=$SLURM_CONF (cluster nanochat-$PROFILE; partitions low (default, preemptible) and high)"
+}
+
+profile_stop() {
+  need_root stop
+  export SLURM_CONF="$ROOT/etc/slurm.conf"
+  [ -e "$SLURM_CONF" ] || { say "profile $PROFILE: nothing to stop"; return 0; }
+  head -1 "$SLURM_CONF" | grep -F "$HEADER" >/dev/null || die "$SLURM_CONF was not written by this script"
+  if [ -n "$(pid_of "$ROOT/run/slurmctld.pid" slurmctld)" ]; then
+    scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
+  fi
+  stop_pid "$ROOT/run/slurmd-$HOST.pid" slurmd
+  stop_pid "$ROOT/run/slurmctld.pid" slurmctld
+}
+
 NODES=1
+PROFILE=""
 if [ "${2:-}" = "--nodes" ]; then NODES="${3:-}"; fi
+if [ "${2:-}" = "--profile" ]; then PROFILE="${3:-}"; fi
 case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2" ;; esac
+if [ -n "$PROFILE" ]; then
+  [ "$PROFILE" = harsh ] || die "--profile: the one profile is 'harsh'"
+  ROOT="$BASE_ROOT-$PROFILE"
+  case "${1:-}" in
+    start) profile_start ;;
+    stop) profile_stop ;;
+    status) SLURM_CONF="$ROOT/etc/slurm.conf" sinfo || exit 1 ;;
+    *) echo "usage: $0 start|stop|status --profile harsh" >&2; exit 2 ;;
+  esac
+  exit 0
+fi
 
 case "${1:-}" in
   start)

@@ -150,3 +150,36 @@ def _environ_restored():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# A cluster as harsh as real sites: slurm/local-cluster.sh's profile `harsh`, a second, separate
+# SLURM beside the default one (no accounting, records purged after 5 s, partition `low`
+# preempted by `high` with PreemptMode=REQUEUE and GraceTime=30). Tests that want it name the
+# `harsh_slurm` fixture, which points SLURM_CONF at it for the test; the cluster is started once
+# per session and stopped at its end. Only beside a default cluster this suite may use.
+
+HARSH_CONF = Path("/var/tmp/nanochat-slurm-harsh/etc/slurm.conf")  # LOCAL_SLURM_ROOT's default + "-harsh"
+
+
+@pytest.fixture(scope="session")
+def harsh_slurm_cluster():
+    action, why = slurm_cluster_decision()
+    if action == "skip":
+        pytest.skip(why)
+    if os.environ.get(SLURM_OPT_IN) or os.geteuid() != 0:
+        pytest.skip("the harsh profile is a second cluster slurm/local-cluster.sh starts as root beside its own")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    script = str(REPO / "slurm" / "local-cluster.sh")
+    res = subprocess.run(["bash", script, "start", "--profile", "harsh"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, f"could not start the harsh profile:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    assert HARSH_CONF.read_text().startswith(LOCAL_HEADER), f"{HARSH_CONF} is not the profile's"
+    yield HARSH_CONF
+    subprocess.run(["bash", script, "stop", "--profile", "harsh"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def harsh_slurm(harsh_slurm_cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(harsh_slurm_cluster))
+    return harsh_slurm_cluster

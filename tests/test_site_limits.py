@@ -1,0 +1,89 @@
+"""What a site's scheduler accepts (issue 27's "launches refused" and smaller items): a
+per-stage partition for the CPU-only report, srun's own --cpus-per-task and
+--kill-on-bad-exit, a dry run that shows the job submitit really submits, on the real local SLURM."""
+import subprocess
+
+import pytest
+
+from jobs.plan import build_plan, slurm_parameters
+from nanochat.common import UserError
+from nanochat.recipe import load_recipe
+from test_lifecycle import manifest_of, recipe_file, run_launch  # noqa: F401 (a fixture)
+
+
+def test_the_report_goes_to_its_own_partition(slurm, recipe_file, tmp_path):
+    """cluster.stage_partition: {report: debug} with the training on a100: sites whose GPU
+    partition refuses CPU-only jobs get the report on a CPU partition."""
+    run = tmp_path / "runs" / "s"
+    res = run_launch(recipe_file, "cluster.partition=a100", "cluster.stage_partition={report: debug}",
+                     "train.num_iterations=100000", "--executor", "slurm", "--no-prepare", "--no-snapshot",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    jobs = {s: manifest_of(run)["stages"][s]["job_id"].split("_")[0] for s in ("base", "report")}
+    try:
+        parts = {s: subprocess.run(["squeue", "-h", "-j", j, "-o", "%P"], capture_output=True, text=True).stdout.split()
+                 for s, j in jobs.items()}
+        assert parts == {"base": ["a100"], "report": ["debug"]}, parts
+    finally:
+        subprocess.run(["scancel", *jobs.values()], check=False)
+    with pytest.raises(UserError, match=r"cluster.stage_partition.reprot.*is not a stage"):
+        load_recipe(recipe_file, ["cluster.stage_partition={reprot: debug}"])
+
+
+def test_srun_gets_the_cpus_per_rank_and_ends_the_step_when_one_rank_exits(recipe_file, tmp_path):
+    """SLURM >= 22.05 no longer passes sbatch's --cpus-per-task to srun; without
+    --kill-on-bad-exit, the ranks of a task whose one rank exited hang until a time-out."""
+    recipe = load_recipe(recipe_file, ["cluster.cpus_per_task=3", f"run_dir={tmp_path / 'r'}"])
+    plan = build_plan(recipe, tmp_path / "r")
+    for stage in plan.stages:
+        srun = slurm_parameters(recipe, stage)["srun_args"]
+        assert "--kill-on-bad-exit=1" in srun and f"--cpus-per-task={stage.cpus_per_task}" in srun, (stage.name, srun)
+
+
+def test_the_dry_run_of_a_one_task_array_is_the_plain_job_submitit_submits(recipe_file, tmp_path):
+    res = run_launch(recipe_file, "grid={train.seed: [1]}", "--dry-run", "--executor", "slurm", "--no-prepare",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0, res.stderr
+    assert "--array=" not in res.stdout and "/slurm/%j/%j_%t_log.out" in res.stdout, res.stdout
+
+
+def test_status_names_the_release_of_a_held_job(slurm, recipe_file, tmp_path):
+    """A held job ("launch failed requeued held", or held by hand) waits for a person forever:
+    status says which command releases it."""
+    import sys
+    from pathlib import Path
+    from test_scheduler import run_with
+    job = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "-t", "5", "--wrap", "sleep 60"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # held from the start
+    try:
+        run = run_with(tmp_path, recipe_file, [(job, "PENDING")])
+        res = subprocess.run([sys.executable, "jobs/status.py", str(run)], cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, timeout=60)
+        assert f"held until released — `scontrol release {job}`" in res.stdout, res.stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
+
+
+def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks(tmp_path):
+    """Kept across jobs, the cache would grow without end (every recipe, torch and triton version
+    leaves kernels): entries neither read nor written for 14 days go, in submitit jobs
+    (jobs/tasks.py) and in the sbatch scripts (slurm/env.sh) alike."""
+    import os
+    import time
+    from pathlib import Path
+    from jobs.tasks import compile_cache_env
+    env = {**os.environ, "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path), "USER": "alice"}
+    root = tmp_path / "nanochat-compile-alice" / "inductor"
+    for how in ("python", "bash"):
+        root.mkdir(parents=True, exist_ok=True)
+        old, fresh = root / "old.so", root / "fresh.so"
+        old.write_text("x")
+        fresh.write_text("x")
+        month_ago = time.time() - 30 * 86400
+        os.utime(old, (month_ago, month_ago))
+        os.utime(fresh, (time.time() - 86400, month_ago))  # written long ago, used yesterday
+        if how == "python":
+            compile_cache_env(env)
+        else:
+            subprocess.run(["bash", "-c", "source slurm/env.sh"], cwd=Path(__file__).parents[1], env=env, check=True)
+        assert not old.exists() and fresh.exists(), how
