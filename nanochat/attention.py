@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -104,32 +105,50 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return ok if window is None else ok & (kp >= qp - window)
 
 
-_BAND_MASKS: dict[tuple, torch.Tensor] = {}
-_BLOCK_MASKS: dict[tuple, object] = {}
+# Masks are cached per shape, but bounded: CORE's rows and generation's prefills come in many
+# lengths (up to 10× the context), and one (T, T) mask per distinct T kept forever on the device
+# held hundreds of MB. Training and a bpb eval use one T and at most a few windows, so a few
+# recent shapes hit every time; a mask too big to keep is rebuilt per call instead.
+MASK_CACHE_ENTRIES = 4
+MASK_CACHE_MAX_BYTES = 64 << 20   # a bool (T, T) mask up to T = 8192
+_BAND_MASKS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_BLOCK_MASKS: OrderedDict[tuple, object] = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key: tuple, make, keep: bool = True):
+    """cache[key], made by `make()` on a miss; the least recently used entries beyond
+    MASK_CACHE_ENTRIES are dropped. `keep` False: made and returned, not stored."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = make()
+    if keep:
+        cache[key] = value
+        while len(cache) > MASK_CACHE_ENTRIES:
+            cache.popitem(last=False)
+    return value
 
 
 def band_mask(T: int, window: int, device) -> torch.Tensor:
-    """The (T, T) sliding-window causal mask, made once per (T, window, device)."""
-    if torch.compiler.is_compiling():  # traced into the graph (inductor folds it), not cached
+    """The (T, T) sliding-window causal mask, made once per (T, window, device) while it stays
+    among the few recent shapes (`_cached`)."""
+    def make():
         pos = torch.arange(T, device=device)
         return window_mask(pos, pos, window)
-    key = (T, window, str(device))
-    if key not in _BAND_MASKS:
-        pos = torch.arange(T, device=device)
-        _BAND_MASKS[key] = window_mask(pos, pos, window)
-    return _BAND_MASKS[key]
+    if torch.compiler.is_compiling():  # traced into the graph (inductor folds it), not cached
+        return make()
+    return _cached(_BAND_MASKS, (T, window, str(device)), make, keep=T * T <= MASK_CACHE_MAX_BYTES)
 
 
 def _block_mask(T: int, window: int, device):
     """flex_attention's block mask for a (T, T) sliding window, made once per shape (outside the
     compiled graph: one cached object that every layer and step reuses)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    key = (T, window, str(device))
-    if key not in _BLOCK_MASKS:
-        def band(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx >= q_idx - window)
-        _BLOCK_MASKS[key] = create_block_mask(band, None, None, T, T, device=device)
-    return _BLOCK_MASKS[key]
+
+    def band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= q_idx - window)
+    return _cached(_BLOCK_MASKS, (T, window, str(device)),
+                   lambda: create_block_mask(band, None, None, T, T, device=device))
 
 
 def _block_masks(T: int, windows: tuple[int, ...], device) -> dict[int, object]:

@@ -144,8 +144,7 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True, timeout_min: flo
         tune_cpu_allocator()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        cuda_matmul_precision()
     if info.is_distributed and not torch.distributed.is_initialized():
         # The store the group is made from also carries the long waits (nanochat/rendezvous.py).
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -154,6 +153,13 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True, timeout_min: flo
                         device_id=device if device.type == "cuda" else None, init_timeout_min=init)
     torch.manual_seed(args.seed)
     return Runtime(info, device, compute_dtype(device, args.dtype))
+
+
+def cuda_matmul_precision() -> None:
+    """fp32 matmuls on TF32 tensor cores, as upstream: `set_float32_matmul_precision("high")`.
+    Not the legacy `torch.backends.cuda.matmul.allow_tf32` flag: torch ≥ 2.9 refuses to mix it
+    with the newer `fp32_precision` settings a user or library may set."""
+    torch.set_float32_matmul_precision("high")
 
 
 def group_timeouts_min(timeout_min: float | None = None,
@@ -191,9 +197,17 @@ def runtime(args: TrainArgs, timeout_min: float | None = None, init_timeout_min:
         teardown_runtime(rt)
 
 
-def barrier(world_size: int) -> None:
-    """Wait for every rank (a no-op in a single process)."""
-    if world_size > 1:
+def barrier(world_size: int, what: str = "the other ranks") -> None:
+    """Wait for every rank (a no-op in a single process) on the rendezvous store, under its long
+    wait (rendezvous.LONG_WAIT_S), not in an NCCL barrier under the collective timeout: rank 0
+    writing and fsyncing a d24 checkpoint (~13 GB) to slow shared storage can take longer than
+    cluster.collective_timeout_min, and the watchdog would abort the waiting ranks. A group
+    made without the rendezvous (a test's own) falls back to the collective barrier."""
+    if world_size <= 1:
+        return
+    if rendezvous.active():
+        rendezvous.barrier(what)
+    else:
         torch.distributed.barrier()
 
 

@@ -191,6 +191,21 @@ def test_band_mask_is_made_once_per_shape():
     assert a.shape == (300, 300) and a[200].sum() == W + 1 and a[10].sum() == 11
 
 
+def test_band_mask_cache_is_bounded():
+    """CORE and generation bring many lengths: the cache keeps a few recent shapes (the hot one
+    stays), never one mask per length forever, and never a mask too big to keep."""
+    import nanochat.attention as attn
+    cpu = torch.device("cpu")
+    hot = band_mask(256, W, cpu)
+    for T in range(300, 340):
+        band_mask(T, W, cpu)
+        assert band_mask(256, W, cpu) is hot  # the training shape, used between them
+    assert len(attn._BAND_MASKS) <= attn.MASK_CACHE_ENTRIES
+    big = int(attn.MASK_CACHE_MAX_BYTES ** 0.5) + 1
+    assert band_mask(big, W, cpu).shape == (big, big)
+    assert all(key[0] != big for key in attn._BAND_MASKS)
+
+
 def test_attention_backend_per_device():
     assert attention_backend("cpu", False) == attention_backend("cpu", True) == "sdpa"
     if flash_attn_available():
