@@ -72,6 +72,25 @@ def attention_backend(device, compiled: bool) -> str:
     return "sdpa"
 
 
+def attention_dtype(v: torch.Tensor) -> torch.dtype:
+    """The dtype q, k and v enter attention in: the autocast dtype where autocast is on for v's
+    device, else v's own. Under CUDA bf16 autocast QK-norm's `F.rms_norm` is on autocast's fp32
+    list, so q and k leave it fp32 while v (a bf16 matmul) does not: flash_attn then refused the
+    mix and every window layer fell back to SDPA with a (T, T) mask. SDPA under autocast casts
+    all three to bf16 itself, so this changes no result there (CPU autocast has no rms_norm
+    entry, which is why no CPU run showed it; the fakecuda tests do)."""
+    dev = v.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return v.dtype
+
+
+# Layer kind ("S": a window shorter than the sequence, "L": the full context) → the kernel its
+# last whole-sequence attention ran with (run.json's "attention_ran", the self-test's table):
+# what ran, not what `attention_backend` chose.
+RAN: dict[str, str] = {}
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k and v
@@ -181,16 +200,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     `masks`: `forward_block_masks`' answer for this forward (flex)."""
     T = q.size(2)
     if covers(window, T):
+        RAN["L"] = "sdpa"
         return attention(q, k, v, is_causal=True)
     if backend is None:
         backend = attention_backend(q.device, torch.compiler.is_compiling())
-    if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16):
+    if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype:
         from flash_attn import flash_attn_func  # layout (B, T, H, D); GQA native
+        RAN["S"] = "flash_attn"
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             causal=True, window_size=(window, 0))
         return y.transpose(1, 2)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
+        RAN["S"] = "flex"
         mask = masks[window] if masks else block_masks(T, (window,), q.device)[window]
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
+    RAN["S"] = "sdpa"
     return attention(q, k, v, band_mask(T, window, q.device))
