@@ -364,24 +364,39 @@ class StopAgreement:
     which with train_log_every = 50 could wait past the time limit's lead.
 
     One step of lag keeps the all-reduce off the critical path: the flag reduced at boundary s
-    is read at boundary s + 1, after step s's work has been queued, so reading it waits only
-    for the collective queued before that work, never for the device to drain (a CUDA-side
-    `.item()` of this step's flag would stall every step). A request therefore takes effect
-    one or two steps after it arrives, on every rank at the same step."""
+    is read at boundary s + 1, after step s's work has been queued. On CUDA the flag is a
+    preallocated device tensor filled in place (no blocking host-to-device copy), copied after
+    the all-reduce into pinned host memory without blocking, and an event recorded behind that
+    copy; boundary s + 1 waits on that event — on the reduction and the work queued before it,
+    never on step s queued since — and reads the host copy. So it never waits for the device to
+    drain (tests/test_cuda.py runs it under `torch.cuda.set_sync_debug_mode("error")`). A
+    request therefore takes effect one or two steps after it arrives, on every rank at the
+    same step."""
 
     def __init__(self, rt: Runtime, stop_requested: Callable[[], bool]):
         self.rt, self.requested = rt, stop_requested
-        self.pending: torch.Tensor | None = None  # the flag reduced at the previous boundary
+        self.pending = False  # a flag was reduced at the previous boundary
+        if rt.dist.is_distributed:
+            cuda = rt.device.type == "cuda"
+            self.flag = torch.zeros(1, device=rt.device)
+            self.host = torch.zeros(1, pin_memory=True) if cuda else self.flag
+            self.event = torch.cuda.Event() if cuda else None
 
     def stop_now(self) -> bool:
         if not self.rt.dist.is_distributed:
             return bool(self.requested())
-        agreed = self.pending is not None and self.pending.item() > 0
-        if not agreed:
-            flag = torch.tensor([1.0 if self.requested() else 0.0], device=self.rt.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.pending = flag
-        return agreed
+        if self.pending:
+            if self.event is not None:
+                self.event.synchronize()
+            if self.host.item() > 0:  # a host tensor: no device sync
+                return True
+        self.flag.fill_(1.0 if self.requested() else 0.0)
+        torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX)
+        if self.event is not None:
+            self.host.copy_(self.flag, non_blocking=True)
+            self.event.record()
+        self.pending = True
+        return False
 
 
 def lead_warning(spec: LoopSpec, checkpoint_s: float, step_s: float) -> str | None:
