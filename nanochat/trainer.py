@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
+from nanochat import attention
 from nanochat import checkpoint as ckpt
 from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
-from nanochat.common import UserError, atomic_write_text, print0
+from nanochat.common import UserError, atomic_write_json, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
@@ -269,6 +270,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
+    attention.RAN.clear()  # what this run's first step runs (record_attention_ran)
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
@@ -323,6 +325,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
                 time.sleep(delay)
             logger.train_s += time.perf_counter() - t_step
             logger.step_done()
+            if step == start_step and rt.dist.is_master:
+                record_attention_ran(run_dir / "run.json")
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))
             logger.advance()
@@ -355,6 +359,14 @@ def step_delay(env=None) -> float:
         raise UserError(f"{STEP_DELAY_ENV}={raw!r}: expected seconds ≥ 0, e.g. 0.5; unset it "
                         "to train at full speed") from None
     return seconds
+
+
+def record_attention_ran(run_json: Path) -> None:
+    """run.json's "attention_ran": the kernel each layer kind ("S" windows, "L" full context)
+    ran with in the first step — what ran (attention.RAN), beside "attention", what was chosen."""
+    if run_json.exists() and attention.RAN:
+        atomic_write_json(run_json, {**json.loads(run_json.read_text()),
+                                     "attention_ran": dict(attention.RAN)})
 
 
 class StopAgreement:

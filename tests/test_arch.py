@@ -397,7 +397,8 @@ def test_resuming_refuses_a_switch_the_checkpoint_lacks(tiny_recipe):
     from test_train import stop_after
     base = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "num_iterations": 2}})
     train_base(base, stop_requested=stop_after(1))
-    assert json.loads((base.out_dir / "run.json").read_text())["attention"] == "sdpa"  # CPU
+    info = json.loads((base.out_dir / "run.json").read_text())
+    assert info["attention"] == "sdpa" and info["attention_ran"] == {"L": "sdpa"}  # CPU, no window
     meta_path = ckpt.latest_checkpoint(base.out_dir) / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model_config"] = strip_switches(meta["model_config"])

@@ -304,6 +304,7 @@ def test_compiled_training_with_every_switch_learns_on_cuda(tiny_recipe, tmp_pat
     assert losses[-1] < losses[0]
     info = json.loads((recipe.out_dir / "run.json").read_text())
     assert info["attention"] in ("flex", "flash_attn")
+    assert info["attention_ran"] == {"S": info["attention"], "L": "sdpa"}, "what ran is what was chosen"
 
 
 def test_cuda_engine_with_every_switch_equals_naive_greedy():
