@@ -16,13 +16,18 @@ Kernels (`attention_backend`):
   (length, window, device) and cached, not per layer per step;
 - "flex" (CUDA under torch.compile): `torch.nn.attention.flex_attention` with a block mask made
   once per shape; compiled, it skips fully masked tiles instead of reading a (T × T) mask;
-- "flash_attn" (CUDA with the flash_attn package, bf16/fp16 activations): its native
-  `window_size=(W, 0)`, as upstream.
+- "flash_attn" (CUDA with the flash_attn package ≥ 2.7, bf16/fp16 activations): its native
+  `window_size=(W, 0)`, as upstream. q, k and v reach every kernel in one dtype
+  (`attention_dtype`); `RAN` records the kernel that ran per layer kind.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import math
+import re
+import sys
 from collections import OrderedDict
 
 import torch
@@ -52,8 +57,37 @@ def covers(window: int | None, length: int) -> bool:
     return window is None or window + 1 >= length
 
 
+# flash_attn releases this code runs (pyproject's `flash` extra): from 2.7 flash_attn_func is a
+# torch custom op, which torch.compile traces; before it, every "S" layer broke the graph.
+FLASH_ATTN_MIN = (2, 7)
+_FLASH_OK: dict[str, bool] = {}  # installed version string → supported (looked up once)
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash_attn's version (its distribution's, else the module's), or None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(importlib.import_module("flash_attn"), "__version__", "0")
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash_attn is installed in a supported version (≥ FLASH_ATTN_MIN); an older one is left
+    unused, with one line saying so, and the window layers run flex or SDPA."""
+    version = flash_attn_version()
+    if version is None:
+        return False
+    if version not in _FLASH_OK:
+        parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        _FLASH_OK[version] = parts >= FLASH_ATTN_MIN
+        if not _FLASH_OK[version]:
+            print(f"flash_attn {version} is older than {'.'.join(map(str, FLASH_ATTN_MIN))} (no "
+                  f"custom op: torch.compile breaks the graph at every window layer); not used. "
+                  f"pip install 'flash-attn>={'.'.join(map(str, FLASH_ATTN_MIN))}' to use it",
+                  file=sys.stderr)
+    return _FLASH_OK[version]
 
 
 def flex_available() -> bool:

@@ -5,10 +5,12 @@ rules are decided once:
 - ranks come from torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or from SLURM under srun;
 - the device is `train.device` ("auto": CUDA, else MPS, else CPU), cuda:LOCAL_RANK per rank;
 - the compute dtype is `train.dtype` ("auto": bf16 autocast on CUDA, fp32 elsewhere; parameters
-  stay fp32 in training); TF32 matmuls on CUDA;
+  stay fp32 in training); TF32 matmuls on CUDA (`cuda_matmul_precision`);
 - the process group is NCCL on CUDA, gloo on CPU, created once (after a roll call of the ranks,
   nanochat/rendezvous.py) under the recipe's cluster.init_timeout_min, then kept with its
   cluster.collective_timeout_min for the collectives, and always destroyed;
+- CUDA's caching allocator grows expandable segments (`PYTORCH_ALLOC_CONF`, set on import,
+  before any stage starts CUDA), as upstream's base_train and chat_sft set it;
 - CPU training keeps freed memory in the heap (`tune_cpu_allocator`);
 - MFU is measured against a datasheet peak on known GPUs, else a measured matmul.
 """
@@ -25,6 +27,24 @@ import torch
 from nanochat import rendezvous
 from nanochat.common import UserError
 from nanochat.config import ClusterArgs, Recipe, TrainArgs
+
+
+ALLOC_CONF = "expandable_segments:True"
+
+
+def set_cuda_allocator(env=None) -> None:
+    """PYTORCH_ALLOC_CONF=expandable_segments:True unless the user configured the allocator
+    (PYTORCH_ALLOC_CONF, or its older name PYTORCH_CUDA_ALLOC_CONF). The allocator reads it at
+    its first CUDA allocation, so this must run before any: every stage imports this module
+    before it touches the device (and the probe processes inherit it). Segments that grow in
+    place keep eval's and CORE's changing widths from fragmenting the cache that discovery
+    filled to its headroom."""
+    env = os.environ if env is None else env
+    if not env.get("PYTORCH_ALLOC_CONF") and not env.get("PYTORCH_CUDA_ALLOC_CONF"):
+        env["PYTORCH_ALLOC_CONF"] = ALLOC_CONF
+
+
+set_cuda_allocator()
 
 
 @dataclass(frozen=True)

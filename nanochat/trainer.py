@@ -151,6 +151,8 @@ class StepLogger:
         rec["train_s"] = round(self.train_s, 3)
         if self.rt.device.type == "cuda":
             rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2**30, 3)
+            # what discovery's probes measure and fill to its headroom: the cache's reserve
+            rec["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(self.rt.device) / 2**30, 3)
         self.write(rec)
         if self.bar is not None:
             self.bar.set_postfix({k: rec[k] for k in ("loss", "tok_per_s", "mfu") if k in rec})

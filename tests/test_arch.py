@@ -206,6 +206,23 @@ def test_band_mask_cache_is_bounded():
     assert all(key[0] != big for key in attn._BAND_MASKS)
 
 
+@pytest.mark.parametrize("version,used", [("2.6.3", False), ("2.7.0.post2", True), ("2.8.3", True)])
+def test_only_supported_flash_attn_releases_are_used(monkeypatch, capsys, version, used):
+    """flash_attn before 2.7 has no custom op (torch.compile breaks the graph at every window
+    layer): it is left unused with one line saying so, and compiled CUDA runs flex."""
+    import importlib.machinery
+    import sys
+    import types
+    mod = types.ModuleType("flash_attn")
+    mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    mod.__version__ = version
+    monkeypatch.setitem(sys.modules, "flash_attn", mod)
+    assert flash_attn_available() is used
+    assert attention_backend("cuda", True) == ("flash_attn" if used else "flex")
+    err = capsys.readouterr().err
+    assert (err.count("older than 2.7") == 1) is not used, err
+
+
 def test_attention_backend_per_device():
     assert attention_backend("cpu", False) == attention_backend("cpu", True) == "sdpa"
     if flash_attn_available():

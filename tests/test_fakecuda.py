@@ -91,6 +91,7 @@ def flash_stub(monkeypatch):
         return torch.empty_like(q)
     mod = types.ModuleType("flash_attn")
     mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    mod.__version__ = "2.7.4"  # a supported release (attention.FLASH_ATTN_MIN)
     mod.flash_attn_func = flash_attn_func
     monkeypatch.setitem(sys.modules, "flash_attn", mod)
     return calls
