@@ -238,7 +238,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         return attention(q, k, v, is_causal=True)
     if backend is None:
         backend = attention_backend(q.device, torch.compiler.is_compiling())
-    if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype:
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    if backend == "flash_attn" and half:
         from flash_attn import flash_attn_func  # layout (B, T, H, D); GQA native
         RAN["S"] = "flash_attn"
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
 from nanochat.attention import (attention, attention_dtype, causal_attention, covers,
-                                forward_block_masks,
-                                layer_windows, window_mask)
+                                forward_block_masks, layer_windows, window_mask)
 from nanochat.kv_cache import KVCache
 from nanochat.loss import chunked_loss, softcap
 
@@ -159,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_gain != 1.0:  # upstream 1.2: sharper attention than unit-norm q·k allows
             q, k = q * self.qk_gain, k * self.qk_gain
         dt = attention_dtype(v)  # one dtype for all three: attention.attention_dtype says why
-        q, k, v = q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt), v.transpose(1, 2).to(dt)  # (B, H, T, D)
+        q, k, v = [t.transpose(1, 2).to(dt) for t in (q, k, v)]  # (B, H, T, D)
         if kv_cache is None:
             y = causal_attention(q, k, v, self.window, masks=masks)
         else:

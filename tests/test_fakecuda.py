@@ -225,7 +225,8 @@ def test_micro_batch_memory_is_the_line_discovery_extrapolates():
     from nanochat.batch_size import _line
     with fake_cuda():
         model = fake_model()
-        fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # + grad, Muon/Adam-ish state
+        # weights, their gradients, one optimizer state of their size (the line's intercept)
+        fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
         probes = [{"batch": b, "peak_bytes": fixed + _saved_bytes(model, b)} for b in (1, 2, 4)]
     line = _line(probes[0], probes[1])
     assert line is not None and line[1] > 0

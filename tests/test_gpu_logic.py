@@ -210,7 +210,8 @@ def test_every_stage_sets_the_expandable_allocator_on_import():
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
-    code = "import importlib, os, sys; importlib.import_module(sys.argv[1]); print(os.environ.get('PYTORCH_ALLOC_CONF'))"
+    code = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
+            "print(os.environ.get('PYTORCH_ALLOC_CONF'))")
     procs = {m: subprocess.Popen([sys.executable, "-c", code, m], cwd=repo, env=env, text=True,
                                  stdout=subprocess.PIPE) for m in STAGES}
     got = {m: p.communicate(timeout=120)[0].strip() for m, p in procs.items()}

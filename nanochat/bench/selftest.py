@@ -112,7 +112,8 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
     if cuda:
         recipe, shape = str(D12), []
         # d12.yaml discovers its batch; the step is measured at a fixed one (bench.train)
-        train = ["train.device_batch_size=16", "--warmup", q("3", "2"), "--steps", q("5", "3"), "--repeats", q("3", "2")]
+        train = ["train.device_batch_size=16", "--warmup", q("3", "2"), "--steps", q("5", "3"),
+                 "--repeats", q("3", "2")]
         sweep = [f"kv_bench.batch_sizes={q('[1,8,64]', '[1,64]')}", "kv_bench.include_largest=false",
                  "kv_bench.cuda_graph=true", "kv_bench.warmup=1", f"kv_bench.repeats={q(3, 2)}",
                  f"kv_bench.max_new_tokens={q(200, 100)}"]

@@ -49,9 +49,9 @@ def facts(parts: dict, environment: dict) -> list[tuple[str, str]]:
     else:
         rows.append(("compiled d12 step: tok/s, MFU", _missing(parts, "train")))
     eager_tok, graph_tok = _decode(parts, "eager"), _decode(parts, "cuda graph")
+    graph = f"{graph_tok:,.0f}" if graph_tok is not None else "no CUDA graph run"
     rows.append(("decode tok/s at batch 1: eager, CUDA graph",
-                 f"{eager_tok:,.0f}, " + (f"{graph_tok:,.0f}" if graph_tok is not None else "no CUDA graph run")
-                 if eager_tok is not None else _missing(parts, "decode")))
+                 f"{eager_tok:,.0f}, {graph}" if eager_tok is not None else _missing(parts, "decode")))
     return rows
 
 
