@@ -16,13 +16,19 @@ Kernels (`attention_backend`):
   (length, window, device) and cached, not per layer per step;
 - "flex" (CUDA under torch.compile): `torch.nn.attention.flex_attention` with a block mask made
   once per shape; compiled, it skips fully masked tiles instead of reading a (T × T) mask;
-- "flash_attn" (CUDA with the flash_attn package, bf16/fp16 activations): its native
-  `window_size=(W, 0)`, as upstream.
+- "flash_attn" (CUDA with the flash_attn package ≥ 2.7, bf16/fp16 activations): its native
+  `window_size=(W, 0)`, as upstream. q, k and v reach every kernel in one dtype
+  (`attention_dtype`); `RAN` records the kernel that ran per layer kind.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import math
+import re
+import sys
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +57,37 @@ def covers(window: int | None, length: int) -> bool:
     return window is None or window + 1 >= length
 
 
+# flash_attn releases this code runs (pyproject's `flash` extra): from 2.7 flash_attn_func is a
+# torch custom op, which torch.compile traces; before it, every "S" layer broke the graph.
+FLASH_ATTN_MIN = (2, 7)
+_FLASH_OK: dict[str, bool] = {}  # installed version string → supported (looked up once)
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash_attn's version (its distribution's, else the module's), or None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(importlib.import_module("flash_attn"), "__version__", "0")
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash_attn is installed in a supported version (≥ FLASH_ATTN_MIN); an older one is left
+    unused, with one line saying so, and the window layers run flex or SDPA."""
+    version = flash_attn_version()
+    if version is None:
+        return False
+    if version not in _FLASH_OK:
+        parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        _FLASH_OK[version] = parts >= FLASH_ATTN_MIN
+        if not _FLASH_OK[version]:
+            print(f"flash_attn {version} is older than {'.'.join(map(str, FLASH_ATTN_MIN))} (no "
+                  f"custom op: torch.compile breaks the graph at every window layer); not used. "
+                  f"pip install 'flash-attn>={'.'.join(map(str, FLASH_ATTN_MIN))}' to use it",
+                  file=sys.stderr)
+    return _FLASH_OK[version]
 
 
 def flex_available() -> bool:
@@ -69,6 +104,25 @@ def attention_backend(device, compiled: bool) -> str:
         if compiled and flex_available():
             return "flex"
     return "sdpa"
+
+
+def attention_dtype(v: torch.Tensor) -> torch.dtype:
+    """The dtype q, k and v enter attention in: the autocast dtype where autocast is on for v's
+    device, else v's own. Under CUDA bf16 autocast QK-norm's `F.rms_norm` is on autocast's fp32
+    list, so q and k leave it fp32 while v (a bf16 matmul) does not: flash_attn then refused the
+    mix and every window layer fell back to SDPA with a (T, T) mask. SDPA under autocast casts
+    all three to bf16 itself, so this changes no result there (CPU autocast has no rms_norm
+    entry, which is why no CPU run showed it; the fakecuda tests do)."""
+    dev = v.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return v.dtype
+
+
+# Layer kind ("S": a window shorter than the sequence, "L": the full context) → the kernel its
+# last whole-sequence attention ran with (run.json's "attention_ran", the self-test's table):
+# what ran, not what `attention_backend` chose.
+RAN: dict[str, str] = {}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -104,32 +158,50 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return ok if window is None else ok & (kp >= qp - window)
 
 
-_BAND_MASKS: dict[tuple, torch.Tensor] = {}
-_BLOCK_MASKS: dict[tuple, object] = {}
+# Masks are cached per shape, but bounded: CORE's rows and generation's prefills come in many
+# lengths (up to 10× the context), and one (T, T) mask per distinct T kept forever on the device
+# held hundreds of MB. Training and a bpb eval use one T and at most a few windows, so a few
+# recent shapes hit every time; a mask too big to keep is rebuilt per call instead.
+MASK_CACHE_ENTRIES = 4
+MASK_CACHE_MAX_BYTES = 64 << 20   # a bool (T, T) mask up to T = 8192
+_BAND_MASKS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_BLOCK_MASKS: OrderedDict[tuple, object] = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key: tuple, make, keep: bool = True):
+    """cache[key], made by `make()` on a miss; the least recently used entries beyond
+    MASK_CACHE_ENTRIES are dropped. `keep` False: made and returned, not stored."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = make()
+    if keep:
+        cache[key] = value
+        while len(cache) > MASK_CACHE_ENTRIES:
+            cache.popitem(last=False)
+    return value
 
 
 def band_mask(T: int, window: int, device) -> torch.Tensor:
-    """The (T, T) sliding-window causal mask, made once per (T, window, device)."""
-    if torch.compiler.is_compiling():  # traced into the graph (inductor folds it), not cached
+    """The (T, T) sliding-window causal mask, made once per (T, window, device) while it stays
+    among the few recent shapes (`_cached`)."""
+    def make():
         pos = torch.arange(T, device=device)
         return window_mask(pos, pos, window)
-    key = (T, window, str(device))
-    if key not in _BAND_MASKS:
-        pos = torch.arange(T, device=device)
-        _BAND_MASKS[key] = window_mask(pos, pos, window)
-    return _BAND_MASKS[key]
+    if torch.compiler.is_compiling():  # traced into the graph (inductor folds it), not cached
+        return make()
+    return _cached(_BAND_MASKS, (T, window, str(device)), make, keep=T * T <= MASK_CACHE_MAX_BYTES)
 
 
 def _block_mask(T: int, window: int, device):
     """flex_attention's block mask for a (T, T) sliding window, made once per shape (outside the
     compiled graph: one cached object that every layer and step reuses)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    key = (T, window, str(device))
-    if key not in _BLOCK_MASKS:
-        def band(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx >= q_idx - window)
-        _BLOCK_MASKS[key] = create_block_mask(band, None, None, T, T, device=device)
-    return _BLOCK_MASKS[key]
+
+    def band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= q_idx - window)
+    return _cached(_BLOCK_MASKS, (T, window, str(device)),
+                   lambda: create_block_mask(band, None, None, T, T, device=device))
 
 
 def _block_masks(T: int, windows: tuple[int, ...], device) -> dict[int, object]:
@@ -162,16 +234,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     `masks`: `forward_block_masks`' answer for this forward (flex)."""
     T = q.size(2)
     if covers(window, T):
+        RAN["L"] = "sdpa"
         return attention(q, k, v, is_causal=True)
     if backend is None:
         backend = attention_backend(q.device, torch.compiler.is_compiling())
-    if backend == "flash_attn" and q.dtype in (torch.float16, torch.bfloat16):
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    if backend == "flash_attn" and half:
         from flash_attn import flash_attn_func  # layout (B, T, H, D); GQA native
+        RAN["S"] = "flash_attn"
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             causal=True, window_size=(window, 0))
         return y.transpose(1, 2)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
+        RAN["S"] = "flex"
         mask = masks[window] if masks else block_masks(T, (window,), q.device)[window]
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
+    RAN["S"] = "sdpa"
     return attention(q, k, v, band_mask(T, window, q.device))

@@ -285,13 +285,33 @@ def _too_small_error(res: SearchResult, target: Target, usable: float, headroom:
                      "discovery.headroom or shrink the model")
 
 
+# Device memory training's process holds that a probe's peak (the caching allocator's reserved
+# bytes) never sees: the CUDA context (kernels and cuBLAS/cuDNN workspaces; ~0.5 GiB with CUDA's
+# lazy module loading) and, with several ranks, NCCL's communicator buffers (its channels' FIFOs,
+# and with NVLS on NVSwitch machines multicast buffers of gigabytes). Left out of the usable
+# memory on top of the headroom, so the headroom is the fragmentation margin it is meant to be.
+# Allowances, not measurements: `python -m nanochat.bench.selftest` prints a GPU's reserved peak
+# against discovery's prediction.
+CUDA_CONTEXT_BYTES = 1 << 30
+NCCL_BUFFER_BYTES = 3 << 30
+
+
+def usable_bytes(target: Target, headroom: float, world_size: int) -> float:
+    """Bytes a probe's peak may reach on `target`: capacity less the headroom, and on CUDA less
+    the context and (several ranks) NCCL's buffers."""
+    usable = target.capacity_bytes * (1 - headroom)
+    if target.device.type == "cuda":
+        usable -= CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if world_size > 1 else 0)
+    return usable
+
+
 def _run_search(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec,
                 key: dict, candidates: list[int], model, isolate: bool) -> tuple[dict, int]:
     dc = recipe.discovery
     section = recipe.training_section(stage)
     seq = spec.model["sequence_len"]
     rows = section.total_batch_size // (seq * world_size)
-    usable = target.capacity_bytes * (1 - dc.headroom)
+    usable = usable_bytes(target, dc.headroom, world_size)
     # CPU probes run under an address-space cap a margin above the budget: a backstop that
     # keeps a probe from taking the machine; the verdict comes from the measured peak.
     limit = int(target.capacity_bytes * 1.5) + 512 * 2**20

@@ -159,11 +159,11 @@ def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimize
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    barrier(world_size)
+    barrier(world_size, f"rank 0's checkpoint directory of step {step}")
     if rank == 0:  # the same on every rank (module docstring)
         _save_synced([o.state_dict() for o in optimizers], tmp / OPTIM_FILE)
     _save_synced(rng_state(), tmp / f"rng_rank{rank}.pt")
-    barrier(world_size)
+    barrier(world_size, f"every rank's state of step {step}")
     if rank == 0:
         _save_synced(model.state_dict(), tmp / "model.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world_size,
@@ -175,7 +175,7 @@ def save_checkpoint(run_dir: Path, step: int, model: "torch.nn.Module", optimize
         _fsync(final.parent)  # the rename itself
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier(world_size)
+    barrier(world_size, f"rank 0's write of checkpoint {final.name}")
     return final
 
 

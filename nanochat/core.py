@@ -357,6 +357,8 @@ def evaluate_core(model, tokenizer, bundle_dir: str | os.PathLike, max_per_task:
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
+        if device.type == "cuda":  # CORE's many widths fragment the caching allocator: hand
+            torch.cuda.empty_cache()  # the blocks back before training's next step needs them
     flat = torch.cat(correct_parts) if correct_parts else torch.zeros(0)
     if world > 1:
         flat = flat.to(device)

@@ -238,6 +238,12 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     val_bpb, why = _bpb(model, tokenizer, recipe, run_dir, dev, dtype)
     if why is not None:
         skipped["val_bpb"] = why
+    core = None
+    if bundle is not None:  # before the cast too: fp32 weights under autocast, as training's CORE curve
+        core = {**evaluate_core(
+            model, tokenizer, bundle, ev.core_max_per_task, dev, ev.core_batch_size,
+            max_tokens=ev.core_batch_size * model.config.sequence_len,
+            autocast=Runtime(DistInfo(), dev, dtype).autocast), "bundle": str(bundle)}
     if dtype != torch.float32:  # loaded in fp32 above
         model = cast_for_inference(model, dtype)
     if stage == "sft":
@@ -271,10 +277,8 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
               "skipped": skipped}
     if stage == "sft":
         result["chatcore"] = chatcore(results)
-    if bundle is not None:
-        result["core"] = {**evaluate_core(
-            model, tokenizer, bundle, ev.core_max_per_task, dev, ev.core_batch_size,
-            max_tokens=ev.core_batch_size * model.config.sequence_len), "bundle": str(bundle)}
+    if core is not None:
+        result["core"] = core
     result["elapsed_s"] = round(time.perf_counter() - t0, 2)
     dest = Path(out) if out is not None else run_dir / EVAL_FILE
     atomic_write_json(dest, result)

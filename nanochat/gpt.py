@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.config import ModelArgs, model_dims
-from nanochat.attention import (attention, causal_attention, covers, forward_block_masks,
-                                layer_windows, window_mask)
+from nanochat.attention import (attention, attention_dtype, causal_attention, covers,
+                                forward_block_masks, layer_windows, window_mask)
 from nanochat.kv_cache import KVCache
 from nanochat.loss import chunked_loss, softcap
 
@@ -157,7 +157,8 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded
         if self.qk_gain != 1.0:  # upstream 1.2: sharper attention than unit-norm q·k allows
             q, k = q * self.qk_gain, k * self.qk_gain
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        dt = attention_dtype(v)  # one dtype for all three: attention.attention_dtype says why
+        q, k, v = [t.transpose(1, 2).to(dt) for t in (q, k, v)]  # (B, H, T, D)
         if kv_cache is None:
             y = causal_attention(q, k, v, self.window, masks=masks)
         else:

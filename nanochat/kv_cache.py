@@ -58,7 +58,7 @@ class KVCache:
         # index tensors of insert_rows (made here: a compiled step must not see them change)
         self._rows = (torch.arange(batch_size, device=device).view(-1, 1),
                       torch.arange(Hkv, device=device).view(1, -1),
-                      [torch.tensor(j, device=device) for _, j in self.slots])
+                      [torch.full((), j, dtype=torch.long, device=device) for _, j in self.slots])
 
     def is_ring(self, layer: int) -> bool:
         return self.slots[layer][0]

@@ -5,10 +5,12 @@ rules are decided once:
 - ranks come from torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or from SLURM under srun;
 - the device is `train.device` ("auto": CUDA, else MPS, else CPU), cuda:LOCAL_RANK per rank;
 - the compute dtype is `train.dtype` ("auto": bf16 autocast on CUDA, fp32 elsewhere; parameters
-  stay fp32 in training); TF32 matmuls on CUDA;
+  stay fp32 in training); TF32 matmuls on CUDA (`cuda_matmul_precision`);
 - the process group is NCCL on CUDA, gloo on CPU, created once (after a roll call of the ranks,
   nanochat/rendezvous.py) under the recipe's cluster.init_timeout_min, then kept with its
   cluster.collective_timeout_min for the collectives, and always destroyed;
+- CUDA's caching allocator grows expandable segments (`PYTORCH_ALLOC_CONF`, set on import,
+  before any stage starts CUDA), as upstream's base_train and chat_sft set it;
 - CPU training keeps freed memory in the heap (`tune_cpu_allocator`);
 - MFU is measured against a datasheet peak on known GPUs, else a measured matmul.
 """
@@ -25,6 +27,24 @@ import torch
 from nanochat import rendezvous
 from nanochat.common import UserError
 from nanochat.config import ClusterArgs, Recipe, TrainArgs
+
+
+ALLOC_CONF = "expandable_segments:True"
+
+
+def set_cuda_allocator(env=None) -> None:
+    """PYTORCH_ALLOC_CONF=expandable_segments:True unless the user configured the allocator
+    (PYTORCH_ALLOC_CONF, or its older name PYTORCH_CUDA_ALLOC_CONF). The allocator reads it at
+    its first CUDA allocation, so this must run before any: every stage imports this module
+    before it touches the device (and the probe processes inherit it). Segments that grow in
+    place keep eval's and CORE's changing widths from fragmenting the cache that discovery
+    filled to its headroom."""
+    env = os.environ if env is None else env
+    if not env.get("PYTORCH_ALLOC_CONF") and not env.get("PYTORCH_CUDA_ALLOC_CONF"):
+        env["PYTORCH_ALLOC_CONF"] = ALLOC_CONF
+
+
+set_cuda_allocator()
 
 
 @dataclass(frozen=True)
@@ -144,8 +164,7 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True, timeout_min: flo
         tune_cpu_allocator()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        cuda_matmul_precision()
     if info.is_distributed and not torch.distributed.is_initialized():
         # The store the group is made from also carries the long waits (nanochat/rendezvous.py).
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -154,6 +173,13 @@ def setup_runtime(args: TrainArgs, tune_allocator: bool = True, timeout_min: flo
                         device_id=device if device.type == "cuda" else None, init_timeout_min=init)
     torch.manual_seed(args.seed)
     return Runtime(info, device, compute_dtype(device, args.dtype))
+
+
+def cuda_matmul_precision() -> None:
+    """fp32 matmuls on TF32 tensor cores, as upstream: `set_float32_matmul_precision("high")`.
+    Not the legacy `torch.backends.cuda.matmul.allow_tf32` flag: torch ≥ 2.9 refuses to mix it
+    with the newer `fp32_precision` settings a user or library may set."""
+    torch.set_float32_matmul_precision("high")
 
 
 def group_timeouts_min(timeout_min: float | None = None,
@@ -191,9 +217,17 @@ def runtime(args: TrainArgs, timeout_min: float | None = None, init_timeout_min:
         teardown_runtime(rt)
 
 
-def barrier(world_size: int) -> None:
-    """Wait for every rank (a no-op in a single process)."""
-    if world_size > 1:
+def barrier(world_size: int, what: str = "the other ranks") -> None:
+    """Wait for every rank (a no-op in a single process) on the rendezvous store, under its long
+    wait (rendezvous.LONG_WAIT_S), not in an NCCL barrier under the collective timeout: rank 0
+    writing and fsyncing a d24 checkpoint (~13 GB) to slow shared storage can take longer than
+    cluster.collective_timeout_min, and the watchdog would abort the waiting ranks. A group
+    made without the rendezvous (a test's own) falls back to the collective barrier."""
+    if world_size <= 1:
+        return
+    if rendezvous.active():
+        rendezvous.barrier(what)
+    else:
         torch.distributed.barrier()
 
 

@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
+from nanochat import attention
 from nanochat import checkpoint as ckpt
 from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
-from nanochat.common import UserError, atomic_write_text, print0
+from nanochat.common import UserError, atomic_write_json, atomic_write_text, print0
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
@@ -151,6 +152,8 @@ class StepLogger:
         rec["train_s"] = round(self.train_s, 3)
         if self.rt.device.type == "cuda":
             rec["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2**30, 3)
+            # what discovery's probes measure and fill to its headroom: the cache's reserve
+            rec["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(self.rt.device) / 2**30, 3)
         self.write(rec)
         if self.bar is not None:
             self.bar.set_postfix({k: rec[k] for k in ("loss", "tok_per_s", "mfu") if k in rec})
@@ -273,6 +276,7 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
+    attention.RAN.clear()  # what this run's first step runs (record_attention_ran)
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
@@ -336,6 +340,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
                 time.sleep(delay)
             logger.train_s += time.perf_counter() - t_step
             logger.step_done()
+            if step == start_step and rt.dist.is_master:
+                record_attention_ran(run_dir / "run.json")
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))
             logger.advance()
@@ -370,21 +376,38 @@ def step_delay(env=None) -> float:
     return seconds
 
 
+def record_attention_ran(run_json: Path) -> None:
+    """run.json's "attention_ran": the kernel each layer kind ("S" windows, "L" full context)
+    ran with in the first step — what ran (attention.RAN), beside "attention", what was chosen."""
+    if run_json.exists() and attention.RAN:
+        atomic_write_json(run_json, {**json.loads(run_json.read_text()),
+                                     "attention_ran": dict(attention.RAN)})
+
+
 class StopAgreement:
     """Whether every rank stops at this step boundary. A stop request (SLURM's warning signal:
     preemption, the time limit) reaches the ranks at slightly different times, so they agree
-    through a one-float all-reduce (MAX) at every step boundary — not only at logged steps,
+    through a two-float all-reduce (MAX; the second float: a checkpoint is due) at every step boundary — not only at logged steps,
     which with train_log_every = 50 could wait past the time limit's lead.
 
     One step of lag keeps the all-reduce off the critical path: the flag reduced at boundary s
-    is read at boundary s + 1, after step s's work has been queued, so reading it waits only
-    for the collective queued before that work, never for the device to drain (a CUDA-side
-    `.item()` of this step's flag would stall every step). A request therefore takes effect
-    one or two steps after it arrives, on every rank at the same step."""
+    is read at boundary s + 1, after step s's work has been queued. On CUDA the flag is a
+    preallocated device tensor filled in place (no blocking host-to-device copy), copied after
+    the all-reduce into pinned host memory without blocking, and an event recorded behind that
+    copy; boundary s + 1 waits on that event — on the reduction and the work queued before it,
+    never on step s queued since — and reads the host copy. So it never waits for the device to
+    drain (tests/test_cuda.py runs it under `torch.cuda.set_sync_debug_mode("error")`). A
+    request therefore takes effect one or two steps after it arrives, on every rank at the
+    same step."""
 
     def __init__(self, rt: Runtime, stop_requested: Callable[[], bool]):
         self.rt, self.requested = rt, stop_requested
-        self.pending: torch.Tensor | None = None  # the flag reduced at the previous boundary
+        self.pending = False  # a flag was reduced at the previous boundary
+        if rt.dist.is_distributed:
+            cuda = rt.device.type == "cuda"
+            self.flag = torch.zeros(2, device=rt.device)  # [stop requested, checkpoint due]
+            self.host = torch.zeros(2, pin_memory=True) if cuda else self.flag
+            self.event = torch.cuda.Event() if cuda else None
 
     def stop_now(self) -> bool:
         return self.poll()[0]
@@ -396,12 +419,18 @@ class StopAgreement:
         if not self.rt.dist.is_distributed:
             return bool(self.requested()), save_due
         stop = save = False
-        if self.pending is not None:
-            stop, save = (v > 0 for v in self.pending.tolist())
+        if self.pending:
+            if self.event is not None:
+                self.event.synchronize()
+            stop, save = (v > 0 for v in self.host.tolist())  # a host tensor: no device sync
         if not stop:
-            flag = torch.tensor([1.0 if self.requested() else 0.0, 1.0 if save_due else 0.0], device=self.rt.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.pending = flag
+            self.flag[0].fill_(1.0 if self.requested() else 0.0)  # in place: no blocking copy
+            self.flag[1].fill_(1.0 if save_due else 0.0)
+            torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX)
+            if self.event is not None:
+                self.host.copy_(self.flag, non_blocking=True)
+                self.event.record()
+            self.pending = True
         return stop, save
 
 

@@ -191,6 +191,38 @@ def test_band_mask_is_made_once_per_shape():
     assert a.shape == (300, 300) and a[200].sum() == W + 1 and a[10].sum() == 11
 
 
+def test_band_mask_cache_is_bounded():
+    """CORE and generation bring many lengths: the cache keeps a few recent shapes (the hot one
+    stays), never one mask per length forever, and never a mask too big to keep."""
+    import nanochat.attention as attn
+    cpu = torch.device("cpu")
+    hot = band_mask(256, W, cpu)
+    for T in range(300, 340):
+        band_mask(T, W, cpu)
+        assert band_mask(256, W, cpu) is hot  # the training shape, used between them
+    assert len(attn._BAND_MASKS) <= attn.MASK_CACHE_ENTRIES
+    big = int(attn.MASK_CACHE_MAX_BYTES ** 0.5) + 1
+    assert band_mask(big, W, cpu).shape == (big, big)
+    assert all(key[0] != big for key in attn._BAND_MASKS)
+
+
+@pytest.mark.parametrize("version,used", [("2.6.3", False), ("2.7.0.post2", True), ("2.8.3", True)])
+def test_only_supported_flash_attn_releases_are_used(monkeypatch, capsys, version, used):
+    """flash_attn before 2.7 has no custom op (torch.compile breaks the graph at every window
+    layer): it is left unused with one line saying so, and compiled CUDA runs flex."""
+    import importlib.machinery
+    import sys
+    import types
+    mod = types.ModuleType("flash_attn")
+    mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    mod.__version__ = version
+    monkeypatch.setitem(sys.modules, "flash_attn", mod)
+    assert flash_attn_available() is used
+    assert attention_backend("cuda", True) == ("flash_attn" if used else "flex")
+    err = capsys.readouterr().err
+    assert (err.count("older than 2.7") == 1) is not used, err
+
+
 def test_attention_backend_per_device():
     assert attention_backend("cpu", False) == attention_backend("cpu", True) == "sdpa"
     if flash_attn_available():
@@ -382,7 +414,8 @@ def test_resuming_refuses_a_switch_the_checkpoint_lacks(tiny_recipe):
     from test_train import stop_after
     base = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "num_iterations": 2}})
     train_base(base, stop_requested=stop_after(1))
-    assert json.loads((base.out_dir / "run.json").read_text())["attention"] == "sdpa"  # CPU
+    info = json.loads((base.out_dir / "run.json").read_text())
+    assert info["attention"] == "sdpa" and info["attention_ran"] == {"L": "sdpa"}  # CPU, no window
     meta_path = ckpt.latest_checkpoint(base.out_dir) / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model_config"] = strip_switches(meta["model_config"])

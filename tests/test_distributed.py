@@ -355,6 +355,35 @@ def test_ranks_wait_for_local_rank_0s_slow_preparation(corpus, tmp_path):
     assert r1["seconds"] > 6
 
 
+def _checkpoint_worker(rank, port, out_dir):
+    _join(rank, port)
+    real = ckpt._save_synced
+    if rank == 0:  # a big model on slow shared storage: longer than the 3 s collective timeout
+        def slow(obj, path):
+            if path.name == "model.pt":
+                time.sleep(6)
+            return real(obj, path)
+        ckpt._save_synced = slow
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    t0 = time.perf_counter()
+    path = ckpt.save_checkpoint(out_dir, 1, model, [], {"loader": [{}, {}]}, rank, 2)
+    torch.distributed.all_reduce(torch.ones(1))  # the group survived the wait
+    _write(out_dir, rank, {"path": str(path), "seconds": time.perf_counter() - t0})
+    _leave()
+
+
+def test_ranks_wait_for_rank_0s_slow_checkpoint_write_in_the_store(tmp_path):
+    """Rank 0 writes the model for 6 s, past the 3 s collective timeout: rank 1 waits in the
+    store barrier (not a collective one that the watchdog would abort) and both return the
+    committed checkpoint."""
+    port = _free_port()
+    assert _spawn(_checkpoint_worker, lambda r: (port, tmp_path)) == [0, 0]
+    r0, r1 = _read(tmp_path)
+    assert r0["path"] == r1["path"] == str(ckpt.latest_checkpoint(tmp_path))
+    assert (ckpt.latest_checkpoint(tmp_path) / "model.pt").exists()
+    assert r1["seconds"] > 6
+
+
 # ---------------------------------------------------------------- store waits: answers and deaths
 
 def _share_worker(rank, port, out_dir, die):

@@ -122,3 +122,26 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert "no checkpoint found" in error_line(run_cli("nanochat.eval", tmp_path))
+
+
+def test_core_scores_the_fp32_weights_under_autocast_as_training_does(runs, tmp_path, monkeypatch):
+    """eval --core with a bf16 compute dtype scores CORE as training's CORE curve does: fp32
+    weights under bf16 autocast, before the cast for generation (not bf16 weights, no autocast)."""
+    import nanochat.eval as ev_mod
+    from nanochat.bench.core import write_bundle
+    from test_core import TASKS
+    seen = []
+    real = ev_mod.evaluate_core
+
+    def recording(model, *args, autocast=None, **kwargs):
+        with autocast():
+            seen.append((next(model.parameters()).dtype, torch.is_autocast_enabled("cpu"),
+                         torch.get_autocast_dtype("cpu")))
+        return real(model, *args, autocast=autocast, **kwargs)
+    monkeypatch.setattr(ev_mod, "evaluate_core", recording)
+    bundle = write_bundle(tmp_path / "bundle", TASKS)
+    result = evaluate_checkpoint(runs["base"], device="cpu", out=tmp_path / "e.json",
+                                 overrides=["train.dtype=bfloat16", "eval.core=true",
+                                            f"eval.core_bundle={bundle}", "eval.core_max_per_task=2"])
+    assert seen == [(torch.float32, True, torch.bfloat16)]
+    assert result["core"]["tasks"], result["core"]

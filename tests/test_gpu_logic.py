@@ -193,3 +193,59 @@ def test_a_bf16_recipe_computes_in_bf16_on_the_cpu_too():
     assert compute_dtype(cpu, "auto") == torch.float32
     with pytest.raises(UserError, match="train.dtype=bfloat16 is not supported on mps"):
         compute_dtype(torch.device("mps"), "bfloat16")
+
+
+# ---------------------------------------------------------------- allocator, headroom, TF32
+
+STAGES = ("nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat",
+          "nanochat.batch_size", "nanochat.bench.train", "nanochat.bench.decode")
+
+
+def test_every_stage_sets_the_expandable_allocator_on_import():
+    """Each stage's module, imported alone in a fresh process (as `python -m` runs it, before it
+    touches CUDA), sets PYTORCH_ALLOC_CONF=expandable_segments:True — and keeps a user's own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    code = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
+            "print(os.environ.get('PYTORCH_ALLOC_CONF'))")
+    procs = {m: subprocess.Popen([sys.executable, "-c", code, m], cwd=repo, env=env, text=True,
+                                 stdout=subprocess.PIPE) for m in STAGES}
+    got = {m: p.communicate(timeout=120)[0].strip() for m, p in procs.items()}
+    assert got == {m: "expandable_segments:True" for m in STAGES}
+    from nanochat.runtime import set_cuda_allocator
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    set_cuda_allocator(mine)
+    assert mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+
+
+def test_discovery_leaves_room_for_the_cuda_context_and_nccl():
+    """On a GPU the probes' peak (the allocator's reserve) may fill the capacity less the
+    headroom, the CUDA context, and with several ranks NCCL's buffers; a CPU budget is the
+    capacity less the headroom."""
+    from nanochat.batch_size import CUDA_CONTEXT_BYTES, NCCL_BUFFER_BYTES, usable_bytes
+    from nanochat.targets import Target
+    gpu = Target(torch.device("cuda"), "NVIDIA H100 80GB HBM3", 80 * 2**30, "memory")
+    assert usable_bytes(gpu, 0.1, 1) == 72 * 2**30 - CUDA_CONTEXT_BYTES
+    assert usable_bytes(gpu, 0.1, 8) == 72 * 2**30 - CUDA_CONTEXT_BYTES - NCCL_BUFFER_BYTES
+    cpu = Target(torch.device("cpu"), "cpu", 10 * 2**30, "budget")
+    assert usable_bytes(cpu, 0.1, 2) == 9 * 2**30
+
+
+def test_tf32_matmuls_are_set_with_the_precision_api_not_the_legacy_flag():
+    """torch ≥ 2.9 refuses to mix `allow_tf32` with the `fp32_precision` settings: the runtime
+    uses set_float32_matmul_precision("high"), as upstream, and no module sets the old flag."""
+    from pathlib import Path
+    from nanochat.runtime import cuda_matmul_precision
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        cuda_matmul_precision()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    src = Path(__file__).resolve().parents[1] / "nanochat"
+    assert not [p for p in src.rglob("*.py") if "allow_tf32 =" in p.read_text()]

@@ -58,8 +58,15 @@ def test_quick_selftest_on_cpu_measures_the_cpu_parts_and_says_the_gpu_parts_wer
     assert report["total_s"] >= sum(parts[n]["elapsed_s"] for n in CPU_PARTS)
     for t in report["targets"]:
         assert t["measured"] is None and t["met"] is None and t["note"] == "not measured: no CUDA device", t
+    facts = dict(report["facts"])  # the one facts table, the device first
+    assert list(facts)[0] == "device" and facts["device"].startswith("cpu")
+    assert facts["attention kernel per layer kind (compiled step)"] == "L: sdpa"
+    assert facts["host-device syncs per training step (compiled)"] == "not measured (CUDA only)"
+    assert facts["reserved peak vs discovery's prediction (eager step)"] == "not measured (CUDA only)"
+    assert "tok/s" in facts["compiled d12 step: tok/s, MFU"]
     table = (out / "selftest.md").read_text()
     assert "**GPU parts not run: no CUDA device" in table
+    assert "| fact | value |" in table and "| host-device syncs per training step (compiled) |" in table
     assert table.count("| ok |") == len(CPU_PARTS) and "| CUDA tests | not run: no CUDA device" in table
     assert "| ≥ 1,000 tok/s | not measured: no CUDA device | — |" in table
     assert table in res.stdout, "the table is printed"

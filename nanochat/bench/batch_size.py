@@ -125,6 +125,10 @@ def main(argv: list[str]) -> int:
                       "method": found.record.get("method"),
                       "compiled_confirmation": found.record.get("compiled_confirmation"),
                       "usable_gb": round(mem["usable_bytes"] / 1e9, 3), "source": mem["source"],
+                      # the memory line peak ≈ fixed + batch × per_sample (None: not fitted)
+                      "fixed_gb": mem.get("fixed_bytes") and round(mem["fixed_bytes"] / 1e9, 3),
+                      "per_sample_gb": mem.get("per_sample_bytes")
+                      and round(mem["per_sample_bytes"] / 1e9, 4),
                       "probes_detail": [{"batch": p["batch"], "fits": p["fits"],
                                          "peak_gb": None if p["peak_bytes"] is None
                                          else round(p["peak_bytes"] / 1e9, 3),

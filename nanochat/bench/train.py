@@ -12,7 +12,9 @@ Method: `--warmup` untimed steps (compilation happens there and is timed separat
 window. Prints JSON (`--json PATH` also writes it there): tokens/s (median, min, max over
 windows), FLOPs per token, MFU against a peak measured on this device with a large matmul
 (`mfu_percent`) and, on a GPU the datasheet table knows, against its datasheet peak
-(`mfu_datasheet_percent`), peak memory, and the software versions.
+(`mfu_datasheet_percent`), peak memory (allocated, and reserved: what discovery measures), the
+attention kernel each layer kind ran with, host-device syncs per step (CUDA: counted under
+`torch.cuda.set_sync_debug_mode("warn")` over two more steps), and the software versions.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time
 
 import torch
 
+from nanochat import attention
 from nanochat.bench import emit, environment, timing_args
 from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
@@ -62,6 +65,7 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     graphs0 = compile_count()
+    attention.RAN.clear()
 
     def step() -> int:
         tokens = 0
@@ -90,13 +94,36 @@ def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps:
         rt.sync()
         rates.append(tokens / (time.perf_counter() - t0))
     out = {"compile": compile_model, "warmup_s": round(warmup_s, 2),
+           "attention_ran": dict(attention.RAN), "syncs_per_step": syncs_per_step(step, rt),
            "compilations": compile_count() - graphs0,
            "tok_per_s_median": round(statistics.median(rates), 1),
            "tok_per_s_min": round(min(rates), 1), "tok_per_s_max": round(max(rates), 1),
            "params": model.num_params()["total"], "flops_per_token": model.flops_per_token()}
     if rt.device.type == "cuda":
         out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
+        # what discovery's probes measure (and its memory line predicts): the cache's reserve
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(rt.device) / 2**30, 3)
     return out
+
+
+def syncs_per_step(step, rt: Runtime, steps: int = 2) -> float | None:
+    """Host-device synchronizations per training step (CUDA): `torch.cuda.set_sync_debug_mode`
+    warns at each one (a blocking copy, an `.item()`, a data-dependent shape); counted over
+    `steps` more steps. None off CUDA."""
+    if rt.device.type != "cuda":
+        return None
+    import warnings
+    rt.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    rt.sync()
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def main(argv: list[str]) -> int:
