@@ -46,12 +46,17 @@ def ladder_of(recipe) -> list[int]:
     return list(recipe.grid.get("model.depth") or [recipe.model.depth])
 
 
+def dataset_name(recipe) -> str:
+    """The data's name, as upstream names datasets (climbmix, ...): the hub repo's, or offline."""
+    return "offline" if recipe.data.source == "offline" else recipe.data.hub_repo.rstrip("/").split("/")[-1]
+
+
 def write_meta(task_dir: Path, recipe, stage: str, index: int, run_dir: Path) -> dict:
     """Upstream's meta.json fields (nanochat/experiment.py:53-60 and the design doc's "commit,
     dirty, date, GPU/node info, ladder, dataset"), for this task, and once for the run."""
     prov = code_provenance()
     meta = {"name": recipe.name, "created": now_iso(), "git_commit": prov.get("commit"),
-            "git_dirty": bool(prov.get("dirty")), "dataset": Path(recipe.data.data_dir).name,
+            "git_dirty": bool(prov.get("dirty")), "dataset": dataset_name(recipe),
             "gpu": _device_name(), "node": socket.gethostname(),
             "world_size": recipe.cluster.world_size, "ladder": ladder_of(recipe),
             "stage": stage, "task": index, "depth": recipe.model.depth,
