@@ -11,10 +11,12 @@ CM > 1: the variant reaches the same quality with less compute. Only depths trai
 are compared. Prints one `cm` record per depth (upstream's grammar), writes them to
 VARIANT_RUN/compare_vs_<baseline>.log and a two-panel PNG beside it (curves; CM vs compute).
 
-The seed spread: `--seed-run` names runs of the baseline's recipe with other seeds. Their CMs
-over the baseline are what chance alone gives; the output states the band [min, max] of those
-CMs (always including 1) per depth and whether the variant's CM lies inside it
-(`within_seed_spread=1`: no evidence the idea matters) or outside (a real effect at this depth).
+The seed spread: `--seed-run` names runs of the baseline's recipe with other seeds. The final
+val_bpb of the baseline and those runs scatter by chance alone; through the slope of the
+baseline's curve that scatter is a band of CMs (seed_band: the 95% prediction interval of
+another seed). The output
+states the band per depth and whether the variant's CM lies inside it (`within_seed_spread=1`:
+no effect beyond chance) or outside (a real effect at this depth).
 Torch-free.
 """
 from __future__ import annotations
@@ -98,6 +100,32 @@ def compute_multiplier(baseline: dict, variant: dict) -> dict | None:
             "cm": b_flops / v_flops, "extrapolated": extrapolated}
 
 
+# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's 1.96)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_band(baseline: dict, seed_rungs: list[dict]) -> tuple[float, float, int] | None:
+    """(lo, hi, n) of the CMs chance alone gives at this depth. The final val_bpb of the baseline
+    and its n seed runs (n + 1 values) scatter with a standard deviation sd in log bpb; a further
+    run of the same recipe falls, with 95% probability, within t·sd·√(1 + 1/(n+1)) of their mean
+    (the prediction interval, t of n degrees of freedom); through the slope of the baseline's
+    curve at its end (d log bpb / d log FLOPs) that is a band of CMs around 1. None without a
+    seed run or a slope."""
+    finals = [math.log(r["summary"]["val_bpb"]) for r in [baseline] + seed_rungs]
+    curve = baseline["curve"]
+    if len(finals) < 2 or len(curve) < 2:
+        return None
+    (f0, b0), (f1, b1) = curve[-2], curve[-1]
+    slope = (math.log(b1) - math.log(b0)) / (math.log(f1) - math.log(f0))
+    if slope == 0:
+        return None
+    mean = sum(finals) / len(finals)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / (len(finals) - 1))
+    n = len(finals)
+    half = T95.get(n - 1, 1.96) * sd * math.sqrt(1 + 1 / n) / abs(slope)
+    return math.exp(-half), math.exp(half), len(seed_rungs)
+
+
 def compare(baseline_dir: Path, variant_dir: Path, seed_dirs: list[Path] = ()) -> tuple[list[dict], list[str]]:
     """The `cm` rows per common depth (with the seed band when seed runs are given) and the
     notes (depths skipped, and why)."""
@@ -115,11 +143,10 @@ def compare(baseline_dir: Path, variant_dir: Path, seed_dirs: list[Path] = ()) -
             notes.append(f"d{depth}: skipped, the baseline's curve is degenerate at the anchor")
             continue
         row = {"model_tag": f"d{depth}", "depth": depth, **row}
-        band = [r["cm"] for s in seeds if depth in s and (r := compute_multiplier(base[depth], s[depth]))]
-        if band:
-            lo, hi = min(band + [1.0]), max(band + [1.0])
-            row.update(seed_runs=len(band), seed_cm_lo=lo, seed_cm_hi=hi,
-                       within_seed_spread=int(lo <= row["cm"] <= hi))
+        band = seed_band(base[depth], [s[depth] for s in seeds if depth in s])
+        if band is not None:
+            row.update(seed_runs=band[2], seed_cm_lo=band[0], seed_cm_hi=band[1],
+                       within_seed_spread=int(band[0] <= row["cm"] <= band[1]))
         rows.append(row)
     return rows, notes
 
@@ -141,7 +168,8 @@ def verdict(row: dict) -> str:
                                if row["extrapolated"] else "")
     if "seed_runs" not in row:
         return f"d{row['depth']}: CM {cm}; no seed runs given (--seed-run), so the seed spread is unknown"
-    band = f"[{row['seed_cm_lo']:.3f}, {row['seed_cm_hi']:.3f}] from {row['seed_runs']} seed run(s)"
+    band = (f"[{row['seed_cm_lo']:.3f}, {row['seed_cm_hi']:.3f}] (95% prediction interval of another seed, "
+            f"from the final val_bpb of the baseline and {row['seed_runs']} seed run(s))")
     if row["within_seed_spread"]:
         return f"d{row['depth']}: CM {cm} is within the seed spread {band}: no effect beyond chance"
     side = "better" if row["cm"] > row["seed_cm_hi"] else "worse"

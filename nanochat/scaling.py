@@ -171,7 +171,7 @@ def ladder_table(recipe, nodes: list[int], gpus_per_node: int = 8, mfu: float = 
         t = cluster_table(r, [r.cluster.nodes], gpus_per_node, mfu=mfu, gpu=gpu)
         row = t["rows"][0]
         rungs.append({"grid": " ".join(overrides), "depth": r.model.depth, "params": t["params"],
-                      "flops": t["flops"], "steps": t["steps"], "nodes": r.cluster.nodes,
+                      "flops": t["flops"], "tokens": t["tokens"], "steps": t["steps"], "nodes": r.cluster.nodes,
                       "hours": row["hours"], "gpu_hours": row["gpu_hours"]})
     per_rung = max(r["nodes"] for r in rungs)
     spans = []
@@ -194,13 +194,13 @@ def render_ladder(t: dict) -> str:
     lines = [f"ladder of {len(t['rungs'])} rungs, base pretraining modelled (not measured) at an assumed "
              f"{100 * t['mfu']:.0f}% MFU of {gpu} bf16 dense {PEAKS[t['gpu']] / 1e12:.0f} TFLOP/s (datasheet), "
              f"{t['gpus_per_node']} GPUs a node; SFT, evaluation and benchmarks not included",
-             "| rung | depth | params | training FLOPs | steps | nodes | hours | GPU-hours |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rung | depth | params | tokens | training FLOPs | steps | nodes | hours | GPU-hours |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t["rungs"]:
-        lines.append(f"| {r['grid'] or '-'} | {r['depth']} | {r['params']:,} | {r['flops']:.3e} | {r['steps']:,} | "
+        lines.append(f"| {r['grid'] or '-'} | {r['depth']} | {r['params']:,} | {r['tokens']:,.0f} | {r['flops']:.3e} | {r['steps']:,} | "
                      f"{r['nodes']} | {r['hours']:.2f} | {r['gpu_hours']:.1f} |")
     lines.append(f"one rung after another on one allocation (upstream's runs/run.sh loop): {t['serial_hours']:.2f} h; "
-                 f"{t['gpu_hours']:.1f} GPU-hours in all")
+                 f"{t['gpu_hours']:.1f} GPU-hours and {sum(r['tokens'] for r in t['rungs']):,.0f} tokens in all")
     for m in t["makespans"]:
         lines.append(f"makespan on {m['nodes']} node{'s' if m['nodes'] > 1 else ''} "
                      f"({m['nodes'] * t['gpus_per_node']} × {gpu}), rungs side by side: {m['makespan_hours']:.2f} h")
