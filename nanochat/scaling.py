@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from nanochat.comm_bench import allreduce_seconds
 from nanochat.common import UserError, cli_main
-from nanochat.recipe import load_recipe
+from nanochat.recipe import grid_overrides, grid_recipes, load_recipe
 
 # Datasheet figures (NVIDIA H100 SXM datasheet; NVIDIA Quantum-2 NDR InfiniBand), assumptions,
 # not measurements: NVLink 4 is 900 GB/s per GPU (both directions together), an NDR port
@@ -165,7 +165,6 @@ def ladder_table(recipe, nodes: list[int], gpus_per_node: int = 8, mfu: float = 
     ladder's makespan when N nodes run the rungs side by side (the launcher submits them as one
     array): longest rung first onto the least-loaded group of cluster.nodes nodes (LPT list
     scheduling). Base pretraining only: SFT, evaluation and the benchmark are not modelled."""
-    from jobs.plan import grid_overrides, grid_recipes  # the launcher's own expansion of the grid
     rungs = []
     for overrides, r in zip(grid_overrides(recipe), grid_recipes(recipe)):
         t = cluster_table(r, [r.cluster.nodes], gpus_per_node, mfu=mfu, gpu=gpu)
