@@ -85,3 +85,27 @@ def test_the_tiny_ladder_runs_locally_into_a_curve_upstream_reads(corpus, tmp_pa
     task = json.loads((run / "base" / "001" / "task_meta.json").read_text())
     assert task["stage"] == "base" and task["depth"] == 3
     assert yaml.safe_load((run / "recipe.yaml").read_text())["grid"] == {"model.depth": [2, 3, 4]}
+
+
+def test_the_tiny_ladder_runs_on_slurm_as_arrays_with_the_schedulers_costs(slurm, corpus, tmp_path):
+    """Two rungs of the tiny ladder, pretraining only, on the local SLURM: one array job, and the
+    curve's cost fields come from sacct (queue wait: Start − Submit; Elapsed × the allocated GPUs:
+    the local cluster's gres gives each task the one GPU the recipe asks for)."""
+    from tests.test_slurm import launch as slurm_launch, wait_until_done
+    data = corpus["sections"]["data"]
+    res = slurm_launch(REPO / "configs" / "tiny_ladder.yaml", "--output-root", tmp_path / "runs",
+                       f"cache_dir={corpus['cache_dir']}", f"data.data_dir={data['data_dir']}",
+                       f"data.offline_cache={data['offline_cache']}", "stages=[base, report]",
+                       "grid={model.depth: [2, 3]}")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "tiny_ladder"
+    rows = wait_until_done(run)
+    assert all(r["state"] == "COMPLETED" for r in rows), rows
+    manifest = json.loads((run / "manifest.json").read_text())
+    ids = [t["job_id"] for t in manifest["stages"]["base"]["tasks"]]
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids), ids  # one array
+    models = upstream_parse_records(run / "curve.log", "model")
+    assert [m["depth"] for m in models] == [2, 3]
+    for m in models:
+        assert m["sched.source"] == "sacct" and m["sched.queue_s"] >= 0 and m["sched.wall_s"] > 0
+        assert abs(m["sched.gpu_hours"] - m["sched.wall_s"] / 3600) < 1e-3
