@@ -281,7 +281,29 @@ def report_lines(run_dir: Path, rows: list[dict]) -> list[str]:
     if fit is not None:
         lines += ["", f"Fitted power law (least squares in log-log): val_bpb = {fit[0]:.4g} · C^{fit[1]:.4f}"]
     lines += ["", "![val BPB vs training FLOPs](curve.png)"]
-    return lines
+    return lines + time_lines(rows)
+
+
+TIME_FIELDS = [("setup_s", "set-up (imports, data, tokenizer, model)"), ("warmup_s", "warm-up + first step (compile)"),
+               ("train_time_sec", "training steps (the first included)"), ("eval_total_s", "evaluation"),
+               ("checkpoint_total_s", "checkpoints")]
+
+
+def time_lines(rows: list[dict]) -> list[str]:
+    """Where each rung's training time went, per training stage (the summary's breakdown), with
+    the rung's queue wait and its tasks' wall time from the scheduler."""
+    out = []
+    for stage in ("base", "sft"):
+        have = [r for r in rows if f"{stage}.setup_s" in r]
+        if not have:
+            continue
+        out += ["", f"### Where the time went: {stage} (seconds)", "",
+                "| depth | queue | " + " | ".join(label for _, label in TIME_FIELDS) + " |",
+                "|---:|---:|" + "---:|" * len(TIME_FIELDS)]
+        for r in have:
+            out.append(f"| {r.get('depth', '?')} | {r.get('sched.queue_s', '') if stage == 'base' else ''} | " +
+                       " | ".join(str(r.get(f"{stage}.{k}", "")) for k, _ in TIME_FIELDS) + " |")
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 
 from nanochat import checkpoint as ckpt
@@ -109,6 +110,9 @@ class StepLogger:
         # training time alone — no evaluation, no checkpointing — as the speedrun leaderboard
         # counts it; a resumed run continues the count of the records it kept
         self.train_s = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
+        # where this process's time went before the loop: imports, data, tokenizer, model, optimizer
+        self.setup_s = time.time() - psutil.Process().create_time()
+        self.warmup_s = 0.0  # the warm-up forward/backward and the first step (the compile, when compiled)
 
     def write(self, record: dict) -> None:
         self.log.write(record)
@@ -168,9 +172,15 @@ class StepLogger:
         if spec.summary.get("num_scaling_params"):
             rec["param_data_ratio"] = round(tokens / spec.summary["num_scaling_params"], 2)
         rec["train_time_sec"] = round(self.train_s, 1)
+        # the time breakdown of this process (a resumed run: of its last attempt)
+        records = read_jsonl(self.log.path)
+        rec.update(setup_s=round(self.setup_s, 1), warmup_s=round(self.warmup_s, 1),
+                   eval_total_s=round(sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval"), 1),
+                   checkpoint_total_s=round(sum(r.get("checkpoint_s", 0) for r in records
+                                                if r.get("event") == "checkpoint"), 1))
         rec["peak_vram_mib"] = (round(torch.cuda.max_memory_allocated(self.rt.device) / 2**20)
                                 if self.rt.device.type == "cuda" else 0)
-        evals = [r for r in read_jsonl(self.log.path) if r.get("event") == "eval"]
+        evals = [r for r in records if r.get("event") == "eval"]
         for key in ("val_bpb", "val_loss"):
             vals = [r[key] for r in evals if isinstance(r.get(key), (int, float))]
             if vals:
@@ -290,7 +300,9 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
 
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
+    t_warm = time.perf_counter()
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
+    logger.warmup_s = time.perf_counter() - t_warm
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
     train_s0 = logger.train_s  # this process's steps only (a resumed run's count starts higher)
@@ -343,6 +355,8 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             if delay:
                 time.sleep(delay)
             logger.train_s += time.perf_counter() - t_step
+            if step == start_step:  # the first step: compile, allocator warm-up (also in train_s)
+                logger.warmup_s += time.perf_counter() - t_step
             logger.step_done()
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))

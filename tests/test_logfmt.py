@@ -83,6 +83,9 @@ def test_a_base_run_logs_upstreams_records_and_they_agree_with_progress_jsonl(ti
     assert BASE_SUMMARY_FIELDS <= set(summary), BASE_SUMMARY_FIELDS - set(summary)
     assert summary["model_tag"] == "d2" and summary["depth"] == 2 and summary["num_iterations"] == 8
     assert summary["tokens_trained"] == 8 * 512 and isinstance(summary["eflops"], float)
+    # where the time went: set-up before the loop, the first step, steps, evaluations, checkpoints
+    assert summary["setup_s"] > 0 and summary["warmup_s"] > 0 and summary["train_time_sec"] > 0
+    assert summary["eval_total_s"] > 0 and summary["checkpoint_total_s"] >= 0
     # upstream's read_training_curve: eval records past step 0 carry eflops > 0 and val_bpb,
     # growing with the step, the last at the summary's eflops
     evals = [r for r in upstream_parse_records(log, "eval") if r["step"] > 0]
@@ -100,6 +103,7 @@ def test_a_base_run_logs_upstreams_records_and_they_agree_with_progress_jsonl(ti
     for p in (p for p in progress if p["event"] == "eval"):
         assert log_evals[p["step"]]["val_bpb"] == p["val_bpb"]
     assert [p for p in progress if p["event"] == "summary"][0]["eflops"] == summary["eflops"]
+    assert summary["checkpoint_total_s"] == round(sum(p["checkpoint_s"] for p in progress if p["event"] == "checkpoint"), 1)
 
 
 def test_values_round_trip_through_upstreams_parser():
