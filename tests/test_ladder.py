@@ -76,6 +76,13 @@ def test_the_tiny_ladder_runs_locally_into_a_curve_upstream_reads(corpus, tmp_pa
         assert m["sched.gpu_hours"] == 0  # a CPU run holds no GPU
     assert [m["base.eflops"] for m in models] == sorted(m["base.eflops"] for m in models)
     assert models[-1]["base.val_bpb"] < models[0]["base.val_bpb"]
+    # each stage's own log, read by upstream's parser: the fields its scripts/curve.py joins (d4: task 2)
+    m = models[-1]
+    bench = upstream_parse_records(run / "kv_bench" / "002" / "infer_bench.log", "bench")
+    assert [b["batch"] for b in bench] == [1, 8] and all(b["tok_per_sec"] > 0 for b in bench)
+    assert upstream_parse_records(run / "base" / "002" / "sft" / "sft.log", "summary")[-1]["val_loss"] == m["sft.val_loss"]
+    chat = upstream_parse_records(run / "base" / "002" / "sft" / "chat_eval.log", "summary")[-1]
+    assert chat["source"] == "sft" and "chatcore" in chat and chat["val_bpb"] == m["chat.val_bpb"]
     assert (run / "curve.png").read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()
     assert "### Where the time went: base" in report and "### Where the time went: sft" in report
