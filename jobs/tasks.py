@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.ladder import write_meta
 from jobs.lease import Lease, TaskBusy, acquire as acquire_lease, this_job
 from jobs.manifest import read_manifest
 from jobs.plan import discovery_stages
@@ -32,6 +33,7 @@ def task_recipe(run_dir: Path, stage: str, index: int):
     task = manifest["stages"][stage]["tasks"][index]
     overrides = list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"]
     recipe = load_recipe(Path(run_dir) / "recipe.yaml", overrides)
+    write_meta(Path(task["run_dir"]), recipe, stage, index, Path(run_dir))  # upstream's meta.json (jobs/ladder.py)
     os.environ[TASK_LABEL_ENV] = f"{recipe.name} task {index}" + (f" ({', '.join(task['overrides'])})"
                                                                    if task["overrides"] else "")
     if recipe.train.wandb_project and not recipe.train.wandb_name:

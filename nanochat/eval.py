@@ -38,6 +38,7 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat import tasks
+from nanochat.logfmt import write_stage_records
 from nanochat.common import UserError, atomic_write_json, cli_main, downloads_allowed, print0
 from nanochat.config import EvalArgs, Recipe
 from nanochat.core import chatcore, ensure_bundle, evaluate_core
@@ -282,8 +283,24 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
     result["elapsed_s"] = round(time.perf_counter() - t0, 2)
     dest = Path(out) if out is not None else run_dir / EVAL_FILE
     atomic_write_json(dest, result)
+    if out is None:  # the task directory's record, in upstream's grammar too (nanochat/logfmt.py)
+        write_stage_records(run_dir, "eval", [stage_summary(result)])
     print0(format_table(result) + f"\nwritten to {dest}")
     return result
+
+
+def stage_summary(result: dict) -> dict:
+    """eval.json as upstream's chat_eval `summary` (scripts/chat_eval.py: source, step, one
+    accuracy per task, chatcore) plus the base metrics it also holds (val_bpb, core)."""
+    rec = {"event": "summary", "source": result["stage"], "step": result["step"]}
+    if result.get("val_bpb") is not None:
+        rec["val_bpb"] = round(result["val_bpb"], 6)
+    if isinstance(result.get("core"), dict) and result["core"].get("score") is not None:
+        rec["core"] = round(result["core"]["score"], 6)
+    rec.update({name: round(t["accuracy"], 6) for name, t in result["tasks"].items()})
+    if isinstance(result.get("chatcore"), dict) and result["chatcore"].get("score") is not None:
+        rec["chatcore"] = round(result["chatcore"]["score"], 6)
+    return rec
 
 
 def format_table(result: dict) -> str:

@@ -1,6 +1,7 @@
 """Predicted data-parallel scaling efficiency, from step time, gradient bytes and bus bandwidth.
 
     python -m nanochat.scaling configs/d24.yaml --nodes 1 2 4 [--gpu h100|a100] [--mfu 0.4] [--overlap 0]
+    python -m nanochat.scaling configs/ladder.yaml --gpu a100 --nodes 3   # a grid: each rung's hours, the makespan
 
 The model (one optimizer step of a data-parallel run with a fixed global batch):
 - compute: the step's forward/backward/optimizer time on one rank, split evenly over more ranks
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from nanochat.comm_bench import allreduce_seconds
 from nanochat.common import UserError, cli_main
-from nanochat.recipe import load_recipe
+from nanochat.recipe import grid_overrides, grid_recipes, load_recipe
 
 # Datasheet figures (NVIDIA H100 SXM datasheet; NVIDIA Quantum-2 NDR InfiniBand), assumptions,
 # not measurements: NVLink 4 is 900 GB/s per GPU (both directions together), an NDR port
@@ -157,6 +158,54 @@ def render_table(t: dict) -> str:
     return "\n".join(lines)
 
 
+def ladder_table(recipe, nodes: list[int], gpus_per_node: int = 8, mfu: float = ASSUMED_MFU,
+                 gpu: str = "h100") -> dict:
+    """A grid recipe (a ladder: one base training per combination) before launching: each rung's
+    modelled hours on its own allocation (cluster.nodes nodes; one node's model above) and the
+    ladder's makespan when N nodes run the rungs side by side (the launcher submits them as one
+    array): longest rung first onto the least-loaded group of cluster.nodes nodes (LPT list
+    scheduling). Base pretraining only: SFT, evaluation and the benchmark are not modelled."""
+    rungs = []
+    for overrides, r in zip(grid_overrides(recipe), grid_recipes(recipe)):
+        t = cluster_table(r, [r.cluster.nodes], gpus_per_node, mfu=mfu, gpu=gpu)
+        row = t["rows"][0]
+        rungs.append({"grid": " ".join(overrides), "depth": r.model.depth, "params": t["params"],
+                      "flops": t["flops"], "tokens": t["tokens"], "steps": t["steps"], "nodes": r.cluster.nodes,
+                      "hours": row["hours"], "gpu_hours": row["gpu_hours"]})
+    per_rung = max(r["nodes"] for r in rungs)
+    spans = []
+    for n in nodes:
+        slots = n // per_rung
+        if slots < 1:
+            raise UserError(f"--nodes {n}: each rung needs cluster.nodes={per_rung} nodes; give at least {per_rung}")
+        load = [0.0] * slots
+        for r in sorted(rungs, key=lambda r: -r["hours"]):
+            i = load.index(min(load))
+            load[i] += r["hours"]
+        spans.append({"nodes": n, "makespan_hours": round(max(load), 3)})
+    return {"gpu": gpu, "mfu": mfu, "gpus_per_node": gpus_per_node, "rungs": rungs,
+            "serial_hours": round(sum(r["hours"] for r in rungs), 3),
+            "gpu_hours": round(sum(r["gpu_hours"] for r in rungs), 2), "makespans": spans}
+
+
+def render_ladder(t: dict) -> str:
+    gpu = t["gpu"].upper()
+    lines = [f"ladder of {len(t['rungs'])} rungs, base pretraining modelled (not measured) at an assumed "
+             f"{100 * t['mfu']:.0f}% MFU of {gpu} bf16 dense {PEAKS[t['gpu']] / 1e12:.0f} TFLOP/s (datasheet), "
+             f"{t['gpus_per_node']} GPUs a node; SFT, evaluation and benchmarks not included",
+             "| rung | depth | params | tokens | training FLOPs | steps | nodes | hours | GPU-hours |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in t["rungs"]:
+        lines.append(f"| {r['grid'] or '-'} | {r['depth']} | {r['params']:,} | {r['tokens']:,.0f} | {r['flops']:.3e} | {r['steps']:,} | "
+                     f"{r['nodes']} | {r['hours']:.2f} | {r['gpu_hours']:.1f} |")
+    lines.append(f"one rung after another on one allocation (upstream's runs/run.sh loop): {t['serial_hours']:.2f} h; "
+                 f"{t['gpu_hours']:.1f} GPU-hours and {sum(r['tokens'] for r in t['rungs']):,.0f} tokens in all")
+    for m in t["makespans"]:
+        lines.append(f"makespan on {m['nodes']} node{'s' if m['nodes'] > 1 else ''} "
+                     f"({m['nodes'] * t['gpus_per_node']} × {gpu}), rungs side by side: {m['makespan_hours']:.2f} h")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanochat.scaling", description=__doc__.splitlines()[0])
     ap.add_argument("recipe", help="YAML recipe, e.g. configs/d24.yaml")
@@ -175,7 +224,12 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     if any(n < 1 for n in args.nodes):
         raise UserError(f"--nodes must be ≥ 1, got {args.nodes}")
-    t = cluster_table(load_recipe(args.recipe, args.overrides), args.nodes, args.gpus_per_node,
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.grid:  # a ladder (or any grid): per-rung hours and the makespan on --nodes
+        t = ladder_table(recipe, args.nodes, args.gpus_per_node, args.mfu, args.gpu)
+        print(json.dumps(t, indent=2) if args.json else render_ladder(t))
+        return 0
+    t = cluster_table(recipe, args.nodes, args.gpus_per_node,
                       args.overlap, args.grad_bytes, args.mfu, args.gpu)
     print(json.dumps(t, indent=2) if args.json else render_table(t))
     return 0

@@ -146,7 +146,8 @@ def _train_base(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_request
     spec = LoopSpec(num_steps=steps, grad_accum=accum, tokens_per_step=recipe.train.total_batch_size,
                     flops_per_token=flops, train=recipe.train, optim=recipe.optim, stage="base",
                     meta=meta, batch_check=check, core=core,
-                    stop_lead_s=recipe.cluster.signal_lead_s)
+                    stop_lead_s=recipe.cluster.signal_lead_s,
+                    summary={"num_params": nparams["total"], "num_scaling_params": nparams["scaling"]})
     loader = loader_at(device_batch, loader_state)
     return train_loop(rt, run_dir, model, step_model, optimizers, loader, evaluate, spec,
                       start_step=start_step, stop_requested=stop_requested)

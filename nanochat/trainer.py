@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 
 from nanochat import attention
 from nanochat import checkpoint as ckpt
 from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
-from nanochat.common import UserError, atomic_write_json, atomic_write_text, print0
+from nanochat.common import UserError, atomic_write_json, print0
 from nanochat.config import OptimArgs, TrainArgs
+from nanochat.logfmt import STAGE_LOGS, StageLog, argv_script, sig
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
 from nanochat.plots import plot_progress, plot_title, read_jsonl
@@ -46,24 +48,13 @@ def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
 # --------------------------------------------------------------------------------------------
 # Progress log: JSON lines in the run directory (rank 0).
 
-class ProgressLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
+class ProgressLog(StageLog):
+    """progress.jsonl and, from the same records, the stage's log in upstream's grammar
+    (base_train.log, sft.log: nanochat/logfmt.py) — one writer, so the two never disagree."""
 
-    def truncate_from(self, step: int) -> list[dict]:
-        """On resume from `step`, drop records of steps ≥ step so the curve continues cleanly;
-        returns the records kept."""
-        if not (self.enabled and self.path.exists()):
-            return []
-        kept = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", -1) < step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        return [json.loads(ln) for ln in kept]
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def __init__(self, path: Path, enabled: bool, stage: str = "base", echo=None):
+        super().__init__(Path(path).parent / STAGE_LOGS.get(stage, f"{stage}.log"), path, enabled, echo)
+        self.path = Path(path)
 
 
 def read_progress(path: Path) -> list[dict]:
@@ -87,6 +78,7 @@ class LoopSpec:
     core: Callable[[torch.nn.Module], float | None] | None = None  # CORE every train.core_every steps (core.make_core_evaluator)
     stop_lead_s: float | None = None  # how long before a hard stop the stop request comes (cluster.signal_lead_s): checkpoint times are checked against it
     eval_s: float = 0.0               # the last scheduled evaluation's seconds (set by the loop): a stop request waits for it
+    summary: dict = field(default_factory=dict)  # identity fields of the final `summary` record (model_tag, num_params, ...)
 
 
 def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
@@ -103,8 +95,9 @@ class StepLogger:
 
     def __init__(self, rt: Runtime, run_dir: Path, spec: "LoopSpec", start_step: int):
         self.rt, self.spec, self.run_dir = rt, spec, run_dir
-        self.log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master)
+        self.log = ProgressLog(run_dir / "progress.jsonl", rt.dist.is_master, spec.stage, echo=print0)
         kept = [r for r in self.log.truncate_from(start_step) if r.get("event") == "train"]
+        self.log.invocation(argv_script(), sys.argv[1:], spec.meta.get("recipe", {}))
         self.peak, self.peak_src = peak_flops(rt.device, rt.dtype)
         self.bar = None
         if _want_bar(spec.train, rt):
@@ -112,6 +105,7 @@ class StepLogger:
             self.bar = tqdm(total=spec.num_steps, initial=start_step, desc=spec.stage, unit="step",
                             dynamic_ncols=True)
         self.say = self.bar.write if self.bar else print0
+        self.log.echo = self.say
         self.tracker = (start_tracking(spec.train, run_dir, spec.stage, spec.meta)
                         if rt.dist.is_master else None)
         self.train_t0 = time.perf_counter()
@@ -119,6 +113,9 @@ class StepLogger:
         # training time alone — no evaluation, no checkpointing — as the speedrun leaderboard
         # counts it; a resumed run continues the count of the records it kept
         self.train_s = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
+        # where this process's time went before the loop: imports, data, tokenizer, model, optimizer
+        self.setup_s = time.time() - psutil.Process().create_time()
+        self.warmup_s = 0.0  # the warm-up forward/backward and the first step (the compile, when compiled)
 
     def write(self, record: dict) -> None:
         self.log.write(record)
@@ -127,7 +124,8 @@ class StepLogger:
 
     def evaluation(self, step: int, metrics: dict, seconds: float) -> None:
         self.write({"event": "eval", "step": step, **metrics, "eval_s": round(seconds, 3),
-                    "train_s": round(self.train_s, 3)})
+                    "train_s": round(self.train_s, 3),
+                    "eflops": sig(step * self.spec.tokens_per_step * self.spec.flops_per_token / 1e18)})
         shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(shown))
         if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
@@ -162,6 +160,40 @@ class StepLogger:
                    + (f" tok/s {rec['tok_per_s']:,.0f} mfu {rec['mfu']:.1f}% eta {rec['eta_s']:.0f}s"
                       if "tok_per_s" in rec else ""))
         self.window_t0, self.window_steps = now, 0
+        return rec
+
+    def summary(self) -> dict:
+        """The stage's final record, upstream's `summary` fields (scripts/base_train.py, chat_sft.py):
+        identity (spec.summary), horizon, compute, training time, peak memory, final and best
+        validation metric, CORE when it ran."""
+        spec = self.spec
+        mc = spec.meta.get("model_config") or {}
+        tokens = spec.num_steps * spec.tokens_per_step
+        rec = {"event": "summary", "step": spec.num_steps, "model_tag": f"d{mc.get('n_layer')}",
+               "depth": mc.get("n_layer"),
+               "model_dim": mc.get("n_embd"), **spec.summary, "num_iterations": spec.num_steps,
+               "total_batch_size": spec.tokens_per_step, "tokens_trained": tokens,
+               "eflops": sig(spec.flops_per_token * tokens / 1e18)}
+        if spec.summary.get("num_scaling_params"):
+            rec["param_data_ratio"] = round(tokens / spec.summary["num_scaling_params"], 2)
+        rec["train_time_sec"] = round(self.train_s, 1)
+        # the time breakdown of this process (a resumed run: of its last attempt)
+        records = read_jsonl(self.log.path)
+        rec.update(setup_s=round(self.setup_s, 1), warmup_s=round(self.warmup_s, 1),
+                   eval_total_s=round(sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval"), 1),
+                   checkpoint_total_s=round(sum(r.get("checkpoint_s", 0) for r in records
+                                                if r.get("event") == "checkpoint"), 1))
+        rec["peak_vram_mib"] = (round(torch.cuda.max_memory_allocated(self.rt.device) / 2**20)
+                                if self.rt.device.type == "cuda" else 0)
+        evals = [r for r in records if r.get("event") == "eval"]
+        for key in ("val_bpb", "val_loss"):
+            vals = [r[key] for r in evals if isinstance(r.get(key), (int, float))]
+            if vals:
+                rec[key], rec[f"min_{key}"] = round(vals[-1], 6), round(min(vals), 6)
+        cores = [r["core"] for r in evals if isinstance(r.get("core"), (int, float))]
+        if cores:
+            rec["core"] = round(cores[-1], 6)
+        self.write({k: v for k, v in rec.items() if v is not None})
         return rec
 
     def advance(self) -> None:
@@ -277,7 +309,9 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
     next_state = batches.state_dict()  # loader state of the batch about to be fetched
     x, y = next(batches)
     attention.RAN.clear()  # what this run's first step runs (record_attention_ran)
+    t_warm = time.perf_counter()
     warm_up(step_model, x, y, rt)  # compile on every rank before the first collective
+    logger.warmup_s = time.perf_counter() - t_warm
     accum, check = spec.grad_accum, spec.batch_check
     agreement = StopAgreement(rt, stop_requested)
     longest_eval_s = 0.0
@@ -339,12 +373,16 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             if delay:
                 time.sleep(delay)
             logger.train_s += time.perf_counter() - t_step
+            if step == start_step:  # the first step: compile, allocator warm-up (also in train_s)
+                logger.warmup_s += time.perf_counter() - t_step
             logger.step_done()
             if step == start_step and rt.dist.is_master:
                 record_attention_ran(run_dir / "run.json")
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))
             logger.advance()
+        if not last.get("stopped"):
+            logger.summary()
         ok = True
     finally:
         logger.close(ok)

@@ -22,7 +22,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = [pytest.mark.fakecuda,
               pytest.mark.skipif(torch.version.cuda is None,

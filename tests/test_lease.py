@@ -4,7 +4,6 @@ multi-node task that must all follow one verdict — against the real local SLUR
 misbehaving scheduler commands wrapped around its real ones (tests/scheduler_shims.py)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ import pytest
 
 from jobs import lease as lease_module
 from jobs.lease import LeaseLost, TaskBusy, acquire
-from jobs.manifest import process_start_time
 from nanochat.common import atomic_write_json, now_iso
 from scheduler_shims import scheduler_shims  # noqa: F401 (a fixture)
 from test_scheduler import ended_in_accounting, sbatch

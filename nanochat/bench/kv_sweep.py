@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from nanochat.bench import environment, seconds_per_call
 from nanochat import checkpoint as ckpt
+from nanochat.logfmt import write_stage_records
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, print0
 from nanochat.config import Recipe
 from nanochat.decode import mkl_packed_available
@@ -387,8 +388,25 @@ def plot(report: dict, out_png: Path) -> None:
     plt.close(fig)
 
 
+def stage_records(report: dict) -> list[dict]:
+    """The sweep as upstream's infer_bench records (scripts/infer_bench.py): a `bench` row per
+    batch size with the KV cache, then a `summary` — written beside results.json from the same
+    dict (nanochat/logfmt.py)."""
+    rows = [r for r in report["results"] if r["mode"] == "cache" and "error" not in r]
+    bench = [{"event": "bench", "batch": r["batch"], "ttft_sec": round(r["ttft_ms_median"] / 1e3, 6),
+              "tok_per_sec": round(r["tok_per_s_median"], 1), "peak_vram_bytes": round(r["peak_mem_gb"] * 2**30),
+              **({"speedup_vs_nocache": round(r["speedup_vs_nocache"], 3)} if "speedup_vs_nocache" in r else {})}
+             for r in rows]
+    summary = {"event": "summary", "model_tag": f"d{report['model']['config']['n_layer']}",
+               "source": report["model"]["source"], "gpu": report.get("device", "?"),
+               "params": report["model"]["params"], "prompt_tokens": report["shape"]["prompt_len"],
+               "decode_tokens": report["shape"]["max_new_tokens"]}
+    return bench + [summary]
+
+
 def write_outputs(report: dict, out_dir: Path) -> None:
     atomic_write_json(out_dir / "results.json", report)
+    write_stage_records(out_dir, "kv_bench", stage_records(report))
     with atomic_path(out_dir / "results.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()

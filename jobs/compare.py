@@ -1,0 +1,245 @@
+"""The compute multiplier (CM) of a variant run over a baseline run, per common depth.
+
+    python jobs/compare.py BASELINE_RUN VARIANT_RUN [--seed-run RUN ...] [--plot FILE]
+
+Upstream's conventions (karpathy/nanochat, branch experiment_refactor, scripts/compare.py:1-33,
+53-109): for the variant's final val_bpb (the anchor), CM = the baseline's FLOPs to reach it ÷
+the variant's FLOPs; the baseline's FLOPs are read off its val_bpb-vs-FLOPs curve (the `eval`
+records of its base_train.log) piecewise-linearly in (log FLOPs, log bpb); an anchor outside the
+measured range extends the boundary segment, and that CM is marked extrapolated (a trailing "?").
+CM > 1: the variant reaches the same quality with less compute. Only depths trained in both runs
+are compared. Prints one `cm` record per depth (upstream's grammar), writes them to
+VARIANT_RUN/compare_vs_<baseline>.log and a two-panel PNG beside it (curves; CM vs compute).
+
+The seed spread: `--seed-run` names runs of the baseline's recipe with other seeds. The final
+val_bpb of the baseline and those runs scatter by chance alone; through the slope of the
+baseline's curve that scatter is a band of CMs (seed_band: the 95% prediction interval of
+another seed). The output
+states the band per depth and whether the variant's CM lies inside it (`within_seed_spread=1`:
+no effect beyond chance) or outside (a real effect at this depth).
+Torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/compare.py` from anywhere
+
+from nanochat.common import UserError, atomic_write_text, cli_main  # noqa: E402
+from nanochat.logfmt import STAGE_LOGS, format_record, last_summary, parse_records  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run: its rungs' base summaries and training curves, by depth
+
+def rung_dirs(run_dir: Path) -> list[Path]:
+    """The base task directories of a run (base/NNN), or the run itself when it is one."""
+    run_dir = Path(run_dir)
+    if (run_dir / STAGE_LOGS["base"]).exists():
+        return [run_dir]
+    return sorted(p.parent for p in run_dir.glob(f"base/*/{STAGE_LOGS['base']}"))
+
+
+def read_run(run_dir: Path) -> dict[int, dict]:
+    """depth → {summary, curve [(eflops, val_bpb)], dir} for every rung that finished
+    pretraining (its log has a summary with val_bpb and eflops: upstream's read_base_summary)."""
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir}: no such run directory; pass the directory jobs/launch.py printed")
+    out: dict[int, dict] = {}
+    for d in rung_dirs(run_dir):
+        log = d / STAGE_LOGS["base"]
+        summary = last_summary(log)
+        if not summary or "val_bpb" not in summary or "eflops" not in summary:
+            continue
+        curve = [(r["eflops"], r["val_bpb"]) for r in parse_records(log, "eval")
+                 if isinstance(r.get("step"), int) and r["step"] > 0 and r.get("eflops", 0) > 0
+                 and "val_bpb" in r]
+        depth = summary.get("depth")
+        if depth in out:
+            raise UserError(f"{run_dir}: two rungs of depth {depth} ({out[depth]['dir']}, {d}); "
+                            "compare runs with one task per depth")
+        out[depth] = {"summary": summary, "curve": curve, "dir": d}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The CM, as upstream computes it
+
+def solve_segment(p0: tuple[float, float], p1: tuple[float, float], target: float) -> float:
+    """FLOPs where the line through p0, p1 in (log FLOPs, log bpb) reaches `target`."""
+    (f0, b0), (f1, b1) = p0, p1
+    w = (math.log(b0) - math.log(target)) / (math.log(b0) - math.log(b1))
+    return math.exp((1 - w) * math.log(f0) + w * math.log(f1))
+
+
+def flops_at_bpb(points: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
+    """(FLOPs, extrapolated) where the curve first reaches `target`; None when degenerate."""
+    if len(points) < 2:
+        return None
+    for (f0, b0), (f1, b1) in zip(points, points[1:]):
+        if b1 <= target <= b0 and b0 != b1:
+            return solve_segment((f0, b0), (f1, b1), target), False
+    segment = (points[0], points[1]) if target > points[0][1] else (points[-2], points[-1])
+    if segment[0][1] == segment[1][1]:
+        return None
+    return solve_segment(*segment, target), True
+
+
+def compute_multiplier(baseline: dict, variant: dict) -> dict | None:
+    """One depth's CM row (anchor = the variant's final val_bpb); None when the baseline's
+    curve cannot be inverted there."""
+    anchor, v_flops = variant["summary"]["val_bpb"], variant["summary"]["eflops"]
+    found = flops_at_bpb(baseline["curve"], anchor)
+    if found is None:
+        return None
+    b_flops, extrapolated = found
+    return {"anchor_bpb": anchor, "baseline_eflops": b_flops, "variant_eflops": v_flops,
+            "cm": b_flops / v_flops, "extrapolated": extrapolated}
+
+
+# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's 1.96)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_band(baseline: dict, seed_rungs: list[dict]) -> tuple[float, float, int] | None:
+    """(lo, hi, n) of the CMs chance alone gives at this depth. The final val_bpb of the baseline
+    and its n seed runs (n + 1 values) scatter with a standard deviation sd in log bpb; a further
+    run of the same recipe falls, with 95% probability, within t·sd·√(1 + 1/(n+1)) of their mean
+    (the prediction interval, t of n degrees of freedom); through the slope of the baseline's
+    curve at its end (d log bpb / d log FLOPs) that is a band of CMs around 1. None without a
+    seed run or a slope."""
+    finals = [math.log(r["summary"]["val_bpb"]) for r in [baseline] + seed_rungs]
+    curve = baseline["curve"]
+    if len(finals) < 2 or len(curve) < 2:
+        return None
+    (f0, b0), (f1, b1) = curve[-2], curve[-1]
+    slope = (math.log(b1) - math.log(b0)) / (math.log(f1) - math.log(f0))
+    if slope == 0:
+        return None
+    mean = sum(finals) / len(finals)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / (len(finals) - 1))
+    n = len(finals)
+    half = T95.get(n - 1, 1.96) * sd * math.sqrt(1 + 1 / n) / abs(slope)
+    return math.exp(-half), math.exp(half), len(seed_rungs)
+
+
+def compare(baseline_dir: Path, variant_dir: Path, seed_dirs: list[Path] = ()) -> tuple[list[dict], list[str]]:
+    """The `cm` rows per common depth (with the seed band when seed runs are given) and the
+    notes (depths skipped, and why)."""
+    base, var = read_run(baseline_dir), read_run(variant_dir)
+    if not base:
+        raise UserError(f"{baseline_dir}: no rung finished pretraining (no summary in any base_train.log)")
+    if not var:
+        raise UserError(f"{variant_dir}: no rung finished pretraining (no summary in any base_train.log)")
+    seeds = [read_run(d) for d in seed_dirs]
+    notes = [f"d{d}: skipped, the baseline never trained this depth" for d in sorted(var) if d not in base]
+    rows = []
+    for depth in sorted(d for d in var if d in base):
+        row = compute_multiplier(base[depth], var[depth])
+        if row is None:
+            notes.append(f"d{depth}: skipped, the baseline's curve is degenerate at the anchor")
+            continue
+        row = {"model_tag": f"d{depth}", "depth": depth, **row}
+        band = seed_band(base[depth], [s[depth] for s in seeds if depth in s])
+        if band is not None:
+            row.update(seed_runs=band[2], seed_cm_lo=band[0], seed_cm_hi=band[1],
+                       within_seed_spread=int(band[0] <= row["cm"] <= band[1]))
+        rows.append(row)
+    return rows, notes
+
+
+def cm_record(row: dict) -> str:
+    fields = {"model_tag": row["model_tag"], "depth": row["depth"], "anchor_bpb": round(row["anchor_bpb"], 6),
+              "baseline_eflops": float(f"{row['baseline_eflops']:.4g}"),
+              "variant_eflops": float(f"{row['variant_eflops']:.4g}"),
+              "cm": f"{row['cm']:.4f}?" if row["extrapolated"] else f"{row['cm']:.4f}"}
+    if "seed_runs" in row:
+        fields.update(seed_runs=row["seed_runs"], seed_cm_lo=round(row["seed_cm_lo"], 4),
+                      seed_cm_hi=round(row["seed_cm_hi"], 4), within_seed_spread=row["within_seed_spread"])
+    return format_record("cm", **fields)
+
+
+def verdict(row: dict) -> str:
+    """The sentence a reader needs: better, worse or indistinguishable from seed noise."""
+    cm = f"{row['cm']:.3f}" + (" (extrapolated: the anchor lies outside the baseline's measured curve)"
+                               if row["extrapolated"] else "")
+    if "seed_runs" not in row:
+        return f"d{row['depth']}: CM {cm}; no seed runs given (--seed-run), so the seed spread is unknown"
+    band = (f"[{row['seed_cm_lo']:.3f}, {row['seed_cm_hi']:.3f}] (95% prediction interval of another seed, "
+            f"from the final val_bpb of the baseline and {row['seed_runs']} seed run(s))")
+    if row["within_seed_spread"]:
+        return f"d{row['depth']}: CM {cm} is within the seed spread {band}: no effect beyond chance"
+    side = "better" if row["cm"] > row["seed_cm_hi"] else "worse"
+    return f"d{row['depth']}: CM {cm} is outside the seed spread {band}: the variant is {side}"
+
+
+# --------------------------------------------------------------------------------------------
+# The picture
+
+def plot(baseline_dir: Path, variant_dir: Path, rows: list[dict], out: Path) -> None:
+    from nanochat.common import atomic_path
+    from nanochat.plots import pyplot
+    plt = pyplot()
+    base, var = read_run(baseline_dir), read_run(variant_dir)
+    fig, (ax, ax_cm) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for run, color, name in ((base, "#2a78d6", f"{Path(baseline_dir).name} (baseline)"),
+                             (var, "#1baf7a", f"{Path(variant_dir).name} (variant)")):
+        depths = [r["depth"] for r in rows]
+        for d in depths:
+            pts = run[d]["curve"]
+            ax.plot([p[0] * 1e18 for p in pts], [p[1] for p in pts], "o-", color=color, ms=2, alpha=0.3)
+        finals = sorted((run[d]["summary"]["eflops"] * 1e18, run[d]["summary"]["val_bpb"], d) for d in depths)
+        ax.plot([f[0] for f in finals], [f[1] for f in finals], "o-", color=color, lw=2, label=name)
+        for x, y, d in finals:
+            ax.annotate(f"d{d}", (x, y), xytext=(5, -3), textcoords="offset points", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="pretraining compute (FLOPs)", ylabel="val BPB",
+           title="final val BPB per depth (faded: training curves)")
+    ax.legend(fontsize=8)
+    xs = [r["variant_eflops"] * 1e18 for r in rows]
+    ax_cm.axhline(1.0, color="#52514e", ls="--", lw=1)
+    ax_cm.plot(xs, [r["cm"] for r in rows], "-", color="#1baf7a", lw=2)
+    for x, r in zip(xs, rows):
+        ax_cm.plot([x], [r["cm"]], "o", color="#1baf7a", mfc="white" if r["extrapolated"] else "#1baf7a")
+        ax_cm.annotate(f"d{r['depth']}" + ("?" if r["extrapolated"] else ""), (x, r["cm"]),
+                       xytext=(5, -10), textcoords="offset points", fontsize=8)
+        if "seed_runs" in r:
+            ax_cm.vlines(x, r["seed_cm_lo"], r["seed_cm_hi"], color="#52514e", lw=4, alpha=0.3)
+    ax_cm.set(xscale="log", xlabel="pretraining compute (FLOPs)", ylabel="compute multiplier",
+              title="CM (open marker: extrapolated; grey bar: seed spread)")
+    for a in (ax, ax_cm):
+        a.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python jobs/compare.py", description=__doc__.splitlines()[0])
+    ap.add_argument("baseline", help="the baseline's run directory")
+    ap.add_argument("variant", help="the variant's run directory")
+    ap.add_argument("--seed-run", action="append", default=[], metavar="RUN",
+                    help="a run of the baseline's recipe with another seed (repeatable): the seed spread")
+    ap.add_argument("--plot", help="the PNG's path [VARIANT/compare_vs_<baseline>.png]; 'none' for no plot")
+    args = ap.parse_args(argv)
+    baseline, variant = Path(args.baseline), Path(args.variant)
+    rows, notes = compare(baseline, variant, [Path(s) for s in args.seed_run])
+    lines = notes + [cm_record(r) for r in rows]
+    for line in lines + [verdict(r) for r in rows]:
+        print(line)
+    stem = f"compare_vs_{baseline.resolve().name}"
+    atomic_write_text(variant / f"{stem}.log", "".join(line + "\n" for line in lines))
+    if rows and args.plot != "none":
+        out = Path(args.plot) if args.plot else variant / f"{stem}.png"
+        plot(baseline, variant, rows, out)
+        print(f"wrote {variant / (stem + '.log')} and {out}")
+    if not rows:
+        raise UserError(f"no depth to compare: {'; '.join(notes) or 'the runs share no depth'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))
