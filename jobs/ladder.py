@@ -20,13 +20,12 @@ import argparse
 import math
 import os
 import socket
-import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/ladder.py` from anywhere
 
+from jobs.cost import accounting, recipe_gpus, source, task_cost  # noqa: E402
 from jobs.manifest import read_manifest  # noqa: E402
 from nanochat.common import UserError, atomic_write_json, atomic_write_text, cli_main, code_provenance, now_iso  # noqa: E402
 from nanochat.logfmt import (CURVE_NAMESPACE, STAGE_LOGS, format_record, last_summary,  # noqa: E402
@@ -78,70 +77,18 @@ def _device_name() -> str:
 # --------------------------------------------------------------------------------------------
 # Cost: queue wait and GPU-hours per rung
 
-def _hms(raw: str) -> float:
-    days, _, hms = raw.rpartition("-")
-    parts = [float(p) for p in hms.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0.0)
-    return (int(days) if days.isdigit() else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def _gpus_from_tres(tres: str) -> int:
-    for item in tres.split(","):
-        if item.startswith("gres/gpu="):
-            return int(item.split("=", 1)[1])
-    return 0
-
-
-def sacct_times(job_ids: list[str]) -> dict[str, dict]:
-    """job id → {queue_s, elapsed_s, gpus} from sacct (Submit, Start, Elapsed, AllocTRES); {}
-    when there is no accounting (the caller falls back to the manifest's times)."""
-    if not job_ids:
-        return {}
-    try:
-        res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids),
-                              "-o", "JobID,Submit,Start,Elapsed,AllocTRES"],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    out = {}
-    for line in res.stdout.splitlines() if res.returncode == 0 else []:
-        parts = line.split("|")
-        if len(parts) < 5:
-            continue
-        try:
-            submit, start = datetime.fromisoformat(parts[1]), datetime.fromisoformat(parts[2])
-            out[parts[0]] = {"queue_s": max(0.0, (start - submit).total_seconds()),
-                             "elapsed_s": _hms(parts[3]), "gpus": _gpus_from_tres(parts[4])}
-        except ValueError:  # Start "Unknown" / "None": never started
-            continue
-    return out
-
-
 def rung_cost(manifest: dict, index: int, gpus_per_task: dict[str, int]) -> dict:
     """One rung's (grid task i's) cost over its stages: queue wait of its first job (base),
-    wall time and GPU-hours of all its tasks. `gpus_per_task` (stage → GPUs held) is used where
-    sacct gives no allocation; a CPU run holds none."""
+    wall time and GPU-hours of all its tasks (jobs/cost.py: sacct's, else the manifest's time ×
+    `gpus_per_task`, stage → GPUs held)."""
     tasks = {name: st["tasks"][index] for name, st in manifest["stages"].items()
              if name in STAGE_LOGS and index < len(st["tasks"])}
-    acct = sacct_times([t["job_id"] for t in tasks.values() if t.get("job_id")]) \
-        if manifest.get("executor") != "local" else {}
-    wall = gpu_s = 0.0
-    queue = None
-    source = "sacct" if acct else "local wall time" if manifest.get("executor") == "local" else "manifest"
-    for name, t in tasks.items():
-        a = acct.get(str(t.get("job_id")))
-        if a is not None:
-            secs, gpus = a["elapsed_s"], a["gpus"]
-            if name == "base":
-                queue = a["queue_s"]
-        else:
-            secs = float(t.get("elapsed_s") or (_hms(t["elapsed"]) if t.get("elapsed") else 0.0))
-            gpus = gpus_per_task.get(name, 0)
-        wall += secs
-        gpu_s += secs * gpus
-    return {"wall_s": round(wall, 1), "gpu_hours": round(gpu_s / 3600, 4),
-            "queue_s": None if queue is None else round(queue, 1), "source": source}
+    acct = accounting(manifest, list(tasks.values()))
+    costs = {name: task_cost(t, gpus_per_task.get(name, 0), acct) for name, t in tasks.items()}
+    queue = costs["base"]["queue_s"] if "base" in costs else None
+    return {"wall_s": round(sum(c["wall_s"] for c in costs.values()), 1),
+            "gpu_hours": round(sum(c["gpu_s"] for c in costs.values()) / 3600, 4),
+            "queue_s": None if queue is None else round(queue, 1), "source": source(manifest, acct)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +124,7 @@ def _task_dir(manifest: dict, stage: str, index: int) -> Path | None:
 def curve_rows(run_dir: Path, manifest: dict | None = None) -> list[dict]:
     """One row per grid task that finished pretraining (its base summary exists), by depth."""
     manifest = manifest or read_manifest(run_dir)
-    gpus = _stage_gpus(run_dir)
+    gpus = recipe_gpus(run_dir) or {}
     rows = []
     for i, task in enumerate(manifest["stages"].get("base", {}).get("tasks", [])):
         row = build_row(Path(task["run_dir"]), _task_dir(manifest, "sft", i),
@@ -193,21 +140,6 @@ def curve_rows(run_dir: Path, manifest: dict | None = None) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (r.get("depth", 0), r["task"]))
     return rows
-
-
-def _stage_gpus(run_dir: Path) -> dict[str, int]:
-    """GPUs each stage's task holds, from the run's recipe (training: the allocation; the
-    others one); none when the training ran on CPU."""
-    from nanochat.recipe import load_recipe
-    try:
-        recipe = load_recipe(Path(run_dir) / "recipe.yaml")
-    except UserError:
-        return {}
-    if recipe.train.device == "cpu":
-        return {}
-    ws = recipe.cluster.world_size
-    return {"base": ws, "sft": ws, "eval": min(1, recipe.cluster.gpus_per_node),
-            "kv_bench": min(1, recipe.cluster.gpus_per_node)}
 
 
 def write_curve(run_dir: Path, manifest: dict | None = None) -> list[dict]:
@@ -284,7 +216,8 @@ def report_lines(run_dir: Path, rows: list[dict]) -> list[str]:
     return lines + time_lines(rows)
 
 
-TIME_FIELDS = [("setup_s", "set-up (imports, data, tokenizer, model)"), ("warmup_s", "warm-up + first step (compile)"),
+TIME_FIELDS = [("setup_s", "set-up (all)"), ("imports_s", "of it imports"), ("data_s", "of it data + tokenizer"),
+               ("warmup_s", "warm-up + first step (compile)"), ("compile_cache", "compile cache"),
                ("train_time_sec", "training steps (the first included)"), ("eval_total_s", "evaluation"),
                ("checkpoint_total_s", "checkpoints")]
 
@@ -302,7 +235,8 @@ def time_lines(rows: list[dict]) -> list[str]:
                 "|---:|---:|" + "---:|" * len(TIME_FIELDS)]
         for r in have:
             out.append(f"| {r.get('depth', '?')} | {r.get('sched.queue_s', '') if stage == 'base' else ''} | " +
-                       " | ".join(str(r.get(f"{stage}.{k}", "")) for k, _ in TIME_FIELDS) + " |")
+                       " | ".join(str(r.get(f"{stage}.{k}", "not compiled" if k == "compile_cache" else ""))
+                                  for k, _ in TIME_FIELDS) + " |")
     return out
 
 

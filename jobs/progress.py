@@ -124,13 +124,9 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def task_seconds(task: dict) -> float:
-    """A task's run time: the local executor's elapsed_s, or SLURM's [D-]HH:MM:SS (sacct) or
-    M:SS (squeue), so that status and the report show every task's time in one format."""
-    if task.get("elapsed_s") is not None:
-        return float(task["elapsed_s"])
-    raw = str(task.get("elapsed") or "")
-    days, _, hms = raw.rpartition("-")
+def hms_seconds(raw: str) -> float:
+    """SLURM's [D-]HH:MM:SS (sacct) or M:SS (squeue) in seconds; 0 for what is none of them."""
+    days, _, hms = str(raw or "").rpartition("-")
     try:
         parts = [float(p) for p in hms.split(":")]
     except ValueError:
@@ -138,6 +134,14 @@ def task_seconds(task: dict) -> float:
     while len(parts) < 3:
         parts.insert(0, 0.0)
     return (int(days) if days.isdigit() else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def task_seconds(task: dict) -> float:
+    """A task's run time: the local executor's elapsed_s, or SLURM's elapsed (hms_seconds), so
+    that status and the report show every task's time in one format."""
+    if task.get("elapsed_s") is not None:
+        return float(task["elapsed_s"])
+    return hms_seconds(task.get("elapsed") or "")
 
 
 def describe(p: TaskProgress, eta: bool = True) -> str:
@@ -155,6 +159,59 @@ def describe(p: TaskProgress, eta: bool = True) -> str:
         parts.append(f"ETA {duration(p.eta_s)}")
     parts += [f"{label} at {duration(s)} (step {step})" for label, (s, step) in p.reached.items()]
     return "  ".join(parts)
+
+
+def _epoch(iso: str | None) -> float | None:
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else None
+    except ValueError:
+        return None
+
+
+def time_so_far(task: dict, now: float | None = None) -> dict:
+    """Where a training task's time has gone so far, in seconds: queue wait (the manifest's
+    `submitted` to the job's start, now − its elapsed time; a local task starts when submitted),
+    the job's set-up before Python (cluster.setup: the process's start − the job's), and from
+    the task's progress log the `timing` record the loop writes after its first step (set-up:
+    imports, data and tokenizer; warm-up with the compile and whether the compile cache hit)
+    and the newest records (training steps, evaluations, checkpoints). {} before that record."""
+    records = _tail_records(Path(task["run_dir"]) / "progress.jsonl", None)
+    timing = [r for r in records if r.get("event") == "timing"]
+    if not timing:
+        return {}
+    t = timing[-1]
+    out: dict = {}
+    submitted, now = _epoch(task.get("submitted")), time.time() if now is None else now
+    start = submitted if task.get("elapsed_s") is None and not task.get("elapsed") else now - task_seconds(task)
+    if submitted is not None and start is not None:
+        out["queue_s"] = max(0.0, start - submitted)
+        if isinstance(t.get("process_start"), (int, float)):
+            out["job_setup_s"] = max(0.0, t["process_start"] - start)
+    out.update({k: t[k] for k in ("setup_s", "imports_s", "data_s", "warmup_s", "compile_cache") if k in t})
+    train = [r for r in records if r.get("event") == "train" and "train_s" in r]
+    out["train_time_sec"] = train[-1]["train_s"] if train else 0.0
+    out["eval_total_s"] = sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval")
+    out["checkpoint_total_s"] = sum(r.get("checkpoint_s", 0) for r in records if r.get("event") == "checkpoint")
+    return out
+
+
+def describe_time(t: dict) -> str:
+    """queue 3s · job set-up 2s · set-up 9s (imports 4s, data 1s) · warm-up 12s (compile cache
+    hit) · steps 1m05s · eval 8s · checkpoints 1s"""
+    if not t:
+        return ""
+    parts = [f"queue {duration(t['queue_s'])}"] if "queue_s" in t else []
+    if "job_setup_s" in t:
+        parts.append(f"job set-up {duration(t['job_setup_s'])}")
+    inner = ", ".join(f"{name} {duration(t[k])}" for k, name in (("imports_s", "imports"), ("data_s", "data"))
+                      if k in t)
+    parts.append(f"set-up {duration(t.get('setup_s', 0))}" + (f" ({inner})" if inner else ""))
+    parts.append(f"warm-up {duration(t.get('warmup_s', 0))}" +
+                 (f" (compile cache {t['compile_cache']})" if t.get("compile_cache") else ""))
+    parts += [f"steps {duration(t['train_time_sec'])}", f"eval {duration(t['eval_total_s'])}",
+              f"checkpoints {duration(t['checkpoint_total_s'])}"]
+    return " · ".join(parts)
 
 
 def progress_text(stage: str, task_dir: str | Path, running: bool,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/report.py` from anywhere
 
+from jobs.cost import recipe_gpus, report_lines as cost_lines, stage_costs  # noqa: E402
 from jobs.ladder import report_lines, write_curve  # noqa: E402
 from jobs.manifest import read_manifest  # noqa: E402
 from jobs.progress import first_reached, target_label, task_seconds as _seconds  # noqa: E402
@@ -130,18 +131,9 @@ def label(col: str) -> str:
     return f"{col.removeprefix('eval_')} accuracy" if col.startswith("eval_") else col.replace("_", " ")
 
 
-def _gpus(stage: str, recipe) -> int:
-    """GPUs a stage's task holds (jobs/plan.py): training and the check the whole allocation,
-    the report none, the others one."""
-    c = recipe.cluster
-    if stage in ("base", "sft", "check"):
-        return c.world_size
-    return 0 if stage == "report" else min(1, c.gpus_per_node)
-
-
-def _header_lines(run_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
+def _header_lines(run_dir: Path, manifest: dict, rows: list[dict], costs: list[dict] | None) -> list[str]:
     """What ran, from what, where, at what cost: the launch command, the code's commit, the
-    devices the training tasks used and the GPU-hours of all tasks."""
+    devices the training tasks used and the GPU-hours of all tasks (jobs/cost.py stage_costs)."""
     from nanochat.common import now_iso
     try:
         recipe = load_recipe(run_dir / "recipe.yaml")
@@ -154,9 +146,9 @@ def _header_lines(run_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
                       f"torch {run.get('torch')}" for r in rows for run in (r.get("batch") or {}).values()})
     cpu_only = bool(devices) and all(d.startswith("cpu") for d in devices)
     seconds = {name_: sum(_seconds(t) for t in info["tasks"]) for name_, info in manifest["stages"].items()}
-    gpu_h = sum(seconds[st] * _gpus(st, recipe) for st in seconds) / 3600 if recipe else None
+    gpu_h = sum(c["gpu_hours"] for c in costs) if costs is not None else None
     cost = ("0 (the tasks ran on CPU)" if cpu_only else "unknown" if gpu_h is None else
-            f"{gpu_h:.2f} (each task's run time × the GPUs it held)")
+            f"{gpu_h:.2f} (each task's run time × the GPUs it held; per stage below)")
     return [f"# Report: {name}", "",
             f"- launched with: `{command}`" + (f" ({len(launches)} launches; manifest.json lists them)"
                                               if len(launches) > 1 else ""),
@@ -368,7 +360,9 @@ def write_report(run_dir: Path) -> Path:
         w.writerows(rows)
     if rows:
         _plot_curves(run_dir, rows, run_dir / "curves.png")
-    lines = _header_lines(run_dir, manifest, rows) + ["", "| " + " | ".join(map(label, cols)) + " |",
+    gpus = recipe_gpus(run_dir)
+    costs = stage_costs(manifest, gpus) if gpus is not None else None
+    lines = _header_lines(run_dir, manifest, rows, costs) + ["", "| " + " | ".join(map(label, cols)) + " |",
                                                        "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
@@ -379,6 +373,7 @@ def write_report(run_dir: Path) -> Path:
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
     lines += report_lines(run_dir, write_curve(run_dir, manifest))  # curve.log + curve.png (jobs/ladder.py)
+    lines += cost_lines(costs or [])
     lines += _time_to_target_lines(run_dir, rows)
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)

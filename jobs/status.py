@@ -27,8 +27,10 @@ from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_
                            record_cancel, save_manifest)
 from jobs.scheduler import FINAL, job_ids, live_tasks, refresh  # noqa: E402
 from jobs.tasks import GPU_UNUSED, flight_recorder_dumps  # noqa: E402
-from jobs.progress import duration, progress_text, result_summary, task_seconds  # noqa: E402
+from jobs.progress import (PROGRESS_STAGES, describe_time, duration, progress_text, read_progress,  # noqa: E402
+                           result_summary, task_seconds, time_so_far)
 from nanochat.common import UserError, cli_main  # noqa: E402
+from nanochat.logfmt import STAGE_LOGS  # noqa: E402
 from nanochat.config import home_unset_hint  # noqa: E402
 from nanochat.recipe import SETUP_FAILED, load_recipe  # noqa: E402
 
@@ -42,6 +44,14 @@ def run_targets(run_dir: Path) -> dict[str, float]:
         return load_recipe(run_dir / "recipe.yaml").report.targets
     except UserError:
         return {}
+
+
+def is_ladder(run_dir: Path) -> bool:
+    """A run whose grid has a model.depth axis (configs/ladder.yaml): status shows it by rung."""
+    try:
+        return len(load_recipe(run_dir / "recipe.yaml").grid.get("model.depth") or []) > 1
+    except UserError:
+        return False
 
 
 def _stderr_path(run_dir: Path, stage: str, task: dict) -> Path | None:
@@ -77,7 +87,11 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
             rows.append({"stage": stage, "task": task["index"], "job_id": task.get("job_id") or "-",
                          "state": state, "elapsed": elapsed, "reason": task.get("reason", ""),
                          "cancelled_by": task.get("cancelled_by", ""), "note": task.get("note", ""),
-                         "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING", targets)})
+                         "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING", targets),
+                         # where a running training task's time has gone so far (queue, set-up, compile, ...)
+                         "time": time_so_far(task) if state == "RUNNING" and stage in PROGRESS_STAGES else {},
+                         "overrides": task.get("overrides", []), "elapsed_s": task_seconds(task),
+                         "run_dir": task["run_dir"]})
     states = {(r["stage"], r["task"]): r["state"] for r in rows}
     for r in rows:
         # why it ended: a cancelled job's stderr holds only the noise of the SIGTERM that stopped
@@ -112,27 +126,86 @@ def _show(run_dir: Path) -> tuple[list[dict], str | None]:
     """Print the run's table; (its rows, the line saying the scheduler could not answer, if so)."""
     manifest = refresh(run_dir)
     rows = collect(run_dir, manifest)
-    print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
-    for r in rows:
+    rest = rows
+    if is_ladder(run_dir):
+        rest = [r for r in rows if r["stage"] not in STAGE_LOGS]
+        _print_rungs([r for r in rows if r["stage"] in STAGE_LOGS])
+        if rest:
+            print()
+    if rest:
+        print(f"{'stage':<9}{'task':>4}  {'job':<14}{'state':<12}{'elapsed':<11}progress / reason")
+    for r in rest:
         reason = r["reason"] if r["state"] == "PENDING" and r["reason"] not in ("", "None") else ""
         if "held" in reason.lower() or r["state"] == "REQUEUE_HOLD":  # waits for a person, forever
             reason = (f"{reason or r['state']}: held until released — `scontrol release {r['job_id']}`, "
                       f"or cancel it")
         extra = "; ".join(filter(None, [r["why"], r["note"], r["progress"]])) or reason
         print(f"{r['stage']:<9}{r['task']:>4}  {r['job_id']:<14}{r['state']:<12}{r['elapsed']:<11}{extra}")
-        for line in r["stderr"]:
-            print(f"{'':>15}| {line}")
-        if r["log"]:
-            print(f"{'':>15}log: {r['log']}")
-        if r["nccl_dumps"]:
-            prefix = Path(r["nccl_dumps"][0]).name.rstrip("0123456789")
-            print(f"{'':>15}NCCL flight-recorder dumps of {len(r['nccl_dumps'])} rank(s) in "
-                  f"{Path(r['nccl_dumps'][0]).parent}: python -m torch.distributed.flight_recorder.fr_trace "
-                  f"{Path(r['nccl_dumps'][0]).parent} --prefix {prefix}")
+        _print_details(r)
     if unreachable := manifest.get("unreachable"):
         print(f"{unreachable}: the states above are the last known ones "
               f"(refreshed {manifest.get('refreshed') or manifest.get('created')})")
     return rows, unreachable
+
+
+def _print_details(r: dict, prefix: str = "") -> None:
+    """The lines under a task's row: where its time went, its stderr tail, log, NCCL dumps."""
+    if r["time"]:
+        print(f"{'':>15}{prefix}time: {describe_time(r['time'])}")
+    for line in r["stderr"]:
+        print(f"{'':>15}{prefix}| {line}")
+    if r["log"]:
+        print(f"{'':>15}{prefix}log: {r['log']}")
+    if r["nccl_dumps"]:
+        prefix_ = Path(r["nccl_dumps"][0]).name.rstrip("0123456789")
+        print(f"{'':>15}{prefix}NCCL flight-recorder dumps of {len(r['nccl_dumps'])} rank(s) in "
+              f"{Path(r['nccl_dumps'][0]).parent}: python -m torch.distributed.flight_recorder.fr_trace "
+              f"{Path(r['nccl_dumps'][0]).parent} --prefix {prefix_}")
+
+
+def rung_rows(rows: list[dict]) -> list[dict]:
+    """One row per rung (grid task i over base → kv_bench → sft → eval): its depth, state (the
+    stage it is at), the step of its newest training stage, its newest val_bpb, and the elapsed
+    time of its tasks together."""
+    order = {name: k for k, name in enumerate(STAGE_LOGS)}
+    out = []
+    for i in sorted({r["task"] for r in rows}):
+        tasks = sorted((r for r in rows if r["task"] == i), key=lambda r: order[r["stage"]])
+        over = dict(o.split("=", 1) for o in tasks[0]["overrides"] if "=" in o)
+        bad = [r for r in tasks if r["state"] in FINAL - {DONE, CANCELLED}]
+        live = [r for r in tasks if r["state"] not in FINAL]
+        if bad:
+            state = f"{bad[0]['stage']} {bad[0]['state']}"
+        elif all(r["state"] == DONE for r in tasks):
+            state = DONE
+        elif live:
+            at = next((r for r in live if r["state"] == "RUNNING"), live[0])
+            state = f"{at['stage']} {at['state']}"
+        else:
+            state = CANCELLED
+        step, val = "", ""
+        for r in tasks:
+            if r["stage"] in PROGRESS_STAGES and (p := read_progress(r["run_dir"])) is not None:
+                step = f"{r['stage']} {p.step}/{p.total}" if p.total else f"{r['stage']} {p.step}"
+                if r["stage"] == "base" and p.val and p.val[0] == "val_bpb":
+                    val = f"{p.val[1]:.4f}"
+        out.append({"rung": i, "depth": over.pop("model.depth", "?"),
+                    "other": " ".join(f"{k}={v}" for k, v in over.items()), "state": state, "step": step,
+                    "val_bpb": val, "elapsed": duration(sum(r["elapsed_s"] for r in tasks)), "tasks": tasks})
+    return out
+
+
+def _print_rungs(rows: list[dict]) -> None:
+    """A ladder's status: a line per rung, then under it what its tasks have to say."""
+    print(f"{'rung':<5}{'depth':<7}{'state':<24}{'step':<15}{'val_bpb':<9}{'elapsed':<9}")
+    for g in rung_rows(rows):
+        print(f"{g['rung']:<5}{g['depth']:<7}{g['state']:<24}{g['step']:<15}{g['val_bpb']:<9}{g['elapsed']:<9}"
+              f"{g['other']}".rstrip())
+        for r in g["tasks"]:
+            said = "; ".join(filter(None, [r["why"], r["note"]]))
+            if said:
+                print(f"{'':>15}{r['stage']}: {said}")
+            _print_details(r, f"{r['stage']} ")
 
 
 WATCH_EVERY_S = 30.0  # between refreshes while something changes

@@ -245,6 +245,27 @@ def compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def compile_cache_counts() -> tuple[int, int]:
+    """(hits, misses) of torch.compile's on-disk caches in this process so far: AOTAutograd's
+    and Inductor's FX graph cache, the ones TORCHINDUCTOR_CACHE_DIR holds (jobs/tasks.py
+    compile_cache_env puts it on the node's disk, kept across jobs). A bypass (a graph the cache
+    cannot key) compiles like a miss."""
+    from torch._dynamo.utils import counters
+    ind, aot = counters["inductor"], counters["aot_autograd"]
+    return (int(ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"]),
+            int(ind["fxgraph_cache_miss"] + ind["fxgraph_cache_bypass"] +
+                aot["autograd_cache_miss"] + aot["autograd_cache_bypass"]))
+
+
+def compile_cache_state(before: tuple[int, int], after: tuple[int, int]) -> str | None:
+    """Whether the compile between two compile_cache_counts found its kernels: 'hit' (all of
+    them), 'miss' (none), 'partial'; None when nothing was compiled (train.compile off)."""
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    if not hits and not misses:
+        return None
+    return "partial" if hits and misses else "hit" if hits else "miss"
+
+
 # Datasheet dense (no sparsity) tensor-core peaks, FLOP/s, by GPU name as torch reports it
 # ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...). Checked in this
 # order: the PCIe and NVL parts of a family are slower than its SXM part, and their names also

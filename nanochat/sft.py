@@ -36,7 +36,7 @@ from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_
 from nanochat.runtime import Runtime, compile_count, runtime
 from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import LoopSpec, restore_training_state, train_loop
+from nanochat.trainer import LoopSpec, imports_done, restore_training_state, setup_phase, train_loop
 
 
 def sft_dir(recipe: Recipe) -> Path:
@@ -132,6 +132,7 @@ def sft_data(recipe: Recipe, tokenizer: Tokenizer, seq: int) -> tuple:
 
 
 def train_sft(recipe: Recipe, refuse_existing: bool = False, stop_requested=lambda: False) -> dict:
+    imports_done()
     with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
         return _train_sft(recipe, rt, refuse_existing, stop_requested)
 
@@ -142,12 +143,15 @@ def _train_sft(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_requeste
     if latest is not None and refuse_existing:
         raise UserError(f"{out} already holds checkpoints ({latest.name}); drop --refuse-existing to resume, "
                         "or delete that directory")
-    base_step, base_meta, tokenizer, config = load_base(recipe)
+    with setup_phase("data_s"):  # the base checkpoint, its tokenizer, the conversations
+        base_step, base_meta, tokenizer, config = load_base(recipe)
     model = build_model(config, rt.device)
-    model.load_state_dict(ckpt.load_model_state(base_step))
+    with setup_phase("data_s"):
+        model.load_state_dict(ckpt.load_model_state(base_step))
     seq = config.sequence_len
 
-    train, val, packing, data_stats = sft_data(recipe, tokenizer, seq)
+    with setup_phase("data_s"):
+        train, val, packing, data_stats = sft_data(recipe, tokenizer, seq)
 
     optimizers = build_optimizers(model.param_groups(), sft_optim_args(recipe), config.n_embd,
                                   all_params=model.parameters())

@@ -31,7 +31,7 @@ from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.optim import Horizon, build_optimizers, optim_scaling
 from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
 from nanochat.runtime import Runtime, runtime
-from nanochat.trainer import LoopSpec, restore_training_state, train_loop
+from nanochat.trainer import LoopSpec, imports_done, restore_training_state, setup_phase, train_loop
 
 
 def num_iterations(recipe: Recipe, model: GPT) -> int:
@@ -67,6 +67,7 @@ def run_horizon(recipe: Recipe, steps: int, vocab_size: int, scaling_params: int
 
 
 def train_base(recipe: Recipe, refuse_existing: bool = False, stop_requested=lambda: False) -> dict:
+    imports_done()
     with runtime(recipe.train, recipe.cluster.collective_timeout_min, recipe.cluster.init_timeout_min) as rt:
         return _train_base(recipe, rt, refuse_existing, stop_requested)
 
@@ -77,8 +78,9 @@ def _train_base(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_request
     if latest is not None and refuse_existing:
         raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); drop --refuse-existing to "
                         "resume, or choose another run_dir (run_dir=...) / delete that directory")
-    train_paths, val_paths = prepare_shards(recipe, rt)
-    tokenizer = prepare_tokenizer(recipe, train_paths, rt)
+    with setup_phase("data_s"):
+        train_paths, val_paths = prepare_shards(recipe, rt)
+        tokenizer = prepare_tokenizer(recipe, train_paths, rt)
     config = GPTConfig.from_args(recipe.model, tokenizer.vocab_size)
     model = build_model(config, rt.device)
     nparams = model.num_params()

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from nanochat.logfmt import STAGE_LOGS, StageLog, argv_script, sig
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
 from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
 from nanochat.plots import plot_progress, plot_title, read_jsonl
-from nanochat.runtime import Runtime, mfu_percent, peak_flops
+from nanochat.runtime import Runtime, compile_cache_counts, compile_cache_state, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
 
 
@@ -87,6 +88,36 @@ def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
     return args.progress_bar is True or sys.stderr.isatty()
 
 
+# Set-up phases this process timed (imports_done, setup_phase): the parts of setup_s the summary
+# and the `timing` record name; the rest of setup_s is the model, optimizer and batch size
+SETUP_PHASES: dict[str, float] = {}
+
+
+def process_start() -> float:
+    return psutil.Process().create_time()
+
+
+def process_age_s() -> float:
+    return time.time() - process_start()
+
+
+def imports_done() -> None:
+    """Called where a training stage's function starts: the process's time so far went to the
+    interpreter, the imports (torch's the most) and reading the recipe."""
+    SETUP_PHASES.clear()
+    SETUP_PHASES["imports_s"] = process_age_s()
+
+
+@contextmanager
+def setup_phase(name: str):
+    """Time a set-up phase (data_s: shards, tokenizer, a base checkpoint); repeated phases add up."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        SETUP_PHASES[name] = SETUP_PHASES.get(name, 0.0) + time.perf_counter() - t0
+
+
 class StepLogger:
     """What the loop reports, on rank 0: progress.jsonl (the record status, the report and the
     launcher's live view read), the terminal (a tqdm bar, else a line per logged step),
@@ -114,8 +145,20 @@ class StepLogger:
         # counts it; a resumed run continues the count of the records it kept
         self.train_s = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
         # where this process's time went before the loop: imports, data, tokenizer, model, optimizer
-        self.setup_s = time.time() - psutil.Process().create_time()
+        self.setup_s = process_age_s()
+        self.setup_phases = {k: round(v, 1) for k, v in SETUP_PHASES.items() if v <= self.setup_s}
         self.warmup_s = 0.0  # the warm-up forward/backward and the first step (the compile, when compiled)
+        self.compile_cache: str | None = None  # hit / miss / partial, when compiled
+        self.cache_counts0 = compile_cache_counts()
+
+    def timing(self, step: int) -> None:
+        """After the first step: where the time to it went, so that a running task's status
+        can say it (the summary repeats it at the end)."""
+        self.compile_cache = compile_cache_state(self.cache_counts0, compile_cache_counts())
+        rec = {"event": "timing", "step": step, "setup_s": round(self.setup_s, 1), **self.setup_phases,
+               "warmup_s": round(self.warmup_s, 1), "compile_cache": self.compile_cache,
+               "process_start": round(process_start(), 1)}  # status: the job's set-up before it
+        self.write({k: v for k, v in rec.items() if v is not None})
 
     def write(self, record: dict) -> None:
         self.log.write(record)
@@ -179,7 +222,8 @@ class StepLogger:
         rec["train_time_sec"] = round(self.train_s, 1)
         # the time breakdown of this process (a resumed run: of its last attempt)
         records = read_jsonl(self.log.path)
-        rec.update(setup_s=round(self.setup_s, 1), warmup_s=round(self.warmup_s, 1),
+        rec.update(setup_s=round(self.setup_s, 1), **self.setup_phases, warmup_s=round(self.warmup_s, 1),
+                   compile_cache=self.compile_cache,
                    eval_total_s=round(sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval"), 1),
                    checkpoint_total_s=round(sum(r.get("checkpoint_s", 0) for r in records
                                                 if r.get("event") == "checkpoint"), 1))
@@ -376,8 +420,10 @@ def train_loop(rt: Runtime, run_dir: Path, model: torch.nn.Module, step_model: t
             if step == start_step:  # the first step: compile, allocator warm-up (also in train_s)
                 logger.warmup_s += time.perf_counter() - t_step
             logger.step_done()
-            if step == start_step and rt.dist.is_master:
-                record_attention_ran(run_dir / "run.json")
+            if step == start_step:
+                logger.timing(step)
+                if rt.dist.is_master:
+                    record_attention_ran(run_dir / "run.json")
             if (step + 1) % args.train_log_every == 0 or step + 1 == spec.num_steps:
                 last.update(logger.train_record(step, _mean_loss(loss_sum, accum, rt), lrm))
             logger.advance()

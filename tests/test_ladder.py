@@ -117,3 +117,82 @@ def test_the_tiny_ladder_runs_on_slurm_as_arrays_with_the_schedulers_costs(slurm
     for m in models:
         assert m["sched.source"] == "sacct" and m["sched.queue_s"] >= 0 and m["sched.wall_s"] > 0
         assert abs(m["sched.gpu_hours"] - m["sched.wall_s"] / 3600) < 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time went, while it goes: status by rung, the compile cache, the cost per stage
+
+COMPILE_ONCE = """
+import torch
+from nanochat.runtime import compile_cache_counts, compile_cache_state
+before = compile_cache_counts()
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+model = torch.compile(model)
+model(torch.randn(2, 8)).sum().backward()
+print(compile_cache_state(before, compile_cache_counts()))
+"""
+
+
+def test_the_compile_cache_state_is_a_miss_when_cold_and_a_hit_when_warm(tmp_path):
+    """What the `timing` and `summary` records say of the compile (nanochat/trainer.py): torch's
+    own cache counters, in fresh processes sharing one cache directory as jobs on a node do (an
+    eager run records none: the status test below)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton"), "OMP_NUM_THREADS": "1"}
+
+    def state() -> str:
+        res = subprocess.run([sys.executable, "-c", COMPILE_ONCE], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1]
+
+    assert [state(), state()] == ["miss", "hit"]
+
+
+def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpus, tmp_path, capsys):
+    """A ladder's status: a line per rung (depth, state, step, val_bpb, elapsed), the other
+    stages in the usual table; under a running training task its time so far, from the real
+    loop's `timing` record (set-up with imports and data, warm-up, steps, evaluation)."""
+    from jobs import status
+    from jobs.manifest import launcher_record, new_manifest, save_manifest
+    from jobs.plan import build_plan
+    from jobs.tasks import run_task
+    from nanochat.common import now_iso
+    from nanochat.recipe import save_resolved_recipe
+    data = corpus["sections"]["data"]
+    run = tmp_path / "runs" / "l"
+    recipe = load_recipe(REPO / "configs" / "tiny_ladder.yaml", [
+        f"run_dir={run}", f"cache_dir={corpus['cache_dir']}", f"data.data_dir={data['data_dir']}",
+        f"data.offline_cache={data['offline_cache']}", "stages=[base, report]", "grid={model.depth: [2, 3]}",
+        "train.num_iterations=4", "train.eval_every=2"])
+    run.mkdir(parents=True)
+    save_resolved_recipe(recipe, run / "recipe.yaml")
+    manifest = new_manifest(build_plan(recipe, run), "local")
+    save_manifest(run, manifest)
+    run_task(str(run), "base", 0)
+    records = [json.loads(ln) for ln in (run / "base" / "000" / "progress.jsonl").read_text().splitlines()]
+    timing = next(r for r in records if r["event"] == "timing")
+    assert timing["step"] == 0 and "compile_cache" not in timing  # the tiny ladder runs eagerly
+    assert 0 <= timing["imports_s"] <= timing["setup_s"] and 0 <= timing["data_s"] <= timing["setup_s"]
+    summary = upstream_parse_records(run / "base" / "000" / "base_train.log", "summary")[-1]
+    assert summary["imports_s"] == timing["imports_s"] and summary["data_s"] == timing["data_s"]
+    # as a live local run shows it: rung 0 training (its launcher: this process), rung 1 queued
+    base = manifest["stages"]["base"]["tasks"]
+    base[0].update(state="RUNNING", submitted=now_iso())
+    base[1].update(state="PENDING")
+    manifest["launcher"] = launcher_record()
+    save_manifest(run, manifest)
+    capsys.readouterr()
+    status.show(run)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["rung", "depth", "state", "step", "val_bpb", "elapsed"], out
+    assert out[1].split()[:5] == ["0", "2", "base", "RUNNING", "base"] and "4/4" in out[1], out
+    bpb = [r["val_bpb"] for r in records if r["event"] == "eval"][-1]
+    assert f"{bpb:.4f}" in out[1], out
+    assert out[2].strip().startswith("base time: queue 0s · job set-up 0s · set-up ") and \
+        "(imports " in out[2] and " · warm-up " in out[2] and " · steps " in out[2] and " · eval " in out[2], out
+    assert out[3].split()[:4] == ["1", "3", "base", "PENDING"], out
+    assert any(ln.startswith("report") for ln in out), "the report task stays in the usual table"
