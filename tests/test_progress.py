@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.progress import TAIL_BYTES, LiveDisplay, LiveTask, describe, duration, progress_text, read_progress
+from jobs.progress import (TAIL_BYTES, LiveDisplay, LiveTask, describe, describe_time, duration, progress_text,
+                           read_progress, time_so_far)
 from nanochat.trainer import ProgressLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,27 @@ def test_reader_skips_a_line_being_written_and_reads_far_back_when_the_tail_has_
         log.write({"event": "eval", "step": 31, "val_bpb": 2.0})
     p = read_progress(d)
     assert (p.step, p.loss, p.val) == (31, 1.0, ("val_bpb", 2.0, 31))
+
+
+def test_a_running_slurm_tasks_time_so_far_counts_queue_and_job_set_up_from_the_manifest(tmp_path):
+    """Queue wait: the manifest's `submitted` to the job's start (now − squeue's elapsed); the
+    job's set-up (cluster.setup) to the process's start, which the loop's `timing` record holds;
+    then set-up, warm-up, the compile cache, steps, evaluations, checkpoints from the log."""
+    from datetime import datetime, timezone
+    d = _training_dir(tmp_path)
+    now = 1_800_000_000.0
+    log = ProgressLog(d / "progress.jsonl", enabled=True)
+    assert time_so_far({"run_dir": str(d)}, now) == {}, "before the first step: nothing to say"
+    log.write({"event": "timing", "step": 0, "setup_s": 9.0, "imports_s": 4.0, "data_s": 1.0, "warmup_s": 12.0,
+               "compile_cache": "hit", "process_start": now - 100 + 2})
+    log.write({"event": "checkpoint", "step": 10, "checkpoint_s": 1.5})
+    submitted = datetime.fromtimestamp(now - 400, timezone.utc).isoformat(timespec="seconds")
+    task = {"run_dir": str(d), "submitted": submitted, "elapsed": "1:40", "state": "RUNNING"}
+    t = time_so_far(task, now)
+    assert (t["queue_s"], t["job_setup_s"], t["compile_cache"], t["checkpoint_total_s"]) == (300, 2, "hit", 1.5)
+    assert t["eval_total_s"] == 0.2 and t["train_time_sec"] == 0.0  # the fixture's records carry no train_s
+    assert describe_time(t) == ("queue 5m00s · job set-up 2s · set-up 9s (imports 4s, data 1s) · "
+                                "warm-up 12s (compile cache hit) · steps 0s · eval 0s · checkpoints 2s")
 
 
 def test_a_task_that_ended_shows_no_eta_and_durations_read_as_a_person_says_them(tmp_path):

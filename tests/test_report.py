@@ -70,6 +70,9 @@ def test_time_to_target_excludes_evaluation_and_ranks_grid_tasks(tiny_recipe, tm
     save_resolved_recipe(load_recipe(recipe_file, [f"run_dir={run}"]), run / "recipe.yaml")
     report = write_report(run).read_text()
     assert "## Time to target" in report and f"val_bpb ≤ {target}" in report
+    # the cost per stage: a local run's wall time (a CPU run holds no GPU)
+    cost = report.split("## Cost per stage")[1]
+    assert "| base | 2 |" in cost and "| 0.0000 |" in cost and "| local wall time |" in cost
     rows = [ln for ln in report.split("## Time to target")[1].splitlines() if ln.startswith("| ") and "s (step" in ln]
     assert len(rows) == 2
     expect = []
