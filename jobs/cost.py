@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from datetime import datetime
+from pathlib import Path
 
 from jobs.progress import hms_seconds, task_seconds
 from nanochat.common import UserError
@@ -58,8 +59,7 @@ def stage_gpus(recipe, stage: str) -> int:
 
 def recipe_gpus(run_dir) -> dict[str, int] | None:
     """stage → GPUs per task, from the run's recipe.yaml; None when it cannot be read."""
-    from pathlib import Path
-    from nanochat.recipe import load_recipe
+    from nanochat.recipe import load_recipe  # torch-free, but only the report and status need it
     try:
         recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     except UserError:

@@ -7,6 +7,9 @@ tokens/s / ETA from the progress log of base and sft tasks (jobs/progress.py) an
 time at which a base task first met each of the recipe's report.targets, an eval task's scores
 from its eval.json, why a cancelled task was cancelled (by the user, or because a task it waited
 for failed), the stderr tail of failed tasks, and the NCCL flight-recorder dumps a task left.
+Under a running training task: where its time went so far (jobs/progress.py time_so_far: queue
+wait, the job's set-up, imports, data, warm-up and whether the compile cache hit, steps,
+evaluation, checkpoints). A ladder (a grid over model.depth) shows one line per rung instead.
 """
 from __future__ import annotations
 

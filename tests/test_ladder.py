@@ -117,6 +117,12 @@ def test_the_tiny_ladder_runs_on_slurm_as_arrays_with_the_schedulers_costs(slurm
     for m in models:
         assert m["sched.source"] == "sacct" and m["sched.queue_s"] >= 0 and m["sched.wall_s"] > 0
         assert abs(m["sched.gpu_hours"] - m["sched.wall_s"] / 3600) < 1e-3
+    # the report's cost per stage: the same accounting, summed over the stage's tasks
+    base = next(ln for ln in (run / "report.md").read_text().split("## Cost per stage")[1].splitlines()
+                if ln.startswith("| base |"))
+    cells = [c.strip() for c in base.strip("|").split("|")]
+    assert cells[1] == "2" and cells[-1] == "sacct", base
+    assert abs(float(cells[3]) - sum(m["sched.gpu_hours"] for m in models)) < 1e-3, base
 
 
 # --------------------------------------------------------------------------------------------
