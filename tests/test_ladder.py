@@ -86,6 +86,8 @@ def test_the_tiny_ladder_runs_locally_into_a_curve_upstream_reads(corpus, tmp_pa
     assert (run / "curve.png").read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()
     assert "### Where the time went: base" in report and "### Where the time went: sft" in report
+    assert "| of it imports | of it data + tokenizer |" in report and "| not compiled |" in report
+    assert "## Cost per stage" in report and "| kv_bench | 3 |" in report
     assert "## The curve" in report and "Fitted power law" in report and "![val BPB vs training FLOPs](curve.png)" in report
     meta = json.loads((run / "meta.json").read_text())
     assert {"name", "created", "git_commit", "git_dirty", "dataset", "gpu", "node", "ladder"} <= set(meta)
