@@ -147,6 +147,7 @@ class StepLogger:
         # where this process's time went before the loop: imports, data, tokenizer, model, optimizer
         self.setup_s = process_age_s()
         self.setup_phases = {k: round(v, 1) for k, v in SETUP_PHASES.items() if v <= self.setup_s}
+        SETUP_PHASES.clear()  # this run's: a later loop in the process (a test's) times its own
         self.warmup_s = 0.0  # the warm-up forward/backward and the first step (the compile, when compiled)
         self.compile_cache: str | None = None  # hit / miss / partial, when compiled
         self.cache_counts0 = compile_cache_counts()
