@@ -169,6 +169,14 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
+def job_start(task: dict, now: float) -> float | None:
+    """When a running task's job started: now − its elapsed time (squeue's); a local task,
+    whose elapsed time is written when it ends, started when it was submitted."""
+    if task.get("elapsed_s") is None and not task.get("elapsed"):
+        return _epoch(task.get("submitted"))
+    return now - task_seconds(task)
+
+
 def time_so_far(task: dict, now: float | None = None) -> dict:
     """Where a training task's time has gone so far, in seconds: queue wait (the manifest's
     `submitted` to the job's start, now − its elapsed time; a local task starts when submitted),
@@ -183,7 +191,7 @@ def time_so_far(task: dict, now: float | None = None) -> dict:
     t = timing[-1]
     out: dict = {}
     submitted, now = _epoch(task.get("submitted")), time.time() if now is None else now
-    start = submitted if task.get("elapsed_s") is None and not task.get("elapsed") else now - task_seconds(task)
+    start = job_start(task, now)
     if submitted is not None and start is not None:
         out["queue_s"] = max(0.0, start - submitted)
         if isinstance(t.get("process_start"), (int, float)):

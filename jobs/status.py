@@ -30,8 +30,8 @@ from jobs.manifest import (CANCELLED, DONE, cancel_reason, launcher_alive, read_
                            record_cancel, save_manifest)
 from jobs.scheduler import FINAL, job_ids, live_tasks, refresh  # noqa: E402
 from jobs.tasks import GPU_UNUSED, flight_recorder_dumps  # noqa: E402
-from jobs.progress import (PROGRESS_STAGES, describe_time, duration, progress_text, read_progress,  # noqa: E402
-                           result_summary, task_seconds, time_so_far)
+from jobs.progress import (PROGRESS_STAGES, describe_time, duration, job_start, progress_text,  # noqa: E402
+                           read_progress, result_summary, task_seconds, time_so_far)
 from nanochat.common import UserError, cli_main  # noqa: E402
 from nanochat.logfmt import STAGE_LOGS  # noqa: E402
 from nanochat.config import home_unset_hint  # noqa: E402
@@ -93,7 +93,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
                          "progress": _detail(stage, Path(task["run_dir"]), state == "RUNNING", targets),
                          # where a running training task's time has gone so far (queue, set-up, compile, ...)
                          "time": time_so_far(task) if state == "RUNNING" and stage in PROGRESS_STAGES else {},
-                         "overrides": task.get("overrides", []), "elapsed_s": task_seconds(task),
+                         "overrides": task.get("overrides", []), "elapsed_s": _seconds_so_far(task),
                          "run_dir": task["run_dir"]})
     states = {(r["stage"], r["task"]): r["state"] for r in rows}
     for r in rows:
@@ -115,6 +115,13 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
         r["nccl_dumps"] = [str(p) for p in flight_recorder_dumps(task_dir)
                            if p.name.startswith(f"nccl_trace_{r['stage']}_")]
     return rows
+
+
+def _seconds_so_far(task: dict) -> float:
+    """A task's run time, a running local task's included (its launcher records it at the end)."""
+    if task["state"] == "RUNNING" and (start := job_start(task, time.time())) is not None:
+        return max(0.0, time.time() - start)
+    return task_seconds(task)
 
 
 def _task(manifest: dict, row: dict) -> dict:

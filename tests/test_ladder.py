@@ -1,6 +1,7 @@
 """The miniseries: configs/ladder.yaml is upstream's ladder, the tiny ladder runs end to end into a
 curve.log upstream's parsing reads, and the scaling command prices a ladder before launch."""
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -168,7 +169,6 @@ def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpu
     from jobs.manifest import launcher_record, new_manifest, save_manifest
     from jobs.plan import build_plan
     from jobs.tasks import run_task
-    from nanochat.common import now_iso
     from nanochat.recipe import save_resolved_recipe
     data = corpus["sections"]["data"]
     run = tmp_path / "runs" / "l"
@@ -189,7 +189,9 @@ def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpu
     assert summary["imports_s"] == timing["imports_s"] and summary["data_s"] == timing["data_s"]
     # as a live local run shows it: rung 0 training (its launcher: this process), rung 1 queued
     base = manifest["stages"]["base"]["tasks"]
-    base[0].update(state="RUNNING", submitted=now_iso())
+    from datetime import datetime, timedelta
+    started = (datetime.now().astimezone() - timedelta(seconds=125)).isoformat(timespec="seconds")
+    base[0].update(state="RUNNING", submitted=started)  # a local task's start: its elapsed time so far
     base[1].update(state="PENDING")
     manifest["launcher"] = launcher_record()
     save_manifest(run, manifest)
@@ -199,8 +201,10 @@ def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpu
     assert out[0].split() == ["rung", "depth", "state", "step", "val_bpb", "elapsed"], out
     assert out[1].split()[:5] == ["0", "2", "base", "RUNNING", "base"] and "4/4" in out[1], out
     bpb = [r["val_bpb"] for r in records if r["event"] == "eval"][-1]
-    assert f"{bpb:.4f}" in out[1], out
-    assert out[2].strip().startswith("base time: queue 0s · job set-up 0s · set-up ") and \
+    assert f"{bpb:.4f}" in out[1] and " 2m0" in out[1], out
+    # the job's set-up: this (test) process started after the task's faked start, so any
+    assert re.match(r"base time: queue 0s · job set-up \S+ · set-up \S+ \(imports \S+, data \S+\) · warm-up ",
+                    out[2].strip()) and \
         "(imports " in out[2] and " · warm-up " in out[2] and " · steps " in out[2] and " · eval " in out[2], out
     assert out[3].split()[:4] == ["1", "3", "base", "PENDING"], out
     assert any(ln.startswith("report") for ln in out), "the report task stays in the usual table"
