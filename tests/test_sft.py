@@ -152,6 +152,11 @@ def test_compiled_sft_compiles_once_across_20_steps_and_chat_loads_it(base_run):
     progress = [json.loads(ln) for ln in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in progress if r["event"] == "eval"] == [0, 10, 20]
     assert all(r["val_loss"] > 0 for r in progress if r["event"] == "eval")
+    # a compiled stage records whether its compile found torch's cache (the process's cache dir)
+    timing = next(r for r in progress if r["event"] == "timing")
+    summary = next(r for r in progress if r["event"] == "summary")
+    assert timing["compile_cache"] in ("hit", "miss", "partial") and summary["compile_cache"] == timing["compile_cache"]
+    assert 0 <= timing["data_s"] <= timing["setup_s"], "the base checkpoint and the conversations: part of set-up"
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["data"]["real_token_fraction"] > 0.5
