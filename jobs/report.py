@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/report.py` from anywhere
 
+from jobs.compare import grid_report_lines  # noqa: E402
 from jobs.ladder import report_lines, write_curve  # noqa: E402
 from jobs.manifest import read_manifest  # noqa: E402
 from jobs.progress import first_reached, target_label, task_seconds as _seconds  # noqa: E402
@@ -379,6 +380,7 @@ def write_report(run_dir: Path) -> Path:
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
     lines += report_lines(run_dir, write_curve(run_dir, manifest))  # curve.log + curve.png (jobs/ladder.py)
+    lines += grid_report_lines(run_dir, manifest)  # report.compare: the CM of an idea per depth (jobs/compare.py)
     lines += _time_to_target_lines(run_dir, rows)
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)
