@@ -301,7 +301,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--plot", help="the PNG's path [VARIANT/compare_vs_<baseline>.png]; 'none' for no plot")
     args = ap.parse_args(argv)
     baseline, variant = Path(args.baseline), Path(args.variant)
-    rows, notes = compare(baseline, variant, [Path(s) for s in args.seed_run])
+    base, var = read_run(baseline), read_run(variant)
+    rows, notes = compare_rungs(base, var, [read_run(Path(s)) for s in args.seed_run], str(baseline), str(variant))
     lines = notes + [cm_record(r) for r in rows]
     for line in lines + [verdict(r) for r in rows]:
         print(line)
@@ -309,7 +310,7 @@ def main(argv: list[str]) -> int:
     atomic_write_text(variant / f"{stem}.log", "".join(line + "\n" for line in lines))
     if rows and args.plot != "none":
         out = Path(args.plot) if args.plot else variant / f"{stem}.png"
-        plot(read_run(baseline), read_run(variant), rows, out, (baseline.resolve().name, variant.resolve().name))
+        plot(base, var, rows, out, (baseline.resolve().name, variant.resolve().name))
         print(f"wrote {variant / (stem + '.log')} and {out}")
     if not rows:
         raise UserError(f"no depth to compare: {'; '.join(notes) or 'the runs share no depth'}")
