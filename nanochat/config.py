@@ -312,6 +312,8 @@ def _validate_top(r: Recipe) -> None:
     check("train" not in r.stages, "stages",
           f"lists 'train', which is now called 'base' (the pretraining stage): write base "
           f"instead; valid stages: {', '.join(STAGES)}")
+    check("compare" not in r.stages, "stages", "lists 'compare': the CM of a grid axis is the report's work; "
+          "set report.compare: {axis: baseline value} and keep report in stages")
     check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
           f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
     check([s for s in STAGES if s in r.stages] == r.stages, "stages",
@@ -337,6 +339,8 @@ def _validate_report(r: Recipe) -> None:
     check(len(r.grid[axis]) >= 2, f"grid.{axis}", f"needs a variant beside the baseline {baseline!r} (report.compare)")
     check(set(r.grid) == {"model.depth", axis}, "grid", "report.compare needs a grid of exactly two axes, "
           f"model.depth (the ladder) and {axis} (the idea); got {', '.join(r.grid)}")
+    check({"base", "report"} <= set(r.stages), "stages", f"must include base and report for report.compare "
+          f"(the report stage computes the CM from the base tasks); got {r.stages}")
 
 
 def _validate_model(m: ModelArgs) -> None:

@@ -125,7 +125,9 @@ def test_a_grid_with_a_baseline_axis_gets_the_cm_per_depth_in_its_report(corpus,
      "is the baseline value, 1, which is not among grid.model.bigram_factor's values [0, 5]; name one of them"),
     (IDEA[1:], {"model.bigram_factor": [0, 5]},
      "report.compare needs a grid of exactly two axes, model.depth (the ladder) and model.bigram_factor"),
-], ids=["axis not in the grid", "baseline not among its values", "no depth axis"])
+    (IDEA + ["stages=[base]"], None, "stages must include base and report for report.compare"),
+    (["stages=[base, compare]"], None, "stages lists 'compare': the CM of a grid axis is the report's work; set report.compare"),
+], ids=["axis not in the grid", "baseline not among its values", "no depth axis", "no report stage", "a compare stage"])
 def test_a_bad_report_compare_is_one_line_before_anything_is_submitted(overrides, recipe_grid, message, tmp_path, capsys):
     recipe = REPO / "configs" / "tiny_ladder.yaml"
     if recipe_grid is not None:  # a recipe of its own: an override merges into tiny_ladder's depth axis
