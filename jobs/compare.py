@@ -10,6 +10,9 @@ measured range extends the boundary segment, and that CM is marked extrapolated 
 CM > 1: the variant reaches the same quality with less compute. Only depths trained in both runs
 are compared. Prints one `cm` record per depth (upstream's grammar), writes them to
 VARIANT_RUN/compare_vs_<baseline>.log and a two-panel PNG beside it (curves; CM vs compute).
+One launch can do the same: a recipe whose grid has model.depth and an idea's axis, with
+`report.compare: {axis: baseline value}`, gets the CM of every other value in its report
+(grid_report_lines).
 
 The seed spread: `--seed-run` names runs of the baseline's recipe with other seeds. The final
 val_bpb of the baseline and those runs scatter by chance alone; through the slope of the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/
 
 from nanochat.common import UserError, atomic_write_text, cli_main  # noqa: E402
 from nanochat.logfmt import STAGE_LOGS, format_record, last_summary, parse_records  # noqa: E402
+from nanochat.recipe import load_recipe, yaml_load  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,13 +49,19 @@ def rung_dirs(run_dir: Path) -> list[Path]:
 
 
 def read_run(run_dir: Path) -> dict[int, dict]:
-    """depth → {summary, curve [(eflops, val_bpb)], dir} for every rung that finished
-    pretraining (its log has a summary with val_bpb and eflops: upstream's read_base_summary)."""
+    """depth → rung (read_rungs) of every rung of a run that finished pretraining."""
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir}: no such run directory; pass the directory jobs/launch.py printed")
+    return read_rungs(rung_dirs(run_dir), str(run_dir))
+
+
+def read_rungs(dirs: list[Path], where: str) -> dict[int, dict]:
+    """depth → {summary, curve [(eflops, val_bpb)], dir} for every base task directory in `dirs`
+    that finished pretraining (its log has a summary with val_bpb and eflops: upstream's
+    read_base_summary). `where` names the set in errors (a run, or one value of a grid axis)."""
     out: dict[int, dict] = {}
-    for d in rung_dirs(run_dir):
-        log = d / STAGE_LOGS["base"]
+    for d in dirs:
+        log = Path(d) / STAGE_LOGS["base"]
         summary = last_summary(log)
         if not summary or "val_bpb" not in summary or "eflops" not in summary:
             continue
@@ -59,9 +70,9 @@ def read_run(run_dir: Path) -> dict[int, dict]:
                  and "val_bpb" in r]
         depth = summary.get("depth")
         if depth in out:
-            raise UserError(f"{run_dir}: two rungs of depth {depth} ({out[depth]['dir']}, {d}); "
+            raise UserError(f"{where}: two rungs of depth {depth} ({out[depth]['dir']}, {d}); "
                             "compare runs with one task per depth")
-        out[depth] = {"summary": summary, "curve": curve, "dir": d}
+        out[depth] = {"summary": summary, "curve": curve, "dir": Path(d)}
     return out
 
 
@@ -127,14 +138,18 @@ def seed_band(baseline: dict, seed_rungs: list[dict]) -> tuple[float, float, int
 
 
 def compare(baseline_dir: Path, variant_dir: Path, seed_dirs: list[Path] = ()) -> tuple[list[dict], list[str]]:
-    """The `cm` rows per common depth (with the seed band when seed runs are given) and the
+    """The `cm` rows per common depth of two runs (compare_rungs)."""
+    return compare_rungs(read_run(baseline_dir), read_run(variant_dir), [read_run(d) for d in seed_dirs],
+                         str(baseline_dir), str(variant_dir))
+
+
+def compare_rungs(base: dict[int, dict], var: dict[int, dict], seeds: list[dict[int, dict]] = (),
+                  base_name: str = "baseline", var_name: str = "variant") -> tuple[list[dict], list[str]]:
+    """The `cm` rows per common depth (with the seed band when seed rungs are given) and the
     notes (depths skipped, and why)."""
-    base, var = read_run(baseline_dir), read_run(variant_dir)
-    if not base:
-        raise UserError(f"{baseline_dir}: no rung finished pretraining (no summary in any base_train.log)")
-    if not var:
-        raise UserError(f"{variant_dir}: no rung finished pretraining (no summary in any base_train.log)")
-    seeds = [read_run(d) for d in seed_dirs]
+    for rungs, name in ((base, base_name), (var, var_name)):
+        if not rungs:
+            raise UserError(f"{name}: no rung finished pretraining (no summary in any base_train.log)")
     notes = [f"d{d}: skipped, the baseline never trained this depth" for d in sorted(var) if d not in base]
     rows = []
     for depth in sorted(d for d in var if d in base):
@@ -162,12 +177,12 @@ def cm_record(row: dict) -> str:
     return format_record("cm", **fields)
 
 
-def verdict(row: dict) -> str:
+def verdict(row: dict, no_seeds: str = "no seed runs given (--seed-run)") -> str:
     """The sentence a reader needs: better, worse or indistinguishable from seed noise."""
     cm = f"{row['cm']:.3f}" + (" (extrapolated: the anchor lies outside the baseline's measured curve)"
                                if row["extrapolated"] else "")
     if "seed_runs" not in row:
-        return f"d{row['depth']}: CM {cm}; no seed runs given (--seed-run), so the seed spread is unknown"
+        return f"d{row['depth']}: CM {cm}; {no_seeds}, so the seed spread is unknown"
     band = (f"[{row['seed_cm_lo']:.3f}, {row['seed_cm_hi']:.3f}] (95% prediction interval of another seed, "
             f"from the final val_bpb of the baseline and {row['seed_runs']} seed run(s))")
     if row["within_seed_spread"]:
@@ -179,14 +194,14 @@ def verdict(row: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # The picture
 
-def plot(baseline_dir: Path, variant_dir: Path, rows: list[dict], out: Path) -> None:
+def plot(base: dict[int, dict], var: dict[int, dict], rows: list[dict], out: Path,
+         names: tuple[str, str] = ("baseline", "variant")) -> None:
+    """Two panels: both sets' curves and final points per depth; the CM against compute."""
     from nanochat.common import atomic_path
     from nanochat.plots import pyplot
     plt = pyplot()
-    base, var = read_run(baseline_dir), read_run(variant_dir)
     fig, (ax, ax_cm) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for run, color, name in ((base, "#2a78d6", f"{Path(baseline_dir).name} (baseline)"),
-                             (var, "#1baf7a", f"{Path(variant_dir).name} (variant)")):
+    for run, color, name in ((base, "#2a78d6", f"{names[0]} (baseline)"), (var, "#1baf7a", f"{names[1]} (variant)")):
         depths = [r["depth"] for r in rows]
         for d in depths:
             pts = run[d]["curve"]
@@ -217,6 +232,66 @@ def plot(baseline_dir: Path, variant_dir: Path, rows: list[dict], out: Path) -> 
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------
+# An idea's CM in one launch: the recipe's `report.compare: {axis: baseline value}`
+#
+# Done by the report stage, not a `compare` stage of its own: the report already runs after every
+# task (whatever their states), reads the same base logs and is where the result is read; a stage
+# would add a job, a time limit, dependency edges and a stage name for the same few milliseconds,
+# and `python jobs/report.py RUN` would still have to redo it on a partial or resumed run.
+
+def axis_groups(manifest: dict, axis: str) -> dict:
+    """A value of the grid's `axis` → the base task directories with it (in the grid's order),
+    read from each task's overrides (`model.bigram_factor=5`), as recipe YAML."""
+    groups: dict = {}
+    for task in manifest["stages"].get("base", {}).get("tasks", []):
+        values = dict(o.split("=", 1) for o in task["overrides"])
+        if axis in values:
+            groups.setdefault(yaml_load(values[axis]), []).append(Path(task["run_dir"]))
+    return groups
+
+
+def grid_report_lines(run_dir: Path, manifest: dict) -> list[str]:
+    """The report's section for `report.compare`: per value of the axis other than the baseline,
+    the `cm` records per depth against the baseline's tasks, written to
+    RUN/compare_<axis>=<value>.log with its two-panel PNG; [] without report.compare."""
+    try:
+        spec = load_recipe(Path(run_dir) / "recipe.yaml").report.compare
+    except UserError:
+        return []
+    if not spec:
+        return []
+    (axis, baseline), = spec.items()
+    groups = axis_groups(manifest, axis)
+    base_name = f"{axis}={baseline}"
+    lines = ["", f"## The compute multiplier of {axis} (report.compare; baseline {base_name})", "",
+             "CM: the baseline's training FLOPs to reach the variant's final val BPB ÷ the variant's "
+             "(> 1: the variant needs less compute); `?` marks an anchor outside the baseline's curve "
+             "(docs/ladder.md)."]
+    base = read_rungs(groups.get(baseline, []), base_name)
+    for value, dirs in groups.items():
+        if value == baseline:
+            continue
+        name = f"{axis}={value}"
+        stem = "compare_" + re.sub(r"[^\w.=+-]", "_", name)
+        lines += ["", f"### {name} against {base_name}", ""]
+        var = read_rungs(dirs, name)
+        try:
+            rows, notes = compare_rungs(base, var, [], base_name, name)
+        except UserError as e:
+            lines.append(f"Not compared: {e}")
+            continue
+        records = notes + [cm_record(r) for r in rows]
+        atomic_write_text(Path(run_dir) / f"{stem}.log", "".join(line + "\n" for line in records))
+        lines += ["```"] + records + ["```", ""]
+        lines += [f"- {verdict(r, 'no seed runs in this launch (jobs/compare.py --seed-run takes them)')}"
+                  for r in rows]
+        if rows:
+            plot(base, var, rows, Path(run_dir) / f"{stem}.png", (base_name, name))
+            lines += ["", f"![{name} against {base_name}]({stem}.png)"]
+    return lines
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python jobs/compare.py", description=__doc__.splitlines()[0])
     ap.add_argument("baseline", help="the baseline's run directory")
@@ -226,7 +301,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--plot", help="the PNG's path [VARIANT/compare_vs_<baseline>.png]; 'none' for no plot")
     args = ap.parse_args(argv)
     baseline, variant = Path(args.baseline), Path(args.variant)
-    rows, notes = compare(baseline, variant, [Path(s) for s in args.seed_run])
+    base, var = read_run(baseline), read_run(variant)
+    rows, notes = compare_rungs(base, var, [read_run(Path(s)) for s in args.seed_run], str(baseline), str(variant))
     lines = notes + [cm_record(r) for r in rows]
     for line in lines + [verdict(r) for r in rows]:
         print(line)
@@ -234,7 +310,7 @@ def main(argv: list[str]) -> int:
     atomic_write_text(variant / f"{stem}.log", "".join(line + "\n" for line in lines))
     if rows and args.plot != "none":
         out = Path(args.plot) if args.plot else variant / f"{stem}.png"
-        plot(baseline, variant, rows, out)
+        plot(base, var, rows, out, (baseline.resolve().name, variant.resolve().name))
         print(f"wrote {variant / (stem + '.log')} and {out}")
     if not rows:
         raise UserError(f"no depth to compare: {'; '.join(notes) or 'the runs share no depth'}")

@@ -14,13 +14,13 @@ launcher can read recipes on a login node.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.optim_config import ADAM_ROLES, OptimArgs  # the optim section (its own module)
+from nanochat.paths import HOME_ENV, derive_paths, home_unset_hint, output_root  # noqa: F401 (where runs and caches go)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +231,7 @@ TARGET_METRICS = {"val_bpb": "lower", "core": "higher"}  # report.targets: which
 @dataclass
 class ReportArgs:
     targets: dict[str, float] = field(default_factory=dict)  # time-to-target per base task, e.g. {val_bpb: 0.72, core: 0.2565}; grid tasks ranked by the first
+    compare: dict[str, int | float | str | bool] = field(default_factory=dict)  # the compute multiplier of an idea in one launch: {grid axis: its baseline value}, e.g. {model.bigram_factor: 0} with grid {model.depth: [12, 16, 20], model.bigram_factor: [0, 5]}; the report gives each other value's CM per depth against the baseline (jobs/compare.py, docs/ladder.md); {}: none
 
 
 @dataclass
@@ -261,40 +262,6 @@ class Recipe:
         return getattr(self, TRAINING_SECTIONS[stage])
 
 
-OUTPUT_ROOT = "runs"        # where run directories go unless `run_dir` says otherwise ($NANOCHAT_HOME/runs when set)
-HOME_ENV = "NANOCHAT_HOME"  # one root for caches (<root>/cache) and runs (<root>/runs), e.g. /scratch/$USER/nanochat
-
-
-def output_root() -> str:
-    """Where run directories go by default: $NANOCHAT_HOME/runs, else ./runs."""
-    home = os.environ.get(HOME_ENV)
-    return str(Path(home).expanduser() / OUTPUT_ROOT) if home else OUTPUT_ROOT
-
-
-def home_unset_hint() -> str:
-    """A clause for messages about where runs are, when NANOCHAT_HOME is unset in this shell
-    (a new login shell without it turns $NANOCHAT_HOME/runs/x into /runs/x, and a launch
-    quietly writes under ./runs and ./cache); "" when it is set."""
-    if os.environ.get(HOME_ENV):
-        return ""
-    return (f"{HOME_ENV} is not set in this shell, so runs go under ./runs and caches under ./cache; "
-            f"export it in your shell profile (README, step 2)")
-
-
-def derive_paths(r: "Recipe") -> None:
-    """Fill the cache paths left unset from one root: cache_dir ($NANOCHAT_HOME/cache, else
-    ./cache), then data.data_dir, data.offline_cache and discovery.cache_dir under it."""
-    if r.cache_dir is None:
-        home = os.environ.get(HOME_ENV)
-        r.cache_dir = str(Path(home).expanduser() / "cache") if home else "cache"
-    root = Path(r.cache_dir)
-    if r.data.data_dir is None:
-        name = "offline" if r.data.source == "offline" else r.data.hub_repo.rstrip("/").split("/")[-1]
-        r.data.data_dir = str(root / "data" / name)
-    if r.data.offline_cache is None:
-        r.data.offline_cache = str(root / "pip")
-    if r.discovery.cache_dir is None:
-        r.discovery.cache_dir = str(root / "batch_size")
 # The training stages and the recipe section of each: "base" (pretraining) is configured by
 # `train:`, "sft" by `sft:`. Stages are what the launcher, discovery and the report call them.
 TRAINING_SECTIONS = {"base": "train", "sft": "sft"}
@@ -338,15 +305,15 @@ def validate(r: Recipe) -> None:
     _validate_discovery(r.discovery)
     _validate_kv_bench(r.kv_bench)
     _validate_cluster(r.cluster)
-    for k in r.report.targets:
-        check(k in TARGET_METRICS, f"report.targets.{k}",
-              f"is not a metric with a target; use {', '.join(TARGET_METRICS)}")
+    _validate_report(r)
 
 
 def _validate_top(r: Recipe) -> None:
     check("train" not in r.stages, "stages",
           f"lists 'train', which is now called 'base' (the pretraining stage): write base "
           f"instead; valid stages: {', '.join(STAGES)}")
+    check("compare" not in r.stages, "stages", "lists 'compare': the CM of a grid axis is the report's work; "
+          "set report.compare: {axis: baseline value} and keep report in stages")
     check(all(s in STAGES for s in r.stages) and len(set(r.stages)) == len(r.stages), "stages",
           f"must be distinct names from {', '.join(STAGES)}; got {r.stages}")
     check([s for s in STAGES if s in r.stages] == r.stages, "stages",
@@ -354,6 +321,26 @@ def _validate_top(r: Recipe) -> None:
     for key, values in r.grid.items():
         check("." in key and bool(values), f"grid.{key}",
               "must be section.key: [value, ...] with at least one value")
+
+
+def _validate_report(r: Recipe) -> None:
+    for k in r.report.targets:
+        check(k in TARGET_METRICS, f"report.targets.{k}",
+              f"is not a metric with a target; use {', '.join(TARGET_METRICS)}")
+    if not r.report.compare:
+        return
+    check(len(r.report.compare) == 1, "report.compare", "must name one grid axis and its baseline value, "
+          f"e.g. {{model.bigram_factor: 0}}; got {r.report.compare}")
+    (axis, baseline), = r.report.compare.items()
+    check(axis != "model.depth" and axis in r.grid, f"report.compare.{axis}", "must be a grid axis other than "
+          f"model.depth (the grid has {', '.join(r.grid) or 'no axes'}); add it, e.g. grid: {{{axis}: [baseline, variant]}}")
+    check(baseline in r.grid[axis], f"report.compare.{axis}",
+          f"is the baseline value, {baseline!r}, which is not among grid.{axis}'s values {r.grid[axis]}; name one of them")
+    check(len(r.grid[axis]) >= 2, f"grid.{axis}", f"needs a variant beside the baseline {baseline!r} (report.compare)")
+    check(set(r.grid) == {"model.depth", axis}, "grid", "report.compare needs a grid of exactly two axes, "
+          f"model.depth (the ladder) and {axis} (the idea); got {', '.join(r.grid)}")
+    check({"base", "report"} <= set(r.stages), "stages", f"must include base and report for report.compare "
+          f"(the report stage computes the CM from the base tasks); got {r.stages}")
 
 
 def _validate_model(m: ModelArgs) -> None:

@@ -1,13 +1,15 @@
 """The compute multiplier on the tiny ladder (two of its depths, trained for real): a variant that is
 really better gets CM > 1 at every depth, read off the baseline's curve without extrapolation;
-another seed of the same recipe lands within the seed spread, and the output says so."""
+another seed of the same recipe lands within the seed spread, and the output says so. One launch
+of a grid with an idea's axis and `report.compare` gets the same records in its report."""
 from pathlib import Path
 
 import pytest
 
-from jobs import compare
+from jobs import compare, launch
 from jobs.plan import grid_recipes
-from nanochat.common import UserError
+from nanochat.common import UserError, cli_main
+from nanochat.logfmt import last_summary
 from nanochat.recipe import load_recipe
 from nanochat.train import train_base
 from tests.test_logfmt import upstream_parse_record
@@ -82,3 +84,57 @@ def test_runs_without_a_finished_rung_are_one_clear_error(tmp_path):
         compare.compare(tmp_path / "a", tmp_path / "a")
     with pytest.raises(UserError, match="no such run directory"):
         compare.compare(tmp_path / "missing", tmp_path / "a")
+
+
+# --------------------------------------------------------------------------------------------
+# One launch: a grid with a depth axis and an idea's axis, `report.compare: {axis: baseline}`
+
+IDEA = ["grid={model.depth: [2, 3], model.bigram_factor: [0, 5]}", "report.compare={model.bigram_factor: 0}"]
+
+
+def test_a_grid_with_a_baseline_axis_gets_the_cm_per_depth_in_its_report(corpus, tmp_path, monkeypatch):
+    """The hashed bigram against none, at two depths, in one launch (local executor, base and
+    report only): the report holds one `cm` record per depth in upstream's grammar, each read off
+    the baseline tasks' curves at the variant task's own final val_bpb and FLOPs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root, data = tmp_path / "runs", corpus["sections"]["data"]
+    assert launch.main([str(REPO / "configs" / "tiny_ladder.yaml"), "--executor", "local", "--output-root", str(root),
+                        f"cache_dir={corpus['cache_dir']}", f"data.data_dir={data['data_dir']}",
+                        f"data.offline_cache={data['offline_cache']}", "stages=[base, report]"] + IDEA) == 0
+    run = root / "tiny_ladder"
+    report = (run / "report.md").read_text()
+    assert "## The compute multiplier of model.bigram_factor (report.compare; baseline model.bigram_factor=0)" in report
+    assert "### model.bigram_factor=5 against model.bigram_factor=0" in report
+    records = [r for line in report.splitlines() if (r := upstream_parse_record(line, "cm"))]
+    assert [r["depth"] for r in records] == [2, 3]
+    # the grid's order: task 0 d2/0, 1 d2/5, 2 d3/0, 3 d3/5; the anchor is the variant task's own result
+    for r, variant in zip(records, ("001", "003")):
+        summary = last_summary(run / "base" / variant / "base_train.log")
+        assert summary["depth"] == r["depth"] and summary["val_bpb"] == pytest.approx(r["anchor_bpb"], abs=1e-6)
+        assert float(str(r["cm"]).rstrip("?")) > 0 and r["variant_eflops"] == pytest.approx(summary["eflops"], rel=1e-3)
+    assert report.count("no seed runs in this launch") == 2
+    assert (run / "compare_model.bigram_factor=5.log").read_text().count("cm model_tag=") == 2
+    assert (run / "compare_model.bigram_factor=5.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![model.bigram_factor=5 against model.bigram_factor=0](compare_model.bigram_factor=5.png)" in report
+
+
+@pytest.mark.parametrize("overrides, recipe_grid, message", [
+    (["report.compare={model.bigram_factor: 0}"], None,
+     "report.compare.model.bigram_factor must be a grid axis other than model.depth (the grid has model.depth)"),
+    (IDEA[:1] + ["report.compare={model.bigram_factor: 1}"], None,
+     "is the baseline value, 1, which is not among grid.model.bigram_factor's values [0, 5]; name one of them"),
+    (IDEA[1:], {"model.bigram_factor": [0, 5]},
+     "report.compare needs a grid of exactly two axes, model.depth (the ladder) and model.bigram_factor"),
+    (IDEA + ["stages=[base]"], None, "stages must include base and report for report.compare"),
+    (["stages=[base, compare]"], None, "stages lists 'compare': the CM of a grid axis is the report's work; set report.compare"),
+], ids=["axis not in the grid", "baseline not among its values", "no depth axis", "no report stage", "a compare stage"])
+def test_a_bad_report_compare_is_one_line_before_anything_is_submitted(overrides, recipe_grid, message, tmp_path, capsys):
+    recipe = REPO / "configs" / "tiny_ladder.yaml"
+    if recipe_grid is not None:  # a recipe of its own: an override merges into tiny_ladder's depth axis
+        recipe = tmp_path / "no_depth.yaml"
+        recipe.write_text(f"name: no_depth\nstages: [base, report]\ngrid: {recipe_grid}\n")
+    root = tmp_path / "runs"
+    assert cli_main(launch.main, [str(recipe), "--executor", "local", "--output-root", str(root)] + overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not root.exists()
