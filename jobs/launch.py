@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
-from jobs.executors import (REPO, Selection, dependency_option, run_local, select_tasks,  # noqa: E402
-                            slurm_executor_parameters, submit_slurm)
+from jobs.executors import (REPO, Selection, dependency_option, launch_tag, run_local,  # noqa: E402
+                            select_tasks, slurm_executor_parameters, submit_slurm)
 from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
                            launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
@@ -131,7 +131,8 @@ def prepare_data(args_recipe: str, overrides: list[str], plan: Plan, executor: s
 def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) -> str:
     from submitit.slurm.slurm import _make_sbatch_string  # private but stable; submitit's own text
     # the snapshot's directory is known once it is taken: shown by its place in the run directory
-    params = slurm_executor_parameters(plan, stage, plan.run_dir / "code" / "SNAPSHOT")
+    params = slurm_executor_parameters(plan, stage, plan.run_dir / "code" / "SNAPSHOT",
+                                       launch_tag(plan.run_dir, "LAUNCHID"))
     todo = (selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks])
     dependency = dependency_option(stage, {a: f"<{a} job id>" for a in stage.after
                                            if selection is None or selection.tasks.get(a)},

@@ -8,6 +8,7 @@ import pytest
 from jobs.plan import build_plan, slurm_parameters
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
+from scheduler_shims import scheduler_shims  # noqa: F401 (a fixture)
 from test_lifecycle import manifest_of, recipe_file, run_launch  # noqa: F401 (a fixture)
 
 
@@ -87,3 +88,38 @@ def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks(tmp_p
         else:
             subprocess.run(["bash", "-c", "source slurm/env.sh"], cwd=Path(__file__).parents[1], env=env, check=True)
         assert not old.exists() and fresh.exists(), how
+
+
+def test_a_job_an_sbatch_queued_before_it_timed_out_is_found_by_its_comment_and_cancelled(scheduler_shims,
+                                                                                          recipe_file, tmp_path):
+    """sbatch queues base, then never answers (a reply lost on a busy controller): the launch gives
+    up after its time-out (2 x 2 s here), finds the job by the launch's comment and cancels it,
+    in one line. With squeue unreachable as well, the manifest stays and names the comment."""
+    import re
+    import time
+    from test_lifecycle import queued
+    from jobs.scheduler import tagged_jobs
+    scheduler_shims.set("sbatch", "late")
+    args = [recipe_file, "train.num_iterations=100000", "--executor", "slurm", "--no-prepare", "--no-snapshot",
+            "--output-root", tmp_path / "runs"]
+    start = time.monotonic()
+    res = run_launch(*args)
+    assert time.monotonic() - start < 60, "the launch waited for sbatch past its time-out"
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert line.startswith("error: sbatch refused stage base: sbatch: error: no answer within 4 s"), line
+    found = re.search(r"base \(job (\d+), queued although sbatch failed: found by the launch's comment\)", line)
+    assert found, line
+    assert not queued([found.group(1)]), "the job the late sbatch queued was left in the queue"
+    assert not (tmp_path / "runs" / "s" / "manifest.json").exists()
+
+    scheduler_shims.set("squeue", "fail")
+    res = run_launch(*args)
+    scheduler_shims.set("squeue", None)
+    comment = manifest_of(tmp_path / "runs" / "s")["orphans"]["comment"]
+    left = tagged_jobs(comment)
+    subprocess.run(["scancel", *left], check=False)
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert f"look for jobs with the comment {comment}" in line, line
+    assert len(left) == 1, left  # the manifest's comment finds the job the launch could not
