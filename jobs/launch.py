@@ -31,7 +31,7 @@ from jobs.executors import (REPO, Selection, dependency_option, launch_tag, run_
 from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
                            launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
-from jobs.preflight import check_partition, preflight, sbatch_would_accept  # noqa: E402,F401
+from jobs.preflight import check_partition, check_submit_limit, preflight, sbatch_would_accept  # noqa: E402,F401
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import HOME_ENV, home_unset_hint, output_root  # noqa: E402
@@ -152,7 +152,10 @@ def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selec
             ask_sbatch: bool = False) -> None:
     """Print what the launch would do; `ask_sbatch`: first have SLURM judge every script
     (`sbatch --test-only`), so that a script the launch would have refused fails here."""
+    counts = {s.name: len(selection.tasks.get(s.name, []) if selection else s.tasks) for s in plan.stages}
+    counts = {name: n for name, n in counts.items() if n}
     if ask_sbatch:
+        check_submit_limit(plan.recipe, sum(counts.values()), len(selection.replace) if selection else 0)
         for stage in plan.stages:
             if not selection or selection.tasks.get(stage.name):
                 sbatch_would_accept(stage.name, render_sbatch(plan, stage, selection))
@@ -164,6 +167,7 @@ def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selec
         print(f"# stage {name}: would submit ({why})")
     for line in selection.skipped if selection else []:
         print(f"# left alone: {line}")
+    print(f"# would queue {queue_count(counts)}")
     for stage in plan.stages:
         todo = selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks]
         if not todo:
@@ -405,6 +409,11 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int |
         if selection.empty:
             print(f"nothing to submit: every task of {_shown(run_dir)} is COMPLETED or still live", flush=True)
             return None
+    if executor == "slurm":  # refused here, before the run directory is written
+        counts = ({n: len(t) for n, t in selection.tasks.items() if t} if manifest else
+                  {s.name: len(s.tasks) for s in plan.stages if s.tasks})
+        check_submit_limit(recipe, sum(counts.values()), len(selection.replace) if manifest else 0)
+        print(f"queueing {queue_count(counts)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     code = None
     if not args.no_snapshot:  # a resume keeps the run's own snapshot unless --new-code
@@ -456,6 +465,13 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int |
             (run_dir / MANIFEST).unlink(missing_ok=True)
         raise
     return None
+
+
+def queue_count(counts: dict[str, int]) -> str:
+    """How many jobs a launch queues at once, as MaxSubmitJobs counts them (each array task)."""
+    total = sum(counts.values())
+    return (f"{total} job{'s' * (total != 1)} at once ({len(counts)} submission{'s' * (len(counts) != 1)}; "
+            "array tasks count one each toward the site's MaxSubmitJobs)")
 
 
 def record_task_code(manifest: dict, selection: Selection, code: str) -> None:

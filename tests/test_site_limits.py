@@ -123,3 +123,31 @@ def test_a_job_an_sbatch_queued_before_it_timed_out_is_found_by_its_comment_and_
     assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
     assert f"look for jobs with the comment {comment}" in line, line
     assert len(left) == 1, left  # the manifest's comment finds the job the launch could not
+
+
+def test_a_launch_past_maxsubmitjobs_is_refused_before_anything_is_submitted(slurm, recipe_file, tmp_path):
+    """A grid of 3 (base as one array, the report: 4 jobs) under a QOS allowing 2 queued jobs per
+    user: refused in one line, nothing queued, no run directory; the dry run says how many jobs
+    a launch queues at once. (The QOS is made for the test and removed: no other job uses it.)"""
+    from jobs.preflight import submit_limits
+    grid = "grid={train.seed: [1, 2, 3]}"
+    res = run_launch(recipe_file, grid, "--dry-run", "--executor", "slurm", "--no-prepare",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0 and "# would queue 4 jobs at once (2 submissions;" in res.stdout, res.stdout + res.stderr
+    qos = f"nanochat-limit-{tmp_path.name[-12:]}".lower()
+    made = subprocess.run(["sacctmgr", "-i", "add", "qos", qos, "MaxSubmitJobsPerUser=2"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this cluster keeps no accounting to hold a QOS: {made.stderr.strip()}")
+    try:
+        res = run_launch(recipe_file, grid, f"cluster.qos={qos}", "--executor", "slurm", "--no-prepare",
+                         "--no-snapshot", "--output-root", tmp_path / "runs")
+    finally:
+        subprocess.run(["sacctmgr", "-i", "delete", "qos", qos], capture_output=True)
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert line.startswith("error: this launch would queue 4 jobs") and f"QOS {qos} (MaxSubmitJobsPerUser) allows 2" \
+        in line and line.endswith("nothing was submitted"), line
+    assert not (tmp_path / "runs" / "s").exists()
+    # an association's own limit, in sacctmgr's parsable format, binds only for its account
+    assoc = "root||3||normal\nother||1||normal\n"
+    assert submit_limits(assoc, "normal|\n", "root", set(), None) == [(3, "the association of account root")]
