@@ -316,7 +316,7 @@ def _timed_sbatch():
     launch. While submitit submits, `sbatch` on PATH is a wrapper that gives the real one a
     time-out (coreutils `timeout`, which kills its whole process group) and says so."""
     real = shutil.which("sbatch")
-    if real is None:
+    if real is None or shutil.which("timeout") is None:  # (no coreutils timeout: sbatch as it is)
         yield
         return
     limit = f"{sbatch_timeout_s():g}"

@@ -121,7 +121,10 @@ def check_submit_limit(recipe, new_jobs: int, freed: int = 0) -> None:
     the user's jobs already queued. A site without accounting, or a sacctmgr that can't be
     asked, is left to sbatch."""
     user = getpass.getuser()
-    assoc = _run("sacctmgr", "-nP", "show", "assoc", f"user={user}",
+    # one slurmdbd may serve several clusters: this one's associations only
+    config = _run("scontrol", "show", "config")
+    name = re.search(r"^ClusterName\s*=\s*(\S+)", config.stdout if config else "", re.M)
+    assoc = _run("sacctmgr", "-nP", "show", "assoc", f"user={user}", *([f"cluster={name.group(1)}"] if name else []),
                  "format=Account,Partition,MaxSubmitJobs,DefaultQOS,QOS")
     qos = _run("sacctmgr", "-nP", "show", "qos", "format=Name,MaxSubmitJobsPerUser")
     if not assoc or assoc.returncode != 0:
