@@ -32,11 +32,11 @@ from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, l
                            launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
 from jobs.preflight import check_partition, preflight, sbatch_would_accept  # noqa: E402,F401
-from jobs.preflight import check_submit_limit  # noqa: E402
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import HOME_ENV, home_unset_hint, output_root  # noqa: E402
 from nanochat.recipe import absolute_paths, load_recipe, save_resolved_recipe  # noqa: E402
+from jobs.preflight import check_submit_limit  # noqa: E402  (MaxSubmitJobs, before submitting)
 
 __all__ = ["dependency_option", "main"]
 
