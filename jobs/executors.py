@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from jobs.manifest import (CANCELLED, DONE, FAILED, NothingQueued, cancel_reason
                            upstream_tasks)
 from jobs.plan import Plan, Stage, slurm_parameters
 from jobs.progress import LiveDisplay, LiveTask, duration
-from jobs.scheduler import LIVE, cancel_and_wait
+from jobs.scheduler import LIVE, cancel_and_wait, tagged_jobs, timeout_s
 from nanochat.common import UserError, now_iso
 from nanochat.recipe import guarded_setup
 
@@ -292,7 +296,48 @@ def _cancel_local(plan: Plan, manifest: dict, running: dict, display: LiveDispla
 # --------------------------------------------------------------------------------------------
 # SLURM
 
-def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None) -> dict:
+def launch_tag(run_dir: Path, launch_id: str | None = None) -> str:
+    """The comment every job of one launch carries (`sbatch --comment`): after an sbatch that
+    timed out or failed, the job it may have queued all the same is found by it (scheduler.py
+    `tagged_jobs`). Unique per launch; the run's name, for a person reading squeue."""
+    return f"nanochat:{re.sub(r'[^A-Za-z0-9._-]', '_', run_dir.name)}:{launch_id or uuid.uuid4().hex[:8]}"
+
+
+def sbatch_timeout_s() -> float:
+    """How long one sbatch may take: twice the scheduler commands' time-out (sbatch retries a
+    busy controller itself before it gives up)."""
+    return 2 * timeout_s()
+
+
+@contextlib.contextmanager
+def _timed_sbatch():
+    """submitit runs `sbatch FILE` with no time-out (core.py `_submit_command`, also for arrays,
+    through an executor it makes itself): a controller that does not answer would hang the
+    launch. While submitit submits, `sbatch` on PATH is a wrapper that gives the real one a
+    time-out (coreutils `timeout`, which kills its whole process group) and says so."""
+    real = shutil.which("sbatch")
+    if real is None or shutil.which("timeout") is None:  # (no coreutils timeout: sbatch as it is)
+        yield
+        return
+    limit = f"{sbatch_timeout_s():g}"
+    script = (f"#!/bin/sh\n# sbatch with a time-out (jobs/executors.py _timed_sbatch)\n"
+              f"timeout -k 5 {limit} {shlex.quote(real)} \"$@\"\nrc=$?\n"
+              f"if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then\n"
+              f"  echo \"sbatch: error: no answer within {limit} s (the job may exist all the same)\" >&2\nfi\n"
+              f"exit $rc\n")
+    saved = os.environ.get("PATH", "")
+    with tempfile.TemporaryDirectory(prefix="nanochat-sbatch-") as tmp:
+        wrapper = Path(tmp) / "sbatch"
+        wrapper.write_text(script)
+        wrapper.chmod(0o755)
+        os.environ["PATH"] = f"{tmp}{os.pathsep}{saved}"
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = saved
+
+
+def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None, tag: str | None = None) -> dict:
     """submitit parameters of a stage's jobs: the plan's resources, and the run's code — the job
     starts in the snapshot (`python -m` puts its working directory first on sys.path, so the job
     unpickles `jobs.tasks.run_task` from it) with the snapshot on PYTHONPATH for the ranks' own
@@ -300,7 +345,8 @@ def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None) -> di
     another directory works either way."""
     params = slurm_parameters(plan.recipe, stage)
     root = str(code or REPO)
-    params["additional_parameters"] = {**params["additional_parameters"], "chdir": root}
+    params["additional_parameters"] = {**params["additional_parameters"], "chdir": root,
+                                       **({"comment": tag} if tag else {})}
     quoted = "'" + root.replace("'", "'\"'\"'") + "'"
     # the site's lines first (module loads, venv activation may reset PYTHONPATH), then the run's code
     params["setup"] = [*guarded_setup(plan.recipe.cluster.setup), f"export PYTHONPATH={quoted}${{PYTHONPATH:+:$PYTHONPATH}}",
@@ -310,18 +356,24 @@ def slurm_executor_parameters(plan: Plan, stage: Stage, code: Path | None) -> di
 
 def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | None = None) -> None:
     """Submit the selected tasks of every stage through submitit, each stage depending on the
-    stages it waits for (and on the live jobs `selection.waits` names), then return. When sbatch
-    refuses a stage, what this launch had submitted is cancelled (or, if that fails, recorded in
-    the manifest as `orphans`) and the error says which."""
+    stages it waits for (and on the live jobs `selection.waits` names), then return. Every job
+    carries the launch's comment (`launch_tag`, recorded in the manifest's launch entry) and
+    every sbatch a time-out. When sbatch refuses a stage, fails or does not answer, the job it
+    may have queued all the same is looked up by that comment, and what this launch had
+    submitted is cancelled (or, if that fails, recorded in the manifest as `orphans`); the
+    error says which."""
     import submitit
     if selection.replace:  # (select_tasks: pending jobs whose upstream reruns)
         cancel_and_wait(selection.replace)
         print(f"cancelled pending jobs {' '.join(selection.replace)}: they are submitted again after "
               "the tasks they wait for", flush=True)
+    tag = launch_tag(plan.run_dir)
+    if manifest.get("launches"):
+        manifest["launches"][-1]["comment"] = tag
     job_ids: dict[str, str] = {}
     submitted: dict[str, list[int]] = {}  # stage → task indices submitted now, in array order
     conf = os.environ.get("SLURM_CONF")
-    with submitit.helpers.clean_env():  # a job that launches jobs must not pass its SLURM_* on
+    with submitit.helpers.clean_env(), _timed_sbatch():  # a job that launches jobs must not pass its SLURM_* on
         if conf:  # ... but which cluster to submit to is the user's choice, not a job's attribute
             os.environ["SLURM_CONF"] = conf
         for stage in plan.stages:
@@ -330,7 +382,7 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
                 continue
             entries = manifest["stages"][stage.name]["tasks"]
             executor = submitit.SlurmExecutor(folder=str(plan.run_dir / "slurm" / "%j"), max_num_timeout=3)
-            params = slurm_executor_parameters(plan, stage, code)
+            params = slurm_executor_parameters(plan, stage, code, tag)
             additional = dict(params.pop("additional_parameters"))
             dependency = dependency_option(stage, job_ids, submitted, todo, selection.waits.get(stage.name))
             if dependency:
@@ -343,7 +395,11 @@ def submit_slurm(plan: Plan, manifest: dict, selection: Selection, code: Path | 
                     jobs = [executor.submit(run_task, str(plan.run_dir), stage.name, i) for i in todo]
             except submitit.core.utils.FailedJobError as e:
                 reason = str(e).strip().splitlines()[-1] if str(e).strip() else "sbatch failed"
-                _undo_partial(plan, manifest, job_ids, f"sbatch refused stage {stage.name}: {reason}")
+                # a time-out, or an error after the controller took the job, may leave it queued
+                stray = tagged_jobs(tag)
+                stray = None if stray is None else [j for j in stray if j not in job_ids.values()]
+                _undo_partial(plan, manifest, job_ids, f"sbatch refused stage {stage.name}: {reason}",
+                              tag, stage.name, stray)
             for i, job in zip(todo, jobs):
                 entries[i].update(job_id=job.job_id, state="PENDING", submitted=now_iso())
                 for key in ("elapsed", "reason", "cancelled_by", "note", "elapsed_s"):
@@ -377,24 +433,37 @@ def _stderr_held():
                 sys.stderr.write(held.read().decode(errors="replace"))
 
 
-def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: str) -> None:
-    """A later stage was refused: cancel the stages this launch already submitted (they would
-    run a plan that can't finish), mark their tasks, and raise one line saying all of it."""
-    ids = sorted(job_ids.values(), key=int)
-    if not ids:
+def _undo_partial(plan: Plan, manifest: dict, job_ids: dict[str, str], error: str, tag: str, stage: str,
+                  stray: list[str] | None) -> None:
+    """A stage was refused (or its sbatch failed or timed out): cancel what this launch already
+    submitted — the earlier stages, which would run a plan that can't finish, and `stray`, the
+    jobs of the failed stage the queue lists under the launch's comment all the same — mark
+    their tasks, and raise one line saying all of it. `stray` None: squeue could not be asked,
+    so a job of the stage may be queued: the manifest records the comment to find it by."""
+    parts = [(s, j, "") for s, j in job_ids.items()] + \
+        [(stage, j, ", queued although sbatch failed: found by the launch's comment") for j in stray or []]
+    ids = sorted({j for _, j, _ in parts}, key=int)
+    unknown = "" if stray is not None else (
+        f"; squeue could not say whether sbatch queued stage {stage} all the same: look for jobs with the "
+        f"comment {tag} (`squeue -u {getpass.getuser()} -o '%i %k'`) and scancel them")
+    if not ids and stray is not None:
         raise NothingQueued(f"{error}; nothing was submitted")
-    what = ", ".join(f"{s} (job {j})" for s, j in job_ids.items())
+    what = ", ".join(f"{s} (job {j}{why})" for s, j, why in parts)
     try:
         cancel_and_wait(ids, timeout_s=60)
     except (UserError, OSError, subprocess.SubprocessError) as e:
-        manifest["orphans"] = {"jobs": ids, "at": now_iso(), "why": error}
+        manifest["orphans"] = {"jobs": ids, "comment": tag, "at": now_iso(), "why": error}
         save_manifest(plan.run_dir, manifest)
         raise UserError(f"{error}; this launch had already submitted {what}, and cancelling them "
-                        f"failed ({e}): cancel them yourself with `scancel {' '.join(ids)}`") from None
+                        f"failed ({e}): cancel them yourself with `scancel {' '.join(ids)}`{unknown}") from None
     for name, info in manifest["stages"].items():
         for t in info["tasks"]:
             if t.get("job_id") and t["job_id"].split("_")[0] in ids:
                 t.update(state=CANCELLED, note=f"cancelled by the launcher: {error}")
     manifest["cancelled"] = {"by": getpass.getuser(), "at": now_iso(), "how": error, "jobs": ids}
+    if stray is None:  # jobs may be queued: the manifest stays, saying how to find them
+        manifest["orphans"] = {"jobs": [], "comment": tag, "at": now_iso(), "why": error}
+        save_manifest(plan.run_dir, manifest)
+        raise UserError(f"{error}; cancelled what this launch had submitted ({what or 'nothing'}){unknown}")
     save_manifest(plan.run_dir, manifest)
     raise NothingQueued(f"{error}; cancelled what this launch had submitted ({what}): nothing of it is queued")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/launch.py` from anywhere
 
-from jobs.executors import (REPO, Selection, dependency_option, run_local, select_tasks,  # noqa: E402
-                            slurm_executor_parameters, submit_slurm)
+from jobs.executors import (REPO, Selection, dependency_option, launch_tag, run_local,  # noqa: E402
+                            select_tasks, slurm_executor_parameters, submit_slurm)
 from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
                            launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
 from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
@@ -36,6 +36,7 @@ from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
 from nanochat.config import HOME_ENV, home_unset_hint, output_root  # noqa: E402
 from nanochat.recipe import absolute_paths, load_recipe, save_resolved_recipe  # noqa: E402
+from jobs.preflight import check_submit_limit  # noqa: E402  (MaxSubmitJobs, before submitting)
 
 __all__ = ["dependency_option", "main"]
 
@@ -131,7 +132,8 @@ def prepare_data(args_recipe: str, overrides: list[str], plan: Plan, executor: s
 def render_sbatch(plan: Plan, stage: Stage, selection: Selection | None = None) -> str:
     from submitit.slurm.slurm import _make_sbatch_string  # private but stable; submitit's own text
     # the snapshot's directory is known once it is taken: shown by its place in the run directory
-    params = slurm_executor_parameters(plan, stage, plan.run_dir / "code" / "SNAPSHOT")
+    params = slurm_executor_parameters(plan, stage, plan.run_dir / "code" / "SNAPSHOT",
+                                       launch_tag(plan.run_dir, "LAUNCHID"))
     todo = (selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks])
     dependency = dependency_option(stage, {a: f"<{a} job id>" for a in stage.after
                                            if selection is None or selection.tasks.get(a)},
@@ -151,7 +153,10 @@ def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selec
             ask_sbatch: bool = False) -> None:
     """Print what the launch would do; `ask_sbatch`: first have SLURM judge every script
     (`sbatch --test-only`), so that a script the launch would have refused fails here."""
+    counts = {s.name: len(selection.tasks.get(s.name, []) if selection else s.tasks) for s in plan.stages}
+    counts = {name: n for name, n in counts.items() if n}
     if ask_sbatch:
+        check_submit_limit(plan.recipe, sum(counts.values()), len(selection.replace) if selection else 0)
         for stage in plan.stages:
             if not selection or selection.tasks.get(stage.name):
                 sbatch_would_accept(stage.name, render_sbatch(plan, stage, selection))
@@ -163,6 +168,7 @@ def dry_run(plan: Plan, prepare: list[list[str]] | None = None, selection: Selec
         print(f"# stage {name}: would submit ({why})")
     for line in selection.skipped if selection else []:
         print(f"# left alone: {line}")
+    print(f"# would queue {queue_count(counts)}")
     for stage in plan.stages:
         todo = selection.tasks.get(stage.name, []) if selection else [t.index for t in stage.tasks]
         if not todo:
@@ -404,6 +410,11 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int |
         if selection.empty:
             print(f"nothing to submit: every task of {_shown(run_dir)} is COMPLETED or still live", flush=True)
             return None
+    if executor == "slurm":  # refused here, before the run directory is written
+        counts = ({n: len(t) for n, t in selection.tasks.items() if t} if manifest else
+                  {s.name: len(s.tasks) for s in plan.stages if s.tasks})
+        check_submit_limit(recipe, sum(counts.values()), len(selection.replace) if manifest else 0)
+        print(f"queueing {queue_count(counts)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     code = None
     if not args.no_snapshot:  # a resume keeps the run's own snapshot unless --new-code
@@ -455,6 +466,13 @@ def launch(args, argv: list[str], plan: Plan, mode: str, executor: str) -> int |
             (run_dir / MANIFEST).unlink(missing_ok=True)
         raise
     return None
+
+
+def queue_count(counts: dict[str, int]) -> str:
+    """How many jobs a launch queues at once, as MaxSubmitJobs counts them (each array task)."""
+    total = sum(counts.values())
+    return (f"{total} job{'s' * (total != 1)} at once ({len(counts)} submission{'s' * (len(counts) != 1)}; "
+            "array tasks count one each toward the site's MaxSubmitJobs)")
 
 
 def record_task_code(manifest: dict, selection: Selection, code: str) -> None:

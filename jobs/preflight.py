@@ -6,6 +6,9 @@
   would be created as it stands);
 - the partition exists (sinfo), and the account is one of the user's (sacctmgr), where the
   cluster enforces accounts (AccountingStorageEnforce): otherwise sbatch takes any account;
+- the jobs (array tasks, one each) the launch queues at once, with the user's jobs already
+  queued, fit the site's MaxSubmitJobs (the user's associations, the jobs' QOS: sacctmgr),
+  where accounting answers — sbatch would otherwise refuse a stage midway;
 - in a dry run, every stage's script as sbatch would receive it (`sbatch --test-only`, which
   queues nothing): node configuration, GPUs, QOS and whatever else the controller refuses.
 """
@@ -87,6 +90,57 @@ def preflight(recipe, slurm: bool) -> None:
         for partition in sorted({recipe.cluster.partition, *recipe.cluster.stage_partition.values()} - {None}):
             check_partition(partition)
         check_account(recipe.cluster.account)
+
+
+def submit_limits(assoc: str, qos: str, account: str | None, partitions: set[str],
+                  wanted_qos: str | None) -> list[tuple[int, str]]:
+    """The MaxSubmitJobs limits that bind this launch, as (limit, where) from sacctmgr's parsable
+    answers: `assoc`, `show assoc user=U format=Account,Partition,MaxSubmitJobs,DefaultQOS,QOS`
+    (the user's associations: of `account`, where the recipe names one; of the launch's
+    partitions, or of none), and `qos`, `show qos format=Name,MaxSubmitJobsPerUser` (the QOS the
+    jobs run under: the recipe's, else the association's default, else its only one)."""
+    limits, under = [], set()
+    for line in assoc.splitlines():
+        acct, part, limit, default_qos, allowed = (line.split("|") + [""] * 5)[:5]
+        if (account and acct != account) or (part and part not in partitions):
+            continue
+        if limit.strip().isdigit():
+            limits.append((int(limit), f"the association of account {acct}{' partition ' + part if part else ''}"))
+        allowed_list = [q for q in allowed.split(",") if q]
+        under |= {wanted_qos or default_qos or (allowed_list[0] if len(allowed_list) == 1 else "")} - {""}
+    for line in qos.splitlines():
+        name, _, limit = line.partition("|")
+        if name in under and limit.split("|")[0].strip().isdigit():
+            limits.append((int(limit.split("|")[0]), f"QOS {name} (MaxSubmitJobsPerUser)"))
+    return limits
+
+
+def check_submit_limit(recipe, new_jobs: int, freed: int = 0) -> None:
+    """Refuse, before anything is submitted, a launch whose `new_jobs` (array tasks one each;
+    `freed`: this launch's own pending jobs it cancels first) would pass a MaxSubmitJobs limit with
+    the user's jobs already queued. A site without accounting, or a sacctmgr that can't be
+    asked, is left to sbatch."""
+    user = getpass.getuser()
+    # one slurmdbd may serve several clusters: this one's associations only
+    config = _run("scontrol", "show", "config")
+    name = re.search(r"^ClusterName\s*=\s*(\S+)", config.stdout if config else "", re.M)
+    assoc = _run("sacctmgr", "-nP", "show", "assoc", f"user={user}", *([f"cluster={name.group(1)}"] if name else []),
+                 "format=Account,Partition,MaxSubmitJobs,DefaultQOS,QOS")
+    qos = _run("sacctmgr", "-nP", "show", "qos", "format=Name,MaxSubmitJobsPerUser")
+    if not assoc or assoc.returncode != 0:
+        return
+    partitions = {recipe.cluster.partition, *recipe.cluster.stage_partition.values()} - {None}
+    limits = submit_limits(assoc.stdout, qos.stdout if qos and qos.returncode == 0 else "",
+                           recipe.cluster.account, partitions, recipe.cluster.qos)
+    if not limits:
+        return
+    queue = _run("squeue", "-h", "-r", "-u", user, "-o", "%i")
+    queued = max(0, len(queue.stdout.split()) - freed) if queue and queue.returncode == 0 else 0
+    limit, where = min(limits)
+    if queued + new_jobs > limit:
+        raise UserError(f"this launch would queue {new_jobs} jobs (array tasks count one each) and {user} has "
+                        f"{queued} queued: {where} allows {limit} at once (MaxSubmitJobs); wait for some to "
+                        "end, or launch fewer grid points; nothing was submitted")
 
 
 def sbatch_would_accept(stage: str, script: str) -> None:

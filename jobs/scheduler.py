@@ -30,6 +30,7 @@ as it is by then, to the tasks whose job is still the one asked about.
 from __future__ import annotations
 
 import datetime
+import getpass
 import os
 import pickle
 import re
@@ -324,6 +325,17 @@ def cancel_and_wait(ids: list[str], timeout_s: float = 120.0) -> None:
                             "none of them and try again")
         time.sleep(pause)
         pause = min(pause * 2, 10.0)  # the controller is busy stopping them: ask less and less often
+
+
+def tagged_jobs(tag: str) -> list[str] | None:
+    """The ids of this user's queued jobs whose comment is `tag` (a launch's own, jobs/executors.py):
+    how a launch finds the job an sbatch that timed out (or failed) may have queued all the same.
+    One squeue call, filtered by user on the server; None when squeue could not answer."""
+    reply = run_command(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%k"])
+    if reply.out is None:
+        return None
+    return sorted({line.split("|", 1)[0] for line in reply.out.splitlines()
+                   if line.partition("|")[2].strip() == tag}, key=int)
 
 
 def in_queue(ids: list[str]) -> set[str] | None:

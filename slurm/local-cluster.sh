@@ -23,7 +23,10 @@
 # $LOCAL_SLURM_ROOT-harsh/etc, state, spool and logs there too) as harsh as real sites: no
 # accounting (sacct fails), job records purged after 5 s (MinJobAge), and preemption — partition
 # `low` (default) is preempted by partition `high` with PreemptMode=REQUEUE and GraceTime=30, so
-# a job there gets SIGTERM, then SIGKILL 30 s later, and is requeued. Clients choose it with
+# a job there gets SIGTERM, then SIGKILL 30 s later, and is requeued — and CPU binding
+# (TaskPlugin=task/affinity: each task pinned to the CPUs SLURM gave it) where the container lets
+# a process set its affinity, else task/none with a message (LOCAL_SLURM_AFFINITY=0 turns it off;
+# bound, a step cannot ask for more CPUs than the machine really has). Clients choose it with
 # SLURM_CONF=$LOCAL_SLURM_ROOT-harsh/etc/slurm.conf; `stop --profile harsh` stops it alone. The
 # tests start it (tests/conftest.py `harsh_slurm`) and stop it at the end.
 #
@@ -283,15 +286,27 @@ stop_slurm() {
 }
 
 # ---- profiles: a separate cluster instance beside the default one (see the header) ----------
+task_plugin() {  # the profile's TaskPlugin: CPU binding where this container lets a process bind
+  # task/affinity pins each task to the CPUs SLURM gave it (sched_setaffinity), as real sites do;
+  # a container whose seccomp or cpuset forbids that would fail every step: task/none there.
+  if [ "${LOCAL_SLURM_AFFINITY:-1}" = 1 ] && command -v taskset >/dev/null && taskset -c 0 true 2>/dev/null; then
+    echo task/affinity
+  else
+    say "profile $PROFILE: no CPU binding (TaskPlugin=task/none): this container does not let a process set its CPU affinity (taskset -c 0 failed), or LOCAL_SLURM_AFFINITY=0" >&2
+    echo task/none
+  fi
+}
+
 profile_config() {  # writes $ROOT/etc/{slurm,gres}.conf of profile $PROFILE
-  local i
+  local i task
+  task=$(task_plugin)
   mkdir -p "$ROOT"/{etc,log,run,state,spool/"$HOST",fakegpu}
   for i in $(seq 0 $((GPUS - 1))); do
     [ -e "$ROOT/fakegpu/nvidia$i" ] || mknod "$ROOT/fakegpu/nvidia$i" c 1 3
   done
   [ -s "$ROOT/first_job_id" ] || echo $(( ($(date +%s) * 10) % 20000000 + 45000000 )) > "$ROOT/first_job_id"
   {
-    echo "$HEADER (profile $PROFILE: no accounting, MinJobAge=5, preemption low<high REQUEUE GraceTime=30)"
+    echo "$HEADER (profile $PROFILE: no accounting, MinJobAge=5, preemption low<high REQUEUE GraceTime=30, $task)"
     cat <<CONF
 ClusterName=nanochat-$PROFILE
 SlurmctldHost=$HOST(127.0.0.1)
@@ -304,7 +319,7 @@ CredType=cred/munge
 AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$task
 SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core

@@ -1,12 +1,15 @@
 """Misbehaving scheduler commands, for the tests of jobs/scheduler.py: `scheduler_shims` puts
-wrapper scripts for squeue, sacct and scancel first on PATH. Each wraps the REAL command of the
+wrapper scripts for squeue, sacct, scancel and sbatch first on PATH. Each wraps the REAL command of the
 running local SLURM (slurm/local-cluster.sh) and, as a test sets it, misbehaves as controllers
 and accounting databases do on real sites:
 
 - "fail": exits 1 with slurmctld's connection error, every call;
 - "alternate": fails every other call (the first one fails), answers truly in between;
 - "hang": never answers (past the kit's time-out, which the fixture sets to 2 s);
-- "runaway": (sacct) every final record shows RUNNING, as when slurmdbd missed the jobs' ends.
+- "runaway": (sacct) every final record shows RUNNING, as when slurmdbd missed the jobs' ends;
+- "late": (sbatch) submits, then never returns (a controller that took the job, whose answer was
+  lost); the job is held, so that it is still queued when the launcher looks for it (on the idle
+  local cluster it would otherwise start at once and fail without submitit's pickle).
 
 Every call is recorded (`calls()`), misbehaving or not, so a test can count a refresh's calls."""
 from __future__ import annotations
@@ -29,6 +32,7 @@ case "$mode" in
     n=$(( $(cat "{dir}/{name}.count" 2>/dev/null || echo 0) + 1 )); echo $n > "{dir}/{name}.count"
     if (( n % 2 == 1 )); then echo "{error}" >&2; exit 1; fi;;
   hang) exec sleep 600;;
+  late) "{real}" --hold "$@"; exec sleep 600;;
   runaway)
     "{real}" "$@" | sed -E 's/^([0-9_]+)\|(COMPLETED|FAILED|CANCELLED[^|]*|TIMEOUT|OUT_OF_MEMORY)(\||$)/\1|RUNNING\3/'
     exit ${{PIPESTATUS[0]}};;
@@ -61,7 +65,7 @@ class Shims:
 def scheduler_shims(slurm, tmp_path, monkeypatch):
     root = tmp_path / "shims"
     root.mkdir()
-    for name in ("squeue", "sacct", "scancel"):
+    for name in ("squeue", "sacct", "scancel", "sbatch"):
         real = shutil.which(name)
         assert real, f"{name} is not on PATH"
         (root / name).write_text(SHIM.format(name=name, dir=root, real=real, error=ERROR))

@@ -56,3 +56,17 @@ def test_a_preempted_training_task_checkpoints_requeues_and_matches_an_uninterru
     reference = [r for r in map(json.loads, (tmp_path / "straight" / "progress.jsonl").read_text().splitlines())
                  if r["event"] == "train"]
     assert [(r["step"], r["loss"]) for r in interrupted] == [(r["step"], r["loss"]) for r in reference]
+
+
+def test_the_harsh_profile_binds_each_task_to_the_cpus_slurm_gave_it(harsh_slurm):
+    """Real sites pin a task to its CPUs (task/affinity): a one-CPU step sees one CPU, as the
+    kit's ranks do there (srun --cpus-per-task, jobs/plan.py). Where the container forbids
+    binding, the profile runs task/none and said so when it started."""
+    import pytest
+    if "TaskPlugin=task/affinity" not in harsh_slurm.read_text():
+        pytest.skip("this container does not let a process set its CPU affinity: the profile binds no CPUs")
+    res = subprocess.run(["srun", "-n", "1", "-c", "1", "grep", "Cpus_allowed_list", "/proc/self/status"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    cpus = res.stdout.split()[-1]
+    assert cpus.isdigit(), f"a one-CPU step may run on CPUs {cpus}"

@@ -8,6 +8,7 @@ import pytest
 from jobs.plan import build_plan, slurm_parameters
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
+from scheduler_shims import scheduler_shims  # noqa: F401 (a fixture)
 from test_lifecycle import manifest_of, recipe_file, run_launch  # noqa: F401 (a fixture)
 
 
@@ -87,3 +88,66 @@ def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks(tmp_p
         else:
             subprocess.run(["bash", "-c", "source slurm/env.sh"], cwd=Path(__file__).parents[1], env=env, check=True)
         assert not old.exists() and fresh.exists(), how
+
+
+def test_a_job_an_sbatch_queued_before_it_timed_out_is_found_by_its_comment_and_cancelled(scheduler_shims,
+                                                                                          recipe_file, tmp_path):
+    """sbatch queues base, then never answers (a reply lost on a busy controller): the launch gives
+    up after its time-out (2 x 2 s here), finds the job by the launch's comment and cancels it,
+    in one line. With squeue unreachable as well, the manifest stays and names the comment."""
+    import re
+    import time
+    from test_lifecycle import queued
+    from jobs.scheduler import tagged_jobs
+    scheduler_shims.set("sbatch", "late")
+    args = [recipe_file, "train.num_iterations=100000", "--executor", "slurm", "--no-prepare", "--no-snapshot",
+            "--output-root", tmp_path / "runs"]
+    start = time.monotonic()
+    res = run_launch(*args)
+    assert time.monotonic() - start < 60, "the launch waited for sbatch past its time-out"
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert line.startswith("error: sbatch refused stage base: sbatch: error: no answer within 4 s"), line
+    found = re.search(r"base \(job (\d+), queued although sbatch failed: found by the launch's comment\)", line)
+    assert found, line
+    assert not queued([found.group(1)]), "the job the late sbatch queued was left in the queue"
+    assert not (tmp_path / "runs" / "s" / "manifest.json").exists()
+
+    scheduler_shims.set("squeue", "fail")
+    res = run_launch(*args)
+    scheduler_shims.set("squeue", None)
+    comment = manifest_of(tmp_path / "runs" / "s")["orphans"]["comment"]
+    left = tagged_jobs(comment)
+    subprocess.run(["scancel", *left], check=False)
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert f"look for jobs with the comment {comment}" in line, line
+    assert len(left) == 1, left  # the manifest's comment finds the job the launch could not
+
+
+def test_a_launch_past_maxsubmitjobs_is_refused_before_anything_is_submitted(slurm, recipe_file, tmp_path):
+    """A grid of 3 (base as one array, the report: 4 jobs) under a QOS allowing 2 queued jobs per
+    user: refused in one line, nothing queued, no run directory; the dry run says how many jobs
+    a launch queues at once. (The QOS is made for the test and removed: no other job uses it.)"""
+    from jobs.preflight import submit_limits
+    grid = "grid={train.seed: [1, 2, 3]}"
+    res = run_launch(recipe_file, grid, "--dry-run", "--executor", "slurm", "--no-prepare",
+                     "--output-root", tmp_path / "runs")
+    assert res.returncode == 0 and "# would queue 4 jobs at once (2 submissions;" in res.stdout, res.stdout + res.stderr
+    qos = f"nanochat-limit-{tmp_path.name[-12:]}".lower()
+    made = subprocess.run(["sacctmgr", "-i", "add", "qos", qos, "MaxSubmitJobsPerUser=2"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this cluster keeps no accounting to hold a QOS: {made.stderr.strip()}")
+    try:
+        res = run_launch(recipe_file, grid, f"cluster.qos={qos}", "--executor", "slurm", "--no-prepare",
+                         "--no-snapshot", "--output-root", tmp_path / "runs")
+    finally:
+        subprocess.run(["sacctmgr", "-i", "delete", "qos", qos], capture_output=True)
+    line = res.stderr.strip()
+    assert res.returncode == 2 and len(line.splitlines()) == 1, res.stderr
+    assert line.startswith("error: this launch would queue 4 jobs") and f"QOS {qos} (MaxSubmitJobsPerUser) allows 2" \
+        in line and line.endswith("nothing was submitted"), line
+    assert not (tmp_path / "runs" / "s").exists()
+    # an association's own limit, in sacctmgr's parsable format, binds only for its account
+    assoc = "root||3||normal\nother||1||normal\n"
+    assert submit_limits(assoc, "normal|\n", "root", set(), None) == [(3, "the association of account root")]

@@ -132,6 +132,7 @@ def test_the_dry_run_prints_the_scripts_that_are_submitted(slurm, recipe_file, t
                 text = text.replace(f"<{up} job id>", job)
             # the snapshot's directory is named once it is taken (by its content)
             text = text.replace(str(run / "code" / "SNAPSHOT"), manifest["code"]["snapshot"])
+            text = text.replace("--comment=nanochat:s:LAUNCHID", f"--comment={manifest['launches'][-1]['comment']}")
             text = re.sub(r"--dependency='([^']*)'", r"--dependency=\1", text)  # quoted only for the <>
             submitted = (run / "slurm" / ids[stage] / f"{ids[stage]}_submission.sh").read_text()
             assert text == submitted, (stage, text, submitted)
