@@ -97,7 +97,7 @@ def parse_records(path: str | Path, tag: str | None = None) -> list[dict]:
     try:
         with open(path, encoding="utf-8", errors="ignore") as f:
             return [r for line in f if (r := parse_record(line, tag)) is not None]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such file (or a file where its directory would be)
         return []
 
 
