@@ -143,6 +143,46 @@ node_line() {  # node_line NAME ADDR
        "CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN"
 }
 
+conf_common() {  # conf_common TASKPLUGIN MINJOBAGE LINE...: the slurm.conf lines every cluster here
+  # shares; LINE... (accounting, preemption) are the profile's own, after the scheduler's
+  local task=$1 min_age=$2
+  shift 2
+  cat <<CONF
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=$task
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+CONF
+  printf '%s\n' "$@"
+  cat <<CONF
+JobAcctGatherType=jobacct_gather/none
+GresTypes=gpu
+SlurmdParameters=config_overrides
+StateSaveLocation=$ROOT/state
+SlurmdSpoolDir=$ROOT/spool/%n
+SlurmctldPidFile=$ROOT/run/slurmctld.pid
+SlurmdPidFile=$ROOT/run/slurmd-%n.pid
+SlurmctldLogFile=$ROOT/log/slurmctld.log
+SlurmdLogFile=$ROOT/log/slurmd-%n.log
+ReturnToService=2
+MinJobAge=$min_age
+KillWait=10
+InactiveLimit=0
+EnforcePartLimits=ALL
+MailProg=/bin/true
+FirstJobId=$(cat "$ROOT/first_job_id")
+CONF
+}
+
 # Writes the configuration; returns 0 when it differs from what the daemons run with.
 write_config() {
   local addr=127.0.0.1 nodes="$HOST" f changed=1 i
@@ -158,40 +198,8 @@ write_config() {
     echo "$HEADER ($NODES node(s))"
     echo "ClusterName=$CLUSTER"
     echo "SlurmctldHost=$HOST($addr)"
-    cat <<CONF
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=$addr
-AccountingStorageTRES=gres/gpu
-JobAcctGatherType=jobacct_gather/none
-GresTypes=gpu
-SlurmdParameters=config_overrides
-StateSaveLocation=$ROOT/state
-SlurmdSpoolDir=$ROOT/spool/%n
-SlurmctldPidFile=$ROOT/run/slurmctld.pid
-SlurmdPidFile=$ROOT/run/slurmd-%n.pid
-SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd-%n.log
-ReturnToService=2
-MinJobAge=3600
-KillWait=10
-InactiveLimit=0
-EnforcePartLimits=ALL
-MailProg=/bin/true
-FirstJobId=$(cat "$ROOT/first_job_id")
-CONF
+    conf_common task/none 3600 AccountingStorageType=accounting_storage/slurmdbd \
+      "AccountingStorageHost=$addr" AccountingStorageTRES=gres/gpu
     node_line "$HOST" "$addr"
     [ "$NODES" = 2 ] && node_line node2 10.200.0.2
     echo "PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP"
@@ -312,39 +320,9 @@ ClusterName=nanochat-$PROFILE
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=6917
 SlurmdPort=6918
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=$task
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-GresTypes=gpu
-SlurmdParameters=config_overrides
-StateSaveLocation=$ROOT/state
-SlurmdSpoolDir=$ROOT/spool/%n
-SlurmctldPidFile=$ROOT/run/slurmctld.pid
-SlurmdPidFile=$ROOT/run/slurmd-%n.pid
-SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd-%n.log
-ReturnToService=2
-MinJobAge=5
-KillWait=10
-InactiveLimit=0
-EnforcePartLimits=ALL
-MailProg=/bin/true
-FirstJobId=$(cat "$ROOT/first_job_id")
 CONF
+    conf_common "$task" 5 PreemptType=preempt/partition_prio PreemptMode=REQUEUE \
+      AccountingStorageType=accounting_storage/none
     node_line "$HOST" 127.0.0.1
     echo "PartitionName=low Nodes=$HOST Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30"
     echo "PartitionName=high Nodes=$HOST Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
