@@ -157,7 +157,7 @@ class StepLogger:
         can say it (the summary repeats it at the end)."""
         self.compile_cache = compile_cache_state(self.cache_counts0, compile_cache_counts())
         rec = {"event": "timing", "step": step, "setup_s": round(self.setup_s, 1), **self.setup_phases,
-               "warmup_s": round(self.warmup_s, 1), "compile_cache": self.compile_cache,
+               "warmup_s": round(self.warmup_s, 3), "compile_cache": self.compile_cache,
                "process_start": round(process_start(), 1)}  # status: the job's set-up before it
         self.write({k: v for k, v in rec.items() if v is not None})
 
@@ -223,7 +223,7 @@ class StepLogger:
         rec["train_time_sec"] = round(self.train_s, 1)
         # the time breakdown of this process (a resumed run: of its last attempt)
         records = read_jsonl(self.log.path)
-        rec.update(setup_s=round(self.setup_s, 1), **self.setup_phases, warmup_s=round(self.warmup_s, 1),
+        rec.update(setup_s=round(self.setup_s, 1), **self.setup_phases, warmup_s=round(self.warmup_s, 3),
                    compile_cache=self.compile_cache,
                    eval_total_s=round(sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval"), 1),
                    checkpoint_total_s=round(sum(r.get("checkpoint_s", 0) for r in records
