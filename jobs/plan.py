@@ -11,7 +11,7 @@ The recipe's `stages` list decides which of these run (order fixed, as drawn).
   Every other stage waits for it (afterok), so an unhealthy allocation trains nothing.
 - discover: short jobs on one GPU that find the device batch size of every stage that asks for
   `auto` (base: `train.device_batch_size`, sft: `sft.device_batch_size`): an array with one task
-  per distinct memory key among the grid's combinations (nanochat/memory_key.py: a grid over
+  per distinct memory key among the grid's combinations (nanochat/batchsize/key.py: a grid over
   depth is one task per depth, a grid over learning rates one task), each run with the grid
   values of the first combination of its key; a key the batch-size cache already answers gets
   no task, and the stage is skipped when none is left or no stage asks (nothing then depends on
@@ -24,7 +24,7 @@ The recipe's `stages` list decides which of these run (order fixed, as drawn).
   that is plain `afterok`). Without base in the plan it needs `sft.base_checkpoint`.
 - eval: task i evaluates sft task i's output (or base task i's, without sft), on one GPU, and
   writes `eval.json` there; `aftercorr` on sft (or base).
-- kv_bench: the KV-cache benchmark (nanochat.bench.kv_sweep) of base task i's checkpoint,
+- kv_bench: the KV-cache benchmark (nanochat.kv_bench) of base task i's checkpoint,
   `aftercorr` on base. (`sweep`, its old name, is read as kv_bench in recipes.)
 - report: one small CPU job after every other stage ended (`afterany` on all of them: the graph
   fans out, and it reports failures too).
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.config import HOME_ENV, STAGE_ALIASES, TRAINING_SECTIONS, Recipe, grad_accum_steps
-from nanochat.memory_key import plan_key
+from nanochat.batchsize.key import plan_key
 from nanochat.recipe import grid_overrides, grid_recipes  # noqa: F401 (re-exported: they moved to the recipe, which nanochat.scaling expands too)
 
 # What may appear in an sbatch header line: no shell or line-breaking characters, ever.

@@ -35,7 +35,7 @@ from nanochat.common import SNAPSHOT_PROVENANCE, UserError, now_iso
 REPO = Path(__file__).resolve().parent.parent
 # What the jobs run: the two packages, the batch scripts and recipes they may name, and the
 # project file (so the snapshot is a complete, pip-installable copy of the code).
-SNAPSHOT_PATHS = ("nanochat", "jobs", "slurm", "configs", "pyproject.toml")
+SNAPSHOT_PATHS = ("nanochat", "jobs", "bench", "slurm", "configs", "pyproject.toml")
 DIFF_FILE = "uncommitted.diff"
 _ID_HASH_CHARS = 12
 _COMMIT_CHARS = 10

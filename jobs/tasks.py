@@ -192,9 +192,9 @@ def run_discover(run_dir: Path, index: int) -> dict:
     ({stage: {batch_size, from_cache, cache_path}}) — for one memory key of the grid: the task's
     overrides are those of the first grid combination with that key (jobs/plan.py). On a first
     SLURM run it is also the job that trains the tokenizer (the login node leaves it)."""
-    from nanochat.batch_size import discover_for_recipe
-    from nanochat.dataset import prepare_shards, prepare_tokenizer
-    from nanochat.targets import record_device
+    from nanochat.batchsize.search import discover_for_recipe
+    from nanochat.data.shards import prepare_shards, prepare_tokenizer
+    from nanochat.batchsize.devices import record_device
     recipe, task = task_recipe(run_dir, "discover", index)
     # Data and tokenizer first (training needs them anyway): the cache key then holds the real
     # vocabulary, exactly as the training job will compute it.
@@ -226,7 +226,7 @@ def run_check(run_dir: Path, index: int = 0) -> dict:
 
 
 def run_kv_bench(run_dir: Path, index: int, stage: str = "kv_bench") -> dict:
-    from nanochat.bench.kv_sweep import sweep_for_recipe
+    from nanochat.kv_bench import sweep_for_recipe
     recipe, task = task_recipe(run_dir, stage, index)
     return sweep_for_recipe(recipe, out_dir=Path(task["run_dir"]))
 
@@ -363,7 +363,7 @@ def gpu_unused_warning(device: str, env=os.environ) -> str | None:
 
 def run_task(run_dir: str, stage: str, index: int) -> dict:
     """The one callable every job runs (picklable, for submitit)."""
-    # A job reports the device it has, never the launching process's (see nanochat.targets).
+    # A job reports the device it has, never the launching process's (see nanochat.batchsize.devices).
     os.environ.pop(DEVICE_NAME_ENV, None)
     # ... and never downloads: what it needs was prepared on the login node (nanochat.common)
     os.environ.update({NO_DOWNLOAD_ENV: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})

@@ -4,7 +4,7 @@
     sbatch --nodes 2 --gpus-per-node 8 slurm/check.sbatch configs/d12.yaml
 
 Is this allocation healthy, and how fast is it? On every rank: the host, device, memory, CPUs,
-torch/CUDA/NCCL versions; all-reduce bus bandwidth (nccl-tests' busbw, nanochat/comm_bench.py)
+torch/CUDA/NCCL versions; all-reduce bus bandwidth (nccl-tests' busbw, nanochat/scaling.py)
 from 1 MB to 1 GB (×4; `--max-mb` caps it) within each node and across nodes; one compiled
 training step of the recipe (`--no-compile`: eager) with its MFU; then the predicted
 data-parallel scaling efficiency of the recipe on this allocation from the measured step time,
@@ -32,7 +32,7 @@ import torch
 
 from nanochat import rendezvous
 from nanochat.checkpoint import refuse_launcher_dir
-from nanochat.comm_bench import MB, measure_scopes, message_sizes, slowest_busbw
+from nanochat.scaling import MB, measure_scopes, message_sizes, slowest_busbw
 from nanochat.common import UserError, atomic_write_json, cli_main, now_iso
 from nanochat.config import grad_accum_steps
 from nanochat.gpt import GPTConfig, build_model

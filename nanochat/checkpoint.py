@@ -82,7 +82,7 @@ def _shown(path: Path) -> str:
 
 def add_refuse_existing_flag(ap, where: str) -> None:
     """`--refuse-existing` of nanochat.train and nanochat.sft (without it a run resumes from its
-    newest checkpoint). `--fresh`, its old name, still works and says so: in nanochat.batch_size
+    newest checkpoint). `--fresh`, its old name, still works and says so: in nanochat.batchsize.search
     --fresh means "probe again", so these commands no longer use the word."""
     ap.add_argument("--refuse-existing", action="store_true",
                     help=f"refuse to start if {where} already holds checkpoints (default: resume from the newest)")

@@ -149,7 +149,7 @@ class DiscoveryArgs:
 
 
 @dataclass
-class KVBenchArgs:  # the kv_bench stage (python -m nanochat.bench.kv_sweep); `sweep:` is its old name
+class KVBenchArgs:  # the kv_bench stage (python -m nanochat.kv_bench); `sweep:` is its old name
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])  # batch sizes to sweep
     include_largest: bool = True    # also sweep the largest batch that fits
     prompt_len: int = 50            # prompt tokens

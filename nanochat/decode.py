@@ -11,7 +11,7 @@ a single position, written out (checked against the full forward by tests/test_e
 - The lm_head in one of HEAD_LAYOUTS (all compute the same products): nn.Linear's weight; the
   weight stored transposed (n_embd, vocab), which MKL's sgemm runs ~2× faster at decode's small
   batches; or MKL's packed sgemm, the weight pre-packed for the batch size (the op inductor's CPU
-  freezing emits). `python -m nanochat.bench.lm_head RECIPE` times them side by side.
+  freezing emits). docs/benchmarks.md times them side by side.
 - Each row decodes at its own position (`KVCache.start_rows`). The step reads no host value and
   writes only preallocated memory, so it can be compiled with static shapes or captured in a CUDA
   graph. Its cache write is one `index_put_` into the whole cache tensor, not a scatter into one

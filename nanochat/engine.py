@@ -45,11 +45,12 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
+from nanochat.config import Recipe
 from nanochat.decode import CACHE_STEP, HEAD_LAYOUTS, DecodeStep, compile_step, \
     mkl_packed_available
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
-from nanochat.runtime import compute_dtype
+from nanochat.runtime import Runtime, compute_dtype
 
 HEAD_T_MAX_BATCH = 32  # without MKL: above this nn.Linear's layout is as fast (d4 shape, 2 cores)
 
@@ -142,7 +143,7 @@ class Engine:
     decode step once per cache shape (CUDA only); `compile` compiles it (see decode.compile_step).
     `head`: the lm_head layout of the decode step, "auto" or one of decode.HEAD_LAYOUTS (see the
     module docstring). `ring`: sliding-window layers keep only their window in the cache (a ring
-    buffer, kv_cache.py; `python -m nanochat.bench.kv_memory` prints the bytes saved). The decode step's weight layouts (fused q/k/v, the lm_head's) are
+    buffer, kv_cache.py; docs/benchmarks.md has the bytes saved). The decode step's weight layouts (fused q/k/v, the lm_head's) are
     snapshots, so build a new Engine after changing the weights.
     """
 
@@ -411,3 +412,15 @@ def load_model(path, device, dtype: torch.dtype | None = None) -> tuple[GPT, dic
         raise UserError(f"{step_dir}/meta.json has no usable model_config ({type(e).__name__}: {e})")
     model = build_inference_model(config, device, dtype, ckpt.load_model_state(step_dir))
     return model, meta, step_dir
+
+
+def resolve_model(recipe: Recipe, rt: Runtime) -> tuple[GPT, str]:
+    """(model, where it came from) for a stage that decodes: kv_bench.checkpoint, else the run's latest checkpoint, else a
+    random-initialised model of the recipe's shape."""
+    path = recipe.kv_bench.checkpoint or ckpt.latest_checkpoint(recipe.out_dir)
+    if path is not None:
+        model, _, step_dir = load_model(path, rt.device, rt.dtype)
+        return model, str(step_dir)
+    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
+    config = GPTConfig.from_args(recipe.model, vocab)
+    return build_inference_model(config, rt.device, rt.dtype, seed=0), "random init (seed 0)"

@@ -7,13 +7,13 @@ the tokenizer is the run's own (`RUN_DIR/tokenizer`) and the settings are the ch
 
 - every checkpoint: `val_bpb` on the pretraining validation shard, when data.data_dir holds it;
 - chat (stage "sft") checkpoints also get the task suite: `eval.problems_per_task` held-out
-  generated problems per kind (nanochat/tasks.py; never in the SFT data), and the hub tasks of
+  generated problems per kind (nanochat/data/problems.py; never in the SFT data), and the hub tasks of
   `eval.hub_tasks` when the hub answers (otherwise listed under "skipped", never fatal).
   Exact-match tasks are answered by greedy generation; multiple choice by the letter whose token
   has the highest logit at the first assistant position (no generation). Their ChatCORE-style
   aggregate goes to "chatcore": the mean over the tasks that ran of (accuracy − chance) /
   (1 − chance), chance = 1/options for multiple choice, 0 for exact match;
-- with `--core` (= eval.core=true) any checkpoint also gets CORE (nanochat/core.py): DCLM's
+- with `--core` (= eval.core=true) any checkpoint also gets CORE (nanochat/core_eval.py): DCLM's
   in-context tasks from the bundle `nanochat.prepare` fetched (or eval.core_bundle),
   eval.core_max_per_task examples per task.
 
@@ -37,18 +37,18 @@ from typing import Sequence
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat import tasks
+from nanochat.data import problems as generated
 from nanochat.logfmt import write_stage_records
 from nanochat.common import UserError, atomic_write_json, cli_main, downloads_allowed, print0
 from nanochat.config import EvalArgs, Recipe
-from nanochat.core import chatcore, ensure_bundle, evaluate_core
-from nanochat.dataset import list_shards, split_shards
+from nanochat.core_eval import chatcore, ensure_bundle, evaluate_core
+from nanochat.data.shards import list_shards, split_shards
 from nanochat.engine import Engine, cast_for_inference, load_model
 from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.recipe import load_recipe, override_recipe
 from nanochat.runtime import DistInfo, Runtime, compute_dtype, pick_device
 from nanochat.tokenizer import Tokenizer
-from nanochat.tasks import Problem, final_number, hub_unreachable, load_hub_problems
+from nanochat.data.problems import Problem, final_number, hub_unreachable, load_hub_problems
 
 EVAL_FILE = "eval.json"
 
@@ -93,7 +93,7 @@ def score_choice(problems: Sequence[Problem], picked: Sequence[str | None]) -> d
 # Answering: generation for exact match, the letter logits for multiple choice.
 
 def _prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
-    return [tokenizer.render_for_completion(tasks.problem_conversation(p)) for p in problems]
+    return [tokenizer.render_for_completion(generated.problem_conversation(p)) for p in problems]
 
 
 def generate_answers(engine, tokenizer, problems: Sequence[Problem], batch_size: int,
@@ -121,7 +121,7 @@ def pick_letters(model, tokenizer, problems: Sequence[Problem], batch_size: int)
     """For each multiple-choice problem, the option letter whose token the model rates highest
     right after <|assistant_start|> (one forward pass per batch; nanochat's categorical eval)."""
     letter_ids = []
-    for letter in tasks.LETTERS:
+    for letter in generated.LETTERS:
         ids = tokenizer.encode(letter)
         assert len(ids) == 1, f"letter {letter} is {len(ids)} tokens"  # byte-level BPE: 1 byte = 1 token
         letter_ids.append(ids[0])
@@ -139,7 +139,7 @@ def pick_letters(model, tokenizer, problems: Sequence[Problem], batch_size: int)
         logits = model(idx.to(device), logits_at=(lens - 1).to(device))[:, 0].float().cpu()
         for r, i in enumerate(rows):
             k = len(problems[i].choices)
-            out[i] = tasks.LETTERS[int(logits[r, letter_ids[:k]].argmax())]
+            out[i] = generated.LETTERS[int(logits[r, letter_ids[:k]].argmax())]
     _warn_long(problems, len(prompts) - len(fits), ctx)
     return out
 
@@ -249,11 +249,11 @@ def evaluate_checkpoint(path: str | Path, recipe: Recipe | None = None, device: 
         model = cast_for_inference(model, dtype)
     if stage == "sft":
         engine = Engine(model)
-        words = tasks.load_words(offline_cache=recipe.data.offline_cache,
+        words = generated.load_words(offline_cache=recipe.data.offline_cache,
                                  package=recipe.sft.offline_package)
-        for kind in tasks.KINDS:
-            problems = tasks.generate_problems(kind, ev.problems_per_task, "eval",
-                                               tasks.TASK_SEED, words)
+        for kind in generated.KINDS:
+            problems = generated.generate_problems(kind, ev.problems_per_task, "eval",
+                                               generated.TASK_SEED, words)
             results[kind] = {**run_task(kind, problems, engine, tokenizer, ev), "source": "generated"}
         # a job reads the hub tasks from the datasets cache nanochat.prepare filled (offline)
         offline = hub_unreachable() if ev.hub_tasks and downloads_allowed() else None

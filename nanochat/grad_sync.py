@@ -26,7 +26,7 @@ next share's work); AdamW's elementwise step stays replicated (cheap).
 Exactness: DDP sums each bucket then divides by the world size, as `allreduce_gradients` does;
 with two ranks both orders give the same bits (a + b = b + a, a division by 2 is exact), which
 tests/test_distributed.py checks against the plain path. Steps where an out-of-memory may be
-retried (nanochat/batch_check.py: the ranks must agree before any gradient is averaged) run with
+retried (nanochat/batchsize/verify.py: the ranks must agree before any gradient is averaged) run with
 no overlap: every micro-step under no_sync, then `allreduce_gradients`.
 
 Warm-up. `warm_up` runs one forward/backward on every rank with no collective (under no_sync,

@@ -7,7 +7,7 @@ instead keep only the keys it can read, in a ring buffer (`ring=True`): (n_ring,
 W + 1, head_dim), position p in slot p mod (W + 1). Keys are stored
 after rotary, so a slot's place in the ring does not matter to attention (a softmax over keys
 is order-free); what matters is which slots hold positions inside the window, which is the
-mask. `nbytes()` is what `python -m nanochat.bench.kv_memory` prints with and without rings.
+mask. `nbytes()` with and without rings: docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def rows_per_chunk(rows: int, vocab: int, requested: int = -1) -> int:
 def dense_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                reduction: str = "mean") -> torch.Tensor:
     """The unchunked loss (GPT.forward before chunking): the correctness oracle of
-    `chunked_loss` and the "before" of nanochat.bench.loss. h (N, C), targets (N,)."""
+    `chunked_loss` and the "before" of docs/benchmarks.md's loss figures. h (N, C), targets (N,)."""
     logits = softcap(F.linear(h, weight).float(), cap)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from nanochat.dataloader import DataLoader
+from nanochat.data.loaders import DataLoader
 from nanochat.runtime import Runtime
-from nanochat.sft_loader import SFTLoader
+from nanochat.data.loaders import SFTLoader
 from nanochat.tokenizer import Tokenizer
 
 

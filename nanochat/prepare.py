@@ -9,7 +9,7 @@ submits anything (`--no-prepare` skips that). Cheap when already done. By the re
   `--no-tokenizer`, which `jobs/launch.py` passes when it submits to SLURM: training rustbpe over
   tokenizer.train_chars (2 B by default) takes a CPU for minutes and gigabytes of memory, which
   login-node limits kill, and it needs no network, so the run's first job trains it on its own
-  CPUs (nanochat.dataset.prepare_tokenizer, under a file lock: parallel jobs train it once);
+  CPUs (nanochat.data.shards.prepare_tokenizer, under a file lock: parallel jobs train it once);
 - sft: the conversations (the chatterbot-corpus wheel, or SmolTalk into the datasets cache);
 - sft, eval: the generated tasks' word list (Debian's wamerican, else the chatterbot wheel);
 - eval: the hub tasks of eval.hub_tasks into the datasets cache, when the hub answers
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nanochat.common import cli_main
 from nanochat.config import Recipe
-from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+from nanochat.data.shards import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.tokenizer import TOKENIZER_FILE
 
@@ -59,15 +59,15 @@ def prepare(recipe: Recipe, tokenizer: bool = True) -> None:
               "own CPUs, not this node (a file lock makes parallel jobs train it once)", flush=True)
     stages = set(recipe.stages)
     if "sft" in stages:
-        from nanochat.chat_data import load_sft_conversations
+        from nanochat.data.conversations import load_sft_conversations
         for split in ("train", "val"):
             _step("sft data", lambda split=split: f"{len(load_sft_conversations(recipe, split).conversations):,} "
                                                  f"{split} conversations ({recipe.sft.source})")
     if stages & {"sft", "eval"}:
-        from nanochat import tasks
-        _step("task words", lambda: f"{len(tasks.load_words(offline_cache=recipe.data.offline_cache, package=recipe.sft.offline_package)):,} words")
+        from nanochat.data import problems as generated
+        _step("task words", lambda: f"{len(generated.load_words(offline_cache=recipe.data.offline_cache, package=recipe.sft.offline_package)):,} words")
     if "eval" in stages and recipe.eval.hub_tasks:
-        from nanochat.tasks import hub_unreachable, load_hub_problems
+        from nanochat.data.problems import hub_unreachable, load_hub_problems
         why = hub_unreachable()
         for name in recipe.eval.hub_tasks:
             if why is not None:
@@ -76,7 +76,7 @@ def prepare(recipe: Recipe, tokenizer: bool = True) -> None:
             _step(f"hub task {name}", lambda name=name: f"{len(load_hub_problems(name, recipe.eval.hub_problems))} "
                                                         "problems in the datasets cache")
     if recipe.eval.core or recipe.train.core_every > 0:
-        from nanochat.core import ensure_bundle, load_bundle
+        from nanochat.core_eval import ensure_bundle, load_bundle
 
         def core_bundle():
             path, how = ensure_bundle(recipe.eval, recipe.cache_dir)

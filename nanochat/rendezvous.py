@@ -5,7 +5,7 @@ A collective (NCCL or gloo) gives up after the process group's timeout — the r
 (ranks arriving, connections and communicators forming, a first barrier) has its own
 `cluster.init_timeout_min`. Some waits are legitimately longer than any sensible collective
 timeout: local rank 0 downloading shards and training the tokenizer on a cold cache
-(`nanochat/dataset.py`), rank 0 probing batch sizes (`nanochat/batch_size.py`), a rank that
+(`nanochat/data/shards.py`), rank 0 probing batch sizes (`nanochat/batchsize/search.py`), a rank that
 compiles from a cold kernel cache while another finds a warm one (upstream nanochat's issue
 #722). Those waits go through the TCP key-value store the
 process group was created from (MASTER_ADDR:MASTER_PORT), with their own long timeout:

@@ -96,7 +96,7 @@ def tune_cpu_allocator(tuned: bool = True) -> bool:
     training step's activations and logits (hundreds of MB) are mapped again and page-faulted
     in: ~1M faults/s and ~15% of CPU time in the kernel. Serving blocks up to 1 GiB from the heap
     and never trimming it took the d4 training step from ~1,000 to ~1,700 tokens/s on 2 cores,
-    at the cost of a higher resident peak (`python -m nanochat.bench.train configs/d4.yaml`
+    at the cost of a higher resident peak (`python -m bench.throughput configs/d4.yaml`
     measures both side by side). `tuned=False` restores glibc's defaults. Returns whether
     mallopt was applied (False off glibc)."""
     import ctypes

@@ -6,7 +6,7 @@ writes a chat model to RUN_DIR/sft (checkpoints, progress.jsonl, curves.png, tok
 
 The step is base training's (`trainer.train_loop`: accumulation, schedule, logging, checkpoints,
 exact resume, preemption); what differs is the data — whole conversations packed best-fit into
-fixed (B, T) rows, loss only on assistant tokens (nanochat/sft_loader.py) — and the optimizer's
+fixed (B, T) rows, loss only on assistant tokens (nanochat/data/loaders.py) — and the optimizer's
 LRs (× sft.lr_frac, decayed over sft.warmdown_ratio of the steps). Fixed shapes let
 torch.compile(dynamic=False) compile once for the whole run; the count is logged.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
-from nanochat.batch_size import resolve_device_batch_size
-from nanochat.chat_data import load_sft_conversations
+from nanochat.batchsize.verify import at_device_batch, batch_check, discovery_summary
+from nanochat.batchsize.search import resolve_device_batch_size
+from nanochat.data.conversations import load_sft_conversations
 from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
                              print0)
 from nanochat.config import Recipe, grad_accum_steps
@@ -34,7 +34,7 @@ from nanochat.loss_eval import make_loss_evaluator
 from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
 from nanochat.runtime import Runtime, compile_count, runtime
-from nanochat.sft_loader import SFTLoader, packing_stats, render_conversations
+from nanochat.data.loaders import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import LoopSpec, imports_done, restore_training_state, setup_phase, train_loop
 

@@ -67,7 +67,7 @@ def capped_texts(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator
 def check_conversation(conversation) -> list[dict]:
     """The messages with a leading system message merged into the first user message (the
     template has no system role); UserError for anything out of shape. The one rule for what a
-    conversation is: rendering uses it, and so does loading SFT data (nanochat/chat_data.py)."""
+    conversation is: rendering uses it, and so does loading SFT data (nanochat/data/conversations.py)."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
         raise UserError('a conversation must be {"messages": [{"role": ..., "content": ...}, '
                         f'...]}}; got {str(conversation)[:80]!r}')

@@ -16,14 +16,14 @@ import json
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.batch_check import at_device_batch, batch_check, discovery_summary
-from nanochat.batch_size import resolve_device_batch_size
+from nanochat.batchsize.verify import at_device_batch, batch_check, discovery_summary
+from nanochat.batchsize.search import resolve_device_batch_size
 from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
                              print0)
 from nanochat.config import Recipe, grad_accum_steps
-from nanochat.core import make_core_evaluator
-from nanochat.dataloader import DataLoader
-from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+from nanochat.core_eval import make_core_evaluator
+from nanochat.data.loaders import DataLoader
+from nanochat.data.shards import prepare_shards, prepare_tokenizer, tokenizer_key
 from nanochat.attention import attention_backend
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.grad_sync import training_model

@@ -22,7 +22,7 @@ import torch
 
 from nanochat import attention
 from nanochat import checkpoint as ckpt
-from nanochat.batch_check import BatchCheck, check_after_step, checked_micro_steps
+from nanochat.batchsize.verify import BatchCheck, check_after_step, checked_micro_steps
 from nanochat.common import UserError, atomic_write_json, print0
 from nanochat.config import OptimArgs, TrainArgs
 from nanochat.logfmt import STAGE_LOGS, StageLog, argv_script, sig
@@ -75,7 +75,7 @@ class LoopSpec:
     optim: OptimArgs
     stage: str = "base"
     meta: dict = field(default_factory=dict)  # stored in every checkpoint (recipe, model config)
-    batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batch_check.py)
+    batch_check: BatchCheck | None = None  # a discovered device batch, watched (nanochat/batchsize/verify.py)
     core: Callable[[torch.nn.Module], float | None] | None = None  # CORE every train.core_every steps (core.make_core_evaluator)
     stop_lead_s: float | None = None  # how long before a hard stop the stop request comes (cluster.signal_lead_s): checkpoint times are checked against it
     eval_s: float = 0.0               # the last scheduled evaluation's seconds (set by the loop): a stop request waits for it

@@ -120,7 +120,7 @@ def pip_cache(tmp_path_factory):
 def corpus(tmp_path_factory, pip_cache):
     """Built shards and a trained tokenizer, shared by every test that trains."""
     from nanochat.recipe import recipe_from_dict
-    from nanochat.dataset import prepare_shards, prepare_tokenizer
+    from nanochat.data.shards import prepare_shards, prepare_tokenizer
     root = tmp_path_factory.mktemp("corpus")
     sections = {"data": {"data_dir": str(root / "data"), "offline_cache": str(pip_cache),
                          "offline_num_shards": 4, "offline_doc_chars": 1000},

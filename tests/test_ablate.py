@@ -1,11 +1,11 @@
-"""The ablation bench (nanochat/bench/ablate.py) on a 2-layer model for a few steps: its table's
+"""The ablation bench (bench/ablate.py) on a 2-layer model for a few steps: its table's
 rows and columns, the same tokens and seed in every run, the switches really on, its files."""
 import json
 
 import pytest
 import yaml
 
-from nanochat.bench import ablate
+from bench import ablate
 from nanochat.common import UserError
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nanochat.batch_size import discover
+from nanochat.batchsize.search import discover
 from nanochat.recipe import recipe_from_dict
 from nanochat.train import train_base
 from nanochat.trainer import read_progress

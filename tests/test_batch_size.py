@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from nanochat import memory_probe
-from nanochat.batch_size import discover, discover_for_recipe, legal_candidates, probe_spec, \
+from nanochat.batchsize import probe as memory_probe
+from nanochat.batchsize.search import discover, discover_for_recipe, legal_candidates, probe_spec, \
     resolve_target, search
 from nanochat.common import UserError
-from nanochat.memory_probe import ProbeError, ProbeServer, ProbeSpec, is_oom
+from nanochat.batchsize.probe import ProbeError, ProbeServer, ProbeSpec, is_oom
 from nanochat.recipe import load_recipe, recipe_from_dict
 from nanochat.config import legal_device_batch_sizes
 
@@ -129,7 +129,7 @@ def test_second_call_is_a_cache_hit_that_runs_no_probe(budget_run):
 
 def test_cache_key_separates_stage_world_size_dtype_and_compile(budget_run):
     r = budget_run["recipe"]
-    from nanochat.batch_size import cache_key, cache_path
+    from nanochat.batchsize.search import cache_key, cache_path
     t = resolve_target(r)
     base = cache_path(r, cache_key(r, "base", 1, t, probe_spec(r, t)))
     other = [cache_path(r, cache_key(r, "sft", 1, t, probe_spec(r, t))),
@@ -150,7 +150,7 @@ def test_cache_key_holds_memory_not_learning_rates(tmp_path):
     """Learning rates, betas, momentum values, schedules and decay amounts change no memory: a
     recipe differing only in them is a cache hit (no probe). What changes the optimizer's
     state (NorMuon's second moment), turns decay on, or changes the model's shape is another key."""
-    from nanochat.batch_size import cache_key, cache_path
+    from nanochat.batchsize.search import cache_key, cache_path
     first = discover(recipe_from_dict(cheap(tmp_path)))
     assert not first.from_cache
     values = {"matrix_lr": 0.05, "embedding_lr": 0.3, "unembedding_lr": 0.001,
@@ -177,7 +177,7 @@ def test_cache_key_holds_memory_not_learning_rates(tmp_path):
 # ---------------------------------------------------------------- cache robustness
 
 def test_corrupt_cache_file_is_reported_and_recomputed(tmp_path, capfd):
-    from nanochat.batch_size import cache_key, cache_path
+    from nanochat.batchsize.search import cache_key, cache_path
     recipe = recipe_from_dict(cheap(tmp_path))
     target = resolve_target(recipe)
     path = cache_path(recipe, cache_key(recipe, "base", 1, target, probe_spec(recipe, target)))
@@ -202,7 +202,7 @@ def test_unwritable_cache_dir_is_a_warning_and_discovery_still_returns(tmp_path,
 def test_concurrent_discoverers_probe_once_and_agree(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump(cheap(tmp_path / "cache")))
-    procs = [subprocess.Popen([sys.executable, "-m", "nanochat.batch_size", str(cfg)],
+    procs = [subprocess.Popen([sys.executable, "-m", "nanochat.batchsize", str(cfg)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -260,7 +260,7 @@ def test_cpu_peak_sees_memory_that_was_freed_before_the_reading(tuned):
     code = f"""
 import torch
 from nanochat.runtime import tune_cpu_allocator
-from nanochat.memory_probe import cpu_peak, proc_status, reset_peak_rss
+from nanochat.batchsize.probe import cpu_peak, proc_status, reset_peak_rss
 tune_cpu_allocator({tuned})
 base = proc_status("VmRSS"), proc_status("RssAnon")
 assert reset_peak_rss()

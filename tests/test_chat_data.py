@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import tasks
-from nanochat.chat_data import (ConversationSet, conversation_key, load_sft_conversations, main,
-                                read_conversation_file)
+from nanochat.data import problems as generated
+from nanochat.data.__main__ import main
+from nanochat.data.conversations import (ConversationSet, conversation_key, load_sft_conversations,
+                                         read_conversation_file)
 from nanochat.common import UserError, cli_main
 from nanochat.recipe import recipe_from_dict
 from nanochat.tokenizer import check_conversation
@@ -25,7 +26,7 @@ def sft_recipe(pip_cache, **sft):
 @pytest.fixture(scope="module")
 def words(pip_cache):
     # dict_paths=(): the fallback every machine has, whether or not wamerican is installed
-    return tasks.load_words(dict_paths=(), offline_cache=str(pip_cache))
+    return generated.load_words(dict_paths=(), offline_cache=str(pip_cache))
 
 
 @pytest.fixture(scope="module")
@@ -57,33 +58,33 @@ def test_word_list_falls_back_to_the_chatterbot_corpus(words):
 def test_word_list_from_a_dictionary_file_keeps_short_lowercase_ascii_words(tmp_path, pip_cache):
     d = tmp_path / "words"
     d.write_text("apple\nApple\napple's\nab\nabcdefghijk\ncafé\nzebra\nabcdefghij\n")
-    got = tasks.load_words(dict_paths=(str(tmp_path / "missing"), str(d)),
+    got = generated.load_words(dict_paths=(str(tmp_path / "missing"), str(d)),
                            offline_cache=str(pip_cache))
     assert got == ["abcdefghij", "apple", "zebra"]
 
 
-@pytest.mark.skipif(not Path(tasks.DICT_PATHS[0]).is_file(), reason="wamerican not installed")
+@pytest.mark.skipif(not Path(generated.DICT_PATHS[0]).is_file(), reason="wamerican not installed")
 def test_system_word_list_is_used_when_installed():
-    assert len(tasks.load_words()) > 30_000
+    assert len(generated.load_words()) > 30_000
 
 
 # ---------------------------------------------------------------- generated problems
 
-@pytest.mark.parametrize("kind", tasks.KINDS)
+@pytest.mark.parametrize("kind", generated.KINDS)
 def test_train_and_eval_problems_are_disjoint_and_deterministic(kind, words):
-    train = tasks.generate_problems(kind, 500, "train", 0, words)
-    evals = tasks.generate_problems(kind, 100, "eval", 0, words)
+    train = generated.generate_problems(kind, 500, "train", 0, words)
+    evals = generated.generate_problems(kind, 100, "eval", 0, words)
     assert len(train) == 500 and len(evals) == 100
     assert len({p.prompt for p in train}) == 500, "no duplicates"
     assert not {p.prompt for p in train} & {p.prompt for p in evals}
-    assert tasks.generate_problems(kind, 500, "train", 0, list(reversed(words))) == train, \
+    assert generated.generate_problems(kind, 500, "train", 0, list(reversed(words))) == train, \
         "same seed, same problems (whatever the word order)"
-    other = tasks.generate_problems(kind, 500, "train", 1, words)
-    assert other != train and all(tasks.split_of(p.prompt) == "train" for p in other)
+    other = generated.generate_problems(kind, 500, "train", 1, words)
+    assert other != train and all(generated.split_of(p.prompt) == "train" for p in other)
     assert not {p.prompt for p in other} & {p.prompt for p in evals}, "disjoint for any seed"
 
 
-def recomputed_answer(p: tasks.Problem) -> str:
+def recomputed_answer(p: generated.Problem) -> str:
     if p.kind == "arithmetic":
         a, op, b = re.fullmatch(r"What is (\d+) ([-+×]) (\d+)\?", p.prompt).groups()
         return str({"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op])
@@ -107,10 +108,10 @@ def recomputed_answer(p: tasks.Problem) -> str:
     return "ABCD"[options.index(best)]
 
 
-@pytest.mark.parametrize("kind", tasks.KINDS)
+@pytest.mark.parametrize("kind", generated.KINDS)
 def test_answers_are_correct(kind, words):
-    problems = tasks.generate_problems(kind, 200, "train", 0, words)
-    problems += tasks.generate_problems(kind, 50, "eval", 0, words)
+    problems = generated.generate_problems(kind, 200, "train", 0, words)
+    problems += generated.generate_problems(kind, 50, "eval", 0, words)
     for p in problems:
         assert p.answer == recomputed_answer(p), p
     if kind == "counting":
@@ -125,7 +126,7 @@ def test_offline_conversations_load_valid_and_split_disjointly(offline_sets):
     total = len(train.conversations) + len(val.conversations)
     assert total >= 1500
     assert train.sources["chatterbot"] + val.sources["chatterbot"] > 800  # ~900 distinct dialogues
-    for kind in tasks.KINDS:
+    for kind in generated.KINDS:
         assert train.sources[f"tasks/{kind}"] + val.sources.get(f"tasks/{kind}", 0) == TASK_EXAMPLES
     assert sum(train.sources.values()) == len(train.conversations)
     for conv in train.conversations + val.conversations:
@@ -145,16 +146,16 @@ def test_offline_conversations_are_deterministic(pip_cache, offline_sets):
 
 def test_sft_data_never_contains_eval_problems(offline_sets, pip_cache):
     prompts = {c["messages"][0]["content"] for s in offline_sets.values() for c in s.conversations}
-    words = tasks.load_words(offline_cache=str(pip_cache))  # the list SFT used (eval uses it too)
-    for kind in tasks.KINDS:
-        evals = tasks.generate_problems(kind, 100, "eval", tasks.TASK_SEED, words)
+    words = generated.load_words(offline_cache=str(pip_cache))  # the list SFT used (eval uses it too)
+    for kind in generated.KINDS:
+        evals = generated.generate_problems(kind, 100, "eval", generated.TASK_SEED, words)
         assert not {p.prompt for p in evals} & prompts, kind
 
 
 def test_task_conversations_render_with_the_answer_as_the_trained_part(corpus, words):
     tok = corpus["tokenizer"]
-    p = tasks.generate_problems("spelling", 1, "train", 0, words)[0]
-    ids, mask = tok.render_conversation(tasks.problem_conversation(p))
+    p = generated.generate_problems("spelling", 1, "train", 0, words)[0]
+    ids, mask = tok.render_conversation(generated.problem_conversation(p))
     trained = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(trained[:-1]) == p.answer
     assert trained[-1] == tok.encode_special("<|assistant_end|>")

@@ -14,7 +14,7 @@ import yaml
 
 from jobs.plan import build_plan, slurm_parameters
 from jobs.tasks import compile_cache_env
-from nanochat.comm_bench import MB, allreduce_seconds, bus_bandwidth, message_sizes, scope_groups
+from nanochat.scaling import MB, allreduce_seconds, bus_bandwidth, message_sizes, scope_groups
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
 from nanochat.scaling import ASSUMED_MFU, H100_BF16_DENSE, UPSTREAM_HOURS, cluster_table, efficiency

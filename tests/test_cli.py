@@ -32,7 +32,7 @@ def prepared(corpus):
     """Overrides that point a run at the session's shards and tokenizer (conftest `corpus`), so
     the commands find both ready and never build or download anything."""
     from nanochat.recipe import load_recipe
-    from nanochat.dataset import tokenizer_key
+    from nanochat.data.shards import tokenizer_key
 
     overrides = SMALL + [f"{section}.{key}={value}"
                          for section, values in corpus["sections"].items()
@@ -82,10 +82,10 @@ def assert_nothing_written(run_dir: Path, before: set[str] = frozenset()):
 
 
 # Every kind of recipe error goes through one command-line path (load_recipe inside cli_main).
-# `nanochat.train` and `nanochat.bench.train` import torch first (~2 s a run), `nanochat.prepare`
+# `nanochat.train` and `bench.throughput` import torch first (~2 s a run), `nanochat.prepare`
 # does not (~0.3 s): the requested cases run through train, the rest through prepare, a sample
 # through the benchmark, to keep the file under a minute.
-TRAIN, PREPARE, BENCH = "nanochat.train", "nanochat.prepare", "nanochat.bench.train"
+TRAIN, PREPARE, BENCH = "nanochat.train", "nanochat.prepare", "bench.throughput"
 CASES = [
     (TRAIN, "model.dept=4", ["model.dept", "did you mean 'model.depth'"]),
     (TRAIN, "train.compile=3", ["train.compile", "true or false"]),
@@ -284,7 +284,7 @@ def test_refuse_existing_refuses_existing_checkpoints(tmp_path, prepared, flag):
     assert_nothing_written(run_dir, before)
 
 
-@pytest.mark.parametrize("script", ["launch", "status", "bench_launch"])
+@pytest.mark.parametrize("script", ["launch", "status", "report", "compare", "ladder"])
 def test_every_jobs_command_prints_its_help(script):
     res = subprocess.run([sys.executable, f"jobs/{script}.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
@@ -316,7 +316,7 @@ def test_commands_start_without_importing_the_compiler_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("on CUDA the flex block mask is wrapped in torch.compiler.disable at import")
     mods = ["nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.check",
-            "nanochat.memory_probe", "nanochat.bench.train", "nanochat.bench.kv_sweep"]
+            "nanochat.batchsize.probe", "bench.throughput", "nanochat.kv_bench"]
     code = (f"import sys\nfor m in {mods!r}:\n    __import__(m)\n"
             "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo')))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

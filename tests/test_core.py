@@ -26,10 +26,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nanochat.bench.core import byte_tokenizer, write_bundle
+from core_bundle import byte_tokenizer, write_bundle
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main
 from nanochat.config import EvalArgs
-from nanochat.core import (chatcore, ensure_bundle, evaluate_core, example_sequences,
+from nanochat.core_eval import (chatcore, ensure_bundle, evaluate_core, example_sequences,
                            fewshot_examples, load_bundle, load_examples, render_prompts)
 from test_gpt import make_model
 

@@ -2,7 +2,7 @@
 training with fused AdamW, one compile under max-autotune, discovery by out-of-memory, GPU →
 CPU checkpoints, the KV sweep, an NCCL process group. Marked `cuda` (`pytest -m cuda` runs only
 these) and skipped without a CUDA device, so CI on CPU stays green;
-`python -m nanochat.bench.selftest` runs them first on a GPU node."""
+`python -m bench.selftest` runs them first on a GPU node."""
 import dataclasses
 import socket
 
@@ -137,8 +137,8 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu_and_resumes_exactly_on_gpu(tiny_re
 # ---------------------------------------------------------------- discovery by out-of-memory
 
 def test_discovery_under_a_memory_fraction_chooses_a_size_that_trains(tiny_recipe, tmp_path):
-    from nanochat.batch_size import discover, legal_candidates, probe_spec, resolve_target
-    from nanochat.memory_probe import run_probe
+    from nanochat.batchsize.search import discover, legal_candidates, probe_spec, resolve_target
+    from nanochat.batchsize.probe import run_probe
     _, total = torch.cuda.mem_get_info()
     fraction = min(0.9, 2 * 2**30 / total)  # ~2 GiB of the GPU: the bigger sizes must OOM
     torch.cuda.set_per_process_memory_fraction(fraction)
@@ -165,7 +165,7 @@ def test_discovery_under_a_memory_fraction_chooses_a_size_that_trains(tiny_recip
 # ---------------------------------------------------------------- sweep and process group
 
 def test_kv_sweep_writes_its_files_on_cuda(tmp_path):
-    from nanochat.bench.kv_sweep import sweep_for_recipe
+    from nanochat.kv_bench import sweep_for_recipe
     recipe = recipe_from_dict({"run_dir": str(tmp_path / "run"),
                                "model": {"depth": 2, "n_embd": 128, "n_head": 2, "sequence_len": 128,
                                          "vocab_size": 512},

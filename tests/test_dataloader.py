@@ -3,7 +3,7 @@ import itertools
 
 import torch
 
-from nanochat.dataloader import DataLoader, list_blocks, pack_rows
+from nanochat.data.loaders import DataLoader, list_blocks, pack_rows
 
 BOS = 0
 

@@ -15,8 +15,9 @@ import pytest
 from nanochat.common import UserError
 from nanochat.config import DataArgs
 from nanochat.recipe import recipe_from_dict
-from nanochat.dataset import (READY_FILE, iter_documents, list_shards, prepare_data,
-                              split_documents, split_shards, tokenizer_text_iterator)
+from nanochat.data.offline import split_documents
+from nanochat.data.shards import (READY_FILE, iter_documents, list_shards, prepare_data, split_shards,
+                                  tokenizer_text_iterator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_fineweb_tokenizer_is_shared_across_training_shard_counts(tmp_path, hub)
     recipes that train the model on 1 or 2 shards (d12's 20 vs d20's 180, in small) feed it the
     same text, so they share one tokenizer (one key, trained once, one vocabulary); another
     vocabulary size is another tokenizer."""
-    from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+    from nanochat.data.shards import prepare_shards, prepare_tokenizer, tokenizer_key
 
     def recipe(shards, vocab=300):
         return recipe_from_dict({"cache_dir": str(tmp_path / "cache"),
@@ -311,7 +312,7 @@ def test_fineweb_tokenizer_is_shared_across_training_shard_counts(tmp_path, hub)
 def test_fineweb_tokenizer_trained_on_fewer_characters_than_asked_says_so_when_reused(tmp_path, hub, capsys):
     """One training shard holds less than tokenizer.train_chars: the tokenizer records it, and a
     recipe with two shards (more text it could have read) reuses it with one line saying so."""
-    from nanochat.dataset import prepare_shards, prepare_tokenizer, tokenizer_key
+    from nanochat.data.shards import prepare_shards, prepare_tokenizer, tokenizer_key
 
     def recipe(shards):
         return recipe_from_dict({"cache_dir": str(tmp_path / "cache"),

@@ -325,7 +325,7 @@ def test_the_short_collective_timeout_is_real(tmp_path):
 
 def _prepare_worker(rank, port, recipe_dict, out_dir):
     _join(rank, port)
-    from nanochat import dataset
+    from nanochat.data import shards as dataset
     real = dataset.prepare_data
     if rank == 0:  # a cold cache on a slow link: longer than the 3 s collective timeout
         def slow(args, progress=True):
@@ -534,7 +534,7 @@ def test_one_process_waits_are_no_ops():
 def test_the_comm_benchmark_needs_two_ranks(tiny_recipe, tmp_path):
     """bench.comm in one process: one line saying how to run it, not a single-rank figure."""
     import yaml
-    from nanochat.bench.comm import main
+    from bench.comm import main
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
     with pytest.raises(UserError, match="bench.comm needs 2\\+ ranks: run it under torchrun or srun"):

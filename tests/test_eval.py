@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat import tasks
+from nanochat.data import problems as generated
 from nanochat.common import cli_main
-from nanochat.tasks import final_number
+from nanochat.data.problems import final_number
 from nanochat.eval import (EVAL_FILE, evaluate_checkpoint, main, score_choice,
                            score_exact)
-from nanochat.tasks import Problem
+from nanochat.data.problems import Problem
 from test_cli import error_line, run_cli
 
 KEYS = {"checkpoint", "stage", "step", "device", "elapsed_s", "val_bpb", "tasks", "skipped"}
@@ -84,7 +84,7 @@ def test_cli_evaluates_a_chat_checkpoint_and_writes_eval_json(runs):
     assert set(written) == KEYS | {"chatcore"}, "chat checkpoints also get the ChatCORE aggregate"
     assert written["stage"] == "sft" and written["step"] == 2 and written["device"] == "cpu"
     assert written["val_bpb"] > 0
-    assert list(written["tasks"]) == list(tasks.KINDS)
+    assert list(written["tasks"]) == list(generated.KINDS)
     for kind, t in written["tasks"].items():
         assert t["source"] == "generated" and t["total"] == 6, kind
         assert 0 <= t["accuracy"] <= 1 and t["accuracy"] == t["correct"] / t["total"]
@@ -128,7 +128,7 @@ def test_core_scores_the_fp32_weights_under_autocast_as_training_does(runs, tmp_
     """eval --core with a bf16 compute dtype scores CORE as training's CORE curve does: fp32
     weights under bf16 autocast, before the cast for generation (not bf16 weights, no autocast)."""
     import nanochat.eval as ev_mod
-    from nanochat.bench.core import write_bundle
+    from core_bundle import write_bundle
     from test_core import TASKS
     seen = []
     real = ev_mod.evaluate_core

@@ -221,7 +221,7 @@ def test_micro_batch_memory_is_the_line_discovery_extrapolates():
     (batch_size._line): on fake CUDA the memory a micro-batch holds — weights, gradients and
     optimizer state (fixed) plus what the forward saves for backward — is that line at d12,
     sequence 2048, under bf16 autocast (the real kernels' workspaces are a GPU's to measure)."""
-    from nanochat.batch_size import _line
+    from nanochat.batchsize.search import _line
     with fake_cuda():
         model = fake_model()
         # weights, their gradients, one optimizer state of their size (the line's intercept)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nanochat.decode import CACHE_STEP, recompile_limit_name, recompile_limit_patch
 from nanochat.engine import Engine, build_inference_model, graph_cache_len
 from nanochat.gpt import attention
-from nanochat.memory_probe import is_oom
+from nanochat.batchsize.probe import is_oom
 from nanochat.runtime import datasheet_peak, mfu_percent
 from test_gpt import make_model
 
@@ -198,7 +198,7 @@ def test_a_bf16_recipe_computes_in_bf16_on_the_cpu_too():
 # ---------------------------------------------------------------- allocator, headroom, TF32
 
 STAGES = ("nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat",
-          "nanochat.batch_size", "nanochat.bench.train", "nanochat.bench.decode")
+          "nanochat.batchsize", "bench.throughput", "bench.decode_modes")
 
 
 def test_every_stage_sets_the_expandable_allocator_on_import():
@@ -226,8 +226,8 @@ def test_discovery_leaves_room_for_the_cuda_context_and_nccl():
     """On a GPU the probes' peak (the allocator's reserve) may fill the capacity less the
     headroom, the CUDA context, and with several ranks NCCL's buffers; a CPU budget is the
     capacity less the headroom."""
-    from nanochat.batch_size import CUDA_CONTEXT_BYTES, NCCL_BUFFER_BYTES, usable_bytes
-    from nanochat.targets import Target
+    from nanochat.batchsize.search import CUDA_CONTEXT_BYTES, NCCL_BUFFER_BYTES, usable_bytes
+    from nanochat.batchsize.devices import Target
     gpu = Target(torch.device("cuda"), "NVIDIA H100 80GB HBM3", 80 * 2**30, "memory")
     assert usable_bytes(gpu, 0.1, 1) == 72 * 2**30 - CUDA_CONTEXT_BYTES
     assert usable_bytes(gpu, 0.1, 8) == 72 * 2**30 - CUDA_CONTEXT_BYTES - NCCL_BUFFER_BYTES

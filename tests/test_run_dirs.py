@@ -21,7 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # (name, module, where the manifest goes below the run_dir passed: "" = the run_dir itself)
 REFUSALS = [("train", "nanochat.train", ""), ("sft", "nanochat.sft", ""),
             ("sft-into-manifest", "nanochat.sft", "sft"), ("check", "nanochat.check", ""),
-            ("kv_sweep", "nanochat.bench.kv_sweep", "")]
+            ("kv_sweep", "nanochat.kv_bench", "")]
 
 
 def fake_launcher_run(run_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The self-test (`python -m nanochat.bench.selftest`): on CPU the quick run end to end (CPU parts
+"""The self-test (`python -m bench.selftest`): on CPU the quick run end to end (CPU parts
 measured, GPU parts plainly not run), a part that fails for real while the others still run, bad
 --out; and the GPU-side logic reachable without a GPU — the d12 plan and its budgets, pytest's
 junit summary, the targets' met / not met."""
@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.bench.selftest import PART_NAMES, TOTAL_BUDGET_S, Part, plan, read_cuda_tests, targets
+from bench.selftest import PART_NAMES, TOTAL_BUDGET_S, Part, plan, read_cuda_tests, targets
 from test_cli import error_line, run_cli
 
 CPU_PARTS = ("train", "kv_sweep", "decode", "batch_size")
+# the command each part runs (benchmarks from the checkout's bench/, the KV-cache stage from the library)
+MODULE = {"train": "bench.throughput", "kv_sweep": "nanochat.kv_bench", "decode": "bench.decode_modes",
+          "batch_size": "bench.discovery"}
 on_cpu = pytest.mark.skipif(torch.cuda.is_available(),
                             reason="the CPU variant; on CUDA run the self-test itself")
 
@@ -23,7 +26,7 @@ def _parts(report: dict) -> dict:
 @on_cpu
 def test_quick_selftest_on_cpu_measures_the_cpu_parts_and_says_the_gpu_parts_were_not_run(tmp_path):
     out = tmp_path / "st"
-    res = run_cli("nanochat.bench.selftest", "--quick", "--out", out, timeout=240)
+    res = run_cli("bench.selftest", "--quick", "--out", out, timeout=240)
     detail = f"\n--- stdout ---\n{res.stdout[-4000:]}\n--- stderr ---\n{res.stderr[-4000:]}"
     assert res.returncode == 0, detail
     report = json.loads((out / "selftest.json").read_text())
@@ -41,7 +44,7 @@ def test_quick_selftest_on_cpu_measures_the_cpu_parts_and_says_the_gpu_parts_wer
     for name in CPU_PARTS:
         p = parts[name]
         assert p["status"] == "ok" and p["elapsed_s"] > 0 and p["summary"], p
-        assert p["command"].startswith(f"python -m nanochat.bench.{name} "), p["command"]
+        assert p["command"].startswith(f"python -m {MODULE[name]} "), p["command"]
         assert "train.device=cpu" in p["command"], "the CPU shape, not d12"
         assert (out / name / "log.txt").is_file()
     train = parts["train"]["figures"]
@@ -76,7 +79,7 @@ def test_quick_selftest_on_cpu_measures_the_cpu_parts_and_says_the_gpu_parts_wer
 @on_cpu
 def test_a_failing_part_leaves_the_others_run_and_the_exit_code_nonzero(tmp_path):
     out = tmp_path / "st"
-    res = run_cli("nanochat.bench.selftest", "--quick", "--out", out, "--parts", "train,kv_sweep",
+    res = run_cli("bench.selftest", "--quick", "--out", out, "--parts", "train,kv_sweep",
                   "--set", "train:train.no_such_key=1", timeout=180)
     detail = f"\n--- stdout ---\n{res.stdout[-4000:]}\n--- stderr ---\n{res.stderr[-4000:]}"
     assert res.returncode == 1, detail
@@ -97,11 +100,11 @@ def test_a_failing_part_leaves_the_others_run_and_the_exit_code_nonzero(tmp_path
 def test_unwritable_out_is_one_line_before_any_part_runs(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    res = run_cli("nanochat.bench.selftest", "--quick", "--out", blocker / "st", timeout=60)
+    res = run_cli("bench.selftest", "--quick", "--out", blocker / "st", timeout=60)
     line = error_line(res)
     assert line.startswith(f"--out {blocker / 'st'}: can't write there"), line
     assert "selftest: [" not in res.stdout, "no part ran"
-    res = run_cli("nanochat.bench.selftest", "--parts", "train,gpu", "--out", tmp_path / "x", timeout=60)
+    res = run_cli("bench.selftest", "--parts", "train,gpu", "--out", tmp_path / "x", timeout=60)
     assert "unknown part gpu; choose from cuda_tests, train" in error_line(res)
     assert not (tmp_path / "x").exists(), "bad flags are caught before --out is made"
 
@@ -114,7 +117,7 @@ def test_gpu_plan_is_d12_and_fits_8_minutes_quick_3(tmp_path):
         assert sum(p.budget_s for p in parts.values()) <= total <= (180 if quick else 480)
         for name in CPU_PARTS:
             args = parts[name].args
-            assert args[0] == f"nanochat.bench.{name}" and args[1].endswith("configs/d12.yaml"), args
+            assert args[0] == MODULE[name] and args[1].endswith("configs/d12.yaml"), args
             assert not any(a.startswith("train.device=") or a.startswith("model.depth") for a in args)
         assert parts["cuda_tests"].args[:3] == ["pytest", "-m", "cuda and not slow" if quick else "cuda"]
         assert "tests" in parts["cuda_tests"].args, "the whole tests/ directory, every cuda mark"
@@ -190,7 +193,7 @@ def test_the_cuda_part_collects_every_cuda_marked_test_in_every_file():
     tests/test_cuda.py's (on a CPU they are collected, then skip)."""
     import subprocess
     import sys
-    from nanochat.bench.selftest import CUDA_TESTS, REPO
+    from bench.selftest import CUDA_TESTS, REPO
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q",
                           "-p", "no:cacheprovider", str(CUDA_TESTS.relative_to(REPO))],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.recipe import recipe_from_dict
-from nanochat.sft_loader import SFTLoader, pack_bestfit, packing_stats, render_conversations
+from nanochat.data.loaders import SFTLoader, pack_bestfit, packing_stats, render_conversations
 
 CONV = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
                      {"role": "assistant", "content": "5"},
@@ -131,7 +131,7 @@ def with_sft(d, **kw):
 
 
 def test_offline_chat_data_packs_at_least_90_percent_real(corpus, base_run):
-    from nanochat.chat_data import load_sft_conversations
+    from nanochat.data.conversations import load_sft_conversations
     recipe = recipe_from_dict(with_sft(base_run, task_examples=2000))
     convs = load_sft_conversations(recipe, "train").conversations
     items = render_conversations(corpus["tokenizer"], convs, 257).items

@@ -1,13 +1,11 @@
-"""The shape of the code, read with `ast` (nothing imported): no import circles, entry points
-as leaves, private names used only where they are defined, jobs/ light on a login node."""
+"""The shape of the code, read with `ast` (nothing imported): no import circles, the layers
+(nanochat → jobs → bench never the other way), entry points as leaves, one stem per module name,
+private names used only where they are defined, jobs/ light on a login node."""
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("nanochat", "jobs")
-# `python -m` entry points: nothing in nanochat/ may import them (shared code lives in libraries)
-ENTRY_POINTS = {"nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.prepare",
-                "nanochat.check"}
+PACKAGES = ("nanochat", "jobs", "bench")
 
 
 def _modules() -> dict[str, Path]:
@@ -24,6 +22,21 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _is_command(path: Path) -> bool:
+    return path.name == "__main__.py" or 'if __name__ == "__main__":' in path.read_text()
+
+
+# `python -m` entry points of the library: nothing may import them (shared code lives in
+# libraries). Two modules are a library with a command on top, on purpose:
+# - nanochat.recipe: `python -m nanochat.recipe RECIPE` prints what the loader resolved (the
+#   plain sbatch scripts read nodes and stages from it); the printer is the loader's own view;
+# - nanochat.scaling: the cluster check predicts scaling with the very model the command prints
+#   for a recipe before launch (and measures the bus bandwidth that model takes).
+LIBRARY_COMMANDS = {"nanochat.recipe", "nanochat.scaling"}
+ENTRY_POINTS = {mod for mod, path in MODULES.items()
+                if mod.startswith("nanochat") and _is_command(path)} - LIBRARY_COMMANDS
+
+
 def _imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[str], int]]:
     """(imported module, imported names, line) for each import in the file — all of them, lazy
     imports inside functions included (a lazy import can hide a circle, it doesn't remove it)."""
@@ -35,7 +48,7 @@ def _imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[s
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [a.name for a in node.names]
-            # `from nanochat import tasks` imports the module nanochat.tasks
+            # `from nanochat import tasks` imports the module nanochat.data.problems
             subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in MODULES]
             out += [(m, [], node.lineno) for m in subs]
             if len(subs) < len(names):
@@ -73,10 +86,85 @@ def test_no_import_circles():
 
 
 def test_entry_points_are_leaves():
+    assert {"nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.check",
+            "nanochat.prepare", "nanochat.kv_bench", "nanochat.batchsize.__main__"} <= ENTRY_POINTS
+    # jobs.tasks is what a job runs: it calls a stage's command in-process (its main), nothing else
     offenders = [f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
-                 for mod, path in MODULES.items() if mod.startswith("nanochat")
+                 for mod, path in MODULES.items() if mod != "jobs.tasks"
                  for m, _, line in _imports(path) if m in ENTRY_POINTS and m != mod]
     assert not offenders, "entry points used as libraries: " + "; ".join(offenders)
+
+
+def _offenders(importers, forbidden) -> list[str]:
+    return [f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
+            for mod, path in MODULES.items() if importers(mod)
+            for m, _, line in _imports(path) if forbidden(m)]
+
+
+def test_layers_run_one_way():
+    """nanochat/ (the installed library) never imports jobs/ or the checkout's bench/; jobs/ (the
+    launcher) never imports bench/. Lazy imports count: they fail just the same when run."""
+    top = lambda m: m.split(".")[0]  # noqa: E731
+    bad = _offenders(lambda mod: top(mod) == "nanochat", lambda m: top(m) in ("jobs", "bench"))
+    bad += _offenders(lambda mod: top(mod) == "jobs", lambda m: top(m) == "bench")
+    assert not bad, "; ".join(bad)
+
+
+# The model: what a GPT is and how it learns. It stands on the recipe's types and the shared
+# helpers only, so that it can be read, tested and reused without the stages around it.
+MODEL_CORE = {"nanochat.gpt", "nanochat.attention", "nanochat.loss", "nanochat.optim", "nanochat.kv_cache"}
+MODEL_CORE_MAY_USE = {"nanochat.config", "nanochat.optim_config", "nanochat.common", "nanochat.paths"}
+
+
+def test_the_model_core_imports_only_itself_and_the_config():
+    bad = _offenders(lambda mod: mod in MODEL_CORE,
+                     lambda m: m in MODULES and m not in MODEL_CORE | MODEL_CORE_MAY_USE)
+    assert not bad, "; ".join(bad)
+
+
+def test_data_and_batch_size_discovery_stand_below_the_stages():
+    """nanochat/data/ and nanochat/batchsize/ serve the stages: they never import the training
+    loop, the inference engine or a command."""
+    below = lambda mod: mod.startswith(("nanochat.data.", "nanochat.batchsize.")) and \
+        not mod.endswith(".__main__")  # noqa: E731
+    above = {"nanochat.trainer", "nanochat.engine"} | ENTRY_POINTS
+    bad = _offenders(below, lambda m: m in above)
+    assert not bad, "; ".join(bad)
+
+
+def test_subpackage_init_files_are_empty():
+    """Importing nanochat.data or nanochat.batchsize runs nothing: each module is imported by its
+    own name (and the torch-free ones stay torch-free)."""
+    inits = [p for p in REPO.glob("*/**/__init__.py") if p.parts[len(REPO.parts)] in PACKAGES]
+    assert len(inits) >= 5
+    full = [str(p.relative_to(REPO)) for p in inits if p.read_text().strip()]
+    assert not full, f"non-empty __init__.py: {full}"
+
+
+def test_one_stem_per_module_name():
+    """One concept, one name: no two modules of nanochat/, jobs/ and bench/ share a file name."""
+    stems: dict[str, list[str]] = {}
+    for path in MODULES.values():
+        if path.stem not in ("__init__", "__main__"):
+            stems.setdefault(path.stem, []).append(str(path.relative_to(REPO)))
+    assert not {s: p for s, p in stems.items() if len(p) > 1}
+
+
+# What jobs/ may import from the library at module level: the recipe and what it is made of, and
+# the torch-free pieces a login node needs. Each must stay torch-free (the test below checks it);
+# anything else is imported inside the function that needs it, on a compute node.
+JOBS_MAY_IMPORT = {"nanochat.common", "nanochat.config", "nanochat.recipe", "nanochat.optim_config",
+                   "nanochat.paths", "nanochat.logfmt", "nanochat.plots", "nanochat.checkpoint",
+                   "nanochat.batchsize.key", "nanochat.data.shards", "nanochat.tokenizer",
+                   "nanochat.tracking"}
+
+
+def test_jobs_import_only_the_allowed_library_modules_at_module_level():
+    bad = [f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
+           for mod, path in MODULES.items() if mod.startswith("jobs")
+           for m, _, line in _imports(path, top_level_only=True)
+           if m.startswith("nanochat") and m in MODULES and m not in JOBS_MAY_IMPORT]
+    assert not bad, "; ".join(bad)
 
 
 def test_private_names_are_used_only_where_defined():

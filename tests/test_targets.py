@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from nanochat.batch_size import cached_result, discover
+from nanochat.batchsize.search import cached_result, discover
 from nanochat.common import UserError
 from nanochat.config import DEVICE_NAME_ENV
 from nanochat.recipe import recipe_from_dict
-from nanochat.targets import partition_target, record_device, record_path, resolve_target
+from nanochat.batchsize.devices import partition_target, record_device, record_path, resolve_target
 
 
 def recipe_for(tmp_path, **cluster):
@@ -75,7 +75,7 @@ def test_stale_and_corrupt_records_are_not_trusted(tmp_path, capfd):
 
 
 def test_auto_on_a_device_discovery_cannot_measure_is_one_line(tmp_path, monkeypatch):
-    import nanochat.targets as targets
+    import nanochat.batchsize.devices as targets
     monkeypatch.setattr(targets, "pick_device", lambda requested: "mps")  # no MPS machine here
     with pytest.raises(UserError, match=r"sft.device_batch_size is 'auto'.*not mps; set sft.device_batch_size to an integer"):
         resolve_target(recipe_for(tmp_path), stage="sft")
@@ -88,7 +88,7 @@ def test_memory_readings_through_psutil_equal_the_kernels_own(tmp_path):
     """On Linux psutil's figures are /proc's to the byte (the probe's readings did not change)."""
     import re
     import psutil
-    from nanochat.memory_probe import host_ram_bytes, proc_status
+    from nanochat.batchsize.probe import host_ram_bytes, proc_status
     status = open("/proc/self/status").read()
     kernel = {f: int(re.search(rf"{f}:\s+(\d+)", status).group(1)) * 1024 for f in ("VmRSS", "RssAnon", "VmSize")}
     ours = {f: proc_status(f) for f in ("VmRSS", "RssAnon", "VmSize")}

@@ -353,9 +353,9 @@ class ProbeServer:
     def __init__(self):
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
-        code = f"from nanochat.memory_probe import _serve; _serve({req_r}, {resp_w})"
+        code = f"from nanochat.batchsize.probe import _serve; _serve({req_r}, {resp_w})"
         # The server must import this very package, wherever the caller found it.
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(req_r, resp_w), env=env)

@@ -1,4 +1,4 @@
-"""Ablation of the current-architecture switches:  python -m nanochat.bench.ablate RECIPE [key=value ...]
+"""Ablation of the current-architecture switches:  python -m bench.ablate RECIPE [key=value ...]
 
 Trains the recipe's model (e.g. configs/tiny.yaml, on the offline corpus) once with every switch
 off ("dense"), once with each switch on alone, and once with all of them on ("all"), and prints
@@ -99,7 +99,7 @@ def run_one(recipe_path: str, overrides: list[str], run_dir: Path) -> dict:
     """One training run in its own process; its figures from the run folder it leaves."""
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "nanochat.train", recipe_path, *overrides, f"run_dir={run_dir}"]
-    root = str(Path(__file__).resolve().parents[2])  # this very package, wherever it was found
+    root = str(Path(__file__).resolve().parents[1])  # the checkout this benchmark runs from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def report_speed(args, runs: dict[str, dict]) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.ablate", __doc__.splitlines()[0])
+    ap = recipe_argparser("python -m bench.ablate", __doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--rows", type=int, default=4, help="rows (sequences) per step, one micro-batch")
     ap.add_argument("--evals", type=int, default=2, help="validation evaluations per run (curve points)")

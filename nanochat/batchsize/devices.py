@@ -33,7 +33,7 @@ import torch
 
 from nanochat.common import UserError, atomic_write_json, now_iso
 from nanochat.config import DEVICE_NAME_ENV, TRAINING_SECTIONS, Recipe
-from nanochat.memory_probe import host_ram_bytes
+from nanochat.batchsize.probe import host_ram_bytes
 from nanochat.runtime import pick_device
 
 GB = 1e9

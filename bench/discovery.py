@@ -1,4 +1,4 @@
-"""Batch-size discovery benchmark:  python -m nanochat.bench.batch_size RECIPE [key=value ...]
+"""Batch-size discovery benchmark:  python -m bench.discovery RECIPE [key=value ...]
 
 In one run on the current device:
 1. discovery from scratch (a fresh temporary cache dir): wall time and number of probes;
@@ -21,9 +21,10 @@ import statistics
 import tempfile
 import time
 
-from nanochat.bench import emit, environment, timing_args
-from nanochat.batch_size import discover, resolve_target
-from nanochat.bench.train import bench_training
+from bench.harness import emit, timing_args
+from nanochat.timing import environment
+from nanochat.batchsize.search import discover, resolve_target
+from bench.throughput import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser
@@ -49,8 +50,8 @@ def compare_peaks(recipe, batches: list[int]) -> list[dict]:
     """The training step's peak at each batch, eager and compiled, as discovery probes it."""
     if not batches:
         return []
-    from nanochat.batch_size import probe_spec
-    from nanochat.memory_probe import ProbeServer, run_probe
+    from nanochat.batchsize.search import probe_spec
+    from nanochat.batchsize.probe import ProbeServer, run_probe
     spec = probe_spec(recipe, resolve_target(recipe))
     out = []
     server = ProbeServer() if spec.device == "cpu" else None
@@ -72,7 +73,7 @@ def compare_peaks(recipe, batches: list[int]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.batch_size", __doc__.splitlines()[0])
+    ap = recipe_argparser("python -m bench.discovery", __doc__.splitlines()[0])
     ap.add_argument("--fixed", type=int, default=None,
                     help="the hand-set batch to compare with (default: the recipe's)")
     ap.add_argument("--hits", type=int, default=20, help="timed cache hits")

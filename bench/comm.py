@@ -1,8 +1,8 @@
 """Gradient communication benchmark: all-reduce after backward vs overlapped with it (DDP).
 
-    torchrun ... -m nanochat.bench.comm RECIPE [key=value ...]      (2+ ranks; srun works too)
+    torchrun ... -m bench.comm RECIPE [key=value ...]      (2+ ranks; srun works too)
     sbatch --nodes=2 slurm/comm.sbatch configs/d4.yaml              (the 2-node wrapper)
-    python -m nanochat.bench.comm configs/d4.yaml --submit          (submits that, waits, prints)
+    python -m bench.comm configs/d4.yaml --submit          (submits that, waits, prints)
 
 The recipe's model at `--batch` rows × the recipe's sequence, `--accum` micro-steps per step,
 random tokens (each rank its own), the recipe's optimizers. Per repeat, on every rank:
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from nanochat import rendezvous
-from nanochat.bench import environment, timing_args
+from bench.harness import timing_args
+from nanochat.timing import environment
 from nanochat.common import UserError, atomic_write_json, cli_main, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, training_model
@@ -147,7 +148,7 @@ def _print_table(res: dict) -> None:
 
 def submit(argv: list[str]) -> int:
     """sbatch slurm/comm.sbatch on 2 nodes, wait for it, print its output."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"nanochat-comm-{os.getpid()}.out"
     cmd = ["sbatch", "--parsable", "--wait", "--nodes=2", f"--output={out}",
            str(repo / "slurm" / "comm.sbatch"), *argv]
@@ -162,7 +163,7 @@ def submit(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.comm",
+    ap = recipe_argparser("python -m bench.comm",
                           "Gradient all-reduce after backward vs overlapped with it (2+ ranks).")
     # One row, one micro-step by default: on a CPU the compute of a larger step dwarfs the
     # all-reduce (and the others' load on a shared machine swamps it); only the last

@@ -1,6 +1,6 @@
 """What decides a training step's memory: the key of batch-size discovery, torch-free.
 
-Discovery (nanochat/batch_size.py) measures the largest device batch whose real training step
+Discovery (nanochat/batchsize/search.py) measures the largest device batch whose real training step
 fits; it caches the answer under a key, and the launcher (jobs/plan.py) plans one discover task
 per distinct key among a grid's combinations. Both build that key from this module, so that two
 combinations the launcher groups together are exactly the ones that share a cache entry.
@@ -23,7 +23,7 @@ import dataclasses
 import json
 
 from nanochat.config import OptimArgs, Recipe
-from nanochat.dataset import tokenizer_key
+from nanochat.data.shards import tokenizer_key
 
 # OptimArgs fields that are values of the update (floats and schedules), never a buffer: each
 # role's learning rate, LR fraction, betas and eps (nanochat/optim_config.py names them

@@ -33,10 +33,10 @@ from typing import Callable
 
 import torch
 
-from nanochat.batch_size import Discovery, correct_cache, legal_candidates
+from nanochat.batchsize.search import Discovery, correct_cache, legal_candidates
 from nanochat.common import UserError, atomic_write_json, now_iso, print0
 from nanochat.config import TRAINING_SECTIONS, Recipe, grad_accum_steps
-from nanochat.memory_probe import cpu_peak, is_oom, memory_baseline, release_freed_memory
+from nanochat.batchsize.probe import cpu_peak, is_oom, memory_baseline, release_freed_memory
 from nanochat.runtime import Runtime
 
 GB = 1e9
@@ -193,7 +193,7 @@ def discovery_summary(found: Discovery | None) -> dict | None:
 
 def batch_check(recipe: Recipe, stage: str, found: Discovery | None, rt: Runtime, seq_len: int,
                 rebuild, run_json: Path | None = None) -> BatchCheck | None:
-    """The watch over the first steps of a run sized by `found` (nanochat/batch_check.py); None
+    """The watch over the first steps of a run sized by `found` (nanochat/batchsize/verify.py); None
     when the recipe fixed the batch. `rebuild(batch, loader_state)` makes the loader at another
     device batch; a correction is also written into `run_json` (by rank 0)."""
     if found is None:

@@ -1,14 +1,13 @@
-"""Benchmarks: commands that print their method, device, versions, median and min/max."""
+"""How the kit times things: the facts every measurement states (device, dtype, versions) and the
+timed windows between device syncs. Used by the KV-cache stage (nanochat/kv_bench.py), the cluster
+check and the benchmarks in the checkout's bench/."""
 from __future__ import annotations
 
-import json
 import platform
 import time
 from typing import Callable
 
 import torch
-
-from nanochat.common import atomic_write_json
 
 
 def environment(device: torch.device, dtype: torch.dtype, cpu_name: str | None = None) -> dict:
@@ -39,19 +38,12 @@ def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], warmup:
     return times
 
 
-def timing_args(ap, warmup: int, repeats: int, json_file: bool = True) -> None:
-    """The flags every benchmark's method shares: untimed warm-up runs, timed repeats (median,
-    min and max over them) and, with `json_file`, `--json PATH` for `emit`."""
-    ap.add_argument("--warmup", type=int, default=warmup,
-                    help=f"untimed runs first: compilation, allocation, caches (default {warmup})")
-    ap.add_argument("--repeats", type=int, default=repeats,
-                    help=f"timed runs: median, min and max over them (default {repeats})")
-    if json_file:
-        ap.add_argument("--json", help="also write the report to this file (atomically)")
-
-
-def emit(report: dict, json_path=None) -> None:
-    """Print a benchmark's report (JSON); with `--json PATH` also write it there, atomically."""
-    print(json.dumps(report, indent=2))
-    if json_path:
-        atomic_write_json(json_path, report)
+def timed_run(make_stream, device: torch.device) -> dict:
+    """One pass over a token stream (`make_stream()` yields once per decode step): its total and
+    first-token seconds and the gaps between steps, from a device sync before it starts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    arrivals = [time.perf_counter() for _ in make_stream()]
+    return {"total_s": arrivals[-1] - t0, "ttft_s": arrivals[0] - t0,
+            "gaps_s": [b - a for a, b in zip(arrivals, arrivals[1:])], "steps": len(arrivals)}

@@ -1,10 +1,11 @@
-"""Automatic device batch size:  python -m nanochat.batch_size RECIPE [key=value ...]
+"""Automatic device batch size: the search and its cache (the command, `python -m
+nanochat.batchsize RECIPE`, is nanochat/batchsize/__main__.py).
 
 `train.device_batch_size: auto` (or `sft.device_batch_size: auto`) calls `discover_for_recipe`,
 which finds the largest legal device batch whose real training step fits in memory with
 `discovery.headroom` to spare, and remembers it in a JSON file per key in `discovery.cache_dir`.
 
-Search (each probe is the real step, see `nanochat/memory_probe.py`):
+Search (each probe is the real step, see `nanochat/batchsize/probe.py`):
 1. Legal candidates only: divisors of the rows per step per rank (so gradient accumulation is
    exact), powers of two by default, within [min_batch_size, max_batch_size].
 2. The two smallest candidates are probed; their peaks give a memory model
@@ -15,7 +16,7 @@ Fits = no out-of-memory and peak ≤ (1 − headroom) × capacity, where capacit
 memory, or on CPU the budget (`memory_budget_gb`, else `ram_fraction` of RAM). Headroom is
 memory, not a cut of the batch: the answer is always a legal size that was measured to fit.
 
-Cache: the key holds everything that changes the answer and nothing else (nanochat/memory_key.py:
+Cache: the key holds everything that changes the answer and nothing else (nanochat/batchsize/key.py:
 model shape, sequence length, dtype, compile and mode, the optimizer's memory-relevant settings —
 not its learning rates or schedules —, world size, stage, total batch, device name and memory,
 torch version, headroom, candidates, choose); the file holds the key in clear, the result, every
@@ -41,14 +42,14 @@ from typing import Callable
 
 from filelock import FileLock
 
-from nanochat.common import UserError, atomic_write_json, cli_main, git_commit, now_iso
+from nanochat.common import UserError, atomic_write_json, git_commit, now_iso
 from nanochat.config import TRAINING_SECTIONS, Recipe, legal_device_batch_sizes
-from nanochat.dataset import tokenizer_key
+from nanochat.data.shards import tokenizer_key
 from nanochat.gpt import GPTConfig
-from nanochat.memory_key import memory_key, model_memory_fields
-from nanochat.memory_probe import ProbeServer, ProbeSpec, run_probe
+from nanochat.batchsize.key import memory_key, model_memory_fields
+from nanochat.batchsize.probe import ProbeServer, ProbeSpec, run_probe
 from nanochat.runtime import compute_dtype
-from nanochat.targets import Target, resolve_target
+from nanochat.batchsize.devices import Target, resolve_target
 from nanochat.tokenizer import Tokenizer
 
 VERSION = 2                 # bump when the search or the probe changes what they measure
@@ -182,7 +183,7 @@ def probe_spec(recipe: Recipe, target: Target, vocab_size: int | None = None) ->
 
 
 def cache_key(recipe: Recipe, stage: str, world_size: int, target: Target, spec: ProbeSpec) -> dict:
-    """The recipe's memory key (nanochat/memory_key.py: no learning rates, betas or schedules)
+    """The recipe's memory key (nanochat/batchsize/key.py: no learning rates, betas or schedules)
     and what this device resolved: the concrete model, dtype, device name and memory, torch."""
     return {"version": VERSION, **memory_key(recipe, stage, world_size),
             "model": model_memory_fields(spec.model), "sequence_len": spec.model["sequence_len"],
@@ -290,7 +291,7 @@ def _too_small_error(res: SearchResult, target: Target, usable: float, headroom:
 # lazy module loading) and, with several ranks, NCCL's communicator buffers (its channels' FIFOs,
 # and with NVLS on NVSwitch machines multicast buffers of gigabytes). Left out of the usable
 # memory on top of the headroom, so the headroom is the fragmentation margin it is meant to be.
-# Allowances, not measurements: `python -m nanochat.bench.selftest` prints a GPU's reserved peak
+# Allowances, not measurements: `python -m bench.selftest` prints a GPU's reserved peak
 # against discovery's prediction.
 CUDA_CONTEXT_BYTES = 1 << 30
 NCCL_BUFFER_BYTES = 3 << 30
@@ -540,33 +541,3 @@ def correct_cache(found: Discovery, batch: int, why: str) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
-
-def main(argv: list[str]) -> int:
-    from nanochat.recipe import load_recipe, recipe_argparser
-    ap = recipe_argparser("python -m nanochat.batch_size",
-                          "Find the device batch size for a recipe (or read it from the cache).")
-    ap.add_argument("--stage", choices=list(TRAINING_SECTIONS), default="base")
-    ap.add_argument("--world-size", type=int, default=None,
-                    help="ranks of the run the answer is for (default: cluster.nodes × "
-                         "cluster.gpus_per_node; the legal sizes depend on it)")
-    ap.add_argument("--fresh", action="store_true", help="probe even if the cache has the answer")
-    args = ap.parse_intermixed_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
-    world = args.world_size or recipe.cluster.world_size
-    if world < 1:
-        raise UserError(f"--world-size must be ≥ 1, got {world}")
-    d = discover(recipe, args.stage, world, use_cache=not args.fresh)
-    print(f"device_batch_size: {d.batch_size}")
-    print(f"largest: {d.largest}")
-    print(f"fastest: {d.fastest}")
-    print(f"choose: {recipe.discovery.choose}")
-    print(f"world_size: {world}")
-    print(f"from_cache: {'true' if d.from_cache else 'false'}")
-    print(f"probes: {d.probes_run}")
-    print(f"seconds: {d.seconds:.3f}")
-    print(f"cache_file: {d.cache_path.resolve() if d.cache_path else 'none (cache dir not usable)'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli_main(main))

@@ -1,4 +1,4 @@
-"""GPU self-test:  python -m nanochat.bench.selftest [--out DIR] [--quick]
+"""GPU self-test:  python -m bench.selftest [--out DIR] [--quick]
 
 Every GPU path checked and the GPU figures measured by one command, in one process tree: each
 part is a child process (`python -m ...`) with its own timeout, timed.
@@ -28,7 +28,7 @@ Without CUDA the CUDA tests skip (not run) and the same benches run at a small C
 (configs/tiny.yaml made smaller; `--quick` in about a minute on 2 cores) to check the commands
 and their reports; the output says plainly that the GPU parts were not run.
 
-Then one facts table with the device name (nanochat/bench/selftest_facts.py): attention kernel
+Then one facts table with the device name (bench/selftest_facts.py): attention kernel
 per layer kind, syncs per step, reserved memory against discovery's prediction, MFU and tok/s
 of the compiled d12 step, decode tok/s with and without the CUDA graph.
 
@@ -58,10 +58,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.bench import selftest_facts
+from bench import selftest_facts
 from nanochat.common import UserError, atomic_write_json, atomic_write_text, cli_main, git_commit, now_iso
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 D12 = REPO / "configs" / "d12.yaml"
 TINY = REPO / "configs" / "tiny.yaml"
 CUDA_TESTS = REPO / "tests"  # every cuda-marked test, not only tests/test_cuda.py's
@@ -151,17 +151,17 @@ def plan(cuda: bool, quick: bool, out: Path) -> list[Part]:
               str(CUDA_TESTS.relative_to(REPO)), f"--junitxml={out / 'cuda_tests' / 'junit.xml'}"],
              out / "cuda_tests" / "junit.xml"),
         part("train", "training step, eager vs compiled",
-             ["nanochat.bench.train", recipe, *shape, *train, "--compile", "both",
+             ["bench.throughput", recipe, *shape, *train, "--compile", "both",
               "--json", str(out / "train" / "report.json")], out / "train" / "report.json"),
         part("kv_sweep", "KV-cache sweep, cache vs no cache",
-             ["nanochat.bench.kv_sweep", recipe, *shape, *sweep, f"run_dir={out / 'kv_sweep' / 'run'}",
+             ["nanochat.kv_bench", recipe, *shape, *sweep, f"run_dir={out / 'kv_sweep' / 'run'}",
               "--out", str(out / "kv_sweep")], out / "kv_sweep" / "results.json"),
         part("decode", "decode modes, eager vs " + ("CUDA graph" if cuda and quick else
                                                     "compiled vs CUDA graph" if cuda else "compiled"),
-             ["nanochat.bench.decode", recipe, *shape, *decode, f"run_dir={out / 'decode' / 'run'}",
+             ["bench.decode_modes", recipe, *shape, *decode, f"run_dir={out / 'decode' / 'run'}",
               "--json", str(out / "decode" / "report.json")], out / "decode" / "report.json"),
         part("batch_size", "batch-size discovery",
-             ["nanochat.bench.batch_size", *discover, "--json", str(out / "batch_size" / "report.json")],
+             ["bench.discovery", *discover, "--json", str(out / "batch_size" / "report.json")],
              out / "batch_size" / "report.json"),
     ]
 
@@ -439,7 +439,7 @@ def probe_environment(env: dict) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m nanochat.bench.selftest",
+    ap = argparse.ArgumentParser(prog="python -m bench.selftest",
                                  description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
@@ -479,13 +479,13 @@ def main(argv: list[str]) -> int:
     report = {
         "selftest": "nanochat GPU self-test (issue 15)", "quick": args.quick, "started": started,
         "git_commit": git_commit(REPO),
-        "command": shlex.join(["python", "-m", "nanochat.bench.selftest", *argv]),
+        "command": shlex.join(["python", "-m", "bench.selftest", *argv]),
         "out_dir": str(out), "environment": environment,
         "gpu_parts": "run on " + environment["device"] if cuda else
         "GPU parts not run: no CUDA device on this machine. The CUDA tests were skipped and the "
         f"benches ran at a small CPU shape ({CPU_SHAPE_NAME}) to check the commands "
         "and their reports; no GPU figure was measured and no GPU target checked. On a GPU node: "
-        "python -m nanochat.bench.selftest (or sbatch slurm/selftest.sbatch).",
+        "python -m bench.selftest (or sbatch slurm/selftest.sbatch).",
         "budget_s": TOTAL_BUDGET_S[("cuda" if cuda else "cpu", args.quick)],
         "total_s": None, "complete": False,
         "parts": [{"name": p.name, "title": p.title, "variant": "pytest -m cuda" if p.name == "cuda_tests"

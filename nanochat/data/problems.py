@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nanochat.common import UserError, print0
-from nanochat.offline_data import chatterbot_dialogues
+from nanochat.data.offline import chatterbot_dialogues
 
 KINDS = ("arithmetic", "spelling", "counting", "copying", "choice")
 CHOICE_KINDS = ("choice",)          # scored by the letter with the highest logit, not generation

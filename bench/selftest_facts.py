@@ -1,6 +1,6 @@
 """The self-test's facts table: what the first GPU run must tell, in one table with the device.
 
-Read from the parts' reports (nanochat/bench/selftest.py runs them): the attention kernel each
+Read from the parts' reports (bench/selftest.py runs them): the attention kernel each
 layer kind ran with in the compiled d12 step (attention.RAN, what ran rather than what was
 chosen), host-device syncs per training step (counted under `set_sync_debug_mode("warn")`), the
 eager step's reserved peak against what discovery's memory line (fixed + batch × per sample,

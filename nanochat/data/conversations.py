@@ -1,11 +1,11 @@
-"""Conversations for SFT:  python -m nanochat.chat_data RECIPE [section.key=value ...]
+"""Conversations for SFT (what they hold, per source: `python -m nanochat.data RECIPE`).
 
     sets = load_sft_conversations(recipe, "train")   # ConversationSet(conversations, skipped, sources)
 
 Sources (`sft.source`):
 - "offline": the English dialogues of the PyPI wheel `sft.offline_package` (chatterbot-corpus,
   ~2,000 short conversations, read from the wheel's zip with PyYAML, never installed) plus
-  `sft.task_examples` generated problems per task kind (nanochat/tasks.py, its train split only:
+  `sft.task_examples` generated problems per task kind (nanochat/data/problems.py, its train split only:
   the eval problems never become SFT data, in either SFT split);
 - "smoltalk": the `messages` column of `sft.hub_dataset` on the Hugging Face hub.
 `sft.conversation_files` (JSONL, one {"messages": [...]} per line) are added to either.
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nanochat.common import UserError, cli_main, downloads_allowed, not_prepared, print0
-from nanochat.offline_data import chatterbot_dialogues
+from nanochat.common import UserError, downloads_allowed, not_prepared, print0
+from nanochat.data.offline import chatterbot_dialogues
 from nanochat.config import Recipe
 from nanochat.tokenizer import check_conversation
-from nanochat import tasks
+from nanochat.data import problems as generated
 
 SHUFFLE_SEED = 0        # the conversations' order (the SFT loader may shuffle again per epoch)
 SPLITS = ("train", "val")
@@ -123,7 +123,7 @@ def read_conversation_file(path: str | Path) -> tuple[list[dict], int]:
 # Sources
 
 def _offline(recipe: Recipe) -> tuple[list[tuple[str, dict]], int]:
-    """(source name, conversation) pairs of the chatterbot dialogues and the generated tasks."""
+    """(source name, conversation) pairs of the chatterbot dialogues and the generated problems."""
     out, skipped = [], 0
     for turns in chatterbot_dialogues(recipe.data.offline_cache, recipe.sft.offline_package):
         try:
@@ -131,13 +131,13 @@ def _offline(recipe: Recipe) -> tuple[list[tuple[str, dict]], int]:
         except UserError:
             skipped += 1
     if recipe.sft.task_examples > 0:
-        words = tasks.load_words(offline_cache=recipe.data.offline_cache,
+        words = generated.load_words(offline_cache=recipe.data.offline_cache,
                                  package=recipe.sft.offline_package)
-        for kind in tasks.KINDS:
+        for kind in generated.KINDS:
             # "train" problems only, whichever SFT split this is: eval problems stay unseen
-            for p in tasks.generate_problems(kind, recipe.sft.task_examples, "train",
-                                             tasks.TASK_SEED, words):
-                out.append((f"tasks/{kind}", tasks.problem_conversation(p)))
+            for p in generated.generate_problems(kind, recipe.sft.task_examples, "train",
+                                             generated.TASK_SEED, words):
+                out.append((f"tasks/{kind}", generated.problem_conversation(p)))
     return out, skipped
 
 
@@ -201,26 +201,3 @@ def load_sft_conversations(recipe: Recipe, split: str) -> ConversationSet:
 
 
 # --------------------------------------------------------------------------------------------
-
-def main(argv: list[str]) -> int:
-    from nanochat.recipe import load_recipe, recipe_argparser
-    ap = recipe_argparser("python -m nanochat.chat_data",
-                          "Load the recipe's SFT conversations and print counts and a sample.")
-    ap.add_argument("--samples", type=int, default=3, help="conversations shown per split")
-    args = ap.parse_intermixed_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
-    for split in SPLITS:
-        cs = load_sft_conversations(recipe, split)
-        print(f"{split}: {len(cs.conversations):,} conversations ({cs.skipped} malformed skipped)")
-        for source, n in sorted(cs.sources.items()):
-            print(f"  {source:<24} {n:>8,}")
-        for conv in cs.conversations[:max(0, args.samples)]:
-            print("  ---")
-            for m in conv["messages"]:
-                text = m["content"] if len(m["content"]) <= 200 else m["content"][:200] + " …"
-                print(f"  {m['role']:>9}: " + text.replace("\n", "\n" + " " * 13))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli_main(main))

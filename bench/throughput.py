@@ -1,4 +1,4 @@
-"""Training throughput benchmark:  python -m nanochat.bench.train RECIPE [key=value ...] [--compile both|on|off]
+"""Training throughput benchmark:  python -m bench.throughput RECIPE [key=value ...] [--compile both|on|off]
 
 On CPU it also compares glibc's allocator defaults with the tuned settings training uses
 (`--malloc both`, see `nanochat.runtime.tune_cpu_allocator`).
@@ -26,7 +26,8 @@ import time
 import torch
 
 from nanochat import attention
-from nanochat.bench import emit, environment, timing_args
+from bench.harness import emit, timing_args
+from nanochat.timing import environment
 from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.gpt import GPT, GPTConfig
@@ -127,7 +128,7 @@ def syncs_per_step(step, rt: Runtime, steps: int = 2) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    ap = recipe_argparser("python -m nanochat.bench.train", __doc__.splitlines()[0])
+    ap = recipe_argparser("python -m bench.throughput", __doc__.splitlines()[0])
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
     ap.add_argument("--malloc", choices=["both", "tuned", "default"], default="both",
                     help="CPU only: glibc allocator defaults vs tuned (see runtime.tune_cpu_allocator)")
