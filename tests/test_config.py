@@ -611,3 +611,100 @@ def test_the_kv_cache_stage_is_kv_bench_and_sweep_its_old_name(tmp_path):
         load_recipe(path)
     r = load_recipe(REPO / "configs" / "tiny.yaml", ["sweep.repeats=3", "kv_bench.checkpoint=/c"])
     assert (r.kv_bench.repeats, r.kv_bench.checkpoint) == (3, "/c"), "different keys under both names merge"
+
+
+# --------------------------------------------------------------------------------------------
+# optim.adamw_roles: the per-role AdamW settings, one mapping over upstream's table
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_adamw_roles_partial_mappings_merge_over_the_defaults_and_the_base(tmp_path):
+    write(tmp_path / "base.yaml", """
+        optim:
+          adamw_roles: {embedding: {betas: [0.9, 0.99]}, x0: {eps: 1e-8}}
+    """)
+    f = write(tmp_path / "f.yaml", """
+        base: base.yaml
+        optim:
+          adamw_roles:
+            embedding: {weight_decay: 0}
+    """)
+    roles = load_recipe(f, ["optim.adamw_roles.resid.betas=[0.5,0.6]"]).optim.adamw_roles
+    default = recipe_from_dict({}).optim.adamw_roles
+    assert roles["embedding"] == {"betas": [0.9, 0.99], "weight_decay": 0.0, "eps": 1e-10}
+    assert roles["x0"] == {**default["x0"], "eps": 1e-8} and roles["resid"]["betas"] == [0.5, 0.6]
+    assert {k: v for k, v in roles.items() if k not in ("embedding", "x0", "resid")} == \
+        {k: v for k, v in default.items() if k not in ("embedding", "x0", "resid")}
+
+
+def test_an_unknown_role_or_setting_is_one_line_naming_file_line_and_the_valid_names(tmp_path):
+    f = write(tmp_path / "r.yaml", """
+        name: x
+        optim:
+          adamw_roles:
+            lm_head: {betas: [0.8, 0.9]}
+    """)
+    assert user_error(f) == (f"{f}:4: unknown key 'optim.adamw_roles.lm_head': not an AdamW role; valid roles: "
+                             "embedding, value_embed, unembedding, scalar, resid, x0, smear, bigram")
+    msg = user_error(REPO / "configs" / "tiny.yaml", ["optim.adamw_roles.x0.beta1=0.9"])
+    assert msg == ("command line (optim.adamw_roles.x0.beta1=0.9): unknown key 'optim.adamw_roles.x0.beta1'; "
+                   "valid keys: betas, weight_decay, eps")
+
+
+def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path):
+    old = write(tmp_path / "old.yaml", """
+        optim:
+          embedding_betas: [0.9, 0.99]
+          x0_weight_decay: 0.1
+          unembedding_eps: 1e-8
+        grid: {optim.smear_weight_decay: [0.0, 0.1]}
+    """)
+    new = write(tmp_path / "new.yaml", """
+        optim:
+          adamw_roles:
+            embedding: {betas: [0.9, 0.99]}
+            x0: {weight_decay: 0.1}
+            unembedding: {eps: 1e-8}
+        grid: {optim.adamw_roles.smear.weight_decay: [0.0, 0.1]}
+    """)
+    notes, none = [], []
+    assert load_recipe(old, notes=notes) == load_recipe(new, notes=none) and none == []
+    assert notes == [f"note: {old}:2: old optim keys read under their new names (optim.embedding_betas → "
+                     "optim.adamw_roles.embedding.betas, optim.x0_weight_decay → optim.adamw_roles.x0.weight_decay, "
+                     "optim.unembedding_eps → optim.adamw_roles.unembedding.eps, grid axis optim.smear_weight_decay → "
+                     "optim.adamw_roles.smear.weight_decay); write optim.adamw_roles.<role>.<betas|weight_decay|eps>"]
+    notes = []
+    r = load_recipe(new, ["optim.embedding_betas=[0.7, 0.9]"], notes)
+    assert r.optim.adamw_roles["embedding"]["betas"] == [0.7, 0.9] and len(notes) == 1
+    assert "command line (optim.embedding_betas=[0.7, 0.9])" in notes[0]
+    both = write(tmp_path / "both.yaml", """
+        optim:
+          embedding_betas: [0.9, 0.99]
+          adamw_roles: {embedding: {betas: [0.8, 0.9]}}
+    """)
+    assert user_error(both) == (f"{both}:2: optim.embedding_betas is the old name of "
+                                "optim.adamw_roles.embedding.betas; give only optim.adamw_roles.embedding.betas")
+
+
+def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path):
+    """tests/golden/d20_resolved_ba04c60.yaml is `python -m nanochat.recipe configs/d20.yaml` as
+    the code before adamw_roles printed it (the 24 flat keys, as earlier runs' run dirs hold it):
+    it loads as the same recipe configs/d20.yaml is now, from a file and as a checkpoint's dict."""
+    old = GOLDEN / "d20_resolved_ba04c60.yaml"
+    optim = yaml.safe_load(old.read_text())["optim"]
+    assert "embedding_betas" in optim and "adamw_roles" not in optim
+    now = load_recipe(REPO / "configs" / "d20.yaml")
+    assert load_recipe(old) == now
+    from nanochat.recipe import override_recipe
+    assert override_recipe(yaml.safe_load(old.read_text()), ["optim.adamw_roles.embedding.betas=[0.7,0.9]"]).optim \
+        == dataclasses.replace(now.optim, adamw_roles={**now.optim.adamw_roles, "embedding": {
+            **now.optim.adamw_roles["embedding"], "betas": [0.7, 0.9]}})
+
+
+def test_a_grid_over_one_adamw_setting_gives_each_task_its_value():
+    from nanochat.recipe import grid_overrides, grid_recipes
+    r = recipe_from_dict({"grid": {"optim.adamw_roles.x0.weight_decay": [0.0, 0.1]}})
+    assert grid_overrides(r) == [["optim.adamw_roles.x0.weight_decay=0.0"], ["optim.adamw_roles.x0.weight_decay=0.1"]]
+    assert [g.optim.adamw_roles["x0"] for g in grid_recipes(r)] == [
+        {"betas": [0.96, 0.95], "weight_decay": 0.0, "eps": 1e-10}, {"betas": [0.96, 0.95], "weight_decay": 0.1, "eps": 1e-10}]
