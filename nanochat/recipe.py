@@ -348,7 +348,7 @@ def _renamed_adamw(data: dict, prov: dict[str, str], notes: list | None) -> dict
             renamed = {_adamw_key(k): v for k, v in table.items()}
             data[section] = renamed if section == "grid" else {**data["report"], "compare": renamed}
     if (old or axes) and notes is not None:
-        first = f"optim.{old[0]}" if old else next(iter(axes))
+        first = f"optim.{old[0]}" if old else f"grid.{next(iter(axes))}"
         pairs = [f"optim.{k} → optim.adamw_roles.{RENAMED_KEYS[k][0]}.{RENAMED_KEYS[k][1]}" for k in old]
         pairs += [f"grid axis {k} → {v}" for k, v in axes.items()]
         notes.append(f"note: {_where(first, prov)}: old optim keys read under their new names "

@@ -674,6 +674,11 @@ def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path
                      "optim.adamw_roles.embedding.betas, optim.x0_weight_decay → optim.adamw_roles.x0.weight_decay, "
                      "optim.unembedding_eps → optim.adamw_roles.unembedding.eps, grid axis optim.smear_weight_decay → "
                      "optim.adamw_roles.smear.weight_decay); write optim.adamw_roles.<role>.<betas|weight_decay|eps>"]
+    grid = write(tmp_path / "grid.yaml", "name: g\ngrid: {optim.x0_eps: [1e-10, 1e-9]}\n")
+    notes = []
+    assert list(load_recipe(grid, notes=notes).grid) == ["optim.adamw_roles.x0.eps"]
+    assert notes == [f"note: {grid}:2: old optim keys read under their new names (grid axis optim.x0_eps → "
+                     "optim.adamw_roles.x0.eps); write optim.adamw_roles.<role>.<betas|weight_decay|eps>"]
     notes = []
     r = load_recipe(new, ["optim.embedding_betas=[0.7, 0.9]"], notes)
     assert r.optim.adamw_roles["embedding"]["betas"] == [0.7, 0.9] and len(notes) == 1
