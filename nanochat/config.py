@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.common import UserError
-from nanochat.optim_config import ADAM_ROLES, OptimArgs  # the optim section (its own module)
+from nanochat.optim_config import ADAMW_KEYS, ADAMW_ROLE_DEFAULTS, OptimArgs  # the optim section (its own module)
 from nanochat.paths import HOME_ENV, derive_paths, home_unset_hint, output_root  # noqa: F401 (where runs and caches go)
 
 
@@ -401,14 +401,17 @@ def _validate_optim(o: OptimArgs) -> None:
     for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "smear_lr",
               "value_embed_lr_frac", "resid_lr_frac", "x0_lr_frac", "bigram_lr_frac"):
         check(getattr(o, k) > 0, f"optim.{k}", f"must be > 0, got {getattr(o, k)}")
-    for prefix, _ in ADAM_ROLES.values():
-        betas = getattr(o, f"{prefix}_betas")
-        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"optim.{prefix}_betas",
+    for role, settings in o.adamw_roles.items():
+        key = f"optim.adamw_roles.{role}"
+        check(role in ADAMW_ROLE_DEFAULTS, key, f"unknown key '{key}': not an AdamW role; valid roles: "
+              f"{', '.join(ADAMW_ROLE_DEFAULTS)}")
+        for k in settings:
+            check(k in ADAMW_KEYS, f"{key}.{k}", f"unknown key '{key}.{k}'; valid keys: {', '.join(ADAMW_KEYS)}")
+        betas, wd, eps = (settings[k] for k in ADAMW_KEYS)
+        check(isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas), f"{key}.betas",
               f"must be [beta1, beta2], each in [0, 1), got {betas}")
-        check(getattr(o, f"{prefix}_weight_decay") >= 0, f"optim.{prefix}_weight_decay",
-              f"must be ≥ 0, got {getattr(o, f'{prefix}_weight_decay')}")
-        check(getattr(o, f"{prefix}_eps") > 0, f"optim.{prefix}_eps",
-              f"must be > 0, got {getattr(o, f'{prefix}_eps')}")
+        check(_number(wd) and wd >= 0, f"{key}.weight_decay", f"must be a number ≥ 0, got {wd}")
+        check(_number(eps) and eps > 0, f"{key}.eps", f"must be a number > 0, got {eps}")
     for k in ("muon_momentum", "muon_momentum_warmup_start", "muon_momentum_final"):
         check(0 <= getattr(o, k) < 1, f"optim.{k}", f"must be in [0, 1), got {getattr(o, k)}")
     check(o.ns_steps >= 1, "optim.ns_steps", f"must be ≥ 1, got {o.ns_steps}")
@@ -424,6 +427,10 @@ def _validate_optim(o: OptimArgs) -> None:
     check(o.batch_ref >= 1, "optim.batch_ref", f"must be ≥ 1 (tokens per step), got {o.batch_ref}")
     check(o.wd_ref_tokens >= 0, "optim.wd_ref_tokens",
           f"must be ≥ 0 (0 = upstream's d12 reference), got {o.wd_ref_tokens}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _validate_train(tr: TrainArgs) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import UserError, atomic_write_text, git_commit, now_iso
-from nanochat.optim_config import ADAM_ROLES, REPLACED_KEYS
+from nanochat.optim_config import ADAMW_ROLE_DEFAULTS, RENAMED_KEYS, REPLACED_KEYS
 from nanochat.config import (ClusterArgs, DataArgs, DiscoveryArgs, EvalArgs, ModelArgs, OptimArgs,
                              Recipe, ReportArgs, SFTArgs, KVBenchArgs, TokenizerArgs, TrainArgs, Invalid, check,
                              STAGE_ALIASES, derive_paths, validate)
@@ -140,7 +140,7 @@ def _read_yaml(path: Path, chain: tuple = (), notes: list | None = None) -> tupl
                         f"got {type(data).__name__}")
     lines = _key_lines(path, text)
     prov = {k: f"{path}:{ln}" for k, ln in lines.items()}
-    data = _renamed(data, prov)  # per file, so a later file's old name still wins over a base's new one
+    data = _renamed(data, prov, notes)  # per file, so a later file's old name still wins over a base's new one
     base = data.pop("base", None)
     own_site = {k: (v, prov.get(k, str(path))) for k, v in _leaves(data).items()} if _is_site_file(data) else {}
     if base is None:
@@ -165,9 +165,10 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
-    """`section.key=value` strings → nested dict. Values are parsed as YAML scalars/lists
-    (`8`, `true`, `null`, `[1,2]`), never by a shell."""
+def parse_overrides(overrides: list[str], notes: list | None = None) -> tuple[dict, dict[str, str]]:
+    """`section.key=value` strings → nested dict (a dotted key nests: optim.adamw_roles.x0.betas=
+    [0.9,0.99] sets one setting of one role). Values are parsed as YAML scalars/lists (`8`,
+    `true`, `null`, `[1,2]`), never by a shell."""
     data: dict = {}
     prov: dict[str, str] = {}
     for item in overrides:
@@ -188,7 +189,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
                 raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
         node[parts[-1]] = value
         prov[key] = f"command line ({item})"
-    return _renamed(data, prov), prov
+    return _renamed(data, prov, notes), prov
 
 
 def _type_name(tp) -> str:
@@ -249,9 +250,9 @@ def _build(cls, data: dict, prefix: str):
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names and prefix == "optim." and k in REPLACED_KEYS:
-            roles = ", ".join(prefix for prefix, _ in ADAM_ROLES.values())
+            roles = ", ".join(ADAMW_ROLE_DEFAULTS)
             raise Invalid(key, f"'{key}' was replaced by one AdamW setting per parameter role "
-                               f"(optim.<role>_betas, _weight_decay, _eps; roles: {roles}); "
+                               f"(optim.adamw_roles.<role>.betas, .weight_decay, .eps; roles: {roles}); "
                                f"remove it and set the roles' keys")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
@@ -279,13 +280,14 @@ def _where(key: str, prov: dict[str, str]) -> str:
     return children[0] if children else "recipe"  # e.g. a misspelt section given as modle.depth=3
 
 
-def _renamed(data: dict, prov: dict[str, str]) -> dict:
+def _renamed(data: dict, prov: dict[str, str], notes: list | None = None) -> dict:
     """Keys that were renamed, read under their new name: cluster.time_min (minutes) is
     cluster.time, the KV-cache benchmark's stage and section `sweep` are `kv_bench` (the word
-    sweep is the grid's). Resolved recipes of earlier runs and checkpoints still hold the old
-    names. Applied to each file and to the overrides before they are merged; one key under both
-    names in one of them is an error."""
-    data = dict(data)
+    sweep is the grid's), optim.<role>_betas / _weight_decay / _eps are optim.adamw_roles.<role>.*
+    (RENAMED_KEYS; one line in `notes` says so). Resolved recipes of earlier runs and checkpoints
+    still hold the old names. Applied to each file and to the overrides before they are merged;
+    one key under both names in one of them is an error."""
+    data = _renamed_adamw(dict(data), prov, notes)
     for old, new in STAGE_ALIASES.items():
         if old in data:
             both = data.get(new)
@@ -312,6 +314,48 @@ def _renamed(data: dict, prov: dict[str, str]) -> dict:
     return data
 
 
+def _adamw_key(key):
+    """optim.<role>_betas (an old flat key) → optim.adamw_roles.<role>.betas; any other key as is."""
+    if isinstance(key, str) and key.startswith("optim.") and key[6:] in RENAMED_KEYS:
+        return "optim.adamw_roles.{}.{}".format(*RENAMED_KEYS[key[6:]])
+    return key
+
+
+def _renamed_adamw(data: dict, prov: dict[str, str], notes: list | None) -> dict:
+    """The flat per-role AdamW keys (and grid axes, report.compare axes of them) → adamw_roles."""
+    optim = data.get("optim")
+    old = [k for k in optim if k in RENAMED_KEYS] if isinstance(optim, dict) else []
+    roles = optim.get("adamw_roles") if old else None
+    if old and isinstance(roles, (dict, type(None))):
+        optim, roles = dict(optim), copy.deepcopy(roles or {})
+        for k in old:
+            role, setting = RENAMED_KEYS[k]
+            new = f"optim.adamw_roles.{role}.{setting}"
+            if not isinstance(roles.setdefault(role, {}), dict) or setting in roles[role]:
+                raise UserError(f"{_where('optim.' + k, prov)}: optim.{k} is the old name of {new}; give only {new}")
+            roles[role][setting] = optim.pop(k)
+            prov.setdefault(new, prov.get(f"optim.{k}", "recipe"))
+        optim["adamw_roles"] = roles
+        data["optim"] = optim
+    else:
+        old = []
+    axes = {}
+    for section in ("grid", "report"):
+        table = data.get(section)
+        table = table.get("compare") if section == "report" and isinstance(table, dict) else table
+        if isinstance(table, dict) and any(_adamw_key(k) != k for k in table):
+            axes.update({k: _adamw_key(k) for k in table if _adamw_key(k) != k})
+            renamed = {_adamw_key(k): v for k, v in table.items()}
+            data[section] = renamed if section == "grid" else {**data["report"], "compare": renamed}
+    if (old or axes) and notes is not None:
+        first = f"optim.{old[0]}" if old else f"grid.{next(iter(axes))}"
+        pairs = [f"optim.{k} → optim.adamw_roles.{RENAMED_KEYS[k][0]}.{RENAMED_KEYS[k][1]}" for k in old]
+        pairs += [f"grid axis {k} → {v}" for k, v in axes.items()]
+        notes.append(f"note: {_where(first, prov)}: old optim keys read under their new names "
+                     f"({', '.join(pairs)}); write optim.adamw_roles.<role>.<betas|weight_decay|eps>")
+    return data
+
+
 def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
     prov = prov or {}
     try:
@@ -330,7 +374,7 @@ def override_recipe(base: dict, overrides: list[str]) -> Recipe:
     """A recipe from a resolved recipe dict (e.g. a checkpoint's) with `section.key=value`
     overrides on top, validated like a recipe file."""
     data, prov = parse_overrides(list(overrides))
-    return recipe_from_dict(_merge(base, data), prov)
+    return recipe_from_dict(_merge(_renamed(base, {}), data), prov)  # base's old names first: the overrides win
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None,
@@ -340,7 +384,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
     `python -m nanochat.recipe` print them)."""
     data, prov, _ = _read_yaml(Path(path), notes=notes)
     if overrides:
-        odata, oprov = parse_overrides(overrides)
+        odata, oprov = parse_overrides(overrides, notes)
         data = _merge(data, odata)
         prov = {**prov, **oprov}
     return recipe_from_dict(data, prov)
@@ -452,7 +496,12 @@ def recipe_reference() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             key = f"{section}.{f.name}" if section else f.name
-            out.append(f"| `{key}` | `{shown}` | {comments.get(f.name, '').replace('|', '/')} |")
+            shown = "per role, below" if key == "optim.adamw_roles" else f"`{shown}`"
+            out.append(f"| `{key}` | {shown} | {comments.get(f.name, '').replace('|', '/')} |")
+            if key == "optim.adamw_roles":  # one row per role: its defaults and what it trains
+                for role, settings in default.items():
+                    shown = yaml.safe_dump(settings, default_flow_style=True, sort_keys=False).strip()
+                    out.append(f"| `{key}.{role}` | `{shown}` | AdamW of {ADAMW_ROLE_DEFAULTS[role][3]} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -75,7 +75,7 @@ def test_the_kit_plans_baseline_is_the_d12_recipes_switches():
         assert getattr(small.model, f) == getattr(d12.model, f), f
     for f in ("row_equilibrate", "muon_plus", "variance_reduction", "muon_weight_decay",
               "variance_reduction_beta2", "muon_momentum", "muon_momentum_final",
-              "resid_lr_frac", "x0_betas", "smear_lr", "embedding_betas", "unembedding_betas"):
+              "resid_lr_frac", "adamw_roles", "smear_lr"):
         assert getattr(small.optim, f) == getattr(d12.optim, f), f
     assert set(ablate.KIT_RUNS["+bigram -roweq/muon+"]) == \
         set(ablate.KIT_RUNS["+bigram"]) | set(ablate.KIT_RUNS["-roweq/muon+"])

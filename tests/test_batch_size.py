@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,8 +155,8 @@ def test_cache_key_holds_memory_not_learning_rates(tmp_path):
     first = discover(recipe_from_dict(cheap(tmp_path)))
     assert not first.from_cache
     values = {"matrix_lr": 0.05, "embedding_lr": 0.3, "unembedding_lr": 0.001,
-              "embedding_betas": [0.9, 0.99], "unembedding_eps": 1e-8, "resid_lr_frac": 0.02,
-              "embedding_weight_decay": 0.002, "muon_momentum": 0.9,
+              "adamw_roles": {"embedding": {"betas": [0.9, 0.99], "weight_decay": 0.002},
+                              "unembedding": {"eps": 1e-8}}, "resid_lr_frac": 0.02, "muon_momentum": 0.9,
               "muon_momentum_warmup_steps": 10, "muon_momentum_final": 0.95,
               "lr_batch_scaling": True, "batch_ref": 4096}
     before = memory_probe.PROBES_STARTED
@@ -170,8 +171,24 @@ def test_cache_key_holds_memory_not_learning_rates(tmp_path):
 
     assert path(optim={"muon_weight_decay": 0.1}) == path(optim={"muon_weight_decay": 0.28})
     others = [path(optim={"variance_reduction": True}), path(optim={"muon_weight_decay": 0.1}),
-              path(model={**cheap(tmp_path)["model"], "depth": 2})]
-    assert len({first.cache_path, *others}) == 4
+              path(model={**cheap(tmp_path)["model"], "depth": 2}),
+              path(optim={"adamw_roles": {"x0": {"weight_decay": 0.1}}})]  # x0's decay turned on
+    assert len({first.cache_path, *others}) == 5
+
+
+def test_the_discovery_key_did_not_change_with_adamw_roles():
+    """optim.adamw_roles replaced 24 flat fields (optim.<role>_betas, ...); discovery caches and
+    plans hold keys made before it. The keys of tests/golden/plan_key_ba04c60.txt were printed by
+    the code before the change (commit ba04c60); the same recipes give the same keys now, for the
+    default roles (tiny) and for roles a recipe changes, decays turned off included (d20)."""
+    from nanochat.memory_key import plan_key
+    golden = Path(__file__).parent / "golden" / "plan_key_ba04c60.txt"
+    keys = [ln for ln in golden.read_text().splitlines() if not ln.startswith("#")]
+    for name, key in zip(["tiny.yaml", "d20.yaml"], keys, strict=True):
+        r = load_recipe(Path(__file__).parents[1] / "configs" / name, ["model.vocab_size=4096"])
+        assert plan_key(r, ["base", "sft"]) == key, name
+    d20 = json.loads(keys[1])["stages"]["base"]["optim"]
+    assert (d20["embedding_weight_decay"], d20["value_embed_weight_decay"]) == (False, True)
 
 
 # ---------------------------------------------------------------- cache robustness

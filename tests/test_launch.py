@@ -81,7 +81,8 @@ def test_discover_is_one_task_per_memory_key_of_the_grid():
     assert [t["discover_task"] for t in entries["base"]["tasks"]] == [0, 0, 1, 1]
     assert all("discover_task" not in t for t in entries["discover"]["tasks"])
     # learning rates and betas change no memory: one discover task for the whole grid
-    lr = recipe_from_dict({**auto, "grid": {"optim.matrix_lr": [0.01, 0.02, 0.04], "optim.embedding_eps": [1e-10, 1e-8]}})
+    lr = recipe_from_dict({**auto, "grid": {"optim.matrix_lr": [0.01, 0.02, 0.04], "optim.adamw_roles.embedding.eps": [1e-10, 1e-8],
+                                            "optim.x0_eps": [1e-10, 1e-9]}})  # an old name too
     plan = build_plan(lr, Path("/tmp/x"))
     assert len(plan.stage("discover").tasks) == 1
     assert {t.discover_task for t in plan.stage("base").tasks} == {0}

@@ -186,7 +186,7 @@ def test_bad_optim_values_are_one_line_errors_naming_the_key():
     assert "polar_express, newton_schulz" in _recipe_error(orthogonalizer="svd")
     assert "optim.ns_steps" in _recipe_error(ns_steps=6)
     recipe_from_dict({"optim": {"ns_steps": 6, "orthogonalizer": "newton_schulz"}})
-    assert "optim.embedding_betas" in _recipe_error(embedding_betas=[0.8, 1.0])
+    assert "optim.adamw_roles.embedding.betas must be" in _recipe_error(adamw_roles={"embedding": {"betas": [0.8, 1.0]}})
     assert "optim.muon_plus must be true or false" in _recipe_error(muon_plus="yes")
 
 
@@ -196,8 +196,8 @@ def _param(*shape):
 
 def test_build_optimizers_lrs_width_scaling_and_coverage():
     """Each role its own LR (width-scaled for the tables and lm_head, not for scalars), betas,
-    eps and weight decay, from the recipe's per-role fields."""
-    args = OptimArgs(embedding_weight_decay=0.1, x0_betas=[0.9, 0.99])
+    eps and weight decay, from the recipe's optim.adamw_roles (a partial mapping over the defaults)."""
+    args = OptimArgs(adamw_roles={"embedding": {"weight_decay": 0.1}, "x0": {"betas": [0.9, 0.99]}})
     groups = {"matrix": [_param(8, 8), _param(16, 8)], "embedding": [_param(50, 8)],
               "bigram": [_param(40, 8)], "lm_head": [_param(50, 8)], "scalar": [_param(2)],
               "resid": [_param(2)], "x0": [_param(2)], "smear": [_param(1, 24), _param(1)]}
@@ -227,7 +227,7 @@ def test_build_optimizers_lrs_width_scaling_and_coverage():
 
 def test_the_replaced_global_adamw_keys_say_what_replaced_them():
     msg = _recipe_error(adam_beta2=0.99)
-    assert "\n" not in msg and "optim.adam_beta2" in msg and "_betas" in msg and "embedding" in msg
+    assert "\n" not in msg and "optim.adam_beta2" in msg and "optim.adamw_roles.<role>.betas" in msg and "embedding" in msg
 
 
 def test_build_optimizers_skips_empty_groups_and_rejects_duplicates():

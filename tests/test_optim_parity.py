@@ -211,7 +211,7 @@ def test_wd_reference_tokens_is_upstreams_d12_horizon():
 # --- value embeddings -------------------------------------------------------------------------
 
 def test_value_embeddings_get_adamw_at_half_the_width_scaled_embedding_lr():
-    opts = build_optimizers(_groups(), OptimArgs(value_embed_weight_decay=0.1), 3072)  # width scale 0.5
+    opts = build_optimizers(_groups(), OptimArgs(adamw_roles={"value_embed": {"weight_decay": 0.1}}), 3072)  # width scale 0.5
     assert [type(o) for o in opts] == [torch.optim.AdamW, Muon]
     by_name = {g["name"]: g for g in opts[0].param_groups}
     assert by_name["embedding"]["lr"] == pytest.approx(0.3 * 0.5)
@@ -260,7 +260,8 @@ def test_defaults_keep_the_old_optimizer():
 # --- exact resume -----------------------------------------------------------------------------
 
 ALL_ON = OptimArgs(variance_reduction=True, muon_weight_decay=0.28, lr_batch_scaling=True,
-                   wd_scaling=True, row_equilibrate=True, muon_plus=True, embedding_weight_decay=0.01)
+                   wd_scaling=True, row_equilibrate=True, muon_plus=True,
+                   adamw_roles={"embedding": {"weight_decay": 0.01}})
 HORIZON = Horizon(B_1M, 6 * B_1M, 3 * B_1M)
 
 

@@ -219,6 +219,18 @@ def upstream_groups(n_embd: int, B: int) -> dict:
             "matrix": (0.02 * bls, None, None)}
 
 
+def test_the_adamw_role_defaults_are_upstreams_table():
+    """optim.adamw_roles' defaults (nanochat/optim_config.py ADAMW_ROLE_DEFAULTS) are the betas,
+    eps and weight decay of each role in upstream's param_groups (quoted in upstream_groups);
+    bigram and scalar are the kit's own roles (upstream has no bigram)."""
+    from nanochat.optim_config import ADAM_ROLES, default_adamw_roles
+    roles = default_adamw_roles()
+    for group, (_, betas, wd) in upstream_groups(768, B_REF).items():
+        if betas is not None:
+            assert roles[ADAM_ROLES[group][0]] == {"betas": list(betas), "weight_decay": wd, "eps": 1e-10}, group
+    assert set(roles) == {role for role, _ in ADAM_ROLES.values()}
+
+
 @pytest.mark.parametrize("name,B", [("d12", 2 ** 19), ("d24", 2 ** 20)])
 def test_every_roles_optimizer_settings_are_upstreams(name, B):
     r = recipe(name)

@@ -27,7 +27,9 @@ from nanochat.data.shards import tokenizer_key
 
 # OptimArgs fields that are values of the update (floats and schedules), never a buffer: each
 # role's learning rate, LR fraction, betas and eps (nanochat/optim_config.py names them
-# <role>_lr, <role>_lr_frac, <role>_betas, <role>_eps), and the fields listed.
+# <role>_lr, <role>_lr_frac, adamw_roles.<role>.betas and .eps), and the fields listed. The
+# per-role AdamW settings enter the key under their flat names of before adamw_roles
+# (<role>_betas, ...: RENAMED_KEYS), so the rename kept every cached discovery's key.
 OPTIM_VALUE_SUFFIXES = ("_lr", "_lr_frac", "_betas", "_eps")
 OPTIM_VALUES = frozenset({
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps",
@@ -45,6 +47,8 @@ MODEL_ON_OFF = frozenset({"softcap"})
 def optim_memory_fields(optim: OptimArgs) -> dict:
     """The optimizer settings that change its memory (see OPTIM_VALUES)."""
     fields = dataclasses.asdict(optim)
+    for role, settings in fields.pop("adamw_roles").items():
+        fields.update({f"{role}_{k}": v for k, v in settings.items()})
     values = OPTIM_VALUES | {k for k in fields if k.endswith(OPTIM_VALUE_SUFFIXES)}
     on_off = frozenset(k for k in fields if k.endswith(OPTIM_ON_OFF_SUFFIX))
     return _filtered(fields, values, on_off)
