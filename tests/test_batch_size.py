@@ -181,7 +181,7 @@ def test_the_discovery_key_did_not_change_with_adamw_roles():
     plans hold keys made before it. The keys of tests/golden/plan_key_ba04c60.txt were printed by
     the code before the change (commit ba04c60); the same recipes give the same keys now, for the
     default roles (tiny) and for roles a recipe changes, decays turned off included (d20)."""
-    from nanochat.memory_key import plan_key
+    from nanochat.batchsize.key import plan_key
     golden = Path(__file__).parent / "golden" / "plan_key_ba04c60.txt"
     keys = [ln for ln in golden.read_text().splitlines() if not ln.startswith("#")]
     for name, key in zip(["tiny.yaml", "d20.yaml"], keys, strict=True):
