@@ -6,9 +6,9 @@ ba04c60 (before the module regrouping of issue 30) with the local executor:
 
     git checkout ba04c60 && bash tests/golden/make_run_before_regroup.sh [PIP_DIR]
 
-(the script says what it launches). A tiny recipe ran discover and base to the end, then the
-run was cancelled (`jobs/status.py RUN --cancel`) while sft trained: sft is CANCELLED with a
-checkpoint, eval, kv_bench and report CANCELLED. It holds the run directory — with its code
+(the script says what it launches). A tiny recipe ran discover, base, sft and eval to the end,
+then the run was cancelled (`jobs/status.py RUN --cancel`) as kv_bench started: kv_bench and
+report are CANCELLED, the cheapest stages for `--resume` to finish. It holds the run directory — with its code
 snapshot `code/ba04c60ec7-<hash>/`, which `--resume` runs — and the batch-size discovery cache
 the discover task wrote (cache/batch_size); not the data nor the pip sdists (`--resume`
 prepares the data again, from conftest's `pip_cache`).
@@ -83,32 +83,35 @@ def last_record(progress: Path, key: str) -> dict:
 
 def test_the_golden_run_is_what_the_script_made(old_run):
     """The premise of the other tests: a cancelled run with work left, made by ba04c60."""
-    assert states(old_run) == {"discover": ["COMPLETED"], "base": ["COMPLETED"], "sft": ["CANCELLED"],
-                               "eval": ["CANCELLED"], "kv_bench": ["CANCELLED"], "report": ["CANCELLED"]}
+    assert states(old_run) == {"discover": ["COMPLETED"], "base": ["COMPLETED"], "sft": ["COMPLETED"],
+                               "eval": ["COMPLETED"], "kv_bench": ["CANCELLED"], "report": ["CANCELLED"]}
     manifest = json.loads((old_run / "manifest.json").read_text())
-    assert manifest["code"]["commit"] == SNAPSHOT_COMMIT
+    assert manifest["code"]["commit"] == SNAPSHOT_COMMIT and not manifest["code"]["dirty"]
     assert Path(manifest["code"]["snapshot"]).is_dir()
-    assert list((old_run / "base" / "000" / "sft" / "checkpoints").glob("step_*"))
+    assert not (old_run / "kv_bench" / "000" / "results.json").exists()
 
 
 def test_status_of_an_old_run(old_run):
     out = run("jobs/status.py", str(old_run)).stdout
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert "COMPLETED" in rows["base"] and "val_bpb" in rows["base"]
-    assert "CANCELLED" in rows["sft"] and "cancelled by the user" in rows["sft"]
+    assert "COMPLETED" in rows["sft"] and "val_loss" in rows["sft"]
+    assert "COMPLETED" in rows["eval"] and "choice" in rows["eval"]
+    assert "CANCELLED" in rows["kv_bench"] and "cancelled by the user" in rows["kv_bench"]
     as_json = json.loads(run("jobs/status.py", str(old_run), "--json").stdout)
     assert as_json
 
 
 def test_report_of_an_old_run(old_run):
-    """The report builds over the run as it was left (base done, sft cancelled) and carries the
-    base task's final validation BPB as its progress.jsonl recorded it."""
+    """The report builds over the run as it was left (kv_bench cancelled) and carries the base
+    task's final validation BPB (its progress.jsonl) and the eval's (its eval.json), as the old
+    code wrote them."""
     run("jobs/report.py", str(old_run))
     report = (old_run / "report.md").read_text()
-    rows = list(csv.DictReader((old_run / "results.csv").open()))
+    [row] = list(csv.DictReader((old_run / "results.csv").open()))
     final = last_record(old_run / "base" / "000" / "progress.jsonl", "val_bpb")["val_bpb"]
-    assert rows and any(abs(float(v) - final) < 1e-3 for r in rows for k, v in r.items()
-                        if "val_bpb" in k and v not in ("", None)), rows
+    evaluated = json.loads((old_run / "base" / "000" / "sft" / "eval.json").read_text())["val_bpb"]
+    assert abs(float(row["val_bpb"]) - final) < 1e-3 and abs(float(row["eval_val_bpb"]) - evaluated) < 1e-3, row
     assert "old_run" in report
 
 
@@ -126,6 +129,12 @@ def test_the_old_recipe_loads(old_run):
         for task in info["tasks"]:
             r = load_recipe(old_run / "recipe.yaml", list(task["overrides"]) + [f"run_dir={task['recipe_run_dir']}"])
             assert r.run_dir == task["recipe_run_dir"], name
+    # the recipe a checkpoint carries in its meta.json (what `python -m nanochat.eval CHECKPOINT`
+    # rebuilds its settings from: nanochat/eval.py _checkpoint_recipe)
+    from nanochat.recipe import override_recipe
+    for step_dir in old_run.glob("base/000/**/checkpoints/step_*"):
+        meta = json.loads((step_dir / "meta.json").read_text())
+        assert list(override_recipe(meta["recipe"], []).optim.embedding_betas) == [0.8, 0.95], step_dir
 
 
 def test_the_old_batch_size_cache_is_read(old_run):
@@ -151,43 +160,43 @@ def test_the_old_batch_size_cache_is_read(old_run):
 
 
 def test_old_checkpoints_load_and_chat(old_run):
-    """The base model the old code saved answers a prompt (`python -m nanochat.chat`), and the
-    engine loads the sft checkpoint the cancel left."""
-    out = run("-m", "nanochat.chat", str(old_run / "base" / "000"), "-p", "Hello", "--seed", "1",
-              "--max-new-tokens", "8", "--device", "cpu").stdout
+    """The chat model the old code saved answers a prompt (the README's `python -m nanochat.chat
+    RUN/base/000/sft -p ...`), and the engine loads the base checkpoint."""
+    out = run("-m", "nanochat.chat", str(old_run / "base" / "000" / "sft"), "-p", "What is 2 plus 3?",
+              "--seed", "1", "--max-new-tokens", "8", "--device", "cpu").stdout
     assert out.strip()
     from nanochat.engine import load_model
-    model, meta, step_dir = load_model(old_run / "base" / "000" / "sft", "cpu")
-    assert step_dir.parent.name == "checkpoints" and model.config.n_embd == 32
+    model, meta, step_dir = load_model(old_run / "base" / "000", "cpu")
+    assert step_dir.name == "step_000030" and model.config.n_embd == 32 and meta["step"] == 30
 
 
 def test_resume_finishes_an_old_run_with_its_own_snapshot(tmp_path, pip_cache):
-    """`--resume` with this checkout's launcher: the cancelled sft continues from its checkpoint
-    and eval, kv_bench and report run — all from the run's code snapshot (ba04c60's code) —
-    then status, the report and chat work on the finished run."""
+    """`--resume` with this checkout's launcher (and its data preparation, on the old recipe)
+    reruns what the cancel left, kv_bench and report, from the run's code snapshot (ba04c60's
+    code) and leaves the finished tasks alone; then status and the report work on the run."""
     run_dir = extract(tmp_path, pip_cache)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    snapshot = Path(manifest["code"]["snapshot"])
-    stopped_at = max(int(p.name.split("_")[1]) for p in (run_dir / "base/000/sft/checkpoints").glob("step_*"))
+    snapshot = Path(json.loads((run_dir / "manifest.json").read_text())["code"]["snapshot"])
     out = run("jobs/launch.py", "--resume", str(run_dir), "--executor", "local", env_home=tmp_path,
               timeout=600).stdout
-    assert "the run's own snapshot" in out, out
+    assert "the run's own snapshot" in out and "left alone: sft task 0: COMPLETED" in out, out
     assert states(run_dir) == {name: ["COMPLETED"] for name in states(run_dir)}, out
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["code"]["snapshot"] == str(snapshot)
-    assert [l["mode"] for l in manifest["launches"]] == ["new", "resume"]
-    for name in ("sft", "eval", "kv_bench", "report"):
-        assert manifest["stages"][name]["tasks"][0]["code"] == snapshot.name
-    sft = run_dir / "base" / "000" / "sft"
-    records = [json.loads(line) for line in (sft / "progress.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r.get("event") == "train"]
-    assert steps[-1] == 11 and stopped_at in steps  # resumed from the checkpoint, not restarted
-    assert (sft / "eval.json").is_file() and (run_dir / "kv_bench" / "000" / "results.json").is_file()
-    # status, report and chat of the finished run, with this checkout
+    assert [launch["mode"] for launch in manifest["launches"]] == ["new", "resume"]
+    assert {name: info["tasks"][0]["code"] for name, info in manifest["stages"].items()} == \
+        {name: snapshot.name for name in manifest["stages"]}
+    assert (run_dir / "kv_bench" / "000" / "results.json").is_file()
+    # the tasks imported the snapshot's modules, not this checkout's: Python left their bytecode
+    # beside them (the golden tarball has none), the kv_bench module among them by its old path
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        for module in ("jobs/tasks", "jobs/report", "nanochat/bench/kv_sweep"):
+            where = snapshot / Path(module).parent / "__pycache__"
+            assert list(where.glob(f"{Path(module).name}.*.pyc")), f"{module} was not imported from {snapshot}"
+    # status and the report of the finished run, with this checkout
     status = run("jobs/status.py", str(run_dir)).stdout
-    assert "CANCELLED" not in status and "FAILED" not in status
+    assert "CANCELLED" not in status and "FAILED" not in status, status
+    (run_dir / "report.md").unlink()  # the report task's (old code); now this checkout's
     run("jobs/report.py", str(run_dir))
-    assert "eval" in (run_dir / "report.md").read_text()
-    answer = run("-m", "nanochat.chat", str(sft), "-p", "What is 2 plus 3?", "--seed", "1",
-                 "--max-new-tokens", "8", "--device", "cpu").stdout
-    assert answer.strip()
+    report = (run_dir / "report.md").read_text()
+    assert "## KV-cache benchmark, task 0" in report
+    assert (run_dir / "kv_bench" / "000" / "results.md").read_text().strip() in report
