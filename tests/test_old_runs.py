@@ -122,7 +122,7 @@ def test_the_old_recipe_loads(old_run):
     recipe = load_recipe(old_run / "recipe.yaml")
     assert recipe.name == "old_run" and recipe.model.depth == 2 and recipe.model.n_embd == 32
     assert recipe.sft.num_iterations == 12 and recipe.train.num_iterations == 30
-    assert list(recipe.optim.embedding_betas) == [0.8, 0.95]  # set by hand in the old recipe
+    assert list(recipe.optim.adamw_roles["embedding"]["betas"]) == [0.8, 0.95]  # set by hand in the old recipe
     # each task's recipe as the jobs load it (jobs/tasks.py task_recipe): the task's directory
     manifest = json.loads((old_run / "manifest.json").read_text())
     for name, info in manifest["stages"].items():
@@ -134,16 +134,16 @@ def test_the_old_recipe_loads(old_run):
     from nanochat.recipe import override_recipe
     for step_dir in old_run.glob("base/000/**/checkpoints/step_*"):
         meta = json.loads((step_dir / "meta.json").read_text())
-        assert list(override_recipe(meta["recipe"], []).optim.embedding_betas) == [0.8, 0.95], step_dir
+        assert list(override_recipe(meta["recipe"], []).optim.adamw_roles["embedding"]["betas"]) == [0.8, 0.95], step_dir
 
 
 def test_the_old_batch_size_cache_is_read(old_run):
     """The batch sizes the old discover task cached are found by this checkout's lookup for the
     run's recipe (no new discovery): the key it computes equals the one stored. The device is
     the one the cache entry names, so the check holds on any machine."""
-    from nanochat.batch_size import cached_result
+    from nanochat.batchsize.search import cached_result
     from nanochat.recipe import load_recipe
-    from nanochat.targets import Target
+    from nanochat.batchsize.devices import Target
     from nanochat.tokenizer import Tokenizer
     import torch
     recipe = load_recipe(old_run / "recipe.yaml")
