@@ -8,6 +8,14 @@ from pathlib import Path
 # Hub calls fail fast instead of retrying ~23 s each (no internet here but the package registries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One OpenMP thread per process, set before torch is imported: this process and what it starts
+# (local-executor tasks, `python -m nanochat.train`, SLURM jobs through sbatch's exported
+# environment). The tiny models gain nothing from a second thread, and with two xdist workers and
+# their tasks on CI's two cores every extra thread oversubscribes them: a tiny ladder trained in
+# one process took 126 s with torch's default two threads against 26 s with one, on a loaded
+# machine (tests/test_compare.py's train_ladder). Tests of how the launcher or torchrun.sh derive
+# OMP_NUM_THREADS from the allocation take it out of the environment they submit with.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
