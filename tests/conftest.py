@@ -8,6 +8,14 @@ from pathlib import Path
 # Hub calls fail fast instead of retrying ~23 s each (no internet here but the package registries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One OpenMP thread per process, set before torch is imported: this process and what it starts
+# (local-executor tasks, `python -m nanochat.train`, SLURM jobs through sbatch's exported
+# environment). The tiny models gain nothing from a second thread, and with two xdist workers and
+# their tasks on CI's two cores every extra thread oversubscribes them: a tiny ladder trained in
+# one process took 126 s with torch's default two threads against 26 s with one, on a loaded
+# machine (tests/test_compare.py's train_ladder). Tests of how the launcher or torchrun.sh derive
+# OMP_NUM_THREADS from the allocation take it out of the environment they submit with.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -86,6 +94,32 @@ def slurm_cluster_decision(env: dict | None = None) -> tuple[str, str]:
     if os.geteuid() != 0:
         return "skip", "no local SLURM runs, and starting one (slurm/local-cluster.sh) needs root"
     return "start", "no local SLURM answers: starting one with slurm/local-cluster.sh"
+
+
+# --------------------------------------------------------------------------------------------
+# The order files reach pytest-xdist's workers: `--dist loadfile` hands files out in collection
+# order, so a file of minutes collected last (test_slurm*.py, test_selftest.py sort late) runs
+# alone at the end while the other worker idles. The files that took longest in CI go first,
+# longest first, and the many short files fill in behind them; tests within a file keep their
+# order. Only the order changes, never what runs. xdist's own reordering (--loadscope-reorder, on
+# by default: files with the most tests first) would put the slow files of few tests last again,
+# so it is turned off.
+
+SLOW_FILES = ("test_slurm_login.py", "test_slurm_requeue.py", "test_launch.py", "test_ladder.py",
+              "test_selftest.py", "test_compare.py", "test_slurm.py", "test_distributed.py",
+              "test_lifecycle.py", "test_train.py", "test_arch.py", "test_optim_parity.py",
+              "test_check.py", "test_progress.py", "test_batch_size.py", "test_ablate.py",
+              "test_harsh_cluster.py", "test_preemption.py", "test_cluster_path.py", "test_batch_check.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's option
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest as collected
 
 
 @pytest.fixture(scope="session")

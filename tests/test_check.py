@@ -240,8 +240,15 @@ def _sbatch_check(tmp_path, name, *args):
                           f"--output={out_dir / 'job.out'}", "slurm/check.sbatch", "configs/tiny.yaml", *FAST,
                           "--out", str(out_dir / "check.json"), "--timeout", "120", *args],
                          cwd=REPO, capture_output=True, text=True, check=True,
-                         env={**os.environ, "GLOO_SOCKET_IFNAME": "sl0"})  # the veth both local nodes share
+                         env=_allocation_env())
     return res.stdout.strip().split(";")[0], out_dir
+
+
+def _allocation_env() -> dict:
+    """The submitting environment, less conftest's OMP_NUM_THREADS=1: these tests check the
+    threads torchrun.sh and the launcher derive from the allocation's CPUs. GLOO_SOCKET_IFNAME:
+    the veth both local nodes share."""
+    return {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "GLOO_SOCKET_IFNAME": "sl0"}
 
 
 def _wait(job: str, timeout_s: float = 400) -> str:
@@ -285,7 +292,7 @@ def test_the_launchers_check_stage_runs_on_the_two_node_allocation(tmp_path, tin
     recipe.write_text(yaml.safe_dump(data))
     res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--executor", "slurm", "--no-prepare",
                           "--output-root", str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "GLOO_SOCKET_IFNAME": "sl0"})
+                         timeout=120, env=_allocation_env())
     assert res.returncode == 0, res.stderr
     run = tmp_path / "runs" / "c"
     rows = wait_until_done(run)
