@@ -15,7 +15,7 @@ import yaml
 
 from jobs import launch
 from jobs.progress import duration, task_seconds
-from jobs.status import collect
+from jobs.monitor import collect
 from nanochat.common import UserError
 from nanochat.recipe import guarded_setup
 

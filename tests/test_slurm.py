@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from jobs.plan import grid_overrides  # noqa: F401  (import check: jobs/ is importable)
-from jobs.status import collect
+from jobs.monitor import collect
 from nanochat import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
