@@ -54,7 +54,7 @@ def flight_recorder_dumps(task_dir: Path) -> list[Path]:
     """The flight-recorder dumps in a task's directory (`nccl_trace_<stage>_rank_<rank>`, written by
     ranks whose collective timed out; a later attempt of the task overwrites its own rank's), in
     (stage, rank) order; [] when there are none or no such directory. Not recursive: an sft task's
-    directory inside its base task's holds its own. Torch-free (jobs/status.py calls it)."""
+    directory inside its base task's holds its own. Torch-free (jobs/monitor.py calls it)."""
     try:
         entries = list(Path(task_dir).iterdir())
     except OSError:
@@ -75,10 +75,9 @@ def gpu_unused_warning(device: str, env=os.environ) -> str | None:
     gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_JOB_GPUS")
     if device != "auto" or not env.get("SLURM_JOB_ID") or not gpus or gpus == "0":
         return None
-    import torch  # a job imports it anyway; jobs/ keeps it off the module level
-    if torch.cuda.is_available():
+    from nanochat.runtime import cuda_unseen  # torch: a job imports it anyway, a login node never
+    if (unseen := cuda_unseen()) is None:
         return None
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (f"{GPU_UNUSED} GPUs ({gpus} on this node) but torch {torch.__version__} ({build}) sees "
+    return (f"{GPU_UNUSED} GPUs ({gpus} on this node) but {unseen} sees "
             "none: it trains on the CPU; install torch built for the node's CUDA in the job's venv "
             "(cluster.setup activates it)")

@@ -68,7 +68,7 @@ def _stderr_tail(run_dir: Path, stage: str, task: dict, n: int = 5) -> list[str]
 
 
 def _stderr_warning(path: Path | None, n: int = 40) -> str:
-    """The job's own warning in its first lines (jobs/tasks.py: GPUs given, torch sees none)."""
+    """The job's own warning in its first lines (jobs/diagnostics.py: GPUs given, torch sees none)."""
     if path is None:
         return ""
     with open(path, errors="replace") as f:

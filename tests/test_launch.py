@@ -24,18 +24,6 @@ from nanochat.recipe import guarded_setup, load_recipe, recipe_from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def recipe_file(tiny_recipe, tmp_path):
-    """The conftest tiny recipe as a YAML file, run_dir left to the launcher (output root/name)."""
-    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data["name"] = "t"
-    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
-    data["stages"] = ["base", "report"]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def launch_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "jobs/launch.py", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)

@@ -225,6 +225,13 @@ def test_jobs_import_no_torch_at_module_level():
     assert not chains, "torch imported at module level: " + "; ".join(chains)
 
 
+def test_jobs_never_import_torch_themselves():
+    """What torch knows (the device's name, whether it sees a GPU) jobs/ asks nanochat for, inside
+    the function that runs in the job: jobs/ stays a launcher that never touches torch itself."""
+    bad = _offenders(lambda mod: mod.startswith("jobs"), lambda m: m.split(".")[0] == "torch")
+    assert not bad, "; ".join(bad)
+
+
 def test_modules_stay_small():
     big = {str(p.relative_to(REPO)): n for p in MODULES.values()
            if (n := len(p.read_text().splitlines())) > 650}
