@@ -3,7 +3,7 @@
 Where accounting answers, from sacct (Submit, Start, Elapsed, AllocTRES: the GPUs SLURM really
 allocated); else from the manifest (the local executor's wall time per task, or the last elapsed
 time squeue/sacct gave) × the GPUs the recipe gives each stage's task. One source for the
-curve's `sched.*` fields (jobs/ladder.py, per rung) and the report's cost per stage.
+curve's `sched.*` fields (jobs/miniseries.py, per rung) and the report's cost per stage.
 Torch-free (the report job and status run it).
 """
 from __future__ import annotations

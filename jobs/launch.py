@@ -247,7 +247,7 @@ def force_aside(run_dir: Path, yes: bool) -> Path:
         _confirm(f"{run_dir} still runs locally (launcher pid {pid}): stop it and move the run aside?",
                  f"--force: {run_dir} still runs locally (launcher pid {pid}); pass --yes to stop it "
                  "and move the run aside (nothing was changed)", yes)
-        from jobs.status import cancel
+        from jobs.monitor import cancel
         cancel(run_dir)
     elif manifest and (ids := job_ids(live_tasks(manifest))):
         print(f"--force: {run_dir} has live jobs: " + "; ".join(
@@ -492,7 +492,7 @@ def _code_note(mode: str, new_code: bool) -> str:
 def _follow(args, run_dir: Path) -> int:
     print(f"follow it: python {_shown(REPO / 'jobs' / 'status.py')} {shlex.quote(_shown(run_dir))}", flush=True)
     if args.watch:
-        from jobs.status import watch
+        from jobs.monitor import watch
         return watch(run_dir)
     return 0
 

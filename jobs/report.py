@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/report.py` from anywhere
 
 from jobs.cost import recipe_gpus, report_lines as cost_lines, stage_costs  # noqa: E402
-from jobs.compare import grid_report_lines  # noqa: E402
-from jobs.ladder import report_lines, write_curve  # noqa: E402
+from jobs.multiplier import grid_report_lines  # noqa: E402
+from jobs.miniseries import report_lines, write_curve  # noqa: E402
 from jobs.manifest import read_manifest  # noqa: E402
 from jobs.progress import first_reached, target_label, task_seconds as _seconds  # noqa: E402
 from jobs.scheduler import refresh  # noqa: E402
@@ -373,9 +373,9 @@ def write_report(run_dir: Path) -> Path:
         if r.get("eval_skipped"):
             lines += ["", f"Evaluation of task {r['task']} skipped: " +
                       "; ".join(f"{k} ({v})" for k, v in r["eval_skipped"].items())]
-    lines += report_lines(run_dir, write_curve(run_dir, manifest))  # curve.log + curve.png (jobs/ladder.py)
+    lines += report_lines(run_dir, write_curve(run_dir, manifest))  # curve.log + curve.png (jobs/miniseries.py)
     lines += cost_lines(costs or [])
-    lines += grid_report_lines(run_dir, manifest)  # report.compare: the CM of an idea per depth (jobs/compare.py)
+    lines += grid_report_lines(run_dir, manifest)  # report.compare: the CM of an idea per depth (jobs/multiplier.py)
     lines += _time_to_target_lines(run_dir, rows)
     lines += _batch_lines(run_dir, rows)
     lines += _tracking_lines(rows)

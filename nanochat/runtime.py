@@ -85,6 +85,15 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
+def cuda_unseen() -> str | None:
+    """None when torch sees a CUDA device; else which torch this is, for the line that says so:
+    "torch 2.x (a CPU-only build)" or "torch 2.x (CUDA 12.x)" (a driver it cannot use)."""
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return f"torch {torch.__version__} ({build})"
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 

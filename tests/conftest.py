@@ -18,6 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import yaml
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,6 +175,21 @@ def tiny_recipe(corpus, tmp_path):
             "train": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 20,
                       "eval_every": 5, "eval_tokens": 2048, "save_every": 10,
                       "progress_bar": False, "device": "cpu"}}
+
+
+@pytest.fixture
+def recipe_file(tiny_recipe, tmp_path, request):
+    """The tiny recipe as a YAML file, run_dir left to the launcher (output root/name): stages
+    base and report, 4 steps. A test module changes what it needs with a module-level
+    `RECIPE_FILE = {"name": "s", "cluster": {...}}` (a section's keys merge into the tiny recipe's)."""
+    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
+    data.update(name="t", stages=["base", "report"])
+    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
+    for key, value in getattr(request.module, "RECIPE_FILE", {}).items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import yaml
 
 from jobs import launch
 from jobs.progress import duration, task_seconds
-from jobs.status import collect
+from jobs.monitor import collect
 from nanochat.common import UserError
 from nanochat.recipe import guarded_setup
 
@@ -23,15 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
-@pytest.fixture
-def recipe_file(tiny_recipe, tmp_path):
-    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data.update(name="c", stages=["base", "report"])
-    data["train"] = {**data["train"], "num_iterations": 2, "eval_every": 2}
-    data["cluster"] = {"gpus_per_node": 1, "cpus_per_task": 1, "time": 10}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+RECIPE_FILE = {"name": "c", "train": {"num_iterations": 2},  # (the recipe_file fixture)
+               "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time": 10}}
 
 
 def cli(script: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

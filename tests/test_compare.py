@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import compare, launch
+from jobs import compare, launch, multiplier
 from jobs.plan import grid_recipes
 from nanochat.common import UserError, cli_main
 from nanochat.logfmt import last_summary
@@ -63,27 +63,27 @@ def test_another_seed_is_within_the_seed_spread_and_the_output_says_so(runs, cap
     assert all(r["seed_runs"] == 2 and r["seed_cm_lo"] < 1 < r["seed_cm_hi"] for r in records)
     assert out.count("within the seed spread") == 2 and "no effect beyond chance" in out
     # and the better variant's CM lies above that spread at each depth
-    better = {r["depth"]: r for r in compare.compare(runs["low_lr"], runs["seed42"])[0]}
+    better = {r["depth"]: r for r in multiplier.compare(runs["low_lr"], runs["seed42"])[0]}
     assert all(better[r["depth"]]["cm"] > r["seed_cm_hi"] for r in records)
 
 
 def test_upstreams_interpolation_and_extrapolation_marks():
     curve = [(1.0, 4.0), (2.0, 3.0), (4.0, 2.5)]
-    f, extrapolated = compare.flops_at_bpb(curve, 3.0)
+    f, extrapolated = multiplier.flops_at_bpb(curve, 3.0)
     assert f == pytest.approx(2.0) and not extrapolated
-    f, extrapolated = compare.flops_at_bpb(curve, 2.0)   # better than the curve ever got
+    f, extrapolated = multiplier.flops_at_bpb(curve, 2.0)   # better than the curve ever got
     assert extrapolated and f > 4.0
     row = {"model_tag": "d2", "depth": 2, "anchor_bpb": 2.0, "baseline_eflops": 8.0,
            "variant_eflops": 4.0, "cm": 2.0, "extrapolated": True}
-    assert upstream_parse_record(compare.cm_record(row))["cm"] == "2.0000?"
+    assert upstream_parse_record(multiplier.cm_record(row))["cm"] == "2.0000?"
 
 
 def test_runs_without_a_finished_rung_are_one_clear_error(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(UserError, match="no rung finished pretraining"):
-        compare.compare(tmp_path / "a", tmp_path / "a")
+        multiplier.compare(tmp_path / "a", tmp_path / "a")
     with pytest.raises(UserError, match="no such run directory"):
-        compare.compare(tmp_path / "missing", tmp_path / "a")
+        multiplier.compare(tmp_path / "missing", tmp_path / "a")
 
 
 # --------------------------------------------------------------------------------------------

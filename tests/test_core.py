@@ -527,7 +527,7 @@ def test_core_during_training_is_logged_plotted_shown_by_status_and_timed_to_tar
     from jobs.manifest import new_manifest, save_manifest
     from jobs.plan import build_plan
     from jobs.report import write_report
-    from jobs.status import collect
+    from jobs.monitor import collect
     from jobs.tasks import run_task
     from nanochat.engine import load_model
     from nanochat.recipe import load_recipe, save_resolved_recipe

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from jobs.scheduler import FINAL, refresh
-from test_lifecycle import recipe_file  # noqa: F401 (a fixture)
+from test_lifecycle import RECIPE_FILE  # noqa: F401 (the recipe_file fixture reads it)
 
 REPO = Path(__file__).resolve().parents[1]
 

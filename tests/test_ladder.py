@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from jobs import launch
-from jobs.ladder import power_law
+from jobs.miniseries import power_law
 from nanochat.recipe import load_recipe
 from nanochat.scaling import ladder_table, main as scaling_main
 from tests.test_logfmt import upstream_parse_records
@@ -165,7 +165,7 @@ def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpu
     """A ladder's status: a line per rung (depth, state, step, val_bpb, elapsed), the other
     stages in the usual table; under a running training task its time so far, from the real
     loop's `timing` record (set-up with imports and data, warm-up, steps, evaluation)."""
-    from jobs import status
+    from jobs import monitor
     from jobs.manifest import launcher_record, new_manifest, save_manifest
     from jobs.plan import build_plan
     from jobs.tasks import run_task
@@ -196,7 +196,7 @@ def test_status_shows_a_ladder_by_rung_and_where_a_running_tasks_time_went(corpu
     manifest["launcher"] = launcher_record()
     save_manifest(run, manifest)
     capsys.readouterr()
-    status.show(run)
+    monitor.show(run)
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["rung", "depth", "state", "step", "val_bpb", "elapsed"], out
     assert out[1].split()[:5] == ["0", "2", "base", "RUNNING", "base"] and "4/4" in out[1], out

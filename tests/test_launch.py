@@ -24,18 +24,6 @@ from nanochat.recipe import guarded_setup, load_recipe, recipe_from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def recipe_file(tiny_recipe, tmp_path):
-    """The conftest tiny recipe as a YAML file, run_dir left to the launcher (output root/name)."""
-    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data["name"] = "t"
-    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
-    data["stages"] = ["base", "report"]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def launch_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "jobs/launch.py", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -208,7 +196,7 @@ def test_jobs_turn_on_the_nccl_flight_recorder_into_the_task_directory(tiny_reci
     """run_task sets the flight recorder's variables before the stage runs (before any process
     group), the dump prefix inside the task's own directory; what the user set stands; and
     flight_recorder_dumps lists the files the ranks wrote there, by rank."""
-    from jobs import tasks
+    from jobs import diagnostics, tasks
     from nanochat.recipe import save_resolved_recipe
     recipe = recipe_from_dict({**tiny_recipe, "stages": ["base", "sft"]})
     run = tmp_path / "runs" / "t"
@@ -232,19 +220,19 @@ def test_jobs_turn_on_the_nccl_flight_recorder_into_the_task_directory(tiny_reci
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")
     monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/scratch/me/fr_")
-    assert tasks.flight_recorder_env(base_dir / "sft", "sft") == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    assert diagnostics.flight_recorder_env(base_dir / "sft", "sft") == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
     monkeypatch.delenv("TORCH_FR_DUMP_TEMP_FILE")
     tasks.run_task(str(run), "sft", 0)
     assert seen["sft"]["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
     assert seen["sft"]["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(base_dir / "sft" / "nccl_trace_sft_rank_")
     # the dumps: one file per rank (prefix + rank), found in rank order; nothing else matches
-    assert tasks.flight_recorder_dumps(base_dir) == [] and tasks.flight_recorder_dumps(tmp_path / "none") == []
+    assert diagnostics.flight_recorder_dumps(base_dir) == [] and diagnostics.flight_recorder_dumps(tmp_path / "none") == []
     (base_dir / "sft").mkdir(parents=True, exist_ok=True)  # (the sft task took its lease there)
     for name in ("nccl_trace_base_rank_10", "nccl_trace_base_rank_2", "nccl_trace_base_rank_0",
                  "nccl_trace_base_rank_x", "progress.jsonl", "sft/nccl_trace_sft_rank_0"):
         (base_dir / name).write_bytes(b"\x80")
-    assert tasks.flight_recorder_dumps(base_dir) == [base_dir / f"nccl_trace_base_rank_{r}" for r in (0, 2, 10)]
-    assert tasks.flight_recorder_dumps(base_dir / "sft") == [base_dir / "sft" / "nccl_trace_sft_rank_0"]
+    assert diagnostics.flight_recorder_dumps(base_dir) == [base_dir / f"nccl_trace_base_rank_{r}" for r in (0, 2, 10)]
+    assert diagnostics.flight_recorder_dumps(base_dir / "sft") == [base_dir / "sft" / "nccl_trace_sft_rank_0"]
 
 
 def test_dry_run_prints_every_sbatch_script_and_submits_nothing(recipe_file, tmp_path):

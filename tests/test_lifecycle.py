@@ -27,15 +27,8 @@ from test_slurm import wait_until_done
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def recipe_file(tiny_recipe, tmp_path):
-    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data.update(name="s", stages=["base", "report"])
-    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": -1, "save_every": -1}
-    data["cluster"] = {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+RECIPE_FILE = {"name": "s", "train": {"eval_every": -1, "save_every": -1},  # (the recipe_file fixture)
+               "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}
 
 
 def run_launch(*args, cwd=REPO, script=REPO / "jobs" / "launch.py", timeout=180, stdin=None):

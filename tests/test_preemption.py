@@ -17,7 +17,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.common import UserError
 from nanochat.recipe import recipe_from_dict
 from nanochat.trainer import LoopSpec, lead_warning
-from test_lifecycle import recipe_file  # noqa: F401 (a fixture)
+from test_lifecycle import RECIPE_FILE  # noqa: F401 (the recipe_file fixture reads it)
 from test_slurm import attempts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,22 +14,14 @@ import pytest
 import yaml
 
 from jobs.plan import grid_overrides  # noqa: F401  (import check: jobs/ is importable)
-from jobs.status import collect
+from jobs.monitor import collect
 from nanochat import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
-@pytest.fixture
-def recipe_file(tiny_recipe, tmp_path):
-    data = {k: v for k, v in tiny_recipe.items() if k != "run_dir"}
-    data.update(name="s", stages=["base", "report"])
-    data["train"] = {**data["train"], "num_iterations": 4, "eval_every": 2}
-    data["cluster"] = {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+RECIPE_FILE = {"name": "s", "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}  # (the recipe_file fixture)
 
 
 def launch(*args, timeout=120):

@@ -34,7 +34,13 @@ def _is_command(path: Path) -> bool:
 #   for a recipe before launch (and measures the bus bandwidth that model takes).
 LIBRARY_COMMANDS = {"nanochat.recipe", "nanochat.scaling"}
 ENTRY_POINTS = {mod for mod, path in MODULES.items()
-                if mod.startswith("nanochat") and _is_command(path)} - LIBRARY_COMMANDS
+                if mod.startswith(("nanochat", "jobs")) and _is_command(path)} - LIBRARY_COMMANDS
+# jobs.tasks is what a job runs: it calls the stages' commands in-process (train_base, write_report,
+# ...), so it may import them; nothing imports it. Except one reference, not a use: the SLURM
+# executor hands submitit `jobs.tasks.run_task`, which submitit pickles BY REFERENCE and calls in
+# the job (the local executor starts the same entry point as `python -m jobs.tasks`).
+JOB_ENTRY = "jobs.tasks"
+SUBMITS_THE_JOB_ENTRY = {("jobs.executors", JOB_ENTRY)}
 
 
 def _imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[str], int]]:
@@ -88,11 +94,19 @@ def test_no_import_circles():
 def test_entry_points_are_leaves():
     assert {"nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat", "nanochat.check",
             "nanochat.prepare", "nanochat.kv_bench", "nanochat.batchsize.__main__"} <= ENTRY_POINTS
-    # jobs.tasks is what a job runs: it calls a stage's command in-process (its main), nothing else
+    assert {"jobs.launch", "jobs.status", "jobs.report", "jobs.compare", "jobs.ladder", JOB_ENTRY} <= ENTRY_POINTS
     offenders = [f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
-                 for mod, path in MODULES.items() if mod != "jobs.tasks"
-                 for m, _, line in _imports(path) if m in ENTRY_POINTS and m != mod]
+                 for mod, path in MODULES.items() if mod != JOB_ENTRY
+                 for m, _, line in _imports(path)
+                 if m in ENTRY_POINTS and m != mod and (mod, m) not in SUBMITS_THE_JOB_ENTRY]
     assert not offenders, "entry points used as libraries: " + "; ".join(offenders)
+
+
+def test_the_job_entry_point_stays_where_queued_jobs_find_it():
+    """A job queued before an upgrade unpickles `jobs.tasks.run_task` by name when it starts."""
+    tree = ast.parse(MODULES[JOB_ENTRY].read_text())
+    assert "run_task" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert _is_command(MODULES[JOB_ENTRY])  # `python -m jobs.tasks RUN_DIR STAGE INDEX`
 
 
 def _offenders(importers, forbidden) -> list[str]:
@@ -150,21 +164,23 @@ def test_one_stem_per_module_name():
     assert not {s: p for s, p in stems.items() if len(p) > 1}
 
 
-# What jobs/ may import from the library at module level: the recipe and what it is made of, and
-# the torch-free pieces a login node needs. Each must stay torch-free (the test below checks it);
-# anything else is imported inside the function that needs it, on a compute node.
-JOBS_MAY_IMPORT = {"nanochat.common", "nanochat.config", "nanochat.recipe", "nanochat.optim_config",
-                   "nanochat.paths", "nanochat.logfmt", "nanochat.plots", "nanochat.checkpoint",
-                   "nanochat.batchsize.key", "nanochat.data.shards", "nanochat.tokenizer",
-                   "nanochat.tracking"}
+# What jobs/ imports from the library at module level: the recipe and what it is made of, and
+# the torch-free pieces a login node needs — exactly these (the test below keeps the list equal to
+# the imports, so it says what jobs/ leans on). Each stays torch-free, with all it imports
+# (test_jobs_import_no_torch_at_module_level); anything else is imported inside the function that
+# needs it, on a compute node.
+JOBS_MAY_IMPORT = {"nanochat.common", "nanochat.config", "nanochat.recipe", "nanochat.logfmt",
+                   "nanochat.plots", "nanochat.checkpoint", "nanochat.batchsize.key", "nanochat.tracking"}
 
 
 def test_jobs_import_only_the_allowed_library_modules_at_module_level():
-    bad = [f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
-           for mod, path in MODULES.items() if mod.startswith("jobs")
-           for m, _, line in _imports(path, top_level_only=True)
-           if m.startswith("nanochat") and m in MODULES and m not in JOBS_MAY_IMPORT]
+    imported = {m: f"{mod} imports {m} ({MODULES[mod].relative_to(REPO)}:{line})"
+                for mod, path in MODULES.items() if mod.startswith("jobs")
+                for m, _, line in _imports(path, top_level_only=True)
+                if m.startswith("nanochat") and m in MODULES}
+    bad = [where for m, where in imported.items() if m not in JOBS_MAY_IMPORT]
     assert not bad, "; ".join(bad)
+    assert not JOBS_MAY_IMPORT - set(imported), f"listed, not imported by jobs/: {JOBS_MAY_IMPORT - set(imported)}"
 
 
 def test_private_names_are_used_only_where_defined():
@@ -207,6 +223,13 @@ def test_jobs_import_no_torch_at_module_level():
             elif m in MODULES:
                 todo.append((m, chain + [m]))
     assert not chains, "torch imported at module level: " + "; ".join(chains)
+
+
+def test_jobs_never_import_torch_themselves():
+    """What torch knows (the device's name, whether it sees a GPU) jobs/ asks nanochat for, inside
+    the function that runs in the job: jobs/ stays a launcher that never touches torch itself."""
+    bad = _offenders(lambda mod: mod.startswith("jobs"), lambda m: m.split(".")[0] == "torch")
+    assert not bad, "; ".join(bad)
 
 
 def test_modules_stay_small():

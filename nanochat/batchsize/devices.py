@@ -68,6 +68,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(recipe: Recipe) -> str:
+    """What this process trains the recipe on, by name, for a run's records (meta.json's "gpu"):
+    the GPU's name, else the device type ("cpu", "mps"); NANOCHAT_DEVICE_NAME overrides it as it
+    does local_facts'. Never raises: a cuda recipe on a node without one is the stage's error."""
+    kind = pick_device(recipe.train.device)
+    if kind == "cuda" and torch.cuda.is_available():
+        return os.environ.get(DEVICE_NAME_ENV) or torch.cuda.get_device_name(torch.cuda.current_device())
+    return os.environ.get(DEVICE_NAME_ENV) or kind
+
+
 def local_facts(recipe: Recipe, stage: str = "base") -> DeviceFacts:
     """This process's device (the one discovery probes)."""
     kind = pick_device(recipe.train.device)
