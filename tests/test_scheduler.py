@@ -20,7 +20,7 @@ from jobs.scheduler import LIVE, SchedulerUnreachable, refresh
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe, save_resolved_recipe
 from scheduler_shims import ERROR, scheduler_shims  # noqa: F401 (a fixture)
-from test_lifecycle import manifest_of, queued, recipe_file, run_launch  # noqa: F401 (a fixture)
+from test_lifecycle import RECIPE_FILE, manifest_of, queued, run_launch  # noqa: F401 (RECIPE_FILE: the recipe_file fixture reads it)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from jobs.plan import build_plan, slurm_parameters
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
 from scheduler_shims import scheduler_shims  # noqa: F401 (a fixture)
-from test_lifecycle import manifest_of, recipe_file, run_launch  # noqa: F401 (a fixture)
+from test_lifecycle import RECIPE_FILE, manifest_of, run_launch  # noqa: F401 (RECIPE_FILE: the recipe_file fixture reads it)
 
 
 def test_the_report_goes_to_its_own_partition(slurm, recipe_file, tmp_path):

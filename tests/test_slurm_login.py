@@ -11,7 +11,7 @@ import time
 
 import yaml
 
-from test_slurm import FINAL, REPO, launch, recipe_file, wait_until_done  # noqa: F401  (recipe_file: a fixture)
+from test_slurm import FINAL, RECIPE_FILE, REPO, launch, wait_until_done  # noqa: F401  (RECIPE_FILE: the recipe_file fixture reads it)
 
 
 def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe, pip_cache, tmp_path):

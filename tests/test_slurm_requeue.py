@@ -10,7 +10,7 @@ import sys
 import time
 
 from nanochat import checkpoint as ckpt
-from test_slurm import REPO, attempts, launch, recipe_file, scontrol_job, wait_until_done  # noqa: F401  (recipe_file: a fixture)
+from test_slurm import RECIPE_FILE, REPO, attempts, launch, scontrol_job, wait_until_done  # noqa: F401  (RECIPE_FILE: the recipe_file fixture reads it)
 
 
 def test_the_warning_signal_to_the_whole_job_checkpoints_requeues_and_resumes(slurm, recipe_file, tmp_path):
