@@ -134,11 +134,11 @@ def emit(plan: Plan, out_dir: Path, prepare: list[list[str]]) -> Path:
     if not stages:
         raise UserError(f"stages {plan.recipe.stages}: nothing to emit (--emit writes the check, discover, "
                         "base, sft, eval and kv_bench stages); add one to stages")
-    out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = plan.run_dir / "slurm"
     recipe_path = out_dir / "recipe.yaml"
     scripts = {s.name: stage_script(plan, s, task_arguments(s, recipe_path, plan.recipe.train.compile), log_dir)
                for s in stages}  # every script rendered (and checked) before any is written
+    out_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch writes no log into a missing directory
     save_resolved_recipe(plan.recipe, recipe_path)
     for name, text in scripts.items():
