@@ -558,3 +558,17 @@ def test_local_cluster_script_refuses_a_slurm_it_did_not_write():
         "configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that "
         "cluster is yours to replace)"]
     assert (conf.stat().st_mtime_ns if conf.exists() else None) == before
+
+
+def test_a_nodes_address_is_the_one_slurm_reaches_it_by(slurm):
+    """jobs/nodes.py, the one rule for a node's address (the launcher's ranks and batch shell,
+    slurm/torchrun.sh): each node's NodeAddr as sinfo reports it, and a node list's first host
+    as SLURM expands it."""
+    from jobs.nodes import first_node, node_address
+    rows = [line.split() for line in subprocess.run(["sinfo", "-N", "-h", "-o", "%N %o"], capture_output=True,
+                                                     text=True, check=True).stdout.splitlines()]
+    assert rows and all(node_address(name) == addr for name, addr in rows), rows
+    assert any(name != addr for name, addr in rows), "the local cluster's names are not its addresses"
+    names = sorted({name for name, _ in rows})
+    assert first_node(",".join(reversed(names))) == names[-1] and first_node(names[0]) == names[0]
+    assert node_address("no-such-node") == "no-such-node"
