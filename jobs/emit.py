@@ -108,7 +108,7 @@ def submit_script(plan: Plan, stages: list[Stage]) -> str:
         if dep and len(stage.tasks) == 1:  # task-wise afterok between single jobs is afterok
             dep = dep.replace("aftercorr:", "afterok:")
         opts = f'"--dependency={dep}" --kill-on-invalid-dep=yes ' if dep else ""
-        lines.append(f'{stage.name}=$(submit {opts}"$here/{stage.name}.sbatch")')
+        lines.append(f'{stage.name}=$(submit {opts}"$here/{stage.name}.sbatch"); queued+=("${stage.name}")')
     names = [s.name for s in stages]
     chain = " ".join(f"{n} ${n}" for n in names)
     ids = ",".join(f"${n}" for n in names)
@@ -120,6 +120,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)
 read -r -a EXTRA <<< "${{SBATCH_ARGS:-}}"
 submit() {{ sbatch --parsable ${{EXTRA[@]+"${{EXTRA[@]}}"}} "$@" | cut -d';' -f1; }}
+# a refused sbatch leaves no half-submitted plan: the jobs queued before it are cancelled
+queued=()
+trap '[ ${{#queued[@]}} -eq 0 ] || {{ scancel "${{queued[@]}}"; echo "submit.sh: sbatch failed (above); cancelled the jobs it had queued: ${{queued[*]}}" >&2; }}' ERR
 {chr(10).join(lines)}
 echo "{chain}"
 echo "watch:   squeue -j {ids} -o '{SQUEUE_FORMAT}'"

@@ -572,3 +572,21 @@ def test_a_nodes_address_is_the_one_slurm_reaches_it_by(slurm):
     names = sorted({name for name, _ in rows})
     assert first_node(",".join(reversed(names))) == names[-1] and first_node(names[0]) == names[0]
     assert node_address("no-such-node") == "no-such-node"
+
+
+def test_submit_sh_cancels_what_it_queued_when_a_later_sbatch_is_refused(slurm, recipe_file, tmp_path):
+    """kv_bench's partition does not exist: base is queued first, then sbatch refuses kv_bench;
+    submit.sh fails and cancels base, leaving no half-submitted plan."""
+    out = tmp_path / "emitted"
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "stages=[base,kv_bench]",
+                          "cluster.stage_partition={kv_bench: nosuchpartition}", "--output-root",
+                          str(tmp_path / "runs"), "--emit", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    sub = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, timeout=60)
+    assert sub.returncode != 0 and "cancelled the jobs it had queued" in sub.stderr, sub.stderr
+    base = re.search(r"queued: (\d+)", sub.stderr).group(1)
+    deadline = time.time() + 30
+    while time.time() < deadline and sacct_states(base) != ["CANCELLED"]:
+        time.sleep(1)
+    assert sacct_states(base) == ["CANCELLED"]
