@@ -318,6 +318,9 @@ def argparser() -> argparse.ArgumentParser:
                     help="auto: SLURM when a controller answers (sinfo), else this machine")
     ap.add_argument("--dry-run", action="store_true",
                     help="print every sbatch script the launch would submit; submit nothing")
+    ap.add_argument("--emit", nargs="?", const="", metavar="DIR",
+                    help="write the plan as sbatch scripts and a submit.sh (plain sbatch, chained by the "
+                         "plan's dependencies) into DIR [RUN_DIR/sbatch]; submit nothing (jobs/emit.py)")
     ap.add_argument("--watch", action="store_true", help="stay and follow the run until it ends")
     ap.add_argument("--resume", action="store_true",
                     help="resubmit the run's tasks that are neither COMPLETED nor still live")
@@ -352,6 +355,8 @@ def main(argv: list[str]) -> int:
     for stage in plan.stages:  # every task's recipe must load (grid keys and values are checked)
         for task in stage.tasks:
             load_recipe(recipe_path, overrides + task.overrides)
+    if args.emit is not None:
+        return emit_plan(args, run_dir, recipe)
     executor = args.executor if args.executor != "auto" else ("slurm" if slurm_available() else "local")
     mode = check_run_dir(run_dir, args, act=False)  # refuses before anything is prepared
     if args.dry_run:  # what a SLURM submission would do, from here, checked as the launch checks it
@@ -383,6 +388,24 @@ def main(argv: list[str]) -> int:
         mode = check_run_dir(run_dir, args)
         rc = launch(args, argv, plan, mode, executor)
     return _follow(args, run_dir) if rc is None else rc  # (following holds no lock)
+
+
+def emit_plan(args, run_dir: Path, recipe) -> int:
+    """--emit: the plan as plain sbatch files (jobs/emit.py); writes files only."""
+    from jobs.emit import emit
+    if args.resume or args.only or args.force or args.dry_run or args.watch:
+        raise UserError("--emit writes a new run's sbatch scripts; it takes none of --resume, --only, "
+                        "--force, --dry-run, --watch")
+    if has_manifest(run_dir):
+        raise UserError(f"{_shown(run_dir)} holds a run of jobs/launch.py ({MANIFEST}); emit into a new "
+                        "run (run_dir=... or another name), or resume that one with --resume")
+    out_dir = Path(args.emit) if args.emit else run_dir / "sbatch"
+    plan = build_plan(recipe, run_dir, *discovery_lookup(recipe, "slurm"))
+    # the jobs read the resolved recipe beside the scripts; the wrappers' discover job trains no
+    # tokenizer (the launcher's does), so preparing is complete, as for the local executor
+    prepare = [] if args.no_prepare else prepare_commands(str(out_dir.resolve() / "recipe.yaml"), [], plan, "local")
+    emit(plan, out_dir, prepare)
+    return 0
 
 
 def _check_resumable(run_dir: Path, mode: str, only: list[str] | None) -> dict:

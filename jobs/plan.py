@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,10 +248,10 @@ BATCH_SHELL_USR2_TRAP = ("trap 'echo \"batch shell: SIGUSR2 received; the traini
 
 
 # A multi-node job's rendezvous address, looked up once per job by its batch shell (one
-# `scontrol show node` for the job, not one per rank): the first node's NodeAddr, which every
-# node reaches (its name need not resolve everywhere). jobs/tasks.py reads it.
-MASTER_ADDR_LINE = ('NANOCHAT_MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
-                    "| head -n 1)\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p'); export NANOCHAT_MASTER_ADDR")
+# `scontrol show node` for the job, not one per rank) with jobs/nodes.py, the one rule for it;
+# jobs/tasks.py reads it. (The batch shell has the run's code on PYTHONPATH: jobs/executors.py.)
+MASTER_ADDR_LINE = (f"NANOCHAT_MASTER_ADDR=$({shlex.quote(sys.executable)} -m jobs.nodes master); "
+                    "export NANOCHAT_MASTER_ADDR")
 
 
 def stage_partition(recipe: Recipe, stage: str) -> str | None:

@@ -6,23 +6,23 @@ Used by both executors: submitit pickles `run_task` for SLURM; the local executo
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from jobs.diagnostics import flight_recorder_env, gpu_unused_warning
 from jobs.lease import Lease, TaskBusy, acquire as acquire_lease, this_job
 from jobs.manifest import read_manifest
 from jobs.miniseries import write_meta
+from jobs.nodes import node_address
 from jobs.plan import discovery_stages
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, atomic_write_json, cli_main
 from nanochat.config import DEVICE_NAME_ENV
+from nanochat.paths import compile_cache_env as node_compile_cache_env
 from nanochat.plots import TASK_LABEL_ENV
 from nanochat.recipe import load_recipe
 
@@ -57,21 +57,8 @@ def _export_distributed() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         # submitit puts the first node's *name* in MASTER_ADDR; a name need not resolve on every
         # node (or may resolve to 127.0.0.1 locally), so use the address SLURM reaches it at.
-        # (the batch shell looked it up once for the job: jobs/plan.py MASTER_ADDR_LINE)
+        # (the batch shell looked it up once for the job: jobs/plan.py MASTER_ADDR_LINE; one rule, jobs/nodes.py)
         os.environ["MASTER_ADDR"] = os.environ.get("NANOCHAT_MASTER_ADDR") or node_address(os.environ["MASTER_ADDR"])
-
-
-def node_address(node: str) -> str:
-    """NodeAddr of a SLURM node (falls back to the name)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return node
-    for field in out.split():
-        if field.startswith("NodeAddr="):
-            return field.split("=", 1)[1]
-    return node
 
 
 def _requeue_self() -> None:
@@ -249,43 +236,13 @@ RUNNERS = {"check": run_check, "discover": run_discover, "base": run_base, "sft"
 
 
 def compile_cache_env(env=None) -> dict[str, str]:
-    """Triton/Inductor compile caches on node-local disk, one per user and node, kept across
-    jobs and made 0700 — slurm/env.sh's rule (its comment says why it is safe under concurrent
-    jobs), for submitit tasks. Also OMP_NUM_THREADS = the task's CPUs (a launcher task is one
-    rank) when unset."""
+    """A launcher task's compile caches (nanochat/paths.py: the one rule, which slurm/env.sh asks
+    for too), and OMP_NUM_THREADS = the task's CPUs (a launcher task is one rank) when unset."""
     env = os.environ if env is None else env
-    try:
-        user = env.get("USER") or getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = str(os.getuid())
-    root = Path(env.get("NANOCHAT_COMPILE_CACHE_ROOT") or "/tmp") / f"nanochat-compile-{user}"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    root.chmod(0o700)
-    prune_compile_cache(root)
-    out = {"NANOCHAT_COMPILE_CACHE": str(root), "TRITON_CACHE_DIR": str(root / "triton"),
-           "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
+    out = node_compile_cache_env(env)
     if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
         out["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
     return out
-
-
-COMPILE_CACHE_KEEP_DAYS = 14  # slurm/env.sh prunes with the same rule (find -atime/-mtime +14)
-
-
-def prune_compile_cache(root: Path, keep_days: float = COMPILE_CACHE_KEEP_DAYS) -> int:
-    """Remove cache files neither used nor written for `keep_days` (the node-local cache is kept
-    across jobs and would otherwise grow without end: every recipe, torch and triton version
-    leaves its kernels). A kernel still in use is compiled again, once. Returns how many went."""
-    cutoff, removed = time.time() - keep_days * 86400, 0
-    for path in Path(root).rglob("*"):
-        try:
-            st = path.lstat()
-            if path.is_file() and max(st.st_atime, st.st_mtime) < cutoff:
-                path.unlink()
-                removed += 1
-        except OSError:
-            pass  # another job's cache entry, replaced or removed meanwhile
-    return removed
 
 
 def task_run_dir(run_dir: Path, stage: str, index: int) -> Path:

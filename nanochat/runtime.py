@@ -256,7 +256,7 @@ def compile_count() -> int:
 
 def compile_cache_counts() -> tuple[int, int]:
     """(hits, misses) of torch.compile's on-disk caches in this process so far: AOTAutograd's
-    and Inductor's FX graph cache, the ones TORCHINDUCTOR_CACHE_DIR holds (jobs/tasks.py
+    and Inductor's FX graph cache, the ones TORCHINDUCTOR_CACHE_DIR holds (nanochat/paths.py
     compile_cache_env puts it on the node's disk, kept across jobs). A bypass (a graph the cache
     cannot key) compiles like a miss."""
     from torch._dynamo.utils import counters

@@ -7,11 +7,11 @@ set -euo pipefail
 MODULE=$1
 shift
 
+# the checkout's helpers below (jobs.nodes, nanochat.paths) run on every node, outside its cwd's reach
+export PYTHONPATH="${SLURM_SUBMIT_DIR:-$PWD}${PYTHONPATH:+:$PYTHONPATH}"
 # MASTER_ADDR: the job's first node (never hard-coded), at the address SLURM reaches it by —
-# a node name need not resolve from every node.
-FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_ADDR=$(scontrol show node "$FIRST_NODE" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
-MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
+# a node name need not resolve from every node (jobs/nodes.py: the one rule, the launcher's too).
+MASTER_ADDR=$(python -m jobs.nodes master)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 GPUS=${SLURM_GPUS_ON_NODE:-1}
 echo "$MODULE: ${SLURM_JOB_NUM_NODES} node(s) × ${GPUS} GPU(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
@@ -26,16 +26,17 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
   PER_RANK=$(( SLURM_CPUS_PER_TASK / GPUS ))
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( PER_RANK > 0 ? PER_RANK : 1 ))}
 fi
-# Per node, inside the step: the compile cache (slurm/env.sh) is node-local, so it is made 0700
-# on every node; and torchrun's --local-addr is the node's NodeAddr, because rank 0's agent
-# otherwise publishes its FQDN as MASTER_ADDR, which may not resolve elsewhere (or be "localhost").
-CACHE=${NANOCHAT_COMPILE_CACHE:-}
-PER_NODE='if [ -n "$1" ]; then mkdir -p -m 0700 "$1" && chmod 0700 "$1"; fi
-ADDR=$(scontrol show node "${SLURMD_NODENAME:-}" 2>/dev/null | tr " " "\n" | sed -n "s/^NodeAddr=//p" | head -n 1)
-shift; exec "$1" ${ADDR:+--local-addr="$ADDR"} "${@:2}"'
+# Per node, inside the step: the compile cache is node-local, so each node sets up its own
+# (nanochat/paths.py, as slurm/env.sh did on the first); and torchrun's --local-addr is the node's
+# NodeAddr, because rank 0's agent otherwise publishes its FQDN as MASTER_ADDR, which may not
+# resolve elsewhere (or be "localhost").
+PER_NODE='CACHE=$(python -m nanochat.paths compile-cache) || exit 1
+eval "$CACHE"
+ADDR=$(python -m jobs.nodes self 2>/dev/null || true)
+exec "$1" ${ADDR:+--local-addr="$ADDR"} "${@:2}"'
 
 # Arguments are passed as an argument vector ("$@"): recipe values never meet a shell.
-exec srun --kill-on-bad-exit=1 ${CPUS_ARGS[@]+"${CPUS_ARGS[@]}"} bash -c "$PER_NODE" _ "$CACHE" torchrun \
+exec srun --kill-on-bad-exit=1 ${CPUS_ARGS[@]+"${CPUS_ARGS[@]}"} bash -c "$PER_NODE" _ torchrun \
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$GPUS" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
   -m "$MODULE" "$@"

@@ -207,7 +207,9 @@ def test_without_check_in_stages_the_plan_has_no_check(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Compile caches and CPUs
 
-def test_compile_caches_are_per_user_node_local_0700_and_the_same_for_sbatch_and_submitit(tmp_path):
+def test_compile_caches_are_per_user_node_local_0700_and_kept_across_jobs(tmp_path):
+    """One rule (nanochat/paths.py): the launcher's tasks take it in-process, and the sbatch
+    scripts' shell gets it as exports from `python -m nanochat.paths compile-cache`."""
     env = {**os.environ, "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path), "USER": "alice"}
     env.pop("OMP_NUM_THREADS", None)
     py = compile_cache_env({**env, "SLURM_CPUS_PER_TASK": "6"})
@@ -215,12 +217,16 @@ def test_compile_caches_are_per_user_node_local_0700_and_the_same_for_sbatch_and
     assert py["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor") and py["TRITON_CACHE_DIR"] == str(root / "triton")
     assert (root.stat().st_mode & 0o777) == 0o700
     assert py["OMP_NUM_THREADS"] == "6", "a launcher task is one rank: all its CPUs"
-    assert "SLURM_JOB_ID" not in py["TORCHINDUCTOR_CACHE_DIR"], "kept across jobs"
     root.chmod(0o755)
+    # an inherited path from the submitting job (another node's) is replaced, never reused
     sh = subprocess.run(["bash", "-c", "source slurm/env.sh && echo $TRITON_CACHE_DIR $TORCHINDUCTOR_CACHE_DIR"],
-                        cwd=REPO, env={**env, "SLURM_JOB_ID": "123"}, capture_output=True, text=True, check=True)
-    assert sh.stdout.split() == [py["TRITON_CACHE_DIR"], py["TORCHINDUCTOR_CACHE_DIR"]]
-    assert (root.stat().st_mode & 0o777) == 0o700, "env.sh tightens it too"
+                        cwd=REPO, env={**env, "SLURM_JOB_ID": "123", "TORCHINDUCTOR_CACHE_DIR": "/elsewhere"},
+                        capture_output=True, text=True, check=True)
+    assert sh.stdout.split() == [str(root / "triton"), str(root / "inductor")], "kept across jobs: no job id"
+    assert (root.stat().st_mode & 0o777) == 0o700, "the sbatch scripts tighten it too"
+    quoted = subprocess.run([sys.executable, "-m", "nanochat.paths", "compile-cache"], cwd=REPO, capture_output=True,
+                            text=True, check=True, env={**env, "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path / "a b;$(x)")})
+    assert f"export TRITON_CACHE_DIR='{tmp_path}/a b;$(x)/nanochat-compile-alice/triton'" in quoted.stdout
 
 
 def test_torchrun_sh_passes_cpus_per_task_to_srun():

@@ -613,3 +613,40 @@ def test_curves_are_titled_by_recipe_task_and_grid_values(tmp_path, monkeypatch)
     run_manifest.save_manifest(run, run_manifest.new_manifest(build_plan(r, run), "local"))
     task_recipe(run, "base", 1)  # what a launcher's task does first
     assert plot_title("sft", {"recipe": {"name": "g"}}, run / "base" / "001") == "g task 1 (train.seed=2) — SFT"
+
+
+def test_emit_writes_the_plan_as_sbatch_files_whose_arguments_no_shell_reinterprets(recipe_file, tmp_path):
+    """--emit writes scripts only (tests/test_slurm.py submits them); a grid's values, shell
+    metacharacters included, come back from the array script's argument selection as written."""
+    values = ["a;$(touch PWNED)", "b`touch PWNED` 'q\" \\n|&>x"]
+    data = yaml.safe_load(recipe_file.read_text())
+    data.update(grid={"train.wandb_name": values}, stages=["base", "eval", "report"])
+    recipe_file.write_text(yaml.safe_dump(data))
+    out = tmp_path / "emitted"
+    res = launch_cli(recipe_file, "train.wandb_name=$(touch PWNED)", "--output-root", tmp_path / "runs",
+                     "--emit", out)
+    assert res.returncode == 0, res.stderr
+    assert "stage report: not emitted" in res.stdout and f"submit script: {out}/submit.sh" in res.stdout
+    for script in out.glob("*.s*"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+    base = (out / "base.sbatch").read_text()
+    assert "#SBATCH --array=0-1%8" in base and "#SBATCH --job-name=t-base" in base
+    select = base[base.index("set -euo pipefail"):base.index("esac") + 4]
+    for i, value in enumerate(values):
+        got = subprocess.run(["bash", "-c", select + '\nprintf "%s\\0" "$@"'], capture_output=True, text=True,
+                             env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}, cwd=tmp_path)
+        assert got.stdout.split("\0")[:-1] == [str(out / "recipe.yaml"), f"train.wandb_name={value}",
+                                               f"run_dir={tmp_path / 'runs' / 't' / 'base' / f'{i:03d}'}"]
+    assert load_recipe(out / "recipe.yaml").train.wandb_name == "$(touch PWNED)"
+    assert '"--dependency=aftercorr:${base}"' in (out / "submit.sh").read_text()
+    assert not list(tmp_path.rglob("PWNED")) and not (tmp_path / "runs" / "t" / "manifest.json").exists()
+
+
+def test_emit_refuses_a_launched_run_and_a_run_dir_sbatch_lines_cannot_hold(recipe_file, tmp_path):
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "manifest.json").write_text("{}")
+    res = launch_cli(recipe_file, "--output-root", tmp_path / "runs", "--emit")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "holds a run of jobs/launch.py" in res.stderr
+    res = launch_cli(recipe_file, "--output-root", tmp_path / "my runs", "--emit")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "run_dir" in res.stderr, res.stderr
+    assert not (tmp_path / "my runs").exists()

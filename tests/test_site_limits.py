@@ -65,29 +65,36 @@ def test_status_names_the_release_of_a_held_job(slurm, recipe_file, tmp_path):
         subprocess.run(["scancel", job], check=False)
 
 
-def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks(tmp_path):
+def test_the_node_local_compile_cache_sheds_what_no_job_used_for_two_weeks_once_a_day(tmp_path):
     """Kept across jobs, the cache would grow without end (every recipe, torch and triton version
-    leaves kernels): entries neither read nor written for 14 days go, in submitit jobs
-    (jobs/tasks.py) and in the sbatch scripts (slurm/env.sh) alike."""
+    leaves kernels): entries neither read nor written for 14 days go — looked for at most once a
+    day per node (a job's start walks no cache the day's first job already walked), in the
+    launcher's jobs and the sbatch scripts alike (one rule: nanochat/paths.py)."""
     import os
     import time
     from pathlib import Path
-    from jobs.tasks import compile_cache_env
+    from nanochat.paths import PRUNE_STAMP, compile_cache_env
     env = {**os.environ, "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path), "USER": "alice"}
-    root = tmp_path / "nanochat-compile-alice" / "inductor"
+    root = tmp_path / "nanochat-compile-alice"
+    month_ago = time.time() - 30 * 86400
     for how in ("python", "bash"):
-        root.mkdir(parents=True, exist_ok=True)
-        old, fresh = root / "old.so", root / "fresh.so"
+        (root / "inductor").mkdir(parents=True, exist_ok=True)
+        old, fresh = root / "inductor" / "old.so", root / "inductor" / "fresh.so"
         old.write_text("x")
         fresh.write_text("x")
-        month_ago = time.time() - 30 * 86400
         os.utime(old, (month_ago, month_ago))
         os.utime(fresh, (time.time() - 86400, month_ago))  # written long ago, used yesterday
+        if (root / PRUNE_STAMP).exists():
+            os.utime(root / PRUNE_STAMP, (month_ago, time.time() - 86400 - 60))  # the last walk: over a day ago
         if how == "python":
             compile_cache_env(env)
         else:
             subprocess.run(["bash", "-c", "source slurm/env.sh"], cwd=Path(__file__).parents[1], env=env, check=True)
         assert not old.exists() and fresh.exists(), how
+        old.write_text("x")  # aged again: the next job the same day leaves it (no walk)
+        os.utime(old, (month_ago, month_ago))
+        compile_cache_env(env)
+        assert old.exists(), how
 
 
 def test_a_job_an_sbatch_queued_before_it_timed_out_is_found_by_its_comment_and_cancelled(scheduler_shims,

@@ -240,6 +240,12 @@ def test_two_node_training_task_does_ddp_across_hosts(slurm, recipe_file, tmp_pa
 # --------------------------------------------------------------------------------------------
 # Never a cluster the tests did not start
 
+def sacct_states(job: str) -> list[str]:
+    """The state of each task of a job (one line per array task), from accounting."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
 def test_a_configuration_the_local_cluster_script_did_not_write_is_foreign(tmp_path):
     from conftest import LOCAL_HEADER, foreign_slurm
     conf = tmp_path / "slurm.conf"
@@ -277,3 +283,35 @@ def test_local_cluster_script_refuses_a_slurm_it_did_not_write():
         "configuration this script did not write; it leaves it alone (unset SLURM_CONF only if that "
         "cluster is yours to replace)"]
     assert (conf.stat().st_mtime_ns if conf.exists() else None) == before
+
+
+def test_a_nodes_address_is_the_one_slurm_reaches_it_by(slurm):
+    """jobs/nodes.py, the one rule for a node's address (the launcher's ranks and batch shell,
+    slurm/torchrun.sh): each node's NodeAddr as sinfo reports it, and a node list's first host
+    as SLURM expands it."""
+    from jobs.nodes import first_node, node_address
+    rows = [line.split() for line in subprocess.run(["sinfo", "-N", "-h", "-o", "%N %o"], capture_output=True,
+                                                     text=True, check=True).stdout.splitlines()]
+    assert rows and all(node_address(name) == addr for name, addr in rows), rows
+    assert any(name != addr for name, addr in rows), "the local cluster's names are not its addresses"
+    names = sorted({name for name, _ in rows})
+    assert first_node(",".join(reversed(names))) == names[-1] and first_node(names[0]) == names[0]
+    assert node_address("no-such-node") == "no-such-node"
+
+
+def test_submit_sh_cancels_what_it_queued_when_a_later_sbatch_is_refused(slurm, recipe_file, tmp_path):
+    """kv_bench's partition does not exist: base is queued first, then sbatch refuses kv_bench;
+    submit.sh fails and cancels base, leaving no half-submitted plan."""
+    out = tmp_path / "emitted"
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe_file), "stages=[base,kv_bench]",
+                          "cluster.stage_partition={kv_bench: nosuchpartition}", "--output-root",
+                          str(tmp_path / "runs"), "--emit", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    sub = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, timeout=60)
+    assert sub.returncode != 0 and "cancelled the jobs it had queued" in sub.stderr, sub.stderr
+    base = re.search(r"queued: (\d+)", sub.stderr).group(1)
+    deadline = time.time() + 30
+    while time.time() < deadline and sacct_states(base) != ["CANCELLED"]:
+        time.sleep(1)
+    assert sacct_states(base) == ["CANCELLED"]

@@ -11,16 +11,29 @@ import time
 
 import yaml
 
-from test_slurm import FINAL, RECIPE_FILE, REPO, launch, wait_until_done  # noqa: F401  (RECIPE_FILE: the recipe_file fixture reads it)
+from test_slurm import (FINAL, RECIPE_FILE, REPO, launch, sacct_states, scontrol_job,  # noqa: F401  (RECIPE_FILE: the
+                        wait_until_done)                                             # recipe_file fixture reads it)
 
 
-def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe, pip_cache, tmp_path):
-    """slurm/speedrun.sh: base → sft → eval and base → kv_bench as plain sbatch jobs with afterok,
-    each finishing, the chat model evaluated in RUN_DIR/sft."""
+def wait_for_jobs(ids: dict[str, str], tasks: int = 1, timeout_s: float = 600) -> dict[str, list[str]]:
+    deadline, states = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        states = {k: sacct_states(v) for k, v in ids.items()}
+        if all(len(s) == tasks and all(x in FINAL for x in s) for s in states.values()):
+            break
+        time.sleep(2)
+    return states
+
+
+def test_speedrun_submits_the_launchers_plan_with_plain_sbatch(slurm, tiny_recipe, pip_cache, tmp_path):
+    """slurm/speedrun.sh: the plan jobs/launch.py --emit writes (base → sft → eval, base →
+    kv_bench) submitted as plain sbatch jobs with afterok, each finishing, the chat model
+    evaluated in its sft directory. speedrun.sh itself names no stage."""
+    assert not re.search(r"\b(train|sft|eval|kv_bench)\.sbatch\b", (REPO / "slurm/speedrun.sh").read_text())
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "kv_bench"],
+        **tiny_recipe, "run_dir": str(run), "stages": ["base", "sft", "eval", "kv_bench", "report"],
         "data": {**tiny_recipe["data"], "offline_cache": str(pip_cache)},
         "train": {**tiny_recipe["train"], "num_iterations": 2, "eval_every": -1},
         "sft": {"total_batch_size": 512, "device_batch_size": 4, "num_iterations": 2,
@@ -28,34 +41,68 @@ def test_speedrun_chains_the_recipes_stages_with_plain_sbatch(slurm, tiny_recipe
         "eval": {"problems_per_task": 4, "hub_tasks": []},
         "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
                   "max_new_tokens": 4, "warmup": 0, "repeats": 1},
-        "cluster": {"gpus_per_node": 1}}))
+        "cluster": {"gpus_per_node": 1, "cpus_per_task": 1}}))
     # the login-node step: node2 lives in a network namespace without PyPI, like a compute node
     prep = subprocess.run([sys.executable, "-m", "nanochat.prepare", str(recipe)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0 and "sft data:" in prep.stdout, prep.stderr
-    env = {**os.environ, "SBATCH_ARGS": f"--cpus-per-task=1 --output={tmp_path}/%x-%j.out"}
-    res = subprocess.run(["bash", "slurm/speedrun.sh", str(recipe)], cwd=REPO, env=env,
+    res = subprocess.run(["bash", "slurm/speedrun.sh", str(recipe), "--output-root", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    ids = dict(re.findall(r"(base|sft|eval|kv_bench) (\d+)", res.stdout.splitlines()[0]))
+    assert "stage report: not emitted" in res.stdout and (run / "sbatch" / "submit.sh").exists()
+    ids = dict(re.findall(r"\b(base|sft|eval|kv_bench) (\d+)", res.stdout))
     assert set(ids) == {"base", "sft", "eval", "kv_bench"}, res.stdout
-    deps = {k: subprocess.run(["scontrol", "show", "job", v], capture_output=True, text=True).stdout
-            for k, v in ids.items()}
+    assert f"squeue -j {ids['base']},{ids['sft']},{ids['eval']},{ids['kv_bench']}" in res.stdout
+    deps = {k: scontrol_job(v) for k, v in ids.items()}
     # read while base still runs (it takes seconds to import torch): nothing downstream has started
     assert f"afterok:{ids['base']}" in deps["sft"] and f"afterok:{ids['sft']}" in deps["eval"] \
-        and f"afterok:{ids['base']}" in deps["kv_bench"], deps
-    deadline, states = time.time() + 600, {}
-    while time.time() < deadline:
-        states = {k: subprocess.run(["sacct", "-n", "-X", "-P", "-j", v, "-o", "State"],
-                                    capture_output=True, text=True).stdout.strip() for k, v in ids.items()}
-        if all(s in FINAL for s in states.values()):
-            break
-        time.sleep(2)
-    logs = "".join(p.read_text() for p in tmp_path.glob("nanochat-*.out"))
-    assert all(s == "COMPLETED" for s in states.values()), (states, logs[-3000:])
-    result = json.loads((run / "sft" / "eval.json").read_text())
+        and f"afterok:{ids['base']}" in deps["kv_bench"] and "Dependency=(null)" in deps["base"], deps
+    states = wait_for_jobs(ids)
+    logs = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert all(s == ["COMPLETED"] for s in states.values()), (states, logs[-3000:])
+    result = json.loads((run / "base" / "000" / "sft" / "eval.json").read_text())
     assert result["stage"] == "sft" and set(result["tasks"]) >= {"arithmetic", "choice"}
-    assert (run / "kv_sweep" / "results.json").exists()
+    assert (run / "kv_bench" / "000" / "results.json").exists()
+
+
+METACHARS = ["a;$(touch PWNED)", "b`touch PWNED` 'q\" \\n|&>x"]
+
+
+def test_emitted_scripts_are_files_only_until_submit_sh_submits_them_with_the_plans_dependencies(
+        slurm, tiny_recipe, tmp_path):
+    """`--emit` on a grid writes arrays and submits nothing; `bash DIR/submit.sh` submits them:
+    kv_bench's array waits task-wise (aftercorr) on base's, both finish, and the grid values —
+    shell metacharacters — reach the jobs' recipes as written, run by no shell."""
+    recipe = tmp_path / "r.yaml"
+    name = f"emit{os.getpid()}"
+    recipe.write_text(yaml.safe_dump({
+        **{k: v for k, v in tiny_recipe.items() if k != "run_dir"}, "name": name, "stages": ["base", "kv_bench"],
+        "train": {**tiny_recipe["train"], "num_iterations": 2, "eval_every": -1},
+        "grid": {"train.wandb_name": METACHARS},
+        "kv_bench": {"batch_sizes": [1], "include_largest": False, "prompt_len": 4,
+                     "max_new_tokens": 4, "warmup": 0, "repeats": 1},
+        "cluster": {"gpus_per_node": 1, "cpus_per_task": 1}}))
+    out = tmp_path / "emitted"
+    res = subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--output-root", str(tmp_path / "runs"),
+                          "--emit", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["base.sbatch", "kv_bench.sbatch", "recipe.yaml", "submit.sh"]
+    queued = subprocess.run(["squeue", "-h", "-n", f"{name}-base,{name}-kv_bench"], capture_output=True, text=True)
+    assert queued.returncode == 0 and queued.stdout.strip() == "", "emitting submitted something"
+    sub = subprocess.run(["bash", str(out / "submit.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    ids = dict(re.findall(r"\b(base|kv_bench) (\d+)", sub.stdout))
+    job = scontrol_job(ids["kv_bench"])
+    assert f"aftercorr:{ids['base']}" in job and "ArrayTaskId=0-1" in job, job
+    states = wait_for_jobs(ids, tasks=2)
+    run = tmp_path / "runs" / name
+    logs = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert all(s == ["COMPLETED", "COMPLETED"] for s in states.values()), (states, logs[-3000:])
+    for i, value in enumerate(METACHARS):
+        task = yaml.safe_load((run / "base" / f"{i:03d}" / "recipe.yaml").read_text())
+        assert task["train"]["wandb_name"] == value
+        assert (run / "kv_bench" / f"{i:03d}" / "results.json").exists()
+    assert not list(REPO.glob("PWNED")) and not list(tmp_path.rglob("PWNED"))
 
 
 def test_a_login_node_without_the_jobs_device_finds_the_cached_answer(slurm, tiny_recipe, tmp_path):
