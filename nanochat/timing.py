@@ -67,9 +67,6 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 # The training step on random tokens: what the cluster check, discovery's memory probes and the
 # throughput and communication benchmarks all measure, so each measures the loop's own step.
 
-SYNCS = ("local", "after", "overlap")
-
-
 @dataclass
 class TrainingStep:
     """The step of nanochat/trainer.py on fixed random micro-batches: `micro_steps` (forward
@@ -83,7 +80,7 @@ class TrainingStep:
     rt: Runtime
     batches: list                   # `accum` (inputs, targets) pairs
     grad_clip: float
-    sync: str                       # one of SYNCS
+    sync: str                       # "local" | "after" | "overlap" (training_step)
 
     @property
     def params(self) -> list:
@@ -124,7 +121,7 @@ def training_step(config: GPTConfig, optim: OptimArgs, train: TrainArgs, rt: Run
     grad_clip. Tokens: `seed`'s generator on the CPU, the same on every device. `sync`: "local"
     (no collective at all: one rank alone, Muon included), "after" (the plain loop: all-reduce
     after backward), "overlap" (DDP, as training runs)."""
-    assert sync in SYNCS, sync
+    assert sync in ("local", "after", "overlap"), sync
     if model is None:
         torch.manual_seed(0)
         model = build_model(config, rt.device)
@@ -137,8 +134,7 @@ def training_step(config: GPTConfig, optim: OptimArgs, train: TrainArgs, rt: Run
     step_model = maybe_compile(model, train) if sync == "local" else \
         training_model(model, rt, train, overlap=sync == "overlap")
     gen = torch.Generator().manual_seed(seed)
-    xy = torch.randint(0, config.vocab_size, (accum, batch, config.sequence_len + 1), generator=gen)
-    xy = xy.to(rt.device)
+    xy = torch.randint(0, config.vocab_size, (accum, batch, config.sequence_len + 1), generator=gen).to(rt.device)
     return TrainingStep(model, step_model, optimizers, rt, [(t[:, :-1], t[:, 1:]) for t in xy],
                         train.grad_clip, sync)
 

@@ -2,7 +2,8 @@
 
 A probe builds the recipe's GPT (or reuses the caller's), its optimizers (Muon + AdamW, as
 `build_optimizers` makes them), compiles it the way training does, and runs `steps` full steps —
-forward, backward, optimizer step, zero_grad — then one evaluation forward, because the second
+forward, backward, optimizer step, zero_grad: the loop's own step, nanochat/timing.py
+`TrainingStep` — then one evaluation forward, because the second
 step is the first one with optimizer state and gradients both resident, and the training loop
 evaluates with the plain (uncompiled) model at the same batch size. It reports the peak memory,
 the memory before the first step ("fixed": weights and, for a fresh model, nothing else yet) and
