@@ -143,5 +143,5 @@ def recipe_step(recipe, rt: Runtime, batch: int, compile: bool | None = None, **
     """`training_step` of the recipe's model, optimizers and train section (`compile`: instead
     of the recipe's train.compile)."""
     train = recipe.train if compile is None else dataclasses.replace(recipe.train, compile=compile)
-    return training_step(GPTConfig.from_args(recipe.model, recipe.tokenizer.vocab_size), recipe.optim,
-                         train, rt, batch, **kw)
+    config = GPTConfig.from_args(recipe.model, recipe.model.vocab_size or recipe.tokenizer.vocab_size)
+    return training_step(config, recipe.optim, train, rt, batch, **kw)
