@@ -25,37 +25,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from nanochat import rendezvous
 from bench.harness import timing_args
-from nanochat.timing import environment
+from nanochat.timing import environment, recipe_step, timed
 from nanochat.common import UserError, atomic_write_json, cli_main, print0
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, training_model
-from nanochat.optim import allreduce_gradients, build_optimizers, optimizer_step
+from nanochat.optim import allreduce_gradients
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, recipe_runtime, teardown_runtime
-
-
-def _micro(step_model, batches, rt: Runtime, accum: int, communicate_last: bool) -> None:
-    for i in range(accum):
-        x, y = batches[i]
-        with micro_step_context(step_model, communicate=communicate_last and i == accum - 1):
-            with rt.autocast():
-                loss = step_model(x, y)
-            (loss / accum).backward()
-
-
-def _timed(fn, rt: Runtime) -> float:
-    rt.sync()
-    t0 = time.perf_counter()
-    fn()
-    rt.sync()
-    return time.perf_counter() - t0
 
 
 def _slowest(values: list[float], rt: Runtime) -> list[float]:
@@ -65,51 +45,26 @@ def _slowest(values: list[float], rt: Runtime) -> list[float]:
 
 
 def bench_comm(recipe, rt: Runtime, batch: int, accum: int, warmup: int, repeats: int) -> dict:
-    T = recipe.model.sequence_len
-    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
-    config = GPTConfig.from_args(recipe.model, vocab)
-    torch.manual_seed(0)
-    plain = GPT(config).to(rt.device)
-    plain.init_weights()
-    overlapped = copy.deepcopy(plain)
-    opts_plain = build_optimizers(plain.param_groups(), recipe.optim, config.n_embd)
-    opts_ovl = build_optimizers(overlapped.param_groups(), recipe.optim, config.n_embd)
-    step_plain = training_model(plain, rt, recipe.train, overlap=False)
-    step_ovl = training_model(overlapped, rt, recipe.train, overlap=True)
-    gen = torch.Generator().manual_seed(1000 + rt.dist.rank)
-    tokens = torch.randint(0, vocab, (accum, batch, T + 1), generator=gen).to(rt.device)
-    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    p_plain, p_ovl = list(plain.parameters()), list(overlapped.parameters())
+    # the same weights and tokens both ways: the overlapped step's model is a copy of the plain one
+    seed = 1000 + rt.dist.rank
+    plain = recipe_step(recipe, rt, batch, accum=accum, seed=seed, sync="after")
+    ovl = recipe_step(recipe, rt, batch, accum=accum, seed=seed, sync="overlap",
+                      model=copy.deepcopy(plain.model))
+    p_plain = plain.params
     grad_bytes = sum(p.numel() * p.element_size() for p in p_plain if p.requires_grad)
-
-    def compute():
-        _micro(step_plain, batches, rt, accum, communicate_last=False)
-
-    def after_sync():
-        _micro(step_plain, batches, rt, accum, communicate_last=False)
-        finish_step_sync(step_plain, p_plain, rt, overlapped=False)
-
-    def ovl_sync():
-        _micro(step_ovl, batches, rt, accum, communicate_last=True)
-        finish_step_sync(step_ovl, p_ovl, rt, overlapped=True)
-
     rows = []
     for r in range(warmup + repeats):
         rec = {}
         torch.distributed.barrier()
-        rec["compute"] = _timed(compute, rt)
+        rec["compute"] = timed(plain.micro_steps, rt.sync)
         torch.distributed.barrier()  # comm alone: without the wait for a slower rank's compute
-        rec["comm"] = _timed(lambda: allreduce_gradients(p_plain), rt)
-        for opt in opts_plain:
+        rec["comm"] = timed(lambda: allreduce_gradients(p_plain), rt.sync)
+        for opt in plain.optimizers:
             opt.zero_grad(set_to_none=True)
-        torch.distributed.barrier()
-        rec["after_sync"] = _timed(after_sync, rt)
-        rec["after_step"] = rec["after_sync"] + _timed(lambda: optimizer_step(p_plain, opts_plain, recipe.train.grad_clip), rt)
-        torch.distributed.barrier()
-        rec["overlapped_sync"] = _timed(ovl_sync, rt)
-        rec["overlapped_step"] = rec["overlapped_sync"] + _timed(
-            lambda: optimizer_step(p_ovl, opts_ovl, recipe.train.grad_clip,
-                                   set_to_none=clear_to_none(step_ovl)), rt)
+        for name, step in (("after", plain), ("overlapped", ovl)):
+            torch.distributed.barrier()
+            rec[f"{name}_sync"] = timed(lambda s=step: (s.micro_steps(), s.average()), rt.sync)
+            rec[f"{name}_step"] = rec[f"{name}_sync"] + timed(step.update, rt.sync)
         keys = sorted(rec)
         rec = dict(zip(keys, _slowest([rec[k] for k in keys], rt)))
         if r >= warmup:
@@ -122,7 +77,8 @@ def bench_comm(recipe, rt: Runtime, batch: int, accum: int, warmup: int, repeats
     for mode in ("after", "overlapped"):
         hidden = [(row["compute"] + row["comm"] - row[f"{mode}_sync"]) / row["comm"] for row in rows]
         out[f"{mode}_hidden_fraction"] = stats(hidden)
-    out["shape"] = {"batch": batch, "accum": accum, "sequence_len": T, "vocab": vocab,
+    cfg = plain.model.config
+    out["shape"] = {"batch": batch, "accum": accum, "sequence_len": cfg.sequence_len, "vocab": cfg.vocab_size,
                     "params": sum(p.numel() for p in p_plain), "grad_mb": round(grad_bytes / 2**20, 1)}
     return out
 

@@ -18,82 +18,36 @@ attention kernel each layer kind ran with, host-device syncs per step (CUDA: cou
 """
 from __future__ import annotations
 
-import itertools
 import resource
 import statistics
-import time
 
 import torch
 
 from nanochat import attention
 from bench.harness import emit, timing_args
-from nanochat.timing import environment
+from nanochat.timing import environment, recipe_step, seconds_per_call, timed
 from nanochat.common import UserError, cli_main
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import build_optimizers
 from nanochat.runtime import (Runtime, compile_count, measure_matmul_flops, peak_flops, recipe_runtime,
                               tune_cpu_allocator)
 
 
 def bench_training(recipe, rt: Runtime, compile_model: bool, warmup: int, steps: int,
-                   repeats: int, batch: int | None = None, accum: int = 1, batches=None,
-                   vocab: int | None = None) -> dict:
-    """Timed optimizer steps, each of `accum` forward/backward micro-batches of `batch` rows
-    (default: the recipe's device batch): tokens/s median, min, max over `repeats` windows.
-    Random tokens, or the (inputs, targets) of `batches` (then tokens are counted per batch:
-    shapes may vary)."""
+                   repeats: int, batch: int | None = None, accum: int = 1) -> dict:
+    """Timed optimizer steps on random tokens, each of `accum` forward/backward micro-batches of
+    `batch` rows (default: the recipe's device batch): tokens/s median, min, max over `repeats`
+    windows of `steps` steps."""
     B = batch if batch is not None else recipe.train.device_batch_size
     if B == "auto":
-        raise UserError("bench.train needs a fixed train.device_batch_size (e.g. train.device_batch_size=8)")
-    T = recipe.model.sequence_len
-    vocab = vocab or recipe.model.vocab_size or recipe.tokenizer.vocab_size
-    config = GPTConfig.from_args(recipe.model, vocab)
-    torch.manual_seed(0)
-    model = GPT(config).to(rt.device)
-    model.init_weights()
-    opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd)
-    if compile_model:
-        # a fresh compiler state per measurement: an earlier one's compiled graphs (or its hitting
-        # the recompile limit, after which dynamo silently runs eager) must not carry over
-        torch._dynamo.reset()
-    step_model = torch.compile(model, dynamic=False, mode=None if recipe.train.compile_mode == "default"
-                               else recipe.train.compile_mode) if compile_model else model
-    if batches is None:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randint(0, vocab, (B, T + 1), generator=gen).to(rt.device)
-        batches = itertools.repeat((x[:, :-1], x[:, 1:]))
+        raise UserError("bench.throughput needs a fixed train.device_batch_size (e.g. train.device_batch_size=8)")
+    step = recipe_step(recipe, rt, B, compile=compile_model, accum=accum)
+    model = step.model
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     graphs0 = compile_count()
     attention.RAN.clear()
-
-    def step() -> int:
-        tokens = 0
-        for _ in range(accum):
-            inputs, targets = next(batches)
-            with rt.autocast():
-                loss = step_model(inputs, targets)
-            (loss / accum).backward()
-            tokens += inputs.numel()
-        for o in opts:
-            o.step()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        return tokens
-
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    rt.sync()
-    warmup_s = time.perf_counter() - t0
-    rates = []
-    for _ in range(repeats):
-        rt.sync()
-        t0 = time.perf_counter()
-        tokens = sum(step() for _ in range(steps))
-        rt.sync()
-        rates.append(tokens / (time.perf_counter() - t0))
+    warmup_s = timed(lambda: [step() for _ in range(warmup)], rt.sync)
+    rates = [step.tokens / s for s in seconds_per_call(step, rt.sync, 0, repeats, steps)]
     out = {"compile": compile_model, "warmup_s": round(warmup_s, 2),
            "attention_ran": dict(attention.RAN), "syncs_per_step": syncs_per_step(step, rt),
            "compilations": compile_count() - graphs0,

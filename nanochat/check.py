@@ -25,7 +25,6 @@ import platform
 import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,12 +34,10 @@ from nanochat.checkpoint import refuse_launcher_dir
 from nanochat.scaling import MB, measure_scopes, message_sizes, slowest_busbw
 from nanochat.common import UserError, atomic_write_json, cli_main, now_iso
 from nanochat.config import grad_accum_steps
-from nanochat.gpt import GPTConfig, build_model
-from nanochat.optim import build_optimizers
 from nanochat.recipe import load_recipe, recipe_argparser
-from nanochat.runtime import (DistInfo, dist_info_from_env, maybe_compile, mfu_percent, peak_flops, setup_runtime,
-                              teardown_runtime)
+from nanochat.runtime import DistInfo, dist_info_from_env, mfu_percent, peak_flops, setup_runtime, teardown_runtime
 from nanochat.scaling import efficiency
+from nanochat.timing import recipe_step, seconds_per_call, timed
 
 PHASES = ("info", "busbw", "step")
 
@@ -120,40 +117,17 @@ def rank_info(rt, info: DistInfo) -> dict:
 
 
 def training_step(recipe, rt, compile_model: bool, batch: int, steps: int) -> dict:
-    """One training step of the recipe's model (forward, backward, Muon + AdamW) on random tokens
-    at `batch` rows: the first step (compilation) timed apart, then `steps` steps, each between
-    device syncs; the step's tokens/s and MFU from the median."""
-    vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
-    config = GPTConfig.from_args(recipe.model, vocab)
-    torch.manual_seed(0)
-    model = build_model(config, rt.device)
-    opts = build_optimizers(model.param_groups(), recipe.optim, config.n_embd, local=True)
-    recipe.train.compile = compile_model
-    step_model = maybe_compile(model, recipe.train)
-    gen = torch.Generator().manual_seed(rt.dist.rank)
-    x = torch.randint(0, config.vocab_size, (batch, config.sequence_len + 1), generator=gen).to(rt.device)
-
-    def step() -> float:
-        rt.sync()
-        t0 = time.perf_counter()
-        with rt.autocast():
-            loss = step_model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        for o in opts:
-            o.step()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        rt.sync()
-        return time.perf_counter() - t0
-
-    first = step()
-    times = [step() for _ in range(steps)]
-    t = statistics.median(times)
+    """One training step of the recipe's model (forward, backward, Muon + AdamW; no collective)
+    on random tokens at `batch` rows: the first step (compilation) timed apart, then `steps`
+    steps, each between device syncs; the step's tokens/s and MFU from the median."""
+    step = recipe_step(recipe, rt, batch, compile=compile_model, seed=rt.dist.rank)
+    first = timed(step, rt.sync)
+    times = seconds_per_call(step, rt.sync, 0, steps, 1)
+    t, model, tokens = statistics.median(times), step.model, step.tokens
     flops = model.flops_per_token()
-    tokens = batch * config.sequence_len
     peak, peak_kind = peak_flops(rt.device, rt.dtype)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return {"compile": compile_model, "batch": batch, "sequence_len": config.sequence_len,
+    return {"compile": compile_model, "batch": batch, "sequence_len": model.config.sequence_len,
             "first_step_s": round(first, 3), "step_s": t, "step_s_min": min(times), "step_s_max": max(times),
             "steps": steps, "tok_per_s": round(tokens / t, 1), "flops_per_token": flops,
             "params": model.num_params()["total"], "grad_bytes": grad_bytes,

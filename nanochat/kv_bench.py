@@ -67,14 +67,8 @@ def measure_bandwidth(device: torch.device, repeats: int = 5) -> float:
     n = (2**30 if device.type == "cuda" else 2**28) // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first copy faults the pages in
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best
+    # one untimed copy first: it faults the pages in
+    return 2 * n * 4 / min(seconds_per_call(lambda: dst.copy_(src), lambda: _sync(device), 1, repeats, 1))
 
 
 def _sync(device: torch.device) -> None:

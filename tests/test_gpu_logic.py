@@ -198,7 +198,7 @@ def test_a_bf16_recipe_computes_in_bf16_on_the_cpu_too():
 # ---------------------------------------------------------------- allocator, headroom, TF32
 
 STAGES = ("nanochat.train", "nanochat.sft", "nanochat.eval", "nanochat.chat",
-          "nanochat.batchsize", "bench.throughput", "bench.decode_modes")
+          "nanochat.batchsize.__main__", "bench.throughput", "bench.decode_modes")
 
 
 def test_every_stage_sets_the_expandable_allocator_on_import():

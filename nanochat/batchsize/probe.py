@@ -2,7 +2,8 @@
 
 A probe builds the recipe's GPT (or reuses the caller's), its optimizers (Muon + AdamW, as
 `build_optimizers` makes them), compiles it the way training does, and runs `steps` full steps —
-forward, backward, optimizer step, zero_grad — then one evaluation forward, because the second
+forward, backward, optimizer step, zero_grad: the loop's own step, nanochat/timing.py
+`TrainingStep` — then one evaluation forward, because the second
 step is the first one with optimizer state and gradients both resident, and the training loop
 evaluates with the plain (uncompiled) model at the same batch size. It reports the peak memory,
 the memory before the first step ("fixed": weights and, for a fresh model, nothing else yet) and
@@ -41,9 +42,9 @@ import psutil
 import torch
 
 from nanochat.config import OptimArgs, TrainArgs
-from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.optim import build_optimizers, optimizer_step
-from nanochat.runtime import DistInfo, Runtime, maybe_compile, tune_cpu_allocator
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.runtime import DistInfo, Runtime, tune_cpu_allocator
+from nanochat.timing import timed, training_step
 
 CPU_OOM_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
 
@@ -185,13 +186,6 @@ def _param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _forward_backward(step_model, x, y, rt: Runtime) -> None:
-    # A function of its own so the loss and its graph die with the frame, even on an OOM.
-    with rt.autocast():
-        loss = step_model(x, y)
-    loss.backward()
-
-
 def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None) -> dict:
     """Run the training step at `batch`; returns {"batch", "oom", "peak_bytes", "fixed_bytes",
     "fwdbwd_s", "opt_s", "seconds"}. With `model`, probes that model and leaves it as it was
@@ -213,41 +207,30 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
         reset_peak_rss()
     out = {"batch": batch, "oom": False, "peak_bytes": None, "fixed_bytes": None,
            "fwdbwd_s": None, "opt_s": None}
-    snapshot = None
+    snapshot = step = None
     extra = 0
     # The probe's random init and inputs must not move the caller's RNG streams (a run with
     # `auto` must train exactly like one given the same batch by hand).
     with torch.random.fork_rng(devices=[device] if cuda else []):
         try:
-            if model is None:
-                model = build_model(cfg, device)
-            else:
+            if model is not None:
                 snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 was_training = model.training
                 extra = 0 if cuda else _param_bytes(model)
-            opts = build_optimizers(model.param_groups(), OptimArgs(**spec.optim), cfg.n_embd,
-                                    all_params=model.parameters(), local=True)
-            step_model = maybe_compile(model, TrainArgs(compile=spec.compile,
-                                                        compile_mode=spec.compile_mode))
-            gen = torch.Generator(device=device).manual_seed(batch)
-            xy = torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), device=device,
-                               generator=gen)
-            x, y = xy[:, :-1], xy[:, 1:]
+            # the loop's own step (nanochat/timing.py), on one rank with no collective
+            step = training_step(cfg, OptimArgs(**spec.optim), TrainArgs(
+                compile=spec.compile, compile_mode=spec.compile_mode, grad_clip=spec.grad_clip),
+                rt, batch, seed=batch, model=model)
+            model = step.model
             out["fixed_bytes"] = (torch.cuda.memory_reserved(device) if cuda
                                   else proc_status("VmRSS") - base) + extra
             model.train()
-            params = list(model.parameters())
             for _ in range(spec.steps):
-                t0 = time.perf_counter()
-                _forward_backward(step_model, x, y, rt)
-                rt.sync()
-                t1 = time.perf_counter()
-                optimizer_step(params, opts, spec.grad_clip)
-                rt.sync()
-                out["fwdbwd_s"], out["opt_s"] = t1 - t0, time.perf_counter() - t1
+                out["fwdbwd_s"] = timed(step.micro_steps, rt.sync)
+                out["opt_s"] = timed(step.update, rt.sync)
             model.eval()  # the loop evaluates with the plain model at this batch size
             with torch.no_grad(), rt.autocast():
-                model(x, y, loss_reduction="none")
+                model(*step.batches[0], loss_reduction="none")
             model.train()
             rt.sync()
             out["peak_bytes"] = (torch.cuda.max_memory_reserved(device) if cuda
@@ -258,7 +241,7 @@ def run_probe(spec: ProbeSpec, batch: int, model: torch.nn.Module | None = None)
             out["oom"] = True
             # fall through: the exception (and the frames holding tensors) is dropped on exit
         finally:
-            opts = step_model = x = y = xy = None  # release before restoring and emptying caches
+            step = None  # release before restoring and emptying caches
             if snapshot is not None:
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
