@@ -37,6 +37,7 @@ This module knows nothing of tensors or of submitit; `jobs/launch.py` executes a
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -44,10 +45,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from nanochat.common import UserError
 from nanochat.config import HOME_ENV, STAGE_ALIASES, TRAINING_SECTIONS, Recipe, grad_accum_steps
 from nanochat.batchsize.key import plan_key
-from nanochat.recipe import grid_overrides, grid_recipes  # noqa: F401 (re-exported: they moved to the recipe, which nanochat.scaling expands too)
+from nanochat.recipe import override_recipe, recipe_to_dict
 
 # What may appear in an sbatch header line: no shell or line-breaking characters, ever.
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=@%/+-]+")
@@ -94,6 +97,26 @@ class Plan:
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
+
+
+# The grid: the recipe's sweep axes, one task per combination
+
+def grid_overrides(recipe: Recipe) -> list[list[str]]:
+    """One override list per grid combination, in a stable order (keys as written)."""
+    if not recipe.grid:
+        return [[]]
+    keys = list(recipe.grid)
+    combos = itertools.product(*(recipe.grid[k] for k in keys))
+    return [[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in zip(keys, combo)] for combo in combos]
+
+
+def grid_recipes(recipe: Recipe) -> list[Recipe]:
+    """The recipe of each grid combination (in `grid_overrides` order), as its tasks load it."""
+    if not recipe.grid:
+        return [recipe]
+    base = recipe_to_dict(recipe)
+    return [override_recipe(base, overrides) for overrides in grid_overrides(recipe)]
 
 
 def check_safe(recipe: Recipe) -> None:

@@ -17,7 +17,6 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import itertools
 import re
 import shlex
 import sys
@@ -528,26 +527,6 @@ def main(argv: list[str]) -> int:
     else:
         ap.error("give a recipe or --reference")
     return 0
-
-
-# The grid (the launcher's sweep axes; jobs/plan.py makes one task per combination)
-
-def grid_overrides(recipe: Recipe) -> list[list[str]]:
-    """One override list per grid combination, in a stable order (keys as written)."""
-    if not recipe.grid:
-        return [[]]
-    keys = list(recipe.grid)
-    combos = itertools.product(*(recipe.grid[k] for k in keys))
-    return [[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-             for k, v in zip(keys, combo)] for combo in combos]
-
-
-def grid_recipes(recipe: Recipe) -> list[Recipe]:
-    """The recipe of each grid combination (in `grid_overrides` order), as its tasks load it."""
-    if not recipe.grid:
-        return [recipe]
-    base = recipe_to_dict(recipe)
-    return [override_recipe(base, overrides) for overrides in grid_overrides(recipe)]
 
 
 if __name__ == "__main__":

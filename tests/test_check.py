@@ -17,7 +17,8 @@ from jobs.tasks import compile_cache_env
 from nanochat.scaling import MB, allreduce_seconds, bus_bandwidth, message_sizes, scope_groups
 from nanochat.common import UserError
 from nanochat.recipe import load_recipe
-from nanochat.scaling import ASSUMED_MFU, H100_BF16_DENSE, UPSTREAM_HOURS, cluster_table, efficiency
+from jobs.estimate import ASSUMED_MFU, H100_BF16_DENSE, UPSTREAM_HOURS, cluster_table
+from nanochat.scaling import efficiency
 
 REPO = Path(__file__).resolve().parents[1]
 # the tiny demo's model, eager, small all-reduces: seconds per rank on 2 CPUs
@@ -106,12 +107,12 @@ def test_each_recipe_is_modelled_from_its_own_flops_at_a_stated_mfu():
 
 
 def test_the_docs_scaling_table_is_what_the_command_prints():
-    res = subprocess.run([sys.executable, "-m", "nanochat.scaling", "configs/d24.yaml", "--nodes", "1", "2", "4"],
+    res = subprocess.run([sys.executable, "jobs/estimate.py", "configs/d24.yaml", "--nodes", "1", "2", "4"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| 2 | 16 |" in res.stdout and "assumed (datasheets)" in res.stdout and "modelled, not measured" in res.stdout
     assert res.stdout.strip() in (REPO / "docs" / "scaling.md").read_text(), \
-        "docs/scaling.md is stale: paste `python -m nanochat.scaling configs/d24.yaml --nodes 1 2 4`"
+        "docs/scaling.md is stale: paste `python jobs/estimate.py configs/d24.yaml --nodes 1 2 4`"
 
 
 # --------------------------------------------------------------------------------------------

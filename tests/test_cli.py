@@ -284,7 +284,7 @@ def test_refuse_existing_refuses_existing_checkpoints(tmp_path, prepared, flag):
     assert_nothing_written(run_dir, before)
 
 
-@pytest.mark.parametrize("script", ["launch", "status", "report", "compare", "ladder"])
+@pytest.mark.parametrize("script", ["launch", "status", "report", "compare", "ladder", "estimate"])
 def test_every_jobs_command_prints_its_help(script):
     res = subprocess.run([sys.executable, f"jobs/{script}.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)

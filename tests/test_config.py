@@ -708,7 +708,7 @@ def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path):
 
 
 def test_a_grid_over_one_adamw_setting_gives_each_task_its_value():
-    from nanochat.recipe import grid_overrides, grid_recipes
+    from jobs.plan import grid_overrides, grid_recipes
     r = recipe_from_dict({"grid": {"optim.adamw_roles.x0.weight_decay": [0.0, 0.1]}})
     assert grid_overrides(r) == [["optim.adamw_roles.x0.weight_decay=0.0"], ["optim.adamw_roles.x0.weight_decay=0.1"]]
     assert [g.optim.adamw_roles["x0"] for g in grid_recipes(r)] == [

@@ -9,7 +9,7 @@ import yaml
 from jobs import launch
 from jobs.miniseries import power_law
 from nanochat.recipe import load_recipe
-from nanochat.scaling import ladder_table, main as scaling_main
+from jobs.estimate import ladder_table, main as scaling_main
 from tests.test_logfmt import upstream_parse_records
 
 REPO = Path(__file__).resolve().parent.parent

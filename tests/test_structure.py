@@ -27,14 +27,12 @@ def _is_command(path: Path) -> bool:
 
 
 # `python -m` entry points of the library: nothing may import them (shared code lives in
-# libraries). Three modules are a library with a command on top, on purpose:
+# libraries). Two modules are a library with a command on top, on purpose:
 # - nanochat.recipe: `python -m nanochat.recipe RECIPE` prints what the loader resolved (the
 #   plain sbatch scripts read nodes and stages from it); the printer is the loader's own view;
-# - nanochat.scaling: the cluster check predicts scaling with the very model the command prints
-#   for a recipe before launch (and measures the bus bandwidth that model takes).
 # - nanochat.paths: `python -m nanochat.paths compile-cache` is how slurm/env.sh and torchrun.sh
 #   take the node-local compile cache from the one rule the jobs use (no copy of it in shell).
-LIBRARY_COMMANDS = {"nanochat.recipe", "nanochat.scaling", "nanochat.paths"}
+LIBRARY_COMMANDS = {"nanochat.recipe", "nanochat.paths"}
 ENTRY_POINTS = {mod for mod, path in MODULES.items()
                 if mod.startswith(("nanochat", "jobs")) and _is_command(path)} - LIBRARY_COMMANDS
 # jobs.tasks is what a job runs: it calls the stages' commands in-process (train_base, write_report,
@@ -173,7 +171,7 @@ def test_one_stem_per_module_name():
 # needs it, on a compute node.
 JOBS_MAY_IMPORT = {"nanochat.common", "nanochat.config", "nanochat.recipe", "nanochat.logfmt",
                    "nanochat.plots", "nanochat.checkpoint", "nanochat.batchsize.key", "nanochat.tracking",
-                   "nanochat.paths"}
+                   "nanochat.paths", "nanochat.scaling"}
 
 
 def test_jobs_import_only_the_allowed_library_modules_at_module_level():
