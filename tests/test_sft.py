@@ -94,14 +94,12 @@ def test_loader_resumes_at_the_exact_next_batch():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_padding_modes_measure_what_they_say():
+def test_best_fit_packs_what_padding_would_spread_over_rows():
+    """Four conversations of 10-40 tokens: padded one per row of T + 1 = 100 (the seeds' fixed
+    shape) they would take 400 tokens for 100 real ones; best-fit packs them into one full row."""
     items = [([0] + [1] * (n - 1), [0] + [1] * (n - 1)) for n in (10, 20, 30, 40)]
-    pad_t = packing_stats(items, 99, mode="pad_T", batch_size=2)
-    assert pad_t["rows"] == 4 and pad_t["tokens"] == 400 and pad_t["real_tokens"] == 100
-    longest = packing_stats(items, 99, mode="pad_longest", batch_size=4)
-    assert longest["tokens"] == 4 * 40
-    best = packing_stats(items, 99, mode="bestfit")
-    assert best["rows"] == 1 and best["real_token_fraction"] == 1.0
+    best = packing_stats(items, 99)
+    assert best == {"rows": 1, "tokens": 100, "real_tokens": 100, "real_token_fraction": 1.0}
 
 
 # --------------------------------------------------------------------------------------------

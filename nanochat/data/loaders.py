@@ -1,8 +1,8 @@
 """The training loaders: pretraining rows from parquet shards, and SFT batches of fixed shape.
 
 Pretraining (`DataLoader`). The corpus is cut into *blocks*: up to `block_docs` consecutive
-documents of one parquet row group. Blocks are listed from parquet metadata alone and dealt round-robin to ranks (rank r takes
-blocks r, r + W, ...). Each block is tokenized (every document led by BOS) and packed into rows of
+documents of one parquet row group. Blocks are listed from parquet metadata alone and dealt
+round-robin to ranks (rank r takes blocks r, r + W, ...). Each block is tokenized (every document led by BOS) and packed into rows of
 T + 1 tokens, best-fit: a row starts with a whole document and its free space is filled with the
 largest remaining piece that fits; when none fits, the next piece is cut to fill the row and its
 remainder goes back with a fresh BOS. Documents longer than a row are cut the same way, so every
@@ -32,10 +32,7 @@ starts with BOS, which the model learns to treat as a boundary.
 Like the pretraining loader, packing is a pure function of (epoch, block), so the state is
 (epoch, block, row) and a resumed run continues at the exact next batch. Blocks are dealt
 round-robin to ranks; the conversation order is reshuffled each epoch with a fixed seed.
-
-`mode` exists to measure what packing saves (tests/test_sft.py, docs/benchmarks.md): "bestfit" (the above), "pad_longest" (one
-conversation per row, each batch padded to its longest row: few pads, but a new shape per
-batch), "pad_T" (one conversation per row padded to T + 1: the seeds' fixed shape).
+What packing saves over padding each conversation to T + 1 (the seeds' way): docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -196,8 +193,6 @@ class DataLoader(BlockCursor):
 
 
 # --- SFT: conversations packed into fixed rows -------------------------------------------
-MODES = ("bestfit", "pad_longest", "pad_T")
-
 
 @dataclass
 class Rendered:
@@ -240,13 +235,6 @@ def pack_bestfit(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def build_rows(items, row_len: int, mode: str, pad_id: int) -> list[list[tuple[list[int], list[int]]]]:
-    """Rows as lists of items (pad_T/pad_longest: one item per row)."""
-    if mode == "bestfit":
-        return [[items[i] for i in row] for row in pack_bestfit([len(ids) for ids, _ in items], row_len)]
-    return [[item] for item in items]
-
-
 def rows_to_tensors(rows, row_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, row_len) token ids and 0/1 target masks, padded with pad_id / 0."""
     ids = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
@@ -267,22 +255,20 @@ def to_batch(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class SFTLoader(BlockCursor):
-    """Yields (inputs, targets) of shape (B, T) for this rank (pad_longest: (B, ≤T)).
+    """Yields (inputs, targets) of shape (B, T) for this rank.
 
     `loop=True` wraps around epochs forever (training); `loop=False` stops after one pass and
     yields a short last batch (evaluation). `state_dict()` describes the next batch."""
 
     def __init__(self, items, batch_size: int, seq_len: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0,
-                 block_size: int = 1024, mode: str = "bestfit", loop: bool = True,
-                 state: dict | None = None):
-        assert mode in MODES, mode
+                 block_size: int = 1024, loop: bool = True, state: dict | None = None):
         self.items = items
         self.B, self.T, self.pad_id = batch_size, seq_len, pad_id
         self.device = torch.device(device)
         # small sets (a validation split) get smaller blocks, so that every rank has one
         block_size = max(1, min(block_size, len(items) // world_size))
-        self.seed, self.block_size, self.mode = seed, block_size, mode
+        self.seed, self.block_size = seed, block_size
         n_blocks = -(-len(items) // block_size)
         self.my_blocks = list(range(rank, n_blocks, world_size))
         if not self.my_blocks:
@@ -300,7 +286,7 @@ class SFTLoader(BlockCursor):
         order = list(range(len(self.items)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         chosen = [self.items[i] for i in order[block * self.block_size:(block + 1) * self.block_size]]
-        rows = build_rows(chosen, self.T + 1, self.mode, self.pad_id)
+        rows = [[chosen[i] for i in row] for row in pack_bestfit([len(ids) for ids, _ in chosen], self.T + 1)]
         # best-fit decreasing leaves rows sorted by their longest conversation: shuffle them so
         # batches don't run from long to short conversations within a block
         random.Random(self.seed * 1_000_003 + epoch * 7919 + block).shuffle(rows)
@@ -310,10 +296,7 @@ class SFTLoader(BlockCursor):
         rows = self._take_rows(self.B)
         if not rows:
             raise StopIteration
-        width = self.T + 1
-        if self.mode == "pad_longest":
-            width = max(sum(len(t) for t, _ in row) for row in rows)
-        ids, mask = rows_to_tensors(rows, width, self.pad_id)
+        ids, mask = rows_to_tensors(rows, self.T + 1, self.pad_id)
         real = sum(len(t) for row in rows for t, _ in row)
         self.real_tokens += real          # counted over rows of T + 1, as packing_stats does
         self.total_tokens += ids.numel()
@@ -321,18 +304,9 @@ class SFTLoader(BlockCursor):
         return to_device(x, self.device), to_device(y, self.device)
 
 
-def packing_stats(items, seq_len: int, mode: str = "bestfit", batch_size: int = 1,
-                  block_size: int = 1024, seed: int = 0) -> dict:
-    """Rows and the fraction of real (non-pad) tokens in one epoch (epoch 0, one rank) for
-    `mode`; pad_longest pads each batch of `batch_size` rows to its longest row."""
-    loader = SFTLoader(items, batch_size, seq_len, pad_id=0, seed=seed, block_size=block_size,
-                       mode=mode, loop=False)
+def packing_stats(items, seq_len: int, block_size: int = 1024, seed: int = 0) -> dict:
+    """Rows and the fraction of real (non-pad) tokens in one epoch (epoch 0, one rank)."""
+    loader = SFTLoader(items, 1, seq_len, pad_id=0, seed=seed, block_size=block_size, loop=False)
     rows = [row for b in range(-(-len(items) // block_size)) for row in loader.block_rows(0, b)]
-    lengths = [sum(len(t) for t, _ in row) for row in rows]
-    total = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = lengths[i:i + batch_size]
-        width = max(chunk) if mode == "pad_longest" else seq_len + 1
-        total += width * len(chunk)
-    return {"rows": len(rows), "tokens": total, "real_tokens": sum(lengths),
-            "real_token_fraction": sum(lengths) / max(1, total)}
+    real, total = sum(len(t) for row in rows for t, _ in row), len(rows) * (seq_len + 1)
+    return {"rows": len(rows), "tokens": total, "real_tokens": real, "real_token_fraction": real / max(1, total)}
