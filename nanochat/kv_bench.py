@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat.timing import environment, seconds_per_call, timed_run
+from nanochat.timing import device_sync, environment, seconds_per_call, timed_run
 from nanochat import checkpoint as ckpt
 from nanochat.logfmt import write_stage_records
 from nanochat.common import UserError, atomic_path, atomic_write_json, atomic_write_text, cli_main, print0
@@ -68,12 +68,7 @@ def measure_bandwidth(device: torch.device, repeats: int = 5) -> float:
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     # one untimed copy first: it faults the pages in
-    return 2 * n * 4 / min(seconds_per_call(lambda: dst.copy_(src), lambda: _sync(device), 1, repeats, 1))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return 2 * n * 4 / min(seconds_per_call(lambda: dst.copy_(src), lambda: device_sync(device), 1, repeats, 1))
 
 
 def decode_bytes_per_step(model: GPT, batch: int, context: float) -> float:
@@ -160,7 +155,7 @@ def matmul_floor_s(model: GPT, engine: Engine, batch: int, device: torch.device,
         w.head_matmul(x)
 
     with torch.inference_mode():
-        return statistics.median(seconds_per_call(step, lambda: _sync(device), 3, repeats, steps))
+        return statistics.median(seconds_per_call(step, lambda: device_sync(device), 3, repeats, steps))
 
 
 def nocache_stream(model: GPT, idx: torch.Tensor, new_tokens: int):

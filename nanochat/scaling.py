@@ -104,26 +104,22 @@ def new_groups(scopes: dict[str, list[list[int]]]) -> dict[str, object | None]:
     return mine
 
 
-def _sync(device: torch.device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_allreduce(group, device: torch.device, nbytes: int, warmup: int, iters: int) -> float:
     """Median seconds of one all-reduce of `nbytes` (fp32) in `group`, the slowest rank's."""
     import torch
     import torch.distributed as dist
+
+    from nanochat.timing import device_sync
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     for _ in range(warmup):
         dist.all_reduce(x, group=group)
     times = []
     for _ in range(iters):
-        _sync(device)
+        device_sync(device)
         dist.barrier(group=group)
         t0 = time.perf_counter()
         dist.all_reduce(x, group=group)
-        _sync(device)
+        device_sync(device)
         times.append(time.perf_counter() - t0)
     t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

@@ -47,11 +47,16 @@ def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], warmup:
     return times
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose work is done on return)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_run(make_stream, device: torch.device) -> dict:
     """One pass over a token stream (`make_stream()` yields once per decode step): its total and
     first-token seconds and the gaps between steps, from a device sync before it starts."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     t0 = time.perf_counter()
     arrivals = [time.perf_counter() for _ in make_stream()]
     return {"total_s": arrivals[-1] - t0, "ttft_s": arrivals[0] - t0,
