@@ -19,7 +19,7 @@ part is a child process (`python -m ...`) with its own timeout, timed.
    probes, the chosen device batch.
 
 Sized for one H100/H200: about 8 minutes in all, `--quick` about 3 (the budgets in `plan`, each
-part's elapsed time next to its budget in the table). The GPU targets of issue 15 (d12 decode at
+part's elapsed time next to its budget in the table). The GPU goals of issue 15 (d12 decode at
 batch 1 ≥ 1,000 tok/s with the CUDA graph; batch 64 ≥ 25% of the memory roofline; compiled d12
 training at sequence 2048 ≥ 40% bf16 MFU; discovery ≤ 20 s uncompiled) are shown next to the
 measured values, met or not, when measured on CUDA.
@@ -34,7 +34,7 @@ of the compiled d12 step, decode tok/s with and without the CUDA graph.
 
 Writes DIR/selftest.json (the device, torch and CUDA versions; per part its command, elapsed
 seconds, status ok / failed / not run and why, key figures, the error tail of a failed part; the
-targets) — rewritten after every part, so a killed run keeps what finished — and DIR/selftest.md,
+goals) — rewritten after every part, so a killed run keeps what finished — and DIR/selftest.md,
 the table, also printed. Each part's output is in DIR/<part>/log.txt. Exit code 1 when a part
 that ran failed (the other parts still run), 2 for bad input (an unwritable --out, checked before
 anything runs), 143 on SIGTERM (the running part and its children stopped, the report written).
@@ -340,7 +340,7 @@ READERS = {"train": read_train, "kv_sweep": read_kv_sweep, "decode": read_decode
 
 
 # --------------------------------------------------------------------------------------------
-# The GPU targets (issue 15)
+# The GPU goals (issue 15; "targets" elsewhere are the report's time-to-target metrics)
 
 def _point(parts: dict, part: str, **match) -> dict | None:
     for p in parts.get(part, {}).get("figures", {}).get("points", []):
@@ -349,8 +349,8 @@ def _point(parts: dict, part: str, **match) -> dict | None:
     return None
 
 
-def targets(parts: dict, cuda: bool) -> list[dict]:
-    """Each GPU target with the measured value and met / not met (None when not measured)."""
+def goals(parts: dict, cuda: bool) -> list[dict]:
+    """Each GPU goal with the measured value and met / not met (None when not measured)."""
     train = parts.get("train", {}).get("figures", {})
     compiled = train.get("compiled", {})
     bs = parts.get("batch_size", {}).get("figures", {})
@@ -411,7 +411,7 @@ def markdown(report: dict) -> str:
                   f"{'' if cuda else ', CPU shape'}). Logs: {report['out_dir']}/<part>/log.txt"]
     lines += ["", *selftest_facts.markdown(report.get("facts") or [])]
     lines += ["", "| GPU target | goal | measured | met |", "|---|---|---:|---|"]
-    for t in report["targets"]:
+    for t in report["goals"]:
         measured = t.get("note") if t["measured"] is None else f"{t['measured']:,}"
         met = "—" if t["met"] is None else ("met" if t["met"] else "**not met**")
         lines.append(f"| {t['what']} | {t['goal']} | {measured} | {met} |")
@@ -492,7 +492,7 @@ def main(argv: list[str]) -> int:
                    else "d12" if cuda else f"CPU shape: {CPU_SHAPE_NAME}",
                    "command": shlex.join(["python", "-m", *p.args]), "budget_s": p.budget_s,
                    "timeout_s": p.timeout_s, "elapsed_s": None, "status": "pending"} for p in parts],
-        "targets": [],
+        "goals": [],
     }
     print(f"selftest: {environment['device']}, torch {environment['torch']}"
           + (f", CUDA {environment['cuda_build']}" if cuda else " — no CUDA: GPU parts not run, "
@@ -502,7 +502,7 @@ def main(argv: list[str]) -> int:
     terminated = run_parts(parts, report, selected, cuda, out, env)
     report["total_s"] = round(time.perf_counter() - t_all, 1)
     report["complete"] = not terminated
-    report["targets"] = targets({e["name"]: e for e in report["parts"]}, cuda)
+    report["goals"] = goals({e["name"]: e for e in report["parts"]}, cuda)
     report["facts"] = selftest_facts.facts({e["name"]: e for e in report["parts"]}, environment)
     failed = [e["name"] for e in report["parts"] if e["status"] == "failed"]
     report["ok"] = not failed
@@ -540,7 +540,7 @@ def run_parts(parts: list[Part], report: dict, selected, cuda: bool, out: Path, 
                   + (f" ({entry['reason']})" if entry.get("reason") else "")
                   + f" in {elapsed:.1f} s (budget {p.budget_s} s)"
                   + (f" — {entry['summary']}" if entry.get("summary") else ""), flush=True)
-            report["targets"] = targets(by_name, cuda)
+            report["goals"] = goals(by_name, cuda)
             atomic_write_json(out / "selftest.json", report)
     except Terminated:
         for entry in report["parts"]:

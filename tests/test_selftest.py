@@ -1,14 +1,14 @@
 """The self-test (`python -m bench.selftest`): on CPU the quick run end to end (CPU parts
 measured, GPU parts plainly not run), a part that fails for real while the others still run, bad
 --out; and the GPU-side logic reachable without a GPU — the d12 plan and its budgets, pytest's
-junit summary, the targets' met / not met."""
+junit summary, the goals' met / not met."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench.selftest import PART_NAMES, TOTAL_BUDGET_S, Part, plan, read_cuda_tests, targets
+from bench.selftest import PART_NAMES, TOTAL_BUDGET_S, Part, goals, plan, read_cuda_tests
 from test_cli import error_line, run_cli
 
 CPU_PARTS = ("train", "kv_sweep", "decode", "batch_size")
@@ -59,7 +59,7 @@ def test_quick_selftest_on_cpu_measures_the_cpu_parts_and_says_the_gpu_parts_wer
     bs = parts["batch_size"]["figures"]
     assert bs["discovery_s"] > 0 and bs["probes"] >= 1 and bs["batch_size"] in (2, 4)
     assert report["total_s"] >= sum(parts[n]["elapsed_s"] for n in CPU_PARTS)
-    for t in report["targets"]:
+    for t in report["goals"]:
         assert t["measured"] is None and t["met"] is None and t["note"] == "not measured: no CUDA device", t
     facts = dict(report["facts"])  # the one facts table, the device first
     assert list(facts)[0] == "device" and facts["device"].startswith("cpu")
@@ -175,16 +175,16 @@ def test_gpu_targets_met_and_not_met_from_the_figures():
                                               "compiled": {"mfu_datasheet_percent": 41.2}}},
         "batch_size": {"status": "failed"},
     }
-    got = {t["name"]: t for t in targets(parts, cuda=True)}
+    got = {t["name"]: t for t in goals(parts, cuda=True)}
     assert (got["decode_b1_cuda_graph"]["measured"], got["decode_b1_cuda_graph"]["met"]) == (1234.5, True)
     assert (got["roofline_b64"]["measured"], got["roofline_b64"]["met"]) == (21.5, False), "the cache row"
     assert got["train_mfu"]["met"] is True and got["train_mfu"]["goal"] == "≥ 40 % MFU (datasheet)"
     assert got["discovery_s"]["met"] is None
     assert got["discovery_s"]["note"] == "not measured: part batch_size failed"
     parts["train"]["figures"]["shape"]["seq"] = 1024
-    assert targets(parts, cuda=True)[2]["measured"] is None, "MFU target only at sequence 2048"
+    assert goals(parts, cuda=True)[2]["measured"] is None, "MFU target only at sequence 2048"
     parts["batch_size"] = {"status": "ok", "figures": {"discovery_s": 20.0}}
-    assert targets(parts, cuda=True)[3]["met"] is True, "≤ 20 s"
+    assert goals(parts, cuda=True)[3]["met"] is True, "≤ 20 s"
 
 
 def test_the_cuda_part_collects_every_cuda_marked_test_in_every_file():
