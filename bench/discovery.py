@@ -21,10 +21,9 @@ import statistics
 import tempfile
 import time
 
-from bench.harness import emit, timing_args
+from bench.harness import bench_training, emit, timing_args
 from nanochat.timing import environment
 from nanochat.batchsize.search import discover, resolve_target
-from bench.throughput import bench_training
 from nanochat.common import UserError, cli_main
 from nanochat.config import grad_accum_steps
 from nanochat.recipe import load_recipe, recipe_argparser

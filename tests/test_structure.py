@@ -34,7 +34,7 @@ def _is_command(path: Path) -> bool:
 #   take the node-local compile cache from the one rule the jobs use (no copy of it in shell).
 LIBRARY_COMMANDS = {"nanochat.recipe", "nanochat.paths"}
 ENTRY_POINTS = {mod for mod, path in MODULES.items()
-                if mod.startswith(("nanochat", "jobs")) and _is_command(path)} - LIBRARY_COMMANDS
+                if _is_command(path)} - LIBRARY_COMMANDS
 # jobs.tasks is what a job runs: it calls the stages' commands in-process (train_base, write_report,
 # ...), so it may import them; nothing imports it. Except one reference, not a use: the SLURM
 # executor hands submitit `jobs.tasks.run_task`, which submitit pickles BY REFERENCE and calls in
@@ -54,7 +54,7 @@ def _imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[s
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [a.name for a in node.names]
-            # `from nanochat import tasks` imports the module nanochat.data.problems
+            # `from nanochat.data import problems` imports the module nanochat.data.problems
             subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in MODULES]
             out += [(m, [], node.lineno) for m in subs]
             if len(subs) < len(names):
