@@ -260,9 +260,12 @@ def test_cpu_out_of_memory_is_caught_and_other_errors_propagate():
     recipe = recipe_from_dict(cheap("unused"))
     spec = probe_spec(recipe, resolve_target(recipe))
     with ProbeServer() as server:
-        # a real allocation failure: the step needs more address space than the cap allows
+        # A real allocation failure: the step needs more address space than the cap allows.
+        # Each logits tensor alone is 4×256×32768×4 B = 128 MiB (the step peaks at ~550 MiB):
+        # more than any slack the child's heap already maps (the tuned allocator's 64 MiB top
+        # pad, 64 MiB thread arenas), which let a ~90 MiB step pass under a 1-byte cap in CI.
         big = ProbeSpec(**{**vars(spec), "model": {**spec.model, "sequence_len": 256,
-                                                   "vocab_size": 4096}})  # ~50 MB per sample
+                                                   "vocab_size": 32768}})
         assert server.probe(big, 4, limit_bytes=1)["oom"] is True
         bad = ProbeSpec(**{**vars(spec), "model": {**spec.model, "n_head": 3}})  # 32 % 3 != 0
         with pytest.raises(ProbeError, match="not out of memory"):
