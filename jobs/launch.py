@@ -56,7 +56,7 @@ def discovery_lookup(recipe, executor: str = "local") -> tuple[list[bool] | None
     """For each grid combination (jobs.plan.grid_recipes), whether the batch-size cache already
     answers for every stage of it that asks for `auto` (base and/or sft; True where none asks),
     on the device the jobs will get — this machine's for the local executor, else the one the
-    partition's device record names (`nanochat.batchsize.devices`: a login node has no GPU) — and a line
+    partition's device record names (jobs/device_records.py: a login node has no GPU) — and a line
     saying which, or why the cache could not be asked. (None, "") when no combination asks."""
     points = grid_recipes(recipe)
     asks = [discovery_stages(p) for p in points]
@@ -64,7 +64,7 @@ def discovery_lookup(recipe, executor: str = "local") -> tuple[list[bool] | None
         return None, ""
     # imports torch: only when a stage asks
     from nanochat.batchsize.search import cached_result
-    from nanochat.batchsize.devices import partition_target
+    from jobs.device_records import partition_target
     targets: dict = {}  # (partition, constraint) → (target, where): asked once per device kind
 
     def target_of(point):

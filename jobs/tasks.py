@@ -188,7 +188,7 @@ def run_discover(run_dir: Path, index: int) -> dict:
     SLURM run it is also the job that trains the tokenizer (the login node leaves it)."""
     from nanochat.batchsize.search import discover_for_recipe
     from nanochat.data.shards import prepare_shards, prepare_tokenizer
-    from nanochat.batchsize.devices import record_device
+    from jobs.device_records import record_device
     recipe, task = task_recipe(run_dir, "discover", index)
     # Data and tokenizer first (training needs them anyway): the cache key then holds the real
     # vocabulary, exactly as the training job will compute it.

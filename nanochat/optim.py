@@ -37,12 +37,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import UserError
 from nanochat.optim_config import ADAM_ROLES, OptimArgs, adam_role  # the recipe's optim section
+
+if TYPE_CHECKING:
+    from nanochat.config import TrainArgs  # the LR schedule's settings (train.warmup_steps, ...)
 
 
 ORTHOGONALIZERS = ("polar_express", "newton_schulz")
@@ -283,6 +287,19 @@ class Muon(torch.optim.Optimizer):
         for h in handles:
             h.wait()
         return loss
+
+
+def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
+    """Linear warmup, constant, linear warmdown to final_lr_frac (upstream base_train.py
+    `get_lr_multiplier`; warmup in steps, train.warmup_steps, or a fraction of the run)."""
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * num_steps)
+    warmdown = round(args.warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_steps - warmdown:
+        return 1.0
+    progress = (num_steps - step) / warmdown
+    return progress + (1 - progress) * args.final_lr_frac
 
 
 def muon_momentum(step: int, args: OptimArgs, num_steps: int = 0, warmdown_ratio: float = 0.0) -> float:

@@ -19,24 +19,21 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from nanochat import checkpoint as ckpt
 from nanochat.batchsize.verify import at_device_batch, batch_check, discovery_summary
 from nanochat.batchsize.search import resolve_device_batch_size
 from nanochat.data.conversations import load_sft_conversations
-from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
-                             print0)
+from nanochat.common import UserError, cli_main, print0
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.grad_sync import training_model
 from nanochat.loss_eval import make_loss_evaluator
 from nanochat.optim import build_optimizers
-from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
+from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, compile_count, runtime
 from nanochat.data.loaders import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import LoopSpec, imports_done, restore_training_state, setup_phase, train_loop
+from nanochat.trainer import LoopSpec, imports_done, setup_phase, start_run, train_loop
 
 
 def sft_dir(recipe: Recipe) -> Path:
@@ -164,30 +161,15 @@ def _train_sft(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_requeste
         steps = recipe.sft.num_iterations
     else:
         steps = max(1, recipe.sft.num_epochs * packing["rows"] // rows_per_step)
-    meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
-            "git_commit": git_commit(), "code": code_provenance(),  # commit, dirty, snapshot dir
-            "tokenizer_key": base_meta.get("tokenizer_key"),
-            "base_checkpoint": str(base_step)}
-    start_step, loader_state = 0, None
-    if latest is not None:
-        start_step, loader_state = restore_training_state(
-            latest, rt, model, optimizers, {"model_config": meta["model_config"]})
-        print0(f"resuming from {latest} (step {start_step})")
-    if rt.dist.is_master:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(recipe, out / "recipe.yaml",
-                             {"device_batch_size": device_batch, "grad_accum": accum,
-                              "num_iterations": steps, "world_size": rt.dist.world_size,
-                              "base_checkpoint": str(base_step)})
-        if not (out / "tokenizer" / "tokenizer.json").exists():
-            tokenizer.save(out / "tokenizer")
-        atomic_write_json(out / "run.json", {
-            "stage": "sft", "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
-            "base_checkpoint": str(base_step), "device": str(rt.device), "dtype": str(rt.dtype),
-            "world_size": rt.dist.world_size, "torch": torch.__version__,
-            "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
-            "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats,
-            "discovery": discovery_summary(found)})
+    meta, start_step, loader_state = start_run(
+        rt, out, latest, model, optimizers, recipe, config, tokenizer,
+        {"tokenizer_key": base_meta.get("tokenizer_key"), "base_checkpoint": str(base_step)},
+        {"device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
+         "world_size": rt.dist.world_size, "base_checkpoint": str(base_step)},
+        {"stage": "sft", "base_checkpoint": str(base_step), "device_batch_size": device_batch,
+         "grad_accum": accum, "num_iterations": steps,
+         "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats,
+         "discovery": discovery_summary(found)})
     if start_step >= steps:
         print0(f"{out} is already fine-tuned to step {start_step}; nothing to do")
         return {"step": start_step}

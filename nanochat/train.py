@@ -18,8 +18,7 @@ import torch
 from nanochat import checkpoint as ckpt
 from nanochat.batchsize.verify import at_device_batch, batch_check, discovery_summary
 from nanochat.batchsize.search import resolve_device_batch_size
-from nanochat.common import (UserError, atomic_write_json, cli_main, code_provenance, git_commit, now_iso,
-                             print0)
+from nanochat.common import UserError, cli_main, print0
 from nanochat.config import Recipe, grad_accum_steps
 from nanochat.core_eval import make_core_evaluator
 from nanochat.data.loaders import DataLoader
@@ -29,9 +28,9 @@ from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.grad_sync import training_model
 from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.optim import Horizon, build_optimizers, optim_scaling
-from nanochat.recipe import load_recipe, recipe_argparser, recipe_to_dict, save_resolved_recipe
+from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, runtime
-from nanochat.trainer import LoopSpec, imports_done, restore_training_state, setup_phase, train_loop
+from nanochat.trainer import LoopSpec, imports_done, setup_phase, start_run, train_loop
 
 
 def num_iterations(recipe: Recipe, model: GPT) -> int:
@@ -104,31 +103,16 @@ def _train_base(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_request
                                                     vocab_size=config.vocab_size)
     seq = config.sequence_len
     accum = grad_accum_steps(recipe.train.total_batch_size, device_batch, seq, rt.dist.world_size)
-    meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
-            "git_commit": git_commit(), "code": code_provenance(),  # commit, dirty, snapshot dir
-            "tokenizer_key": tokenizer_key(recipe)}
-
-    start_step, loader_state = 0, None
-    if latest is not None:
-        start_step, loader_state = restore_training_state(
-            latest, rt, model, optimizers, {"model_config": meta["model_config"]})
-        print0(f"resuming from {latest} (step {start_step})")
-    if rt.dist.is_master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(recipe, run_dir / "recipe.yaml",
-                             {"device_batch_size": device_batch, "grad_accum": accum,
-                              "num_iterations": steps, "world_size": rt.dist.world_size})
-        tok_out = run_dir / "tokenizer"
-        if not (tok_out / "tokenizer.json").exists():
-            tokenizer.save(tok_out)
-        atomic_write_json(run_dir / "run.json", {
-            "stage": "base", "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
-            "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
-            "torch": torch.__version__, "params": nparams, "flops_per_token": flops,
-            "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
-            "tokens_per_step": recipe.train.total_batch_size, "optim_scaling": scaling,
-            "discovery": discovery_summary(found),
-            "attention": attention_backend(rt.device, recipe.train.compile)})
+    meta, start_step, loader_state = start_run(
+        rt, run_dir, latest, model, optimizers, recipe, config, tokenizer,
+        {"tokenizer_key": tokenizer_key(recipe)},
+        {"device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
+         "world_size": rt.dist.world_size},
+        {"stage": "base", "params": nparams, "flops_per_token": flops,
+         "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
+         "tokens_per_step": recipe.train.total_batch_size, "optim_scaling": scaling,
+         "discovery": discovery_summary(found),
+         "attention": attention_backend(rt.device, recipe.train.compile)})
     if start_step >= steps:
         print0(f"{run_dir} is already trained to step {start_step}; nothing to do")
         return {"step": start_step}

@@ -8,6 +8,7 @@ atomic checkpoints and exact resume, torch.profiler traces, and stopping on requ
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,27 +24,15 @@ import torch
 from nanochat import attention
 from nanochat import checkpoint as ckpt
 from nanochat.batchsize.verify import BatchCheck, check_after_step, checked_micro_steps
-from nanochat.common import UserError, atomic_write_json, print0
-from nanochat.config import OptimArgs, TrainArgs
+from nanochat.common import UserError, atomic_write_json, code_provenance, git_commit, now_iso, print0
+from nanochat.config import OptimArgs, Recipe, TrainArgs
 from nanochat.logfmt import STAGE_LOGS, StageLog, argv_script, sig
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, warm_up
-from nanochat.optim import load_optimizer_state_dicts, muon_momentum, muon_weight_decay_at, optimizer_step
+from nanochat.optim import load_optimizer_state_dicts, lr_multiplier, muon_momentum, muon_weight_decay_at, optimizer_step
 from nanochat.plots import plot_progress, plot_title, read_jsonl
+from nanochat.recipe import recipe_to_dict, save_resolved_recipe
 from nanochat.runtime import Runtime, compile_cache_counts, compile_cache_state, mfu_percent, peak_flops
 from nanochat.tracking import start_tracking
-
-
-def lr_multiplier(step: int, num_steps: int, args: TrainArgs) -> float:
-    """Linear warmup, constant, linear warmdown to final_lr_frac (upstream base_train.py
-    `get_lr_multiplier`; warmup in steps, train.warmup_steps, or a fraction of the run)."""
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * num_steps)
-    warmdown = round(args.warmdown_ratio * num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_steps - warmdown:
-        return 1.0
-    progress = (num_steps - step) / warmdown
-    return progress + (1 - progress) * args.final_lr_frac
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,10 +45,6 @@ class ProgressLog(StageLog):
     def __init__(self, path: Path, enabled: bool, stage: str = "base", echo=None):
         super().__init__(Path(path).parent / STAGE_LOGS.get(stage, f"{stage}.log"), path, enabled, echo)
         self.path = Path(path)
-
-
-def read_progress(path: Path) -> list[dict]:
-    return read_jsonl(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,3 +567,30 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
                f"{'; '.join(changed[:6])}" + (f"; and {len(changed) - 6} more" if len(changed) > 6 else ""))
     ckpt.set_rng_state(rng)
     return int(meta["step"]), meta["loader"][rt.dist.rank]
+
+
+def start_run(rt: Runtime, out: Path, latest: Path | None, model: torch.nn.Module, optimizers: list,
+              recipe: Recipe, config, tokenizer, meta: dict, resolved: dict, run_json: dict
+              ) -> tuple[dict, int, dict | None]:
+    """What base training and SFT both do before their loop: resume from `latest` (the run's
+    newest checkpoint, if any), then on rank 0 write the run directory's resolved recipe (with
+    `resolved` in its header), tokenizer and run.json (`run_json` plus what every stage records).
+    Returns (the checkpoints' meta: `meta` plus what every stage records, the start step, this
+    rank's loader state or None)."""
+    meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
+            "git_commit": git_commit(), "code": code_provenance(), **meta}  # code: commit, dirty, snapshot
+    start_step, loader_state = 0, None
+    if latest is not None:
+        start_step, loader_state = restore_training_state(
+            latest, rt, model, optimizers, {"model_config": meta["model_config"]})
+        print0(f"resuming from {latest} (step {start_step})")
+    if rt.dist.is_master:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(recipe, out / "recipe.yaml", resolved)
+        if not (out / "tokenizer" / "tokenizer.json").exists():
+            tokenizer.save(out / "tokenizer")
+        atomic_write_json(out / "run.json", {
+            "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
+            "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
+            "torch": torch.__version__, **run_json})
+    return meta, start_step, loader_state

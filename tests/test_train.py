@@ -13,7 +13,8 @@ from nanochat.config import TrainArgs
 from nanochat.recipe import load_recipe, recipe_from_dict
 from nanochat.train import train_base
 from nanochat.config import grad_accum_steps
-from nanochat.trainer import lr_multiplier, read_progress
+from nanochat.optim import lr_multiplier
+from nanochat.plots import read_jsonl
 
 
 def stop_after(n_steps):
@@ -27,11 +28,11 @@ def stop_after(n_steps):
 
 
 def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_progress(run_dir / "progress.jsonl") if r["event"] == "train"}
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "progress.jsonl") if r["event"] == "train"}
 
 
 def bpbs(run_dir):
-    return {r["step"]: r["val_bpb"] for r in read_progress(run_dir / "progress.jsonl") if r["event"] == "eval"}
+    return {r["step"]: r["val_bpb"] for r in read_jsonl(run_dir / "progress.jsonl") if r["event"] == "eval"}
 
 
 def with_run_dir(recipe: dict, path) -> dict:
@@ -168,7 +169,7 @@ def test_two_ranks_with_a_discovered_batch_train_as_a_fixed_batch_does(tiny_reci
     _run_ddp(with_run_dir(auto, tmp_path / "auto"))
     found = json.loads((tmp_path / "auto" / "run.json").read_text())["device_batch_size"]
     _run_ddp(with_run_dir({**base, "train": {**base["train"], "device_batch_size": found}}, tmp_path / "fixed"))
-    memory = [r for r in read_progress(tmp_path / "auto" / "progress.jsonl") if r["event"] == "memory"]
+    memory = [r for r in read_jsonl(tmp_path / "auto" / "progress.jsonl") if r["event"] == "memory"]
     assert memory, "the discovered batch's first steps were not watched"
     assert losses(tmp_path / "auto") == losses(tmp_path / "fixed")
     wa = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "auto"))
@@ -185,7 +186,7 @@ def test_two_ranks_stop_one_step_after_the_request_whatever_the_log_cadence(tiny
                                      "train_log_every": 50}}
     _run_ddp(with_run_dir(base, tmp_path / "run"), stop_at=4)
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000004"
-    saves = [r for r in read_progress(tmp_path / "run" / "progress.jsonl") if r["event"] == "checkpoint"]
+    saves = [r for r in read_jsonl(tmp_path / "run" / "progress.jsonl") if r["event"] == "checkpoint"]
     assert [r["step"] for r in saves] == [4] and saves[0]["checkpoint_s"] > 0
 
 

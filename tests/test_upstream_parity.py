@@ -25,7 +25,7 @@ from nanochat.kv_cache import KVCache
 from nanochat.optim import Muon, build_optimizers, muon_momentum, muon_weight_decay_at
 from nanochat.recipe import load_recipe
 from nanochat.train import num_iterations, run_horizon
-from nanochat.trainer import lr_multiplier
+from nanochat.optim import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 

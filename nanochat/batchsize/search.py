@@ -455,8 +455,8 @@ def discover(recipe: Recipe, stage: str = "base", world_size: int = 1, model=Non
 def cached_result(recipe: Recipe, stage: str = "base", world_size: int = 1,
                   vocab_size: int | None = None, target: Target | None = None) -> dict | None:
     """The cached record for this recipe without probing (None on a miss), on `target` — the
-    device the jobs will get (`targets.partition_target`) — or this process's own device. The
-    launcher asks this to skip the discovery job."""
+    device the jobs will get, which the launcher reads from a partition's device record — or
+    this process's own device. The launcher asks this to skip the discovery job."""
     dc = recipe.discovery
     section = recipe.training_section(stage)
     target = target or resolve_target(recipe, stage)

@@ -8,7 +8,8 @@ from nanochat.batchsize.search import cached_result, discover
 from nanochat.common import UserError
 from nanochat.config import DEVICE_NAME_ENV
 from nanochat.recipe import recipe_from_dict
-from nanochat.batchsize.devices import partition_target, record_device, record_path, resolve_target
+from jobs.device_records import partition_target, record_device, record_path
+from nanochat.batchsize.devices import resolve_target
 
 
 def recipe_for(tmp_path, **cluster):
