@@ -379,14 +379,20 @@ def override_recipe(base: dict, overrides: list[str]) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None,
                 notes: list[str] | None = None) -> Recipe:
     """Load, merge, override, type-check and validate a recipe. Raises UserError (one line).
-    `notes` collects one line per file that overrides a site file's values (the launcher and
-    `python -m nanochat.recipe` print them)."""
-    data, prov, _ = _read_yaml(Path(path), notes=notes)
+    `notes` collects one line per file that overrides a site file's values and per file that uses
+    old key names (the launcher and `python -m nanochat.recipe` print them where they choose);
+    without a list, the notes go to stderr once the recipe is valid, so every command says them."""
+    said = [] if notes is None else notes
+    data, prov, _ = _read_yaml(Path(path), notes=said)
     if overrides:
-        odata, oprov = parse_overrides(overrides, notes)
+        odata, oprov = parse_overrides(overrides, said)
         data = _merge(data, odata)
         prov = {**prov, **oprov}
-    return recipe_from_dict(data, prov)
+    recipe = recipe_from_dict(data, prov)
+    if notes is None:
+        for line in said:
+            print(line, file=sys.stderr, flush=True)
+    return recipe
 
 
 def recipe_to_dict(r: Recipe) -> dict:

@@ -652,7 +652,7 @@ def test_an_unknown_role_or_setting_is_one_line_naming_file_line_and_the_valid_n
                    "valid keys: betas, weight_decay, eps")
 
 
-def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path):
+def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path, capsys):
     old = write(tmp_path / "old.yaml", """
         optim:
           embedding_betas: [0.9, 0.99]
@@ -670,6 +670,9 @@ def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path
     """)
     notes, none = [], []
     assert load_recipe(old, notes=notes) == load_recipe(new, notes=none) and none == []
+    capsys.readouterr()
+    load_recipe(old)  # what every command does (python -m nanochat.train, ...): the same note, on stderr
+    assert capsys.readouterr().err.splitlines() == notes
     assert notes == [f"note: {old}:2: old optim keys read under their new names (optim.embedding_betas → "
                      "optim.adamw_roles.embedding.betas, optim.x0_weight_decay → optim.adamw_roles.x0.weight_decay, "
                      "optim.unembedding_eps → optim.adamw_roles.unembedding.eps, grid axis optim.smear_weight_decay → "

@@ -24,10 +24,32 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 RECIPE_FILE = {"name": "s", "cluster": {"gpus_per_node": 1, "cpus_per_task": 1, "time_min": 10}}  # (the recipe_file fixture)
 
 
-def launch(*args, timeout=120):
+def launch(*args, timeout=120, env: dict | None = None):
     res = subprocess.run([sys.executable, "jobs/launch.py", *map(str, args), "--executor", "slurm"],
-                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                         cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
     return res
+
+
+def train_records(progress: Path) -> list[dict]:
+    return [r for r in map(json.loads, progress.read_text().splitlines()) if r["event"] == "train"]
+
+
+def wait_for_train_records(progress: Path, n: int, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Until a task's progress.jsonl holds `n` training records: the task is mid-run."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not (progress.exists() and progress.read_text().count('"train"') >= n):
+        time.sleep(poll_s)
+
+
+def assert_losses_equal_an_uninterrupted_run(run: Path, progress: Path, overrides: list[str], out: Path):
+    """The run's recipe with `overrides`, trained again in this process without interruption into
+    `out`: the interrupted task's losses equal its, step by step."""
+    from nanochat.recipe import load_recipe
+    from nanochat.train import train_base
+    train_base(load_recipe(run / "recipe.yaml", overrides + [f"run_dir={out}"]))
+    assert ([(r["step"], r["loss"]) for r in train_records(progress)]
+            == [(r["step"], r["loss"]) for r in train_records(out / "progress.jsonl")])
 
 
 def wait_until_done(run_dir: Path, timeout_s: float = 400) -> list[dict]:

@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 from nanochat import checkpoint as ckpt
-from test_slurm import RECIPE_FILE, REPO, attempts, launch, scontrol_job, wait_until_done  # noqa: F401  (RECIPE_FILE: the recipe_file fixture reads it)
+from test_slurm import (RECIPE_FILE, REPO, assert_losses_equal_an_uninterrupted_run, attempts, launch,  # noqa: F401
+                        scontrol_job, wait_for_train_records, wait_until_done)  # (RECIPE_FILE: the recipe_file fixture reads it)
 
 
 def test_the_warning_signal_to_the_whole_job_checkpoints_requeues_and_resumes(slurm, recipe_file, tmp_path):
@@ -31,9 +31,7 @@ def test_the_warning_signal_to_the_whole_job_checkpoints_requeues_and_resumes(sl
     assert res.returncode == 0, res.stderr
     job = json.loads((run / "manifest.json").read_text())["stages"]["base"]["job_id"]
     progress = run / "base" / "000" / "progress.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (progress.exists() and progress.read_text().count('"train"') >= 40):
-        time.sleep(0.05)
+    wait_for_train_records(progress, 40, 120, poll_s=0.05)
     subprocess.run(["scancel", "--signal=USR2", "--full", job], check=True)
     rows = wait_until_done(run, 400)
     assert rows[0]["state"] == "COMPLETED"
@@ -43,17 +41,9 @@ def test_the_warning_signal_to_the_whole_job_checkpoints_requeues_and_resumes(sl
     assert first[0]["State"] == "REQUEUED", first
     batch = next(r for r in first if r["JobID"] == f"{job}.batch")
     assert batch["ExitCode"] != "0:12", f"the batch shell died of the warning signal: {first}"
-    interrupted = [r for r in map(json.loads, progress.read_text().splitlines()) if r["event"] == "train"]
     stopped = int(re.search(r"stopped at step (\d+)", log).group(1))
     assert 0 < stopped < 150, "the signal came mid-run"
-    # the same recipe without interruption, in-process
-    from nanochat.recipe import load_recipe
-    from nanochat.train import train_base
-    straight = load_recipe(run / "recipe.yaml", common[:3] + [f"run_dir={tmp_path / 'straight'}"])
-    train_base(straight)
-    reference = [r for r in map(json.loads, (tmp_path / "straight" / "progress.jsonl").read_text().splitlines())
-                 if r["event"] == "train"]
-    assert [(r["step"], r["loss"]) for r in interrupted] == [(r["step"], r["loss"]) for r in reference]
+    assert_losses_equal_an_uninterrupted_run(run, progress, common[:3], tmp_path / "straight")
 
 
 def test_at_the_time_limit_training_checkpoints_and_requeues_until_its_cap(slurm, recipe_file, tmp_path):
@@ -81,7 +71,7 @@ def test_at_the_time_limit_training_checkpoints_and_requeues_until_its_cap(slurm
     assert rows[0]["state"] == "FAILED", (rows, log[-3000:])
     stops = [int(k) for k in re.findall(r"stopped at step (\d+) on request", log)]
     assert len(stops) == 2 and 0 < stops[0] < stops[1], log[-3000:]
-    assert f"resuming from" in log and "after 1 requeue (cluster.max_requeues=1)" in log, log[-3000:]
+    assert "resuming from" in log and "after 1 requeue (cluster.max_requeues=1)" in log, log[-3000:]
     states = [r["State"] for r in attempts(job) if "." not in r["JobID"]]
     assert "REQUEUED" in states and "TIMEOUT" not in states, states
     assert [c.name for c in ckpt.list_checkpoints(run / "base" / "000")] == \
