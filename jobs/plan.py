@@ -116,7 +116,7 @@ def grid_recipes(recipe: Recipe) -> list[Recipe]:
     if not recipe.grid:
         return [recipe]
     base = recipe_to_dict(recipe)
-    return [override_recipe(base, overrides) for overrides in grid_overrides(recipe)]
+    return [override_recipe(base, overrides, source="grid combination") for overrides in grid_overrides(recipe)]
 
 
 def check_safe(recipe: Recipe) -> None:

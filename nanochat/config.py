@@ -240,7 +240,7 @@ class Recipe:
     run_dir: str | None = None      # outputs (checkpoints, logs, resolved recipe)
     cache_dir: str | None = None    # the root of every cache (data, pip sdists, tokenizers, batch sizes) unless a key says otherwise; None: $NANOCHAT_HOME/cache, else ./cache. Shared storage on clusters
     stages: list[str] = field(default_factory=lambda: ["discover", "base", "kv_bench", "report"])  # what jobs/launch.py runs, in the order check, discover, base, sft, eval, kv_bench, report (check: the cluster check first; the rest wait for it)
-    grid: dict[str, list[int | float | str | bool]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination
+    grid: dict[str, list[int | float | str | bool | list[int | float]]] = field(default_factory=dict)  # launcher sweep axes, section.key: [values]; one training task per combination; a value may be a list (e.g. optim.adamw_roles.embedding.betas: [[0.8, 0.95], [0.9, 0.99]])
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
     data: DataArgs = field(default_factory=DataArgs)

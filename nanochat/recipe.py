@@ -164,10 +164,11 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def parse_overrides(overrides: list[str], notes: list | None = None) -> tuple[dict, dict[str, str]]:
+def parse_overrides(overrides: list[str], notes: list | None = None,
+                    source: str = "command line") -> tuple[dict, dict[str, str]]:
     """`section.key=value` strings → nested dict (a dotted key nests: optim.adamw_roles.x0.betas=
     [0.9,0.99] sets one setting of one role). Values are parsed as YAML scalars/lists (`8`,
-    `true`, `null`, `[1,2]`), never by a shell."""
+    `true`, `null`, `[1,2]`), never by a shell. Errors name them as `source (item)`."""
     data: dict = {}
     prov: dict[str, str] = {}
     for item in overrides:
@@ -187,7 +188,7 @@ def parse_overrides(overrides: list[str], notes: list | None = None) -> tuple[di
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
         node[parts[-1]] = value
-        prov[key] = f"command line ({item})"
+        prov[key] = f"{source} ({item})"
     return _renamed(data, prov, notes), prov
 
 
@@ -369,10 +370,10 @@ def recipe_from_dict(data: dict, prov: dict[str, str] | None = None) -> Recipe:
         raise UserError(f"{_where(e.key, prov)}: {msg}") from None
 
 
-def override_recipe(base: dict, overrides: list[str]) -> Recipe:
+def override_recipe(base: dict, overrides: list[str], source: str = "command line") -> Recipe:
     """A recipe from a resolved recipe dict (e.g. a checkpoint's) with `section.key=value`
     overrides on top, validated like a recipe file."""
-    data, prov = parse_overrides(list(overrides))
+    data, prov = parse_overrides(list(overrides), source=source)
     return recipe_from_dict(_merge(_renamed(base, {}), data), prov)  # base's old names first: the overrides win
 
 

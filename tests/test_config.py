@@ -716,3 +716,13 @@ def test_a_grid_over_one_adamw_setting_gives_each_task_its_value():
     assert grid_overrides(r) == [["optim.adamw_roles.x0.weight_decay=0.0"], ["optim.adamw_roles.x0.weight_decay=0.1"]]
     assert [g.optim.adamw_roles["x0"] for g in grid_recipes(r)] == [
         {"betas": [0.96, 0.95], "weight_decay": 0.0, "eps": 1e-10}, {"betas": [0.96, 0.95], "weight_decay": 0.1, "eps": 1e-10}]
+
+
+def test_a_grid_can_sweep_a_list_setting_and_a_list_where_a_number_belongs_names_the_combination():
+    from jobs.plan import grid_overrides, grid_recipes
+    r = recipe_from_dict({"grid": {"optim.adamw_roles.embedding.betas": [[0.8, 0.95], [0.9, 0.99]]}})
+    assert grid_overrides(r) == [["optim.adamw_roles.embedding.betas=[0.8, 0.95]"],
+                                 ["optim.adamw_roles.embedding.betas=[0.9, 0.99]"]]
+    assert [g.optim.adamw_roles["embedding"]["betas"] for g in grid_recipes(r)] == [[0.8, 0.95], [0.9, 0.99]]
+    with pytest.raises(UserError, match=r"^grid combination \(model.depth=\[2, 3\]\): model.depth must be an integer"):
+        grid_recipes(recipe_from_dict({"grid": {"model.depth": [[2, 3]]}}))
