@@ -36,7 +36,11 @@ ADDR=$(python -m jobs.nodes self 2>/dev/null || true)
 exec "$1" ${ADDR:+--local-addr="$ADDR"} "${@:2}"'
 
 # Arguments are passed as an argument vector ("$@"): recipe values never meet a shell.
+# --rdzv-conf: the c10d store's reads time out after 60 s by default (read_timeout), and an agent
+# whose node is slow to start (imports from a loaded shared filesystem, a busy node) then fails
+# the rendezvous; the local cluster saw it on a loaded host. Allow 5 min per read and 15 min to join.
 exec srun --kill-on-bad-exit=1 ${CPUS_ARGS[@]+"${CPUS_ARGS[@]}"} bash -c "$PER_NODE" _ torchrun \
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$GPUS" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
+  --rdzv-conf=join_timeout=900,read_timeout=300 \
   -m "$MODULE" "$@"
