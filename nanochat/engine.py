@@ -48,7 +48,7 @@ from nanochat.common import UserError
 from nanochat.config import Recipe
 from nanochat.decode import CACHE_STEP, HEAD_LAYOUTS, DecodeStep, compile_step, \
     mkl_packed_available
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, empty_model
 from nanochat.kv_cache import KVCache
 from nanochat.runtime import Runtime, compute_dtype
 
@@ -366,9 +366,7 @@ def build_inference_model(config: GPTConfig, device, dtype: torch.dtype,
                           state: dict | None = None, seed: int = 0) -> GPT:
     """The GPT on `device` in `dtype` (all weights cast: decode reads every weight each step, so
     bf16 halves its bytes), eval mode; `state` from a checkpoint, else random-initialised."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
+    model = empty_model(config, device)
     if state is None:
         torch.manual_seed(seed)
         model.init_weights()

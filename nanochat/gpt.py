@@ -428,10 +428,23 @@ def rotary(seq_len: int, head_dim: int, base: float, device=None):
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
-def build_model(config: GPTConfig, device) -> GPT:
-    """Build on the meta device, then allocate on `device` and initialise (fast for big models)."""
+def empty_model(config: GPTConfig, device) -> GPT:
+    """GPT(config) on `device`, its values still to be set (init_weights, or a checkpoint's).
+    On a GPU it is built on the meta device, then allocated: fast for big models. On a CPU it is
+    built in place, its modules' default initialisation drawn from a forked RNG (so the global
+    RNG reaches init_weights as the meta path leaves it): random initialisation of a meta tensor
+    goes through PyTorch's Python references, which import torch._dynamo (~3 s per process) —
+    that a compiled run imports anyway, but an eager CPU process (tests, a laptop) never needs."""
+    if torch.device(device).type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            return GPT(config)
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
+    return model.to_empty(device=device)
+
+
+def build_model(config: GPTConfig, device) -> GPT:
+    """GPT(config) on `device`, initialised (init_weights)."""
+    model = empty_model(config, device)
     model.init_weights()
     return model

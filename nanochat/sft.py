@@ -33,7 +33,8 @@ from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, compile_count, runtime
 from nanochat.data.loaders import SFTLoader, packing_stats, render_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import LoopSpec, imports_done, setup_phase, start_run, train_loop
+from nanochat.timing import imports_done, setup_phase
+from nanochat.trainer import LoopSpec, start_run, train_loop
 
 
 def sft_dir(recipe: Recipe) -> Path:

@@ -1,15 +1,18 @@
 """How the kit times things: the facts every measurement states (device, dtype, versions), the
 timed windows between device syncs, and the training step they time. Used by the KV-cache stage
 (nanochat/kv_bench.py), the cluster check, batch-size discovery's probes and the benchmarks in
-the checkout's bench/."""
+the checkout's bench/; and the set-up phases of a training process (imports, data) that its
+`timing` record reports."""
 from __future__ import annotations
 
 import dataclasses
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import psutil
 import torch
 
 from nanochat.config import OptimArgs, TrainArgs
@@ -17,6 +20,36 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.grad_sync import clear_to_none, finish_step_sync, micro_step_context, training_model
 from nanochat.optim import build_optimizers, optimizer_step
 from nanochat.runtime import Runtime, maybe_compile
+
+
+# Set-up phases this process timed (imports_done, setup_phase): the parts of setup_s the summary
+# and the `timing` record name; the rest of setup_s is the model, optimizer and batch size
+SETUP_PHASES: dict[str, float] = {}
+
+
+def process_start() -> float:
+    return psutil.Process().create_time()
+
+
+def process_age_s() -> float:
+    return time.time() - process_start()
+
+
+def imports_done() -> None:
+    """Called where a training stage's function starts: the process's time so far went to the
+    interpreter, the imports (torch's the most) and reading the recipe."""
+    SETUP_PHASES.clear()
+    SETUP_PHASES["imports_s"] = process_age_s()
+
+
+@contextmanager
+def setup_phase(name: str):
+    """Time a set-up phase (data_s: shards, tokenizer, a base checkpoint); repeated phases add up."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        SETUP_PHASES[name] = SETUP_PHASES.get(name, 0.0) + time.perf_counter() - t0
 
 
 def environment(device: torch.device, dtype: torch.dtype, cpu_name: str | None = None) -> dict:

@@ -30,7 +30,8 @@ from nanochat.loss_eval import make_bpb_evaluator
 from nanochat.optim import Horizon, build_optimizers, optim_scaling
 from nanochat.recipe import load_recipe, recipe_argparser
 from nanochat.runtime import Runtime, runtime
-from nanochat.trainer import LoopSpec, imports_done, setup_phase, start_run, train_loop
+from nanochat.timing import imports_done, setup_phase
+from nanochat.trainer import LoopSpec, start_run, train_loop
 
 
 def num_iterations(recipe: Recipe, model: GPT) -> int:

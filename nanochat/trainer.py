@@ -13,12 +13,10 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import psutil
 import torch
 
 from nanochat import attention
@@ -32,6 +30,7 @@ from nanochat.optim import load_optimizer_state_dicts, lr_multiplier, muon_momen
 from nanochat.plots import plot_progress, plot_title, read_jsonl
 from nanochat.recipe import recipe_to_dict, save_resolved_recipe
 from nanochat.runtime import Runtime, compile_cache_counts, compile_cache_state, mfu_percent, peak_flops
+from nanochat.timing import SETUP_PHASES, process_age_s, process_start
 from nanochat.tracking import start_tracking
 
 
@@ -73,40 +72,16 @@ def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
     return args.progress_bar is True or sys.stderr.isatty()
 
 
-# Set-up phases this process timed (imports_done, setup_phase): the parts of setup_s the summary
-# and the `timing` record name; the rest of setup_s is the model, optimizer and batch size
-SETUP_PHASES: dict[str, float] = {}
-
-
-def process_start() -> float:
-    return psutil.Process().create_time()
-
-
-def process_age_s() -> float:
-    return time.time() - process_start()
-
-
-def imports_done() -> None:
-    """Called where a training stage's function starts: the process's time so far went to the
-    interpreter, the imports (torch's the most) and reading the recipe."""
-    SETUP_PHASES.clear()
-    SETUP_PHASES["imports_s"] = process_age_s()
-
-
-@contextmanager
-def setup_phase(name: str):
-    """Time a set-up phase (data_s: shards, tokenizer, a base checkpoint); repeated phases add up."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        SETUP_PHASES[name] = SETUP_PHASES.get(name, 0.0) + time.perf_counter() - t0
+# curves.png is redrawn after an evaluation at most once a minute, and after the last one: a
+# running job can be watched, and a draw (~1 s: pyplot's import, savefig) never recurs every few
+# seconds of a short run (tiny test runs evaluate every few steps).
+PLOT_EVERY_S = 60.0
 
 
 class StepLogger:
     """What the loop reports, on rank 0: progress.jsonl (the record status, the report and the
     launcher's live view read), the terminal (a tqdm bar, else a line per logged step),
-    curves.png at every evaluation, and the experiment tracker (wandb) when the recipe names a
+    curves.png after evaluations (PLOT_EVERY_S), and the experiment tracker (wandb) when the recipe names a
     project. Tokens/s and MFU are measured over the training time between logged steps."""
 
     def __init__(self, rt: Runtime, run_dir: Path, spec: "LoopSpec", start_step: int):
@@ -124,6 +99,7 @@ class StepLogger:
         self.log.echo = self.say
         self.tracker = (start_tracking(spec.train, run_dir, spec.stage, spec.meta)
                         if rt.dist.is_master else None)
+        self.plotted_at, self.unplotted = time.monotonic(), False
         self.train_t0 = time.perf_counter()
         self.window_t0, self.window_steps, self.window_tok_s = self.train_t0, 0, []
         # training time alone — no evaluation, no checkpointing — as the speedrun leaderboard
@@ -157,8 +133,9 @@ class StepLogger:
                     "eflops": sig(step * self.spec.tokens_per_step * self.spec.flops_per_token / 1e18)})
         shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         self.say(f"[{self.spec.stage}] step {step}: " + ", ".join(shown))
-        if self.rt.dist.is_master:  # refreshed at every evaluation so a running job can be watched
-            plot_progress(self.log.path, self.run_dir / "curves.png", plot_title(self.spec.stage, self.spec.meta, self.run_dir))
+        self.unplotted = True
+        if step >= self.spec.num_steps or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+            self.plot()
         self.window_t0, self.window_steps = time.perf_counter(), 0  # evaluation isn't training time
 
     def step_done(self) -> None:
@@ -230,7 +207,15 @@ class StepLogger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def plot(self) -> None:
+        """curves.png from progress.jsonl (rank 0)."""
+        if self.rt.dist.is_master:
+            plot_progress(self.log.path, self.run_dir / "curves.png", plot_title(self.spec.stage, self.spec.meta, self.run_dir))
+        self.plotted_at, self.unplotted = time.monotonic(), False
+
     def close(self, ok: bool) -> None:
+        if ok and self.unplotted:  # a run stopped early: its last evaluations too
+            self.plot()
         if self.bar is not None:
             self.bar.close()
         if self.tracker is not None:

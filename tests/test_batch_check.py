@@ -7,7 +7,7 @@ import pytest
 from nanochat.batchsize.search import discover
 from nanochat.recipe import recipe_from_dict
 from nanochat.train import train_base
-from nanochat.trainer import read_progress
+from nanochat.plots import read_jsonl
 
 SEQ = 512
 
@@ -46,7 +46,7 @@ def test_a_wrong_cached_answer_steps_down_rewrites_the_cache_and_trains_on(heal_
     assert cached["result"]["batch_size"] == final, "the cache entry says what the run measured"
     assert cached["corrected"][0]["from"] == 16 and "training step" in cached["corrected"][0]["why"]
 
-    progress = read_progress(recipe.out_dir / "progress.jsonl")
+    progress = read_jsonl(recipe.out_dir / "progress.jsonl")
     memory = [r for r in progress if r["event"] == "memory"]
     assert memory and memory[0]["device_batch_size"] == 16
     assert memory[0]["peak_gb"] > memory[0]["capacity_gb"], "the first step was over the budget"
@@ -65,6 +65,6 @@ def test_a_wrong_cached_answer_steps_down_rewrites_the_cache_and_trains_on(heal_
 def test_a_fixed_batch_is_not_watched(tiny_recipe):
     recipe = recipe_from_dict(tiny_recipe)
     train_base(recipe)
-    events = {r["event"] for r in read_progress(recipe.out_dir / "progress.jsonl")}
+    events = {r["event"] for r in read_jsonl(recipe.out_dir / "progress.jsonl")}
     assert "memory" not in events
     assert json.loads((recipe.out_dir / "run.json").read_text())["discovery"] is None

@@ -532,7 +532,7 @@ def test_core_during_training_is_logged_plotted_shown_by_status_and_timed_to_tar
     from nanochat.engine import load_model
     from nanochat.recipe import load_recipe, save_resolved_recipe
     from nanochat.tokenizer import Tokenizer
-    from nanochat.trainer import read_progress
+    from nanochat.plots import read_jsonl
 
     recipe_file = tmp_path / "c.yaml"
     train = {**tiny_recipe["train"], "num_iterations": 8, "eval_every": 4, "core_every": 3,
@@ -548,7 +548,7 @@ def test_core_during_training_is_logged_plotted_shown_by_status_and_timed_to_tar
     run_task(str(run), "base", 0)
 
     task = run / "base" / "000"
-    evals = [r for r in read_progress(task / "progress.jsonl") if r["event"] == "eval"]
+    evals = [r for r in read_jsonl(task / "progress.jsonl") if r["event"] == "eval"]
     assert [r["step"] for r in evals if "core" in r] == [0, 3, 6, 8]
     assert [r["step"] for r in evals if "val_bpb" in r] == [0, 4, 8], "validation keeps its own cadence"
     final = evals[-1]

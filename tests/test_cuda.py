@@ -17,7 +17,7 @@ from nanochat.engine import Engine, build_inference_model  # noqa: E402
 from nanochat.recipe import recipe_from_dict  # noqa: E402
 from nanochat.runtime import compile_count  # noqa: E402
 from nanochat.train import train_base  # noqa: E402
-from nanochat.trainer import read_progress  # noqa: E402
+from nanochat.plots import read_jsonl  # noqa: E402
 from test_train import stop_after  # noqa: E402
 from test_gpt import make_model  # noqa: E402
 
@@ -31,7 +31,7 @@ def cuda_recipe(tiny_recipe, tmp_path, **train):
 
 
 def train_losses(run_dir):
-    return [r["loss"] for r in read_progress(run_dir / "progress.jsonl") if r["event"] == "train"]
+    return [r["loss"] for r in read_jsonl(run_dir / "progress.jsonl") if r["event"] == "train"]
 
 
 # ---------------------------------------------------------------- decode

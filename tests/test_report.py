@@ -43,7 +43,7 @@ def test_report_shows_discoverys_answer_and_its_cache_file(tiny_recipe, tmp_path
 
 
 def test_time_to_target_excludes_evaluation_and_ranks_grid_tasks(tiny_recipe, tmp_path):
-    from nanochat.trainer import read_progress
+    from nanochat.plots import read_jsonl
     recipe_file = tmp_path / "t.yaml"
     train = {**tiny_recipe["train"], "num_iterations": 12, "eval_every": 3}
     recipe_file.write_text(yaml.safe_dump({
@@ -57,7 +57,7 @@ def test_time_to_target_excludes_evaluation_and_ranks_grid_tasks(tiny_recipe, tm
     save_manifest(run, new_manifest(build_plan(recipe, run), "local"))
     for i in range(2):
         run_task(str(run), "base", i)
-    progress = [read_progress(run / "base" / f"{i:03d}" / "progress.jsonl") for i in range(2)]
+    progress = [read_jsonl(run / "base" / f"{i:03d}" / "progress.jsonl") for i in range(2)]
     for p in progress:
         train_s = [r["train_s"] for r in p if r["event"] == "train"]
         elapsed = [r["elapsed_s"] for r in p if r["event"] == "train"]

@@ -11,7 +11,7 @@ import pytest
 from nanochat.recipe import recipe_from_dict
 from nanochat.tracking import WANDB_FILE, run_info
 from nanochat.train import train_base
-from nanochat.trainer import read_progress
+from nanochat.plots import read_jsonl
 from test_train import stop_after
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -66,7 +66,7 @@ def test_wandb_logs_what_progress_logs_and_resume_keeps_the_run(offline_wandb, t
     assert info["id"] == run_id, "a resumed run must log into the same wandb run"
     assert info["mode"] == "offline" and info["url"] is None and info["name"] == "tiny-wb (base)"
 
-    progress = read_progress(recipe.out_dir / "progress.jsonl")
+    progress = read_jsonl(recipe.out_dir / "progress.jsonl")
     history = wandb_history(recipe.out_dir)
     logged_loss = {row["_step"] - 1: row["train/loss"] for row in history if "train/loss" in row}
     logged_bpb = {row["_step"]: row["eval/val_bpb"] for row in history if "eval/val_bpb" in row}
