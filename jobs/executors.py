@@ -27,11 +27,10 @@ from pathlib import Path
 
 from jobs.manifest import (CANCELLED, DONE, FAILED, NothingQueued, cancel_reason, save_manifest, save_submitted,
                            upstream_tasks)
-from jobs.plan import Plan, Stage, slurm_parameters
+from jobs.plan import Plan, Stage, guarded_setup, slurm_parameters
 from jobs.progress import LiveDisplay, LiveTask, duration
 from jobs.scheduler import LIVE, cancel_and_wait, tagged_jobs, timeout_s
 from nanochat.common import UserError, now_iso
-from nanochat.recipe import guarded_setup
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from jobs.executors import (REPO, Selection, dependency_option, launch_tag, run_
                             select_tasks, slurm_executor_parameters, submit_slurm)
 from jobs.manifest import (MANIFEST, NothingQueued, has_manifest, launch_lock, launcher_alive,  # noqa: E402
                            launcher_record, new_manifest, read_manifest, record_cancel, save_manifest)
-from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, resolve_run_dir  # noqa: E402
+from jobs.plan import Plan, Stage, build_plan, discovery_stages, grid_recipes, guarded_setup, resolve_run_dir  # noqa: E402
 from jobs.preflight import preflight, sbatch_would_accept  # noqa: E402
 from jobs.scheduler import cancel_and_wait, job_ids, live_tasks, refresh  # noqa: E402
 from nanochat.common import NO_DOWNLOAD_ENV, UserError, cli_main, now_iso  # noqa: E402
@@ -339,11 +339,17 @@ def argparser() -> argparse.ArgumentParser:
                          "manifest) instead of the run's own snapshot")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="jobs import this checkout as it is when they start, not a copy made at launch")
+    ap.add_argument("--setup", action="store_true",
+                    help="print the recipe's cluster.setup lines as the shell text its jobs run (stopping at the "
+                         "first failing line, naming it) and exit; slurm/env.sh runs it in the sbatch scripts")
     return ap
 
 
 def main(argv: list[str]) -> int:
     args = argparser().parse_intermixed_args(argv)
+    if args.setup:
+        print("".join(line + "\n" for line in guarded_setup(load_recipe(args.target, args.overrides).cluster.setup)), end="")
+        return 0
     args.output_root = args.output_root or output_root()
     if args.force and (args.resume or args.only):
         raise UserError("--force starts over; it excludes --resume and --only")

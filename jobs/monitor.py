@@ -25,12 +25,13 @@ from pathlib import Path
 
 from jobs.diagnostics import GPU_UNUSED, flight_recorder_dumps
 from jobs.manifest import CANCELLED, DONE, cancel_reason, launcher_alive, read_manifest, record_cancel, save_manifest
+from jobs.plan import SETUP_FAILED
 from jobs.progress import (PROGRESS_STAGES, describe_time, duration, job_start, progress_text, read_progress,
                            result_summary, task_seconds, time_so_far)
 from jobs.scheduler import FINAL, job_ids, live_tasks, refresh
 from nanochat.common import UserError
 from nanochat.logfmt import STAGE_LOGS
-from nanochat.recipe import SETUP_FAILED, load_recipe
+from nanochat.recipe import load_recipe
 
 
 def _detail(stage: str, task_dir: Path, running: bool, targets: dict[str, float]) -> str:
@@ -103,7 +104,7 @@ def collect(run_dir: Path, manifest: dict | None = None) -> list[dict]:
         r["stderr"] = _stderr_tail(run_dir, r["stage"], task) if ended_badly else []
         log = _stderr_path(run_dir, r["stage"], task) if r["state"] != "PENDING" else None
         r["log"] = str(log) if ended_badly and log else ""
-        # which cluster.setup line stopped the job (nanochat/recipe.py guarded_setup), and a
+        # which cluster.setup line stopped the job (jobs/plan.py guarded_setup), and a
         # job training on the CPU although it was given GPUs
         setup = next((ln for ln in r["stderr"] if ln.startswith(SETUP_FAILED.split("{")[0])), "")
         r["why"] = "; ".join(filter(None, [r["why"], setup, _stderr_warning(log)]))

@@ -270,6 +270,23 @@ BATCH_SHELL_USR2_TRAP = ("trap 'echo \"batch shell: SIGUSR2 received; the traini
                          "checkpoint and requeue\" >&2' USR2")
 
 
+SETUP_FAILED = "cluster.setup line {n} failed"  # the line status reads back from a job's stderr (jobs/monitor.py)
+
+
+def guarded_setup(lines: list[str]) -> list[str]:
+    """cluster.setup as the shell text a job runs: each line in the job's own shell (a `source`
+    or `module load` must change its environment), and the first that fails stops the job with
+    one line naming it — a missing module otherwise shows only as noise in the stderr of a job
+    that runs on without it and ends COMPLETED. The line's own text is quoted, never re-read.
+    The launcher's jobs run it (jobs/executors.py) and so do the sbatch scripts in slurm/
+    (slurm/env.sh asks `python jobs/launch.py RECIPE --setup`)."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        out += ["{", line, f"}} || {{ _rc=$?; printf '%s (exit %s): %s\\n' {shlex.quote(SETUP_FAILED.format(n=n))} "
+                           f"\"$_rc\" {shlex.quote(line)} >&2; exit 1; }}"]
+    return out
+
+
 # A multi-node job's rendezvous address, looked up once per job by its batch shell (one
 # `scontrol show node` for the job, not one per rank) with jobs/nodes.py, the one rule for it;
 # jobs/tasks.py reads it. (The batch shell has the run's code on PYTHONPATH: jobs/executors.py.)

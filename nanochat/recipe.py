@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import difflib
 import re
-import shlex
 import sys
 import types
 import typing
@@ -382,18 +381,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
     """Load, merge, override, type-check and validate a recipe. Raises UserError (one line).
     `notes` collects one line per file that overrides a site file's values and per file that uses
     old key names (the launcher and `python -m nanochat.recipe` print them where they choose);
-    without a list, the notes go to stderr once the recipe is valid, so every command says them."""
-    said = [] if notes is None else notes
-    data, prov, _ = _read_yaml(Path(path), notes=said)
+    without a list, the notes go to stderr once the recipe is valid, so every command says them —
+    each once per process (the launcher loads a recipe once per task)."""
+    found: list[str] = []
+    data, prov, _ = _read_yaml(Path(path), notes=found)
     if overrides:
-        odata, oprov = parse_overrides(overrides, said)
+        odata, oprov = parse_overrides(overrides, found)
         data = _merge(data, odata)
         prov = {**prov, **oprov}
     recipe = recipe_from_dict(data, prov)
-    if notes is None:
-        for line in said:
+    for line in found:
+        if notes is not None:
+            notes.append(line)
+        elif line not in _NOTES_SAID:
             print(line, file=sys.stderr, flush=True)
+        _NOTES_SAID.add(line)
     return recipe
+
+
+_NOTES_SAID: set[str] = set()  # notes this process has said (or handed to a caller to say)
 
 
 def recipe_to_dict(r: Recipe) -> dict:
@@ -411,21 +417,6 @@ def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None)
     for k, v in (extra or {}).items():
         header.append(f"# {k}: {v}")
     atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))
-
-
-SETUP_FAILED = "cluster.setup line {n} failed"  # the line status reads back from a job's stderr
-
-
-def guarded_setup(lines: list[str]) -> list[str]:
-    """cluster.setup as the shell text a job runs: each line in the job's own shell (a `source`
-    or `module load` must change its environment), and the first that fails stops the job with
-    one line naming it — a missing module otherwise shows only as noise in the stderr of a job
-    that runs on without it and ends COMPLETED. The line's own text is quoted, never re-read."""
-    out = []
-    for n, line in enumerate(lines, 1):
-        out += ["{", line, f"}} || {{ _rc=$?; printf '%s (exit %s): %s\\n' {shlex.quote(SETUP_FAILED.format(n=n))} "
-                           f"\"$_rc\" {shlex.quote(line)} >&2; exit 1; }}"]
-    return out
 
 
 # Every recipe field that holds a filesystem path (a list of paths for sft.conversation_files).
@@ -518,14 +509,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
-    ap.add_argument("--setup", action="store_true",
-                    help="print the recipe's cluster.setup lines as shell text that stops at the first failing "
-                         "line, naming it (slurm/env.sh runs it in the sbatch scripts)")
     args = ap.parse_intermixed_args(argv)
     if args.reference:
         print(recipe_reference(), end="")
-    elif args.setup and args.recipe:
-        print("".join(line + "\n" for line in guarded_setup(load_recipe(args.recipe, args.overrides).cluster.setup)), end="")
     elif args.recipe:
         notes: list[str] = []
         print(dump_recipe(load_recipe(args.recipe, args.overrides, notes)), end="")

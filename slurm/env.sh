@@ -3,14 +3,15 @@
 # Module loads and the Python environment come from the recipe's `cluster.setup` lines — the
 # same lines the launcher's jobs run (configs/site.example.yaml) — when the script's first
 # argument is a recipe (or a run/checkpoint directory holding recipe.yaml). Reading the recipe
-# takes a `python` that imports nanochat: sbatch passes the submitting shell's environment on
-# by default, so submit from the shell where the venv is active.
+# (jobs/launch.py --setup, from the submit directory: the checkout) takes a `python` that
+# imports nanochat: sbatch passes the submitting shell's environment on by default, so submit
+# from the shell where the venv is active.
 _nanochat_recipe=""
 if [ $# -ge 1 ] && [ -f "$1" ]; then _nanochat_recipe="$1"
 elif [ $# -ge 1 ] && [ -f "$1/recipe.yaml" ]; then _nanochat_recipe="$1/recipe.yaml"; fi
 if [ -n "$_nanochat_recipe" ]; then
   _nanochat_setup=$(PYTHONPATH="${SLURM_SUBMIT_DIR:-.}${PYTHONPATH:+:$PYTHONPATH}" \
-                    python -m nanochat.recipe "$_nanochat_recipe" --setup) ||
+                    python -m jobs.launch "$_nanochat_recipe" --setup) ||
     { echo "slurm/env.sh: could not read cluster.setup from $_nanochat_recipe (error above)" >&2; exit 1; }
   eval "$_nanochat_setup"   # the recipe's own shell lines, as in the launcher's jobs
 fi

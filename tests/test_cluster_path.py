@@ -17,7 +17,7 @@ from jobs import launch
 from jobs.progress import duration, task_seconds
 from jobs.monitor import collect
 from nanochat.common import UserError
-from nanochat.recipe import guarded_setup
+from jobs.plan import guarded_setup
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}

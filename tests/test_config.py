@@ -668,11 +668,13 @@ def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path
             unembedding: {eps: 1e-8}
         grid: {optim.adamw_roles.smear.weight_decay: [0.0, 0.1]}
     """)
+    capsys.readouterr()
+    load_recipe(old)  # what every command does (python -m nanochat.train, ...): the note on stderr,
+    load_recipe(old)  # once per process
+    said = capsys.readouterr().err.splitlines()
     notes, none = [], []
     assert load_recipe(old, notes=notes) == load_recipe(new, notes=none) and none == []
-    capsys.readouterr()
-    load_recipe(old)  # what every command does (python -m nanochat.train, ...): the same note, on stderr
-    assert capsys.readouterr().err.splitlines() == notes
+    assert said == notes
     assert notes == [f"note: {old}:2: old optim keys read under their new names (optim.embedding_betas → "
                      "optim.adamw_roles.embedding.betas, optim.x0_weight_decay → optim.adamw_roles.x0.weight_decay, "
                      "optim.unembedding_eps → optim.adamw_roles.unembedding.eps, grid axis optim.smear_weight_decay → "

@@ -19,7 +19,8 @@ from jobs import manifest as run_manifest
 from jobs.plan import build_plan, grid_overrides, resolve_run_dir
 from jobs.report import write_report
 from nanochat.common import UserError
-from nanochat.recipe import guarded_setup, load_recipe, recipe_from_dict
+from jobs.plan import guarded_setup
+from nanochat.recipe import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
