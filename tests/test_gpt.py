@@ -1,4 +1,7 @@
 """The model: shapes, causality, GQA, soft-capping, the hashed bigram embedding, the KV cache."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -161,3 +164,26 @@ def test_naive_generate_is_greedy_argmax():
     for _ in range(5):
         seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert out == seq[3:]
+
+
+def test_a_cpu_model_is_built_in_place_with_the_meta_paths_weights_and_without_dynamo():
+    """empty_model on a CPU skips the meta device (whose random init imports torch._dynamo, ~3 s
+    per process); init_weights then draws the same weights the meta path gives for the seed."""
+    code = """
+import sys, torch
+from nanochat.gpt import GPT, GPTConfig, build_model
+cfg = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+torch.manual_seed(0)
+fast = build_model(cfg, "cpu")
+assert "torch._dynamo" not in sys.modules, "building on the CPU imported torch._dynamo"
+with torch.device("meta"):
+    ref = GPT(cfg)
+ref.to_empty(device="cpu")
+torch.manual_seed(0)
+ref.init_weights()
+a, b = fast.state_dict(), ref.state_dict()
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "other weights than the meta path's"
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

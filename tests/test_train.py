@@ -57,6 +57,21 @@ def test_resume_is_exact(tiny_recipe, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_curves_are_drawn_after_the_last_evaluation_and_at_most_once_a_minute_before(tiny_recipe, monkeypatch):
+    """A run of seconds evaluating every 5 steps draws curves.png once, after its last evaluation;
+    with no minimum interval it would draw after every one (a draw costs ~1 s)."""
+    import nanochat.trainer as trainer
+    drawn = []
+    real = trainer.plot_progress
+    monkeypatch.setattr(trainer, "plot_progress", lambda *a, **k: (drawn.append(a), real(*a, **k))[1])
+    train_base(recipe_from_dict(tiny_recipe))
+    assert len(drawn) == 1 and drawn[0][1].name == "curves.png" and drawn[0][1].exists()
+    monkeypatch.setattr(trainer, "PLOT_EVERY_S", 0.0)
+    drawn.clear()
+    train_base(recipe_from_dict({**tiny_recipe, "run_dir": tiny_recipe["run_dir"] + "-every"}))
+    assert len(drawn) == 5, "steps 0, 5, 10, 15, 20"
+
+
 def test_validation_bpb_falls_and_run_dir_is_a_record(tiny_recipe):
     recipe = recipe_from_dict({**tiny_recipe, "train": {**tiny_recipe["train"], "save_every": 5,
                                                         "keep_checkpoints": 2}})
