@@ -231,7 +231,7 @@ def sweep(recipe: Recipe, model: GPT, source: str, rt: Runtime, out_dir: Path,
         largest = largest_batch(model, sw.prompt_len, sw.max_new_tokens, sw.max_batch_size, device)
         batches = sorted(set(batches) | {largest})
     bandwidth = bandwidth or measure_bandwidth(device)
-    flops = flops or measure_matmul_flops(device, rt.dtype, n=8192 if device.type == "cuda" else 2048)
+    flops = flops or measure_matmul_flops(device, rt.dtype)
     # Eager and compiled decoding attend to the keys so far (on average prompt + half the new
     # tokens); a CUDA-graphed step reads the whole cache.
     context = sw.prompt_len + sw.max_new_tokens if engine.cuda_graph else sw.prompt_len + sw.max_new_tokens / 2
@@ -395,7 +395,7 @@ def sweep_for_recipe(recipe: Recipe, out_dir: Path | None = None, malloc: str = 
     # Measured before the allocator is tuned: tuned glibc would keep the copy's 512 MB resident
     # and every peak-memory figure after it would include them.
     bandwidth = measure_bandwidth(rt.device)
-    flops = measure_matmul_flops(rt.device, rt.dtype, n=8192 if rt.device.type == "cuda" else 2048)
+    flops = measure_matmul_flops(rt.device, rt.dtype)
     if rt.device.type == "cpu":
         tune_cpu_allocator(malloc == "tuned")
     out_dir = Path(out_dir) if out_dir is not None else recipe.out_dir / "kv_sweep"
