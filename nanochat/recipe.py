@@ -509,7 +509,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("recipe", nargs="?", help="YAML recipe to resolve and print")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--reference", action="store_true", help="print the recipe reference (markdown)")
+    ap.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)  # moved: one line says where
     args = ap.parse_intermixed_args(argv)
+    if args.setup:
+        raise UserError("--setup moved to the launcher: python jobs/launch.py RECIPE --setup prints the "
+                        "recipe's cluster.setup as the shell text its jobs run")
     if args.reference:
         print(recipe_reference(), end="")
     elif args.recipe:

@@ -114,6 +114,15 @@ def test_the_sbatch_scripts_stop_at_a_failing_setup_line(tmp_path):
                          env={**os.environ, "SLURM_SUBMIT_DIR": str(REPO), "NANOCHAT_COMPILE_CACHE_ROOT": str(tmp_path)})
     assert res.returncode == 1 and "after" not in res.stdout
     assert "cluster.setup line 1 failed (exit 127): nanochat-no-such-command load cuda/12.4" in res.stderr
+    # what env.sh asks the launcher for; the recipe printer's old flag names the new place in one line
+    printed = subprocess.run([sys.executable, "jobs/launch.py", str(recipe), "--setup"], cwd=REPO,
+                             capture_output=True, text=True)
+    assert printed.returncode == 0 and printed.stdout.splitlines() == guarded_setup(["nanochat-no-such-command load cuda/12.4"])
+    old = subprocess.run([sys.executable, "-m", "nanochat.recipe", str(recipe), "--setup"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert old.returncode == 2 and old.stderr.splitlines() == [
+        "error: --setup moved to the launcher: python jobs/launch.py RECIPE --setup prints the recipe's "
+        "cluster.setup as the shell text its jobs run"]
 
 
 def test_the_cluster_check_on_a_launched_recipe_is_one_line_before_torchrun(tiny_recipe, tmp_path):
