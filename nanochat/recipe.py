@@ -390,6 +390,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
         data = _merge(data, odata)
         prov = {**prov, **oprov}
     recipe = recipe_from_dict(data, prov)
+    if notes is None and Path(path).read_text().startswith(RESOLVED_HEADER):
+        found = []  # a run's recipe.yaml, which the kit wrote: its old key names are no one's to rewrite
     for line in found:
         if notes is not None:
             notes.append(line)
@@ -400,6 +402,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
 
 
 _NOTES_SAID: set[str] = set()  # notes this process has said (or handed to a caller to say)
+RESOLVED_HEADER = "# resolved recipe, written"  # save_resolved_recipe's first line
 
 
 def recipe_to_dict(r: Recipe) -> dict:
@@ -413,7 +416,7 @@ def dump_recipe(r: Recipe) -> str:
 def save_resolved_recipe(r: Recipe, path: str | Path, extra: dict | None = None) -> None:
     """Write the fully resolved recipe (loadable with load_recipe) with the git commit and date
     in its header, atomically."""
-    header = [f"# resolved recipe, written {now_iso()}", f"# git_commit: {git_commit() or 'unknown'}"]
+    header = [f"{RESOLVED_HEADER} {now_iso()}", f"# git_commit: {git_commit() or 'unknown'}"]
     for k, v in (extra or {}).items():
         header.append(f"# {k}: {v}")
     atomic_write_text(path, "\n".join(header) + "\n" + dump_recipe(r))

@@ -697,7 +697,7 @@ def test_the_old_flat_keys_still_work_with_one_note_naming_the_new_ones(tmp_path
                                 "optim.adamw_roles.embedding.betas; give only optim.adamw_roles.embedding.betas")
 
 
-def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path):
+def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path, capsys):
     """tests/golden/d20_resolved_ba04c60.yaml is `python -m nanochat.recipe configs/d20.yaml` as
     the code before adamw_roles printed it (the 24 flat keys, as earlier runs' run dirs hold it):
     it loads as the same recipe configs/d20.yaml is now, from a file and as a checkpoint's dict."""
@@ -706,7 +706,15 @@ def test_a_resolved_recipe_from_before_adamw_roles_still_loads(tmp_path):
     assert "embedding_betas" in optim and "adamw_roles" not in optim
     now = load_recipe(REPO / "configs" / "d20.yaml")
     assert load_recipe(old) == now
-    from nanochat.recipe import override_recipe
+    # a run's recipe.yaml, as the kit writes it (save_resolved_recipe's header): read without a note,
+    # which would ask the user to rewrite a file the kit wrote; the same text as their own file: noted
+    from nanochat.recipe import RESOLVED_HEADER, override_recipe
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(f"{RESOLVED_HEADER} 2026-12-01\n" + old.read_text())
+    (tmp_path / "mine.yaml").write_text(old.read_text())
+    capsys.readouterr()
+    assert load_recipe(tmp_path / "run" / "recipe.yaml") == now and capsys.readouterr().err == ""
+    assert load_recipe(tmp_path / "mine.yaml") == now and "old optim keys" in capsys.readouterr().err
     assert override_recipe(yaml.safe_load(old.read_text()), ["optim.adamw_roles.embedding.betas=[0.7,0.9]"]).optim \
         == dataclasses.replace(now.optim, adamw_roles={**now.optim.adamw_roles, "embedding": {
             **now.optim.adamw_roles["embedding"], "betas": [0.7, 0.9]}})
