@@ -429,12 +429,10 @@ def rotary(seq_len: int, head_dim: int, base: float, device=None):
 
 
 def empty_model(config: GPTConfig, device) -> GPT:
-    """GPT(config) on `device`, its values still to be set (init_weights, or a checkpoint's).
-    On a GPU it is built on the meta device, then allocated: fast for big models. On a CPU it is
-    built in place, its modules' default initialisation drawn from a forked RNG (so the global
-    RNG reaches init_weights as the meta path leaves it): random initialisation of a meta tensor
-    goes through PyTorch's Python references, which import torch._dynamo (~3 s per process) —
-    that a compiled run imports anyway, but an eager CPU process (tests, a laptop) never needs."""
+    """GPT(config) on `device`, its values still to be set (init_weights, or a checkpoint's): on
+    the meta device then allocated (fast for big models), but built in place on a CPU — random
+    init of a meta tensor imports torch._dynamo (~3 s a process) — from a forked RNG, so
+    init_weights draws what the meta path gives."""
     if torch.device(device).type == "cpu":
         with torch.random.fork_rng(devices=[]):
             return GPT(config)

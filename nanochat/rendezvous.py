@@ -25,6 +25,7 @@ nanochat/check.py, meets its ranks with `gather`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -148,12 +149,19 @@ def _roll_call(run: _Run, timeout: datetime.timedelta) -> list[str]:
     for r in range(run.world_size):
         try:
             run.store.wait([f"roll/{r}"], timeout)
+            rec = json.loads(run.store.get(f"roll/{r}"))
         except RuntimeError:
             raise UserError(f"rank {run.rank} on {run.host}: rank {r} did not join within "
                             f"{timeout.total_seconds() / 60:g} min (world size {run.world_size}); "
                             "did every rank get the same WORLD_SIZE / --ntasks?") from None
-        rec = json.loads(run.store.get(f"roll/{r}"))
         if rec["world_size"] != run.world_size:
+            # Rank 0 holds the store: it waits (≤ 10 s) for the rank it names to have read rank 0's
+            # record (its first), so that rank's line also names the mismatch, not a lost store.
+            with contextlib.suppress(RuntimeError):
+                if run.rank == 0:
+                    run.store.wait([f"read/{r}"], datetime.timedelta(seconds=10))
+                else:
+                    run.store.set(f"read/{run.rank}", "1")
             raise UserError(f"rank {r} on {rec['host']} was started with world size "
                             f"{rec['world_size']}, rank {run.rank} on {run.host} with "
                             f"{run.world_size}: launch every rank with the same WORLD_SIZE / --ntasks")

@@ -213,9 +213,6 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------------
     # Chat template
 
-    def _checked_messages(self, conversation) -> list[dict]:
-        return check_conversation(conversation)
-
     def render_conversation(self, conversation, max_tokens: int | None = None):
         """→ (ids, mask): mask is 1 on the tokens the model learns to produce (assistant content
         and <|assistant_end|>), 0 on everything it is only shown."""
@@ -226,7 +223,7 @@ class Tokenizer:
             mask.extend([m] * len(tokens))
 
         add([self.bos_token_id], 0)
-        for m in self._checked_messages(conversation):
+        for m in check_conversation(conversation):
             if m["role"] == "user":
                 add([self.special_ids["<|user_start|>"]], 0)
                 add(self.enc.encode_ordinary(m["content"]), 0)

@@ -43,7 +43,6 @@ class ProgressLog(StageLog):
 
     def __init__(self, path: Path, enabled: bool, stage: str = "base", echo=None):
         super().__init__(Path(path).parent / STAGE_LOGS.get(stage, f"{stage}.log"), path, enabled, echo)
-        self.path = Path(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,9 +71,8 @@ def _want_bar(args: TrainArgs, rt: Runtime) -> bool:
     return args.progress_bar is True or sys.stderr.isatty()
 
 
-# curves.png is redrawn after an evaluation at most once a minute, and after the last one: a
-# running job can be watched, and a draw (~1 s: pyplot's import, savefig) never recurs every few
-# seconds of a short run (tiny test runs evaluate every few steps).
+# curves.png is redrawn after an evaluation at most once a minute, and after the last one: a draw
+# (~1 s: pyplot's import, savefig) never recurs every few seconds of a short run.
 PLOT_EVERY_S = 60.0
 
 
@@ -184,7 +182,7 @@ class StepLogger:
             rec["param_data_ratio"] = round(tokens / spec.summary["num_scaling_params"], 2)
         rec["train_time_sec"] = round(self.train_s, 1)
         # the time breakdown of this process (a resumed run: of its last attempt)
-        records = read_jsonl(self.log.path)
+        records = read_jsonl(self.log.json_path)
         rec.update(setup_s=round(self.setup_s, 1), **self.setup_phases, warmup_s=round(self.warmup_s, 3),
                    compile_cache=self.compile_cache,
                    eval_total_s=round(sum(r.get("eval_s", 0) for r in records if r.get("event") == "eval"), 1),
@@ -210,7 +208,7 @@ class StepLogger:
     def plot(self) -> None:
         """curves.png from progress.jsonl (rank 0)."""
         if self.rt.dist.is_master:
-            plot_progress(self.log.path, self.run_dir / "curves.png", plot_title(self.spec.stage, self.spec.meta, self.run_dir))
+            plot_progress(self.log.json_path, self.run_dir / "curves.png", plot_title(self.spec.stage, self.spec.meta, self.run_dir))
         self.plotted_at, self.unplotted = time.monotonic(), False
 
     def close(self, ok: bool) -> None:
@@ -557,11 +555,9 @@ def restore_training_state(ckpt_path: Path, rt: Runtime, model: torch.nn.Module,
 def start_run(rt: Runtime, out: Path, latest: Path | None, model: torch.nn.Module, optimizers: list,
               recipe: Recipe, config, tokenizer, meta: dict, resolved: dict, run_json: dict
               ) -> tuple[dict, int, dict | None]:
-    """What base training and SFT both do before their loop: resume from `latest` (the run's
-    newest checkpoint, if any), then on rank 0 write the run directory's resolved recipe (with
-    `resolved` in its header), tokenizer and run.json (`run_json` plus what every stage records).
-    Returns (the checkpoints' meta: `meta` plus what every stage records, the start step, this
-    rank's loader state or None)."""
+    """Before base training's and SFT's loop: resume from `latest` (if any), and on rank 0 write
+    recipe.yaml (`resolved` in its header), the tokenizer and run.json (`run_json` and what every
+    stage records). Returns (checkpoint meta, start step, this rank's loader state or None)."""
     meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
             "git_commit": git_commit(), "code": code_provenance(), **meta}  # code: commit, dirty, snapshot
     start_step, loader_state = 0, None
