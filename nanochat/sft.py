@@ -167,9 +167,7 @@ def _train_sft(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_requeste
         {"tokenizer_key": base_meta.get("tokenizer_key"), "base_checkpoint": str(base_step)},
         {"device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
          "world_size": rt.dist.world_size, "base_checkpoint": str(base_step)},
-        {"stage": "sft", "base_checkpoint": str(base_step), "device_batch_size": device_batch,
-         "grad_accum": accum, "num_iterations": steps,
-         "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats,
+        {"stage": "sft", "tokens_per_step": recipe.sft.total_batch_size, "data": data_stats,
          "discovery": discovery_summary(found)})
     if start_step >= steps:
         print0(f"{out} is already fine-tuned to step {start_step}; nothing to do")

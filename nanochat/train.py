@@ -110,7 +110,6 @@ def _train_base(recipe: Recipe, rt: Runtime, refuse_existing: bool, stop_request
         {"device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
          "world_size": rt.dist.world_size},
         {"stage": "base", "params": nparams, "flops_per_token": flops,
-         "device_batch_size": device_batch, "grad_accum": accum, "num_iterations": steps,
          "tokens_per_step": recipe.train.total_batch_size, "optim_scaling": scaling,
          "discovery": discovery_summary(found),
          "attention": attention_backend(rt.device, recipe.train.compile)})

@@ -556,8 +556,8 @@ def start_run(rt: Runtime, out: Path, latest: Path | None, model: torch.nn.Modul
               recipe: Recipe, config, tokenizer, meta: dict, resolved: dict, run_json: dict
               ) -> tuple[dict, int, dict | None]:
     """Before base training's and SFT's loop: resume from `latest` (if any), and on rank 0 write
-    recipe.yaml (`resolved` in its header), the tokenizer and run.json (`run_json` and what every
-    stage records). Returns (checkpoint meta, start step, this rank's loader state or None)."""
+    recipe.yaml (`resolved` in its header), the tokenizer and run.json (`resolved`, `run_json` and
+    what every stage records). Returns (checkpoint meta, start step, this rank's loader state or None)."""
     meta = {"model_config": dataclasses.asdict(config), "recipe": recipe_to_dict(recipe),
             "git_commit": git_commit(), "code": code_provenance(), **meta}  # code: commit, dirty, snapshot
     start_step, loader_state = 0, None
@@ -572,6 +572,6 @@ def start_run(rt: Runtime, out: Path, latest: Path | None, model: torch.nn.Modul
             tokenizer.save(out / "tokenizer")
         atomic_write_json(out / "run.json", {
             "started": now_iso(), "git_commit": meta["git_commit"], "code": meta["code"],
-            "device": str(rt.device), "dtype": str(rt.dtype), "world_size": rt.dist.world_size,
-            "torch": torch.__version__, **run_json})
+            "device": str(rt.device), "dtype": str(rt.dtype), "torch": torch.__version__,
+            **resolved, **run_json})
     return meta, start_step, loader_state
